@@ -1,0 +1,72 @@
+"""Input checks shared by every public function: clear errors that name the argument."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_alpha(alpha) -> float:
+    alpha = float(alpha)
+    if not (1.0 < alpha <= 2.0):
+        raise ValueError(f"alpha must be in (1, 2] (1.5: entmax-1.5, 2: sparsemax); got {alpha}")
+    return alpha
+
+
+def check_qkv(q, k, v, *, varlen: bool = False, backend=None):
+    """Checks shapes, dtypes and devices; returns (Hq, Hkv, D).
+
+    Dense layout: q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D). Varlen: q (total_q, Hq, D), k and v
+    (total_k, Hkv, D).
+    """
+    rank = 3 if varlen else 4
+    layout = "(total, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {layout}; got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have shape {layout} ({rank} dims); got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if not varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"q and k must have the same batch size; got {q.shape[0]} and {k.shape[0]}")
+    heads_q, dim = q.shape[-2], q.shape[-1]
+    heads_kv = k.shape[-2]
+    if k.shape[-1] != dim:
+        raise ValueError(f"q and k must have the same head_dim; got {dim} and {k.shape[-1]}")
+    if heads_q % heads_kv != 0:
+        raise ValueError(f"heads of q ({heads_q}) must be a multiple of heads of k and v ({heads_kv}) (GQA/MQA)")
+    if q.shape[-3] == 0 or k.shape[-3] == 0:
+        raise ValueError(f"sequence lengths must be positive; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    supported = getattr(backend, "SUPPORTED_HEAD_DIMS", None)
+    if supported is not None and dim not in supported:
+        raise ValueError(f"head_dim {dim} is not supported by the {backend.NAME} kernels; expected one of {supported}")
+    return heads_q, heads_kv, dim
+
+
+def check_cu_seqlens(cu_seqlens, total: int, name: str) -> torch.Tensor:
+    """1-D integer, starts at 0, nondecreasing, ends at ``total``."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D tensor of (num_seqs + 1) offsets; got {cu_seqlens!r:.80}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64; got {cu_seqlens.dtype}")
+    cpu = cu_seqlens.cpu()
+    if int(cpu[0]) != 0 or int(cpu[-1]) != total or bool((cpu[1:] < cpu[:-1]).any()):
+        raise ValueError(f"{name} must start at 0, never decrease and end at {total} (the packed length); "
+                         f"got {cpu.tolist()[:8]}{'...' if cpu.numel() > 8 else ''}")
+    return cu_seqlens
+
+
+def default_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    softmax_scale = float(softmax_scale)
+    if not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be positive; got {softmax_scale}")
+    return softmax_scale

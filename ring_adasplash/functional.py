@@ -1,0 +1,142 @@
+"""Single-device alpha-entmax attention: custom ops (with fake impls for torch.compile), autograd,
+and the public functions.
+
+    out = adasplash_func(q, k, v, alpha=1.5, causal=True)
+
+Semantics: ``p = entmax_alpha(softmax_scale * q k^T)`` over the visible keys, with
+``entmax_alpha(s)_j = [(alpha - 1) s_j - tau]_+ ** (1 / (alpha - 1))`` and ``sum_j p_j = 1``;
+``out = p v``. A query with no visible key gets a zero row and zero gradients.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import telemetry
+from .checks import check_alpha, check_cu_seqlens, check_qkv, default_scale
+from .kernels import backend_for
+from .kernels.algorithm import ForwardResult, SingleBlock, entmax_backward, entmax_forward
+from .kernels.visibility import Visibility, causal_visibility, varlen_visibility
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("ring_adasplash::attention_forward", mutates_args=())
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor,
+                      alpha: float, softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out in q's dtype, out_u, u_sum, tau, nonzero tiles); see ``kernels/algorithm.py``."""
+    vis = Visibility(q_limit, q_doc, k_pos, k_doc)
+    fwd = entmax_forward(backend_for(q), q, SingleBlock(k, v, vis), alpha, softmax_scale)
+    telemetry.log_forward(fwd, "single")
+    return fwd.out.to(q.dtype), fwd.out_u, fwd.u_sum, fwd.tau, fwd.nonzero[0]
+
+
+@attention_forward.register_fake
+def _(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha, softmax_scale):
+    backend = backend_for(q)
+    batch, seqlen_q, heads, _ = q.shape
+    acc = _compute_dtype(q)
+    tiles = (batch, heads, -(-seqlen_q // backend.BLOCK_M), -(-k.shape[1] // backend.BLOCK_N))
+    out_shape = (batch, seqlen_q, heads, v.shape[-1])
+    return (q.new_empty(out_shape), q.new_empty(out_shape, dtype=acc), q.new_empty(batch, heads, seqlen_q, dtype=acc),
+            q.new_empty(batch, heads, seqlen_q, dtype=torch.float32), q.new_empty(tiles, dtype=torch.bool))
+
+
+@torch.library.custom_op("ring_adasplash::attention_backward", mutates_args=())
+def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor,
+                       k_pos: Tensor, k_doc: Tensor, out_u: Tensor, u_sum: Tensor, tau: Tensor, nonzero: Tensor,
+                       alpha: float, softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    vis = Visibility(q_limit, q_doc, k_pos, k_doc)
+    fwd = ForwardResult(out=None, out_u=out_u, u_sum=u_sum, tau=tau, support=None, nonzero=[nonzero])
+    dq, dk, dv = entmax_backward(backend_for(q), q, grad_out, SingleBlock(k, v, vis), fwd, alpha, softmax_scale)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, out_u, u_sum, tau, nonzero, alpha, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, q_limit, q_doc, k_pos, k_doc, alpha, softmax_scale = inputs
+    _, out_u, u_sum, tau, nonzero = output
+    ctx.save_for_backward(q, k, v, q_limit, q_doc, k_pos, k_doc, out_u, u_sum, tau, nonzero)
+    ctx.alpha, ctx.softmax_scale = alpha, softmax_scale
+
+
+def _backward(ctx, grad_out, *_unused):
+    dq, dk, dv = attention_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.alpha, ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _attention(q, k, v, vis: Visibility, alpha: float, softmax_scale: float) -> Tensor:
+    out, *_ = attention_forward(q, k, v, vis.q_limit, vis.q_doc, vis.k_pos, vis.k_doc, alpha, softmax_scale)
+    return out
+
+
+def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: bool = True,
+                   softmax_scale: float | None = None) -> Tensor:
+    """Exact alpha-entmax attention on one device.
+
+    Args:
+        q: (batch, seqlen_q, heads_q, head_dim).
+        k, v: (batch, seqlen_k, heads_kv, head_dim); ``heads_q % heads_kv == 0`` (GQA/MQA: each
+            key/value head serves ``heads_q // heads_kv`` query heads, without copies).
+        alpha: in (1, 2]; 1.5 (entmax-1.5) and 2 (sparsemax) have closed-form fast paths.
+        causal: bottom-right aligned, as in flash-attn: query ``i`` sees keys ``j <= i + Sk - Sq``.
+        softmax_scale: multiplies ``q k^T``; default ``1 / sqrt(head_dim)``.
+    Returns:
+        (batch, seqlen_q, heads_q, head_dim) in q's dtype. Differentiable in q, k and v; partial
+        sums in float32. CUDA tensors run the Triton kernels, CPU tensors the PyTorch path.
+    """
+    alpha = check_alpha(alpha)
+    _, _, dim = check_qkv(q, k, v, backend=backend_for(q))
+    vis = causal_visibility(q.shape[1], k.shape[1], causal, q.device)
+    return _attention(q, k, v, vis, alpha, default_scale(softmax_scale, dim))
+
+
+def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                          max_seqlen_q: int, max_seqlen_k: int, alpha: float = 1.5, causal: bool = True,
+                          softmax_scale: float | None = None) -> Tensor:
+    """Entmax attention over packed sequences, as flash-attn's varlen interface.
+
+    Args:
+        q: (total_q, heads_q, head_dim); k, v: (total_k, heads_kv, head_dim).
+        cu_seqlens_q, cu_seqlens_k: (num_seqs + 1,) int32/int64 offsets, from 0 to total.
+        max_seqlen_q, max_seqlen_k: longest sequence (checked; kernels do not need them).
+        causal: bottom-right aligned within each sequence.
+    Returns: (total_q, heads_q, head_dim).
+    """
+    alpha = check_alpha(alpha)
+    _, _, dim = check_qkv(q, k, v, varlen=True, backend=backend_for(q))
+    check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must list the same number of sequences; got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    for name, cu, given in (("max_seqlen_q", cu_seqlens_q, max_seqlen_q), ("max_seqlen_k", cu_seqlens_k, max_seqlen_k)):
+        longest = int((cu[1:] - cu[:-1]).max())
+        if int(given) < longest:
+            raise ValueError(f"{name} ({given}) is smaller than the longest sequence ({longest})")
+    vis = varlen_visibility(cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device), causal)
+    out = _attention(q[None], k[None], v[None], vis, alpha, default_scale(softmax_scale, dim))
+    return out[0]
+
+
+class AdaSplashAttention(torch.nn.Module):
+    """``nn.Module`` form of :func:`adasplash_func`: forward(q, k, v) with (B, S, H, D) tensors."""
+
+    def __init__(self, alpha: float = 1.5, causal: bool = True, softmax_scale: float | None = None):
+        super().__init__()
+        self.alpha, self.causal, self.softmax_scale = check_alpha(alpha), causal, softmax_scale
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return adasplash_func(q, k, v, self.alpha, self.causal, self.softmax_scale)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, causal={self.causal}, softmax_scale={self.softmax_scale}"

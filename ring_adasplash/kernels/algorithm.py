@@ -1,0 +1,156 @@
+"""The forward and backward schedule shared by one device and every distributed strategy.
+
+A query block meets its keys as one or more *key blocks* (the whole sequence on one device, a
+shard per ring step in a ring). ``KeyBlocks`` hides how blocks arrive; this module says what is
+computed on each and how the pieces combine:
+
+    forward  1. statistics pass on every block (dense Q.K^T: the only dense pass); merge
+             2. bracket tau; block mask = tiles whose max logit exceeds a lower bound of tau
+             3. refinement pass on active tiles (sparse): fine histogram (alpha 1.5, 2) or
+                NEWTON_STEPS Newton passes (other alpha); exact tau
+             4. output pass on active tiles (sparse): sum p v, sum u v, sum u; exact zero tiles found
+    backward one pass on nonzero tiles: dq here, dk and dv of each block handed back to the block
+
+Total: one dense Q.K^T pass in the forward (AdaSplash-2 runs four), every other pass sparse.
+No autograd and no communication here: callers bring both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from . import stats as S
+from .visibility import Visibility
+
+
+class KeyBlocks(Protocol):
+    """How a query block meets its key blocks. ``fn(index, k, v, vis)`` runs on every block that
+    ``needed`` (a list of per-block bool vectors over key tiles, or None for all) says is needed;
+    ``v`` is None unless ``with_values``. Every rank of a distributed implementation calls ``visit``
+    the same number of times in the same order."""
+
+    num_blocks: int
+
+    def visit(self, fn: Callable, with_values: bool, needed=None) -> None: ...
+
+    def visit_backward(self, fn: Callable, needed) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class ForwardResult:
+    """Everything the backward and the telemetry need, per query row (B, Hq, Sq) unless noted."""
+
+    out: torch.Tensor  # (B, Sq, Hq, D) float32 partial-free output
+    out_u: torch.Tensor  # (B, Sq, Hq, D) float32, sum u v
+    u_sum: torch.Tensor  # sum u
+    tau: torch.Tensor  # float32, +inf on rows with no visible key
+    support: torch.Tensor  # keys with p > 0
+    nonzero: list = field(default_factory=list)  # per block: (B, Hq, nQ, nK) bool, tiles with p > 0
+    active: list = field(default_factory=list)  # per block: tiles kept by the lower-bound mask
+    visible: list = field(default_factory=list)  # per block: (nQ, nK) tiles with any visible pair
+    dense_passes: int = 1
+
+
+def lower_bound_mask(tile_max: torch.Tensor, lower: torch.Tensor, empty: torch.Tensor, block_m: int):
+    """(B, H, nQ, nK) bool: a tile is kept when its max logit exceeds the smallest lower bound of
+    tau among its rows. tau >= lower, and a key with z <= tau has p = 0, so no nonzero tile is dropped."""
+    bound = torch.where(empty, torch.full_like(lower, float("inf")), lower - S.MASK_MARGIN)
+    pad = (-bound.shape[-1]) % block_m
+    if pad:
+        bound = torch.nn.functional.pad(bound, (0, pad), value=float("inf"))
+    per_tile = bound.view(*bound.shape[:-1], -1, block_m).amin(-1)
+    return tile_max > per_tile[..., None]
+
+
+def tiles_needed(mask: torch.Tensor) -> torch.Tensor:
+    """(nK,) bool: key tiles of a block that any query tile of any head needs."""
+    return mask.flatten(0, -2).any(0)
+
+
+def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, softmax_scale: float) -> ForwardResult:
+    """Exact alpha-entmax attention of ``q`` (B, Sq, Hq, D) against all key blocks."""
+    scale_z = (alpha - 1.0) * softmax_scale
+    bm, bn = backend.BLOCK_M, backend.BLOCK_N
+    merged: list = [None]
+    tile_max: list = [None] * blocks.num_blocks
+    visible: list = [None] * blocks.num_blocks
+
+    def statistics(index, k, _, vis):
+        st, tile_max[index] = backend.stats_pass(q, k, vis, scale_z, bm, bn)
+        visible[index] = torch.isfinite(tile_max[index]).flatten(0, -3).any(0)
+        merged[0] = st if merged[0] is None else S.merge(merged[0], st)
+
+    blocks.visit(statistics, with_values=False)
+    row_stats = merged[0]
+    bracket = S.coarse_bracket(row_stats, alpha)
+    active = [lower_bound_mask(t, bracket.lower, bracket.empty, bm) for t in tile_max]
+    needed = [tiles_needed(a) for a in active]
+
+    def summed(**kwargs):
+        total: list = [None]
+
+        def refine(index, k, _, vis):
+            part = backend.refine_pass(q, k, vis, scale_z, bm, bn, active[index], **kwargs)
+            total[0] = part if total[0] is None else total[0] + part
+
+        blocks.visit(refine, with_values=False, needed=needed)
+        return total[0]
+
+    if S.is_closed_form(alpha):
+        tau = S.fine_tau(row_stats, bracket, summed(bin_index=bracket.bin_index), alpha)
+    else:
+        point, lower, upper = bracket.estimate, bracket.lower.double(), bracket.upper
+        for _ in range(S.NEWTON_STEPS):
+            point, lower, upper = S.newton_update(point, lower, upper, summed(point=point, alpha=alpha), alpha)
+        tau = S.finalize_tau(point, bracket.empty)
+
+    parts: list = [None]
+    nonzero: list = [None] * blocks.num_blocks
+
+    def output(index, k, v, vis):
+        *acc, nonzero[index] = backend.output_pass(q, k, v, vis, scale_z, alpha, tau, bm, bn, active[index])
+        parts[0] = acc if parts[0] is None else [a + b for a, b in zip(parts[0], acc)]
+
+    blocks.visit(output, with_values=True, needed=needed)
+    out, out_u, u_sum, support = parts[0]
+    return ForwardResult(out, out_u, u_sum, tau, support, nonzero, active, visible)
+
+
+def row_delta(grad_out: torch.Tensor, fwd: ForwardResult) -> torch.Tensor:
+    """delta (B, Hq, Sq) = (dO . sum u v) / sum u, the per-row term of the entmax Jacobian."""
+    dot = (grad_out.to(fwd.out_u.dtype) * fwd.out_u).sum(-1).transpose(1, 2)
+    return torch.where(fwd.u_sum > 0, dot / fwd.u_sum.clamp(min=1e-30), torch.zeros_like(dot))
+
+
+def entmax_backward(backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult, alpha: float, softmax_scale: float):
+    """Returns dq (B, Sq, Hq, D) and the local block's dk, dv, all in the compute dtype (fp32/fp64)."""
+    scale_z = (alpha - 1.0) * softmax_scale
+    bm, bn = backend.BLOCK_M, backend.BLOCK_N
+    delta = row_delta(grad_out, fwd)
+    dq_total: list = [None]
+
+    def gradients(index, k, v, vis):
+        dq, dk, dv = backend.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, fwd.tau, delta,
+                                           bm, bn, fwd.nonzero[index])
+        dq_total[0] = dq if dq_total[0] is None else dq_total[0] + dq
+        return dk, dv
+
+    dk, dv = blocks.visit_backward(gradients, needed=[tiles_needed(m) for m in fwd.nonzero])
+    return dq_total[0], dk, dv
+
+
+class SingleBlock:
+    """All keys in one block: the one-device case."""
+
+    num_blocks = 1
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, vis: Visibility):
+        self.k, self.v, self.vis = k, v, vis
+
+    def visit(self, fn, with_values: bool, needed=None) -> None:
+        fn(0, self.k, self.v if with_values else None, self.vis)
+
+    def visit_backward(self, fn, needed):
+        return fn(0, self.k, self.v, self.vis)

@@ -1,0 +1,269 @@
+"""Mergeable per-row statistics of entmax logits, and the threshold ``tau`` they determine.
+
+Notation, used in every backend. ``z_ij = (alpha - 1) * softmax_scale * q_i . k_j`` are the entmax
+logits of visible pairs, ``gamma = 1 / (alpha - 1)`` and ``p_ij = [z_ij - tau_i]_+ ** gamma`` with
+``sum_j p_ij = 1``. Since no ``p`` exceeds 1, ``tau_i >= max_j z_ij - 1``: keys more than one unit
+below the row max never matter.
+
+Coarse histogram (the statistics pass). Bins have width ``w = 1 / (NUM_BINS - 1)`` and absolute
+indices ``idx(z) = floor(z * (NUM_BINS - 1))``, so every shard bins a score the same way. A row keeps
+the ``NUM_BINS`` bins below its reference ``K = idx(row max)``: local bin ``b = K - idx(z)``, covering
+``[(K - b) w, (K - b + 1) w)``. Per bin it keeps the count and the first two moments of the position
+inside the bin, ``u = z (NUM_BINS - 1) - idx(z)`` in ``[0, 1)``. Bins further down hold only
+``z < max - 1`` and are dropped. Two statistics merge by shifting the one with the lower reference
+down by the (integer) difference of references and adding: exact in the counts, associative and
+commutative up to float rounding in the moments, whatever the shard order or an all-reduce does.
+
+Fine histogram (the refinement pass). From the merged coarse histogram the bin holding ``tau`` is
+known exactly for alpha 1.5 and 2 (where the sum at a bin edge is a polynomial in the moments).
+The refinement pass splits that one bin into ``FINE_BINS`` sub-bins with the same three sums; the
+final solve is closed form on the exact sums above the sub-bin that holds ``tau`` plus a two-point
+model of that sub-bin (exact when it holds at most two keys). Other alpha: Newton steps on exact
+sums ``(sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1))`` at the current estimate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NUM_BINS = 16  # coarse bins, width 1 / 15 in z
+FINE_BINS = 32  # sub-bins of the bin holding tau: final bracket 1 / 480 wide
+NEWTON_STEPS = 3  # exact refinement passes for alpha other than 1.5 and 2
+MASK_MARGIN = 1e-4  # slack (in z) when comparing a tile max with a lower bound of tau
+
+
+def is_closed_form(alpha: float) -> bool:
+    """Alpha values whose tau comes out of the histograms in closed form."""
+    return alpha in (1.5, 2.0)
+
+
+@dataclass
+class RowStats:
+    """Statistics of one query block against the keys seen so far (a shard or the whole sequence).
+
+    ``row_max``: (B, H, Sq) float32, max logit over visible keys (-inf for none).
+    ``hist``: (B, H, Sq, 3, NUM_BINS) float32: count, sum u, sum u^2 per local bin (see module doc).
+    """
+
+    row_max: torch.Tensor
+    hist: torch.Tensor
+
+    @staticmethod
+    def empty(batch: int, heads: int, seqlen: int, device) -> "RowStats":
+        return RowStats(
+            torch.full((batch, heads, seqlen), float("-inf"), device=device),
+            torch.zeros(batch, heads, seqlen, 3, NUM_BINS, device=device),
+        )
+
+
+def bin_reference(row_max: torch.Tensor) -> torch.Tensor:
+    """Integer reference ``K = floor(max * (NUM_BINS - 1))`` as float; a huge negative for empty rows."""
+    ref = torch.floor(row_max * (NUM_BINS - 1))
+    return torch.where(torch.isfinite(ref), ref, torch.full_like(ref, -1e9))
+
+
+def shift_bins(hist: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Move local bins ``shift`` (>= 0, per row) places down; bins pushed past the last are dropped."""
+    nb = hist.shape[-1]
+    target = torch.arange(nb, device=hist.device)
+    source = target - shift.to(torch.int64)[..., None]  # (B, H, S, NB)
+    valid = (source >= 0) & (source < nb)
+    gathered = torch.gather(hist, -1, source.clamp(0, nb - 1)[..., None, :].expand_as(hist))
+    return torch.where(valid[..., None, :], gathered, torch.zeros((), dtype=hist.dtype, device=hist.device))
+
+
+def merge(a: RowStats, b: RowStats) -> RowStats:
+    """Exact merge of the statistics of two disjoint key sets for the same queries."""
+    row_max = torch.maximum(a.row_max, b.row_max)
+    ref = bin_reference(row_max)
+    hist_a = shift_bins(a.hist, (ref - bin_reference(a.row_max)).clamp(0, NUM_BINS))
+    hist_b = shift_bins(b.hist, (ref - bin_reference(b.row_max)).clamp(0, NUM_BINS))
+    return RowStats(row_max, hist_a + hist_b)
+
+
+def align_to(stats: RowStats, row_max: torch.Tensor) -> torch.Tensor:
+    """Histogram of ``stats`` re-referenced to a larger ``row_max`` (for all-reduce merges:
+    all-reduce the max first, align, then all-reduce the sum)."""
+    return shift_bins(stats.hist, (bin_reference(row_max) - bin_reference(stats.row_max)).clamp(0, NUM_BINS))
+
+
+# ----------------------------------------------------------------------------------------------
+# tau from statistics (float64, tiny tensors)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bracket:
+    """Where tau lies after the coarse pass, per row (B, H, Sq), in z units unless noted.
+
+    ``lower``: a guaranteed lower bound of tau (builds the block mask: it never drops a nonzero tile).
+    ``bin_index``: absolute coarse bin index holding tau (closed-form alpha), as float64.
+    ``estimate``: a starting point for Newton (other alpha).
+    ``upper``: an upper bound of tau (other alpha).
+    ``empty``: rows with no visible key.
+    """
+
+    lower: torch.Tensor
+    bin_index: torch.Tensor
+    estimate: torch.Tensor
+    upper: torch.Tensor
+    empty: torch.Tensor
+
+
+def _edge_sums(hist: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``F_b = sum_{z >= lower edge of bin b} (z - edge_b)^gamma / w^gamma`` for gamma in {1, 2}.
+
+    Keys of bin ``j <= b`` sit at ``x = (b - j) + u`` bin widths above edge ``b``.
+    """
+    count, s1, s2 = hist.double().unbind(-2)
+    j = torch.arange(hist.shape[-1], device=hist.device, dtype=torch.float64)
+    c_cum = count.cumsum(-1)
+    m1 = (s1 - j * count).cumsum(-1)  # sum over bins <= b of (u - j)
+    if gamma == 1.0:
+        return m1 + j * c_cum
+    m2 = (s2 - 2 * j * s1 + j * j * count).cumsum(-1)  # sum of (u - j)^2
+    return m2 + 2 * j * m1 + j * j * c_cum
+
+
+def coarse_bracket(stats: RowStats, alpha: float) -> Bracket:
+    """Bracket tau from merged coarse statistics."""
+    w = 1.0 / (NUM_BINS - 1)
+    gamma = 1.0 / (alpha - 1.0)
+    ref = bin_reference(stats.row_max).double()
+    empty = ~torch.isfinite(stats.row_max)
+    nb = NUM_BINS
+    bins = torch.arange(nb, device=ref.device, dtype=torch.float64)
+    target = w ** (-gamma)  # sum_j p_j = 1 in bin-width units
+    if is_closed_form(alpha):
+        edge = _edge_sums(stats.hist, gamma)  # nondecreasing in b
+        b_star = (edge < target).sum(-1).clamp(max=nb - 1).double()  # first bin whose lower edge has F >= 1
+        bin_index = ref - b_star
+        lower = bin_index * w
+        return Bracket(lower.float(), bin_index, lower, lower + w, empty)
+    # Other alpha: bound each key between its bin's edges, then bisect a one-point-per-bin model.
+    count, s1, _ = stats.hist.double().unbind(-2)
+    dist = bins[:, None] - bins[None, :]  # [b, j] = b - j
+    above = (dist >= 0).double()
+    f_low = torch.einsum("...j,bj->...b", count, (dist.clamp(min=0) ** gamma) * (dist > 0))
+    f_high = torch.einsum("...j,bj->...b", count, ((dist + 1).clamp(min=0) ** gamma) * above)
+    b_lo = (f_low < target).sum(-1).clamp(max=nb - 1).double()
+    b_hi = ((f_high < target).sum(-1) - 1).clamp(min=0).double()  # last edge with F surely < 1
+    lower = (ref - b_lo) * w
+    upper = (ref - b_hi + 1) * w
+    mean_u = torch.where(count > 0, s1 / count.clamp(min=1), torch.zeros_like(s1))
+    point = (ref[..., None] - bins + mean_u) * w  # one point per bin (z units)
+    lo, hi = lower.clone(), upper.clone()
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        f = (count * (point - mid[..., None]).clamp(min=0) ** gamma).sum(-1)
+        go_up = f >= 1.0
+        lo = torch.where(go_up, mid, lo)
+        hi = torch.where(go_up, hi, mid)
+    estimate = 0.5 * (lo + hi)
+    return Bracket(lower.float(), ref - b_lo, estimate, upper, empty)
+
+
+def _poly_root(n0, n1, n2, target, gamma):
+    """Smallest t with sum (x - t)^gamma = target for keys above t, from moments n0, n1, n2 of x."""
+    if gamma == 1.0:
+        return (n1 - target) / n0.clamp(min=1e-30)
+    disc = (n1 * n1 - n0 * (n2 - target)).clamp(min=0)
+    return (n2 - target) / (n1 + disc.sqrt()).clamp(min=1e-30)
+
+
+def fine_tau(stats: RowStats, bracket: Bracket, fine_hist: torch.Tensor, alpha: float) -> torch.Tensor:
+    """tau (B, H, Sq) float32 for alpha in {1.5, 2} from coarse and fine statistics.
+
+    Works in units of the coarse bin, relative to the lower edge ``L`` of the bin holding tau.
+    """
+    gamma = 1.0 / (alpha - 1.0)
+    w = 1.0 / (NUM_BINS - 1)
+    nf = fine_hist.shape[-1]
+    ref = bin_reference(stats.row_max).double()
+    b_star = (ref - bracket.bin_index)[..., None]  # local index of the bracket bin
+    count, s1, s2 = stats.hist.double().unbind(-2)
+    j = torch.arange(NUM_BINS, device=count.device, dtype=torch.float64)
+    above = (j < b_star).double()
+    off = (b_star - j) * above  # keys of bin j sit at x = off + u
+    a0 = (count * above).sum(-1)
+    a1 = ((s1 + off * count) * above).sum(-1)
+    a2 = ((s2 + 2 * off * s1 + off * off * count) * above).sum(-1)
+
+    fc, fv1, fv2 = fine_hist.double().unbind(-2)
+    s = torch.arange(nf, device=fc.device, dtype=torch.float64)
+    x1 = (fc * s + fv1) / nf  # sum of x over sub-bin s
+    x2 = (fc * s * s + 2 * s * fv1 + fv2) / (nf * nf)
+    # moments of keys in sub-bins >= s (reverse cumulative) plus everything above the bin
+    n0 = a0[..., None] + fc.flip(-1).cumsum(-1).flip(-1)
+    n1 = a1[..., None] + x1.flip(-1).cumsum(-1).flip(-1)
+    n2 = a2[..., None] + x2.flip(-1).cumsum(-1).flip(-1)
+    edge = s / nf
+    if gamma == 1.0:
+        f_edge = n1 - edge * n0
+    else:
+        f_edge = n2 - 2 * edge * n1 + edge * edge * n0
+    target = w ** (-gamma)
+    s_star = ((f_edge >= target).sum(-1) - 1).clamp(0, nf - 1)  # last sub-edge with F >= target
+    pick = lambda t: torch.gather(t, -1, s_star[..., None]).squeeze(-1)  # noqa: E731
+    nxt = (s_star + 1).clamp(max=nf - 1)[..., None]
+    has_next = (s_star + 1 < nf)
+    # keys strictly above sub-bin s_star
+    h0 = torch.where(has_next, torch.gather(n0, -1, nxt).squeeze(-1), a0)
+    h1 = torch.where(has_next, torch.gather(n1, -1, nxt).squeeze(-1), a1)
+    h2 = torch.where(has_next, torch.gather(n2, -1, nxt).squeeze(-1), a2)
+    c = pick(fc)
+    lo_edge = s_star.double() / nf
+    hi_edge = lo_edge + 1.0 / nf
+    mean = torch.where(c > 0, pick(x1) / c.clamp(min=1), lo_edge)
+    var = torch.where(c > 0, pick(x2) / c.clamp(min=1) - mean * mean, torch.zeros_like(mean)).clamp(min=0)
+    spread = var.sqrt()
+    p1 = (mean - spread).clamp(lo_edge, hi_edge)
+    p2 = (mean + spread).clamp(lo_edge, hi_edge)
+    half = 0.5 * c
+
+    def with_points(w1, w2):
+        return (
+            h0 + w1 * half + w2 * half,
+            h1 + w1 * half * p1 + w2 * half * p2,
+            h2 + w1 * half * p1 * p1 + w2 * half * p2 * p2,
+        )
+
+    def f_at(t, n):
+        m0, m1, m2 = n
+        return m1 - t * m0 if gamma == 1.0 else m2 - 2 * t * m1 + t * t * m0
+
+    both, upper_only, none = with_points(1.0, 1.0), with_points(0.0, 1.0), with_points(0.0, 0.0)
+    root_both = _poly_root(*both, target, gamma)
+    root_upper = _poly_root(*upper_only, target, gamma)
+    root_none = _poly_root(*none, target, gamma)
+    f_p1 = f_at(p1, upper_only)  # at t = p1 the lower point contributes 0
+    f_p2 = f_at(p2, none)
+    tau_rel = torch.where(f_p1 <= target, root_both, torch.where(f_p2 <= target, root_upper, root_none))
+    tau_rel = tau_rel.clamp(lo_edge, hi_edge)
+    tau = (bracket.bin_index + tau_rel) * w
+    return torch.where(bracket.empty, torch.full_like(tau, float("inf")), tau).float()
+
+
+def newton_update(t: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sums: torch.Tensor, alpha: float):
+    """One safeguarded Newton step on ``f(t) = sum (z - t)_+^gamma = 1``.
+
+    ``sums`` (B, H, Sq, 2) float: exact ``sum (z - t)_+^gamma`` and ``sum (z - t)_+^(gamma - 1)``.
+    f is convex and decreasing, so a Newton step from either side lands at or below tau; the
+    bracket [lower, upper] keeps the iterate safe where the derivative vanishes.
+    Returns (new t, new lower, new upper), float64.
+    """
+    gamma = 1.0 / (alpha - 1.0)
+    f, df = sums.double().unbind(-1)
+    t = t.double()
+    below = f >= 1.0
+    lower = torch.where(below, torch.maximum(lower, t), lower)
+    upper = torch.where(below, upper, torch.minimum(upper, t))
+    step = (f - 1.0) / (gamma * df).clamp(min=1e-30)
+    newton = t + step
+    inside = (df > 0) & (newton >= lower) & (newton <= upper)
+    return torch.where(inside, newton, 0.5 * (lower + upper)), lower, upper
+
+
+def finalize_tau(tau: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    return torch.where(empty, torch.full_like(tau, float("inf")), tau).float()

@@ -1,0 +1,213 @@
+"""The blockwise algorithm in plain PyTorch: the CPU backend, and the spec the Triton kernels follow.
+
+Each pass walks the key block one tile of ``block_n`` keys at a time with every query at once, so
+memory is O(Sq * block_n), never O(Sq * Sk). Tensors come in the public layout
+(batch, seqlen, heads, head_dim); statistics are head-major (batch, heads, seqlen, ...).
+Logits ``z = (alpha - 1) * softmax_scale * q . k``; see ``stats.py`` for the statistics.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import stats as S
+from .visibility import Visibility
+
+BLOCK_M = 64  # query rows per tile of the block mask
+BLOCK_N = 64  # keys per tile
+SUPPORTED_HEAD_DIMS = None  # any head dim
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _head_major_queries(q: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    """(B, Sq, Hq, D) -> (B, Hkv, G, Sq, D) so one key head serves its G query heads (GQA)."""
+    batch, seqlen, heads, dim = q.shape
+    return q.to(_compute_dtype(q)).permute(0, 2, 1, 3).reshape(batch, heads_kv, heads // heads_kv, seqlen, dim)
+
+
+class _KeyTiles:
+    """Logits of all queries against one key tile at a time, with invisible and inactive pairs at -inf."""
+
+    def __init__(self, q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, active=None):
+        self.batch, self.seqlen_q, self.heads, _ = q.shape
+        self.heads_kv = k.shape[2]
+        self.qh = _head_major_queries(q, self.heads_kv)
+        self.k, self.vis, self.scale_z = k, vis, scale_z
+        self.block_m, self.block_n, self.active = block_m, block_n, active
+        self.num_tiles = -(-k.shape[1] // block_n)
+
+    def rows_of_tiles(self, per_tile: torch.Tensor) -> torch.Tensor:
+        """(..., nQ) -> (..., Sq): every row takes its query tile's value."""
+        return per_tile.repeat_interleave(self.block_m, dim=-1)[..., : self.seqlen_q]
+
+    def tile_keys(self, index: int) -> slice:
+        return slice(index * self.block_n, min((index + 1) * self.block_n, self.k.shape[1]))
+
+    def __iter__(self):
+        """Yields (tile index, key slice, z (B, Hq, Sq, n)) for tiles with any active pair."""
+        vis = self.vis
+        for index in range(self.num_tiles):
+            keys = self.tile_keys(index)
+            allowed = (vis.k_pos[None, keys] <= vis.q_limit[:, None]) & (vis.q_doc[:, None] == vis.k_doc[None, keys])
+            allowed = allowed[None, None]
+            if self.active is not None:
+                allowed = allowed & self.rows_of_tiles(self.active[..., index])[..., None]
+            if not bool(allowed.any()):
+                continue
+            kt = self.k[:, keys].to(self.qh.dtype).permute(0, 2, 3, 1)[:, :, None]  # (B, Hkv, 1, D, n)
+            z = (self.qh @ kt).reshape(self.batch, self.heads, self.seqlen_q, -1) * self.scale_z
+            yield index, keys, z.masked_fill(~allowed, float("-inf"))
+
+    def per_query_tile(self, rows: torch.Tensor, reduce: str) -> torch.Tensor:
+        """(B, H, Sq) -> (B, H, nQ) by max or any over each query tile."""
+        pad = (-self.seqlen_q) % self.block_m
+        fill = float("-inf") if reduce == "max" else False
+        rows = torch.nn.functional.pad(rows, (0, pad), value=fill) if pad else rows
+        tiles = rows.view(*rows.shape[:-1], -1, self.block_m)
+        return tiles.amax(-1) if reduce == "max" else tiles.any(-1)
+
+
+def stats_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
+    """Row max and coarse histogram of q against this key block, plus per-tile logit maxima.
+
+    Returns ``(RowStats, tile_max)``, ``tile_max`` (B, Hq, nQ, nK) float32 (-inf: no visible pair).
+    The histogram is kept against the running row max and shifted when that grows, as the
+    kernel does: one pass over the keys.
+    """
+    tiles = _KeyTiles(q, k, vis, scale_z, block_m, block_n)
+    batch, heads, seqlen = tiles.batch, tiles.heads, tiles.seqlen_q
+    st = S.RowStats.empty(batch, heads, seqlen, q.device)
+    tile_max = torch.full((batch, heads, -(-seqlen // block_m), tiles.num_tiles), float("-inf"), device=q.device)
+    nb = S.NUM_BINS
+    for index, _, z in tiles:
+        z = z.float()
+        row_tile_max = z.amax(-1)
+        tile_max[..., index] = tiles.per_query_tile(row_tile_max, "max")
+        new_max = torch.maximum(st.row_max, row_tile_max)
+        ref = S.bin_reference(new_max)
+        hist = S.shift_bins(st.hist, (ref - S.bin_reference(st.row_max)).clamp(0, nb))
+        scaled = z * (nb - 1)
+        idx = torch.floor(scaled)
+        local = ref[..., None] - idx
+        keep = torch.isfinite(z) & (local < nb)
+        u = torch.where(keep, scaled - idx, torch.zeros_like(z))
+        where = local.clamp(0, nb - 1).to(torch.int64)
+        for moment, value in enumerate((keep.float(), u, u * u)):
+            hist[..., moment, :].scatter_add_(-1, where, value)
+        st = S.RowStats(new_max, hist)
+    return st, tile_max
+
+
+def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, active, *,
+                bin_index=None, point=None, alpha=None):
+    """Exact sums near tau, over active tiles only.
+
+    With ``bin_index`` (B, H, Sq): fine histogram (B, H, Sq, 3, FINE_BINS) of the keys in that
+    coarse bin (alpha 1.5 and 2). With ``point`` (B, H, Sq): Newton sums (B, H, Sq, 2) =
+    ``sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1)`` at ``t = point`` (other alpha).
+    """
+    tiles = _KeyTiles(q, k, vis, scale_z, block_m, block_n, active)
+    shape = (tiles.batch, tiles.heads, tiles.seqlen_q)
+    nb, nf = S.NUM_BINS, S.FINE_BINS
+    if bin_index is not None:
+        out = torch.zeros(*shape, 3, nf, device=q.device)
+        target = bin_index.float()[..., None]
+    else:
+        out = torch.zeros(*shape, 2, device=q.device, dtype=torch.float64)
+        gamma = 1.0 / (alpha - 1.0)
+        t = point.double()[..., None]
+    for _, _, z in tiles:
+        if bin_index is not None:
+            z = z.float()
+            scaled = z * (nb - 1)
+            idx = torch.floor(scaled)
+            keep = torch.isfinite(z) & (idx == target)
+            frac = torch.where(keep, (scaled - idx) * nf, torch.zeros_like(z))
+            sub = torch.floor(frac).clamp(0, nf - 1)
+            v = frac - sub
+            where = sub.to(torch.int64)
+            for moment, value in enumerate((keep.float(), v, v * v)):
+                out[..., moment, :].scatter_add_(-1, where, torch.where(keep, value, torch.zeros_like(value)))
+        else:
+            gap = (z.double() - t).clamp(min=0)
+            out[..., 0] += (gap ** gamma).sum(-1)
+            out[..., 1] += torch.where(gap > 0, gap ** (gamma - 1), torch.zeros_like(gap)).sum(-1)
+    return out
+
+
+def _weights(gap: torch.Tensor, alpha: float):
+    """Probability ``p = gap^gamma`` and backward weight ``u = gap^(gamma - 1)`` (0 off support)."""
+    if alpha == 1.5:
+        return gap * gap, gap
+    if alpha == 2.0:
+        return gap, (gap > 0).to(gap.dtype)
+    gamma = 1.0 / (alpha - 1.0)
+    return gap ** gamma, torch.where(gap > 0, gap ** (gamma - 1), torch.zeros_like(gap))
+
+
+def output_pass(q, k, v, vis: Visibility, scale_z: float, alpha: float, tau, block_m: int, block_n: int, active):
+    """Partial output for a known tau, over active tiles only. Additive across key blocks.
+
+    Returns ``out`` (B, Sq, Hq, D) = sum p v, ``out_u`` (B, Sq, Hq, D) = sum u v, ``u_sum`` (B, Hq, Sq)
+    = sum u, ``support`` (B, Hq, Sq) = number of keys with p > 0 (all float32, float64 for float64
+    inputs), and ``tile_nonzero`` (B, Hq, nQ, nK) bool: which tiles hold any p > 0.
+    """
+    tiles = _KeyTiles(q, k, vis, scale_z, block_m, block_n, active)
+    batch, heads, seqlen, heads_kv = tiles.batch, tiles.heads, tiles.seqlen_q, tiles.heads_kv
+    dim, group = v.shape[-1], heads // heads_kv
+    dtype = tiles.qh.dtype
+    out = torch.zeros(batch, heads_kv, group, seqlen, dim, device=q.device, dtype=dtype)
+    out_u = torch.zeros_like(out)
+    u_sum = torch.zeros(batch, heads, seqlen, device=q.device, dtype=dtype)
+    support = torch.zeros_like(u_sum)
+    nonzero = torch.zeros(batch, heads, -(-seqlen // block_m), tiles.num_tiles, dtype=torch.bool, device=q.device)
+    tau_col = tau.to(dtype)[..., None]
+    for index, keys, z in tiles:
+        gap = (z - tau_col).clamp(min=0)
+        p, u = _weights(gap, alpha)
+        vt = v[:, keys].to(dtype).permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, n, D)
+        shape5 = (batch, heads_kv, group, seqlen, -1)
+        out += p.reshape(shape5) @ vt
+        out_u += u.reshape(shape5) @ vt
+        u_sum += u.sum(-1)
+        support += (gap > 0).sum(-1)
+        nonzero[..., index] = tiles.per_query_tile((gap > 0).any(-1), "any")
+    to_public = lambda x: x.reshape(batch, heads, seqlen, dim).permute(0, 2, 1, 3)  # noqa: E731
+    return to_public(out), to_public(out_u), u_sum, support, nonzero
+
+
+def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_scale: float, alpha: float,
+                  tau, delta, block_m: int, block_n: int, active):
+    """Gradients through one key block, over active tiles only.
+
+    ``delta`` (B, Hq, Sq) = (grad_out . out_u) / u_sum, from the merged forward row terms.
+    With ``g = grad_out . v`` the score gradient is ``ds = u (g - delta)``; ``dq = scale ds k``,
+    ``dk = scale ds^T q``, ``dv = p^T grad_out`` (dk, dv summed over each GQA group).
+    Returns float32 (float64 for float64 inputs) dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D).
+    """
+    tiles = _KeyTiles(q, k, vis, scale_z, block_m, block_n, active)
+    batch, heads, seqlen, heads_kv = tiles.batch, tiles.heads, tiles.seqlen_q, tiles.heads_kv
+    dtype = tiles.qh.dtype
+    group = heads // heads_kv
+    do_h = _head_major_queries(grad_out, heads_kv).to(dtype)  # (B, Hkv, G, Sq, D)
+    dq = torch.zeros_like(tiles.qh)
+    dk = torch.zeros(k.shape, device=k.device, dtype=dtype)
+    dv = torch.zeros(v.shape, device=v.device, dtype=dtype)
+    tau_col = tau.to(dtype)[..., None]
+    delta_col = delta.to(dtype).reshape(batch, heads_kv, group, seqlen, 1)
+    for _, keys, z in tiles:
+        gap = (z - tau_col).clamp(min=0)
+        p, u = _weights(gap, alpha)
+        shape5 = (batch, heads_kv, group, seqlen, -1)
+        p, u = p.reshape(shape5), u.reshape(shape5)
+        kt = k[:, keys].to(dtype).permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, n, D)
+        vt = v[:, keys].to(dtype).permute(0, 2, 1, 3)[:, :, None]
+        g = do_h @ vt.transpose(-1, -2)  # (B, Hkv, G, Sq, n)
+        ds = u * (g - delta_col)
+        dq += softmax_scale * (ds @ kt)
+        dk[:, keys] += softmax_scale * (ds.transpose(-1, -2) @ tiles.qh).sum(2).permute(0, 2, 1, 3)
+        dv[:, keys] += (p.transpose(-1, -2) @ do_h).sum(2).permute(0, 2, 1, 3)
+    dq = dq.reshape(batch, heads, seqlen, -1).permute(0, 2, 1, 3)
+    return dq, dk, dv

@@ -1,0 +1,120 @@
+"""Which keys each query may see, as four small integer vectors.
+
+Key ``j`` is visible to query ``i`` iff ``q_doc[i] == k_doc[j]`` and ``k_pos[j] <= q_limit[i]``.
+One rule covers every layout the library needs: bottom-right causal on one device, global
+positions of a ring shard or a zigzag shard, and packed documents (varlen). The vectors are
+O(sequence) and shared by the batch, so kernels never materialise an (Sq, Sk) mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NO_LIMIT = 2**30  # q_limit of a non-causal query: every key position is below it
+
+
+@dataclass(frozen=True)
+class Visibility:
+    """Visibility rule of one query block against one key block (all int32, 1-D)."""
+
+    q_limit: torch.Tensor  # (Sq,) largest key position the query sees
+    q_doc: torch.Tensor  # (Sq,) document id of the query
+    k_pos: torch.Tensor  # (Sk,) position of the key (global, or within its document)
+    k_doc: torch.Tensor  # (Sk,) document id of the key
+
+    @property
+    def seqlen_q(self) -> int:
+        return self.q_limit.shape[0]
+
+    @property
+    def seqlen_k(self) -> int:
+        return self.k_pos.shape[0]
+
+    def with_keys(self, k_pos: torch.Tensor, k_doc: torch.Tensor | None = None) -> "Visibility":
+        """The same queries against another key block (a ring shard arriving)."""
+        if k_doc is None:
+            k_doc = torch.zeros_like(k_pos)
+        return Visibility(self.q_limit, self.q_doc, k_pos.to(torch.int32), k_doc.to(torch.int32))
+
+    def dense(self) -> torch.Tensor:
+        """(Sq, Sk) bool matrix; for tests and small inputs only."""
+        return (self.k_pos[None, :] <= self.q_limit[:, None]) & (self.q_doc[:, None] == self.k_doc[None, :])
+
+    def to(self, device) -> "Visibility":
+        return Visibility(*(t.to(device) for t in (self.q_limit, self.q_doc, self.k_pos, self.k_doc)))
+
+
+def positional_visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, diagonal: int = 0) -> Visibility:
+    """Queries at positions ``q_pos`` see keys at ``k_pos`` with ``k <= q + diagonal`` when causal.
+
+    ``diagonal = Sk - Sq`` gives flash-attn's bottom-right alignment on one device; a ring shard
+    passes global positions and ``diagonal = 0``.
+    """
+    device = q_pos.device
+    q_limit = (q_pos.to(torch.int64) + diagonal).clamp(-1, NO_LIMIT) if causal else torch.full_like(q_pos, NO_LIMIT)
+    return Visibility(
+        q_limit.to(torch.int32),
+        torch.zeros(q_pos.shape[0], dtype=torch.int32, device=device),
+        k_pos.to(torch.int32),
+        torch.zeros(k_pos.shape[0], dtype=torch.int32, device=device),
+    )
+
+
+def causal_visibility(seqlen_q: int, seqlen_k: int, causal: bool, device) -> Visibility:
+    """One device, bottom-right aligned: query ``i`` sees keys ``j <= i + Sk - Sq``."""
+    q_pos = torch.arange(seqlen_q, dtype=torch.int32, device=device)
+    k_pos = torch.arange(seqlen_k, dtype=torch.int32, device=device)
+    return positional_visibility(q_pos, k_pos, causal, diagonal=seqlen_k - seqlen_q)
+
+
+def _doc_ids_and_offsets(cu_seqlens: torch.Tensor, total: int):
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=total)
+    pos = torch.arange(total, device=cu.device) - cu[:-1][doc]
+    return doc, pos, lengths
+
+
+def varlen_visibility(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool) -> Visibility:
+    """Packed documents: a query sees keys of its own document, bottom-right aligned per document."""
+    total_q, total_k = int(cu_seqlens_q[-1]), int(cu_seqlens_k[-1])
+    q_doc, q_pos, len_q = _doc_ids_and_offsets(cu_seqlens_q, total_q)
+    k_doc, k_pos, len_k = _doc_ids_and_offsets(cu_seqlens_k, total_k)
+    if causal:
+        q_limit = (q_pos + (len_k - len_q)[q_doc]).clamp(-1, NO_LIMIT)
+    else:
+        q_limit = torch.full_like(q_pos, NO_LIMIT)
+    return Visibility(q_limit.to(torch.int32), q_doc.to(torch.int32), k_pos.to(torch.int32), k_doc.to(torch.int32))
+
+
+def tile_bounds(vis: Visibility, block_m: int, block_n: int):
+    """Per-tile summaries that let a kernel skip a (query tile, key tile) with no visible pair.
+
+    Returns ``q_tiles`` (nQ, 3) = (max q_limit, min q_doc, max q_doc) and ``k_tiles`` (nK, 3) =
+    (min k_pos, min k_doc, max k_doc). A pair with ``min k_pos > max q_limit`` or disjoint document
+    ranges has no visible key. Padding rows repeat the last row, so bounds stay tight.
+    """
+
+    def pad_to(x, block):
+        n = x.shape[0]
+        rem = (-n) % block
+        return torch.cat([x, x[-1:].expand(rem)]) if rem and n else x
+
+    ql = pad_to(vis.q_limit, block_m).view(-1, block_m)
+    qd = pad_to(vis.q_doc, block_m).view(-1, block_m)
+    kp = pad_to(vis.k_pos, block_n).view(-1, block_n)
+    kd = pad_to(vis.k_doc, block_n).view(-1, block_n)
+    q_tiles = torch.stack([ql.amax(1), qd.amin(1), qd.amax(1)], 1).to(torch.int32).contiguous()
+    k_tiles = torch.stack([kp.amin(1), kd.amin(1), kd.amax(1)], 1).to(torch.int32).contiguous()
+    return q_tiles, k_tiles
+
+
+def tile_visible(vis: Visibility, block_m: int, block_n: int) -> torch.Tensor:
+    """(nQ, nK) bool: the tile may hold a visible pair (exact for contiguous causal layouts)."""
+    q_tiles, k_tiles = tile_bounds(vis, block_m, block_n)
+    return (
+        (k_tiles[None, :, 0] <= q_tiles[:, None, 0])
+        & (k_tiles[None, :, 1] <= q_tiles[:, None, 2])
+        & (q_tiles[:, None, 1] <= k_tiles[None, :, 2])
+    )

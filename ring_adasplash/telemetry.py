@@ -1,0 +1,79 @@
+"""Opt-in counters: block sparsity, support sizes and bytes sent, read inside ``record()``.
+
+    with ring_adasplash.telemetry.record() as t:
+        out = ring_adasplash_func(q, k, v)
+    print(t.block_sparsity, t.bytes_sent, t.dense_ring_bytes)
+
+Nothing is counted (and no device sync happens) outside a ``record()`` block.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+_recorders: list = []
+
+
+@dataclass
+class Telemetry:
+    """Counters summed over every attention call inside the ``record()`` block."""
+
+    visible_tiles: int = 0  # (query tile, key tile) pairs with any visible pair, all heads
+    nonzero_tiles: int = 0  # of those, tiles holding any p > 0
+    support_sum: float = 0.0  # sum over rows of the number of keys with p > 0
+    rows: int = 0  # query rows counted (rows with a visible key)
+    bytes_sent: int = 0  # bytes this rank sent in ring exchanges of K/V (and dK/dV)
+    dense_ring_bytes: int = 0  # bytes a dense ring would have sent for the same exchanges
+    calls: int = 0
+    events: list = field(default_factory=list)  # free-form per-call notes (strategy, pass counts)
+
+    @property
+    def block_sparsity(self) -> float:
+        """Fraction of visible tiles that are all zero."""
+        return 1.0 - self.nonzero_tiles / self.visible_tiles if self.visible_tiles else 0.0
+
+    @property
+    def mean_support(self) -> float:
+        """Mean number of keys with p > 0 per query row."""
+        return self.support_sum / self.rows if self.rows else 0.0
+
+    @property
+    def bytes_saved(self) -> float:
+        """1 - bytes sent / dense-ring bytes."""
+        return 1.0 - self.bytes_sent / self.dense_ring_bytes if self.dense_ring_bytes else 0.0
+
+
+def enabled() -> bool:
+    return bool(_recorders)
+
+
+@contextlib.contextmanager
+def record():
+    """Count inside this block; yields the ``Telemetry`` being filled."""
+    t = Telemetry()
+    _recorders.append(t)
+    try:
+        yield t
+    finally:
+        _recorders.remove(t)
+
+
+def add(**counts) -> None:
+    for t in _recorders:
+        for name, value in counts.items():
+            setattr(t, name, getattr(t, name) + value)
+
+
+def log_forward(fwd, strategy: str) -> None:
+    """Add one forward's sparsity and support counts (``fwd``: an ``algorithm.ForwardResult``)."""
+    if not _recorders:
+        return
+    visible = sum(int(vis.sum()) * nz.shape[0] * nz.shape[1] for vis, nz in zip(fwd.visible, fwd.nonzero))
+    nonzero = sum(int((nz & vis).sum()) for vis, nz in zip(fwd.visible, fwd.nonzero))
+    has_keys = torch.isfinite(fwd.tau)
+    add(visible_tiles=visible, nonzero_tiles=nonzero, support_sum=float(fwd.support[has_keys].sum()),
+        rows=int(has_keys.sum()), calls=1)
+    for t in _recorders:
+        t.events.append(strategy)
