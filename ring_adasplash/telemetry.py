@@ -27,7 +27,8 @@ class Telemetry:
     bytes_sent: int = 0  # bytes this rank sent in ring exchanges of K/V (and dK/dV)
     dense_ring_bytes: int = 0  # bytes a dense ring would have sent for the same exchanges
     calls: int = 0
-    events: list = field(default_factory=list)  # free-form per-call notes (strategy, pass counts)
+    events: list = field(default_factory=list)  # strategy of each attention call
+    bytes_by_pass: dict = field(default_factory=dict)  # pass name -> [bytes sent, dense-ring bytes]
 
     @property
     def block_sparsity(self) -> float:
@@ -64,6 +65,15 @@ def add(**counts) -> None:
     for t in _recorders:
         for name, value in counts.items():
             setattr(t, name, getattr(t, name) + value)
+
+
+def add_bytes(pass_name: str, sent: int, dense: int) -> None:
+    """Bytes one exchange sent, against what a dense ring would send for it."""
+    add(bytes_sent=sent, dense_ring_bytes=dense)
+    for t in _recorders:
+        entry = t.bytes_by_pass.setdefault(pass_name, [0, 0])
+        entry[0] += sent
+        entry[1] += dense
 
 
 def log_forward(fwd, strategy: str) -> None:

@@ -69,7 +69,29 @@ def tiles_needed(mask: torch.Tensor) -> torch.Tensor:
     return mask.flatten(0, -2).any(0)
 
 
-def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, softmax_scale: float) -> ForwardResult:
+class LocalReduce:
+    """How partial results of one query block are combined beyond the blocks this rank visits.
+
+    One device and the ring visit every key block locally, so nothing is left to combine. A
+    strategy whose key blocks live on other ranks (queries replicated, keys sharded) overrides
+    these with all-reduces; each is called the same number of times on every rank.
+    """
+
+    def stats(self, st: S.RowStats) -> S.RowStats:
+        return st
+
+    def sums(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def outputs(self, parts: list) -> list:
+        return parts
+
+    def grad_q(self, dq: torch.Tensor) -> torch.Tensor:
+        return dq
+
+
+def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, softmax_scale: float,
+                   reduce: LocalReduce = LocalReduce()) -> ForwardResult:
     """Exact alpha-entmax attention of ``q`` (B, Sq, Hq, D) against all key blocks."""
     scale_z = (alpha - 1.0) * softmax_scale
     bm, bn = backend.BLOCK_M, backend.BLOCK_N
@@ -83,7 +105,7 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
         merged[0] = st if merged[0] is None else S.merge(merged[0], st)
 
     blocks.visit(statistics, with_values=False)
-    row_stats = merged[0]
+    row_stats = reduce.stats(merged[0])
     bracket = S.coarse_bracket(row_stats, alpha)
     active = [lower_bound_mask(t, bracket.lower, bracket.empty, bm) for t in tile_max]
     needed = [tiles_needed(a) for a in active]
@@ -96,7 +118,7 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
             total[0] = part if total[0] is None else total[0] + part
 
         blocks.visit(refine, with_values=False, needed=needed)
-        return total[0]
+        return reduce.sums(total[0])
 
     if S.is_closed_form(alpha):
         tau = S.fine_tau(row_stats, bracket, summed(bin_index=bracket.bin_index), alpha)
@@ -114,7 +136,7 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
         parts[0] = acc if parts[0] is None else [a + b for a, b in zip(parts[0], acc)]
 
     blocks.visit(output, with_values=True, needed=needed)
-    out, out_u, u_sum, support = parts[0]
+    out, out_u, u_sum, support = reduce.outputs(parts[0])
     return ForwardResult(out, out_u, u_sum, tau, support, nonzero, active, visible)
 
 
@@ -124,7 +146,8 @@ def row_delta(grad_out: torch.Tensor, fwd: ForwardResult) -> torch.Tensor:
     return torch.where(fwd.u_sum > 0, dot / fwd.u_sum.clamp(min=1e-30), torch.zeros_like(dot))
 
 
-def entmax_backward(backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult, alpha: float, softmax_scale: float):
+def entmax_backward(backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult, alpha: float, softmax_scale: float,
+                    reduce: LocalReduce = LocalReduce()):
     """Returns dq (B, Sq, Hq, D) and the local block's dk, dv, all in the compute dtype (fp32/fp64)."""
     scale_z = (alpha - 1.0) * softmax_scale
     bm, bn = backend.BLOCK_M, backend.BLOCK_N
@@ -138,7 +161,7 @@ def entmax_backward(backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult,
         return dk, dv
 
     dk, dv = blocks.visit_backward(gradients, needed=[tiles_needed(m) for m in fwd.nonzero])
-    return dq_total[0], dk, dv
+    return reduce.grad_q(dq_total[0]), dk, dv
 
 
 class SingleBlock:

@@ -1,0 +1,5 @@
+"""Communication helpers: the ring exchange and cross-rank consistency checks."""
+from .consistency import check_same_on_all_ranks
+from .ring_comm import RingComm
+
+__all__ = ["RingComm", "check_same_on_all_ranks"]

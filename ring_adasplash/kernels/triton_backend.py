@@ -1,0 +1,196 @@
+"""Triton backend: launchers of the four passes, with the contract of ``torch_blockwise``.
+
+Inputs come in the public layout (B, S, H, D) with any strides (passed per axis, never copied);
+statistics are head-major (B, H, Sq, ...) and contiguous. GQA: query head ``h`` reads key head
+``h // (Hq // Hkv)``. The kernels live in ``triton_stats``, ``triton_refine``, ``triton_output`` and
+``triton_backward``; this module builds their small side inputs (tile bounds of the visibility
+rule, compact lists of the tiles each program visits) and picks launch configurations.
+
+CPU tensors run the same kernels under Triton's interpreter (``TRITON_INTERPRET=1``, read when the
+kernel modules are imported). The interpreter multiplies 16-bit floats wrongly in ``tl.dot``
+(it treats bfloat16 storage as integers), so there every dot operand is first rounded to the input
+dtype, as on the GPU, and then multiplied in float32 (``DOT_F32``), which gives what the GPU's
+tensor cores compute for 16-bit operands (exact products, float32 sums). float32 inputs multiply in
+IEEE float32 on both (``input_precision="ieee"``: no TF32). float64 inputs run ``torch_blockwise``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import stats as S
+from . import torch_blockwise, triton_backward, triton_output, triton_refine, triton_stats
+from .visibility import Visibility, tile_bounds
+
+NAME = "triton"
+BLOCK_M = 64  # query rows per tile, in every kernel and in the block mask
+BLOCK_N = 64  # keys per tile
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _alpha_mode(alpha: float) -> int:
+    return 0 if alpha == 1.5 else 1 if alpha == 2.0 else 2
+
+
+def _gamma(alpha) -> float:
+    return 1.0 / (float(alpha) - 1.0) if alpha is not None else 0.0
+
+
+def _flags(q: torch.Tensor) -> dict:
+    """Constexpr switches shared by every kernel launch."""
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 (set before the kernel "
+                           "modules are imported) to run on CPU tensors; or use RING_ADASPLASH_BACKEND=torch")
+    return {"DOT_F32": not q.is_cuda, "IEEE": q.dtype == torch.float32}
+
+
+def _config(head_dim: int, kind: str) -> dict:
+    """num_warps / num_stages per pass (a small fixed table; no autotuning)."""
+    if kind == "backward":
+        return {"num_warps": 8 if head_dim >= 128 else 4, "num_stages": 1 if head_dim >= 256 else 2}
+    if kind == "stats":
+        return {"num_warps": 8 if head_dim >= 256 else 4, "num_stages": 2}
+    return {"num_warps": 8 if head_dim >= 256 else 4, "num_stages": 2 if head_dim >= 256 else 3}
+
+
+def _check(q, k, block_m, block_n):
+    if (block_m, block_n) != (BLOCK_M, BLOCK_N):
+        raise ValueError(f"the Triton kernels use {BLOCK_M}x{BLOCK_N} tiles; got {block_m}x{block_n}")
+    dim = q.shape[-1]
+    if dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {dim} is not supported by the Triton kernels; expected one of "
+                         f"{SUPPORTED_HEAD_DIMS}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"heads of q ({q.shape[2]}) must be a multiple of heads of k ({k.shape[2]})")
+
+
+def _vis_args(vis: Visibility, device):
+    return [t.to(device=device, dtype=torch.int32).contiguous() for t in (vis.q_limit, vis.q_doc, vis.k_pos, vis.k_doc)]
+
+
+def _tile_lists(mask: torch.Tensor):
+    """(..., n) bool -> counts (...) int32 and indices (..., n) int32: the True positions of each
+    row first, ascending (as FlexAttention's kv_num_blocks / kv_indices)."""
+    counts = mask.sum(-1, dtype=torch.int32).contiguous()
+    index = torch.sort(mask.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    return counts, index.to(torch.int32).contiguous()
+
+
+def stats_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
+    """Row max, coarse histogram and tile maxima; see ``torch_blockwise.stats_pass``."""
+    if q.dtype == torch.float64:
+        return torch_blockwise.stats_pass(q, k, vis, scale_z, block_m, block_n)
+    _check(q, k, block_m, block_n)
+    flags = _flags(q)
+    batch, seqlen_q, heads, dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(seqlen_k, BLOCK_N)
+    q_tiles, k_tiles = tile_bounds(vis, BLOCK_M, BLOCK_N)
+    row_max = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    hist = torch.empty(batch, heads, seqlen_q, 3, S.NUM_BINS, device=q.device, dtype=torch.float32)
+    tile_max = torch.full((batch, heads, num_q_tiles, num_k_tiles), float("-inf"), device=q.device)
+    triton_stats.stats_kernel[(num_q_tiles, batch * heads)](
+        q, k, *_vis_args(vis, q.device), q_tiles.to(q.device), k_tiles.to(q.device),
+        row_max, hist, tile_max,
+        *q.stride(), *k.stride(),
+        seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z),
+        GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_BINS=S.NUM_BINS,
+        **flags, **_config(dim, "stats"),
+    )
+    return S.RowStats(row_max, hist), tile_max
+
+
+def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, active, *,
+                bin_index=None, point=None, alpha=None):
+    """Fine histogram (``bin_index``) or Newton sums (``point``, ``alpha``) over active tiles."""
+    if q.dtype == torch.float64:
+        return torch_blockwise.refine_pass(q, k, vis, scale_z, block_m, block_n, active, bin_index=bin_index,
+                                           point=point, alpha=alpha)
+    _check(q, k, block_m, block_n)
+    flags = _flags(q)
+    batch, seqlen_q, heads, dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(seqlen_k, BLOCK_N)
+    newton = bin_index is None
+    counts, index = _tile_lists(active)
+    target = (point if newton else bin_index).to(device=q.device, dtype=torch.float32).contiguous()
+    shape = (batch, heads, seqlen_q) + ((2,) if newton else (3, S.FINE_BINS))
+    out = torch.empty(shape, device=q.device, dtype=torch.float32)
+    triton_refine.refine_kernel[(num_q_tiles, batch * heads)](
+        q, k, *_vis_args(vis, q.device), counts, index, target, out,
+        *q.stride(), *k.stride(),
+        seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), _gamma(alpha),
+        GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_BINS=S.NUM_BINS,
+        FINE_BINS=S.FINE_BINS, NEWTON=newton, **flags, **_config(dim, "refine"),
+    )
+    return out.double() if newton else out
+
+
+def output_pass(q, k, v, vis: Visibility, scale_z: float, alpha: float, tau, block_m: int, block_n: int, active):
+    """sum p v, sum u v, sum u, support and nonzero tiles over active tiles."""
+    if q.dtype == torch.float64:
+        return torch_blockwise.output_pass(q, k, v, vis, scale_z, alpha, tau, block_m, block_n, active)
+    _check(q, k, block_m, block_n)
+    flags = _flags(q)
+    batch, seqlen_q, heads, dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(seqlen_k, BLOCK_N)
+    counts, index = _tile_lists(active)
+    out = torch.empty(batch, seqlen_q, heads, v.shape[-1], device=q.device, dtype=torch.float32)
+    out_u = torch.empty_like(out)
+    u_sum = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    support = torch.empty_like(u_sum)
+    nonzero = torch.zeros(batch, heads, num_q_tiles, num_k_tiles, device=q.device, dtype=torch.uint8)
+    triton_output.output_kernel[(num_q_tiles, batch * heads)](
+        q, k, v, *_vis_args(vis, q.device), counts, index, tau.to(device=q.device, dtype=torch.float32).contiguous(),
+        out, out_u, u_sum, support, nonzero,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), _gamma(alpha),
+        GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ALPHA_MODE=_alpha_mode(alpha),
+        **flags, **_config(dim, "output"),
+    )
+    return out, out_u, u_sum, support, nonzero.view(torch.bool)
+
+
+def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_scale: float, alpha: float,
+                  tau, delta, block_m: int, block_n: int, active):
+    """dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D), float32, through the tiles in ``active``."""
+    if q.dtype == torch.float64:
+        return torch_blockwise.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, tau, delta,
+                                             block_m, block_n, active)
+    _check(q, k, block_m, block_n)
+    flags = _flags(q)
+    batch, seqlen_q, heads, dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(seqlen_k, BLOCK_N)
+    grad_out = grad_out.to(q.dtype)
+    tau = tau.to(device=q.device, dtype=torch.float32).contiguous()
+    delta = delta.to(device=q.device, dtype=torch.float32).contiguous()
+    vis_args = _vis_args(vis, q.device)
+    common = dict(GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                  ALPHA_MODE=_alpha_mode(alpha), **flags, **_config(dim, "backward"))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+
+    dk = torch.empty(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.empty(v.shape, device=v.device, dtype=torch.float32)
+    counts_t, index_t = _tile_lists(active.transpose(-1, -2))  # (B, Hq, nK, nQ): query tiles per key tile
+    triton_backward.dkdv_kernel[(num_k_tiles, batch * heads_kv)](
+        q, k, v, grad_out, *vis_args, counts_t, index_t, tau, delta, dk, dv,
+        *strides, *dk.stride(),
+        seqlen_q, seqlen_k, heads, heads_kv, num_q_tiles, float(scale_z), float(softmax_scale), _gamma(alpha),
+        **common,
+    )
+    dq = torch.empty(batch, seqlen_q, heads, dim, device=q.device, dtype=torch.float32)
+    counts, index = _tile_lists(active)
+    triton_backward.dq_kernel[(num_q_tiles, batch * heads)](
+        q, k, v, grad_out, *vis_args, counts, index, tau, delta, dq,
+        *strides, *dq.stride(),
+        seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), float(softmax_scale), _gamma(alpha),
+        **common,
+    )
+    return dq, dk, dv

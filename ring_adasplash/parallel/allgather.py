@@ -1,0 +1,78 @@
+"""All-gather K/V, then the one-device kernels (llama3 style); reduce-scatter dK/dV in backward.
+
+Simple and fast for moderate lengths: every rank holds the whole K/V of one head group at a time,
+so memory per rank is O(S * heads_per_step * head_dim); choose ``heads_per_step`` to bound it.
+
+Order: the autograd Function, the public function.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import telemetry
+from ..comm.collectives import all_gather_seq, reduce_scatter_seq
+from ..kernels import backend_for
+from ..kernels.algorithm import SingleBlock, entmax_backward, entmax_forward
+from ..kernels.visibility import NO_LIMIT, Visibility
+from . import layouts
+from .ring import _validated
+
+
+class AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, alpha: float, softmax_scale: float, vis, head_chunks, group):
+        backend = backend_for(q)
+        group_size = q.shape[2] // k.shape[2]
+        outs, results = [], []
+        for start, stop in head_chunks:
+            k_all, v_all = (all_gather_seq(x[:, :, start:stop], group) for x in (k, v))
+            fwd = entmax_forward(backend, q[:, :, start * group_size:stop * group_size], SingleBlock(k_all, v_all, vis),
+                                 alpha, softmax_scale)
+            telemetry.log_forward(fwd, "allgather")
+            outs.append(fwd.out.to(q.dtype))
+            fwd.out = None
+            results.append(fwd)
+        ctx.save_for_backward(q, k, v)
+        ctx.meta = (alpha, softmax_scale, vis, head_chunks, group, results)
+        return torch.cat(outs, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        alpha, softmax_scale, vis, head_chunks, group, results = ctx.meta
+        backend, group_size = backend_for(q), q.shape[2] // k.shape[2]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for (start, stop), fwd in zip(head_chunks, results):
+            qs = slice(start * group_size, stop * group_size)
+            k_all, v_all = (all_gather_seq(x[:, :, start:stop], group) for x in (k, v))
+            dq_h, dk_all, dv_all = entmax_backward(backend, q[:, :, qs], grad_out[:, :, qs].contiguous(),
+                                                   SingleBlock(k_all, v_all, vis), fwd, alpha, softmax_scale)
+            dq[:, :, qs] = dq_h
+            dk[:, :, start:stop] = reduce_scatter_seq(dk_all, group)
+            dv[:, :, start:stop] = reduce_scatter_seq(dv_all, group)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def allgather_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, softmax_scale: float | None = None,
+                             group=None, layout: str = "contiguous", heads_per_step: int | None = None):
+    """Entmax attention of sequence shards by all-gathering K/V (a head group at a time).
+
+    Args:
+        q: (batch, seqlen_local, heads_q, head_dim); k, v: (batch, seqlen_local, heads_kv, head_dim),
+            sharded with ``layout`` ("contiguous" or "zigzag", see ``parallel.layouts``).
+        heads_per_step: key/value heads gathered at once (default: all); lower it to bound memory.
+    Returns: (batch, seqlen_local, heads_q, head_dim), this rank's rows.
+    """
+    comm, alpha, scale = _validated(q, k, v, alpha, softmax_scale, group, layout, causal,
+                                    extra={"heads_per_step": heads_per_step})
+    world, seqlen = comm.world_size, q.shape[1] * comm.world_size
+    heads_kv = k.shape[2]
+    step = heads_kv if heads_per_step is None else int(heads_per_step)
+    if not 1 <= step <= heads_kv:
+        raise ValueError(f"heads_per_step must be in [1, {heads_kv}] (the key/value heads); got {heads_per_step}")
+    chunks = [(h, min(h + step, heads_kv)) for h in range(0, heads_kv, step)]
+    k_pos = torch.cat([layouts.positions(layout, seqlen, r, world, q.device) for r in range(world)]).to(torch.int32)
+    q_pos = layouts.positions(layout, seqlen, comm.rank, world, q.device).to(torch.int32)
+    q_limit = q_pos if causal else torch.full_like(q_pos, NO_LIMIT)
+    vis = Visibility(q_limit, torch.zeros_like(q_pos), k_pos, torch.zeros_like(k_pos))
+    return AllGatherAttention.apply(q, k, v, alpha, scale, vis, chunks, group)

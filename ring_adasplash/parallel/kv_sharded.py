@@ -1,0 +1,94 @@
+"""The same queries on every rank, keys and values sharded (prefill or decode against a sharded
+KV cache). Statistics are merged by all-reduce (max, then a sum of aligned histograms), refinement
+sums and partial outputs by all-reduce sums: no ring, one collective per stage.
+
+Order: the all-reduce merges, the autograd Function, the public function.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import telemetry
+from ..checks import check_alpha, check_qkv, default_scale
+from ..comm import check_same_on_all_ranks
+from ..kernels import backend_for
+from ..kernels import stats as S
+from ..kernels.algorithm import LocalReduce, SingleBlock, entmax_backward, entmax_forward
+from ..kernels.visibility import positional_visibility
+
+
+class AllReduceMerge(LocalReduce):
+    """Merges across ranks whose key blocks differ and whose queries are the same."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def stats(self, st: S.RowStats) -> S.RowStats:
+        row_max = st.row_max.clone()
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=self.group)
+        hist = S.align_to(st, row_max)  # same reference on every rank, so bins add exactly
+        dist.all_reduce(hist, group=self.group)
+        return S.RowStats(row_max, hist)
+
+    def sums(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def outputs(self, parts: list) -> list:
+        return [self.sums(p) for p in parts]
+
+    def grad_q(self, dq: torch.Tensor) -> torch.Tensor:
+        return self.sums(dq)
+
+
+class KVShardedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, alpha: float, softmax_scale: float, vis, group):
+        backend, merge = backend_for(q), AllReduceMerge(group)
+        fwd = entmax_forward(backend, q, SingleBlock(k, v, vis), alpha, softmax_scale, merge)
+        telemetry.log_forward(fwd, "kv-sharded")
+        out = fwd.out.to(q.dtype)
+        fwd.out = None
+        ctx.save_for_backward(q, k, v)
+        ctx.fwd, ctx.alpha, ctx.softmax_scale, ctx.vis, ctx.group = fwd, alpha, softmax_scale, vis, group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = entmax_backward(backend_for(q), q, grad_out.contiguous(), SingleBlock(k, v, ctx.vis), ctx.fwd,
+                                     ctx.alpha, ctx.softmax_scale, AllReduceMerge(ctx.group))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def kv_sharded_adasplash_func(q, k_local, v_local, alpha: float = 1.5, causal: bool = True,
+                              softmax_scale: float | None = None, group=None):
+    """Entmax attention of replicated queries against keys/values sharded over ``group``.
+
+    Args:
+        q: (batch, seqlen_q, heads_q, head_dim), identical on every rank.
+        k_local, v_local: (batch, seqlen_k_local, heads_kv, head_dim): rank r holds keys
+            ``[r * Sk_local, (r + 1) * Sk_local)`` of the global key sequence (Sk = P * Sk_local).
+        causal: bottom-right aligned over the global keys: query i sees keys ``j <= i + Sk - Sq``.
+    Returns:
+        (batch, seqlen_q, heads_q, head_dim), identical on every rank. The gradient of q is the
+        full gradient (summed over ranks); k_local and v_local get their own shard's gradients.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    error, scale, description = None, None, {}
+    try:
+        alpha = check_alpha(alpha)
+        _, _, dim = check_qkv(q, k_local, v_local, backend=backend_for(q))
+        scale = default_scale(softmax_scale, dim)
+        description = {"q": tuple(q.shape), "k": tuple(k_local.shape), "dtype": str(q.dtype), "alpha": alpha,
+                       "causal": bool(causal), "softmax_scale": scale}
+    except (ValueError, TypeError) as exc:
+        error = exc
+    check_same_on_all_ranks(description, group, error)
+    seqlen_q, local_k = q.shape[1], k_local.shape[1]
+    q_pos = torch.arange(seqlen_q, device=q.device)
+    k_pos = torch.arange(rank * local_k, (rank + 1) * local_k, device=q.device)
+    vis = positional_visibility(q_pos, k_pos, causal, diagonal=world * local_k - seqlen_q)
+    return KVShardedAttention.apply(q, k_local, v_local, alpha, scale, vis, group)

@@ -1,0 +1,270 @@
+"""Ring context parallelism for entmax attention: contiguous and zigzag layouts, packed documents.
+
+Each rank keeps its query shard; key (and value) shards travel around the ring. Three rotations
+in the forward (see ``kernels/algorithm.py``): K for the statistics (dense), K for the refinement
+and K+V for the output. After the statistics every rank knows which key tiles of every shard it
+needs; one ``all_gather`` of those bitmaps gives every rank the same schedule, and a shard's
+holder sends only the tiles some rank further along still needs. The backward rotates K+V once
+more, with dK/dV accumulators travelling behind them back to their owners.
+
+Order in this file: the ring of key blocks (forward loop, backward loop), the autograd Function,
+the public functions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .. import telemetry
+from ..checks import check_alpha, check_cu_seqlens, check_qkv, default_scale
+from ..comm import RingComm, check_same_on_all_ranks
+from ..kernels import backend_for
+from ..kernels.algorithm import entmax_backward, entmax_forward
+from ..kernels.visibility import NO_LIMIT, Visibility
+from . import layouts
+
+
+@dataclass
+class ShardPlan:
+    """Where this rank's queries and every shard's keys sit in the global sequence."""
+
+    comm: RingComm
+    query_vis: Visibility  # q side of this rank; k side filled per shard
+    key_side: Callable[[int], tuple]  # shard index -> (k_pos, k_doc), int32 on the device
+    name: str
+
+    def visibility(self, shard: int) -> Visibility:
+        return self.query_vis.with_keys(*self.key_side(shard))
+
+
+def _tile_rows(tiles: torch.Tensor | None, block_n: int, length: int, device) -> torch.Tensor | None:
+    """Row indices covered by the selected key tiles (None: all rows)."""
+    if tiles is None:
+        return None
+    index = tiles.nonzero().flatten().to(device)
+    rows = (index[:, None] * block_n + torch.arange(block_n, device=device)).flatten()
+    return rows[rows < length]
+
+
+class RingKeyBlocks:
+    """Key blocks of a ring: block ``s`` is the shard of rank ``s``; at step ``t`` rank ``r`` holds
+    shard ``(r - t) mod P``. Implements ``algorithm.KeyBlocks``."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, plan: ShardPlan, block_n: int):
+        self.k, self.v, self.plan, self.block_n = k, v, plan, block_n
+        self.comm = plan.comm
+        self.num_blocks = self.comm.world_size
+        self._needs_cache: tuple = (None, None)
+
+    # -- schedule --------------------------------------------------------------------------
+    def _all_needs(self, needed) -> torch.Tensor:
+        """(P ranks, P shards, nK) bool on CPU: which key tiles each rank needs from each shard."""
+        if self._needs_cache[0] is needed:
+            return self._needs_cache[1]
+        mine = torch.stack(list(needed)).to(torch.uint8)
+        gathered = [torch.empty_like(mine) for _ in range(self.num_blocks)]
+        dist.all_gather(gathered, mine, group=self.comm.group)
+        table = torch.stack(gathered).bool().cpu()
+        self._needs_cache = (needed, table)
+        return table
+
+    def _sent_tiles(self, table, shard: int, step: int, first_reader: int = None):
+        """Tiles of ``shard`` its holder sends at ``step``: those some later rank still needs."""
+        if table is None:
+            return None
+        p = self.num_blocks
+        start = step + 1 if first_reader is None else first_reader
+        readers = [(shard + i) % p for i in range(start, p)]
+        return table[readers, shard].any(0)
+
+    def _exchange(self, held: torch.Tensor, send_tiles, recv_tiles, dense_bytes: int, pass_name: str):
+        """Start sending the selected rows of ``held``; returns a function giving the received block."""
+        length = held.shape[1]
+        rows_out = _tile_rows(send_tiles, self.block_n, length, held.device)
+        rows_in = _tile_rows(recv_tiles, self.block_n, length, held.device)
+        packed = held if rows_out is None else held.index_select(1, rows_out)
+        shape = list(held.shape)
+        if rows_in is not None:
+            shape[1] = rows_in.numel()
+        pending = self.comm.exchange(packed, shape, dense_bytes, pass_name)
+
+        def finish():
+            received = pending.wait()
+            if rows_in is None:
+                return received
+            block = torch.zeros_like(held)
+            block.index_copy_(1, rows_in, received)
+            return block
+
+        return finish
+
+    # -- forward loop ----------------------------------------------------------------------
+    def visit(self, fn, with_values: bool, needed=None) -> None:
+        p, r = self.num_blocks, self.comm.rank
+        table = None if needed is None else self._all_needs(needed)
+        held = torch.cat([self.k, self.v], -1) if with_values else self.k
+        dense_bytes = held.numel() * held.element_size()
+        dim = self.k.shape[-1]
+        pass_name = "output" if with_values else ("statistics" if needed is None else "refine")
+        for step in range(p):
+            shard = (r - step) % p
+            finish = None
+            if step < p - 1:  # post the next block's transfer before computing on this one
+                finish = self._exchange(held, self._sent_tiles(table, shard, step),
+                                        self._sent_tiles(table, (shard - 1) % p, step), dense_bytes, pass_name)
+            k, v = (held[..., :dim], held[..., dim:]) if with_values else (held, None)
+            fn(shard, k, v, self.plan.visibility(shard))
+            if finish is not None:
+                held = finish()
+
+    # -- backward loop ---------------------------------------------------------------------
+    def visit_backward(self, fn, needed):
+        p, r = self.num_blocks, self.comm.rank
+        table = self._all_needs(needed)
+        held = torch.cat([self.k, self.v], -1)
+        dim = self.k.shape[-1]
+        kv_bytes = held.numel() * held.element_size()
+        own = accumulator = acc_finish = None
+        for step in range(p):
+            shard = (r - step) % p
+            kv_finish = None
+            if step < p - 1:
+                kv_finish = self._exchange(held, self._sent_tiles(table, shard, step),
+                                           self._sent_tiles(table, (shard - 1) % p, step), kv_bytes, "backward")
+            dk, dv = fn(shard, held[..., :dim], held[..., dim:], self.plan.visibility(shard))
+            grads = torch.cat([dk, dv], -1)
+            if step == 0:
+                own = grads
+            else:
+                accumulator = grads if acc_finish is None else acc_finish() + grads
+                # dK/dV of this shard go on towards its owner, carrying every tile any rank touched
+                acc_finish = self._exchange(accumulator, self._sent_tiles(table, shard, 0, first_reader=1),
+                                            self._sent_tiles(table, (shard - 1) % p, 0, first_reader=1),
+                                            accumulator.numel() * accumulator.element_size(), "backward-grads")
+            if kv_finish is not None:
+                held = kv_finish()
+        if acc_finish is not None:
+            own = own + acc_finish()
+        return own[..., :dim], own[..., dim:]
+
+
+# ------------------------------------------------------------------------------------------
+# autograd
+# ------------------------------------------------------------------------------------------
+
+
+class RingAttention(torch.autograd.Function):
+    """Entmax attention of local query shards against the key/value shards of every rank."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, alpha: float, softmax_scale: float, plan: ShardPlan):
+        backend = backend_for(q)
+        fwd = entmax_forward(backend, q, RingKeyBlocks(k, v, plan, backend.BLOCK_N), alpha, softmax_scale)
+        telemetry.log_forward(fwd, plan.name)
+        out = fwd.out.to(q.dtype)
+        fwd.out = None  # the backward needs only the row terms
+        ctx.save_for_backward(q, k, v)
+        ctx.fwd, ctx.alpha, ctx.softmax_scale, ctx.plan = fwd, alpha, softmax_scale, plan
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        backend = backend_for(q)
+        blocks = RingKeyBlocks(k, v, ctx.plan, backend.BLOCK_N)
+        dq, dk, dv = entmax_backward(backend, q, grad_out.contiguous(), blocks, ctx.fwd, ctx.alpha, ctx.softmax_scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+# ------------------------------------------------------------------------------------------
+# public functions
+# ------------------------------------------------------------------------------------------
+
+
+def _validated(q, k, v, alpha, softmax_scale, group, layout: str, causal: bool, varlen: bool = False, extra=None):
+    """Local checks, then one collective so that bad or mismatched input raises on every rank."""
+    comm = RingComm(group)
+    error, scale, description = None, None, {}
+    try:
+        alpha = check_alpha(alpha)
+        _, _, dim = check_qkv(q, k, v, varlen=varlen, backend=backend_for(q))
+        seq_axis = 0 if varlen else 1
+        if q.shape[seq_axis] != k.shape[seq_axis]:
+            raise ValueError(f"q and k must hold the same tokens (local seqlen {q.shape[seq_axis]} vs "
+                             f"{k.shape[seq_axis]}): ring attention is self-attention over one sequence")
+        scale = default_scale(softmax_scale, dim)
+        description = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "alpha": alpha,
+                       "causal": bool(causal), "layout": layout, "softmax_scale": scale, **(extra or {})}
+        layouts.positions(layout, q.shape[seq_axis] * comm.world_size, comm.rank, comm.world_size)
+    except (ValueError, TypeError) as exc:
+        error = exc
+    check_same_on_all_ranks(description, group, error)
+    return comm, alpha, scale
+
+
+def _positional_plan(comm: RingComm, layout: str, seqlen: int, causal: bool, device, doc_of=None, name="ring"):
+    p, r = comm.world_size, comm.rank
+
+    def key_side(shard):
+        pos = layouts.positions(layout, seqlen, shard, p, device)
+        doc = doc_of[pos] if doc_of is not None else torch.zeros_like(pos)
+        return pos.to(torch.int32), doc.to(torch.int32)
+
+    q_pos, q_doc = key_side(r)
+    q_limit = q_pos if causal else torch.full_like(q_pos, NO_LIMIT)
+    query_vis = Visibility(q_limit, q_doc, q_pos, q_doc)
+    return ShardPlan(comm, query_vis, key_side, name)
+
+
+def _ring(q, k, v, alpha, causal, softmax_scale, group, layout):
+    comm, alpha, scale = _validated(q, k, v, alpha, softmax_scale, group, layout, causal)
+    plan = _positional_plan(comm, layout, q.shape[1] * comm.world_size, causal, q.device, name=f"ring-{layout}")
+    return RingAttention.apply(q, k, v, alpha, scale, plan)
+
+
+def ring_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, softmax_scale: float | None = None,
+                        group=None):
+    """Entmax attention over a sequence sharded contiguously across ``group`` (default: world).
+
+    Args:
+        q: (batch, seqlen_local, heads_q, head_dim): rank r holds tokens ``[r*S/P, (r+1)*S/P)``.
+        k, v: (batch, seqlen_local, heads_kv, head_dim), the same tokens; ``heads_q % heads_kv == 0``.
+        alpha, causal, softmax_scale: as in :func:`ring_adasplash.adasplash_func` (causal over
+            global positions; all ranks must pass the same values).
+    Returns:
+        (batch, seqlen_local, heads_q, head_dim): this rank's rows of the full-sequence result.
+    """
+    return _ring(q, k, v, alpha, causal, softmax_scale, group, "contiguous")
+
+
+def zigzag_ring_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, softmax_scale: float | None = None,
+                               group=None):
+    """As :func:`ring_adasplash_func`, with the zigzag layout: the sequence is cut into 2P chunks
+    and rank r holds chunk r followed by chunk 2P - 1 - r (``parallel.layouts.shard``), which
+    balances causal work. Shapes: (batch, seqlen_local, heads, head_dim)."""
+    return _ring(q, k, v, alpha, causal, softmax_scale, group, "zigzag")
+
+
+def ring_adasplash_varlen_func(q, k, v, cu_seqlens, alpha: float = 1.5, causal: bool = True,
+                               softmax_scale: float | None = None, group=None):
+    """Packed documents spread contiguously across the ring.
+
+    Args:
+        q: (total_local, heads_q, head_dim); k, v: (total_local, heads_kv, head_dim): rank r holds
+            packed tokens ``[r*T/P, (r+1)*T/P)`` of the global packed sequence of length T.
+        cu_seqlens: (num_docs + 1,) GLOBAL offsets of the documents, from 0 to T, same on all ranks.
+    A token attends only to tokens of its own document (causally when ``causal``).
+    Returns: (total_local, heads_q, head_dim).
+    """
+    comm, alpha, scale = _validated(q, k, v, alpha, softmax_scale, group, "contiguous", causal, varlen=True,
+                                    extra={"cu_seqlens": tuple(int(x) for x in cu_seqlens.tolist())})
+    total = q.shape[0] * comm.world_size
+    check_cu_seqlens(cu_seqlens, total, "cu_seqlens")
+    cu = cu_seqlens.to(q.device, torch.int64)
+    doc_of = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device), cu[1:] - cu[:-1],
+                                     output_size=total)
+    plan = _positional_plan(comm, "contiguous", total, causal, q.device, doc_of=doc_of, name="ring-varlen")
+    return RingAttention.apply(q[None], k[None], v[None], alpha, scale, plan)[0]

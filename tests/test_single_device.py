@@ -1,0 +1,211 @@
+"""One device, CPU path: forward and gradients against the float64 reference, merge exactness,
+the block mask, and input errors."""
+import itertools
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ring_adasplash as ra
+from ring_adasplash.kernels import stats as S
+from ring_adasplash.kernels import torch_blockwise as tb
+from ring_adasplash.kernels.algorithm import SingleBlock, entmax_forward
+from ring_adasplash.kernels.visibility import causal_visibility, varlen_visibility
+from ring_adasplash.reference import entmax_attention_reference, entmax_bisect
+
+ALPHAS = (1.5, 2.0, 1.3)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def random_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, dim, dtype=torch.float32, amp=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = amp * torch.randn(batch, seqlen_q, heads_q, dim, generator=g)
+    k = amp * torch.randn(batch, seqlen_k, heads_kv, dim, generator=g)
+    v = torch.randn(batch, seqlen_k, heads_kv, dim, generator=g)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+
+
+def check_against_reference(q, k, v, alpha, causal, tol, fn=None, ref_kwargs=None):
+    fn = fn or (lambda a, b, c: ra.adasplash_func(a, b, c, alpha=alpha, causal=causal))
+    out = fn(q, k, v)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = entmax_attention_reference(qd, kd, vd, alpha, causal, **(ref_kwargs or {}))
+    ref_grads = torch.autograd.grad(ref, (qd, kd, vd), grad_out.double())
+    assert out.dtype == q.dtype and all(g.dtype == q.dtype for g in grads)
+    assert torch.isfinite(out).all()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert rel_err(a, b) < tol, f"{name}: relative error {rel_err(a, b):.2e} >= {tol}"
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(2, 130, 130, 4, 4, 32), (1, 70, 200, 4, 2, 64), (2, 150, 90, 6, 1, 16)],
+                         ids=["self-mha", "sq<sk-gqa", "sq>sk-mqa"])
+def test_fp32_matches_float64(alpha, causal, shape):
+    batch, sq, sk, hq, hkv, dim = shape
+    q, k, v = random_qkv(batch, sq, sk, hq, hkv, dim, seed=hash((alpha, causal, shape)) % 2**31)
+    check_against_reference(q, k, v, alpha, causal, tol=1e-4)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_bf16_matches_float64(alpha):
+    q, k, v = random_qkv(1, 128, 128, 4, 2, 64, dtype=torch.bfloat16, seed=3)
+    check_against_reference(q, k, v, alpha, True, tol=2e-2)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_matches_per_sequence_reference(alpha, causal):
+    lens_q, lens_k = [37, 64, 1, 90], [50, 64, 20, 90]
+    cu_q = torch.tensor([0, *itertools.accumulate(lens_q)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(lens_k)], dtype=torch.int32)
+    q, k, v = random_qkv(1, cu_q[-1], cu_k[-1], 4, 2, 32, seed=5)
+    q, k, v = (t.detach()[0].requires_grad_() for t in (q, k, v))
+
+    def fn(a, b, c):
+        return ra.adasplash_varlen_func(a, b, c, cu_q, cu_k, max(lens_q), max(lens_k), alpha=alpha, causal=causal)
+
+    vis = varlen_visibility(cu_q, cu_k, causal)
+    out = fn(q, k, v)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = entmax_attention_reference(qd[None], kd[None], vd[None], alpha, causal, visibility=vis)[0]
+    ref_grads = torch.autograd.grad(ref, (qd, kd, vd), grad_out.double())
+    for a, b in zip((out, *grads), (ref, *ref_grads)):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_row_without_visible_key_is_zero_not_nan():
+    # Sq > Sk with bottom-right causal alignment: the first Sq - Sk queries see no key.
+    q, k, v = random_qkv(1, 20, 8, 2, 2, 16, seed=7)
+    out = ra.adasplash_func(q, k, v, alpha=1.5, causal=True)
+    assert torch.equal(out[:, :12], torch.zeros_like(out[:, :12]))
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[:, :12], torch.zeros_like(q.grad[:, :12]))
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_tau_within_1e5_of_float64_on_every_row(alpha):
+    q, k, v = random_qkv(2, 256, 256, 4, 4, 64, dtype=torch.float64, amp=3.0, seed=11)
+    vis = causal_visibility(256, 256, True, "cpu")
+    fwd = entmax_forward(tb, q.detach(), SingleBlock(k.detach(), v.detach(), vis), alpha, 64 ** -0.5)
+    _, ref_tau = entmax_attention_reference(q.detach(), k.detach(), v.detach(), alpha, True, return_tau=True)
+    err = (fwd.tau.double() - ref_tau).abs() / ref_tau.abs().clamp(min=1.0)
+    assert err.max().item() < 1e-5
+
+
+def test_merge_is_exact_in_any_order():
+    """Stats of key shards merged in random orders give the stats, and tau, of the whole."""
+    q, k, _ = (t.detach() for t in random_qkv(1, 64, 320, 2, 2, 32, amp=2.5, seed=13))
+    scale_z = 0.5 * 32 ** -0.5
+    whole_vis = causal_visibility(64, 320, False, "cpu")
+    whole, _ = tb.stats_pass(q, k, whole_vis, scale_z, 64, 64)
+    cuts = [0, 64, 128, 192, 256, 320]
+    parts = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        vis = whole_vis.with_keys(whole_vis.k_pos[a:b])
+        parts.append(tb.stats_pass(q, k[:, a:b], vis, scale_z, 64, 64)[0])
+    rng = random.Random(0)
+    taus = []
+    for _ in range(4):
+        rng.shuffle(parts)
+        merged = parts[0]
+        for p in parts[1:]:
+            merged = S.merge(merged, p)
+        assert torch.equal(merged.row_max, whole.row_max)
+        assert torch.equal(merged.hist[..., 0, :], whole.hist[..., 0, :])  # counts: exact
+        torch.testing.assert_close(merged.hist, whole.hist, rtol=1e-5, atol=1e-4)
+        taus.append(S.coarse_bracket(merged, 1.5).bin_index)
+    assert all(torch.equal(t, taus[0]) for t in taus)
+
+
+def test_block_mask_never_drops_a_nonzero_tile():
+    # Local attention: strong positional signal makes most tiles exactly zero.
+    seqlen, dim = 512, 32
+    pos = torch.arange(seqlen)[:, None] * (1000.0 ** (-torch.arange(dim // 2) / (dim // 2)))[None]
+    base = torch.cat([pos.cos(), pos.sin()], -1)[None, :, None] * 3.0
+    g = torch.Generator().manual_seed(1)
+    q = base + 0.3 * torch.randn(1, seqlen, 2, dim, generator=g)
+    k = base + 0.3 * torch.randn(1, seqlen, 2, dim, generator=g)
+    v = torch.randn(1, seqlen, 2, dim, generator=g)
+    vis = causal_visibility(seqlen, seqlen, True, "cpu")
+    fwd = entmax_forward(tb, q, SingleBlock(k, v, vis), 1.5, dim ** -0.5)
+    _, tau = entmax_attention_reference(q, k, v, 1.5, True, return_tau=True)
+    z = 0.5 * dim ** -0.5 * torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double())
+    truly_nonzero = (z > tau[..., None]) & vis.dense()
+    tiles = truly_nonzero.view(1, 2, 8, 64, 8, 64).any(-1).any(-2)
+    assert not (tiles & ~fwd.active[0]).any(), "a tile with nonzero probability was masked out"
+    assert torch.equal(tiles, fwd.nonzero[0])
+    mask = ra.BlockMask(fwd.nonzero[0], fwd.visible[0], 64, 64, seqlen, seqlen)
+    assert mask.sparsity() > 0.5
+    assert mask.to_dense().shape == (1, 2, seqlen, seqlen)
+    assert "sparsity=" in repr(mask)
+
+
+def test_non_contiguous_inputs():
+    q, k, v = random_qkv(1, 96, 96, 4, 2, 32, seed=17)
+    qt = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not qt.is_contiguous()
+    check_against_reference(qt, k, v, 1.5, True, tol=1e-4)
+
+
+@settings(max_examples=12, deadline=None)
+@given(sq=st.integers(1, 140), sk=st.integers(1, 140), heads_kv=st.sampled_from([1, 2]),
+       group=st.sampled_from([1, 3]), dim=st.sampled_from([8, 16, 48]), alpha=st.sampled_from(ALPHAS),
+       causal=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_random_shapes(sq, sk, heads_kv, group, dim, alpha, causal, seed):
+    q, k, v = random_qkv(1, sq, sk, heads_kv * group, heads_kv, dim, seed=seed)
+    out = ra.adasplash_func(q, k, v, alpha=alpha, causal=causal)
+    ref = entmax_attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), alpha, causal)
+    if ref.norm() > 0:
+        assert rel_err(out, ref) < 1e-4
+    else:
+        assert out.abs().max() == 0
+
+
+def test_entmax_bisect_sums_to_one():
+    z = torch.randn(5, 40, dtype=torch.float64) * 3
+    for alpha in ALPHAS:
+        p, _ = entmax_bisect(z, alpha, torch.ones_like(z, dtype=torch.bool))
+        torch.testing.assert_close(p.sum(-1), torch.ones(5, dtype=torch.float64))
+        assert (p == 0).any()
+
+
+def test_module_wrapper():
+    q, k, v = random_qkv(1, 40, 40, 2, 2, 16, seed=19)
+    module = ra.AdaSplashAttention(alpha=2.0, causal=False)
+    assert "alpha=2.0" in repr(module)
+    torch.testing.assert_close(module(q, k, v), ra.adasplash_func(q, k, v, alpha=2.0, causal=False))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda q, k, v: ra.adasplash_func(q[0], k, v), "q must have shape"),
+    (lambda q, k, v: ra.adasplash_func(q, k, v, alpha=1.0), "alpha must be in (1, 2]"),
+    (lambda q, k, v: ra.adasplash_func(q, k, v, alpha=2.5), "alpha must be in (1, 2]"),
+    (lambda q, k, v: ra.adasplash_func(q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1)),
+     "multiple of heads"),
+    (lambda q, k, v: ra.adasplash_func(q, k.double(), v), "share a dtype"),
+    (lambda q, k, v: ra.adasplash_func(q, k, v[..., :8]), "same shape"),
+    (lambda q, k, v: ra.adasplash_func(q.int(), k, v), "must be float16"),
+    (lambda q, k, v: ra.adasplash_func(q, k, v, softmax_scale=-1.0), "softmax_scale must be positive"),
+    (lambda q, k, v: ra.adasplash_varlen_func(q[0], k[0], v[0], torch.tensor([0, 5, 3, 16]),
+                                              torch.tensor([0, 8, 12, 16]), 16, 16), "cu_seqlens_q must start at 0"),
+    (lambda q, k, v: ra.adasplash_varlen_func(q[0], k[0], v[0], torch.tensor([0, 16]), torch.tensor([0, 8, 16]),
+                                              16, 16), "same number of sequences"),
+    (lambda q, k, v: ra.adasplash_varlen_func(q[0], k[0], v[0], torch.tensor([0, 16]), torch.tensor([0, 16]),
+                                              4, 16), "max_seqlen_q"),
+])
+def test_bad_input_names_the_argument(call, message):
+    q, k, v = (t.detach() for t in random_qkv(1, 16, 16, 4, 2, 16))
+    with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        call(q, k, v)
