@@ -30,7 +30,9 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: T
     vis = Visibility(q_limit, q_doc, k_pos, k_doc)
     fwd = entmax_forward(backend_for(q), q, SingleBlock(k, v, vis), alpha, softmax_scale)
     telemetry.log_forward(fwd, "single")
-    return fwd.out.to(q.dtype), fwd.out_u, fwd.u_sum, fwd.tau, fwd.nonzero[0]
+    # contiguous, as the fake impl promises (compiled graphs check strides)
+    return (fwd.out.to(q.dtype).contiguous(), fwd.out_u.contiguous(), fwd.u_sum.contiguous(), fwd.tau.contiguous(),
+            fwd.nonzero[0].contiguous())
 
 
 @attention_forward.register_fake
@@ -51,12 +53,12 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limi
     vis = Visibility(q_limit, q_doc, k_pos, k_doc)
     fwd = ForwardResult(out=None, out_u=out_u, u_sum=u_sum, tau=tau, support=None, nonzero=[nonzero])
     dq, dk, dv = entmax_backward(backend_for(q), q, grad_out, SingleBlock(k, v, vis), fwd, alpha, softmax_scale)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, out_u, u_sum, tau, nonzero, alpha, softmax_scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -7,7 +7,8 @@ computed on each and how the pieces combine:
     forward  1. statistics pass on every block (dense Q.K^T: the only dense pass); merge
              2. bracket tau; block mask = tiles whose max logit exceeds a lower bound of tau
              3. refinement pass on active tiles (sparse): fine histogram (alpha 1.5, 2) or
-                NEWTON_STEPS Newton passes (other alpha); exact tau
+                NEWTON_STEPS Newton passes (other alpha); exact tau. For alpha 1.5 and 2 it also
+                tightens the mask per row (keys within a bin of the bin holding tau)
              4. output pass on active tiles (sparse): sum p v, sum u v, sum u; exact zero tiles found
     backward one pass on nonzero tiles: dq here, dk and dv of each block handed back to the block
 
@@ -114,8 +115,10 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
         total: list = [None]
 
         def refine(index, k, _, vis):
-            part = backend.refine_pass(q, k, vis, scale_z, bm, bn, active[index], **kwargs)
+            part, keep = backend.refine_pass(q, k, vis, scale_z, bm, bn, active[index], **kwargs)
             total[0] = part if total[0] is None else total[0] + part
+            if keep is not None:
+                active[index] = keep  # tested per row: a tighter mask for the output pass
 
         blocks.visit(refine, with_values=False, needed=needed)
         return reduce.sums(total[0])
@@ -127,6 +130,7 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
         for _ in range(S.NEWTON_STEPS):
             point, lower, upper = S.newton_update(point, lower, upper, summed(point=point, alpha=alpha), alpha)
         tau = S.finalize_tau(point, bracket.empty)
+    needed = [tiles_needed(a) for a in active]
 
     parts: list = [None]
     nonzero: list = [None] * blocks.num_blocks

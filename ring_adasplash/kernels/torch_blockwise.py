@@ -105,36 +105,43 @@ def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: in
     """Exact sums near tau, over active tiles only.
 
     With ``bin_index`` (B, H, Sq): fine histogram (B, H, Sq, 3, FINE_BINS) of the keys in that
-    coarse bin (alpha 1.5 and 2). With ``point`` (B, H, Sq): Newton sums (B, H, Sq, 2) =
-    ``sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1)`` at ``t = point`` (other alpha).
+    coarse bin (alpha 1.5 and 2), and ``keep`` (B, H, nQ, nK) bool: active tiles where some row
+    has a key no more than one bin below its bin of tau. tau lies inside that bin, so the output
+    needs no other tile: a mask tested per row, tighter than the per-tile bound that made ``active``.
+    With ``point`` (B, H, Sq): Newton sums (B, H, Sq, 2) = ``sum (z - t)_+^gamma,
+    sum (z - t)_+^(gamma - 1)`` at ``t = point`` (other alpha), and ``keep = None``.
+    Returns ``(sums, keep)``.
     """
     tiles = _KeyTiles(q, k, vis, scale_z, block_m, block_n, active)
     shape = (tiles.batch, tiles.heads, tiles.seqlen_q)
     nb, nf = S.NUM_BINS, S.FINE_BINS
+    keep = None
     if bin_index is not None:
         out = torch.zeros(*shape, 3, nf, device=q.device)
         target = bin_index.float()[..., None]
+        keep = torch.zeros_like(active)
     else:
         out = torch.zeros(*shape, 2, device=q.device, dtype=torch.float64)
         gamma = 1.0 / (alpha - 1.0)
         t = point.double()[..., None]
-    for _, _, z in tiles:
+    for index, _, z in tiles:
         if bin_index is not None:
             z = z.float()
             scaled = z * (nb - 1)
             idx = torch.floor(scaled)
-            keep = torch.isfinite(z) & (idx == target)
-            frac = torch.where(keep, (scaled - idx) * nf, torch.zeros_like(z))
+            keep[..., index] = tiles.per_query_tile((idx >= target - 1).any(-1), "any") & active[..., index]
+            in_bin = torch.isfinite(z) & (idx == target)
+            frac = torch.where(in_bin, (scaled - idx) * nf, torch.zeros_like(z))
             sub = torch.floor(frac).clamp(0, nf - 1)
             v = frac - sub
             where = sub.to(torch.int64)
-            for moment, value in enumerate((keep.float(), v, v * v)):
-                out[..., moment, :].scatter_add_(-1, where, torch.where(keep, value, torch.zeros_like(value)))
+            for moment, value in enumerate((in_bin.float(), v, v * v)):
+                out[..., moment, :].scatter_add_(-1, where, torch.where(in_bin, value, torch.zeros_like(value)))
         else:
             gap = (z.double() - t).clamp(min=0)
             out[..., 0] += (gap ** gamma).sum(-1)
             out[..., 1] += torch.where(gap > 0, gap ** (gamma - 1), torch.zeros_like(gap)).sum(-1)
-    return out
+    return out, keep
 
 
 def _weights(gap: torch.Tensor, alpha: float):

@@ -3,8 +3,9 @@
 Inputs come in the public layout (B, S, H, D) with any strides (passed per axis, never copied);
 statistics are head-major (B, H, Sq, ...) and contiguous. GQA: query head ``h`` reads key head
 ``h // (Hq // Hkv)``. The kernels live in ``triton_stats``, ``triton_refine``, ``triton_output`` and
-``triton_backward``; this module builds their small side inputs (tile bounds of the visibility
-rule, compact lists of the tiles each program visits) and picks launch configurations.
+``triton_backward``; this module builds their small side inputs (per query tile, the range of key
+tiles with visible pairs; compact lists of the tiles each program visits) and picks launch
+configurations (a fixed table: no autotuning, so a first call compiles each kernel once).
 
 CPU tensors run the same kernels under Triton's interpreter (``TRITON_INTERPRET=1``, read when the
 kernel modules are imported). The interpreter multiplies 16-bit floats wrongly in ``tl.dot``
@@ -21,7 +22,7 @@ import torch
 
 from . import stats as S
 from . import torch_blockwise, triton_backward, triton_output, triton_refine, triton_stats
-from .visibility import Visibility, tile_bounds
+from .visibility import Visibility, tile_visible
 
 NAME = "triton"
 BLOCK_M = 64  # query rows per tile, in every kernel and in the block mask
@@ -81,8 +82,45 @@ def _tile_lists(mask: torch.Tensor):
     return counts, index.to(torch.int32).contiguous()
 
 
+def _first(mask: torch.Tensor, default: int) -> torch.Tensor:
+    """Index of the first True along the last dim, ``default`` where none."""
+    pos = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(mask, pos, default).amin(-1)
+
+
+def _key_tile_ranges(vis: Visibility, device):
+    """Per query tile (int32, (nQ,) each): key tiles [lo, hi) spanning every tile that may hold a
+    visible pair (``visibility.tile_visible``; tiles in between with none come out -inf), and a run
+    [full_lo, full_hi) of tiles whose every pair is visible (no per-element mask needed)."""
+    visible = tile_visible(vis, BLOCK_M, BLOCK_N).to(device)
+    num_q_tiles, num_k_tiles = visible.shape
+    pos = torch.arange(num_k_tiles, device=device)
+    lo = _first(visible, num_k_tiles)
+    hi = torch.where(visible, pos + 1, 0).amax(1)
+    lo = torch.minimum(lo, hi)
+
+    def tiles(x, block, fill):
+        pad = (-x.shape[0]) % block
+        return torch.nn.functional.pad(x.to(device=device, dtype=torch.int64), (0, pad), value=fill).view(-1, block)
+
+    big = 2**40
+    q_limit, q_doc = tiles(vis.q_limit, BLOCK_M, -big), tiles(vis.q_doc, BLOCK_M, -big)
+    k_pos, k_doc = tiles(vis.k_pos, BLOCK_N, big), tiles(vis.k_doc, BLOCK_N, big)
+    one_q_doc = q_doc.amin(1) == q_doc.amax(1)
+    one_k_doc = k_doc.amin(1) == k_doc.amax(1)
+    full = ((k_pos.amax(1)[None, :] <= q_limit.amin(1)[:, None]) & one_q_doc[:, None] & one_k_doc[None, :]
+            & (q_doc.amin(1)[:, None] == k_doc.amin(1)[None, :]))
+    full_lo = _first(full, num_k_tiles)
+    full_hi = _first(~full & (pos[None, :] >= full_lo[:, None]), num_k_tiles)
+    return [t.to(torch.int32).contiguous() for t in (lo, hi, full_lo, full_hi)]
+
+
 def stats_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
-    """Row max, coarse histogram and tile maxima; see ``torch_blockwise.stats_pass``."""
+    """Row max, coarse histogram and tile maxima; see ``torch_blockwise.stats_pass``.
+
+    A dense sweep (``stats_kernel``) finds row and tile maxima; the histogram kernel then visits
+    only the tiles whose max reaches the lowest kept bin of some row of their query tile.
+    """
     if q.dtype == torch.float64:
         return torch_blockwise.stats_pass(q, k, vis, scale_z, block_m, block_n)
     _check(q, k, block_m, block_n)
@@ -90,24 +128,40 @@ def stats_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int
     batch, seqlen_q, heads, dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(seqlen_k, BLOCK_N)
-    q_tiles, k_tiles = tile_bounds(vis, BLOCK_M, BLOCK_N)
+    ranges = _key_tile_ranges(vis, q.device)
     row_max = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
-    hist = torch.empty(batch, heads, seqlen_q, 3, S.NUM_BINS, device=q.device, dtype=torch.float32)
     tile_max = torch.full((batch, heads, num_q_tiles, num_k_tiles), float("-inf"), device=q.device)
+    common = dict(GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **flags)
     triton_stats.stats_kernel[(num_q_tiles, batch * heads)](
-        q, k, *_vis_args(vis, q.device), q_tiles.to(q.device), k_tiles.to(q.device),
-        row_max, hist, tile_max,
+        q, k, *_vis_args(vis, q.device), *ranges, row_max, tile_max,
         *q.stride(), *k.stride(),
         seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z),
-        GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_BINS=S.NUM_BINS,
-        **flags, **_config(dim, "stats"),
+        **common, **_config(dim, "stats"),
+    )
+    # Histogram: keys with local bin K - floor(z (NB - 1)) < NB. A tile holds one only if
+    # floor(tile max (NB - 1)) >= K - NB + 1 for some row, the same float32 arithmetic as the kernel.
+    nb = S.NUM_BINS
+    ref = S.bin_reference(row_max)
+    lowest = torch.where(torch.isfinite(row_max), ref, torch.full_like(ref, float("inf")))
+    pad = num_q_tiles * BLOCK_M - seqlen_q
+    lowest = torch.nn.functional.pad(lowest, (0, pad), value=float("inf")).view(batch, heads, num_q_tiles, BLOCK_M)
+    lowest = lowest.amin(-1, keepdim=True)
+    needed = torch.floor(tile_max * (nb - 1)) >= lowest - (nb - 1)
+    counts, index = _tile_lists(needed)
+    hist = torch.zeros(batch, heads, seqlen_q, 3, nb, device=q.device, dtype=torch.float32)
+    triton_refine.refine_kernel[(num_q_tiles, batch * heads)](
+        q, k, *_vis_args(vis, q.device), counts, index, ref.contiguous(), hist, hist,
+        *q.stride(), *k.stride(),
+        seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), 0.0,
+        NUM_BINS=nb, FINE_BINS=S.FINE_BINS, MODE=0, **common, **_config(dim, "refine"),
     )
     return S.RowStats(row_max, hist), tile_max
 
 
 def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, active, *,
                 bin_index=None, point=None, alpha=None):
-    """Fine histogram (``bin_index``) or Newton sums (``point``, ``alpha``) over active tiles."""
+    """Fine histogram and kept tiles (``bin_index``) or Newton sums (``point``, ``alpha``) over
+    active tiles; see ``torch_blockwise.refine_pass``."""
     if q.dtype == torch.float64:
         return torch_blockwise.refine_pass(q, k, vis, scale_z, block_m, block_n, active, bin_index=bin_index,
                                            point=point, alpha=alpha)
@@ -120,15 +174,16 @@ def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: in
     counts, index = _tile_lists(active)
     target = (point if newton else bin_index).to(device=q.device, dtype=torch.float32).contiguous()
     shape = (batch, heads, seqlen_q) + ((2,) if newton else (3, S.FINE_BINS))
-    out = torch.empty(shape, device=q.device, dtype=torch.float32)
+    out = torch.zeros(shape, device=q.device, dtype=torch.float32)
+    keep = torch.zeros(active.shape, device=q.device, dtype=torch.int8)
     triton_refine.refine_kernel[(num_q_tiles, batch * heads)](
-        q, k, *_vis_args(vis, q.device), counts, index, target, out,
+        q, k, *_vis_args(vis, q.device), counts, index, target, out, keep,
         *q.stride(), *k.stride(),
         seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), _gamma(alpha),
         GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_BINS=S.NUM_BINS,
-        FINE_BINS=S.FINE_BINS, NEWTON=newton, **flags, **_config(dim, "refine"),
+        FINE_BINS=S.FINE_BINS, MODE=2 if newton else 1, **flags, **_config(dim, "refine"),
     )
-    return out.double() if newton else out
+    return (out.double(), None) if newton else (out, keep.bool())
 
 
 def output_pass(q, k, v, vis: Visibility, scale_z: float, alpha: float, tau, block_m: int, block_n: int, active):

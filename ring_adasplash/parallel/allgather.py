@@ -53,6 +53,7 @@ class AllGatherAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+@torch.compiler.disable  # collectives run eagerly; compiled callers graph-break here
 def allgather_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, softmax_scale: float | None = None,
                              group=None, layout: str = "contiguous", heads_per_step: int | None = None):
     """Entmax attention of sequence shards by all-gathering K/V (a head group at a time).

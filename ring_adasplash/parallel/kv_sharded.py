@@ -11,11 +11,11 @@ import torch.distributed as dist
 
 from .. import telemetry
 from ..checks import check_alpha, check_qkv, default_scale
-from ..comm import check_same_on_all_ranks
 from ..kernels import backend_for
 from ..kernels import stats as S
 from ..kernels.algorithm import LocalReduce, SingleBlock, entmax_backward, entmax_forward
 from ..kernels.visibility import positional_visibility
+from .validation import checked_on_groups
 
 
 class AllReduceMerge(LocalReduce):
@@ -63,6 +63,7 @@ class KVShardedAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
+@torch.compiler.disable  # collectives run eagerly; compiled callers graph-break here
 def kv_sharded_adasplash_func(q, k_local, v_local, alpha: float = 1.5, causal: bool = True,
                               softmax_scale: float | None = None, group=None):
     """Entmax attention of replicated queries against keys/values sharded over ``group``.
@@ -77,16 +78,17 @@ def kv_sharded_adasplash_func(q, k_local, v_local, alpha: float = 1.5, causal: b
         full gradient (summed over ranks); k_local and v_local get their own shard's gradients.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    error, scale, description = None, None, {}
-    try:
-        alpha = check_alpha(alpha)
+    checked = {}
+
+    def local_checks():
+        checked["alpha"] = check_alpha(alpha)
         _, _, dim = check_qkv(q, k_local, v_local, backend=backend_for(q))
-        scale = default_scale(softmax_scale, dim)
-        description = {"q": tuple(q.shape), "k": tuple(k_local.shape), "dtype": str(q.dtype), "alpha": alpha,
-                       "causal": bool(causal), "softmax_scale": scale}
-    except (ValueError, TypeError) as exc:
-        error = exc
-    check_same_on_all_ranks(description, group, error)
+        checked["scale"] = default_scale(softmax_scale, dim)
+        return {"q": tuple(q.shape), "k": tuple(k_local.shape), "dtype": str(q.dtype), "alpha": checked["alpha"],
+                "causal": bool(causal), "softmax_scale": checked["scale"]}
+
+    checked_on_groups(local_checks, [group])
+    alpha, scale = checked["alpha"], checked["scale"]
     seqlen_q, local_k = q.shape[1], k_local.shape[1]
     q_pos = torch.arange(seqlen_q, device=q.device)
     k_pos = torch.arange(rank * local_k, (rank + 1) * local_k, device=q.device)

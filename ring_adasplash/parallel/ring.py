@@ -19,12 +19,13 @@ import torch
 import torch.distributed as dist
 
 from .. import telemetry
-from ..checks import check_alpha, check_cu_seqlens, check_qkv, default_scale
-from ..comm import RingComm, check_same_on_all_ranks
+from ..checks import check_cu_seqlens
+from ..comm import RingComm
 from ..kernels import backend_for
 from ..kernels.algorithm import entmax_backward, entmax_forward
 from ..kernels.visibility import NO_LIMIT, Visibility
 from . import layouts
+from .validation import validated_self_attention
 
 
 @dataclass
@@ -187,21 +188,13 @@ class RingAttention(torch.autograd.Function):
 def _validated(q, k, v, alpha, softmax_scale, group, layout: str, causal: bool, varlen: bool = False, extra=None):
     """Local checks, then one collective so that bad or mismatched input raises on every rank."""
     comm = RingComm(group)
-    error, scale, description = None, None, {}
-    try:
-        alpha = check_alpha(alpha)
-        _, _, dim = check_qkv(q, k, v, varlen=varlen, backend=backend_for(q))
-        seq_axis = 0 if varlen else 1
-        if q.shape[seq_axis] != k.shape[seq_axis]:
-            raise ValueError(f"q and k must hold the same tokens (local seqlen {q.shape[seq_axis]} vs "
-                             f"{k.shape[seq_axis]}): ring attention is self-attention over one sequence")
-        scale = default_scale(softmax_scale, dim)
-        description = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "alpha": alpha,
-                       "causal": bool(causal), "layout": layout, "softmax_scale": scale, **(extra or {})}
-        layouts.positions(layout, q.shape[seq_axis] * comm.world_size, comm.rank, comm.world_size)
-    except (ValueError, TypeError) as exc:
-        error = exc
-    check_same_on_all_ranks(description, group, error)
+
+    def layout_checks():
+        seqlen_local = q.shape[0 if varlen else 1]
+        layouts.positions(layout, seqlen_local * comm.world_size, comm.rank, comm.world_size)
+        return {"layout": layout, **(extra or {})}
+
+    alpha, scale = validated_self_attention(q, k, v, alpha, softmax_scale, causal, [group], layout_checks, varlen)
     return comm, alpha, scale
 
 
@@ -225,6 +218,7 @@ def _ring(q, k, v, alpha, causal, softmax_scale, group, layout):
     return RingAttention.apply(q, k, v, alpha, scale, plan)
 
 
+@torch.compiler.disable  # exchanges run eagerly; compiled callers graph-break here
 def ring_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, softmax_scale: float | None = None,
                         group=None):
     """Entmax attention over a sequence sharded contiguously across ``group`` (default: world).
@@ -240,6 +234,7 @@ def ring_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, softma
     return _ring(q, k, v, alpha, causal, softmax_scale, group, "contiguous")
 
 
+@torch.compiler.disable  # exchanges run eagerly; compiled callers graph-break here
 def zigzag_ring_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, softmax_scale: float | None = None,
                                group=None):
     """As :func:`ring_adasplash_func`, with the zigzag layout: the sequence is cut into 2P chunks
@@ -248,6 +243,7 @@ def zigzag_ring_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True,
     return _ring(q, k, v, alpha, causal, softmax_scale, group, "zigzag")
 
 
+@torch.compiler.disable  # exchanges run eagerly; compiled callers graph-break here
 def ring_adasplash_varlen_func(q, k, v, cu_seqlens, alpha: float = 1.5, causal: bool = True,
                                softmax_scale: float | None = None, group=None):
     """Packed documents spread contiguously across the ring.

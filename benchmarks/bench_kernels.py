@@ -1,0 +1,214 @@
+"""Single-GPU kernel benchmark: ring-adasplash vs SDPA (flash) vs AdaSplash 0.2.2.
+
+Example:
+    python benchmarks/bench_kernels.py --seqlens 8192,32768,65536 --head-dims 64,128 \
+        --amps 1.0,1.5,2.0 --impls ours,sdpa,adasplash --modes fwd,fwdbwd
+
+Impls (all causal, alpha = 1.5 for the entmax ones, default scale 1/sqrt(D)):
+    ours       ring_adasplash.adasplash_func, layout (B, S, H, D)
+    sdpa       torch SDPA restricted to the flash backend, (B, H, S, D) views of the same memory
+    adasplash  adasplash.adasplash (its default AdaSplash-2 path), contiguous (B, H, S, D)
+Times are medians of triton.testing.do_bench. TFLOP/s counts nonzero tiles only (see
+common.attention_flops); the block sparsity measured by our kernel is used for both
+entmax impls, 0 for SDPA. "vs sdpa" = t_sdpa / t_impl (> 1 means faster than SDPA).
+"""
+
+import argparse
+import gc
+import itertools
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from inputs import make_qkv  # noqa: E402
+
+# Hook returning the block sparsity (fraction of causal tiles that were all zero)
+# measured by our last forward call; "module:attribute". If it does not exist, the
+# sparsity comes from ring_adasplash.telemetry (common.TELEMETRY) instead.
+SPARSITY_HOOK = "ring_adasplash.kernels:last_block_sparsity"
+ALPHA = common.ALPHA
+
+
+def parse_args(argv=None):
+    """Command line options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqlens", type=common.csv_list(int), default=[8192, 32768, 65536])
+    p.add_argument("--head-dims", type=common.csv_list(int), default=[64, 128])
+    p.add_argument("--amps", type=common.csv_list(float), default=[1.0, 1.5, 2.0])
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=None, help="GQA key/value heads (default: --heads)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(common.DTYPE_NAMES), default="bf16")
+    p.add_argument("--impls", type=common.csv_list(str), default=["ours", "sdpa", "adasplash"])
+    p.add_argument("--modes", type=common.csv_list(str), default=["fwd", "fwdbwd"])
+    p.add_argument("--family", choices=["structured", "sinkwindow"], default="structured")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (wall-clock timer)")
+    p.add_argument("--warmup-ms", type=float, default=100.0)
+    p.add_argument("--rep-ms", type=float, default=500.0)
+    p.add_argument("--out", default="benchmarks/results")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- impls
+def _adasplash(q, k, v):
+    import adasplash
+
+    return adasplash.adasplash(q, k, v, alpha=ALPHA, is_causal=True)
+
+
+def _bshd(x):
+    return x
+
+
+def _bhsd_view(x):
+    return x.transpose(1, 2)
+
+
+def _bhsd_contiguous(x):
+    return x.transpose(1, 2).contiguous()
+
+
+# name -> (attention function, converter from the (B, S, H, D) inputs to its native layout)
+IMPLS = {
+    "ours": (common.ours_attention, _bshd),
+    "sdpa": (common.sdpa_flash, _bhsd_view),
+    "adasplash": (_adasplash, _bhsd_contiguous),
+}
+
+
+def make_step(impl, mode, q, k, v):
+    """One ``mode`` step of ``impl``; layout conversion happens here, outside the timed region."""
+    attn, convert = IMPLS[impl]
+    return common.make_step(attn, mode, [convert(x) for x in (q, k, v)])
+
+
+# ----------------------------------------------------------------------------- timing
+def median_ms(fn, device, warmup_ms, rep_ms):
+    """Median time of ``fn`` in ms: triton's do_bench on CUDA, a wall-clock loop on CPU."""
+    if str(device).startswith("cuda"):
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    estimate = max(common.wall_ms(fn, device), 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    times = sorted(common.wall_ms(fn, device) for _ in range(max(1, int(rep_ms / estimate))))
+    return times[len(times) // 2]
+
+
+def measured_sparsity(step, device):
+    """Block sparsity of our last call from SPARSITY_HOOK; if that is missing, from one
+    extra (untimed) call inside our telemetry recorder; None if neither is available."""
+    hook = common.resolve(SPARSITY_HOOK)
+    try:
+        value = None if hook is None else hook()
+    except Exception:
+        value = None
+    return float(value) if value is not None else common.telemetry_call(step, device)["block_sparsity"]
+
+
+def bench_one(impl, mode, qkv, args):
+    """Time one (impl, mode) on inputs ``qkv``; return the measured fields of a row."""
+    row = {}
+    try:
+        step = make_step(impl, mode, *qkv)
+        if impl == "ours":  # compile + autotune happen on the first call
+            row["first_call_ms"] = common.wall_ms(step, args.device)
+            row["block_sparsity"] = measured_sparsity(step, args.device)
+        row["ms"] = median_ms(step, args.device, args.warmup_ms, args.rep_ms)
+    except Exception as exc:  # missing package, OOM, unsupported shape...
+        row["error"] = common.short_error(exc)
+    finally:
+        step = None
+        gc.collect()
+        if str(args.device).startswith("cuda"):
+            torch.cuda.empty_cache()
+    return row
+
+
+# ----------------------------------------------------------------------------- driver
+def tasks(args):
+    """(seqlen, head_dim, amp, impl, mode) tuples; SDPA does not depend on amp, so it runs once."""
+    out = []
+    for seqlen, head_dim, amp in itertools.product(args.seqlens, args.head_dims, args.amps):
+        for impl, mode in itertools.product(args.impls, args.modes):
+            if impl == "sdpa" and amp != args.amps[0]:
+                continue
+            out.append((seqlen, head_dim, amp, impl, mode))
+    return out
+
+
+def add_derived(rows, args):
+    """Fill TFLOP/s (nonzero work) and the speed ratio against SDPA."""
+    measured = [r for r in rows if r["impl"] == "ours" and r.get("block_sparsity") is not None]
+    sparsity = {(r["seqlen"], r["head_dim"], r["amp"]): r["block_sparsity"]  # fwd value wins
+                for r in sorted(measured, key=lambda r: r["mode"] == "fwd")}
+    sdpa = {(r["seqlen"], r["head_dim"], r["mode"]): r.get("ms") for r in rows if r["impl"] == "sdpa"}
+    for r in rows:
+        if r["impl"] == "sdpa":
+            r["amp"] = "any"
+            s = 0.0
+        else:
+            s = sparsity.get((r["seqlen"], r["head_dim"], r["amp"]))
+            r["block_sparsity"] = s
+        if r.get("ms") and s is not None:
+            flops = common.attention_flops(args.batch, args.heads, r["head_dim"], r["seqlen"], s, r["mode"])
+            r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
+        base = sdpa.get((r["seqlen"], r["head_dim"], r["mode"]))
+        if r.get("ms") and base:
+            r["vs_sdpa"] = base / r["ms"]
+
+
+# Dense Q.K^T passes in one forward: ours runs statistics densely and everything else on the
+# block mask (ring_adasplash/kernels/algorithm.py); AdaSplash-2 runs max, histogram,
+# Halley + mask densely before its sparse output pass; flash attention runs one.
+DENSE_QK_PASSES = {"ours": 1, "adasplash": 4, "sdpa": 1}
+
+COLUMNS = [("impl", "impl"), ("mode", "mode"), ("seqlen", "S"), ("head_dim", "D"), ("amp", "amp"),
+           ("dense_passes", "dense QK passes"),
+           ("ms", "median ms", ".4g"), ("first_call_ms", "first call ms", ".4g"),
+           ("block_sparsity", "block sparsity", ".3f"), ("tflops", "TFLOP/s (nnz)", ".3g"),
+           ("vs_sdpa", "vs sdpa", ".2f"), ("error", "error")]
+
+
+def main(argv=None):
+    """Run all configurations and write the report."""
+    args = parse_args(argv)
+    header = common.print_header(args.device, {
+        "family": args.family, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
+        "kv_heads": args.kv_heads or args.heads, "alpha": ALPHA, "sparsity hook": SPARSITY_HOOK})
+    dtype = common.torch_dtype(args.dtype)
+    rows, cached_key, qkv = [], None, None
+    for seqlen, head_dim, amp, impl, mode in tqdm(tasks(args), desc="kernels", file=sys.stderr):
+        if (seqlen, head_dim, amp) != cached_key:
+            qkv = None
+            qkv = make_qkv(args.family, args.batch, seqlen, args.heads, head_dim, amp, dtype,
+                           args.device, kv_heads=args.kv_heads, seed=args.seed)
+            cached_key = (seqlen, head_dim, amp)
+        row = {"impl": impl, "mode": mode, "seqlen": seqlen, "head_dim": head_dim, "amp": amp}
+        row.update(bench_one(impl, mode, qkv, args))
+        row["dense_passes"] = DENSE_QK_PASSES[impl]
+        rows.append(row)
+        print("row", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    add_derived(rows, args)
+    order = {name: i for i, name in enumerate(args.impls)}
+    rows.sort(key=lambda r: (r["mode"], r["head_dim"], r["seqlen"], str(r["amp"]), order[r["impl"]]))
+
+    def plot(path):
+        common.plot_panels(rows, path, "seqlen", "ms",
+                           panel_of=lambda r: f"{r['mode']}  D={r['head_dim']}",
+                           line_of=lambda r: r["impl"] if r["impl"] == "sdpa" else f"{r['impl']} amp={r['amp']}",
+                           xlabel="sequence length", ylabel="median time (ms)",
+                           title=f"attention kernels ({args.family}, {args.dtype}, H={args.heads})")
+
+    common.write_report(args.out, f"kernels_{common.timestamp()}", header,
+                        common.markdown_table(rows, COLUMNS), rows, plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Shared helpers for the ring-adasplash benchmark scripts.
+
+Only the standard library is imported at module level, so that the analytic
+model (``comm_model.py``) can use these helpers without torch installed.
+"""
+
+import csv
+import datetime
+import importlib
+import importlib.metadata
+import math
+import os
+import shlex
+import sys
+
+ALPHA = 1.5  # entmax alpha used by every benchmark
+TILE = 64  # block-mask tile size (rows and columns) used for the flop counts
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+# ----------------------------------------------------------------------------- CLI parsing
+def csv_list(kind):
+    """Return an argparse ``type`` that parses ``"a,b,c"`` into a list of ``kind``."""
+
+    def parse(text):
+        return [kind(item) for item in text.split(",") if item.strip()]
+
+    return parse
+
+
+def torch_dtype(name):
+    """Map a short dtype name (bf16, fp16, fp32) to the torch dtype."""
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
+
+
+def timestamp():
+    """Timestamp used in output file names, e.g. 20250101-120000."""
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+# ----------------------------------------------------------------------------- environment
+def package_version(name):
+    """Installed version of a distribution, or a short reason why there is none."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        try:
+            module = importlib.import_module(name.replace("-", "_"))
+        except Exception:
+            return "not installed"
+        return getattr(module, "__version__", "importable (no version)")
+
+
+def device_name(device):
+    """Human readable name of the accelerator behind ``device`` (or 'cpu')."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(torch.device(device))
+        return "cuda requested but not available"
+    return "cpu"
+
+
+def header_lines(device, extra=None):
+    """Environment header: date, device, library versions and the command line."""
+    lines = [
+        f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"device: {device_name(device)}",
+        f"python: {sys.version.split()[0]}",
+    ]
+    for pkg in ("torch", "triton", "adasplash", "ring-adasplash"):
+        lines.append(f"{pkg}: {package_version(pkg)}")
+    for key, value in (extra or {}).items():
+        lines.append(f"{key}: {value}")
+    launcher = "torchrun " if "TORCHELASTIC_RUN_ID" in os.environ else f"{sys.executable} "
+    lines.append("command: " + launcher + shlex.join(sys.argv))
+    return lines
+
+
+def print_header(device, extra=None, stream=None):
+    """Print the environment header; return it as markdown bullet text."""
+    lines = header_lines(device, extra)
+    text = "\n".join(f"- {line}" for line in lines)
+    print(text, file=stream or sys.stdout, flush=True)
+    return text
+
+
+def short_error(exc, limit=160):
+    """One-line description of an exception, suitable for a table cell."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {first}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------- flop counts
+def causal_tiles(seqlen, tile=TILE):
+    """Number of TILE x TILE tiles on or below the diagonal of a causal S x S score matrix."""
+    nb = math.ceil(seqlen / tile)
+    return nb * (nb + 1) // 2
+
+
+def attention_flops(batch, heads, head_dim, seqlen, block_sparsity=0.0, mode="fwd"):
+    """Flops of causal attention restricted to nonzero tiles.
+
+    fwd:    4 * B * H * D * nnz_tiles * TILE * TILE  (QK^T and PV, 2 flops per MAC)
+    fwdbwd: 3.5x fwd (the backward recomputes QK^T and does dV, dP, dQ, dK: 5 matmuls)
+    with nnz_tiles = (1 - block_sparsity) * causal_tiles(S), i.e. block_sparsity is the
+    fraction of causal tiles whose probabilities are all zero (0 for dense kernels).
+    """
+    nnz = (1.0 - block_sparsity) * causal_tiles(seqlen)
+    fwd = 4.0 * batch * heads * head_dim * nnz * TILE * TILE
+    return fwd * (3.5 if mode == "fwdbwd" else 1.0)
+
+
+# ----------------------------------------------------------------------------- torch helpers
+def sync(device):
+    """Wait for queued work on ``device`` (no-op on CPU)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def wall_ms(fn, device):
+    """Wall-clock time of one synchronized call of ``fn``, in ms."""
+    import time
+
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def make_step(attn, mode, tensors):
+    """Zero-argument callable running one ``mode`` ('fwd' or 'fwdbwd') step of ``attn``.
+
+    ``tensors`` (q, k, v, already in ``attn``'s layout) are detached into fresh leaves.
+    fwd runs under no_grad; fwdbwd returns the input gradients via autograd.grad (no
+    accumulation into .grad between repetitions).
+    """
+    import torch
+
+    leaves = [x.detach().requires_grad_(mode == "fwdbwd") for x in tensors]
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return attn(*leaves)
+        return step
+    grad_out = torch.randn_like(leaves[0])
+
+    def step():
+        out = attn(*leaves)
+        return torch.autograd.grad(out, leaves, grad_out)
+    return step
+
+
+def ours_attention(q, k, v):
+    """Our single-GPU entry point (causal, alpha = ALPHA); layout (B, S, H, D)."""
+    import ring_adasplash
+
+    return ring_adasplash.adasplash_func(q, k, v, alpha=ALPHA, causal=True)
+
+
+TELEMETRY = "ring_adasplash.telemetry:record"  # context manager yielding our counters
+
+
+def telemetry_call(step, device):
+    """Run ``step`` once inside our telemetry recorder; return a dict of its counters.
+
+    Keys: block_sparsity, bytes_sent, dense_ring_bytes, visible_tiles, nonzero_tiles;
+    None for anything the recorder does not provide (block sparsity is None when no
+    tile was counted).
+    """
+    keys = ("block_sparsity", "bytes_sent", "dense_ring_bytes", "visible_tiles", "nonzero_tiles")
+    record = resolve(TELEMETRY)
+    if record is None:
+        step()
+        return dict.fromkeys(keys)
+    with record() as rec:
+        step()
+        sync(device)
+    out = {key: None if getattr(rec, key, None) is None else float(getattr(rec, key)) for key in keys}
+    if out["visible_tiles"] == 0:
+        out["block_sparsity"] = None
+    return out
+
+
+def sdpa_flash(q, k, v):
+    """Causal torch SDPA restricted to the flash backend; layout (B, H, S, D).
+
+    ``scaled_dot_product_attention`` is looked up at call time so that PyTorch's
+    context-parallel patch (which replaces it) is honoured.
+    """
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+
+
+# ----------------------------------------------------------------------------- output
+def fmt(value, spec=".3g"):
+    """Format a table cell: None/NaN -> '-', floats with ``spec``, anything else str()."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def markdown_table(rows, columns):
+    """Render ``rows`` (list of dicts) as a markdown table.
+
+    ``columns`` is a list of (key, title) or (key, title, format spec) tuples.
+    """
+    cols = [c if len(c) == 3 else (c[0], c[1], ".3g") for c in columns]
+    out = ["| " + " | ".join(title for _, title, _ in cols) + " |"]
+    out.append("|" + "|".join("---" for _ in cols) + "|")
+    for row in rows:
+        out.append("| " + " | ".join(fmt(row.get(key), spec) for key, _, spec in cols) + " |")
+    return "\n".join(out)
+
+
+def write_csv(rows, path):
+    """Write a list of dicts to ``path`` (columns = union of keys, in first-seen order)."""
+    fields = []
+    for row in rows:
+        fields += [key for key in row if key not in fields]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_report(out_dir, stem, header, table, rows, plot_fn=None):
+    """Print ``table`` and write <stem>.md, <stem>.csv and (via ``plot_fn``) <stem>.png.
+
+    Returns the list of written paths.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, stem)
+    print("\n" + table, flush=True)
+    with open(base + ".md", "w") as handle:
+        handle.write(header + "\n\n" + table + "\n")
+    write_csv(rows, base + ".csv")
+    paths = [base + ".md", base + ".csv"]
+    if plot_fn is not None:
+        try:
+            plot_fn(base + ".png")
+            paths.append(base + ".png")
+        except Exception as exc:  # a plot must never lose the measurements
+            print(f"plot failed: {short_error(exc)}", file=sys.stderr)
+    print("wrote " + ", ".join(paths), flush=True)
+    return paths
+
+
+def plot_panels(rows, path, x, y, panel_of, line_of, xlabel, ylabel, title=""):
+    """Log-log line plot: one subplot per ``panel_of(row)``, one line per ``line_of(row)``.
+
+    Rows whose ``y`` is missing or NaN are skipped.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good = [r for r in rows if isinstance(r.get(y), (int, float)) and not math.isnan(r[y])]
+    panels = sorted({panel_of(r) for r in good}, key=str)
+    if not panels:
+        raise ValueError("nothing to plot")
+    ncols = min(2, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.5 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        lines = {}
+        for r in good:
+            if panel_of(r) == panel:
+                lines.setdefault(line_of(r), []).append((r[x], r[y]))
+        for label, pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(str(panel), fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def resolve(dotted):
+    """Return the object named ``"package.module:attr"``, or None if it cannot be imported."""
+    module_name, _, attr = dotted.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split(".") if attr else []:
+            obj = getattr(obj, part)
+        return obj
+    except Exception:  # missing package, missing attribute, or a broken import
+        return None

@@ -1,0 +1,95 @@
+"""Synthetic attention inputs with controllable block sparsity.
+
+All generators return ``q, k, v`` in the public layout (batch, seqlen, heads, head_dim),
+are deterministic given ``seed`` (a private generator on ``device`` is used), and need
+O(seqlen * head_dim) memory besides the outputs themselves.
+
+Families
+--------
+structured: q and k are ``amp * P + noise`` where P is a sinusoidal position code.
+    q_i . k_j / sqrt(D) ~ amp^2 * sum_f cos((i - j) w_f) / sqrt(D): the scores peak on
+    the diagonal and decay with |i - j|, so larger ``amp`` gives sparser entmax
+    attention (mostly near-diagonal tiles survive).
+sinkwindow: unit Gaussian q, k plus (a) a common direction shared by all queries and
+    the first ``n_sinks`` keys (attention sinks) and (b) a slowly varying random
+    component shared by q_i and k_i, so that tokens within about ``window`` positions
+    score high (local window).
+"""
+
+import math
+
+import torch
+
+
+def _generator(device, seed):
+    gen = torch.Generator(device=torch.device(device))
+    gen.manual_seed(seed)
+    return gen
+
+
+def _gaussian(shape, gen, dtype, device):
+    return torch.randn(shape, generator=gen, dtype=dtype, device=device)
+
+
+def sinusoidal_code(seqlen, head_dim, device):
+    """P[i] = (cos(i w_f), sin(i w_f)) for f = 0..D/2-1 with w_f = 4096 ** (-f / (D/2)).
+
+    Shape (seqlen, head_dim), float32. Angles are formed in float64 so that large
+    positions keep their phase.
+    """
+    half = head_dim // 2
+    freqs = 4096.0 ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+    angles = torch.arange(seqlen, dtype=torch.float64, device=device)[:, None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def structured_qkv(batch, seqlen, heads, head_dim, amp, dtype, device, kv_heads=None, seed=0):
+    """q, k = amp * P + N(0, 1) (same P for every head and batch entry); v = N(0, 1)."""
+    kv_heads = kv_heads or heads
+    gen = _generator(device, seed)
+    code = (amp * sinusoidal_code(seqlen, head_dim, device)).to(dtype)[None, :, None, :]
+    q = _gaussian((batch, seqlen, heads, head_dim), gen, dtype, device).add_(code)
+    k = _gaussian((batch, seqlen, kv_heads, head_dim), gen, dtype, device).add_(code)
+    v = _gaussian((batch, seqlen, kv_heads, head_dim), gen, dtype, device)
+    return q, k, v
+
+
+def sink_window_qkv(batch, seqlen, heads, head_dim, amp, dtype, device, kv_heads=None, seed=0,
+                    n_sinks=4, window=256, sink_scale=1.0):
+    """Random q, k, v with attention sinks and a local window.
+
+    * window: anchors A_m ~ N(0, I) every ``window`` tokens, linearly interpolated to
+      W(i) and rescaled to norm sqrt(D); q_i += amp * W(i), k_j += amp * W(j), so nearby
+      tokens get a score bonus of about amp^2 * sqrt(D) that fades over ~``window`` tokens.
+    * sinks: a direction u with norm sqrt(D); every query gets + amp * u and the first
+      ``n_sinks`` keys get + amp * sink_scale * u (a bonus of about
+      sink_scale * amp^2 * sqrt(D) towards the sinks for every query).
+    """
+    kv_heads = kv_heads or heads
+    gen = _generator(device, seed)
+    q = _gaussian((batch, seqlen, heads, head_dim), gen, dtype, device)
+    k = _gaussian((batch, seqlen, kv_heads, head_dim), gen, dtype, device)
+    v = _gaussian((batch, seqlen, kv_heads, head_dim), gen, dtype, device)
+
+    anchors = _gaussian((seqlen // window + 2, head_dim), gen, torch.float32, device)
+    pos = torch.arange(seqlen, device=device, dtype=torch.float32) / window
+    left = pos.floor().long()
+    frac = (pos - left)[:, None]
+    local = (1 - frac) * anchors[left] + frac * anchors[left + 1]
+    local = local * (math.sqrt(head_dim) / local.norm(dim=-1, keepdim=True))
+    local = (amp * local).to(dtype)[None, :, None, :]
+
+    sink = _gaussian((head_dim,), gen, torch.float32, device)
+    sink = sink * (math.sqrt(head_dim) / sink.norm())
+    q.add_(local).add_((amp * sink).to(dtype))
+    k.add_(local)
+    k[:, :n_sinks].add_((amp * sink_scale * sink).to(dtype))
+    return q, k, v
+
+
+FAMILIES = {"structured": structured_qkv, "sinkwindow": sink_window_qkv}
+
+
+def make_qkv(family, *args, **kwargs):
+    """Dispatch to the generator named ``family`` (a key of FAMILIES)."""
+    return FAMILIES[family](*args, **kwargs)

@@ -1,0 +1,69 @@
+"""Synthetic associative recall: a task that only a model reading far back can solve.
+
+The first half of each sequence holds ``pairs`` key-value bigrams ``k v``, each written
+``repeats`` times at random places among filler tokens. The second half holds ``queries``
+questions ``k ?``, scattered among filler: the target at a queried key is its value, and
+the token after it is a placeholder, so an answer is never shown. The answers therefore
+live only in the first half, on average ``seqlen / 2`` tokens back, and nothing nearby
+predicts them. Loss and accuracy count the answers only; chance accuracy is
+``1 / value_tokens``, and copying a random value of the context scores ``1 / pairs``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100  # target of every token that is not an answer
+
+
+@dataclass(frozen=True)
+class RecallTask:
+    """Vocabulary layout: ``[filler | keys | values | placeholder]``."""
+
+    seqlen: int
+    pairs: int
+    repeats: int
+    queries: int
+    filler_tokens: int = 16
+    value_tokens: int = 64
+
+    @classmethod
+    def for_seqlen(cls, seqlen: int) -> "RecallTask":
+        """A quarter of each half carries pairs or queries; the rest is filler."""
+        pairs = max(4, seqlen // 128)
+        return cls(seqlen=seqlen, pairs=pairs, repeats=max(1, seqlen // (16 * pairs)), queries=seqlen // 8)
+
+    @property
+    def key_tokens(self) -> int:
+        return max(64, 2 * self.pairs)  # the keys of one sequence are drawn without replacement
+
+    @property
+    def placeholder(self) -> int:
+        return self.filler_tokens + self.key_tokens + self.value_tokens
+
+    @property
+    def vocab_size(self) -> int:
+        return self.placeholder + 1
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens, targets)``, both ``(batch, seqlen)`` int64; targets are IGNORE off answers."""
+        half = self.seqlen // 2
+        slots = half // 2  # 2-token slots per half; each holds one bigram or filler
+        if self.seqlen % 4 or max(self.pairs * self.repeats, self.queries) > slots:
+            raise ValueError(f"seqlen {self.seqlen} must be a multiple of 4 with room for the pairs and queries")
+        key_base, value_base = self.filler_tokens, self.filler_tokens + self.key_tokens
+
+        tokens = torch.randint(0, self.filler_tokens, (batch, self.seqlen), generator=generator)
+        targets = torch.full((batch, self.seqlen), IGNORE, dtype=torch.long)
+        for b in range(batch):
+            keys = key_base + torch.randperm(self.key_tokens, generator=generator)[: self.pairs]
+            values = value_base + torch.randint(0, self.value_tokens, (self.pairs,), generator=generator)
+            written = 2 * torch.randperm(slots, generator=generator)[: self.pairs * self.repeats]
+            pair = torch.arange(self.pairs * self.repeats) % self.pairs
+            tokens[b, written], tokens[b, written + 1] = keys[pair], values[pair]
+            asked = half + 2 * torch.randperm(slots, generator=generator)[: self.queries]
+            pair = torch.randint(0, self.pairs, (self.queries,), generator=generator)
+            tokens[b, asked], tokens[b, asked + 1] = keys[pair], self.placeholder
+            targets[b, asked] = values[pair]
+        return tokens, targets

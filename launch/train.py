@@ -1,0 +1,223 @@
+"""Train a small sequence-parallel entmax transformer on long-range associative recall.
+
+    torchrun --nproc_per_node 2 launch/train.py                      # CPU (gloo), ~2-3 minutes
+    torchrun --standalone --nproc_per_node 8 launch/train.py --strategy zigzag   # GPUs (NCCL)
+
+Every rank draws the same global batch (same seed) and keeps its shard of the sequence in
+the layout its strategy expects; the attention callable exchanges keys and values between
+ranks. Parameters start identical on every rank (same seed) and stay identical because
+every rank applies the same averaged gradient.
+
+Why the gradient equals the single-device one: the single-device loss is the mean over all
+N answer tokens, L = (1/N) sum_r L_r, where L_r sums the token losses on rank r. Each rank
+back-propagates L_r / N; the distributed attention's backward returns the gradients with
+respect to keys and values to the ranks that own them, so rank r ends up holding the part
+of dL/dtheta that flows through its own tokens' activations. Those parts add up to dL/dtheta,
+hence one SUM all-reduce of the gradients. N is known on every rank, since every rank sees
+the whole batch.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import IGNORE, RecallTask
+from model import Transformer
+
+CPU_DEFAULTS = dict(seqlen=512, d_model=64, layers=2, heads=4, steps=150, lr=3e-3, batch=8, log_every=10)
+GPU_DEFAULTS = dict(seqlen=16384, d_model=512, layers=8, heads=8, steps=2000, lr=1e-3, batch=4, log_every=50)
+
+# Strategy name -> (sequence layout on the ranks, function of ring_adasplash.parallel).
+STRATEGIES = {
+    "ring": ("contiguous", "ring_adasplash_func"),
+    "zigzag": ("zigzag", "zigzag_ring_adasplash_func"),
+    "allgather": ("contiguous", "allgather_adasplash_func"),
+    "ulysses": ("contiguous", "ulysses_adasplash_func"),
+    "usp": ("zigzag", "usp_adasplash_func"),
+}
+
+
+def resolve_strategy(name: str, seqlen: int, kv_heads: int):
+    """``(shard, positions, attend)`` of this rank; the library is imported only here.
+
+    ``shard(x)`` cuts a global (batch, seqlen) tensor to this rank's tokens, ``positions``
+    are their global positions, and ``attend(q, k, v, alpha, group)`` is the attention.
+    """
+    if name not in STRATEGIES:
+        raise SystemExit(f"unknown --strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+    layout, function_name = STRATEGIES[name]
+    try:
+        parallel = importlib.import_module("ring_adasplash.parallel")
+        function = getattr(parallel, function_name)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"--strategy {name} needs ring_adasplash.parallel.{function_name}: {exc}") from exc
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    if name == "usp":
+        # Ulysses over as many ranks as the key/value heads allow, a zigzag ring across those groups.
+        ulysses = math.gcd(world, kv_heads)
+        ulysses_group, ring_group = parallel.build_usp_groups(ulysses, world // ulysses)
+        mesh = parallel.UspMesh.from_groups(ulysses_group, ring_group)
+
+        def attend(q, k, v, alpha, group):
+            return function(q, k, v, alpha=alpha, causal=True, ulysses_group=ulysses_group,
+                            ring_group=ring_group, ring_layout=layout)
+
+        shard = functools.partial(parallel.usp_shard, mesh=mesh, ring_layout=layout)
+        return shard, parallel.usp_positions(seqlen, mesh, layout), attend
+
+    def attend(q, k, v, alpha, group):
+        return function(q, k, v, alpha=alpha, causal=True, group=group)
+
+    shard = functools.partial(parallel.layouts.shard, layout=layout, rank=rank, world_size=world)
+    return shard, parallel.layouts.positions(layout, seqlen, rank, world), attend
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--strategy", default="ring", help=f"one of: {', '.join(STRATEGIES)}")
+    p.add_argument("--seqlen", type=int)
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
+    p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha (> 1; 2 is sparsemax)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int)
+    args = p.parse_args()
+    defaults = GPU_DEFAULTS if torch.cuda.is_available() else CPU_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.kv_heads = args.kv_heads or args.heads
+    return args
+
+
+def all_reduce_gradients(model: torch.nn.Module, group=None) -> None:
+    """Sum gradients over the sequence-parallel group in one flat buffer."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warm-up over 10% of the steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, args.steps // 10)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.steps - warmup)
+    return args.lr * (0.1 + 0.45 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
+
+
+def block_sparsity_recorder():
+    """``telemetry.record()`` of ring_adasplash when it is there, else a no-op context."""
+    try:
+        from ring_adasplash import telemetry
+    except ImportError:
+        return nullcontext()
+    return telemetry.record()
+
+
+def main() -> None:
+    args = parse_args()
+    use_cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    shard, positions, attend = resolve_strategy(args.strategy, args.seqlen, args.kv_heads)
+    positions = positions.to(device)
+    task = RecallTask.for_seqlen(args.seqlen)
+    torch.manual_seed(args.seed)  # same initial parameters on every rank
+    model = Transformer(task.vocab_size, args.d_model, args.layers, args.heads, args.kv_heads,
+                        args.alpha, attend).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    data_rng = torch.Generator().manual_seed(args.seed + 1)  # same global batches on every rank
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
+
+    if rank == 0:
+        params = sum(p.numel() for p in model.parameters())
+        print(f"strategy={args.strategy} world={world} device={device.type} params={params} seqlen={args.seqlen} "
+              f"batch={args.batch} pairs={task.pairs}x{task.repeats} queries={task.queries} "
+              f"chance={1 / task.value_tokens:.3f}", flush=True)
+    progress = tqdm(range(args.steps), disable=rank != 0, dynamic_ncols=True)
+    window = torch.zeros(3, dtype=torch.float64)  # loss sum, correct answers, answers since last log
+    first_loss = final_loss = recall = sparsity = float("nan")
+    tokens_timed, time_timed = 0, 0.0
+    for step in progress:
+        start = time.perf_counter()
+        tokens, targets = task.sample(args.batch, data_rng)
+        answers = int((targets != IGNORE).sum())
+        tokens, targets = shard(tokens).to(device), shard(targets).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+
+        log_step = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+        recorder = block_sparsity_recorder() if log_step else nullcontext()  # counting syncs: log steps only
+        with recorder as telemetry:
+            with autocast:
+                logits = model(tokens, positions)
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                       reduction="sum")
+            optimizer.zero_grad(set_to_none=True)
+            (loss_sum / answers).backward()
+        all_reduce_gradients(model)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+        mask = targets != IGNORE
+        correct = (logits.argmax(-1)[mask] == targets[mask]).sum()
+        stats = torch.stack([loss_sum.detach().double(), correct.double()])
+        dist.all_reduce(stats)
+        loss_total, correct_total = stats.tolist()
+        window += torch.tensor([loss_total, correct_total, answers], dtype=torch.float64)
+        if step == 0:
+            first_loss = loss_total / answers
+        else:  # step 0 pays for warm-up and compilation
+            tokens_timed += args.batch * args.seqlen
+            time_timed += time.perf_counter() - start
+
+        if log_step:
+            final_loss, recall = (window[0] / window[2]).item(), (window[1] / window[2]).item()
+            window.zero_()
+            if telemetry is not None and hasattr(telemetry, "nonzero_tiles"):
+                tiles = torch.tensor([telemetry.nonzero_tiles, telemetry.visible_tiles], dtype=torch.float64,
+                                     device=device)
+                dist.all_reduce(tiles)
+                nonzero, visible = tiles.tolist()
+                sparsity = 1.0 - nonzero / visible if visible else float("nan")
+            tokens_per_s = tokens_timed / time_timed if time_timed else float("nan")
+            progress.set_postfix(loss=f"{final_loss:.3f}", recall=f"{recall:.3f}")
+            if rank == 0:
+                tqdm.write(f"step {step + 1:5d}  loss {final_loss:.4f}  recall {recall:.3f}  "
+                           f"block_sparsity {sparsity:.3f}  tokens/s {tokens_per_s:,.0f}")
+
+    if rank == 0:
+        tokens_per_s = tokens_timed / time_timed if time_timed else float("nan")
+        print(f"summary: strategy={args.strategy} world={world} seqlen={args.seqlen} first_loss={first_loss:.4f} "
+              f"final_loss={final_loss:.4f} recall={recall:.3f} tokens_per_s={tokens_per_s:.0f}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Input checks of sequence-parallel attention that fail on every rank of every group at once.
+
+A rank that raised alone would leave its peers waiting forever in the next exchange. So each rank
+runs its local checks, keeps any error, and then joins one small collective per process group
+(``comm.check_same_on_all_ranks``), carrying an error learnt in one group into the next. With the
+groups of a 2D mesh (Ulysses groups, then ring groups) every rank shares a ring group with a member
+of every Ulysses group, so two rounds reach every rank.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..checks import check_alpha, check_qkv, default_scale
+from ..comm import check_same_on_all_ranks
+from ..kernels import backend_for
+
+
+def checked_on_groups(local_checks: Callable[[], dict], groups: Sequence) -> None:
+    """Run ``local_checks()`` (returns the description every rank must agree on; raises
+    ValueError/TypeError on bad input), then one agreement round per group in ``groups``.
+    Raises on every rank of the union of the groups when any rank failed or ranks disagree.
+
+    Under ``torch.compile`` only the local checks run (at trace time, on every rank): a collective
+    of Python objects cannot be part of a graph.
+    """
+    if torch.compiler.is_compiling():
+        local_checks()
+        return
+    error, description = None, {}
+    try:
+        description = local_checks()
+    except (ValueError, TypeError) as exc:
+        error = exc
+    for group in groups:
+        try:
+            check_same_on_all_ranks(description, group, error)
+        except (ValueError, TypeError) as exc:
+            error = exc
+    if error is not None:
+        raise error
+
+
+def validated_self_attention(q, k, v, alpha, softmax_scale, causal: bool, groups: Sequence,
+                             extra_checks: Callable[[], dict] | None = None, varlen: bool = False) -> tuple[float, float]:
+    """Checks of sharded self-attention inputs q (batch, seqlen_local, heads_q, head_dim) and
+    k, v (batch, seqlen_local, heads_kv, head_dim) (varlen: (total_local, heads, head_dim)) plus
+    the options, agreed over ``groups``.
+
+    ``extra_checks()``: strategy-specific checks (head counts, layouts); returns more description.
+    Returns (alpha, softmax_scale) with the defaults filled in.
+    """
+    result = {}
+
+    def local_checks():
+        result["alpha"] = check_alpha(alpha)
+        _, _, dim = check_qkv(q, k, v, varlen=varlen, backend=backend_for(q))
+        seq_axis = 0 if varlen else 1
+        if q.shape[seq_axis] != k.shape[seq_axis]:
+            raise ValueError(f"q and k must hold the same tokens (local seqlen {q.shape[seq_axis]} vs "
+                             f"{k.shape[seq_axis]}): "
+                             "sequence-parallel attention here is self-attention over one sequence")
+        result["scale"] = default_scale(softmax_scale, dim)
+        description = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "alpha": result["alpha"],
+                       "causal": bool(causal), "softmax_scale": result["scale"]}
+        if extra_checks is not None:
+            description.update(extra_checks())
+        return description
+
+    checked_on_groups(local_checks, groups)
+    return result["alpha"], result["scale"]

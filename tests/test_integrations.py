@@ -1,0 +1,197 @@
+"""Integrations against the float64 reference: DeepSpeed-Ulysses DistributedAttention wrapping
+entmax attention (gloo, 2 ranks), a tiny randomly initialised Llama of Hugging Face transformers
+(one device and sequence-parallel), and torch.compile of entmax attention, Ulysses and USP."""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed_utils import run_distributed
+from test_distributed_attention import TOL, _gather, _global_inputs, _reference, _rel
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed
+# ----------------------------------------------------------------------------------------------
+
+
+def _deepspeed_case(rank, world):
+    import deepspeed.ops
+
+    # DeepSpeed compiles a shared-memory C++ op when its CPU backend starts (about a minute on a
+    # cold cache); the all-to-all used here runs on gloo without it.
+    getattr(deepspeed.ops, "__compatible_ops__", {})["deepspeed_shm_comm"] = False
+    from ring_adasplash.integrations.deepspeed import (BATCH_DIM, deepspeed_adasplash_func,
+                                                       deepspeed_distributed_attention)
+    from ring_adasplash.parallel import layouts
+
+    errors = {}
+    for layout, alpha, causal, seed in (("bshd", 1.5, True, 1), ("sbhd", 1.3, False, 2), ("functional", 2.0, True, 3)):
+        seqlen = 2 * world * 48
+        q, k, v, grad_out = _global_inputs(seqlen, seqlen, 4, 2, 16, seed)
+        local = [layouts.shard(t, "contiguous", rank, world).requires_grad_() for t in (q, k, v)]
+        if layout == "functional":
+            out = deepspeed_adasplash_func(*local, alpha=alpha, causal=causal)
+        else:
+            attention = deepspeed_distributed_attention(alpha=alpha, causal=causal, layout=layout)
+            to_layout = (lambda t: t.transpose(0, 1)) if layout == "sbhd" else (lambda t: t)
+            out = to_layout(attention(*(to_layout(t) for t in local), BATCH_DIM[layout]))
+        grads = torch.autograd.grad(out, local, layouts.shard(grad_out, "contiguous", rank, world))
+        got = [_gather(t, "contiguous", world) for t in (out, *grads)]
+        errors[layout] = [_rel(a, b) for a, b in zip(got, _reference(q, k, v, grad_out, alpha, causal))]
+    return errors
+
+
+@pytest.mark.distributed
+def test_deepspeed_distributed_attention_matches_float64():
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    errors = run_distributed(_deepspeed_case, 2, timeout=300)[0]
+    bad = {name: errs for name, errs in errors.items() if max(errs) >= TOL}
+    assert not bad, f"relative errors (out, dq, dk, dv) above {TOL}: {bad}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face transformers
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """float64 reference in the transformers calling convention: (b, h, s, d) in, (b, s, h, d) out."""
+    from ring_adasplash.reference import entmax_attention_reference
+
+    q, k, v = (x.transpose(1, 2).double() for x in (query, key, value))
+    alpha = getattr(module.config, "entmax_alpha", 1.5)
+    return entmax_attention_reference(q, k, v, alpha, module.is_causal, scaling).to(query.dtype), None
+
+
+def _tiny_llamas(implementations, seed=0):
+    """The same randomly initialised tiny Llama (GQA, alpha 1.3) once per attention implementation."""
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from ring_adasplash.integrations import register_transformers
+
+    register_transformers()
+    AttentionInterface.register("entmax_reference", _reference_attention)
+    AttentionMaskInterface.register("entmax_reference", sdpa_mask)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, entmax_alpha=1.3)
+    torch.manual_seed(seed)
+    first = LlamaForCausalLM(copy.deepcopy(config))
+    models = []
+    for name in implementations:
+        model = LlamaForCausalLM(copy.deepcopy(config))
+        model.load_state_dict(first.state_dict())
+        model.set_attn_implementation(name)
+        models.append(model)
+    return models
+
+
+def _logits_and_grads(model, **inputs):
+    out = model(**inputs)
+    out.logits.mul(inputs.pop("weights")).sum().backward()
+    return out.logits, {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_transformers_llama_matches_reference():
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    ours, reference = _tiny_llamas(["adasplash", "entmax_reference"])
+    ids = torch.randint(0, 97, (2, 80))
+    weights = torch.randn(2, 80, 97)
+    logits, grads = _logits_and_grads(ours, input_ids=ids, weights=weights)
+    ref_logits, ref_grads = _logits_and_grads(reference, input_ids=ids, weights=weights)
+    assert _rel(logits, ref_logits) < TOL
+    assert max(_rel(grads[name], ref_grads[name]) for name in grads) < TOL
+    with pytest.raises(ValueError, match="not plain causal"):
+        ours(input_ids=ids, attention_mask=torch.tensor([[1] * 80, [0] * 5 + [1] * 75]))
+    ours(input_ids=ids, attention_mask=torch.ones(2, 80, dtype=torch.long))  # no padding: fine
+
+
+def _transformers_sequence_parallel(rank, world):
+    from ring_adasplash.integrations.transformers import set_sequence_parallel_group
+    from ring_adasplash.parallel import layouts
+
+    names = {"adasplash_ulysses": "contiguous", "adasplash_zigzag": "zigzag", "adasplash_ring": "contiguous"}
+    single, *parallel = _tiny_llamas(["adasplash", *names])
+    set_sequence_parallel_group(dist.group.WORLD)
+    ids = torch.randint(0, 97, (1, 2 * world * 32))
+    weights = torch.randn(1, ids.shape[1], 97)
+    logits, grads = _logits_and_grads(single, input_ids=ids, weights=weights)
+    errors = {}
+    for (name, layout), model in zip(names.items(), parallel):
+        positions = layouts.positions(layout, ids.shape[1], rank, world)
+        local_logits, local_grads = _logits_and_grads(
+            model, input_ids=ids[:, positions], position_ids=positions[None], weights=weights[:, positions])
+        for g in local_grads.values():  # every rank holds the part of the gradient that flows through its tokens
+            dist.all_reduce(g)
+        errors[name] = [_rel(_gather(local_logits, layout, world), logits),
+                        max(_rel(local_grads[n], grads[n]) for n in grads)]
+    return errors
+
+
+@pytest.mark.distributed
+def test_transformers_sequence_parallel_matches_one_device():
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    errors = run_distributed(_transformers_sequence_parallel, 2, timeout=300)[0]
+    bad = {name: errs for name, errs in errors.items() if max(errs) >= TOL}
+    assert not bad, f"relative errors (logits, parameter gradients) above {TOL}: {bad}"
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+class _TinyAttention(torch.nn.Module):
+    """x (batch, seqlen, 16) -> q, k, v (batch, seqlen, 2, 8) -> attention -> (batch, seqlen, 2, 8)."""
+
+    def __init__(self, attend):
+        super().__init__()
+        self.proj, self.attend = torch.nn.Linear(16, 48), attend
+
+    def forward(self, x):
+        q, k, v = self.proj(x).unflatten(-1, (3, 2, 8)).unbind(2)
+        return self.attend(q, k, v, alpha=1.5, causal=True)
+
+
+def _compiled_vs_eager(module, x, backend, fullgraph=True):
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=fullgraph, backend=backend)
+    results = []
+    for run in (compiled, module):
+        module.zero_grad()
+        out = run(x)
+        out.square().sum().backward()
+        results.append((out.detach(), module.proj.weight.grad.clone()))
+    (out, grad), (ref_out, ref_grad) = results
+    return _rel(out, ref_out), _rel(grad, ref_grad)
+
+
+def test_compile_fullgraph_single_device():
+    from ring_adasplash import adasplash_func
+
+    torch.manual_seed(0)
+    module, x = _TinyAttention(adasplash_func), torch.randn(2, 100, 16)  # q, k, v are strided views
+    assert max(_compiled_vs_eager(module, x, "inductor")) < 1e-6
+
+
+def _compile_ulysses_and_usp(rank, world):
+    from ring_adasplash.parallel import build_usp_groups, ulysses_adasplash_func, usp_adasplash_func
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 16)  # each rank: its own tokens
+    ulysses = _compiled_vs_eager(_TinyAttention(ulysses_adasplash_func), x, "aot_eager")
+    ulysses_group, ring_group = build_usp_groups(1, 2)
+
+    def usp(q, k, v, **kwargs):
+        return usp_adasplash_func(q, k, v, ulysses_group=ulysses_group, ring_group=ring_group, **kwargs)
+
+    return ulysses, _compiled_vs_eager(_TinyAttention(usp), x, "aot_eager", fullgraph=False)
+
+
+@pytest.mark.distributed
+def test_compile_ulysses_fullgraph_and_usp():
+    """Ulysses: the all-to-alls are functional collectives, traced into one graph. USP: the ring
+    exchange is left out of the graph (a graph break), the rest compiles."""
+    for ulysses, usp in run_distributed(_compile_ulysses_and_usp, 2, timeout=300):
+        assert max(ulysses) < 1e-6 and max(usp) < 1e-6, (ulysses, usp)

@@ -1,0 +1,298 @@
+"""Triton backend against the PyTorch spec (``torch_blockwise``) and the float64 reference.
+
+CPU: the kernels run under Triton's interpreter. ``TRITON_INTERPRET`` is read when a kernel is
+decorated, so the ``interpreted`` fixture sets it and re-imports the kernel modules (and re-imports
+them compiled again afterwards, so GPU tests in the same process get real kernels).
+
+Tolerances. On CPU, fp32 inputs multiply in float32 in both backends (the interpreter's tl.dot is a
+float32 numpy matmul; the spec is a float32 torch matmul), so only the summation order differs: z
+agrees to a few ulps. Hence row maxima and moments to ~1e-6 relative, tau to 1e-5, and histogram
+counts exactly except where a logit lies within a few ulps of a bin edge (z (NUM_BINS - 1) an
+integer up to rounding) and the two summation orders round it to different sides: we allow a
+handful of such flips and check that each flipped key really lies at an edge. GPU tests use bf16 and
+fp16 inputs against the float64 reference: 2e-2 relative.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ring_adasplash import adasplash_func, adasplash_varlen_func  # noqa: E402
+from ring_adasplash.kernels import algorithm as A  # noqa: E402
+from ring_adasplash.kernels import stats as S  # noqa: E402
+from ring_adasplash.kernels import torch_blockwise as TB  # noqa: E402
+from ring_adasplash.kernels.visibility import causal_visibility, varlen_visibility  # noqa: E402
+from ring_adasplash.reference import entmax_attention_reference  # noqa: E402
+
+# numpy warns on inf - inf of masked logits inside the interpreter; the kernels select those away
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+KERNEL_MODULES = ("triton_stats", "triton_refine", "triton_output", "triton_backward", "triton_backend")
+
+
+def _reload_kernels():
+    for name in KERNEL_MODULES:
+        module = importlib.import_module(f"ring_adasplash.kernels.{name}")
+        importlib.reload(module)
+    return importlib.import_module("ring_adasplash.kernels.triton_backend")
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """The Triton backend with interpreted kernels, selected for CPU tensors."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        mp.setenv("RING_ADASPLASH_BACKEND", "triton")
+        yield _reload_kernels()
+    _reload_kernels()  # compiled again for whatever runs next
+
+
+def _qkv(batch, seqlen_q, seqlen_k, heads, heads_kv, dim, dtype=torch.float32, device="cpu", amp=1.5, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = amp * torch.randn(batch, seqlen_q, heads, dim, generator=gen)
+    k = amp * torch.randn(batch, seqlen_k, heads_kv, dim, generator=gen)
+    v = torch.randn(batch, seqlen_k, heads_kv, dim, generator=gen)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+
+
+SHAPES = [  # batch, seqlen_q, seqlen_k, heads, heads_kv, dim, causal
+    (1, 64, 64, 2, 2, 16, True),
+    (2, 100, 130, 4, 2, 32, True),
+    (1, 130, 100, 4, 1, 16, False),
+    (2, 130, 64, 2, 1, 32, True),
+]
+
+
+def _edge_distance(z: torch.Tensor) -> torch.Tensor:
+    scaled = z.double() * (S.NUM_BINS - 1)
+    return (scaled - scaled.round()).abs()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_stats_pass_matches_spec(interpreted, shape):
+    batch, sq, sk, h, hkv, d, causal = shape
+    q, k, _ = _qkv(batch, sq, sk, h, hkv, d)
+    vis = causal_visibility(sq, sk, causal, "cpu")
+    scale_z = 0.5 / math.sqrt(d)
+    ref, ref_tiles = TB.stats_pass(q, k, vis, scale_z, TB.BLOCK_M, TB.BLOCK_N)
+    got, got_tiles = interpreted.stats_pass(q, k, vis, scale_z, interpreted.BLOCK_M, interpreted.BLOCK_N)
+    assert got.row_max.shape == ref.row_max.shape and got.hist.shape == ref.hist.shape
+    assert got_tiles.shape == ref_tiles.shape and got_tiles.dtype == torch.float32
+    assert torch.equal(torch.isfinite(got.row_max), torch.isfinite(ref.row_max))
+    finite = torch.isfinite(ref.row_max)
+    torch.testing.assert_close(got.row_max[finite], ref.row_max[finite], rtol=1e-6, atol=1e-6)
+    assert torch.equal(torch.isfinite(got_tiles), torch.isfinite(ref_tiles))
+    torch.testing.assert_close(got_tiles[torch.isfinite(ref_tiles)], ref_tiles[torch.isfinite(ref_tiles)],
+                               rtol=1e-6, atol=1e-6)
+    # Counts: equal up to a few keys at bin edges (see module doc), checked to lie at an edge.
+    flips = (got.hist[..., 0, :] - ref.hist[..., 0, :]).abs().sum().item()
+    rows = (got.hist[..., 0, :] != ref.hist[..., 0, :]).any(-1)
+    assert flips <= 4, flips
+    if flips:
+        qh = q.double().transpose(1, 2)
+        kh = k.double().transpose(1, 2).repeat_interleave(h // hkv, 1)
+        z = scale_z * qh @ kh.transpose(-1, -2)
+        assert (_edge_distance(z[rows]).amin(-1) < 1e-4).all()
+    same = ~rows
+    torch.testing.assert_close(got.hist[same], ref.hist[same], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,alpha", [(SHAPES[1], 1.5), (SHAPES[2], 2.0), (SHAPES[1], 1.3), (SHAPES[2], 1.3)])
+def test_passes_match_spec(interpreted, shape, alpha):
+    """Refinement, output and backward passes on the spec's own statistics, tau and block mask."""
+    batch, sq, sk, h, hkv, d, causal = shape
+    q, k, v = _qkv(batch, sq, sk, h, hkv, d, seed=1)
+    vis = causal_visibility(sq, sk, causal, "cpu")
+    softmax_scale = 1.0 / math.sqrt(d)
+    scale_z = (alpha - 1.0) * softmax_scale
+    bm, bn = TB.BLOCK_M, TB.BLOCK_N
+    st, tile_max = TB.stats_pass(q, k, vis, scale_z, bm, bn)
+    bracket = S.coarse_bracket(st, alpha)
+    active = A.lower_bound_mask(tile_max, bracket.lower, bracket.empty, bm)
+    if S.is_closed_form(alpha):
+        ref, ref_keep = TB.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=bracket.bin_index)
+        got, got_keep = interpreted.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=bracket.bin_index)
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        assert torch.equal(got_keep, ref_keep) and not (ref_keep & ~active).any()
+        assert (got[..., 0, :] != ref[..., 0, :]).sum() <= 2  # edge flips, as above
+        torch.testing.assert_close(got.sum(-1), ref.sum(-1), rtol=1e-4, atol=1e-3)
+        tau = S.fine_tau(st, bracket, ref, alpha)
+    else:
+        ref, ref_keep = TB.refine_pass(q, k, vis, scale_z, bm, bn, active, point=bracket.estimate, alpha=alpha)
+        got, got_keep = interpreted.refine_pass(q, k, vis, scale_z, bm, bn, active, point=bracket.estimate,
+                                                alpha=alpha)
+        assert got.shape == ref.shape and got.dtype == torch.float64 and got_keep is ref_keep is None
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        tau = S.finalize_tau(bracket.estimate, bracket.empty)
+
+    ref_out = TB.output_pass(q, k, v, vis, scale_z, alpha, tau, bm, bn, active)
+    got_out = interpreted.output_pass(q, k, v, vis, scale_z, alpha, tau, bm, bn, active)
+    for name, a, b in zip(("out", "out_u", "u_sum", "support"), got_out[:4], ref_out[:4]):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+    assert got_out[4].dtype == torch.bool and torch.equal(got_out[4], ref_out[4])
+
+    grad_out = torch.randn(batch, sq, h, d)
+    fwd = A.ForwardResult(out=ref_out[0], out_u=ref_out[1], u_sum=ref_out[2], tau=tau, support=ref_out[3])
+    delta = A.row_delta(grad_out, fwd)
+    ref_grads = TB.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, tau, delta, bm, bn, ref_out[4])
+    got_grads = interpreted.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, tau, delta, bm, bn,
+                                          ref_out[4])
+    for name, a, b in zip(("dq", "dk", "dv"), got_grads, ref_grads):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+def test_forward_tau_matches_spec(interpreted, alpha):
+    batch, sq, sk, h, hkv, d, causal = 1, 100, 130, 4, 2, 32, True
+    q, k, v = _qkv(batch, sq, sk, h, hkv, d, seed=2)
+    vis = causal_visibility(sq, sk, causal, "cpu")
+    ref = A.entmax_forward(TB, q, A.SingleBlock(k, v, vis), alpha, 1.0 / math.sqrt(d))
+    got = A.entmax_forward(interpreted, q, A.SingleBlock(k, v, vis), alpha, 1.0 / math.sqrt(d))
+    assert torch.equal(torch.isfinite(got.tau), torch.isfinite(ref.tau))
+    finite = torch.isfinite(ref.tau)
+    assert (got.tau[finite] - ref.tau[finite]).abs().max() <= 1e-5
+    torch.testing.assert_close(got.out, ref.out, rtol=1e-4, atol=1e-4)
+
+
+def _check_against_reference(q, k, v, alpha, causal, tol):
+    qa, ka, va = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = adasplash_func(qa, ka, va, alpha=alpha, causal=causal)
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = entmax_attention_reference(qr, kr, vr, alpha=alpha, causal=causal)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(grad.to(out.dtype))
+    ref.backward(grad)
+    assert out.dtype == q.dtype
+    for name, a, b in (("out", out, ref), ("dq", qa.grad, qr.grad), ("dk", ka.grad, kr.grad), ("dv", va.grad, vr.grad)):
+        err = (a.double() - b).norm() / b.norm().clamp(min=1e-12)
+        assert err < tol, (name, err.item())
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+@pytest.mark.parametrize("causal", [True, False])
+def test_adasplash_func_matches_reference(interpreted, alpha, causal):
+    q, k, v = _qkv(1, 100, 130, 4, 2, 16, seed=3)
+    _check_against_reference(q, k, v, alpha, causal, tol=1e-4)
+
+
+def test_bf16_and_strided_inputs(interpreted):
+    """bf16 operands (rounded as on the GPU, then multiplied in float32) and non-contiguous q, k, v
+    (views into one packed tensor): the kernels take strides, no copies."""
+    packed = torch.randn(1, 130, 3, 4, 32).mul(1.5).to(torch.bfloat16)
+    q, k, v = packed.unbind(2)
+    assert not q.is_contiguous()
+    _check_against_reference(q, k, v, 1.5, True, tol=2e-2)
+
+
+def test_varlen_documents(interpreted):
+    cu = torch.tensor([0, 37, 100, 150], dtype=torch.int32)
+    q, k, v = (t[0] for t in _qkv(1, 150, 150, 2, 1, 16, seed=4))
+    vis = varlen_visibility(cu, cu, True)
+    qr, kr, vr = (t.double()[None] for t in (q, k, v))
+    ref = entmax_attention_reference(qr, kr, vr, alpha=1.5, visibility=vis)[0]
+    out = adasplash_varlen_func(q, k, v, cu, cu, 63, 63, alpha=1.5, causal=True)
+    assert ((out.double() - ref).norm() / ref.norm()) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def _structured(batch, seqlen, heads, heads_kv, dim, dtype, amp=1.5, seed=0):
+    """q, k = amp * sinusoidal position code + noise (sparse, diagonal-heavy attention)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    half = dim // 2
+    freqs = 4096.0 ** (-torch.arange(half, dtype=torch.float64, device="cuda") / half)
+    angles = torch.arange(seqlen, dtype=torch.float64, device="cuda")[:, None] * freqs
+    code = (amp * torch.cat([angles.cos(), angles.sin()], -1)).float()[None, :, None, :]
+    q = torch.randn(batch, seqlen, heads, dim, device="cuda", generator=gen) + code
+    k = torch.randn(batch, seqlen, heads_kv, dim, device="cuda", generator=gen) + code
+    v = torch.randn(batch, seqlen, heads_kv, dim, device="cuda", generator=gen)
+    return [t.to(dtype) for t in (q, k, v)]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+def test_gpu_fwd_bwd_against_reference(dtype, dim, alpha, monkeypatch):
+    monkeypatch.delenv("RING_ADASPLASH_BACKEND", raising=False)
+    q, k, v = _structured(2, 1000, 4, 2, dim, dtype, seed=dim)
+    _ = q.sum().item()
+    qa, ka, va = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = adasplash_func(qa, ka, va, alpha=alpha, causal=True)
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = entmax_attention_reference(qr, kr, vr, alpha=alpha, causal=True)
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    for name, a, b in (("out", out, ref), ("dq", qa.grad, qr.grad), ("dk", ka.grad, kr.grad), ("dv", va.grad, vr.grad)):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 2e-2, (name, _rel(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("seqlen", [4096, 16384])
+def test_gpu_long_forward_rows_against_reference(dtype, dim, seqlen, monkeypatch):
+    """Long sequences: the float64 reference on a subset of query rows (bounded memory)."""
+    monkeypatch.delenv("RING_ADASPLASH_BACKEND", raising=False)
+    q, k, v = _structured(1, seqlen, 4, 2, dim, dtype, seed=seqlen)
+    out = adasplash_func(q, k, v, alpha=1.5, causal=True)
+    rows = torch.cat([torch.arange(0, 64), torch.randint(64, seqlen, (448,), generator=torch.Generator().manual_seed(0))])
+    rows = rows.to("cuda")
+    vis = causal_visibility(seqlen, seqlen, True, "cuda")
+    sub = type(vis)(vis.q_limit[rows], vis.q_doc[rows], vis.k_pos, vis.k_doc)
+    ref = entmax_attention_reference(q[:, rows].double(), k.double(), v.double(), alpha=1.5, visibility=sub)
+    assert torch.isfinite(out).all()
+    assert _rel(out[:, rows], ref) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gpu_long_fwd_bwd_against_spec(dim, monkeypatch):
+    """fwd+bwd at 16K against the PyTorch spec backend run on the same GPU in float64."""
+    q, k, v = _structured(1, 16384, 4, 1, dim, torch.bfloat16, seed=7)
+    grad = torch.randn_like(q)
+    results = []
+    for backend, cast in (("triton", lambda t: t), ("torch", torch.Tensor.double)):
+        monkeypatch.setenv("RING_ADASPLASH_BACKEND", backend)
+        leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
+        out = adasplash_func(*leaves, alpha=1.5, causal=True)
+        out.backward(cast(grad))
+        results.append([out] + [t.grad for t in leaves])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 2e-2, (name, _rel(a, b))
+
+
+@pytest.mark.gpu
+def test_gpu_head_dims_and_strides(monkeypatch):
+    monkeypatch.delenv("RING_ADASPLASH_BACKEND", raising=False)
+    for dim in (16, 32, 256):
+        packed = torch.randn(1, 700, 3, 6, dim, device="cuda").to(torch.bfloat16)
+        q, k, v = packed.unbind(2)  # strided views
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)  # head-major storage
+        qa, ka, va = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = adasplash_func(qa, ka, va, alpha=1.5, causal=False)
+        grad = torch.randn(out.shape, device="cuda", dtype=torch.float64)
+        out.backward(grad.to(out.dtype))
+        qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = entmax_attention_reference(qr, kr, vr, alpha=1.5, causal=False)
+        ref.backward(grad)
+        for name, a, b in (("out", out, ref), ("dq", qa.grad, qr.grad), ("dk", ka.grad, kr.grad),
+                           ("dv", va.grad, vr.grad)):
+            assert _rel(a, b) < 2e-2, (dim, name, _rel(a, b))
