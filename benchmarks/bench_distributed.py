@@ -8,6 +8,7 @@ Strategies, side by side in one run (all causal; entmax ones use alpha = 1.5):
     sdpa1      torch SDPA (flash) on the full sequence, rank 0 only (baseline of torch_cp)
     ring, zigzag, allgather, ulysses
                ring_adasplash.parallel.*_adasplash_func on local shards (see OURS)
+    uspUxR     usp_adasplash_func on a U x R mesh (U * R = P; zigzag ring), e.g. usp2x1, usp1x2
     torch_cp   torch.distributed.tensor.experimental.context_parallel around SDPA (flash),
                its own head-tail load-balanced sharding, KV rotation set by --cp-rotate
 Every rank builds the same global inputs (same seed) and keeps its own shard. Times are
@@ -24,6 +25,7 @@ import functools
 import gc
 import importlib
 import os
+import re
 import statistics
 import sys
 
@@ -45,6 +47,16 @@ OURS = {
 SINGLE = ("onegpu", "sdpa1")  # run on rank 0 only, world_size reported as 1
 BASELINE = {"torch_cp": "sdpa1", **{name: "onegpu" for name in OURS}}
 ALL_IMPLS = list(SINGLE) + list(OURS) + ["torch_cp"]
+USP = re.compile(r"usp(\d+)x(\d+)$")
+
+
+def is_ours(name):
+    """A strategy of this library (telemetry available), not a baseline."""
+    return name in OURS or USP.match(name) is not None
+
+
+def baseline_of(name):
+    return "onegpu" if USP.match(name) else BASELINE.get(name)
 SHARD = "ring_adasplash.parallel.layouts:shard"
 
 
@@ -70,10 +82,11 @@ def parse_args(argv=None):
     p.add_argument("--timeout-min", type=float, default=30.0)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    unknown = set(args.impls) - set(ALL_IMPLS)
+    unknown = {name for name in args.impls if name not in ALL_IMPLS and not USP.match(name)}
     if unknown:
-        p.error(f"unknown impls {sorted(unknown)}; choose from {ALL_IMPLS}")
-    args.impls = [name for name in ALL_IMPLS if name in args.impls]  # baselines first
+        p.error(f"unknown impls {sorted(unknown)}; choose from {ALL_IMPLS} or uspUxR (e.g. usp2x1)")
+    # baselines first, then the named strategies in the order given
+    args.impls = [name for name in SINGLE if name in args.impls] + [n for n in args.impls if n not in SINGLE]
     return args
 
 
@@ -138,6 +151,9 @@ def prepare(name, args, seqlen, rank, world, device, stack):
         return common.sdpa_flash, [x.transpose(1, 2) for x in global_inputs(args, seqlen, device)]
     if name == "torch_cp":
         return common.sdpa_flash, torch_cp_inputs(args, seqlen, device, world, stack)
+    usp = USP.match(name)
+    if usp:
+        return usp_prepare(int(usp[1]), int(usp[2]), args, seqlen, world, device)
     func_name, layout = OURS[name]
     func = getattr(importlib.import_module("ring_adasplash.parallel"), func_name)
     shard = common.resolve(SHARD)
@@ -145,6 +161,28 @@ def prepare(name, args, seqlen, rank, world, device, stack):
         raise ImportError(f"{SHARD} is not available")
     local = [shard(x, layout, rank, world, dim=1).clone() for x in global_inputs(args, seqlen, device)]
     return functools.partial(func, alpha=common.ALPHA, causal=True), local
+
+
+@functools.lru_cache(maxsize=None)
+def _usp_groups(ulysses_degree, ring_degree):
+    """Process groups of a U x R mesh, built once (every rank creates every group)."""
+    from ring_adasplash.parallel import build_usp_groups
+
+    return build_usp_groups(ulysses_degree, ring_degree)
+
+
+def usp_prepare(ulysses_degree, ring_degree, args, seqlen, world, device):
+    """Attention and local inputs of the 2D strategy on a U x R mesh with a zigzag ring."""
+    from ring_adasplash.parallel import UspMesh, usp_adasplash_func, usp_shard
+
+    if ulysses_degree * ring_degree != world:
+        raise ValueError(f"usp{ulysses_degree}x{ring_degree} needs {ulysses_degree * ring_degree} ranks, "
+                         f"not {world}")
+    ulysses_group, ring_group = _usp_groups(ulysses_degree, ring_degree)
+    mesh = UspMesh.from_groups(ulysses_group, ring_group)
+    local = [usp_shard(x, mesh, "zigzag").clone() for x in global_inputs(args, seqlen, device)]
+    return functools.partial(usp_adasplash_func, alpha=common.ALPHA, causal=True, ulysses_group=ulysses_group,
+                             ring_group=ring_group, ring_layout="zigzag"), local
 
 
 @functools.lru_cache(maxsize=None)
@@ -215,7 +253,7 @@ def measure(name, args, seqlen, rank, world, device):
             for mode in args.modes:
                 step = common.make_step(attn, mode, tensors)
                 res[f"{mode}_ms"] = median_ms(step, args, device, collective)
-                if name in OURS or name == "onegpu":
+                if is_ours(name) or name == "onegpu":
                     suffix = "" if mode == "fwd" else f"_{mode}"
                     counters = common.telemetry_call(step, device)
                     res.update({f"{key}{suffix}": value for key, value in counters.items()})
@@ -267,7 +305,7 @@ def add_derived(rows, args):
     """Efficiency against the one-GPU baseline and bytes relative to a dense ring."""
     base = {(r["strategy"], r["seqlen"]): r for r in rows if r["strategy"] in SINGLE}
     for r in rows:
-        ref = base.get((BASELINE.get(r["strategy"]), r["seqlen"]))
+        ref = base.get((baseline_of(r["strategy"]), r["seqlen"]))
         for mode in args.modes:
             t1, tp = (ref or {}).get(f"{mode}_ms"), r.get(f"{mode}_ms")
             if t1 and tp:
@@ -284,6 +322,8 @@ COLUMNS = [("strategy", "strategy"), ("seqlen", "S"), ("world_size", "P"),
            ("eff_fwd", "eff fwd", ".2f"), ("eff_fwdbwd", "eff fwd+bwd", ".2f"),
            ("block_sparsity", "block sparsity", ".3f"), ("mb_sent", "MiB sent/rank (fwd)", ".4g"),
            ("dense_ring_mb", "dense ring MiB", ".4g"), ("sent_vs_dense", "sent/dense", ".3f"),
+           ("output_sent_vs_dense", "output pass sent/dense", ".3f"),
+           ("remote_block_sparsity", "remote block sparsity", ".3f"),
            ("peak_mem_gib", "peak GiB", ".3g"), ("error", "error")]
 
 
@@ -310,6 +350,10 @@ def main(argv=None):
         row.update(heads=args.heads, head_dim=args.head_dim, batch=args.batch, amp=args.amp,
                    family=args.family, dtype=args.dtype)
         rows.append(row)
+        if rank == 0:  # each row as soon as it is measured, so a cut-off run still reports
+            print({key: (round(value, 4) if isinstance(value, float) else value) for key, value in row.items()
+                   if key.endswith(("_ms", "sparsity", "gib")) or key in ("strategy", "seqlen", "error")},
+                  flush=True)
         barrier(device)
     if rank == 0:
         add_derived(rows, args)

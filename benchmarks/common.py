@@ -186,6 +186,10 @@ def telemetry_call(step, device):
     out = {key: None if getattr(rec, key, None) is None else float(getattr(rec, key)) for key in keys}
     if out["visible_tiles"] == 0:
         out["block_sparsity"] = None
+    sent, dense = getattr(rec, "bytes_by_pass", {}).get("output", (0, 0))
+    out["output_sent_vs_dense"] = sent / dense if dense else None
+    remote = getattr(rec, "remote_visible_tiles", 0)
+    out["remote_block_sparsity"] = rec.remote_block_sparsity if remote else None
     return out
 
 

@@ -22,6 +22,8 @@ class Telemetry:
 
     visible_tiles: int = 0  # (query tile, key tile) pairs with any visible pair, all heads
     nonzero_tiles: int = 0  # of those, tiles holding any p > 0
+    remote_visible_tiles: int = 0  # visible tiles whose keys live on another rank (rings)
+    remote_nonzero_tiles: int = 0  # of those, tiles holding any p > 0
     support_sum: float = 0.0  # sum over rows of the number of keys with p > 0
     rows: int = 0  # query rows counted (rows with a visible key)
     bytes_sent: int = 0  # bytes this rank sent in ring exchanges of K/V (and dK/dV)
@@ -34,6 +36,11 @@ class Telemetry:
     def block_sparsity(self) -> float:
         """Fraction of visible tiles that are all zero."""
         return 1.0 - self.nonzero_tiles / self.visible_tiles if self.visible_tiles else 0.0
+
+    @property
+    def remote_block_sparsity(self) -> float:
+        """Fraction of visible tiles against other ranks' key blocks that are all zero (rings)."""
+        return 1.0 - self.remote_nonzero_tiles / self.remote_visible_tiles if self.remote_visible_tiles else 0.0
 
     @property
     def mean_support(self) -> float:
@@ -76,14 +83,17 @@ def add_bytes(pass_name: str, sent: int, dense: int) -> None:
         entry[1] += dense
 
 
-def log_forward(fwd, strategy: str) -> None:
-    """Add one forward's sparsity and support counts (``fwd``: an ``algorithm.ForwardResult``)."""
+def log_forward(fwd, strategy: str, local_block: int | None = None) -> None:
+    """Add one forward's sparsity and support counts (``fwd``: an ``algorithm.ForwardResult``);
+    key blocks other than ``local_block`` count as remote."""
     if not _recorders:
         return
-    visible = sum(int(vis.sum()) * nz.shape[0] * nz.shape[1] for vis, nz in zip(fwd.visible, fwd.nonzero))
-    nonzero = sum(int((nz & vis).sum()) for vis, nz in zip(fwd.visible, fwd.nonzero))
+    visible = [int(vis.sum()) * nz.shape[0] * nz.shape[1] for vis, nz in zip(fwd.visible, fwd.nonzero)]
+    nonzero = [int((nz & vis).sum()) for vis, nz in zip(fwd.visible, fwd.nonzero)]
+    remote = [i for i in range(len(visible)) if local_block is not None and i != local_block]
     has_keys = torch.isfinite(fwd.tau)
-    add(visible_tiles=visible, nonzero_tiles=nonzero, support_sum=float(fwd.support[has_keys].sum()),
-        rows=int(has_keys.sum()), calls=1)
+    add(visible_tiles=sum(visible), nonzero_tiles=sum(nonzero), support_sum=float(fwd.support[has_keys].sum()),
+        rows=int(has_keys.sum()), calls=1, remote_visible_tiles=sum(visible[i] for i in remote),
+        remote_nonzero_tiles=sum(nonzero[i] for i in remote))
     for t in _recorders:
         t.events.append(strategy)

@@ -4,15 +4,19 @@ A query block meets its keys as one or more *key blocks* (the whole sequence on 
 shard per ring step in a ring). ``KeyBlocks`` hides how blocks arrive; this module says what is
 computed on each and how the pieces combine:
 
-    forward  1. statistics pass on every block (dense Q.K^T: the only dense pass); merge
-             2. bracket tau; block mask = tiles whose max logit exceeds a lower bound of tau
-             3. refinement pass on active tiles (sparse): fine histogram (alpha 1.5, 2) or
+    forward  1. max pass on every block (dense Q.K^T: the only dense pass): row max, tile maxima
+             2. histogram pass (sparse): coarse histogram against the row max over all blocks,
+                on the tiles that reach within one of some row's max; histograms add exactly
+             3. bracket tau; block mask = tiles whose max logit exceeds a lower bound of tau
+             4. refinement pass on active tiles (sparse): fine histogram (alpha 1.5, 2) or
                 NEWTON_STEPS Newton passes (other alpha); exact tau. For alpha 1.5 and 2 it also
                 tightens the mask per row (keys within a bin of the bin holding tau)
-             4. output pass on active tiles (sparse): sum p v, sum u v, sum u; exact zero tiles found
+             5. output pass on active tiles (sparse): sum p v, sum u v, sum u; exact zero tiles found
     backward one pass on nonzero tiles: dq here, dk and dv of each block handed back to the block
 
 Total: one dense Q.K^T pass in the forward (AdaSplash-2 runs four), every other pass sparse.
+Taking the histogram after the global row max is known, rather than per block against each
+block's own max, keeps it sparse in a ring too: a far block's own max says nothing about tau.
 No autograd and no communication here: callers bring both.
 """
 from __future__ import annotations
@@ -29,12 +33,13 @@ from .visibility import Visibility
 class KeyBlocks(Protocol):
     """How a query block meets its key blocks. ``fn(index, k, v, vis)`` runs on every block that
     ``needed`` (a list of per-block bool vectors over key tiles, or None for all) says is needed;
-    ``v`` is None unless ``with_values``. Every rank of a distributed implementation calls ``visit``
-    the same number of times in the same order."""
+    ``v`` is None unless ``with_values``; ``pass_name`` labels the pass in telemetry. ``fn`` runs on
+    every block, in the same order on every rank; key tiles that no rank needs may arrive as
+    zeros, so ``fn`` reads only the tiles its masks name."""
 
     num_blocks: int
 
-    def visit(self, fn: Callable, with_values: bool, needed=None) -> None: ...
+    def visit(self, fn: Callable, with_values: bool, needed=None, pass_name: str | None = None) -> None: ...
 
     def visit_backward(self, fn: Callable, needed) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -78,8 +83,11 @@ class LocalReduce:
     these with all-reduces; each is called the same number of times on every rank.
     """
 
-    def stats(self, st: S.RowStats) -> S.RowStats:
-        return st
+    def row_max(self, row_max: torch.Tensor) -> torch.Tensor:
+        return row_max
+
+    def histogram(self, hist: torch.Tensor) -> torch.Tensor:
+        return hist
 
     def sums(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -96,19 +104,35 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
     """Exact alpha-entmax attention of ``q`` (B, Sq, Hq, D) against all key blocks."""
     scale_z = (alpha - 1.0) * softmax_scale
     bm, bn = backend.BLOCK_M, backend.BLOCK_N
-    merged: list = [None]
+    row_max: list = [None]
     tile_max: list = [None] * blocks.num_blocks
     visible: list = [None] * blocks.num_blocks
 
-    def statistics(index, k, _, vis):
-        st, tile_max[index] = backend.stats_pass(q, k, vis, scale_z, bm, bn)
+    def maxima(index, k, _, vis):
+        block_max, tile_max[index] = backend.max_pass(q, k, vis, scale_z, bm, bn)
         visible[index] = torch.isfinite(tile_max[index]).flatten(0, -3).any(0)
-        merged[0] = st if merged[0] is None else S.merge(merged[0], st)
+        row_max[0] = block_max if row_max[0] is None else torch.maximum(row_max[0], block_max)
 
-    blocks.visit(statistics, with_values=False)
-    row_stats = reduce.stats(merged[0])
+    blocks.visit(maxima, with_values=False)
+    row_max = reduce.row_max(row_max[0])
+    # tiles outside the histogram mask hold p = 0, and a ring may not even send their keys
+    histogram_tiles = [S.histogram_mask(t, row_max, bm) for t in tile_max]
+    tile_max = [torch.where(m | torch.isinf(t), t, torch.full_like(t, S.ZERO_TILE))
+                for m, t in zip(histogram_tiles, tile_max)]
+    hist: list = [None]
+
+    def histogram(index, k, _, vis):
+        part, tile_max[index] = backend.histogram_pass(q, k, vis, scale_z, bm, bn, row_max, tile_max[index],
+                                                       histogram_tiles[index])
+        hist[0] = part if hist[0] is None else hist[0] + part
+
+    blocks.visit(histogram, with_values=False, needed=[tiles_needed(m) for m in histogram_tiles],
+                 pass_name="histogram")
+    row_stats = S.RowStats(row_max, reduce.histogram(hist[0]))
+    del histogram_tiles
     bracket = S.coarse_bracket(row_stats, alpha)
     active = [lower_bound_mask(t, bracket.lower, bracket.empty, bm) for t in tile_max]
+    del tile_max  # float32 per tile: the bool masks are all the later passes need
     needed = [tiles_needed(a) for a in active]
 
     def summed(**kwargs):
@@ -176,7 +200,7 @@ class SingleBlock:
     def __init__(self, k: torch.Tensor, v: torch.Tensor, vis: Visibility):
         self.k, self.v, self.vis = k, v, vis
 
-    def visit(self, fn, with_values: bool, needed=None) -> None:
+    def visit(self, fn, with_values: bool, needed=None, pass_name=None) -> None:
         fn(0, self.k, self.v if with_values else None, self.vis)
 
     def visit_backward(self, fn, needed):

@@ -31,6 +31,9 @@ NUM_BINS = 16  # coarse bins, width 1 / 15 in z
 FINE_BINS = 32  # sub-bins of the bin holding tau: final bracket 1 / 480 wide
 NEWTON_STEPS = 3  # exact refinement passes for alpha other than 1.5 and 2
 MASK_MARGIN = 1e-4  # slack (in z) when comparing a tile max with a lower bound of tau
+# tile_max of a tile that has visible pairs but provably no p > 0 (see ``histogram_mask``): finite,
+# so the tile still counts as visible, and below any lower bound of tau, so no block mask keeps it
+ZERO_TILE = torch.finfo(torch.float32).min
 
 
 def is_closed_form(alpha: float) -> bool:
@@ -80,6 +83,23 @@ def merge(a: RowStats, b: RowStats) -> RowStats:
     hist_a = shift_bins(a.hist, (ref - bin_reference(a.row_max)).clamp(0, NUM_BINS))
     hist_b = shift_bins(b.hist, (ref - bin_reference(b.row_max)).clamp(0, NUM_BINS))
     return RowStats(row_max, hist_a + hist_b)
+
+
+def histogram_mask(tile_max: torch.Tensor, row_max: torch.Tensor, block_m: int) -> torch.Tensor:
+    """(B, H, nQ, nK) bool: tiles that may hold a key in some row's kept bins, local bin
+    ``K - floor(z (NB - 1)) < NB`` with ``K = bin_reference(row_max)``: ``floor(tile max (NB - 1))``
+    reaches the lowest kept bin of some row of the query tile. Every key of any other tile has
+    ``z < row max - 1 <= tau`` (no p exceeds 1), so p = 0 there. ``row_max`` (B, H, Sq) is the max
+    over all key blocks, ``tile_max`` (B, H, nQ, nK) one block's tile maxima (float32 arithmetic,
+    as in the kernels)."""
+    nb = NUM_BINS
+    ref = bin_reference(row_max)
+    lowest = torch.where(torch.isfinite(row_max), ref, torch.full_like(ref, float("inf")))
+    pad = (-lowest.shape[-1]) % block_m
+    if pad:
+        lowest = torch.nn.functional.pad(lowest, (0, pad), value=float("inf"))
+    lowest = lowest.view(*lowest.shape[:-1], -1, block_m).amin(-1, keepdim=True)
+    return torch.floor(tile_max * (nb - 1)) >= lowest - (nb - 1)
 
 
 def align_to(stats: RowStats, row_max: torch.Tensor) -> torch.Tensor:

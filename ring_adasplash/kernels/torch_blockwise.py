@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import stats as S
+from .stats import ZERO_TILE
 from .visibility import Visibility
 
 BLOCK_M = 64  # query rows per tile of the block mask
@@ -69,35 +70,55 @@ class _KeyTiles:
         return tiles.amax(-1) if reduce == "max" else tiles.any(-1)
 
 
-def stats_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
-    """Row max and coarse histogram of q against this key block, plus per-tile logit maxima.
-
-    Returns ``(RowStats, tile_max)``, ``tile_max`` (B, Hq, nQ, nK) float32 (-inf: no visible pair).
-    The histogram is kept against the running row max and shifted when that grows, as the
-    kernel does: one pass over the keys.
-    """
+def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
+    """The dense pass: row max (B, Hq, Sq) and tile maxima (B, Hq, nQ, nK) of q against this key
+    block, both float32, -inf where there is no visible pair."""
     tiles = _KeyTiles(q, k, vis, scale_z, block_m, block_n)
     batch, heads, seqlen = tiles.batch, tiles.heads, tiles.seqlen_q
-    st = S.RowStats.empty(batch, heads, seqlen, q.device)
+    row_max = torch.full((batch, heads, seqlen), float("-inf"), device=q.device)
     tile_max = torch.full((batch, heads, -(-seqlen // block_m), tiles.num_tiles), float("-inf"), device=q.device)
-    nb = S.NUM_BINS
     for index, _, z in tiles:
-        z = z.float()
-        row_tile_max = z.amax(-1)
+        row_tile_max = z.float().amax(-1)
         tile_max[..., index] = tiles.per_query_tile(row_tile_max, "max")
-        new_max = torch.maximum(st.row_max, row_tile_max)
-        ref = S.bin_reference(new_max)
-        hist = S.shift_bins(st.hist, (ref - S.bin_reference(st.row_max)).clamp(0, nb))
-        scaled = z * (nb - 1)
+        row_max = torch.maximum(row_max, row_tile_max)
+    return row_max, tile_max
+
+
+def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max, tile_max, active):
+    """Coarse histogram of this key block against the reference ``K = bin_reference(row_max)``.
+
+    ``row_max`` (B, Hq, Sq) is the max over every key block (so histograms of all blocks share one
+    reference and add exactly); ``active`` = ``stats.histogram_mask(tile_max, row_max, block_m)``:
+    only those tiles are read. Returns ``hist`` (B, Hq, Sq, 3, NB): count, sum u, sum u^2 of the
+    keys in local bin ``K - floor(z (NB - 1)) < NB``, and ``tile_max`` with ``ZERO_TILE`` on the
+    visible tiles where no row has a key in its own kept bins (all of them outside ``active``).
+    """
+    nb = S.NUM_BINS
+    tiles = _KeyTiles(q, k, vis, scale_z, block_m, block_n, active)
+    batch, heads, seqlen = tiles.batch, tiles.heads, tiles.seqlen_q
+    hist = torch.zeros(batch, heads, seqlen, 3, nb, device=q.device)
+    near = torch.zeros_like(active)
+    ref = S.bin_reference(row_max)
+    for index, _, z in tiles:
+        scaled = z.float() * (nb - 1)
         idx = torch.floor(scaled)
-        local = ref[..., None] - idx
+        local = (ref[..., None] - idx).clamp(min=0)  # a logit equal to its row max is in bin 0
         keep = torch.isfinite(z) & (local < nb)
-        u = torch.where(keep, scaled - idx, torch.zeros_like(z))
-        where = local.clamp(0, nb - 1).to(torch.int64)
+        near[..., index] = tiles.per_query_tile(keep.any(-1), "any")
+        u = torch.where(keep, scaled - idx, torch.zeros_like(scaled))
+        where = local.clamp(max=nb - 1).to(torch.int64)
         for moment, value in enumerate((keep.float(), u, u * u)):
             hist[..., moment, :].scatter_add_(-1, where, value)
-        st = S.RowStats(new_max, hist)
-    return st, tile_max
+    return hist, torch.where(near | torch.isinf(tile_max), tile_max, torch.full_like(tile_max, ZERO_TILE))
+
+
+def stats_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
+    """Statistics of q against one key block alone: ``(RowStats, tile_max)`` (see ``max_pass``
+    and ``histogram_pass``)."""
+    row_max, tile_max = max_pass(q, k, vis, scale_z, block_m, block_n)
+    active = S.histogram_mask(tile_max, row_max, block_m)
+    hist, tile_max = histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_max, active)
+    return S.RowStats(row_max, hist), tile_max
 
 
 def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, active, *,

@@ -28,6 +28,7 @@ NAME = "triton"
 BLOCK_M = 64  # query rows per tile, in every kernel and in the block mask
 BLOCK_N = 64  # keys per tile
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+COARSE_ATOMIC = True  # coarse histogram by per-key atomics (else one register row sum per bin)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -115,46 +116,54 @@ def _key_tile_ranges(vis: Visibility, device):
     return [t.to(torch.int32).contiguous() for t in (lo, hi, full_lo, full_hi)]
 
 
-def stats_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
-    """Row max, coarse histogram and tile maxima; see ``torch_blockwise.stats_pass``.
-
-    A dense sweep (``stats_kernel``) finds row and tile maxima; the histogram kernel then visits
-    only the tiles whose max reaches the lowest kept bin of some row of their query tile.
-    """
+def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
+    """Row max and tile maxima (the dense sweep, ``stats_kernel``); see ``torch_blockwise.max_pass``."""
     if q.dtype == torch.float64:
-        return torch_blockwise.stats_pass(q, k, vis, scale_z, block_m, block_n)
+        return torch_blockwise.max_pass(q, k, vis, scale_z, block_m, block_n)
     _check(q, k, block_m, block_n)
-    flags = _flags(q)
     batch, seqlen_q, heads, dim = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(seqlen_k, BLOCK_N)
-    ranges = _key_tile_ranges(vis, q.device)
+    heads_kv = k.shape[2]
+    num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(k.shape[1], BLOCK_N)
     row_max = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
     tile_max = torch.full((batch, heads, num_q_tiles, num_k_tiles), float("-inf"), device=q.device)
-    common = dict(GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **flags)
     triton_stats.stats_kernel[(num_q_tiles, batch * heads)](
-        q, k, *_vis_args(vis, q.device), *ranges, row_max, tile_max,
+        q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device), row_max, tile_max,
         *q.stride(), *k.stride(),
-        seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z),
-        **common, **_config(dim, "stats"),
+        seqlen_q, k.shape[1], heads, num_k_tiles, float(scale_z),
+        GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_flags(q),
+        **_config(dim, "stats"),
     )
-    # Histogram: keys with local bin K - floor(z (NB - 1)) < NB. A tile holds one only if
-    # floor(tile max (NB - 1)) >= K - NB + 1 for some row, the same float32 arithmetic as the kernel.
-    nb = S.NUM_BINS
-    ref = S.bin_reference(row_max)
-    lowest = torch.where(torch.isfinite(row_max), ref, torch.full_like(ref, float("inf")))
-    pad = num_q_tiles * BLOCK_M - seqlen_q
-    lowest = torch.nn.functional.pad(lowest, (0, pad), value=float("inf")).view(batch, heads, num_q_tiles, BLOCK_M)
-    lowest = lowest.amin(-1, keepdim=True)
-    needed = torch.floor(tile_max * (nb - 1)) >= lowest - (nb - 1)
-    counts, index = _tile_lists(needed)
-    hist = torch.zeros(batch, heads, seqlen_q, 3, nb, device=q.device, dtype=torch.float32)
+    return row_max, tile_max
+
+
+def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max, tile_max, active):
+    """Coarse histogram over the ``active`` tiles (``refine_kernel``, coarse mode), which also
+    marks the tiles where some row has a key in its own kept bins; every other visible tile gets
+    ``ZERO_TILE``. See ``torch_blockwise.histogram_pass``."""
+    if q.dtype == torch.float64:
+        return torch_blockwise.histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_max, active)
+    _check(q, k, block_m, block_n)
+    batch, seqlen_q, heads, dim = q.shape
+    heads_kv = k.shape[2]
+    num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(k.shape[1], BLOCK_N)
+    counts, index = _tile_lists(active)
+    hist = torch.zeros(batch, heads, seqlen_q, 3, S.NUM_BINS, device=q.device, dtype=torch.float32)
+    near = torch.zeros(tile_max.shape, device=q.device, dtype=torch.int8)
     triton_refine.refine_kernel[(num_q_tiles, batch * heads)](
-        q, k, *_vis_args(vis, q.device), counts, index, ref.contiguous(), hist, hist,
+        q, k, *_vis_args(vis, q.device), counts, index, S.bin_reference(row_max).contiguous(), hist, near,
         *q.stride(), *k.stride(),
-        seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), 0.0,
-        NUM_BINS=nb, FINE_BINS=S.FINE_BINS, MODE=0, **common, **_config(dim, "refine"),
+        seqlen_q, k.shape[1], heads, num_k_tiles, float(scale_z), 0.0,
+        GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_BINS=S.NUM_BINS,
+        FINE_BINS=S.FINE_BINS, MODE=0, COARSE_ATOMIC=COARSE_ATOMIC, **_flags(q), **_config(dim, "refine"),
     )
+    return hist, torch.where((near != 0) | torch.isinf(tile_max), tile_max, torch.full_like(tile_max, S.ZERO_TILE))
+
+
+def stats_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
+    """Statistics of q against one key block alone; see ``torch_blockwise.stats_pass``."""
+    row_max, tile_max = max_pass(q, k, vis, scale_z, block_m, block_n)
+    active = S.histogram_mask(tile_max, row_max, block_m)
+    hist, tile_max = histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_max, active)
     return S.RowStats(row_max, hist), tile_max
 
 

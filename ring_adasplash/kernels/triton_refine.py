@@ -11,12 +11,15 @@ One program per (query tile, batch x query head); it visits only the key tiles l
             ``Keep[tile]``: the tile has a key no more than one bin below that bin
     NEWTON  sum (z - t)_+^gamma and sum (z - t)_+^(gamma - 1) at t = ``Target`` (``refine_pass``)
 
-The coarse histogram is kept in registers, one masked row sum per bin present in the tile, and
-stored at the end. The fine histogram is added into ``Out`` (zeroed by the launcher) one key at a
+The coarse histogram is added into ``Out`` key by key with atomics (``COARSE_ATOMIC``, the
+default) or kept in registers, one masked row sum per bin present in the tile, and stored at the
+end. The coarse pass also writes ``Keep[tile]``: whether some row has a key in its own kept bins;
+tiles without one hold only keys with z < row max - 1 <= tau. The fine histogram is added into ``Out`` (zeroed by the launcher) one key at a
 time: few keys per row land in the bin of tau, and each row belongs to one program, so the atomics
 never contend across programs (their order only changes float rounding of the moments). On an
-H100 (16K and 32K keys, D 64 and 128) atomics and registers cost the same for the coarse
-histogram; the register form is deterministic. For the fine histogram (32 sub-bins, few keys)
+H200 (32K keys, D 64, bf16, causal) the atomic coarse histogram took 95 ms against 119 ms for the
+register form on dense-ish inputs and 45 against 43 ms at 83% block sparsity (whole forward); the
+register form is deterministic. For the fine histogram (32 sub-bins, few keys)
 atomics were 3.4x faster than a register loop over all sub-bins.
 """
 import triton
@@ -42,7 +45,7 @@ def refine_kernel(
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, MODE: tl.constexpr,
-    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr, COARSE_ATOMIC: tl.constexpr = True,
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tile_q = tl.program_id(0)
@@ -91,17 +94,23 @@ def refine_kernel(
                 # (at least 0: should a recomputed logit round above its row max, it stays in bin 0)
                 local = tl.maximum(target[:, None] - idx, 0.0)
                 keep = local < NUM_BINS
-                # one masked row sum per bin present in the tile (bins are exact integers)
-                u = scaled - idx
-                u2 = u * u
-                first = tl.reduce(tl.reduce(tl.where(keep, local, NUM_BINS), 1, MIN), 0, MIN).to(tl.int32)
-                last = tl.reduce(tl.reduce(tl.where(keep, local, -1.0), 1, MAX), 0, MAX).to(tl.int32)
-                for j in range(first, last + 1):
-                    here = local == j
-                    column = bins[None, :] == j
-                    hist_c += tl.where(column, tl.reduce(here.to(tl.float32), 1, ADD)[:, None], 0.0)
-                    hist_1 += tl.where(column, tl.reduce(tl.where(here, u, 0.0), 1, ADD)[:, None], 0.0)
-                    hist_2 += tl.where(column, tl.reduce(tl.where(here, u2, 0.0), 1, ADD)[:, None], 0.0)
+                if tl.reduce(tl.reduce(keep.to(tl.int32), 1, MAX), 0, MAX) > 0:
+                    # some row has a key within its NUM_BINS bins: the tile may hold p > 0
+                    tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, 1)
+                    u = scaled - idx
+                    if COARSE_ATOMIC:
+                        scatter_moments(Out, rows, local, u, keep, NUM_BINS)
+                    else:
+                        # one masked row sum per bin present in the tile (bins are exact integers)
+                        u2 = u * u
+                        first = tl.reduce(tl.reduce(tl.where(keep, local, NUM_BINS), 1, MIN), 0, MIN).to(tl.int32)
+                        last = tl.reduce(tl.reduce(tl.where(keep, local, -1.0), 1, MAX), 0, MAX).to(tl.int32)
+                        for j in range(first, last + 1):
+                            here = local == j
+                            column = bins[None, :] == j
+                            hist_c += tl.where(column, tl.reduce(here.to(tl.float32), 1, ADD)[:, None], 0.0)
+                            hist_1 += tl.where(column, tl.reduce(tl.where(here, u, 0.0), 1, ADD)[:, None], 0.0)
+                            hist_2 += tl.where(column, tl.reduce(tl.where(here, u2, 0.0), 1, ADD)[:, None], 0.0)
             else:  # fine: sub-bins of the coarse bin of tau
                 # the tile stays in the block mask only if some row has a key at most one bin
                 # below the bin of tau (tau lies inside that bin, so lower keys have p = 0)
@@ -117,7 +126,7 @@ def refine_kernel(
     if MODE == 2:
         tl.store(Out + rows * 2, f_sum, mask=in_q)
         tl.store(Out + rows * 2 + 1, df_sum, mask=in_q)
-    if MODE == 0:
+    if (MODE == 0) and (not COARSE_ATOMIC):
         Hist = Out + rows[:, None] * (3 * NUM_BINS) + bins[None, :]
         tl.store(Hist, hist_c, mask=in_q[:, None])
         tl.store(Hist + NUM_BINS, hist_1, mask=in_q[:, None])

@@ -12,7 +12,6 @@ import torch.distributed as dist
 from .. import telemetry
 from ..checks import check_alpha, check_qkv, default_scale
 from ..kernels import backend_for
-from ..kernels import stats as S
 from ..kernels.algorithm import LocalReduce, SingleBlock, entmax_backward, entmax_forward
 from ..kernels.visibility import positional_visibility
 from .validation import checked_on_groups
@@ -24,12 +23,14 @@ class AllReduceMerge(LocalReduce):
     def __init__(self, group):
         self.group = group
 
-    def stats(self, st: S.RowStats) -> S.RowStats:
-        row_max = st.row_max.clone()
+    def row_max(self, row_max: torch.Tensor) -> torch.Tensor:
+        row_max = row_max.clone()
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=self.group)
-        hist = S.align_to(st, row_max)  # same reference on every rank, so bins add exactly
-        dist.all_reduce(hist, group=self.group)
-        return S.RowStats(row_max, hist)
+        return row_max
+
+    def histogram(self, hist: torch.Tensor) -> torch.Tensor:
+        # every rank's histogram is already against the global row max: bins add exactly
+        return self.sums(hist)
 
     def sums(self, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()

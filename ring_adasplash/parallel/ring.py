@@ -103,13 +103,13 @@ class RingKeyBlocks:
         return finish
 
     # -- forward loop ----------------------------------------------------------------------
-    def visit(self, fn, with_values: bool, needed=None) -> None:
+    def visit(self, fn, with_values: bool, needed=None, pass_name=None) -> None:
         p, r = self.num_blocks, self.comm.rank
         table = None if needed is None else self._all_needs(needed)
         held = torch.cat([self.k, self.v], -1) if with_values else self.k
         dense_bytes = held.numel() * held.element_size()
         dim = self.k.shape[-1]
-        pass_name = "output" if with_values else ("statistics" if needed is None else "refine")
+        pass_name = pass_name or ("output" if with_values else ("statistics" if needed is None else "refine"))
         for step in range(p):
             shard = (r - step) % p
             finish = None
@@ -164,7 +164,7 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, alpha: float, softmax_scale: float, plan: ShardPlan):
         backend = backend_for(q)
         fwd = entmax_forward(backend, q, RingKeyBlocks(k, v, plan, backend.BLOCK_N), alpha, softmax_scale)
-        telemetry.log_forward(fwd, plan.name)
+        telemetry.log_forward(fwd, plan.name, local_block=plan.comm.rank)
         out = fwd.out.to(q.dtype)
         fwd.out = None  # the backward needs only the row terms
         ctx.save_for_backward(q, k, v)

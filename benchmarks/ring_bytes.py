@@ -1,0 +1,62 @@
+"""Bytes each ring pass sends against a dense ring, per rank (any backend; bytes do not depend on it).
+
+    torchrun --nproc_per_node 4 benchmarks/ring_bytes.py --seqlen 4096 --amp 2.0
+
+Runs one forward and backward of ring and zigzag entmax attention on the structured inputs of
+the kernel benchmark and prints, per pass, the bytes sent over the bytes a dense ring sends for
+the same exchange, with the block sparsity the block mask measured.
+"""
+import argparse
+
+import torch
+import torch.distributed as dist
+
+from common import print_header
+from inputs import make_qkv
+from ring_adasplash import telemetry
+from ring_adasplash.parallel import layouts, ring_adasplash_func, zigzag_ring_adasplash_func
+
+PASSES = ("statistics", "histogram", "refine", "output", "backward", "backward-grads")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seqlen", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--amp", type=float, default=2.0)
+    p.add_argument("--family", default="structured", choices=("structured", "sinkwindow"))
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(1)
+    if rank == 0:
+        print_header(str(device), vars(args) | {"world_size": world})
+    dtype = torch.bfloat16 if cuda else torch.float32
+    q, k, v = make_qkv(args.family, 1, args.seqlen, args.heads, args.head_dim, args.amp, dtype, device)
+    rows = []
+    for name, layout, fn in (("ring", "contiguous", ring_adasplash_func), ("zigzag", "zigzag", zigzag_ring_adasplash_func)):
+        local = [layouts.shard(t, layout, rank, world).detach().requires_grad_() for t in (q, k, v)]
+        with telemetry.record() as t:
+            out = fn(*local, alpha=1.5, causal=True)
+            out.backward(torch.ones_like(out))
+        counts = torch.tensor([[*t.bytes_by_pass.get(p, (0, 0))] for p in PASSES] +
+                              [[t.nonzero_tiles, t.visible_tiles]], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        rows.append((name, counts.cpu()))
+    if rank == 0:
+        print("\n| strategy | block sparsity | " + " | ".join(f"{p} sent / dense" for p in PASSES) + " |")
+        print("|---|---|" + "---|" * len(PASSES))
+        for name, c in rows:
+            sparsity = 1 - c[-1, 0] / c[-1, 1]
+            cells = [f"{c[i, 0] / c[i, 1]:.3f}" if c[i, 1] else "-" for i in range(len(PASSES))]
+            print(f"| {name} | {sparsity:.3f} | " + " | ".join(cells) + " |")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
