@@ -7,8 +7,10 @@
 #   NPROC=2 launch/deepspeed.sh --steps 50       # no GPU: 2 gloo ranks on CPU through torchrun
 #
 # Extra arguments go to launch/train.py. Heads (and key/value heads) must be a multiple of the
-# number of ranks. launch/deepspeed_config.json (micro-batch, AdamW, bf16, ZeRO-1, clipping) is
-# passed as --deepspeed_config, DeepSpeed's usual argument name, for a DeepSpeed engine.
+# number of ranks. launch/deepspeed_config.json (AdamW, bf16, ZeRO-1, clipping) is passed as
+# --deepspeed_config, DeepSpeed's usual argument name: train.py then trains with a DeepSpeed engine.
+# Batch size and learning-rate schedule stay train.py's flags; bf16 applies on GPUs only. The
+# config's "torch_adam" picks torch's AdamW over DeepSpeed's FusedAdam, which is compiled on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=launch/deepspeed_config.json

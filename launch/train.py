@@ -1,12 +1,13 @@
 """Train a small sequence-parallel entmax transformer on long-range associative recall.
 
-    torchrun --nproc_per_node 2 launch/train.py                      # CPU (gloo), ~2-3 minutes
+    torchrun --standalone --nproc_per_node 2 launch/train.py              # CPU (gloo), a minute or two
     torchrun --standalone --nproc_per_node 8 launch/train.py --strategy zigzag   # GPUs (NCCL)
+    NPROC=2 bash launch/deepspeed.sh                     # DeepSpeed engine (--deepspeed_config)
 
 Every rank draws the same global batch (same seed) and keeps its shard of the sequence in
 the layout its strategy expects; the attention callable exchanges keys and values between
 ranks. Parameters start identical on every rank (same seed) and stay identical because
-every rank applies the same averaged gradient.
+every rank applies the same all-reduced gradient.
 
 Why the gradient equals the single-device one: the single-device loss is the mean over all
 N answer tokens, L = (1/N) sum_r L_r, where L_r sums the token losses on rank r. Each rank
@@ -14,13 +15,15 @@ back-propagates L_r / N; the distributed attention's backward returns the gradie
 respect to keys and values to the ranks that own them, so rank r ends up holding the part
 of dL/dtheta that flows through its own tokens' activations. Those parts add up to dL/dtheta,
 hence one SUM all-reduce of the gradients. N is known on every rank, since every rank sees
-the whole batch.
+the whole batch. A DeepSpeed engine (--deepspeed_config) instead averages gradients over the
+ranks, taking them for data-parallel replicas, so there each rank back-propagates P L_r / N.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import importlib
+import json
 import math
 import os
 import time
@@ -34,16 +37,18 @@ from tqdm import tqdm
 from data import IGNORE, RecallTask
 from model import Transformer
 
-CPU_DEFAULTS = dict(seqlen=512, d_model=64, layers=2, heads=4, steps=150, lr=3e-3, batch=8, log_every=10)
+CPU_DEFAULTS = dict(seqlen=512, d_model=64, layers=2, heads=2, steps=150, lr=3e-3, batch=8, log_every=10)
 GPU_DEFAULTS = dict(seqlen=16384, d_model=512, layers=8, heads=8, steps=2000, lr=1e-3, batch=4, log_every=50)
 
-# Strategy name -> (sequence layout on the ranks, function of ring_adasplash.parallel).
+# Strategy name -> (sequence layout on the ranks, module, attention function).
+PARALLEL, INTEGRATIONS = "ring_adasplash.parallel", "ring_adasplash.integrations"
 STRATEGIES = {
-    "ring": ("contiguous", "ring_adasplash_func"),
-    "zigzag": ("zigzag", "zigzag_ring_adasplash_func"),
-    "allgather": ("contiguous", "allgather_adasplash_func"),
-    "ulysses": ("contiguous", "ulysses_adasplash_func"),
-    "usp": ("zigzag", "usp_adasplash_func"),
+    "ring": ("contiguous", PARALLEL, "ring_adasplash_func"),
+    "zigzag": ("zigzag", PARALLEL, "zigzag_ring_adasplash_func"),
+    "allgather": ("contiguous", PARALLEL, "allgather_adasplash_func"),
+    "ulysses": ("contiguous", PARALLEL, "ulysses_adasplash_func"),
+    "usp": ("zigzag", PARALLEL, "usp_adasplash_func"),
+    "deepspeed": ("contiguous", INTEGRATIONS, "deepspeed_adasplash_func"),  # DeepSpeed-Ulysses
 }
 
 
@@ -55,12 +60,12 @@ def resolve_strategy(name: str, seqlen: int, kv_heads: int):
     """
     if name not in STRATEGIES:
         raise SystemExit(f"unknown --strategy {name!r}; valid: {', '.join(STRATEGIES)}")
-    layout, function_name = STRATEGIES[name]
+    layout, module, function_name = STRATEGIES[name]
     try:
-        parallel = importlib.import_module("ring_adasplash.parallel")
-        function = getattr(parallel, function_name)
+        parallel = importlib.import_module(PARALLEL)
+        function = getattr(importlib.import_module(module), function_name)
     except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"--strategy {name} needs ring_adasplash.parallel.{function_name}: {exc}") from exc
+        raise SystemExit(f"--strategy {name} needs {module}.{function_name}: {exc}") from exc
     rank, world = dist.get_rank(), dist.get_world_size()
 
     if name == "usp":
@@ -68,6 +73,8 @@ def resolve_strategy(name: str, seqlen: int, kv_heads: int):
         ulysses = math.gcd(world, kv_heads)
         ulysses_group, ring_group = parallel.build_usp_groups(ulysses, world // ulysses)
         mesh = parallel.UspMesh.from_groups(ulysses_group, ring_group)
+        if rank == 0:
+            print(f"usp mesh: ulysses {mesh.ulysses_degree} x ring {mesh.ring_degree}", flush=True)
 
         def attend(q, k, v, alpha, group):
             return function(q, k, v, alpha=alpha, causal=True, ulysses_group=ulysses_group,
@@ -97,6 +104,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int)
+    p.add_argument("--deepspeed_config", metavar="PATH",
+                   help="train with a DeepSpeed engine configured by this JSON (optimizer, precision, ZeRO)")
+    # the deepspeed launcher passes --local_rank unless told --no_local_rank; LOCAL_RANK says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     defaults = GPU_DEFAULTS if torch.cuda.is_available() else CPU_DEFAULTS
     for key, value in defaults.items():
@@ -117,13 +128,72 @@ def all_reduce_gradients(model: torch.nn.Module, group=None) -> None:
         offset += g.numel()
 
 
+class PlainTrainer:
+    """AdamW on the gradients summed over the ranks (module docstring: why a sum)."""
+
+    def __init__(self, model: torch.nn.Module, args):
+        self.model = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self, lr: float) -> None:
+        all_reduce_gradients(self.model)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+
+
+class DeepSpeedTrainer:
+    """A DeepSpeed engine: its optimizer, precision, ZeRO stage and clipping come from the JSON config;
+    batch size and learning-rate schedule stay train.py's, as in ``PlainTrainer``."""
+
+    def __init__(self, model: torch.nn.Module, args, use_cuda: bool):
+        import deepspeed
+
+        # the engine, which also runs the model's forward; it wraps the process group main() made
+        self.model, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                              config=deepspeed_config(args, use_cuda), dist_init_required=False)
+        self.world = dist.get_world_size()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the engine averages the ranks' gradients, but they are parts of one gradient that add up
+        self.model.backward(loss * self.world)
+
+    def step(self, lr: float) -> None:
+        set_lr(self.model.optimizer, lr)
+        self.model.step()  # clips, steps and zeroes the gradients
+
+
+def deepspeed_config(args, use_cuda: bool) -> dict:
+    """The JSON config of --deepspeed_config, fitted to this run."""
+    with open(args.deepspeed_config) as f:
+        config = json.load(f)
+    # DeepSpeed's batch bookkeeping (it loads no data here): every rank holds a shard of --batch sequences
+    config["train_micro_batch_size_per_gpu"] = args.batch
+    config.pop("train_batch_size", None)
+    if not use_cuda and config.get("bf16", {}).get("enabled"):
+        # as the plain path, whose bf16 autocast is CUDA-only: CPU runs in float32
+        config["bf16"]["enabled"] = False
+        if dist.get_rank() == 0:
+            print("deepspeed: no CUDA device, bf16 of the config turned off (float32)", flush=True)
+    return config
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def lr_at(step: int, args) -> float:
     """Linear warm-up over 10% of the steps, then cosine decay to 10% of the peak."""
     warmup = max(1, args.steps // 10)
     if step < warmup:
         return args.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, args.steps - warmup)
-    return args.lr * (0.1 + 0.45 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
 def block_sparsity_recorder():
@@ -133,6 +203,16 @@ def block_sparsity_recorder():
     except ImportError:
         return nullcontext()
     return telemetry.record()
+
+
+def global_block_sparsity(telemetry, device) -> float:
+    """Fraction of visible (query tile, key tile) pairs that were all zero, over all ranks."""
+    if telemetry is None or not hasattr(telemetry, "nonzero_tiles"):
+        return float("nan")
+    tiles = torch.tensor([telemetry.nonzero_tiles, telemetry.visible_tiles], dtype=torch.float64, device=device)
+    dist.all_reduce(tiles)
+    nonzero, visible = tiles.tolist()
+    return 1.0 - nonzero / visible if visible else float("nan")
 
 
 def main() -> None:
@@ -151,39 +231,35 @@ def main() -> None:
     torch.manual_seed(args.seed)  # same initial parameters on every rank
     model = Transformer(task.vocab_size, args.d_model, args.layers, args.heads, args.kv_heads,
                         args.alpha, attend).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    trainer = DeepSpeedTrainer(model, args, use_cuda) if args.deepspeed_config else PlainTrainer(model, args)
+    engine = "deepspeed" if args.deepspeed_config else "plain"
     data_rng = torch.Generator().manual_seed(args.seed + 1)  # same global batches on every rank
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
 
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
-        print(f"strategy={args.strategy} world={world} device={device.type} params={params} seqlen={args.seqlen} "
-              f"batch={args.batch} pairs={task.pairs}x{task.repeats} queries={task.queries} "
+        print(f"strategy={args.strategy} engine={engine} world={world} device={device.type} params={params} "
+              f"seqlen={args.seqlen} batch={args.batch} pairs={task.pairs}x{task.repeats} queries={task.queries} "
               f"chance={1 / task.value_tokens:.3f}", flush=True)
     progress = tqdm(range(args.steps), disable=rank != 0, dynamic_ncols=True)
     window = torch.zeros(3, dtype=torch.float64)  # loss sum, correct answers, answers since last log
-    first_loss = final_loss = recall = sparsity = float("nan")
+    first_loss = final_loss = recall = float("nan")
     tokens_timed, time_timed = 0, 0.0
     for step in progress:
         start = time.perf_counter()
         tokens, targets = task.sample(args.batch, data_rng)
         answers = int((targets != IGNORE).sum())
         tokens, targets = shard(tokens).to(device), shard(targets).to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
 
         log_step = (step + 1) % args.log_every == 0 or step + 1 == args.steps
         recorder = block_sparsity_recorder() if log_step else nullcontext()  # counting syncs: log steps only
         with recorder as telemetry:
             with autocast:
-                logits = model(tokens, positions)
+                logits = trainer.model(tokens, positions)
             loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
                                        reduction="sum")
-            optimizer.zero_grad(set_to_none=True)
-            (loss_sum / answers).backward()
-        all_reduce_gradients(model)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+            trainer.backward(loss_sum / answers)
+        trainer.step(lr_at(step, args))
 
         mask = targets != IGNORE
         correct = (logits.argmax(-1)[mask] == targets[mask]).sum()
@@ -197,15 +273,10 @@ def main() -> None:
             tokens_timed += args.batch * args.seqlen
             time_timed += time.perf_counter() - start
 
-        if log_step:
+        if log_step:  # the summary's final loss and recall are those of the last log window
             final_loss, recall = (window[0] / window[2]).item(), (window[1] / window[2]).item()
             window.zero_()
-            if telemetry is not None and hasattr(telemetry, "nonzero_tiles"):
-                tiles = torch.tensor([telemetry.nonzero_tiles, telemetry.visible_tiles], dtype=torch.float64,
-                                     device=device)
-                dist.all_reduce(tiles)
-                nonzero, visible = tiles.tolist()
-                sparsity = 1.0 - nonzero / visible if visible else float("nan")
+            sparsity = global_block_sparsity(telemetry, device)
             tokens_per_s = tokens_timed / time_timed if time_timed else float("nan")
             progress.set_postfix(loss=f"{final_loss:.3f}", recall=f"{recall:.3f}")
             if rank == 0:
@@ -214,8 +285,9 @@ def main() -> None:
 
     if rank == 0:
         tokens_per_s = tokens_timed / time_timed if time_timed else float("nan")
-        print(f"summary: strategy={args.strategy} world={world} seqlen={args.seqlen} first_loss={first_loss:.4f} "
-              f"final_loss={final_loss:.4f} recall={recall:.3f} tokens_per_s={tokens_per_s:.0f}", flush=True)
+        print(f"summary: strategy={args.strategy} engine={engine} world={world} seqlen={args.seqlen} "
+              f"first_loss={first_loss:.4f} final_loss={final_loss:.4f} recall={recall:.3f} "
+              f"tokens_per_s={tokens_per_s:.0f}", flush=True)
     dist.destroy_process_group()
 
 
