@@ -1,0 +1,119 @@
+"""Every sequence-parallel strategy against the one-GPU result on the same inputs (launch with torchrun).
+
+    torchrun --nproc_per_node 8 benchmarks/check_strategies.py --seqlen 65536
+    torchrun --nproc_per_node 4 benchmarks/check_strategies.py --device cpu --seqlen 1024 --heads 4 --head-dim 32 --dtype fp32
+
+Each rank builds the same global q, k, v and output gradient (same seed), runs
+``adasplash_func`` on the whole sequence (the one-GPU result) and every strategy on its own
+shard, and compares output and gradients over the whole sequence: relative error
+||ours - one GPU|| / ||one GPU||, summed over ranks. Strategies: ring, zigzag, allgather, ulysses,
+deepspeed (when the package is installed) and the 2D mesh ``uspUxR`` for every U x R = P with
+U, R > 1. Rank 0 prints a table; the exit status is 1 if any error exceeds ``--tol``.
+"""
+import argparse
+import functools
+import importlib.util
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from bench_distributed import _usp_groups, global_inputs, init_distributed  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seqlen", type=int, default=65536)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--amp", type=float, default=1.5)
+    p.add_argument("--family", choices=["structured", "sinkwindow"], default="structured")
+    p.add_argument("--dtype", choices=sorted(common.DTYPE_NAMES), default="bf16")
+    p.add_argument("--alpha", type=float, default=1.5)
+    p.add_argument("--tol", type=float, default=2e-2, help="largest relative error accepted")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-min", type=float, default=30.0)
+    return p.parse_args(argv)
+
+
+def strategies(world):
+    """name -> (attention on local shards, shard(x) -> this rank's part of a global (B, S, ...) tensor)."""
+    from ring_adasplash import parallel as P
+
+    rank = dist.get_rank()
+
+    def sharded(layout):
+        return functools.partial(P.layouts.shard, layout=layout, rank=rank, world_size=world, dim=1)
+
+    table = {
+        "ring": (P.ring_adasplash_func, sharded("contiguous")),
+        "zigzag": (P.zigzag_ring_adasplash_func, sharded("zigzag")),
+        "allgather": (P.allgather_adasplash_func, sharded("contiguous")),
+        "ulysses": (P.ulysses_adasplash_func, sharded("contiguous")),
+    }
+    if importlib.util.find_spec("deepspeed") is not None:
+        from ring_adasplash.integrations.deepspeed import deepspeed_adasplash_func
+
+        table["deepspeed"] = (deepspeed_adasplash_func, sharded("contiguous"))
+    for ulysses in (u for u in range(2, world) if world % u == 0):
+        ulysses_group, ring_group = _usp_groups(ulysses, world // ulysses)
+        mesh = P.UspMesh.from_groups(ulysses_group, ring_group)
+        table[f"usp{ulysses}x{world // ulysses}"] = (
+            functools.partial(P.usp_adasplash_func, ulysses_group=ulysses_group, ring_group=ring_group,
+                              ring_layout="zigzag"),
+            functools.partial(P.usp_shard, mesh=mesh, ring_layout="zigzag"))
+    return table
+
+
+def relative_errors(got, expected):
+    """||got - expected|| / ||expected|| per tensor, each summed over all ranks' shards."""
+    sums = torch.tensor([[(g.double() - e.double()).square().sum(), e.double().square().sum()]
+                         for g, e in zip(got, expected)], device=got[0].device)
+    dist.all_reduce(sums)
+    return (sums[:, 0].sqrt() / sums[:, 1].sqrt().clamp(min=1e-30)).tolist()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args)
+    from ring_adasplash import adasplash_func
+
+    q, k, v = global_inputs(args, args.seqlen, device)
+    grad_out = torch.randn(q.shape, generator=torch.Generator(device).manual_seed(args.seed + 1),
+                           device=device, dtype=q.dtype)
+    whole = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = adasplash_func(*whole, alpha=args.alpha, causal=True)
+    one_gpu = [out.detach(), *torch.autograd.grad(out, whole, grad_out)]
+    del whole, out
+
+    rows, failed = [], False
+    for name, (attention, shard) in strategies(world).items():
+        local = [shard(t).detach().clone().requires_grad_() for t in (q, k, v)]
+        try:
+            out = attention(*local, alpha=args.alpha, causal=True)
+            got = [out.detach(), *torch.autograd.grad(out, local, shard(grad_out))]
+            errors = relative_errors(got, [shard(t) for t in one_gpu])
+            row = dict(strategy=name, out=errors[0], dq=errors[1], dk=errors[2], dv=errors[3])
+            failed |= max(errors) > args.tol
+        except Exception as exc:  # a strategy that cannot run here (heads, world size) is reported
+            row, failed = dict(strategy=name, error=common.short_error(exc)), True
+        rows.append(row)
+        del local
+    if rank == 0:
+        print(f"S={args.seqlen} P={world} heads={args.heads} D={args.head_dim} {args.dtype} amp={args.amp} "
+              f"alpha={args.alpha} on {common.device_name(device)}; relative error against one GPU (tol {args.tol})")
+        print(common.markdown_table(rows, [("strategy", "strategy"), ("out", "out", ".2e"), ("dq", "dq", ".2e"),
+                                           ("dk", "dk", ".2e"), ("dv", "dv", ".2e"), ("error", "error")]))
+        print("FAILED" if failed else "all strategies agree with one GPU", flush=True)
+    dist.destroy_process_group()
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
