@@ -64,22 +64,13 @@ def parse_args(argv=None):
     """Command line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", type=common.csv_list(int), default=[65536, 131072])
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--amp", type=float, default=1.5)
-    p.add_argument("--family", choices=["structured", "sinkwindow"], default="structured")
-    p.add_argument("--dtype", choices=sorted(common.DTYPE_NAMES), default="bf16")
+    common.add_input_arguments(p)
     p.add_argument("--impls", type=common.csv_list(str), default=ALL_IMPLS)
     p.add_argument("--modes", type=common.csv_list(str), default=["fwd", "fwdbwd"])
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per mode")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per mode")
     p.add_argument("--cp-rotate", choices=["alltoall", "allgather"], default="alltoall",
                    help="torch_cp KV rotation (torch's set_rotate_method)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout-min", type=float, default=30.0)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     unknown = {name for name in args.impls if name not in ALL_IMPLS and not USP.match(name)}

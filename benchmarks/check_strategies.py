@@ -27,18 +27,9 @@ from bench_distributed import _usp_groups, global_inputs, init_distributed  # no
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqlen", type=int, default=65536)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--amp", type=float, default=1.5)
-    p.add_argument("--family", choices=["structured", "sinkwindow"], default="structured")
-    p.add_argument("--dtype", choices=sorted(common.DTYPE_NAMES), default="bf16")
+    common.add_input_arguments(p)
     p.add_argument("--alpha", type=float, default=1.5)
     p.add_argument("--tol", type=float, default=2e-2, help="largest relative error accepted")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout-min", type=float, default=30.0)
     return p.parse_args(argv)
 
 

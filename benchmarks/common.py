@@ -19,6 +19,20 @@ DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 # ----------------------------------------------------------------------------- CLI parsing
+def add_input_arguments(p):
+    """The options every distributed script shares: problem shape, input family and dtype."""
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--amp", type=float, default=1.5)
+    p.add_argument("--family", choices=["structured", "sinkwindow"], default="structured")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-min", type=float, default=30.0)
+
+
 def csv_list(kind):
     """Return an argparse ``type`` that parses ``"a,b,c"`` into a list of ``kind``."""
 
