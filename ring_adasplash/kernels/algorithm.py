@@ -117,8 +117,8 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
     row_max = reduce.row_max(row_max[0])
     # tiles outside the histogram mask hold p = 0, and a ring may not even send their keys
     histogram_tiles = [S.histogram_mask(t, row_max, bm) for t in tile_max]
-    tile_max = [torch.where(m | torch.isinf(t), t, torch.full_like(t, S.ZERO_TILE))
-                for m, t in zip(histogram_tiles, tile_max)]
+    for mask, maxima in zip(histogram_tiles, tile_max):  # in place: these maps are large at long S
+        maxima.masked_fill_(~mask & torch.isfinite(maxima), S.ZERO_TILE)
     hist: list = [None]
 
     def histogram(index, k, _, vis):

@@ -109,7 +109,7 @@ def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n:
         where = local.clamp(max=nb - 1).to(torch.int64)
         for moment, value in enumerate((keep.float(), u, u * u)):
             hist[..., moment, :].scatter_add_(-1, where, value)
-    return hist, torch.where(near | torch.isinf(tile_max), tile_max, torch.full_like(tile_max, ZERO_TILE))
+    return hist, tile_max.masked_fill(~near & torch.isfinite(tile_max), ZERO_TILE)
 
 
 def stats_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):

@@ -75,12 +75,21 @@ def _vis_args(vis: Visibility, device):
     return [t.to(device=device, dtype=torch.int32).contiguous() for t in (vis.q_limit, vis.q_doc, vis.k_pos, vis.k_doc)]
 
 
+TILE_LIST_CHUNK = 2**26  # mask entries sorted at once: bounds the sort's int64 scratch (8 bytes each)
+
+
 def _tile_lists(mask: torch.Tensor):
     """(..., n) bool -> counts (...) int32 and indices (..., n) int32: the True positions of each
-    row first, ascending (as FlexAttention's kv_num_blocks / kv_indices)."""
+    row first, ascending (as FlexAttention's kv_num_blocks / kv_indices). Sorted a slab of rows at
+    a time, so the scratch stays bounded however long the sequence."""
     counts = mask.sum(-1, dtype=torch.int32).contiguous()
-    index = torch.sort(mask.to(torch.uint8), dim=-1, descending=True, stable=True).indices
-    return counts, index.to(torch.int32).contiguous()
+    rows = mask.reshape(-1, mask.shape[-1])
+    index = torch.empty(rows.shape, device=mask.device, dtype=torch.int32)
+    step = max(1, TILE_LIST_CHUNK // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        part = rows[start : start + step].to(torch.uint8)
+        index[start : start + step] = torch.sort(part, dim=-1, descending=True, stable=True).indices
+    return counts, index.view(mask.shape)
 
 
 def _first(mask: torch.Tensor, default: int) -> torch.Tensor:
@@ -139,7 +148,7 @@ def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
 def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max, tile_max, active):
     """Coarse histogram over the ``active`` tiles (``refine_kernel``, coarse mode), which also
     marks the tiles where some row has a key in its own kept bins; every other visible tile gets
-    ``ZERO_TILE``. See ``torch_blockwise.histogram_pass``."""
+    ``ZERO_TILE`` (``tile_max`` is updated in place). See ``torch_blockwise.histogram_pass``."""
     if q.dtype == torch.float64:
         return torch_blockwise.histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_max, active)
     _check(q, k, block_m, block_n)
@@ -156,7 +165,7 @@ def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n:
         GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_BINS=S.NUM_BINS,
         FINE_BINS=S.FINE_BINS, MODE=0, COARSE_ATOMIC=COARSE_ATOMIC, **_flags(q), **_config(dim, "refine"),
     )
-    return hist, torch.where((near != 0) | torch.isinf(tile_max), tile_max, torch.full_like(tile_max, S.ZERO_TILE))
+    return hist, tile_max.masked_fill_((near == 0) & torch.isfinite(tile_max), S.ZERO_TILE)
 
 
 def stats_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
