@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import ring_adasplash as ra
 from ring_adasplash.kernels import stats as S
 from ring_adasplash.kernels import torch_blockwise as tb
-from ring_adasplash.kernels.algorithm import SingleBlock, entmax_forward
+from ring_adasplash.kernels.algorithm import SingleBlock, entmax_forward, statistics_pass
 from ring_adasplash.kernels.visibility import causal_visibility, varlen_visibility
 from ring_adasplash.reference import entmax_attention_reference, entmax_bisect
 
@@ -109,12 +109,12 @@ def test_merge_is_exact_in_any_order():
     q, k, _ = (t.detach() for t in random_qkv(1, 64, 320, 2, 2, 32, amp=2.5, seed=13))
     scale_z = 0.5 * 32 ** -0.5
     whole_vis = causal_visibility(64, 320, False, "cpu")
-    whole, _ = tb.stats_pass(q, k, whole_vis, scale_z, 64, 64)
+    whole, _ = statistics_pass(tb, q, k, whole_vis, scale_z, 64, 64)
     cuts = [0, 64, 128, 192, 256, 320]
     parts = []
     for a, b in zip(cuts[:-1], cuts[1:]):
         vis = whole_vis.with_keys(whole_vis.k_pos[a:b])
-        parts.append(tb.stats_pass(q, k[:, a:b], vis, scale_z, 64, 64)[0])
+        parts.append(statistics_pass(tb, q, k[:, a:b], vis, scale_z, 64, 64)[0])
     rng = random.Random(0)
     taus = []
     for _ in range(4):

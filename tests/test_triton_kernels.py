@@ -94,8 +94,8 @@ def test_stats_pass_matches_spec(interpreted, shape):
     q, k, _ = _qkv(batch, sq, sk, h, hkv, d)
     vis = causal_visibility(sq, sk, causal, "cpu")
     scale_z = 0.5 / math.sqrt(d)
-    ref, ref_tiles = TB.stats_pass(q, k, vis, scale_z, TB.BLOCK_M, TB.BLOCK_N)
-    got, got_tiles = interpreted.stats_pass(q, k, vis, scale_z, interpreted.BLOCK_M, interpreted.BLOCK_N)
+    ref, ref_tiles = A.statistics_pass(TB, q, k, vis, scale_z, TB.BLOCK_M, TB.BLOCK_N)
+    got, got_tiles = A.statistics_pass(interpreted, q, k, vis, scale_z, interpreted.BLOCK_M, interpreted.BLOCK_N)
     assert got.row_max.shape == ref.row_max.shape and got.hist.shape == ref.hist.shape
     assert got_tiles.shape == ref_tiles.shape and got_tiles.dtype == torch.float32
     assert torch.equal(torch.isfinite(got.row_max), torch.isfinite(ref.row_max))
@@ -127,8 +127,8 @@ def test_stats_pass_zero_tiles(interpreted):
     k[:, 64:128] *= -1.0  # the middle key tile: z < 0 < row max - 1 for every row
     vis = causal_visibility(128, 192, False, "cpu")
     scale_z = 0.5 / math.sqrt(16)
-    ref, ref_tiles = TB.stats_pass(q, k, vis, scale_z, TB.BLOCK_M, TB.BLOCK_N)
-    got, got_tiles = interpreted.stats_pass(q, k, vis, scale_z, interpreted.BLOCK_M, interpreted.BLOCK_N)
+    ref, ref_tiles = A.statistics_pass(TB, q, k, vis, scale_z, TB.BLOCK_M, TB.BLOCK_N)
+    got, got_tiles = A.statistics_pass(interpreted, q, k, vis, scale_z, interpreted.BLOCK_M, interpreted.BLOCK_N)
     assert (ref.row_max > 1.0).all()
     zero = torch.zeros_like(ref_tiles, dtype=torch.bool)
     zero[..., 1] = True
@@ -145,7 +145,7 @@ def test_passes_match_spec(interpreted, shape, alpha):
     softmax_scale = 1.0 / math.sqrt(d)
     scale_z = (alpha - 1.0) * softmax_scale
     bm, bn = TB.BLOCK_M, TB.BLOCK_N
-    st, tile_max = TB.stats_pass(q, k, vis, scale_z, bm, bn)
+    st, tile_max = A.statistics_pass(TB, q, k, vis, scale_z, bm, bn)
     bracket = S.coarse_bracket(st, alpha)
     active = A.lower_bound_mask(tile_max, bracket.lower, bracket.empty, bm)
     if S.is_closed_form(alpha):

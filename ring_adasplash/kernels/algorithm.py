@@ -70,6 +70,16 @@ def lower_bound_mask(tile_max: torch.Tensor, lower: torch.Tensor, empty: torch.T
     return tile_max > per_tile[..., None]
 
 
+def statistics_pass(backend, q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
+    """Statistics of q against one key block alone, ``(RowStats, tile_max)``: the max pass, then
+    the histogram pass against this block's own row max (the one-block case of the forward's
+    steps 1 and 2; ``stats.merge`` combines the results of several blocks exactly)."""
+    row_max, tile_max = backend.max_pass(q, k, vis, scale_z, block_m, block_n)
+    active = S.histogram_mask(tile_max, row_max, block_m)
+    hist, tile_max = backend.histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_max, active)
+    return S.RowStats(row_max, hist), tile_max
+
+
 def tiles_needed(mask: torch.Tensor) -> torch.Tensor:
     """(nK,) bool: key tiles of a block that any query tile of any head needs."""
     return mask.flatten(0, -2).any(0)
@@ -115,10 +125,8 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
 
     blocks.visit(maxima, with_values=False)
     row_max = reduce.row_max(row_max[0])
-    # tiles outside the histogram mask hold p = 0, and a ring may not even send their keys
+    # only these tiles can hold a key within one of a row max; histogram_pass marks the rest zero
     histogram_tiles = [S.histogram_mask(t, row_max, bm) for t in tile_max]
-    for mask, maxima in zip(histogram_tiles, tile_max):  # in place: these maps are large at long S
-        maxima.masked_fill_(~mask & torch.isfinite(maxima), S.ZERO_TILE)
     hist: list = [None]
 
     def histogram(index, k, _, vis):

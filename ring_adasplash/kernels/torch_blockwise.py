@@ -112,15 +112,6 @@ def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n:
     return hist, tile_max.masked_fill(~near & torch.isfinite(tile_max), ZERO_TILE)
 
 
-def stats_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
-    """Statistics of q against one key block alone: ``(RowStats, tile_max)`` (see ``max_pass``
-    and ``histogram_pass``)."""
-    row_max, tile_max = max_pass(q, k, vis, scale_z, block_m, block_n)
-    active = S.histogram_mask(tile_max, row_max, block_m)
-    hist, tile_max = histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_max, active)
-    return S.RowStats(row_max, hist), tile_max
-
-
 def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, active, *,
                 bin_index=None, point=None, alpha=None):
     """Exact sums near tau, over active tiles only.

@@ -168,14 +168,6 @@ def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n:
     return hist, tile_max.masked_fill_((near == 0) & torch.isfinite(tile_max), S.ZERO_TILE)
 
 
-def stats_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
-    """Statistics of q against one key block alone; see ``torch_blockwise.stats_pass``."""
-    row_max, tile_max = max_pass(q, k, vis, scale_z, block_m, block_n)
-    active = S.histogram_mask(tile_max, row_max, block_m)
-    hist, tile_max = histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_max, active)
-    return S.RowStats(row_max, hist), tile_max
-
-
 def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, active, *,
                 bin_index=None, point=None, alpha=None):
     """Fine histogram and kept tiles (``bin_index``) or Newton sums (``point``, ``alpha``) over

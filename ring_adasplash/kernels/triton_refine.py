@@ -5,7 +5,7 @@ One program per (query tile, batch x query head); it visits only the key tiles l
 
     COARSE  coarse histogram of the statistics pass, ``Target`` = K = floor(row max (NB - 1)):
             count, sum u, sum u^2 of the keys in local bin K - floor(z (NB - 1)) < NB, with
-            u = z (NB - 1) - floor(z (NB - 1)) (``torch_blockwise.stats_pass``)
+            u = z (NB - 1) - floor(z (NB - 1)) (``torch_blockwise.histogram_pass``)
     FINE    fine histogram of the keys in absolute coarse bin ``Target``: FINE_BINS sub-bins,
             count, sum v, sum v^2 with v the position inside the sub-bin (``refine_pass``); and
             ``Keep[tile]``: the tile has a key no more than one bin below that bin
@@ -14,13 +14,14 @@ One program per (query tile, batch x query head); it visits only the key tiles l
 The coarse histogram is added into ``Out`` key by key with atomics (``COARSE_ATOMIC``, the
 default) or kept in registers, one masked row sum per bin present in the tile, and stored at the
 end. The coarse pass also writes ``Keep[tile]``: whether some row has a key in its own kept bins;
-tiles without one hold only keys with z < row max - 1 <= tau. The fine histogram is added into ``Out`` (zeroed by the launcher) one key at a
-time: few keys per row land in the bin of tau, and each row belongs to one program, so the atomics
-never contend across programs (their order only changes float rounding of the moments). On an
-H200 (32K keys, D 64, bf16, causal) the atomic coarse histogram took 95 ms against 119 ms for the
-register form on dense-ish inputs and 45 against 43 ms at 83% block sparsity (whole forward); the
-register form is deterministic. For the fine histogram (32 sub-bins, few keys)
-atomics were 3.4x faster than a register loop over all sub-bins.
+tiles without one hold only keys with z < row max - 1 <= tau. The fine histogram is added into
+``Out`` (zeroed by the launcher) one key at a time: few keys per row land in the bin of tau, and
+each row belongs to one program, so the atomics never contend across programs (their order only
+changes float rounding of the moments). On an H200 (32K keys, D 64, bf16, causal) the atomic
+coarse histogram took 95 ms against 119 ms for the register form on dense-ish inputs and 45
+against 43 ms at 83% block sparsity (whole forward); the register form is deterministic. For the
+fine histogram (32 sub-bins, few keys) atomics were 3.4x faster than a register loop over all
+sub-bins.
 """
 import triton
 import triton.language as tl
