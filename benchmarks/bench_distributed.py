@@ -155,7 +155,7 @@ def prepare(name, args, seqlen, rank, world, device, stack):
 
 
 @functools.lru_cache(maxsize=None)
-def _usp_groups(ulysses_degree, ring_degree):
+def usp_groups(ulysses_degree, ring_degree):
     """Process groups of a U x R mesh, built once (every rank creates every group)."""
     from ring_adasplash.parallel import build_usp_groups
 
@@ -169,7 +169,7 @@ def usp_prepare(ulysses_degree, ring_degree, args, seqlen, world, device):
     if ulysses_degree * ring_degree != world:
         raise ValueError(f"usp{ulysses_degree}x{ring_degree} needs {ulysses_degree * ring_degree} ranks, "
                          f"not {world}")
-    ulysses_group, ring_group = _usp_groups(ulysses_degree, ring_degree)
+    ulysses_group, ring_group = usp_groups(ulysses_degree, ring_degree)
     mesh = UspMesh.from_groups(ulysses_group, ring_group)
     local = [usp_shard(x, mesh, "zigzag").clone() for x in global_inputs(args, seqlen, device)]
     return functools.partial(usp_adasplash_func, alpha=common.ALPHA, causal=True, ulysses_group=ulysses_group,

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from bench_distributed import _usp_groups, global_inputs, init_distributed  # noqa: E402
+from bench_distributed import usp_groups, global_inputs, init_distributed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -53,7 +53,7 @@ def strategies(world):
 
         table["deepspeed"] = (deepspeed_adasplash_func, sharded("contiguous"))
     for ulysses in (u for u in range(2, world) if world % u == 0):
-        ulysses_group, ring_group = _usp_groups(ulysses, world // ulysses)
+        ulysses_group, ring_group = usp_groups(ulysses, world // ulysses)
         mesh = P.UspMesh.from_groups(ulysses_group, ring_group)
         table[f"usp{ulysses}x{world // ulysses}"] = (
             functools.partial(P.usp_adasplash_func, ulysses_group=ulysses_group, ring_group=ring_group,
