@@ -9,6 +9,8 @@ Semantics: ``p = entmax_alpha(softmax_scale * q k^T)`` over the visible keys, wi
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -81,6 +83,13 @@ def _attention(q, k, v, vis: Visibility, alpha: float, softmax_scale: float) -> 
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _causal_visibility(seqlen_q: int, seqlen_k: int, causal: bool, device: torch.device) -> Visibility:
+    """``causal_visibility``, built once per shape: a training step calls attention with the same
+    shapes every layer, and the kernels remember what they derive from the vectors' identity."""
+    return causal_visibility(seqlen_q, seqlen_k, causal, device)
+
+
 def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: bool = True,
                    softmax_scale: float | None = None) -> Tensor:
     """Exact alpha-entmax attention on one device.
@@ -98,7 +107,7 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: 
     """
     alpha = check_alpha(alpha)
     _, _, dim = check_qkv(q, k, v, backend=backend_for(q))
-    vis = causal_visibility(q.shape[1], k.shape[1], causal, q.device)
+    vis = _causal_visibility(q.shape[1], k.shape[1], causal, q.device)
     return _attention(q, k, v, vis, alpha, default_scale(softmax_scale, dim))
 
 

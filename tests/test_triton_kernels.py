@@ -145,9 +145,9 @@ def test_passes_match_spec(interpreted, shape, alpha):
     softmax_scale = 1.0 / math.sqrt(d)
     scale_z = (alpha - 1.0) * softmax_scale
     bm, bn = TB.BLOCK_M, TB.BLOCK_N
-    st, tile_max = A.statistics_pass(TB, q, k, vis, scale_z, bm, bn)
+    st, tile_gap = A.statistics_pass(TB, q, k, vis, scale_z, bm, bn)
     bracket = S.coarse_bracket(st, alpha)
-    active = A.lower_bound_mask(tile_max, bracket.lower, bracket.empty, bm)
+    active = A.lower_bound_mask(tile_gap, bracket.lower, st.row_max, bracket.empty, bm)
     if S.is_closed_form(alpha):
         ref, ref_keep = TB.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=bracket.bin_index)
         got, got_keep = interpreted.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=bracket.bin_index)
@@ -183,6 +183,32 @@ def test_passes_match_spec(interpreted, shape, alpha):
     for name, a, b in zip(("dq", "dk", "dv"), got_grads, ref_grads):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_tau_kernels_match_spec(interpreted, shape, alpha):
+    """The bracket and fine-tau kernels against ``stats.coarse_bracket`` / ``stats.fine_tau`` on the
+    statistics of random inputs (SHAPES[3] has rows with no visible key)."""
+    batch, sq, sk, h, hkv, d, causal = shape
+    q, k, _ = _qkv(batch, sq, sk, h, hkv, d, seed=4)
+    vis = causal_visibility(sq, sk, causal, "cpu")
+    scale_z = (alpha - 1.0) / math.sqrt(d)
+    bm, bn = TB.BLOCK_M, TB.BLOCK_N
+    st, tile_gap = A.statistics_pass(TB, q, k, vis, scale_z, bm, bn)
+    ref = S.coarse_bracket(st, alpha)
+    got = interpreted.coarse_bracket(st, alpha)
+    assert torch.equal(got.empty, ref.empty) and got.bin_index.dtype == torch.float64
+    assert torch.equal(got.bin_index[~ref.empty], ref.bin_index[~ref.empty])
+    assert torch.equal(got.lower[~ref.empty], ref.lower[~ref.empty])
+    active = A.lower_bound_mask(tile_gap, ref.lower, st.row_max, ref.empty, bm)
+    fine, _ = TB.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=ref.bin_index)
+    assert fine[..., 0, :].sum() > 0
+    tau_ref = S.fine_tau(st, ref, fine, alpha)
+    tau_got = interpreted.fine_tau(st, got, fine, alpha)
+    assert torch.equal(torch.isinf(tau_got), torch.isinf(tau_ref)) and tau_got.dtype == torch.float32
+    finite = torch.isfinite(tau_ref)
+    assert (tau_got[finite] - tau_ref[finite]).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])

@@ -4,10 +4,11 @@ A query block meets its keys as one or more *key blocks* (the whole sequence on 
 shard per ring step in a ring). ``KeyBlocks`` hides how blocks arrive; this module says what is
 computed on each and how the pieces combine:
 
-    forward  1. max pass on every block (dense Q.K^T: the only dense pass): row max, tile maxima
+    forward  1. max pass on every block (dense Q.K^T: the only dense pass): row max, tile gaps
+                (how close the tile's keys come to their rows' maxima)
              2. histogram pass (sparse): coarse histogram against the row max over all blocks,
                 on the tiles that reach within one of some row's max; histograms add exactly
-             3. bracket tau; block mask = tiles whose max logit exceeds a lower bound of tau
+             3. bracket tau; block mask = tiles with a key above a lower bound of tau
              4. refinement pass on active tiles (sparse): fine histogram (alpha 1.5, 2) or
                 NEWTON_STEPS Newton passes (other alpha); exact tau. For alpha 1.5 and 2 it also
                 tightens the mask per row (keys within a bin of the bin holding tau)
@@ -35,9 +36,11 @@ class KeyBlocks(Protocol):
     ``needed`` (a list of per-block bool vectors over key tiles, or None for all) says is needed;
     ``v`` is None unless ``with_values``; ``pass_name`` labels the pass in telemetry. ``fn`` runs on
     every block, in the same order on every rank; key tiles that no rank needs may arrive as
-    zeros, so ``fn`` reads only the tiles its masks name."""
+    zeros, so ``fn`` reads only the tiles its masks name. ``reads_needed``: whether ``visit``
+    uses ``needed`` at all (when not, the forward does not compute it)."""
 
     num_blocks: int
+    reads_needed: bool
 
     def visit(self, fn: Callable, with_values: bool, needed=None, pass_name: str | None = None) -> None: ...
 
@@ -59,30 +62,36 @@ class ForwardResult:
     dense_passes: int = 1
 
 
-def lower_bound_mask(tile_max: torch.Tensor, lower: torch.Tensor, empty: torch.Tensor, block_m: int):
-    """(B, H, nQ, nK) bool: a tile is kept when its max logit exceeds the smallest lower bound of
-    tau among its rows. tau >= lower, and a key with z <= tau has p = 0, so no nonzero tile is dropped."""
-    bound = torch.where(empty, torch.full_like(lower, float("inf")), lower - S.MASK_MARGIN)
+def lower_bound_mask(tile_gap: torch.Tensor, lower: torch.Tensor, row_max: torch.Tensor, empty: torch.Tensor,
+                     block_m: int):
+    """(B, H, nQ, nK) bool: a tile is kept when its gap (``torch_blockwise.max_pass``) exceeds the
+    smallest ``lower bound of tau - row max`` among its rows. A key with p > 0 has z > tau >= lower,
+    so its tile's gap is at least ``z - row max > lower - row max``: no nonzero tile is dropped."""
+    bound = torch.where(empty, torch.full_like(lower, float("inf")), lower - row_max - S.MASK_MARGIN)
     pad = (-bound.shape[-1]) % block_m
     if pad:
         bound = torch.nn.functional.pad(bound, (0, pad), value=float("inf"))
     per_tile = bound.view(*bound.shape[:-1], -1, block_m).amin(-1)
-    return tile_max > per_tile[..., None]
+    return tile_gap > per_tile[..., None]
 
 
 def statistics_pass(backend, q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
-    """Statistics of q against one key block alone, ``(RowStats, tile_max)``: the max pass, then
+    """Statistics of q against one key block alone, ``(RowStats, tile_gap)``: the max pass, then
     the histogram pass against this block's own row max (the one-block case of the forward's
     steps 1 and 2; ``stats.merge`` combines the results of several blocks exactly)."""
-    row_max, tile_max = backend.max_pass(q, k, vis, scale_z, block_m, block_n)
-    active = S.histogram_mask(tile_max, row_max, block_m)
-    hist, tile_max = backend.histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_max, active)
-    return S.RowStats(row_max, hist), tile_max
+    row_max, tile_gap = backend.max_pass(q, k, vis, scale_z, block_m, block_n)
+    active = S.histogram_mask(tile_gap)
+    hist, tile_gap = backend.histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_gap, active)
+    return S.RowStats(row_max, hist), tile_gap
 
 
 def tiles_needed(mask: torch.Tensor) -> torch.Tensor:
     """(nK,) bool: key tiles of a block that any query tile of any head needs."""
     return mask.flatten(0, -2).any(0)
+
+
+def _needed(blocks: KeyBlocks, masks: list):
+    return [tiles_needed(m) for m in masks] if blocks.reads_needed else None
 
 
 class LocalReduce:
@@ -115,33 +124,33 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
     scale_z = (alpha - 1.0) * softmax_scale
     bm, bn = backend.BLOCK_M, backend.BLOCK_N
     row_max: list = [None]
-    tile_max: list = [None] * blocks.num_blocks
+    tile_gap: list = [None] * blocks.num_blocks
     visible: list = [None] * blocks.num_blocks
 
     def maxima(index, k, _, vis):
-        block_max, tile_max[index] = backend.max_pass(q, k, vis, scale_z, bm, bn)
-        visible[index] = torch.isfinite(tile_max[index]).flatten(0, -3).any(0)
-        row_max[0] = block_max if row_max[0] is None else torch.maximum(row_max[0], block_max)
+        # the running max carries over from block to block: gaps of later blocks come out tighter
+        row_max[0], tile_gap[index] = backend.max_pass(q, k, vis, scale_z, bm, bn, row_max[0])
+        visible[index] = torch.isfinite(tile_gap[index]).flatten(0, -3).any(0)
 
     blocks.visit(maxima, with_values=False)
     row_max = reduce.row_max(row_max[0])
     # only these tiles can hold a key within one of a row max; histogram_pass marks the rest zero
-    histogram_tiles = [S.histogram_mask(t, row_max, bm) for t in tile_max]
+    histogram_tiles = [S.histogram_mask(t) for t in tile_gap]
     hist: list = [None]
 
     def histogram(index, k, _, vis):
-        part, tile_max[index] = backend.histogram_pass(q, k, vis, scale_z, bm, bn, row_max, tile_max[index],
+        part, tile_gap[index] = backend.histogram_pass(q, k, vis, scale_z, bm, bn, row_max, tile_gap[index],
                                                        histogram_tiles[index])
         hist[0] = part if hist[0] is None else hist[0] + part
 
-    blocks.visit(histogram, with_values=False, needed=[tiles_needed(m) for m in histogram_tiles],
+    blocks.visit(histogram, with_values=False, needed=_needed(blocks, histogram_tiles),
                  pass_name="histogram")
     row_stats = S.RowStats(row_max, reduce.histogram(hist[0]))
     del histogram_tiles
-    bracket = S.coarse_bracket(row_stats, alpha)
-    active = [lower_bound_mask(t, bracket.lower, bracket.empty, bm) for t in tile_max]
-    del tile_max  # float32 per tile: the bool masks are all the later passes need
-    needed = [tiles_needed(a) for a in active]
+    bracket = backend.coarse_bracket(row_stats, alpha)
+    active = [lower_bound_mask(t, bracket.lower, row_max, bracket.empty, bm) for t in tile_gap]
+    del tile_gap  # float32 per tile: the bool masks are all the later passes need
+    needed = _needed(blocks, active)
 
     def summed(**kwargs):
         total: list = [None]
@@ -156,13 +165,13 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
         return reduce.sums(total[0])
 
     if S.is_closed_form(alpha):
-        tau = S.fine_tau(row_stats, bracket, summed(bin_index=bracket.bin_index), alpha)
+        tau = backend.fine_tau(row_stats, bracket, summed(bin_index=bracket.bin_index), alpha)
     else:
         point, lower, upper = bracket.estimate, bracket.lower.double(), bracket.upper
         for _ in range(S.NEWTON_STEPS):
             point, lower, upper = S.newton_update(point, lower, upper, summed(point=point, alpha=alpha), alpha)
         tau = S.finalize_tau(point, bracket.empty)
-    needed = [tiles_needed(a) for a in active]
+    needed = _needed(blocks, active)
 
     parts: list = [None]
     nonzero: list = [None] * blocks.num_blocks
@@ -196,7 +205,7 @@ def entmax_backward(backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult,
         dq_total[0] = dq if dq_total[0] is None else dq_total[0] + dq
         return dk, dv
 
-    dk, dv = blocks.visit_backward(gradients, needed=[tiles_needed(m) for m in fwd.nonzero])
+    dk, dv = blocks.visit_backward(gradients, needed=_needed(blocks, fwd.nonzero))
     return reduce.grad_q(dq_total[0]), dk, dv
 
 
@@ -204,6 +213,7 @@ class SingleBlock:
     """All keys in one block: the one-device case."""
 
     num_blocks = 1
+    reads_needed = False
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, vis: Visibility):
         self.k, self.v, self.vis = k, v, vis

@@ -30,9 +30,9 @@ import torch
 NUM_BINS = 16  # coarse bins, width 1 / 15 in z
 FINE_BINS = 32  # sub-bins of the bin holding tau: final bracket 1 / 480 wide
 NEWTON_STEPS = 3  # exact refinement passes for alpha other than 1.5 and 2
-MASK_MARGIN = 1e-4  # slack (in z) when comparing a tile max with a lower bound of tau
-# tile_max of a tile that has visible pairs but provably no p > 0 (see ``histogram_mask``): finite,
-# so the tile still counts as visible, and below any lower bound of tau, so no block mask keeps it
+MASK_MARGIN = 1e-4  # slack (in z) when comparing a tile gap with a lower bound of tau
+# tile gap of a tile that has visible pairs but provably no p > 0 (see ``histogram_mask``): finite,
+# so the tile still counts as visible, and below any threshold, so no block mask keeps it
 ZERO_TILE = torch.finfo(torch.float32).min
 
 
@@ -85,21 +85,18 @@ def merge(a: RowStats, b: RowStats) -> RowStats:
     return RowStats(row_max, hist_a + hist_b)
 
 
-def histogram_mask(tile_max: torch.Tensor, row_max: torch.Tensor, block_m: int) -> torch.Tensor:
+HISTOGRAM_MARGIN = 1e-3  # slack (in z) of ``histogram_mask`` for logits recomputed by another kernel
+
+
+def histogram_mask(tile_gap: torch.Tensor) -> torch.Tensor:
     """(B, H, nQ, nK) bool: tiles that may hold a key in some row's kept bins, local bin
-    ``K - floor(z (NB - 1)) < NB`` with ``K = bin_reference(row_max)``: ``floor(tile max (NB - 1))``
-    reaches the lowest kept bin of some row of the query tile. Every key of any other tile has
-    ``z < row max - 1 <= tau`` (no p exceeds 1), so p = 0 there. ``row_max`` (B, H, Sq) is the max
-    over all key blocks, ``tile_max`` (B, H, nQ, nK) one block's tile maxima (float32 arithmetic,
-    as in the kernels)."""
-    nb = NUM_BINS
-    ref = bin_reference(row_max)
-    lowest = torch.where(torch.isfinite(row_max), ref, torch.full_like(ref, float("inf")))
-    pad = (-lowest.shape[-1]) % block_m
-    if pad:
-        lowest = torch.nn.functional.pad(lowest, (0, pad), value=float("inf"))
-    lowest = lowest.view(*lowest.shape[:-1], -1, block_m).amin(-1, keepdim=True)
-    return torch.floor(tile_max * (nb - 1)) >= lowest - (nb - 1)
+    ``K - floor(z (NB - 1)) < NB`` with ``K = bin_reference(row max) <= row max (NB - 1)``. Such a
+    key has ``z >= (K - NB + 1) / (NB - 1) > row max - NB / (NB - 1)``, so its tile's gap (see
+    ``torch_blockwise.max_pass``: an upper bound of key minus row max over the tile) exceeds
+    ``-NB / (NB - 1)``. Every key of any other tile has ``z < row max - 1 <= tau`` (no p exceeds 1),
+    so p = 0 there. ``tile_gap`` comes from the max pass of one key block, against a running max
+    that may include earlier blocks."""
+    return tile_gap >= -NUM_BINS / (NUM_BINS - 1) - HISTOGRAM_MARGIN
 
 
 def align_to(stats: RowStats, row_max: torch.Tensor) -> torch.Tensor:
@@ -119,8 +116,8 @@ class Bracket:
 
     ``lower``: a guaranteed lower bound of tau (builds the block mask: it never drops a nonzero tile).
     ``bin_index``: absolute coarse bin index holding tau (closed-form alpha), as float64.
-    ``estimate``: a starting point for Newton (other alpha).
-    ``upper``: an upper bound of tau (other alpha).
+    ``estimate``: a starting point for Newton (other alpha; None where only the closed form runs).
+    ``upper``: an upper bound of tau (other alpha; likewise).
     ``empty``: rows with no visible key.
     """
 

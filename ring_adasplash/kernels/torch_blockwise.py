@@ -16,6 +16,8 @@ from .visibility import Visibility
 BLOCK_M = 64  # query rows per tile of the block mask
 BLOCK_N = 64  # keys per tile
 SUPPORTED_HEAD_DIMS = None  # any head dim
+coarse_bracket = S.coarse_bracket  # tau from the statistics: the backend-neutral float64 math
+fine_tau = S.fine_tau
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -31,7 +33,9 @@ def _head_major_queries(q: torch.Tensor, heads_kv: int) -> torch.Tensor:
 class _KeyTiles:
     """Logits of all queries against one key tile at a time, with invisible and inactive pairs at -inf."""
 
-    def __init__(self, q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, active=None):
+    def __init__(self, q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, active=None,
+                 nearest_first: bool = False):
+        self.nearest_first = nearest_first  # last key tile first (the max pass: see ``max_pass``)
         self.batch, self.seqlen_q, self.heads, _ = q.shape
         self.heads_kv = k.shape[2]
         self.qh = _head_major_queries(q, self.heads_kv)
@@ -49,7 +53,8 @@ class _KeyTiles:
     def __iter__(self):
         """Yields (tile index, key slice, z (B, Hq, Sq, n)) for tiles with any active pair."""
         vis = self.vis
-        for index in range(self.num_tiles):
+        order = range(self.num_tiles)
+        for index in reversed(order) if self.nearest_first else order:
             keys = self.tile_keys(index)
             allowed = (vis.k_pos[None, keys] <= vis.q_limit[:, None]) & (vis.q_doc[:, None] == vis.k_doc[None, keys])
             allowed = allowed[None, None]
@@ -70,27 +75,38 @@ class _KeyTiles:
         return tiles.amax(-1) if reduce == "max" else tiles.any(-1)
 
 
-def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
-    """The dense pass: row max (B, Hq, Sq) and tile maxima (B, Hq, nQ, nK) of q against this key
-    block, both float32, -inf where there is no visible pair."""
-    tiles = _KeyTiles(q, k, vis, scale_z, block_m, block_n)
+def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max=None):
+    """The dense pass over this key block, last key tile first: the running row max (B, Hq, Sq),
+    starting from ``row_max`` (the max over earlier key blocks) when given, and the tile gaps
+    (B, Hq, nQ, nK): per tile, the max over its rows of (the row's largest logit in the tile - the
+    row's running max just after the tile), float32, -inf where the tile has no visible pair.
+
+    The running max never exceeds the final row max, so a gap bounds from above how close any key
+    of the tile comes to its row's max: the tile tests of the later passes rest on this. Taken
+    nearest first (causal: the diagonal, where a row's max usually is), the running max is close to
+    the final one early and the gaps of far tiles are tight."""
+    tiles = _KeyTiles(q, k, vis, scale_z, block_m, block_n, nearest_first=True)
     batch, heads, seqlen = tiles.batch, tiles.heads, tiles.seqlen_q
-    row_max = torch.full((batch, heads, seqlen), float("-inf"), device=q.device)
-    tile_max = torch.full((batch, heads, -(-seqlen // block_m), tiles.num_tiles), float("-inf"), device=q.device)
+    if row_max is None:
+        running = torch.full((batch, heads, seqlen), float("-inf"), device=q.device)
+    else:
+        running = row_max.to(device=q.device, dtype=torch.float32, copy=True)
+    tile_gap = torch.full((batch, heads, -(-seqlen // block_m), tiles.num_tiles), float("-inf"), device=q.device)
     for index, _, z in tiles:
         row_tile_max = z.float().amax(-1)
-        tile_max[..., index] = tiles.per_query_tile(row_tile_max, "max")
-        row_max = torch.maximum(row_max, row_tile_max)
-    return row_max, tile_max
+        running = torch.maximum(running, row_tile_max)
+        gap = torch.where(torch.isfinite(row_tile_max), row_tile_max - running, float("-inf"))
+        tile_gap[..., index] = tiles.per_query_tile(gap, "max")
+    return running, tile_gap
 
 
-def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max, tile_max, active):
+def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max, tile_gap, active):
     """Coarse histogram of this key block against the reference ``K = bin_reference(row_max)``.
 
     ``row_max`` (B, Hq, Sq) is the max over every key block (so histograms of all blocks share one
-    reference and add exactly); ``active`` = ``stats.histogram_mask(tile_max, row_max, block_m)``:
+    reference and add exactly); ``active`` = ``stats.histogram_mask(tile_gap)``:
     only those tiles are read. Returns ``hist`` (B, Hq, Sq, 3, NB): count, sum u, sum u^2 of the
-    keys in local bin ``K - floor(z (NB - 1)) < NB``, and ``tile_max`` with ``ZERO_TILE`` on the
+    keys in local bin ``K - floor(z (NB - 1)) < NB``, and ``tile_gap`` with ``ZERO_TILE`` on the
     visible tiles where no row has a key in its own kept bins (all of them outside ``active``).
     """
     nb = S.NUM_BINS
@@ -109,7 +125,7 @@ def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n:
         where = local.clamp(max=nb - 1).to(torch.int64)
         for moment, value in enumerate((keep.float(), u, u * u)):
             hist[..., moment, :].scatter_add_(-1, where, value)
-    return hist, tile_max.masked_fill(~near & torch.isfinite(tile_max), ZERO_TILE)
+    return hist, tile_gap.masked_fill(~near & torch.isfinite(tile_gap), ZERO_TILE)
 
 
 def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, active, *,

@@ -21,14 +21,15 @@ import os
 import torch
 
 from . import stats as S
-from . import torch_blockwise, triton_backward, triton_output, triton_refine, triton_stats
+from . import torch_blockwise, triton_backward, triton_output, triton_refine, triton_stats, triton_tau
 from .visibility import Visibility, tile_visible
 
 NAME = "triton"
 BLOCK_M = 64  # query rows per tile, in every kernel and in the block mask
 BLOCK_N = 64  # keys per tile
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-COARSE_ATOMIC = True  # coarse histogram by per-key atomics (else one register row sum per bin)
+ROW_SCATTER_KEYS = 2 * BLOCK_M  # tiles with at most this many histogram keys add them a bin per row at a time
+TAU_ROWS = 16  # rows per program of the tau kernels (every bin of a row in registers, float64)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -58,6 +59,10 @@ def _config(head_dim: int, kind: str) -> dict:
     if kind == "stats":
         return {"num_warps": 8 if head_dim >= 256 else 4, "num_stages": 2}
     return {"num_warps": 8 if head_dim >= 256 else 4, "num_stages": 2 if head_dim >= 256 else 3}
+
+
+def _runs_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check(q, k, block_m, block_n):
@@ -98,7 +103,26 @@ def _first(mask: torch.Tensor, default: int) -> torch.Tensor:
     return torch.where(mask, pos, default).amin(-1)
 
 
+_RANGES_CACHE: dict = {}  # where the four visibility vectors live, and their versions -> (vectors, ranges)
+RANGES_CACHE_SIZE = 16
+
+
 def _key_tile_ranges(vis: Visibility, device):
+    """``_compute_key_tile_ranges``, remembered for the last few visibility rules: some forty small
+    ops that would otherwise run on every call (most of a forward's launches at 8K tokens). The
+    key is each vector's memory, layout and version counter; the entry holds the vectors, so that
+    memory cannot be handed to other tensors while it lives, and an in-place change misses."""
+    tensors = (vis.q_limit, vis.q_doc, vis.k_pos, vis.k_doc)
+    key = (str(device),) + tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t._version) for t in tensors)
+    hit = _RANGES_CACHE.get(key)
+    if hit is None:
+        if len(_RANGES_CACHE) >= RANGES_CACHE_SIZE:
+            _RANGES_CACHE.pop(next(iter(_RANGES_CACHE)))
+        hit = _RANGES_CACHE[key] = (tensors, _compute_key_tile_ranges(vis, device))
+    return hit[1]
+
+
+def _compute_key_tile_ranges(vis: Visibility, device):
     """Per query tile (int32, (nQ,) each): key tiles [lo, hi) spanning every tile that may hold a
     visible pair (``visibility.tile_visible``; tiles in between with none come out -inf), and a run
     [full_lo, full_hi) of tiles whose every pair is visible (no per-element mask needed)."""
@@ -125,47 +149,51 @@ def _key_tile_ranges(vis: Visibility, device):
     return [t.to(torch.int32).contiguous() for t in (lo, hi, full_lo, full_hi)]
 
 
-def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
-    """Row max and tile maxima (the dense sweep, ``stats_kernel``); see ``torch_blockwise.max_pass``."""
+def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max=None):
+    """Running row max and tile gaps (the dense sweep, ``stats_kernel``); see ``torch_blockwise.max_pass``."""
     if q.dtype == torch.float64:
-        return torch_blockwise.max_pass(q, k, vis, scale_z, block_m, block_n)
+        return torch_blockwise.max_pass(q, k, vis, scale_z, block_m, block_n, row_max)
     _check(q, k, block_m, block_n)
     batch, seqlen_q, heads, dim = q.shape
     heads_kv = k.shape[2]
     num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(k.shape[1], BLOCK_N)
-    row_max = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
-    tile_max = torch.full((batch, heads, num_q_tiles, num_k_tiles), float("-inf"), device=q.device)
+    if row_max is None:
+        running = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    else:
+        running = row_max.to(device=q.device, dtype=torch.float32, copy=True).contiguous()
+    tile_gap = torch.full((batch, heads, num_q_tiles, num_k_tiles), float("-inf"), device=q.device)
     triton_stats.stats_kernel[(num_q_tiles, batch * heads)](
-        q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device), row_max, tile_max,
+        q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device), running, tile_gap,
         *q.stride(), *k.stride(),
         seqlen_q, k.shape[1], heads, num_k_tiles, float(scale_z),
-        GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_flags(q),
-        **_config(dim, "stats"),
+        GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_ROW_MAX=row_max is not None,
+        **_flags(q), **_config(dim, "stats"),
     )
-    return row_max, tile_max
+    return running, tile_gap
 
 
-def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max, tile_max, active):
+def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max, tile_gap, active):
     """Coarse histogram over the ``active`` tiles (``refine_kernel``, coarse mode), which also
     marks the tiles where some row has a key in its own kept bins; every other visible tile gets
-    ``ZERO_TILE`` (``tile_max`` is updated in place). See ``torch_blockwise.histogram_pass``."""
+    ``ZERO_TILE`` (``tile_gap`` is updated in place). See ``torch_blockwise.histogram_pass``."""
     if q.dtype == torch.float64:
-        return torch_blockwise.histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_max, active)
+        return torch_blockwise.histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_gap, active)
     _check(q, k, block_m, block_n)
     batch, seqlen_q, heads, dim = q.shape
     heads_kv = k.shape[2]
     num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(k.shape[1], BLOCK_N)
     counts, index = _tile_lists(active)
     hist = torch.zeros(batch, heads, seqlen_q, 3, S.NUM_BINS, device=q.device, dtype=torch.float32)
-    near = torch.zeros(tile_max.shape, device=q.device, dtype=torch.int8)
+    near = torch.zeros(tile_gap.shape, device=q.device, dtype=torch.int8)
     triton_refine.refine_kernel[(num_q_tiles, batch * heads)](
-        q, k, *_vis_args(vis, q.device), counts, index, S.bin_reference(row_max).contiguous(), hist, near,
+        q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device)[2:], counts, index,
+        S.bin_reference(row_max).contiguous(), hist, near,
         *q.stride(), *k.stride(),
         seqlen_q, k.shape[1], heads, num_k_tiles, float(scale_z), 0.0,
         GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_BINS=S.NUM_BINS,
-        FINE_BINS=S.FINE_BINS, MODE=0, COARSE_ATOMIC=COARSE_ATOMIC, **_flags(q), **_config(dim, "refine"),
+        FINE_BINS=S.FINE_BINS, MODE=0, ROW_SCATTER_KEYS=ROW_SCATTER_KEYS, **_flags(q), **_config(dim, "refine"),
     )
-    return hist, tile_max.masked_fill_((near == 0) & torch.isfinite(tile_max), S.ZERO_TILE)
+    return hist, tile_gap.masked_fill_((near == 0) & torch.isfinite(tile_gap), S.ZERO_TILE)
 
 
 def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, active, *,
@@ -187,11 +215,11 @@ def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: in
     out = torch.zeros(shape, device=q.device, dtype=torch.float32)
     keep = torch.zeros(active.shape, device=q.device, dtype=torch.int8)
     triton_refine.refine_kernel[(num_q_tiles, batch * heads)](
-        q, k, *_vis_args(vis, q.device), counts, index, target, out, keep,
+        q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device)[2:], counts, index, target, out, keep,
         *q.stride(), *k.stride(),
         seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), _gamma(alpha),
         GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_BINS=S.NUM_BINS,
-        FINE_BINS=S.FINE_BINS, MODE=2 if newton else 1, **flags, **_config(dim, "refine"),
+        FINE_BINS=S.FINE_BINS, MODE=2 if newton else 1, ROW_SCATTER_KEYS=ROW_SCATTER_KEYS, **flags, **_config(dim, "refine"),
     )
     return (out.double(), None) if newton else (out, keep.bool())
 
@@ -212,7 +240,8 @@ def output_pass(q, k, v, vis: Visibility, scale_z: float, alpha: float, tau, blo
     support = torch.empty_like(u_sum)
     nonzero = torch.zeros(batch, heads, num_q_tiles, num_k_tiles, device=q.device, dtype=torch.uint8)
     triton_output.output_kernel[(num_q_tiles, batch * heads)](
-        q, k, v, *_vis_args(vis, q.device), counts, index, tau.to(device=q.device, dtype=torch.float32).contiguous(),
+        q, k, v, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device)[2:], counts, index,
+        tau.to(device=q.device, dtype=torch.float32).contiguous(),
         out, out_u, u_sum, support, nonzero,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), _gamma(alpha),
@@ -259,3 +288,34 @@ def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_sc
         **common,
     )
     return dq, dk, dv
+
+
+def coarse_bracket(stats: S.RowStats, alpha: float) -> S.Bracket:
+    """``stats.coarse_bracket`` in one launch (``triton_tau.bracket_kernel``) for alpha 1.5 and 2;
+    ``estimate`` and ``upper``, which only the Newton path reads, are left None."""
+    if not (S.is_closed_form(alpha) and stats.hist.dtype == torch.float32 and _runs_kernels(stats.hist)):
+        return S.coarse_bracket(stats, alpha)
+    row_max = stats.row_max.to(torch.float32).contiguous()
+    lower = torch.empty_like(row_max)
+    bin_index = torch.empty(row_max.shape, device=row_max.device, dtype=torch.float64)
+    num_rows = row_max.numel()
+    triton_tau.bracket_kernel[(_cdiv(num_rows, TAU_ROWS),)](
+        row_max, stats.hist.contiguous(), lower, bin_index, num_rows,
+        NUM_BINS=S.NUM_BINS, GAMMA=round(_gamma(alpha)), BLOCK_R=TAU_ROWS,
+    )
+    return S.Bracket(lower, bin_index, None, None, torch.isneginf(row_max))
+
+
+def fine_tau(stats: S.RowStats, bracket: S.Bracket, fine_hist: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``stats.fine_tau`` in one launch (``triton_tau.fine_tau_kernel``)."""
+    if not (stats.hist.dtype == fine_hist.dtype == torch.float32 and _runs_kernels(fine_hist)):
+        return S.fine_tau(stats, bracket, fine_hist, alpha)
+    row_max = stats.row_max.to(torch.float32).contiguous()
+    tau = torch.empty_like(row_max)
+    num_rows = row_max.numel()
+    triton_tau.fine_tau_kernel[(_cdiv(num_rows, TAU_ROWS),)](
+        row_max, stats.hist.contiguous(), bracket.bin_index.to(torch.float64).contiguous(), fine_hist.contiguous(),
+        tau, num_rows,
+        NUM_BINS=S.NUM_BINS, FINE_BINS=S.FINE_BINS, GAMMA=round(_gamma(alpha)), BLOCK_R=TAU_ROWS,
+    )
+    return tau

@@ -9,7 +9,7 @@ attention. ``Nonzero[tile]`` is set for every visited tile that holds a key with
 import triton
 import triton.language as tl
 
-from .triton_stats import ADD, MAX, masked_logits
+from .triton_stats import ADD, MAX, tile_logits
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def entmax_weights(gap, gamma, ALPHA_MODE: tl.constexpr):
 
 @triton.jit
 def output_kernel(
-    Q, K, V, Q_limit, Q_doc, K_pos, K_doc, Tile_count, Tile_index, Tau,
+    Q, K, V, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Tau,
     Out, Out_u, U_sum, Support, Nonzero,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -65,6 +65,8 @@ def output_kernel(
     Tile_index = Tile_index + list_id.to(tl.int64) * num_k_tiles
     Nonzero = Nonzero + list_id.to(tl.int64) * num_k_tiles
 
+    full_lo = tl.load(K_full_lo + tile_q)  # key tiles [full_lo, full_hi) need no visibility mask
+    full_hi = tl.load(K_full_hi + tile_q)
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     acc_u = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     u_sum = tl.full([BLOCK_M], 0.0, tl.float32)
@@ -73,8 +75,8 @@ def output_kernel(
     for i in range(0, count):
         tile_k = tl.load(Tile_index + i)
         offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        z = masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d,
-                          stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, DOT_F32, IEEE)
+        z = tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d, stride_ks, stride_kd,
+                        seqlen_q, seqlen_k, scale_z, (tile_k >= full_lo) & (tile_k < full_hi), DOT_F32, IEEE)
         gap = tl.maximum(z - tau[:, None], 0.0)
         in_support = gap > 0
         p, u = entmax_weights(gap, gamma, ALPHA_MODE)

@@ -1,7 +1,11 @@
-"""Statistics pass, dense part (the only dense Q.K^T sweep): row max and per-tile maxima.
+"""Statistics pass, dense part (the only dense Q.K^T sweep): row max and per-tile gaps.
 
-One program per (query tile, batch x query head) walks every key tile that may hold a visible key
-and keeps the running max of ``z = scale_z * q . k`` per row, writing the max of each tile.
+One program per (query tile, batch x query head) walks every key tile that may hold a visible key,
+nearest first, and keeps the running max of ``z = scale_z * q . k`` per row. Per tile it writes the
+*gap*: max over the tile's rows of (the row's largest z in the tile - the row's running max), at
+most 0. The running max never exceeds the final one, so a gap bounds from above how close any key
+of the tile comes to its row's max: every later tile test (``stats.histogram_mask``,
+``algorithm.lower_bound_mask``) compares gaps with per-row thresholds relative to the row max.
 
 The coarse histogram (count, sum u, sum u^2 of the keys in local bin ``K - floor(z (NB - 1))``,
 ``K = floor(row max (NB - 1))``, see ``stats.py``) is then taken by ``triton_refine.refine_kernel``
@@ -47,15 +51,37 @@ def masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d,
 
 
 @triton.jit
+def tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d,
+                stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, full,
+                DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+    """z (BLOCK_M, BLOCK_N) fp32 of one key tile: ``full`` when every pair of the tile is visible
+    (no position loads, no mask: most tiles of a causal layout), else ``masked_logits``."""
+    if full:
+        k = tl.load(K + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        if IEEE:
+            z = tl.dot(q, k, input_precision="ieee") * scale_z
+        else:
+            z = tl.dot(q, k) * scale_z
+    else:
+        z = masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d,
+                          stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, DOT_F32, IEEE)
+    return z
+
+
+@triton.jit
 def stats_kernel(
-    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_tile_lo, K_tile_hi, K_full_lo, K_full_hi, Row_max, Tile_max,
+    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_tile_lo, K_tile_hi, K_full_lo, K_full_hi, Row_max, Tile_gap,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ROW_MAX: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Dense sweep: row max of z over visible keys and the max of every (query tile, key tile)."""
+    """Dense sweep, nearest key tiles first: running row max of z over visible keys (starting from
+    ``Row_max`` when ``HAS_ROW_MAX``, updated in place) and the gap of every (query tile, key tile):
+    max over the tile's rows of (the row's largest z in the tile - the row's running max)."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
     tile_q = tl.program_id(0)
@@ -73,29 +99,28 @@ def stats_kernel(
         q = q.to(tl.float32)
     q_limit = tl.load(Q_limit + offs_m, mask=in_q, other=-1)
     q_doc = tl.load(Q_doc + offs_m, mask=in_q, other=-1)
-    Tile_max = Tile_max + (bh * tl.num_programs(0) + tile_q).to(tl.int64) * num_k_tiles
+    Tile_gap = Tile_gap + (bh * tl.num_programs(0) + tile_q).to(tl.int64) * num_k_tiles
+    Row_max = Row_max + bh.to(tl.int64) * seqlen_q + offs_m
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    if HAS_ROW_MAX:
+        m_i = tl.load(Row_max, mask=in_q, other=float("-inf"))
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     # key tiles [lo, hi) hold every visible key of this query tile; [full_lo, full_hi) need no mask
     lo = tl.load(K_tile_lo + tile_q)
     hi = tl.load(K_tile_hi + tile_q)
     full_lo = tl.load(K_full_lo + tile_q)
     full_hi = tl.load(K_full_hi + tile_q)
-    for tile_k in range(lo, hi):
+    # nearest first (causal: the diagonal), where a row's max usually is: the running max is then
+    # close to the final one early, and the gaps of the far tiles come out tight
+    for step in range(0, hi - lo):
+        tile_k = hi - 1 - step
         offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        if (tile_k >= full_lo) & (tile_k < full_hi):
-            k = tl.load(K + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            if IEEE:
-                z = tl.dot(q, k, input_precision="ieee") * scale_z
-            else:
-                z = tl.dot(q, k) * scale_z
-        else:
-            z = masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d,
-                              stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, DOT_F32, IEEE)
+        z = tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d, stride_ks, stride_kd,
+                        seqlen_q, seqlen_k, scale_z, (tile_k >= full_lo) & (tile_k < full_hi), DOT_F32, IEEE)
         z_max = tl.reduce(z, 1, MAX)
-        tl.store(Tile_max + tile_k, tl.reduce(z_max, 0, MAX))
         m_i = tl.maximum(m_i, z_max)
+        gap = tl.where(z_max > float("-inf"), z_max - m_i, float("-inf"))
+        tl.store(Tile_gap + tile_k, tl.reduce(gap, 0, MAX))
 
-    tl.store(Row_max + bh.to(tl.int64) * seqlen_q + offs_m, m_i, mask=in_q)
+    tl.store(Row_max, m_i, mask=in_q)

@@ -54,6 +54,8 @@ class RingKeyBlocks:
     """Key blocks of a ring: block ``s`` is the shard of rank ``s``; at step ``t`` rank ``r`` holds
     shard ``(r - t) mod P``. Implements ``algorithm.KeyBlocks``."""
 
+    reads_needed = True  # only the key tiles some rank needs travel
+
     def __init__(self, k: torch.Tensor, v: torch.Tensor, plan: ShardPlan, block_n: int):
         self.k, self.v, self.plan, self.block_n = k, v, plan, block_n
         self.comm = plan.comm
