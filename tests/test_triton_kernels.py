@@ -209,6 +209,14 @@ def test_tau_kernels_match_spec(interpreted, shape, alpha):
     assert torch.equal(torch.isinf(tau_got), torch.isinf(tau_ref)) and tau_got.dtype == torch.float32
     finite = torch.isfinite(tau_ref)
     assert (tau_got[finite] - tau_ref[finite]).abs().max() <= 1e-6
+    # rows whose bin of tau holds at most one key: the fine histogram the pass measured is the one
+    # the coarse moments give, so tau does not depend on the pass having read them
+    assert torch.equal(got.coarse_only, ref.coarse_only)
+    single = ref.coarse_only & ~ref.empty
+    assert single.any() and not ref.coarse_only.all()
+    torch.testing.assert_close(S.single_key_fine(st, ref, S.FINE_BINS)[single], fine[single], rtol=0, atol=1e-6)
+    unread = interpreted.fine_tau(st, got, torch.zeros_like(fine), alpha)
+    assert torch.equal(unread[ref.coarse_only], tau_got[ref.coarse_only])
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])

@@ -9,9 +9,10 @@ computed on each and how the pieces combine:
              2. histogram pass (sparse): coarse histogram against the row max over all blocks,
                 on the tiles that reach within one of some row's max; histograms add exactly
              3. bracket tau; block mask = tiles with a key above a lower bound of tau
-             4. refinement pass on active tiles (sparse): fine histogram (alpha 1.5, 2) or
-                NEWTON_STEPS Newton passes (other alpha); exact tau. For alpha 1.5 and 2 it also
-                tightens the mask per row (keys within a bin of the bin holding tau)
+             4. refinement pass on active tiles (sparse): fine histogram (alpha 1.5, 2; only
+                query tiles with a row whose bin of tau holds two keys or more) or NEWTON_STEPS
+                Newton passes (other alpha); exact tau. For alpha 1.5 and 2 the block mask is
+                then rebuilt from the exact tau and tightened per row where the pass ran
              5. output pass on active tiles (sparse): sum p v, sum u v, sum u; exact zero tiles found
     backward one pass on nonzero tiles: dq here, dk and dv of each block handed back to the block
 
@@ -85,6 +86,14 @@ def statistics_pass(backend, q, k, vis: Visibility, scale_z: float, block_m: int
     return S.RowStats(row_max, hist), tile_gap
 
 
+def rows_to_tiles(rows: torch.Tensor, block_m: int) -> torch.Tensor:
+    """(B, H, Sq) bool -> (B, H, nQ): whether any row of the query tile is set."""
+    pad = (-rows.shape[-1]) % block_m
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad), value=False)
+    return rows.view(*rows.shape[:-1], -1, block_m).any(-1)
+
+
 def tiles_needed(mask: torch.Tensor) -> torch.Tensor:
     """(nK,) bool: key tiles of a block that any query tile of any head needs."""
     return mask.flatten(0, -2).any(0)
@@ -149,28 +158,35 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
     del histogram_tiles
     bracket = backend.coarse_bracket(row_stats, alpha)
     active = [lower_bound_mask(t, bracket.lower, row_max, bracket.empty, bm) for t in tile_gap]
-    del tile_gap  # float32 per tile: the bool masks are all the later passes need
-    needed = _needed(blocks, active)
 
-    def summed(**kwargs):
+    def summed(masks, **kwargs):
         total: list = [None]
+        keeps: list = [None] * blocks.num_blocks
 
         def refine(index, k, _, vis):
-            part, keep = backend.refine_pass(q, k, vis, scale_z, bm, bn, active[index], **kwargs)
+            part, keeps[index] = backend.refine_pass(q, k, vis, scale_z, bm, bn, masks[index], **kwargs)
             total[0] = part if total[0] is None else total[0] + part
-            if keep is not None:
-                active[index] = keep  # tested per row: a tighter mask for the output pass
 
-        blocks.visit(refine, with_values=False, needed=needed)
-        return reduce.sums(total[0])
+        blocks.visit(refine, with_values=False, needed=_needed(blocks, masks))
+        return reduce.sums(total[0]), keeps
 
     if S.is_closed_form(alpha):
-        tau = backend.fine_tau(row_stats, bracket, summed(bin_index=bracket.bin_index), alpha)
+        # rows whose bin of tau holds at most one key have tau from the coarse histogram: the
+        # refinement pass reads only the query tiles with another row
+        refined = rows_to_tiles(~bracket.coarse_only, bm)
+        fine, keeps = summed([a & refined[..., None] for a in active], bin_index=bracket.bin_index)
+        tau = backend.fine_tau(row_stats, bracket, fine, alpha)
+        # block mask from the exact tau (a key with p > 0 has z > tau), and where the refinement
+        # pass ran, also its per-row test (some row has a key at most a bin below its bin of tau)
+        active = [lower_bound_mask(t, tau, row_max, bracket.empty, bm) & (keep | ~refined[..., None])
+                  for t, keep in zip(tile_gap, keeps)]
     else:
         point, lower, upper = bracket.estimate, bracket.lower.double(), bracket.upper
         for _ in range(S.NEWTON_STEPS):
-            point, lower, upper = S.newton_update(point, lower, upper, summed(point=point, alpha=alpha), alpha)
+            sums, _ = summed(active, point=point, alpha=alpha)
+            point, lower, upper = S.newton_update(point, lower, upper, sums, alpha)
         tau = S.finalize_tau(point, bracket.empty)
+    del tile_gap  # float32 per tile: the bool masks are all the output pass needs
     needed = _needed(blocks, active)
 
     parts: list = [None]

@@ -119,6 +119,9 @@ class Bracket:
     ``estimate``: a starting point for Newton (other alpha; None where only the closed form runs).
     ``upper``: an upper bound of tau (other alpha; likewise).
     ``empty``: rows with no visible key.
+    ``coarse_only``: (closed-form alpha, else None) rows whose tau follows from the coarse
+    histogram alone: the bin of tau holds at most one key, whose position is its first moment
+    (and empty rows). The refinement pass can skip query tiles made only of such rows.
     """
 
     lower: torch.Tensor
@@ -126,6 +129,7 @@ class Bracket:
     estimate: torch.Tensor
     upper: torch.Tensor
     empty: torch.Tensor
+    coarse_only: torch.Tensor | None = None
 
 
 def _cumsum_bins(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
@@ -165,7 +169,8 @@ def coarse_bracket(stats: RowStats, alpha: float) -> Bracket:
         b_star = (edge < target).sum(-1).clamp(max=nb - 1).double()  # first bin whose lower edge has F >= 1
         bin_index = ref - b_star
         lower = bin_index * w
-        return Bracket(lower.float(), bin_index, lower, lower + w, empty)
+        count_at = torch.gather(stats.hist[..., 0, :], -1, b_star.long()[..., None]).squeeze(-1)
+        return Bracket(lower.float(), bin_index, lower, lower + w, empty, (count_at <= 1) | empty)
     # Other alpha: bound each key between its bin's edges, then bisect a one-point-per-bin model.
     count, s1, _ = stats.hist.double().unbind(-2)
     dist = bins[:, None] - bins[None, :]  # [b, j] = b - j
@@ -197,11 +202,32 @@ def _poly_root(n0, n1, n2, target, gamma):
     return (n2 - target) / (n1 + disc.sqrt()).clamp(min=1e-30)
 
 
+def single_key_fine(stats: RowStats, bracket: Bracket, fine_bins: int) -> torch.Tensor:
+    """The fine histogram (B, H, Sq, 3, fine_bins) of a bin of tau that holds at most one key,
+    from the coarse moments alone: the key sits at ``u`` = its sum u, so in sub-bin
+    ``floor(u fine_bins)`` at ``v = u fine_bins - floor(u fine_bins)`` (float32, as the fine pass
+    computes it). Meaningful on ``bracket.coarse_only`` rows."""
+    ref = bin_reference(stats.row_max).double()
+    b_star = (ref - bracket.bin_index).clamp(0, NUM_BINS - 1).long()[..., None]
+    count = torch.gather(stats.hist[..., 0, :], -1, b_star).squeeze(-1).clamp(max=1)
+    frac = torch.gather(stats.hist[..., 1, :], -1, b_star).squeeze(-1) * fine_bins
+    sub = frac.floor().clamp(0, fine_bins - 1)
+    v = frac - sub
+    at = torch.arange(fine_bins, device=frac.device) == sub[..., None]
+    moments = torch.stack([count, count * v, count * v * v], -1)[..., None]  # (B, H, Sq, 3, 1)
+    return torch.where(at[..., None, :], moments, torch.zeros((), device=frac.device))
+
+
 def fine_tau(stats: RowStats, bracket: Bracket, fine_hist: torch.Tensor, alpha: float) -> torch.Tensor:
     """tau (B, H, Sq) float32 for alpha in {1.5, 2} from coarse and fine statistics.
 
     Works in units of the coarse bin, relative to the lower edge ``L`` of the bin holding tau.
+    On ``bracket.coarse_only`` rows the fine histogram comes from ``single_key_fine`` (the
+    refinement pass may not have read them).
     """
+    if bracket.coarse_only is not None:
+        synthetic = single_key_fine(stats, bracket, fine_hist.shape[-1])
+        fine_hist = torch.where(bracket.coarse_only[..., None, None], synthetic, fine_hist)
     gamma = 1.0 / (alpha - 1.0)
     w = 1.0 / (NUM_BINS - 1)
     nf = fine_hist.shape[-1]

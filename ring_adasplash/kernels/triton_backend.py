@@ -30,6 +30,7 @@ BLOCK_N = 64  # keys per tile
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 ROW_SCATTER_KEYS = 2 * BLOCK_M  # tiles with at most this many histogram keys add them a bin per row at a time
 TAU_ROWS = 16  # rows per program of the tau kernels (every bin of a row in registers, float64)
+TAU_WARPS = 4
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -57,6 +58,8 @@ def _config(head_dim: int, kind: str) -> dict:
     if kind == "backward":
         return {"num_warps": 8 if head_dim >= 128 else 4, "num_stages": 1 if head_dim >= 256 else 2}
     if kind == "stats":
+        return {"num_warps": 8 if head_dim >= 256 else 4, "num_stages": 2}
+    if kind == "output":  # one H100, 32K, D 64: 2.28 ms with 2 stages against 2.60 with 3
         return {"num_warps": 8 if head_dim >= 256 else 4, "num_stages": 2}
     return {"num_warps": 8 if head_dim >= 256 else 4, "num_stages": 2 if head_dim >= 256 else 3}
 
@@ -298,12 +301,13 @@ def coarse_bracket(stats: S.RowStats, alpha: float) -> S.Bracket:
     row_max = stats.row_max.to(torch.float32).contiguous()
     lower = torch.empty_like(row_max)
     bin_index = torch.empty(row_max.shape, device=row_max.device, dtype=torch.float64)
+    coarse_only = torch.empty(row_max.shape, device=row_max.device, dtype=torch.int8)
     num_rows = row_max.numel()
     triton_tau.bracket_kernel[(_cdiv(num_rows, TAU_ROWS),)](
-        row_max, stats.hist.contiguous(), lower, bin_index, num_rows,
-        NUM_BINS=S.NUM_BINS, GAMMA=round(_gamma(alpha)), BLOCK_R=TAU_ROWS,
+        row_max, stats.hist.contiguous(), lower, bin_index, coarse_only, num_rows,
+        NUM_BINS=S.NUM_BINS, GAMMA=round(_gamma(alpha)), BLOCK_R=TAU_ROWS, num_warps=TAU_WARPS,
     )
-    return S.Bracket(lower, bin_index, None, None, torch.isneginf(row_max))
+    return S.Bracket(lower, bin_index, None, None, torch.isneginf(row_max), coarse_only.view(torch.bool))
 
 
 def fine_tau(stats: S.RowStats, bracket: S.Bracket, fine_hist: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -317,5 +321,6 @@ def fine_tau(stats: S.RowStats, bracket: S.Bracket, fine_hist: torch.Tensor, alp
         row_max, stats.hist.contiguous(), bracket.bin_index.to(torch.float64).contiguous(), fine_hist.contiguous(),
         tau, num_rows,
         NUM_BINS=S.NUM_BINS, FINE_BINS=S.FINE_BINS, GAMMA=round(_gamma(alpha)), BLOCK_R=TAU_ROWS,
+        num_warps=TAU_WARPS,
     )
     return tau

@@ -36,14 +36,15 @@ def _load_moments(Hist, rows, in_rows, NB: tl.constexpr):
 
 
 @triton.jit
-def bracket_kernel(Row_max, Hist, Lower, Bin_index, num_rows,
+def bracket_kernel(Row_max, Hist, Lower, Bin_index, Coarse_only, num_rows,
                    NUM_BINS: tl.constexpr, GAMMA: tl.constexpr, BLOCK_R: tl.constexpr):
     """Bin holding tau: the first local bin b whose lower edge has F_b = sum (x - edge_b)^gamma >= 1
-    (in bin units: >= (NB - 1)^gamma), from prefix sums of the moments over the bins above it."""
+    (in bin units: >= (NB - 1)^gamma), from prefix sums of the moments over the bins above it;
+    and whether that bin holds at most one key (``stats.Bracket.coarse_only``)."""
     tl.static_assert(GAMMA == 1 or GAMMA == 2)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < num_rows
-    ref, _ = _reference(Row_max, rows, in_rows, NUM_BINS)
+    ref, empty = _reference(Row_max, rows, in_rows, NUM_BINS)
     count, s1, s2 = _load_moments(Hist, rows, in_rows, NUM_BINS)
     j = tl.arange(0, NUM_BINS).to(tl.float64)[None, :]
     # keys of bin i <= b sit (b - i) + u bin widths above the lower edge of bin b
@@ -59,6 +60,8 @@ def bracket_kernel(Row_max, Hist, Lower, Bin_index, num_rows,
         target = target * (NUM_BINS - 1)
     b_star = tl.minimum(tl.reduce((edge < target).to(tl.int32), 1, ADD), NUM_BINS - 1)
     bin_index = ref - b_star.to(tl.float64)
+    count_at = tl.reduce(tl.where(j == b_star[:, None].to(tl.float64), count, 0.0), 1, ADD)
+    tl.store(Coarse_only + rows, ((count_at <= 1.0) | empty).to(tl.int8), mask=in_rows)
     tl.store(Bin_index + rows, bin_index, mask=in_rows)
     tl.store(Lower + rows, (bin_index / (NUM_BINS - 1)).to(tl.float32), mask=in_rows)
 
@@ -87,7 +90,9 @@ def _f_at(t, m0, m1, m2, GAMMA: tl.constexpr):
 def fine_tau_kernel(Row_max, Hist, Bin_index, Fine, Tau, num_rows,
                     NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, GAMMA: tl.constexpr, BLOCK_R: tl.constexpr):
     """tau from the coarse moments above the bin of tau and the fine histogram inside it: closed
-    form on the exact sums above the sub-bin holding tau plus a two-point model of that sub-bin."""
+    form on the exact sums above the sub-bin holding tau plus a two-point model of that sub-bin.
+    Where the bin holds at most one key, its fine histogram comes from the coarse moments
+    (``stats.single_key_fine``): the refinement pass may not have read that row."""
     tl.static_assert(GAMMA == 1 or GAMMA == 2)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < num_rows
@@ -105,6 +110,17 @@ def fine_tau_kernel(Row_max, Hist, Bin_index, Fine, Tau, num_rows,
 
     fc, fv1, fv2 = _load_moments(Fine, rows, in_rows, FINE_BINS)
     s = tl.arange(0, FINE_BINS).to(tl.float64)[None, :]
+    at_bin = j == b_star
+    count_at = tl.reduce(tl.where(at_bin, count, 0.0), 1, ADD)
+    coarse_only = (count_at <= 1.0) | empty
+    # the one key's position in float32, as the refinement pass computes it
+    frac = (tl.reduce(tl.where(at_bin, s1, 0.0), 1, ADD).to(tl.float32) * FINE_BINS)
+    sub = tl.minimum(tl.maximum(tl.floor(frac), 0.0), FINE_BINS - 1)
+    v = (frac - sub).to(tl.float64)
+    one = tl.where(s == sub[:, None].to(tl.float64), tl.minimum(count_at, 1.0)[:, None], 0.0)
+    fc = tl.where(coarse_only[:, None], one, fc)
+    fv1 = tl.where(coarse_only[:, None], one * v[:, None], fv1)
+    fv2 = tl.where(coarse_only[:, None], one * (v * v)[:, None], fv2)
     x1 = (fc * s + fv1) / FINE_BINS  # sum of x over sub-bin s
     x2 = (fc * s * s + 2.0 * s * fv1 + fv2) / (FINE_BINS * FINE_BINS)
     # moments of the keys in sub-bins >= s, plus every key above the bin
