@@ -2,8 +2,9 @@
 
 Inputs come in the public layout (B, S, H, D) with any strides (passed per axis, never copied);
 statistics are head-major (B, H, Sq, ...) and contiguous. GQA: query head ``h`` reads key head
-``h // (Hq // Hkv)``. The kernels live in ``triton_stats``, ``triton_refine``, ``triton_output`` and
-``triton_backward``; this module builds their small side inputs (per query tile, the range of key
+``h // (Hq // Hkv)``. The kernels live in ``triton_stats``, ``triton_refine``, ``triton_output``,
+``triton_backward`` and ``triton_tau`` (tau from the statistics, in place of the float64 PyTorch
+math of ``stats`` for alpha 1.5 and 2); this module builds their small side inputs (per query tile, the range of key
 tiles with visible pairs; compact lists of the tiles each program visits) and picks launch
 configurations (a fixed table: no autotuning, so a first call compiles each kernel once).
 
