@@ -42,7 +42,7 @@ def profile(seqlen, head_dim, heads, amp):
     bracket = TB.coarse_bracket(row_stats, ALPHA)
     times["bracket"] = lambda: TB.coarse_bracket(row_stats, ALPHA)
     active = A.lower_bound_mask(zeroed, bracket.lower, row_max, bracket.empty, bm)
-    refined = A.rows_to_tiles(~bracket.coarse_only, bm)
+    refined = S.per_query_tile(~bracket.coarse_only, bm, "any")
     refine_tiles = active & refined[..., None]
     fine, keep = TB.refine_pass(q, k, vis, scale_z, bm, bn, refine_tiles, bin_index=bracket.bin_index)
     times["refinement pass"] = lambda: TB.refine_pass(q, k, vis, scale_z, bm, bn, refine_tiles,

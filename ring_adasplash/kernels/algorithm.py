@@ -69,11 +69,7 @@ def lower_bound_mask(tile_gap: torch.Tensor, lower: torch.Tensor, row_max: torch
     smallest ``lower bound of tau - row max`` among its rows. A key with p > 0 has z > tau >= lower,
     so its tile's gap is at least ``z - row max > lower - row max``: no nonzero tile is dropped."""
     bound = torch.where(empty, torch.full_like(lower, float("inf")), lower - row_max - S.MASK_MARGIN)
-    pad = (-bound.shape[-1]) % block_m
-    if pad:
-        bound = torch.nn.functional.pad(bound, (0, pad), value=float("inf"))
-    per_tile = bound.view(*bound.shape[:-1], -1, block_m).amin(-1)
-    return tile_gap > per_tile[..., None]
+    return tile_gap > S.per_query_tile(bound, block_m, "min")[..., None]
 
 
 def statistics_pass(backend, q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
@@ -84,14 +80,6 @@ def statistics_pass(backend, q, k, vis: Visibility, scale_z: float, block_m: int
     active = S.histogram_mask(tile_gap)
     hist, tile_gap = backend.histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_gap, active)
     return S.RowStats(row_max, hist), tile_gap
-
-
-def rows_to_tiles(rows: torch.Tensor, block_m: int) -> torch.Tensor:
-    """(B, H, Sq) bool -> (B, H, nQ): whether any row of the query tile is set."""
-    pad = (-rows.shape[-1]) % block_m
-    if pad:
-        rows = torch.nn.functional.pad(rows, (0, pad), value=False)
-    return rows.view(*rows.shape[:-1], -1, block_m).any(-1)
 
 
 def tiles_needed(mask: torch.Tensor) -> torch.Tensor:
@@ -173,7 +161,7 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
     if S.is_closed_form(alpha):
         # rows whose bin of tau holds at most one key have tau from the coarse histogram: the
         # refinement pass reads only the query tiles with another row
-        refined = rows_to_tiles(~bracket.coarse_only, bm)
+        refined = S.per_query_tile(~bracket.coarse_only, bm, "any")
         fine, keeps = summed([a & refined[..., None] for a in active], bin_index=bracket.bin_index)
         tau = backend.fine_tau(row_stats, bracket, fine, alpha)
         # block mask from the exact tau (a key with p > 0 has z > tau), and where the refinement

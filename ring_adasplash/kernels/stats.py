@@ -52,13 +52,6 @@ class RowStats:
     row_max: torch.Tensor
     hist: torch.Tensor
 
-    @staticmethod
-    def empty(batch: int, heads: int, seqlen: int, device) -> "RowStats":
-        return RowStats(
-            torch.full((batch, heads, seqlen), float("-inf"), device=device),
-            torch.zeros(batch, heads, seqlen, 3, NUM_BINS, device=device),
-        )
-
 
 def bin_reference(row_max: torch.Tensor) -> torch.Tensor:
     """Integer reference ``K = floor(max * (NUM_BINS - 1))`` as float; a huge negative for empty rows."""
@@ -85,6 +78,17 @@ def merge(a: RowStats, b: RowStats) -> RowStats:
     return RowStats(row_max, hist_a + hist_b)
 
 
+def per_query_tile(rows: torch.Tensor, block_m: int, reduce: str) -> torch.Tensor:
+    """(..., Sq) -> (..., nQ): ``reduce`` ("max", "min" or "any") over the rows of each query
+    tile; the padding rows of a last, partial tile change nothing."""
+    fill = {"max": float("-inf"), "min": float("inf"), "any": False}[reduce]
+    pad = (-rows.shape[-1]) % block_m
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad), value=fill)
+    tiles = rows.view(*rows.shape[:-1], -1, block_m)
+    return tiles.amax(-1) if reduce == "max" else tiles.amin(-1) if reduce == "min" else tiles.any(-1)
+
+
 HISTOGRAM_MARGIN = 1e-3  # slack (in z) of ``histogram_mask`` for logits recomputed by another kernel
 
 
@@ -97,12 +101,6 @@ def histogram_mask(tile_gap: torch.Tensor) -> torch.Tensor:
     so p = 0 there. ``tile_gap`` comes from the max pass of one key block, against a running max
     that may include earlier blocks."""
     return tile_gap >= -NUM_BINS / (NUM_BINS - 1) - HISTOGRAM_MARGIN
-
-
-def align_to(stats: RowStats, row_max: torch.Tensor) -> torch.Tensor:
-    """Histogram of ``stats`` re-referenced to a larger ``row_max`` (for all-reduce merges:
-    all-reduce the max first, align, then all-reduce the sum)."""
-    return shift_bins(stats.hist, (bin_reference(row_max) - bin_reference(stats.row_max)).clamp(0, NUM_BINS))
 
 
 # ----------------------------------------------------------------------------------------------

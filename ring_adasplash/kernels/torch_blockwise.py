@@ -68,11 +68,7 @@ class _KeyTiles:
 
     def per_query_tile(self, rows: torch.Tensor, reduce: str) -> torch.Tensor:
         """(B, H, Sq) -> (B, H, nQ) by max or any over each query tile."""
-        pad = (-self.seqlen_q) % self.block_m
-        fill = float("-inf") if reduce == "max" else False
-        rows = torch.nn.functional.pad(rows, (0, pad), value=fill) if pad else rows
-        tiles = rows.view(*rows.shape[:-1], -1, self.block_m)
-        return tiles.amax(-1) if reduce == "max" else tiles.any(-1)
+        return S.per_query_tile(rows, self.block_m, reduce)
 
 
 def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max=None):

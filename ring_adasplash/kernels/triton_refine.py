@@ -20,9 +20,8 @@ issues an instruction per element, masked or not, so on sparse tiles the row for
 5.6 against 6.4 ms. At 25% block sparsity most tiles still pass the kept-key test but spread
 their keys over many bins per row, and the per-key form alone would be faster there (coarse
 pass 37.6 against 47.7 ms): a switch on the bins per row rather than the keys is left open.
-The coarse pass also writes
-``Keep[tile]``: whether some row has a key in its own kept bins; tiles without one hold only keys
-with z < row max - 1 <= tau.
+The coarse pass also writes ``Keep[tile]``: whether some row has a key in its own kept bins;
+tiles without one hold only keys with z < row max - 1 <= tau.
 """
 import triton
 import triton.language as tl
@@ -59,6 +58,16 @@ def add_moments_by_row(Out, rows, slot, v, keep, NB: tl.constexpr):
         tl.atomic_add(At + 2 * NB, sum_v2, mask=has, sem="relaxed")
         keep = keep & (slot != bin_now[:, None])
         bin_now = tl.reduce(tl.where(keep, slot, NB), 1, MIN)
+
+
+@triton.jit
+def add_moments(Out, rows, slot, v, keep, kept, NB: tl.constexpr, ROW_SCATTER_KEYS: tl.constexpr):
+    """Out[row, :, slot] += (1, v, v^2) for the ``kept`` kept keys of a tile, in the form that
+    suits their number (see the module doc)."""
+    if kept <= ROW_SCATTER_KEYS:
+        add_moments_by_row(Out, rows, slot, v, keep, NB)
+    else:
+        scatter_moments(Out, rows, slot, v, keep, NB)
 
 
 @triton.jit
@@ -120,10 +129,7 @@ def refine_kernel(
                 if kept > 0:
                     # some row has a key within its NUM_BINS bins: the tile may hold p > 0
                     tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, 1)
-                    if kept <= ROW_SCATTER_KEYS:
-                        add_moments_by_row(Out, rows, local, scaled - idx, keep, NUM_BINS)
-                    else:
-                        scatter_moments(Out, rows, local, scaled - idx, keep, NUM_BINS)
+                    add_moments(Out, rows, local, scaled - idx, keep, kept, NUM_BINS, ROW_SCATTER_KEYS)
             else:  # fine: sub-bins of the coarse bin of tau
                 # the tile stays in the block mask only if some row has a key at most one bin
                 # below the bin of tau (tau lies inside that bin, so lower keys have p = 0)
@@ -135,10 +141,7 @@ def refine_kernel(
                 if kept > 0:
                     frac = tl.where(keep, (scaled - idx) * FINE_BINS, 0.0)
                     sub = tl.minimum(tl.maximum(tl.floor(frac), 0.0), FINE_BINS - 1)
-                    if kept <= ROW_SCATTER_KEYS:
-                        add_moments_by_row(Out, rows, sub, frac - sub, keep, FINE_BINS)
-                    else:
-                        scatter_moments(Out, rows, sub, frac - sub, keep, FINE_BINS)
+                    add_moments(Out, rows, sub, frac - sub, keep, kept, FINE_BINS, ROW_SCATTER_KEYS)
 
     if MODE == 2:
         tl.store(Out + rows * 2, f_sum, mask=in_q)

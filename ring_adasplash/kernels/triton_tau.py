@@ -36,6 +36,15 @@ def _load_moments(Hist, rows, in_rows, NB: tl.constexpr):
 
 
 @triton.jit
+def _target(NUM_BINS: tl.constexpr, GAMMA: tl.constexpr):
+    """sum_j p_j = 1 in bin-width units: (NB - 1)^gamma."""
+    target = 1.0
+    for _ in tl.static_range(GAMMA):
+        target = target * (NUM_BINS - 1)
+    return target
+
+
+@triton.jit
 def bracket_kernel(Row_max, Hist, Lower, Bin_index, Coarse_only, num_rows,
                    NUM_BINS: tl.constexpr, GAMMA: tl.constexpr, BLOCK_R: tl.constexpr):
     """Bin holding tau: the first local bin b whose lower edge has F_b = sum (x - edge_b)^gamma >= 1
@@ -55,9 +64,7 @@ def bracket_kernel(Row_max, Hist, Lower, Bin_index, Coarse_only, num_rows,
     else:
         m2 = tl.associative_scan(s2 - 2.0 * j * s1 + j * j * count, 1, ADD)
         edge = m2 + 2.0 * j * m1 + j * j * c_cum
-    target = 1.0
-    for _ in tl.static_range(GAMMA):
-        target = target * (NUM_BINS - 1)
+    target = _target(NUM_BINS, GAMMA)
     b_star = tl.minimum(tl.reduce((edge < target).to(tl.int32), 1, ADD), NUM_BINS - 1)
     bin_index = ref - b_star.to(tl.float64)
     count_at = tl.reduce(tl.where(j == b_star[:, None].to(tl.float64), count, 0.0), 1, ADD)
@@ -128,9 +135,7 @@ def fine_tau_kernel(Row_max, Hist, Bin_index, Fine, Tau, num_rows,
     n1 = a1[:, None] + tl.associative_scan(x1, 1, ADD, reverse=True)
     n2 = a2[:, None] + tl.associative_scan(x2, 1, ADD, reverse=True)
     edge = s / FINE_BINS
-    target = 1.0
-    for _ in tl.static_range(GAMMA):
-        target = target * (NUM_BINS - 1)
+    target = _target(NUM_BINS, GAMMA)
     f_edge = _f_at(edge, n0, n1, n2, GAMMA)
     s_star = tl.reduce((f_edge >= target).to(tl.int32), 1, ADD) - 1  # last sub-edge with F >= target
     s_star = tl.minimum(tl.maximum(s_star, 0), FINE_BINS - 1)
