@@ -32,16 +32,16 @@ def profile(seqlen, head_dim, heads, amp):
     bm, bn = TB.BLOCK_M, TB.BLOCK_N
     times = {"forward": lambda: adasplash_func(q, k, v, alpha=ALPHA)}
 
-    row_max, gap = TB.max_pass(q, k, vis, scale_z, bm, bn)
-    times["max pass"] = lambda: TB.max_pass(q, k, vis, scale_z, bm, bn)
+    row_max, tau_floor, gap = TB.max_pass(q, k, vis, scale_z, bm, bn, ALPHA)
+    times["max pass"] = lambda: TB.max_pass(q, k, vis, scale_z, bm, bn, ALPHA)
     histogram_tiles = S.histogram_mask(gap)
-    hist, zeroed = TB.histogram_pass(q, k, vis, scale_z, bm, bn, row_max, gap.clone(), histogram_tiles)
+    hist, zeroed = TB.histogram_pass(q, k, vis, scale_z, bm, bn, row_max, gap.clone(), histogram_tiles, tau_floor)
     times["histogram pass"] = lambda: TB.histogram_pass(q, k, vis, scale_z, bm, bn, row_max, gap.clone(),
-                                                        histogram_tiles)
+                                                        histogram_tiles, tau_floor)
     row_stats = S.RowStats(row_max, hist)
     bracket = TB.coarse_bracket(row_stats, ALPHA)
     times["bracket"] = lambda: TB.coarse_bracket(row_stats, ALPHA)
-    active = A.lower_bound_mask(zeroed, bracket.lower, row_max, bracket.empty, bm)
+    active = A.lower_bound_mask(zeroed, bracket.lower, row_max, bracket.empty, bm, tau_floor)
     refined = S.per_query_tile(~bracket.coarse_only, bm, "any")
     refine_tiles = active & refined[..., None]
     fine, keep = TB.refine_pass(q, k, vis, scale_z, bm, bn, refine_tiles, bin_index=bracket.bin_index)
@@ -49,7 +49,7 @@ def profile(seqlen, head_dim, heads, amp):
                                                       bin_index=bracket.bin_index)
     tau = TB.fine_tau(row_stats, bracket, fine, ALPHA)
     times["fine tau"] = lambda: TB.fine_tau(row_stats, bracket, fine, ALPHA)
-    output_tiles = (A.lower_bound_mask(zeroed, tau, row_max, bracket.empty, bm)
+    output_tiles = (A.lower_bound_mask(zeroed, tau, row_max, bracket.empty, bm, tau_floor)
                     & (keep | ~refined[..., None]))
     nonzero = TB.output_pass(q, k, v, vis, scale_z, ALPHA, tau, bm, bn, output_tiles)[-1]
     times["output pass"] = lambda: TB.output_pass(q, k, v, vis, scale_z, ALPHA, tau, bm, bn, output_tiles)

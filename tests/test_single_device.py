@@ -12,7 +12,7 @@ import ring_adasplash as ra
 from ring_adasplash.kernels import stats as S
 from ring_adasplash.kernels import torch_blockwise as tb
 from ring_adasplash.kernels.algorithm import SingleBlock, entmax_forward, statistics_pass
-from ring_adasplash.kernels.visibility import causal_visibility, varlen_visibility
+from ring_adasplash.kernels.visibility import causal_visibility, key_tile_span, varlen_visibility
 from ring_adasplash.reference import entmax_attention_reference, entmax_bisect
 
 ALPHAS = (1.5, 2.0, 1.3)
@@ -104,6 +104,85 @@ def test_tau_within_1e5_of_float64_on_every_row(alpha):
     assert err.max().item() < 1e-5
 
 
+def _local_qkv(seqlen, dim, heads=2, scale=3.0, noise=0.3, seed=1):
+    """Keys and queries sharing a sinusoidal position code: attention concentrates near the diagonal."""
+    pos = torch.arange(seqlen)[:, None] * (1000.0 ** (-torch.arange(dim // 2) / (dim // 2)))[None]
+    base = torch.cat([pos.cos(), pos.sin()], -1)[None, :, None] * scale
+    g = torch.Generator().manual_seed(seed)
+    q = base + noise * torch.randn(1, seqlen, heads, dim, generator=g)
+    k = base + noise * torch.randn(1, seqlen, heads, dim, generator=g)
+    v = torch.randn(1, seqlen, heads, dim, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("layout", ["causal", "full", "sq<sk", "varlen"])
+def test_tau_floor_is_a_lower_bound(alpha, layout):
+    """The max pass's tau floor (tau of the keys of the two nearest key tiles) lies below the
+    float64 tau on every row, and on causal rows it exists and is close to tau
+    wherever those tiles hold every key the row sees (three Newton steps: a few hundredths)."""
+    sq, sk = {"sq<sk": (100, 300)}.get(layout, (260, 260))
+    q, k, v = (t.detach() for t in random_qkv(1, sq, sk, 4, 2, 32, amp=1.5, seed=5))
+    if layout == "varlen":
+        cu = torch.tensor([0, 90, 200, 260])
+        vis = varlen_visibility(cu, cu, True)
+    else:
+        vis = causal_visibility(sq, sk, layout != "full", "cpu")
+    scale = 32 ** -0.5
+    floor = tb.max_pass(q, k, vis, (alpha - 1) * scale, 64, 64, alpha).tau_floor
+    _, tau = entmax_attention_reference(q, k, v, alpha, visibility=vis, return_tau=True)
+    assert (floor.double() <= tau).all()
+    if layout != "full":
+        # varlen: rows of a document that ends inside their query tile may see no key there
+        assert torch.isfinite(floor).all() or (layout == "varlen" and torch.isfinite(floor).float().mean() > 0.7)
+        _, hi = key_tile_span(vis, 64, 64)
+        near = torch.arange(sk)[None, :] // 64 >= (hi[torch.arange(sq) // 64] - 2)[:, None]
+        covered = ~(vis.dense() & ~near).any(-1)  # rows that see no key outside the two nearest tiles
+        assert covered[:128].all() or layout != "causal"
+        gap = (tau - floor.double())[..., covered]
+        assert (gap <= 0.1).all() and (gap.numel() == 0 or gap.mean() < 0.01)
+
+
+def _position_coded_qkv(seqlen, dim, amp=2.0, seed=3):
+    """q, k = amp * P + unit noise with P a sinusoidal position code (the benchmarks' inputs)."""
+    freqs = 4096.0 ** (-torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angles = torch.arange(seqlen, dtype=torch.float64)[:, None] * freqs
+    code = amp * torch.cat([angles.cos(), angles.sin()], -1).float()[None, :, None]
+    g = torch.Generator().manual_seed(seed)
+    return [code * (i < 2) + torch.randn(1, seqlen, 2, dim, generator=g) for i in range(3)]
+
+
+def test_tau_floor_narrows_the_histogram():
+    """With keys and queries sharing a position code plus unit noise (the benchmarks' inputs), the
+    floor keeps the histogram pass off tiles the max-based test admits, and tau stays exact."""
+    seqlen, dim = 1024, 64
+    q, k, v = _position_coded_qkv(seqlen, dim)
+    vis = causal_visibility(seqlen, seqlen, True, "cpu")
+    by_max = S.histogram_mask(tb.max_pass(q, k, vis, 0.5 * dim ** -0.5, 64, 64, None).tile_gap)  # no floor
+    by_floor = S.histogram_mask(tb.max_pass(q, k, vis, 0.5 * dim ** -0.5, 64, 64, 1.5).tile_gap)
+    assert not (by_floor & ~by_max).any() and by_floor.sum() < 0.9 * by_max.sum()
+    fwd = entmax_forward(tb, q, SingleBlock(k, v, vis), 1.5, dim ** -0.5)
+    _, tau = entmax_attention_reference(q, k, v, 1.5, True, return_tau=True)
+    assert ((fwd.tau.double() - tau).abs() / tau.abs().clamp(min=1.0)).max() < 1e-5
+
+
+def test_histogram_above_the_tau_floor_is_complete():
+    """With a tau floor the coarse histogram fills only the bins from the max's down to the
+    floor's (``stats.kept_bins``), and those exactly as the full histogram of every tile does."""
+    q, k, _ = _position_coded_qkv(512, 64)
+    vis = causal_visibility(512, 512, True, "cpu")
+    scale_z = 0.5 * 64 ** -0.5
+    row_max, tau_floor, tile_gap = tb.max_pass(q, k, vis, scale_z, 64, 64, 1.5)
+    every = torch.isfinite(tile_gap)
+    full, _ = tb.histogram_pass(q, k, vis, scale_z, 64, 64, row_max, tile_gap, every)
+    cut, _ = tb.histogram_pass(q, k, vis, scale_z, 64, 64, row_max, tile_gap, S.histogram_mask(tile_gap), tau_floor)
+    kept = torch.arange(S.NUM_BINS) < S.kept_bins(row_max, tau_floor)[..., None]
+    assert (~kept).any(-1).float().mean() > 0.5  # most rows need fewer than all bins
+    assert torch.equal(cut[..., 0, :][kept], full[..., 0, :][kept])
+    torch.testing.assert_close(cut.transpose(-1, -2)[kept], full.transpose(-1, -2)[kept], rtol=1e-5, atol=1e-4)
+    assert (cut.transpose(-1, -2)[~kept] == 0).all()
+
+
 def test_merge_is_exact_in_any_order():
     """Stats of key shards merged in random orders give the stats, and tau, of the whole."""
     q, k, _ = (t.detach() for t in random_qkv(1, 64, 320, 2, 2, 32, amp=2.5, seed=13))
@@ -132,12 +211,7 @@ def test_merge_is_exact_in_any_order():
 def test_block_mask_never_drops_a_nonzero_tile():
     # Local attention: strong positional signal makes most tiles exactly zero.
     seqlen, dim = 512, 32
-    pos = torch.arange(seqlen)[:, None] * (1000.0 ** (-torch.arange(dim // 2) / (dim // 2)))[None]
-    base = torch.cat([pos.cos(), pos.sin()], -1)[None, :, None] * 3.0
-    g = torch.Generator().manual_seed(1)
-    q = base + 0.3 * torch.randn(1, seqlen, 2, dim, generator=g)
-    k = base + 0.3 * torch.randn(1, seqlen, 2, dim, generator=g)
-    v = torch.randn(1, seqlen, 2, dim, generator=g)
+    q, k, v = _local_qkv(seqlen, dim)
     vis = causal_visibility(seqlen, seqlen, True, "cpu")
     fwd = entmax_forward(tb, q, SingleBlock(k, v, vis), 1.5, dim ** -0.5)
     _, tau = entmax_attention_reference(q, k, v, 1.5, True, return_tau=True)

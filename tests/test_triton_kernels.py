@@ -119,6 +119,31 @@ def test_stats_pass_matches_spec(interpreted, shape):
     torch.testing.assert_close(got.hist[same], ref.hist[same], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+def test_max_pass_tau_floor_matches_spec(interpreted, shape, alpha):
+    """The tau floor the stats kernel takes from the last two key tiles, and the floor gaps, as in
+    ``torch_blockwise.max_pass``; and with the floor given (a later key block), read back as is."""
+    batch, sq, sk, h, hkv, d, causal = shape
+    q, k, _ = _qkv(batch, sq, sk, h, hkv, d, seed=6)
+    vis = causal_visibility(sq, sk, causal, "cpu")
+    scale_z = (alpha - 1.0) / math.sqrt(d)
+    bm, bn = TB.BLOCK_M, TB.BLOCK_N
+    ref = TB.max_pass(q, k, vis, scale_z, bm, bn, alpha)
+    got = interpreted.max_pass(q, k, vis, scale_z, bm, bn, alpha)
+    assert torch.equal(torch.isfinite(got.tau_floor), torch.isfinite(ref.tau_floor))
+    has = torch.isfinite(ref.tau_floor)
+    assert has.any()
+    # the same Newton steps on logits equal to a few ulps
+    torch.testing.assert_close(got.tau_floor[has], ref.tau_floor[has], rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.isfinite(got.tile_gap), torch.isfinite(ref.tile_gap))
+    seen = torch.isfinite(ref.tile_gap)
+    torch.testing.assert_close(got.tile_gap[seen], ref.tile_gap[seen], rtol=1e-5, atol=1e-5)
+    given = interpreted.max_pass(q, k, vis, scale_z, bm, bn, alpha, row_max=None, tau_floor=ref.tau_floor)
+    assert torch.equal(given.tau_floor, ref.tau_floor)
+    torch.testing.assert_close(given.tile_gap[seen], ref.tile_gap[seen], rtol=1e-6, atol=1e-6)
+
+
 def test_stats_pass_zero_tiles(interpreted):
     """A key tile whose logits all lie more than 1 below every row max is marked ZERO_TILE (both backends)."""
     gen = torch.Generator(device="cpu").manual_seed(3)

@@ -64,11 +64,13 @@ class ForwardResult:
 
 
 def lower_bound_mask(tile_gap: torch.Tensor, lower: torch.Tensor, row_max: torch.Tensor, empty: torch.Tensor,
-                     block_m: int):
-    """(B, H, nQ, nK) bool: a tile is kept when its gap (``torch_blockwise.max_pass``) exceeds the
-    smallest ``lower bound of tau - row max`` among its rows. A key with p > 0 has z > tau >= lower,
-    so its tile's gap is at least ``z - row max > lower - row max``: no nonzero tile is dropped."""
-    bound = torch.where(empty, torch.full_like(lower, float("inf")), lower - row_max - S.MASK_MARGIN)
+                     block_m: int, tau_floor: torch.Tensor | None = None):
+    """(B, H, nQ, nK) bool: a tile is kept when its gap (``stats.Maxima``) exceeds the smallest
+    ``lower bound of tau - tau_low`` among its rows (``stats.tau_low`` of the final row max and
+    the tau floor, none when not given). A key with p > 0 has z > tau >= lower, so its tile's gap
+    is at least ``z - tau_low > lower - tau_low``: no nonzero tile is dropped."""
+    floor = torch.full_like(row_max, float("-inf")) if tau_floor is None else tau_floor
+    bound = torch.where(empty, torch.full_like(lower, float("inf")), lower - S.tau_low(row_max, floor) - S.MASK_MARGIN)
     return tile_gap > S.per_query_tile(bound, block_m, "min")[..., None]
 
 
@@ -76,8 +78,8 @@ def statistics_pass(backend, q, k, vis: Visibility, scale_z: float, block_m: int
     """Statistics of q against one key block alone, ``(RowStats, tile_gap)``: the max pass, then
     the histogram pass against this block's own row max (the one-block case of the forward's
     steps 1 and 2; ``stats.merge`` combines the results of several blocks exactly)."""
-    row_max, tile_gap = backend.max_pass(q, k, vis, scale_z, block_m, block_n)
-    active = S.histogram_mask(tile_gap)
+    row_max, _, tile_gap = backend.max_pass(q, k, vis, scale_z, block_m, block_n, alpha=None)
+    active = S.histogram_mask(tile_gap)  # every kept bin complete: the statistics merge with any others
     hist, tile_gap = backend.histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_gap, active)
     return S.RowStats(row_max, hist), tile_gap
 
@@ -121,23 +123,26 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
     scale_z = (alpha - 1.0) * softmax_scale
     bm, bn = backend.BLOCK_M, backend.BLOCK_N
     row_max: list = [None]
+    tau_floor: list = [None]
     tile_gap: list = [None] * blocks.num_blocks
     visible: list = [None] * blocks.num_blocks
 
     def maxima(index, k, _, vis):
-        # the running max carries over from block to block: gaps of later blocks come out tighter
-        row_max[0], tile_gap[index] = backend.max_pass(q, k, vis, scale_z, bm, bn, row_max[0])
+        # the running max carries over from block to block: gaps of later blocks come out tighter;
+        # the tau floor comes from the first block (one's own keys: the diagonal under causal)
+        row_max[0], tau_floor[0], tile_gap[index] = backend.max_pass(q, k, vis, scale_z, bm, bn, alpha,
+                                                                     row_max[0], tau_floor[0])
         visible[index] = torch.isfinite(tile_gap[index]).flatten(0, -3).any(0)
 
     blocks.visit(maxima, with_values=False)
-    row_max = reduce.row_max(row_max[0])
-    # only these tiles can hold a key within one of a row max; histogram_pass marks the rest zero
+    row_max, tau_floor = reduce.row_max(row_max[0]), tau_floor[0]
+    # only these tiles can hold a key the bracket reads; histogram_pass marks the rest zero
     histogram_tiles = [S.histogram_mask(t) for t in tile_gap]
     hist: list = [None]
 
     def histogram(index, k, _, vis):
         part, tile_gap[index] = backend.histogram_pass(q, k, vis, scale_z, bm, bn, row_max, tile_gap[index],
-                                                       histogram_tiles[index])
+                                                       histogram_tiles[index], tau_floor)
         hist[0] = part if hist[0] is None else hist[0] + part
 
     blocks.visit(histogram, with_values=False, needed=_needed(blocks, histogram_tiles),
@@ -145,7 +150,7 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
     row_stats = S.RowStats(row_max, reduce.histogram(hist[0]))
     del histogram_tiles
     bracket = backend.coarse_bracket(row_stats, alpha)
-    active = [lower_bound_mask(t, bracket.lower, row_max, bracket.empty, bm) for t in tile_gap]
+    active = [lower_bound_mask(t, bracket.lower, row_max, bracket.empty, bm, tau_floor) for t in tile_gap]
 
     def summed(masks, **kwargs):
         total: list = [None]
@@ -166,7 +171,7 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
         tau = backend.fine_tau(row_stats, bracket, fine, alpha)
         # block mask from the exact tau (a key with p > 0 has z > tau), and where the refinement
         # pass ran, also its per-row test (some row has a key at most a bin below its bin of tau)
-        active = [lower_bound_mask(t, tau, row_max, bracket.empty, bm) & (keep | ~refined[..., None])
+        active = [lower_bound_mask(t, tau, row_max, bracket.empty, bm, tau_floor) & (keep | ~refined[..., None])
                   for t, keep in zip(tile_gap, keeps)]
     else:
         point, lower, upper = bracket.estimate, bracket.lower.double(), bracket.upper

@@ -24,6 +24,7 @@ sums ``(sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1))`` at the current estimat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -90,17 +91,58 @@ def per_query_tile(rows: torch.Tensor, block_m: int, reduce: str) -> torch.Tenso
 
 
 HISTOGRAM_MARGIN = 1e-3  # slack (in z) of ``histogram_mask`` for logits recomputed by another kernel
+FLOOR_STEPS = 3  # Newton steps of the tau floor: within a few hundredths of the tau of the nearest keys
+FLOOR_MARGIN = 1e-4  # the tau floor is lowered by this much: float32 rounding of the sums it tests
+
+
+class Maxima(NamedTuple):
+    """What the max pass of one key block gives (``torch_blockwise.max_pass``).
+
+    ``row_max``: (B, H, Sq) running max of z over the visible keys of this and earlier blocks.
+    ``tau_floor``: (B, H, Sq) a lower bound of tau: the tau of the row's visible keys in the last
+    two key tiles of its query tile's span (of the first block; under causal, the diagonal and the
+    tile before it), less ``FLOOR_MARGIN``: tau only grows as keys are added, since each adds to
+    ``sum (z - t)_+^gamma``. -inf where those tiles hold no visible key of the row.
+    ``tile_gap``: (B, H, nQ, nK) per tile, max over its rows of (the row's largest z in the tile -
+    ``tau_low(running max, tau floor)`` just after the tile); -inf where the tile has no visible pair.
+    """
+
+    row_max: torch.Tensor
+    tau_floor: torch.Tensor
+    tile_gap: torch.Tensor
+
+
+def tau_low(row_max: torch.Tensor, tau_floor: torch.Tensor) -> torch.Tensor:
+    """The lower bound of tau that tile gaps are measured against: ``max(tau floor, row max - 1)``
+    (no p exceeds 1, so tau >= max - 1). Along the max pass it only grows, so a gap taken against
+    it bounds from above how far a tile's keys rise over the final one."""
+    return torch.maximum(tau_floor, row_max - 1.0)
+
+
+def kept_bins(row_max: torch.Tensor, tau_floor: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, Sq) float32: how many local bins (from bin 0, the row max's) the coarse histogram
+    fills: ``NUM_BINS``, or fewer where the bin of the tau floor lies higher (``histogram_mask``).
+    At least 1. The floor is lowered by ``HISTOGRAM_MARGIN`` first, as in ``histogram_mask``."""
+    ref = bin_reference(row_max)
+    bins = torch.full_like(ref, float(NUM_BINS))
+    if tau_floor is not None:
+        lowest = torch.floor((tau_floor - HISTOGRAM_MARGIN) * (NUM_BINS - 1))
+        bins = torch.where(torch.isfinite(lowest), (ref - lowest + 1).clamp(1, NUM_BINS), bins)
+    return bins.float().contiguous()
 
 
 def histogram_mask(tile_gap: torch.Tensor) -> torch.Tensor:
-    """(B, H, nQ, nK) bool: tiles that may hold a key in some row's kept bins, local bin
-    ``K - floor(z (NB - 1)) < NB`` with ``K = bin_reference(row max) <= row max (NB - 1)``. Such a
-    key has ``z >= (K - NB + 1) / (NB - 1) > row max - NB / (NB - 1)``, so its tile's gap (see
-    ``torch_blockwise.max_pass``: an upper bound of key minus row max over the tile) exceeds
-    ``-NB / (NB - 1)``. Every key of any other tile has ``z < row max - 1 <= tau`` (no p exceeds 1),
-    so p = 0 there. ``tile_gap`` comes from the max pass of one key block, against a running max
-    that may include earlier blocks."""
-    return tile_gap >= -NUM_BINS / (NUM_BINS - 1) - HISTOGRAM_MARGIN
+    """(B, H, nQ, nK) bool: tiles that may hold a key the coarse bracket reads: a key at or above
+    the bin holding ``tau_low`` (bins of width ``w = 1 / (NB - 1)``), so ``z > tau_low - w``, so its
+    tile's gap exceeds ``-w``.
+
+    Such keys lie in the kept bins, the lowest of which holds max - 1 <= tau_low; every key of any
+    other tile has ``z < tau_low <= tau``: p = 0 there. Kept bins below the bin of ``tau_low`` may
+    miss keys (none when tau_low = max - 1), which the bracket never notices: the edge sums it tests
+    (of the bins above an edge) are exact down to that bin, and there they already reach 1 since
+    tau >= tau_low (``coarse_bracket``). Gaps come from the max pass of one key block, against a
+    running max that may include earlier blocks, and against the tau floor of the first."""
+    return tile_gap >= -1.0 / (NUM_BINS - 1) - HISTOGRAM_MARGIN
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from . import stats as S
 from .stats import ZERO_TILE
-from .visibility import Visibility
+from .visibility import Visibility, key_tile_span
 
 BLOCK_M = 64  # query rows per tile of the block mask
 BLOCK_N = 64  # keys per tile
@@ -71,39 +71,89 @@ class _KeyTiles:
         return S.per_query_tile(rows, self.block_m, reduce)
 
 
-def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max=None):
-    """The dense pass over this key block, last key tile first: the running row max (B, Hq, Sq),
-    starting from ``row_max`` (the max over earlier key blocks) when given, and the tile gaps
-    (B, Hq, nQ, nK): per tile, the max over its rows of (the row's largest logit in the tile - the
-    row's running max just after the tile), float32, -inf where the tile has no visible pair.
+def _power_and_slope(d: torch.Tensor, gamma: float):
+    """(d ** gamma, d ** (gamma - 1)) for d >= 0, as the kernels take them."""
+    if gamma == 1.0:
+        return d, (d > 0).to(d.dtype)
+    if gamma == 2.0:
+        return d * d, d
+    slope = torch.where(d > 0, d.pow(gamma - 1.0), torch.zeros_like(d))
+    return d * slope, slope
 
-    The running max never exceeds the final row max, so a gap bounds from above how close any key
-    of the tile comes to its row's max: the tile tests of the later passes rest on this. Taken
-    nearest first (causal: the diagonal, where a row's max usually is), the running max is close to
-    the final one early and the gaps of far tiles are tight."""
+
+def nearest_tau_floor(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, alpha: float):
+    """``Maxima.tau_floor`` (B, Hq, Sq): per row, a lower bound of tau from its visible keys in
+    the last two key tiles of its query tile's span (``visibility.key_tile_span``; on a causal
+    diagonal, the nearest keys, where most of a row's mass usually sits). ``FLOOR_STEPS`` Newton
+    steps on ``f(t) = sum (z - t)_+^gamma = 1`` from ``max - 1`` of those keys: f is convex and
+    decreasing, so from below every step lands below their tau, and closer."""
+    batch, seqlen_q, heads, dim = q.shape
+    heads_kv, seqlen_k = k.shape[2], k.shape[1]
+    gamma = 1.0 / (alpha - 1.0)
+    lo, hi = (t.to(q.device) for t in key_tile_span(vis, block_m, block_n))
+    num_q_tiles = lo.shape[0]
+    offs = torch.arange(2 * block_n, device=q.device)
+    keys = (hi - 2)[:, None] * block_n + offs  # (nQ, 2 block_n)
+    valid = (keys >= lo[:, None] * block_n) & (keys < hi[:, None] * block_n) & (keys < seqlen_k)
+    keys = torch.where(valid, keys, 0)
+    rows = torch.arange(num_q_tiles * block_m, device=q.device).clamp(max=seqlen_q - 1).view(num_q_tiles, block_m)
+    pair = (vis.k_pos[keys][:, None, :] <= vis.q_limit[rows][:, :, None]) & (
+        vis.q_doc[rows][:, :, None] == vis.k_doc[keys][:, None, :]) & valid[:, None, :]  # (nQ, bm, 2bn)
+    qh = _head_major_queries(q, heads_kv)  # (B, Hkv, G, Sq, D)
+    qt = qh[..., rows.flatten(), :].unflatten(-2, (num_q_tiles, block_m))  # (B, Hkv, G, nQ, bm, D)
+    kt = k.to(qh.dtype).permute(0, 2, 1, 3)[:, :, keys]  # (B, Hkv, nQ, 2bn, D)
+    z = (qt @ kt[:, :, None].transpose(-1, -2)) * scale_z  # (B, Hkv, G, nQ, bm, 2bn)
+    z = z.masked_fill(~pair, float("-inf")).reshape(batch, heads, num_q_tiles * block_m, 2 * block_n)
+    z = z[:, :, :seqlen_q]
+    top = z.amax(-1)
+    has = torch.isfinite(top)
+    t = torch.where(has, top, torch.zeros_like(top)) - 1.0
+    for _ in range(S.FLOOR_STEPS):
+        f, slope = _power_and_slope((z - t[..., None]).clamp(min=0), gamma)
+        t = t + (f.sum(-1) - 1.0) / (gamma * slope.sum(-1)).clamp(min=1e-30)
+    return torch.where(has, t - S.FLOOR_MARGIN, torch.full_like(t, float("-inf"))).float()
+
+
+def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, alpha: float | None, row_max=None,
+             tau_floor=None) -> S.Maxima:
+    """The dense pass over this key block, last key tile first (see ``stats.Maxima``): the running
+    row max, starting from ``row_max`` (the max over earlier key blocks) when given; the tau floor
+    (``nearest_tau_floor`` of this block unless given, as it is for every block after the first;
+    none, -inf, when ``alpha`` is None); and the tile gaps against ``stats.tau_low`` of the two.
+
+    ``tau_low`` never exceeds its final value, so a gap bounds from above how far any key of the
+    tile rises over it: the tile tests of the later passes rest on this. Taken nearest first
+    (causal: the diagonal, where a row's max usually is), the running max is close to the final
+    one early and the gaps of far tiles are tight."""
     tiles = _KeyTiles(q, k, vis, scale_z, block_m, block_n, nearest_first=True)
     batch, heads, seqlen = tiles.batch, tiles.heads, tiles.seqlen_q
     if row_max is None:
         running = torch.full((batch, heads, seqlen), float("-inf"), device=q.device)
     else:
         running = row_max.to(device=q.device, dtype=torch.float32, copy=True)
+    if tau_floor is None:
+        tau_floor = (torch.full((batch, heads, seqlen), float("-inf"), device=q.device) if alpha is None
+                     else nearest_tau_floor(q, k, vis, scale_z, block_m, block_n, alpha))
     tile_gap = torch.full((batch, heads, -(-seqlen // block_m), tiles.num_tiles), float("-inf"), device=q.device)
     for index, _, z in tiles:
         row_tile_max = z.float().amax(-1)
         running = torch.maximum(running, row_tile_max)
-        gap = torch.where(torch.isfinite(row_tile_max), row_tile_max - running, float("-inf"))
+        gap = torch.where(torch.isfinite(row_tile_max), row_tile_max - S.tau_low(running, tau_floor), float("-inf"))
         tile_gap[..., index] = tiles.per_query_tile(gap, "max")
-    return running, tile_gap
+    return S.Maxima(running, tau_floor, tile_gap)
 
 
-def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max, tile_gap, active):
+def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max, tile_gap, active,
+                   tau_floor=None):
     """Coarse histogram of this key block against the reference ``K = bin_reference(row_max)``.
 
     ``row_max`` (B, Hq, Sq) is the max over every key block (so histograms of all blocks share one
     reference and add exactly); ``active`` = ``stats.histogram_mask(tile_gap)``:
     only those tiles are read. Returns ``hist`` (B, Hq, Sq, 3, NB): count, sum u, sum u^2 of the
-    keys in local bin ``K - floor(z (NB - 1)) < NB``, and ``tile_gap`` with ``ZERO_TILE`` on the
-    visible tiles where no row has a key in its own kept bins (all of them outside ``active``).
+    keys in local bin ``K - floor(z (NB - 1)) < stats.kept_bins(row_max, tau_floor)`` (NB bins
+    without a floor; with one, none below the bin of the floor), and ``tile_gap`` with
+    ``ZERO_TILE`` on the visible tiles where no row has a key in its own kept bins (all of them
+    outside ``active``).
     """
     nb = S.NUM_BINS
     tiles = _KeyTiles(q, k, vis, scale_z, block_m, block_n, active)
@@ -111,11 +161,12 @@ def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n:
     hist = torch.zeros(batch, heads, seqlen, 3, nb, device=q.device)
     near = torch.zeros_like(active)
     ref = S.bin_reference(row_max)
+    bins = S.kept_bins(row_max, tau_floor)
     for index, _, z in tiles:
         scaled = z.float() * (nb - 1)
         idx = torch.floor(scaled)
         local = (ref[..., None] - idx).clamp(min=0)  # a logit equal to its row max is in bin 0
-        keep = torch.isfinite(z) & (local < nb)
+        keep = torch.isfinite(z) & (local < bins[..., None])
         near[..., index] = tiles.per_query_tile(keep.any(-1), "any")
         u = torch.where(keep, scaled - idx, torch.zeros_like(scaled))
         where = local.clamp(max=nb - 1).to(torch.int64)

@@ -23,7 +23,7 @@ import torch
 
 from . import stats as S
 from . import torch_blockwise, triton_backward, triton_output, triton_refine, triton_stats, triton_tau
-from .visibility import Visibility, tile_visible
+from .visibility import Visibility, key_tile_span
 
 NAME = "triton"
 BLOCK_M = 64  # query rows per tile, in every kernel and in the block mask
@@ -130,12 +130,9 @@ def _compute_key_tile_ranges(vis: Visibility, device):
     """Per query tile (int32, (nQ,) each): key tiles [lo, hi) spanning every tile that may hold a
     visible pair (``visibility.tile_visible``; tiles in between with none come out -inf), and a run
     [full_lo, full_hi) of tiles whose every pair is visible (no per-element mask needed)."""
-    visible = tile_visible(vis, BLOCK_M, BLOCK_N).to(device)
-    num_q_tiles, num_k_tiles = visible.shape
+    lo, hi = (t.to(device) for t in key_tile_span(vis, BLOCK_M, BLOCK_N))
+    num_k_tiles = -(-vis.seqlen_k // BLOCK_N)
     pos = torch.arange(num_k_tiles, device=device)
-    lo = _first(visible, num_k_tiles)
-    hi = torch.where(visible, pos + 1, 0).amax(1)
-    lo = torch.minimum(lo, hi)
 
     def tiles(x, block, fill):
         pad = (-x.shape[0]) % block
@@ -153,35 +150,57 @@ def _compute_key_tile_ranges(vis: Visibility, device):
     return [t.to(torch.int32).contiguous() for t in (lo, hi, full_lo, full_hi)]
 
 
-def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max=None):
-    """Running row max and tile gaps (the dense sweep, ``stats_kernel``); see ``torch_blockwise.max_pass``."""
+def _power(gamma: float) -> int:
+    """Constexpr switch of ``triton_stats.power``: the exponent when it is 1 or 2, else 0."""
+    return int(gamma) if gamma in (1.0, 2.0) else 0
+
+
+def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, alpha: float | None, row_max=None,
+             tau_floor=None) -> S.Maxima:
+    """Row max, tau floor (``tau_floor_kernel``) and tile gaps (the dense sweep, ``stats_kernel``);
+    see ``torch_blockwise.max_pass``."""
     if q.dtype == torch.float64:
-        return torch_blockwise.max_pass(q, k, vis, scale_z, block_m, block_n, row_max)
+        return torch_blockwise.max_pass(q, k, vis, scale_z, block_m, block_n, alpha, row_max, tau_floor)
     _check(q, k, block_m, block_n)
     batch, seqlen_q, heads, dim = q.shape
     heads_kv = k.shape[2]
     num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(k.shape[1], BLOCK_N)
+    grid = (num_q_tiles, batch * heads)
+    common = dict(GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_flags(q),
+                  **_config(dim, "stats"))
+    vis_args, ranges = _vis_args(vis, q.device), _key_tile_ranges(vis, q.device)
+    if tau_floor is not None:
+        floor = tau_floor.to(device=q.device, dtype=torch.float32).contiguous()
+    elif alpha is None:  # no floor
+        floor = torch.full((batch, heads, seqlen_q), float("-inf"), device=q.device)
+    else:
+        floor = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+        gamma = _gamma(alpha)
+        triton_stats.tau_floor_kernel[grid](
+            q, k, *vis_args, *ranges[:2], floor, *q.stride(), *k.stride(),
+            seqlen_q, k.shape[1], heads, float(scale_z), gamma,
+            POWER=_power(gamma), STEPS=S.FLOOR_STEPS, MARGIN=S.FLOOR_MARGIN, **common,
+        )
     if row_max is None:
         running = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
     else:
         running = row_max.to(device=q.device, dtype=torch.float32, copy=True).contiguous()
     tile_gap = torch.full((batch, heads, num_q_tiles, num_k_tiles), float("-inf"), device=q.device)
-    triton_stats.stats_kernel[(num_q_tiles, batch * heads)](
-        q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device), running, tile_gap,
-        *q.stride(), *k.stride(),
-        seqlen_q, k.shape[1], heads, num_k_tiles, float(scale_z),
-        GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_ROW_MAX=row_max is not None,
-        **_flags(q), **_config(dim, "stats"),
+    triton_stats.stats_kernel[grid](
+        q, k, *vis_args, *ranges, running, floor, tile_gap, *q.stride(), *k.stride(),
+        seqlen_q, k.shape[1], heads, num_k_tiles, float(scale_z), HAS_ROW_MAX=row_max is not None, **common,
     )
-    return running, tile_gap
+    return S.Maxima(running, floor, tile_gap)
 
 
-def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max, tile_gap, active):
+def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max, tile_gap, active,
+                   tau_floor=None):
     """Coarse histogram over the ``active`` tiles (``refine_kernel``, coarse mode), which also
     marks the tiles where some row has a key in its own kept bins; every other visible tile gets
     ``ZERO_TILE`` (``tile_gap`` is updated in place). See ``torch_blockwise.histogram_pass``."""
     if q.dtype == torch.float64:
-        return torch_blockwise.histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_gap, active)
+        return torch_blockwise.histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_gap, active,
+                                              tau_floor)
     _check(q, k, block_m, block_n)
     batch, seqlen_q, heads, dim = q.shape
     heads_kv = k.shape[2]
@@ -191,7 +210,7 @@ def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n:
     near = torch.zeros(tile_gap.shape, device=q.device, dtype=torch.int8)
     triton_refine.refine_kernel[(num_q_tiles, batch * heads)](
         q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device)[2:], counts, index,
-        S.bin_reference(row_max).contiguous(), hist, near,
+        S.bin_reference(row_max).contiguous(), S.kept_bins(row_max, tau_floor), hist, near,
         *q.stride(), *k.stride(),
         seqlen_q, k.shape[1], heads, num_k_tiles, float(scale_z), 0.0,
         GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_BINS=S.NUM_BINS,
@@ -219,7 +238,8 @@ def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: in
     out = torch.zeros(shape, device=q.device, dtype=torch.float32)
     keep = torch.zeros(active.shape, device=q.device, dtype=torch.int8)
     triton_refine.refine_kernel[(num_q_tiles, batch * heads)](
-        q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device)[2:], counts, index, target, out, keep,
+        q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device)[2:], counts, index, target, target, out,
+        keep,
         *q.stride(), *k.stride(),
         seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), _gamma(alpha),
         GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_BINS=S.NUM_BINS,

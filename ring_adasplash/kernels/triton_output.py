@@ -9,7 +9,7 @@ attention. ``Nonzero[tile]`` is set for every visited tile that holds a key with
 import triton
 import triton.language as tl
 
-from .triton_stats import ADD, MAX, tile_logits
+from .triton_stats import ADD, MAX, query_tile, tile_logits
 
 
 @triton.jit
@@ -41,23 +41,12 @@ def output_kernel(
     ALPHA_MODE: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    tile_q = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    offs_m = tile_q * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc = query_tile(
+        Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M, DOT_F32)
     offs_d = tl.arange(0, HEAD_DIM)
-    in_q = offs_m < seqlen_q
     rows = bh.to(tl.int64) * seqlen_q + offs_m
-
-    Q = Q + b.to(tl.int64) * stride_qb + h * stride_qh
     K = K + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
     V = V + b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh
-    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=in_q[:, None], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-    q_limit = tl.load(Q_limit + offs_m, mask=in_q, other=-1)
-    q_doc = tl.load(Q_doc + offs_m, mask=in_q, other=-1)
     tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
 
     list_id = bh * tl.num_programs(0) + tile_q

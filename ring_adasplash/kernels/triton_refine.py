@@ -4,7 +4,8 @@ One program per (query tile, batch x query head); it visits only the key tiles l
 (``Tile_index[:Tile_count]``). Three modes (``MODE``):
 
     COARSE  coarse histogram of the statistics pass, ``Target`` = K = floor(row max (NB - 1)):
-            count, sum u, sum u^2 of the keys in local bin K - floor(z (NB - 1)) < NB, with
+            count, sum u, sum u^2 of the keys in local bin K - floor(z (NB - 1)) < ``Bins``
+            (``stats.kept_bins``: NB, or fewer above a tau floor), with
             u = z (NB - 1) - floor(z (NB - 1)) (``torch_blockwise.histogram_pass``)
     FINE    fine histogram of the keys in absolute coarse bin ``Target``: FINE_BINS sub-bins,
             count, sum v, sum v^2 with v the position inside the sub-bin (``refine_pass``); and
@@ -26,7 +27,7 @@ tiles without one hold only keys with z < row max - 1 <= tau.
 import triton
 import triton.language as tl
 
-from .triton_stats import ADD, MAX, MIN, tile_logits
+from .triton_stats import ADD, MAX, MIN, query_tile, tile_logits
 
 
 @triton.jit
@@ -72,7 +73,7 @@ def add_moments(Out, rows, slot, v, keep, kept, NB: tl.constexpr, ROW_SCATTER_KE
 
 @triton.jit
 def refine_kernel(
-    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Target, Out, Keep,
+    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Target, Bins, Out, Keep,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma,
@@ -81,23 +82,14 @@ def refine_kernel(
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, ROW_SCATTER_KEYS: tl.constexpr = 128,
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    tile_q = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    offs_m = tile_q * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc = query_tile(
+        Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M, DOT_F32)
     offs_d = tl.arange(0, HEAD_DIM)
-    in_q = offs_m < seqlen_q
     rows = bh.to(tl.int64) * seqlen_q + offs_m
-
-    Q = Q + b.to(tl.int64) * stride_qb + h * stride_qh
     K = K + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
-    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=in_q[:, None], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-    q_limit = tl.load(Q_limit + offs_m, mask=in_q, other=-1)
-    q_doc = tl.load(Q_doc + offs_m, mask=in_q, other=-1)
     target = tl.load(Target + rows, mask=in_q, other=0.0)
+    if MODE == 0:
+        bins = tl.load(Bins + rows, mask=in_q, other=0.0)  # local bins kept, from bin 0 down
 
     list_id = bh * tl.num_programs(0) + tile_q
     count = tl.load(Tile_count + list_id)
@@ -124,7 +116,7 @@ def refine_kernel(
             if MODE == 0:  # coarse: local bins below the reference K (invisible pairs: idx = -inf)
                 # (at least 0: should a recomputed logit round above its row max, it stays in bin 0)
                 local = tl.maximum(target[:, None] - idx, 0.0)
-                keep = local < NUM_BINS
+                keep = local < bins[:, None]
                 kept = tl.reduce(tl.reduce(keep.to(tl.int32), 1, ADD), 0, ADD)
                 if kept > 0:
                     # some row has a key within its NUM_BINS bins: the tile may hold p > 0

@@ -1,11 +1,17 @@
-"""Statistics pass, dense part (the only dense Q.K^T sweep): row max and per-tile gaps.
+"""Statistics pass, dense part (the only dense Q.K^T sweep): row max, tau floor, per-tile gaps.
 
-One program per (query tile, batch x query head) walks every key tile that may hold a visible key,
-nearest first, and keeps the running max of ``z = scale_z * q . k`` per row. Per tile it writes the
-*gap*: max over the tile's rows of (the row's largest z in the tile - the row's running max), at
-most 0. The running max never exceeds the final one, so a gap bounds from above how close any key
-of the tile comes to its row's max: every later tile test (``stats.histogram_mask``,
-``algorithm.lower_bound_mask``) compares gaps with per-row thresholds relative to the row max.
+One program per (query tile, batch x query head). ``tau_floor_kernel`` first takes a *tau floor*
+per row: the tau of the row's keys in the last two key tiles of its span (causal: the diagonal and
+the tile before), by Newton steps from below; any subset of the keys has a smaller tau, so this
+bounds tau from below. ``stats_kernel`` then walks every key tile that may hold a visible key,
+nearest first, keeping the running max of ``z = scale_z * q . k`` per row, and per tile writes
+the *gap*: max over the tile's rows of (the row's largest z in the tile - max(tau floor, running
+max - 1)). That reference is a lower bound of tau (no p exceeds 1, so tau >= max - 1) that only
+grows along the sweep, so a gap bounds from above how far any key of the tile rises over the
+final one: every later tile test (``stats.histogram_mask``, ``algorithm.lower_bound_mask``)
+compares gaps with per-row thresholds relative to it. Where the probability mass sits near the
+diagonal (tau well above max - 1), the floor keeps the histogram off the tiles whose keys only
+reach within one of the max.
 
 The coarse histogram (count, sum u, sum u^2 of the keys in local bin ``K - floor(z (NB - 1))``,
 ``K = floor(row max (NB - 1))``, see ``stats.py``) is then taken by ``triton_refine.refine_kernel``
@@ -28,6 +34,27 @@ import triton.language as tl
 ADD = tl.standard._sum_combine
 MAX = tl.standard._elementwise_max
 MIN = tl.standard._elementwise_min
+
+
+@triton.jit
+def query_tile(Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr):
+    """This program's query tile, for the kernels with one program per (query tile, batch x query
+    head): ``(tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc)``; q in float32 when ``DOT_F32``."""
+    tile_q = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_m = tile_q * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_q = offs_m < seqlen_q
+    Q = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+    q = tl.load(Q + offs_m[:, None] * stride_qs + tl.arange(0, HEAD_DIM)[None, :] * stride_qd, mask=in_q[:, None],
+                other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    q_limit = tl.load(Q_limit + offs_m, mask=in_q, other=-1)
+    q_doc = tl.load(Q_doc + offs_m, mask=in_q, other=-1)
+    return tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc
 
 
 @triton.jit
@@ -71,8 +98,70 @@ def tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d,
 
 
 @triton.jit
+def power_and_slope(d, gamma, POWER: tl.constexpr):
+    """(d ** gamma, d ** (gamma - 1)) for d >= 0: ``POWER`` is gamma when gamma is 1 or 2, else 0."""
+    if POWER == 1:
+        return d, tl.where(d > 0, 1.0, 0.0)
+    elif POWER == 2:
+        return d * d, d
+    else:
+        slope = tl.where(d > 0, tl.exp2((gamma - 1.0) * tl.log2(tl.where(d > 0, d, 1.0))), 0.0)
+        return d * slope, slope
+
+
+@triton.jit
+def nearest_tau_floor(z_near, z_next, gamma, POWER: tl.constexpr, STEPS: tl.constexpr, MARGIN: tl.constexpr):
+    """Per row, a lower bound of tau from the keys of two tiles (``torch_blockwise.nearest_tau_floor``):
+    Newton steps on ``f(t) = sum (z - t)_+^gamma = 1`` from ``max - 1``; f is convex and decreasing,
+    so each step stays below the root. -inf for rows with no visible key there."""
+    top = tl.maximum(tl.reduce(z_near, 1, MAX), tl.reduce(z_next, 1, MAX))
+    has = top > float("-inf")
+    t = tl.where(has, top, 0.0) - 1.0
+    for _ in range(0, STEPS):
+        f_near, slope_near = power_and_slope(tl.maximum(z_near - t[:, None], 0.0), gamma, POWER)
+        f_next, slope_next = power_and_slope(tl.maximum(z_next - t[:, None], 0.0), gamma, POWER)
+        f = tl.reduce(f_near, 1, ADD) + tl.reduce(f_next, 1, ADD)
+        slope = tl.reduce(slope_near, 1, ADD) + tl.reduce(slope_next, 1, ADD)
+        t += (f - 1.0) / tl.maximum(gamma * slope, 1e-30)
+    return tl.where(has, t - MARGIN, float("-inf"))
+
+
+@triton.jit
+def tau_floor_kernel(
+    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_tile_lo, K_tile_hi, Tau_floor,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    seqlen_q, seqlen_k, num_heads, scale_z, gamma,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    POWER: tl.constexpr, STEPS: tl.constexpr, MARGIN: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Tau floor of every row (``stats.Maxima``) from the last two key tiles of its query tile's
+    span (causal: the diagonal and the tile before). Its own launch, not a prologue of
+    ``stats_kernel``: two live (BLOCK_M, BLOCK_N) tiles there cost the dense sweep registers,
+    occupancy and about 10% of its time (one H200, 32K tokens, D 64)."""
+    tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
+    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc = query_tile(
+        Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M, DOT_F32)
+    offs_d = tl.arange(0, HEAD_DIM)
+    K = K + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
+    lo = tl.load(K_tile_lo + tile_q)
+    hi = tl.load(K_tile_hi + tile_q)
+    # a tile outside [lo, hi) is read at tile 0 and counts as all invisible
+    offs_n = tl.maximum(hi - 1, 0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    z_near = masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d,
+                           stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, DOT_F32, IEEE)
+    z_near = tl.where(hi - 1 >= lo, z_near, float("-inf"))
+    offs_n = tl.maximum(hi - 2, 0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    z_next = masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d,
+                           stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, DOT_F32, IEEE)
+    z_next = tl.where(hi - 2 >= lo, z_next, float("-inf"))
+    tau_floor = nearest_tau_floor(z_near, z_next, gamma, POWER, STEPS, MARGIN)
+    tl.store(Tau_floor + bh.to(tl.int64) * seqlen_q + offs_m, tau_floor, mask=in_q)
+
+
+@triton.jit
 def stats_kernel(
-    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_tile_lo, K_tile_hi, K_full_lo, K_full_hi, Row_max, Tile_gap,
+    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_tile_lo, K_tile_hi, K_full_lo, K_full_hi, Row_max, Tau_floor, Tile_gap,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z,
@@ -80,27 +169,18 @@ def stats_kernel(
     HAS_ROW_MAX: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Dense sweep, nearest key tiles first: running row max of z over visible keys (starting from
-    ``Row_max`` when ``HAS_ROW_MAX``, updated in place) and the gap of every (query tile, key tile):
-    max over the tile's rows of (the row's largest z in the tile - the row's running max)."""
+    ``Row_max`` when ``HAS_ROW_MAX``, updated in place) and the gap of every (query tile, key
+    tile): max over the tile's rows of (the row's largest z in the tile - max(tau floor, running
+    max - 1)) (``stats.Maxima``, ``stats.tau_low``; ``Tau_floor`` from ``tau_floor_kernel``)."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
-    tile_q = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    offs_m = tile_q * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc = query_tile(
+        Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M, DOT_F32)
     offs_d = tl.arange(0, HEAD_DIM)
-    in_q = offs_m < seqlen_q
-
-    Q = Q + b.to(tl.int64) * stride_qb + h * stride_qh
     K = K + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
-    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=in_q[:, None], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-    q_limit = tl.load(Q_limit + offs_m, mask=in_q, other=-1)
-    q_doc = tl.load(Q_doc + offs_m, mask=in_q, other=-1)
     Tile_gap = Tile_gap + (bh * tl.num_programs(0) + tile_q).to(tl.int64) * num_k_tiles
     Row_max = Row_max + bh.to(tl.int64) * seqlen_q + offs_m
+    tau_floor = tl.load(Tau_floor + bh.to(tl.int64) * seqlen_q + offs_m, mask=in_q, other=float("-inf"))
 
     if HAS_ROW_MAX:
         m_i = tl.load(Row_max, mask=in_q, other=float("-inf"))
@@ -120,7 +200,7 @@ def stats_kernel(
                         seqlen_q, seqlen_k, scale_z, (tile_k >= full_lo) & (tile_k < full_hi), DOT_F32, IEEE)
         z_max = tl.reduce(z, 1, MAX)
         m_i = tl.maximum(m_i, z_max)
-        gap = tl.where(z_max > float("-inf"), z_max - m_i, float("-inf"))
+        gap = tl.where(z_max > float("-inf"), z_max - tl.maximum(tau_floor, m_i - 1.0), float("-inf"))
         tl.store(Tile_gap + tile_k, tl.reduce(gap, 0, MAX))
 
     tl.store(Row_max, m_i, mask=in_q)

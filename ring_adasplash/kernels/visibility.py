@@ -118,3 +118,14 @@ def tile_visible(vis: Visibility, block_m: int, block_n: int) -> torch.Tensor:
         & (k_tiles[None, :, 1] <= q_tiles[:, None, 2])
         & (q_tiles[:, None, 1] <= k_tiles[None, :, 2])
     )
+
+
+def key_tile_span(vis: Visibility, block_m: int, block_n: int):
+    """Per query tile (int64, (nQ,) each), key tiles [lo, hi) spanning every tile that may hold a
+    visible pair (``tile_visible``); lo == hi where there is none."""
+    visible = tile_visible(vis, block_m, block_n)
+    num_k_tiles = visible.shape[1]
+    pos = torch.arange(num_k_tiles, device=visible.device)
+    lo = torch.where(visible, pos, num_k_tiles).amin(1)
+    hi = torch.where(visible, pos + 1, 0).amax(1)
+    return torch.minimum(lo, hi), hi
