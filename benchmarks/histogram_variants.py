@@ -1,0 +1,145 @@
+"""Where the coarse histogram pass spends its time: variants of its loop on the same tile lists.
+
+    python benchmarks/histogram_variants.py
+
+Variants: 0 as shipped (per-row rounds, atomics); 1 per-row rounds
+accumulated in registers; 3 the same with 8 warps; 4 one-hot sums over every bin; 2 binning and the
+any-key test only; 9 the dot and a max only. Each histogram variant is checked against the pass.
+Under TRITON_INTERPRET=1 it runs a small CPU smoke test instead of timing.
+"""
+import sys, os
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch, triton, triton.language as tl
+from triton.testing import do_bench
+from inputs import structured_qkv
+from ring_adasplash.kernels import stats as S, triton_backend as TB
+from ring_adasplash.kernels.triton_stats import ADD, MAX, MIN, query_tile, tile_logits
+from ring_adasplash.kernels.triton_refine import add_moments
+from ring_adasplash.kernels.visibility import causal_visibility
+
+
+@triton.jit
+def coarse_variant(Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Target, Bins, Out, Keep,
+                   stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
+                   seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   NUM_BINS: tl.constexpr, VARIANT: tl.constexpr):
+    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc = query_tile(
+        Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M, False)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = bh.to(tl.int64) * seqlen_q + offs_m
+    K = K + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
+    target = tl.load(Target + rows, mask=in_q, other=0.0)
+    bins = tl.load(Bins + rows, mask=in_q, other=0.0)
+    list_id = bh * tl.num_programs(0) + tile_q
+    count = tl.load(Tile_count + list_id)
+    Tile_index = Tile_index + list_id.to(tl.int64) * num_k_tiles
+    full_lo = tl.load(K_full_lo + tile_q)
+    full_hi = tl.load(K_full_hi + tile_q)
+    iota = tl.arange(0, NUM_BINS).to(tl.float32)
+    acc_c = tl.full([BLOCK_M, NUM_BINS], 0.0, tl.float32)
+    acc_u = tl.full([BLOCK_M, NUM_BINS], 0.0, tl.float32)
+    acc_u2 = tl.full([BLOCK_M, NUM_BINS], 0.0, tl.float32)
+    dummy = tl.full([BLOCK_M], 0.0, tl.float32)
+    for i in range(0, count):
+        tile_k = tl.load(Tile_index + i)
+        offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        z = tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d, stride_ks, stride_kd,
+                        seqlen_q, seqlen_k, scale_z, (tile_k >= full_lo) & (tile_k < full_hi), False, False)
+        if VARIANT == 9:  # dot only
+            dummy += tl.reduce(z, 1, MAX)
+        else:
+            scaled = z * (NUM_BINS - 1)
+            idx = tl.floor(scaled)
+            local = tl.maximum(target[:, None] - idx, 0.0)
+            keep = local < bins[:, None]
+            if VARIANT == 2:  # binning and the any test only
+                anyk = tl.reduce(tl.reduce(keep.to(tl.int32), 1, MAX), 0, MAX)
+                tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, anyk.to(tl.int8))
+            elif VARIANT == 0:  # as shipped
+                kept = tl.reduce(tl.reduce(keep.to(tl.int32), 1, ADD), 0, ADD)
+                if kept > 0:
+                    tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, 1)
+                    add_moments(Out, rows, local, scaled - idx, keep, kept, NUM_BINS, 128)
+            elif VARIANT == 1 or VARIANT == 3:  # register accumulation, bin by bin per row
+                kept = tl.reduce(tl.reduce(keep.to(tl.int32), 1, ADD), 0, ADD)
+                if kept > 0:
+                    tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, 1)
+                    v = scaled - idx
+                    bin_now = tl.reduce(tl.where(keep, local, NUM_BINS), 1, MIN)
+                    while tl.reduce(bin_now, 0, MIN) < NUM_BINS:
+                        here = keep & (local == bin_now[:, None])
+                        c = tl.reduce(here.to(tl.float32), 1, ADD)
+                        s1 = tl.reduce(tl.where(here, v, 0.0), 1, ADD)
+                        s2 = tl.reduce(tl.where(here, v * v, 0.0), 1, ADD)
+                        onehot = iota[None, :] == bin_now[:, None]
+                        acc_c += tl.where(onehot, c[:, None], 0.0)
+                        acc_u += tl.where(onehot, s1[:, None], 0.0)
+                        acc_u2 += tl.where(onehot, s2[:, None], 0.0)
+                        keep = keep & (local != bin_now[:, None])
+                        bin_now = tl.reduce(tl.where(keep, local, NUM_BINS), 1, MIN)
+            elif VARIANT == 4:  # register accumulation, one-hot over all bins (static loop)
+                anyk = tl.reduce(tl.reduce(keep.to(tl.int32), 1, MAX), 0, MAX)
+                if anyk > 0:
+                    tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, 1)
+                    v = scaled - idx
+                    for bb in tl.static_range(NUM_BINS):
+                        here = keep & (local == bb)
+                        c = tl.reduce(here.to(tl.float32), 1, ADD)
+                        s1 = tl.reduce(tl.where(here, v, 0.0), 1, ADD)
+                        s2 = tl.reduce(tl.where(here, v * v, 0.0), 1, ADD)
+                        onehot = iota[None, :] == bb
+                        acc_c += tl.where(onehot, c[:, None], 0.0)
+                        acc_u += tl.where(onehot, s1[:, None], 0.0)
+                        acc_u2 += tl.where(onehot, s2[:, None], 0.0)
+    if VARIANT == 1 or VARIANT == 3 or VARIANT == 4:
+        Row = Out + rows[:, None] * (3 * NUM_BINS) + tl.arange(0, NUM_BINS)[None, :]
+        tl.store(Row, acc_c, mask=in_q[:, None])
+        tl.store(Row + NUM_BINS, acc_u, mask=in_q[:, None])
+        tl.store(Row + 2 * NUM_BINS, acc_u2, mask=in_q[:, None])
+    if VARIANT == 9:
+        tl.store(Out + rows, dummy, mask=in_q)
+
+
+SMOKE = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cpu" if SMOKE else "cuda"
+if SMOKE:
+    do_bench = lambda fn, warmup, rep: (fn(), 0.0)[1]  # noqa
+
+
+def main():
+    for seqlen, amp, dim in ([(512, 1.5, 64)] if SMOKE else [(32768, 1.5, 64), (32768, 1.0, 64), (8192, 2.0, 64)]):
+        q, k, v = structured_qkv(1, seqlen, 16, dim, amp, torch.bfloat16 if not SMOKE else torch.float32, DEV)
+        vis = causal_visibility(seqlen, seqlen, True, DEV)
+        scale_z = 0.5 / dim ** 0.5
+        row_max, tau_floor, gap = TB.max_pass(q, k, vis, scale_z, 64, 64, 1.5)
+        mask = S.histogram_mask(gap)
+        ref_hist, _ = TB.histogram_pass(q, k, vis, scale_z, 64, 64, row_max, gap.clone(), mask, tau_floor)
+        counts, index = TB._tile_lists(mask)
+        target = S.bin_reference(row_max).contiguous()
+        bins = S.kept_bins(row_max, tau_floor)
+        nq = -(-seqlen // 64)
+        line = [f"S={seqlen} amp={amp} share={mask.float().mean().item():.3f}"]
+        line.append(f"full_pass={do_bench(lambda: TB.histogram_pass(q, k, vis, scale_z, 64, 64, row_max, gap.clone(), mask, tau_floor), warmup=25, rep=100):.3f}")
+        for variant in (0, 1, 3, 4, 2, 9):
+            nw = 8 if variant == 3 else 4
+            out = torch.zeros(1, 16, seqlen, 3, 16, device=DEV)
+            keep = torch.zeros(mask.shape, device=DEV, dtype=torch.int8)
+            def run():
+                if variant == 0:
+                    out.zero_()
+                coarse_variant[(nq, 16)](q, k, *TB._vis_args(vis, q.device), *TB._key_tile_ranges(vis, q.device)[2:],
+                                         counts, index, target, bins, out, keep, *q.stride(), *k.stride(),
+                                         seqlen, seqlen, 16, mask.shape[-1], scale_z,
+                                         GROUP=1, HEAD_DIM=dim, BLOCK_M=64, BLOCK_N=64, NUM_BINS=16, VARIANT=variant,
+                                         num_warps=nw, num_stages=3)
+            run()
+            ok = ""
+            if variant in (0, 1, 3, 4):
+                ok = "ok" if torch.allclose(out, ref_hist, rtol=1e-4, atol=1e-3) else f"DIFF {(out - ref_hist).abs().max().item():.3g}"
+            line.append(f"v{variant}={do_bench(run, warmup=25, rep=100):.3f}{ok}")
+        print(" ".join(line), flush=True)
+
+
+main()
