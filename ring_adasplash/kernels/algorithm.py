@@ -4,10 +4,10 @@ A query block meets its keys as one or more *key blocks* (the whole sequence on 
 shard per ring step in a ring). ``KeyBlocks`` hides how blocks arrive; this module says what is
 computed on each and how the pieces combine:
 
-    forward  1. max pass on every block (dense Q.K^T: the only dense pass): row max, tile gaps
-                (how close the tile's keys come to their rows' maxima)
+    forward  1. max pass on every block (dense Q.K^T: the only dense pass): row max, tau floor
+                (first block), tile gaps against max(tau floor, row max - 1), a lower bound of tau
              2. histogram pass (sparse): coarse histogram against the row max over all blocks,
-                on the tiles that reach within one of some row's max; histograms add exactly
+                on the tiles that reach the bin of that bound; histograms add exactly
              3. bracket tau; block mask = tiles with a key above a lower bound of tau
              4. refinement pass on active tiles (sparse): fine histogram (alpha 1.5, 2; only
                 query tiles with a row whose bin of tau holds two keys or more) or NEWTON_STEPS
