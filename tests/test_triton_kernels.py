@@ -7,7 +7,7 @@ them compiled again afterwards, so GPU tests in the same process get real kernel
 Tolerances. On CPU, fp32 inputs multiply in float32 in both backends (the interpreter's tl.dot is a
 float32 numpy matmul; the spec is a float32 torch matmul), so only the summation order differs: z
 agrees to a few ulps. Hence row maxima and moments to ~1e-6 relative, tau to 1e-5, and histogram
-counts exactly except where a logit lies within a few ulps of a bin edge (z (NUM_BINS - 1) an
+counts (and the fine sub-bin counts) exactly except where a logit lies within a few ulps of a bin edge (z (NUM_BINS - 1) an
 integer up to rounding) and the two summation orders round it to different sides: we allow a
 handful of such flips and check that each flipped key really lies at an edge. GPU tests use bf16 and
 fp16 inputs against the float64 reference: 2e-2 relative.
@@ -32,7 +32,8 @@ from ring_adasplash.reference import entmax_attention_reference  # noqa: E402
 # numpy warns on inf - inf of masked logits inside the interpreter; the kernels select those away
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-KERNEL_MODULES = ("triton_stats", "triton_refine", "triton_output", "triton_backward", "triton_backend")
+KERNEL_MODULES = ("triton_stats", "triton_refine", "triton_output", "triton_backward", "triton_tau", "triton_tiles",
+                  "triton_backend")
 
 
 def _reload_kernels():
@@ -88,6 +89,22 @@ def _edge_distance(z: torch.Tensor) -> torch.Tensor:
     return (scaled - scaled.round()).abs()
 
 
+def test_tile_lists(interpreted):
+    """Per row of a block mask (also a transposed view, and rows longer than one chunk): the
+    number of True entries and their positions, ascending."""
+    gen = torch.Generator().manual_seed(11)
+    mask = torch.rand(2, 3, 5, 40, generator=gen) < 0.3
+    mask[0, 0, 0] = False
+    mask[1, 2, 4] = True
+    long = torch.rand(1, 2, 3, 2500, generator=gen) < 0.1
+    for m in (mask, mask.transpose(-1, -2), long):
+        counts, index = interpreted._tile_lists(m)
+        assert counts.shape == m.shape[:-1] and index.shape == m.shape and counts.dtype == index.dtype == torch.int32
+        assert torch.equal(counts, m.sum(-1, dtype=torch.int32))
+        for row, n, flags in zip(index.reshape(-1, m.shape[-1]), counts.flatten(), m.reshape(-1, m.shape[-1])):
+            assert torch.equal(row[:n].long(), flags.nonzero().flatten())
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_stats_pass_matches_spec(interpreted, shape):
     batch, sq, sk, h, hkv, d, causal = shape
@@ -106,17 +123,16 @@ def test_stats_pass_matches_spec(interpreted, shape):
     real = (got_tiles > S.ZERO_TILE) & (ref_tiles > S.ZERO_TILE)
     torch.testing.assert_close(got_tiles[real], ref_tiles[real], rtol=1e-6, atol=1e-6)
     # Counts: equal up to a few keys at bin edges (see module doc), checked to lie at an edge.
-    flips = (got.hist[..., 0, :] - ref.hist[..., 0, :]).abs().sum().item()
+    flips = (got.hist - ref.hist).abs().sum().item()
     assert ((got_tiles == S.ZERO_TILE) != (ref_tiles == S.ZERO_TILE)).sum().item() <= flips
-    rows = (got.hist[..., 0, :] != ref.hist[..., 0, :]).any(-1)
+    rows = (got.hist != ref.hist).any(-1)
     assert flips <= 4, flips
     if flips:
         qh = q.double().transpose(1, 2)
         kh = k.double().transpose(1, 2).repeat_interleave(h // hkv, 1)
         z = scale_z * qh @ kh.transpose(-1, -2)
         assert (_edge_distance(z[rows]).amin(-1) < 1e-4).all()
-    same = ~rows
-    torch.testing.assert_close(got.hist[same], ref.hist[same], rtol=1e-4, atol=1e-4)
+    assert ref.hist.sum() > 0 and torch.equal(ref.hist, ref.hist.round())
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -174,13 +190,20 @@ def test_passes_match_spec(interpreted, shape, alpha):
     bracket = S.coarse_bracket(st, alpha)
     active = A.lower_bound_mask(tile_gap, bracket.lower, st.row_max, bracket.empty, bm)
     if S.is_closed_form(alpha):
-        ref, ref_keep = TB.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=bracket.bin_index)
-        got, got_keep = interpreted.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=bracket.bin_index)
+        low = st.row_max - 1.0 - S.MASK_MARGIN  # a lower bound of tau: keys below it are left out
+        ref, ref_keep = TB.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=bracket.bin_index, low=low)
+        got, got_keep = interpreted.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=bracket.bin_index,
+                                                low=low)
+        full, _ = TB.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=bracket.bin_index)
+        assert ref[..., 0, :-1].sum() < full[..., 0, :-1].sum()  # the cut leaves keys out ...
+        torch.testing.assert_close(S.fine_tau(bracket, ref, alpha), S.fine_tau(bracket, full, alpha))  # ... not tau
         assert got.shape == ref.shape and got.dtype == ref.dtype
         assert torch.equal(got_keep, ref_keep) and not (ref_keep & ~active).any()
         assert (got[..., 0, :] != ref[..., 0, :]).sum() <= 2  # edge flips, as above
+        assert ref[..., 0, :-1].sum() > 0 and ref[..., 0, -1].sum() > 0  # keys in the pair and above it
         torch.testing.assert_close(got.sum(-1), ref.sum(-1), rtol=1e-4, atol=1e-3)
-        tau = S.fine_tau(st, bracket, ref, alpha)
+        torch.testing.assert_close(got[..., -1], ref[..., -1], rtol=1e-4, atol=1e-3)  # moments above the pair
+        tau = S.fine_tau(bracket, ref, alpha)
     else:
         ref, ref_keep = TB.refine_pass(q, k, vis, scale_z, bm, bn, active, point=bracket.estimate, alpha=alpha)
         got, got_keep = interpreted.refine_pass(q, k, vis, scale_z, bm, bn, active, point=bracket.estimate,
@@ -201,7 +224,8 @@ def test_passes_match_spec(interpreted, shape, alpha):
 
     grad_out = torch.randn(batch, sq, h, d)
     fwd = A.ForwardResult(out=ref_out[0], out_u=ref_out[1], u_sum=ref_out[2], tau=tau, support=ref_out[3])
-    delta = A.row_delta(grad_out, fwd)
+    delta = TB.row_delta(grad_out, fwd.out_u, fwd.u_sum)
+    torch.testing.assert_close(interpreted.row_delta(grad_out, fwd.out_u, fwd.u_sum), delta, rtol=1e-5, atol=1e-6)
     ref_grads = TB.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, tau, delta, bm, bn, ref_out[4])
     got_grads = interpreted.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, tau, delta, bm, bn,
                                           ref_out[4])
@@ -229,19 +253,22 @@ def test_tau_kernels_match_spec(interpreted, shape, alpha):
     active = A.lower_bound_mask(tile_gap, ref.lower, st.row_max, ref.empty, bm)
     fine, _ = TB.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=ref.bin_index)
     assert fine[..., 0, :].sum() > 0
-    tau_ref = S.fine_tau(st, ref, fine, alpha)
-    tau_got = interpreted.fine_tau(st, got, fine, alpha)
+    tau_ref = S.fine_tau(ref, fine, alpha)
+    tau_got = interpreted.fine_tau(got, fine, alpha)
     assert torch.equal(torch.isinf(tau_got), torch.isinf(tau_ref)) and tau_got.dtype == torch.float32
     finite = torch.isfinite(tau_ref)
     assert (tau_got[finite] - tau_ref[finite]).abs().max() <= 1e-6
-    # rows whose bin of tau holds at most one key: the fine histogram the pass measured is the one
-    # the coarse moments give, so tau does not depend on the pass having read them
-    assert torch.equal(got.coarse_only, ref.coarse_only)
-    single = ref.coarse_only & ~ref.empty
-    assert single.any() and not ref.coarse_only.all()
-    torch.testing.assert_close(S.single_key_fine(st, ref, S.FINE_BINS)[single], fine[single], rtol=0, atol=1e-6)
-    unread = interpreted.fine_tau(st, got, torch.zeros_like(fine), alpha)
-    assert torch.equal(unread[ref.coarse_only], tau_got[ref.coarse_only])
+    # rows whose max is the only key at or above the pair (under causal, the first query row at
+    # least): tau = max - 1 whatever the refinement pass read
+    assert torch.equal(got.single, ref.single) and not ref.single.all()
+    assert (ref.single & ~ref.empty).any() or not causal
+    unread = interpreted.fine_tau(got, torch.zeros_like(fine), alpha)
+    assert torch.equal(unread[ref.single], tau_got[ref.single])
+    torch.testing.assert_close(tau_ref[ref.single & ~ref.empty], st.row_max[ref.single & ~ref.empty] - 1.0)
+    # tau lies in the pair of bins the counts gave
+    w = 1.0 / (S.NUM_BINS - 1)
+    pair = ref.bin_index[finite] * w
+    assert (tau_ref[finite] >= pair - 1e-6).all() and (tau_ref[finite] <= pair + 2 * w + 1e-6).all()
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])

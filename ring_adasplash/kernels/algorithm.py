@@ -6,13 +6,13 @@ computed on each and how the pieces combine:
 
     forward  1. max pass on every block (dense Q.K^T: the only dense pass): row max, tau floor
                 (first block), tile gaps against max(tau floor, row max - 1), a lower bound of tau
-             2. histogram pass (sparse): coarse histogram against the row max over all blocks,
-                on the tiles that reach the bin of that bound; histograms add exactly
-             3. bracket tau; block mask = tiles with a key above a lower bound of tau
-             4. refinement pass on active tiles (sparse): fine histogram (alpha 1.5, 2; only
-                query tiles with a row whose bin of tau holds two keys or more) or NEWTON_STEPS
-                Newton passes (other alpha); exact tau. For alpha 1.5 and 2 the block mask is
-                then rebuilt from the exact tau and tightened per row where the pass ran
+             2. histogram pass (sparse): coarse counts against the row max over all blocks, on
+                the tiles that reach the bin of that bound; counts add exactly
+             3. bracket tau in two adjacent bins; block mask = tiles with a key above them
+             4. refinement pass on active tiles (sparse): fine histogram of the two bins and
+                exact moments above them (alpha 1.5, 2) or NEWTON_STEPS Newton passes (other
+                alpha); exact tau. For alpha 1.5 and 2 the block mask is then rebuilt from the
+                exact tau and tightened per row
              5. output pass on active tiles (sparse): sum p v, sum u v, sum u; exact zero tiles found
     backward one pass on nonzero tiles: dq here, dk and dv of each block handed back to the block
 
@@ -67,10 +67,12 @@ def lower_bound_mask(tile_gap: torch.Tensor, lower: torch.Tensor, row_max: torch
                      block_m: int, tau_floor: torch.Tensor | None = None):
     """(B, H, nQ, nK) bool: a tile is kept when its gap (``stats.Maxima``) exceeds the smallest
     ``lower bound of tau - tau_low`` among its rows (``stats.tau_low`` of the final row max and
-    the tau floor, none when not given). A key with p > 0 has z > tau >= lower, so its tile's gap
-    is at least ``z - tau_low > lower - tau_low``: no nonzero tile is dropped."""
+    the tau floor, none when not given; tau_low bounds tau from below too, so the larger of the
+    two bounds is taken). A key with p > 0 has z > tau >= max(lower, tau_low), so its tile's gap
+    is at least ``z - tau_low > max(lower - tau_low, 0)``: no nonzero tile is dropped."""
     floor = torch.full_like(row_max, float("-inf")) if tau_floor is None else tau_floor
-    bound = torch.where(empty, torch.full_like(lower, float("inf")), lower - S.tau_low(row_max, floor) - S.MASK_MARGIN)
+    above_low = (lower - S.tau_low(row_max, floor)).clamp(min=0)
+    bound = torch.where(empty, torch.full_like(lower, float("inf")), above_low - S.MASK_MARGIN)
     return tile_gap > S.per_query_tile(bound, block_m, "min")[..., None]
 
 
@@ -164,13 +166,14 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
         return reduce.sums(total[0]), keeps
 
     if S.is_closed_form(alpha):
-        # rows whose bin of tau holds at most one key have tau from the coarse histogram: the
-        # refinement pass reads only the query tiles with another row
-        refined = S.per_query_tile(~bracket.coarse_only, bm, "any")
-        fine, keeps = summed([a & refined[..., None] for a in active], bin_index=bracket.bin_index)
-        tau = backend.fine_tau(row_stats, bracket, fine, alpha)
+        # rows whose max is their only key near tau have tau = max - 1: the refinement pass reads
+        # only the query tiles with another row
+        refined = S.per_query_tile(~bracket.single, bm, "any")
+        low = S.tau_low(row_max, tau_floor) - S.MASK_MARGIN  # keys below have p = 0
+        fine, keeps = summed([a & refined[..., None] for a in active], bin_index=bracket.bin_index, low=low)
+        tau = backend.fine_tau(bracket, fine, alpha)
         # block mask from the exact tau (a key with p > 0 has z > tau), and where the refinement
-        # pass ran, also its per-row test (some row has a key at most a bin below its bin of tau)
+        # pass ran, also its per-row test (some row has a key at most a bin below its pair of bins)
         active = [lower_bound_mask(t, tau, row_max, bracket.empty, bm, tau_floor) & (keep | ~refined[..., None])
                   for t, keep in zip(tile_gap, keeps)]
     else:
@@ -194,18 +197,12 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
     return ForwardResult(out, out_u, u_sum, tau, support, nonzero, active, visible)
 
 
-def row_delta(grad_out: torch.Tensor, fwd: ForwardResult) -> torch.Tensor:
-    """delta (B, Hq, Sq) = (dO . sum u v) / sum u, the per-row term of the entmax Jacobian."""
-    dot = (grad_out.to(fwd.out_u.dtype) * fwd.out_u).sum(-1).transpose(1, 2)
-    return torch.where(fwd.u_sum > 0, dot / fwd.u_sum.clamp(min=1e-30), torch.zeros_like(dot))
-
-
 def entmax_backward(backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult, alpha: float, softmax_scale: float,
                     reduce: LocalReduce = LocalReduce()):
     """Returns dq (B, Sq, Hq, D) and the local block's dk, dv, all in the compute dtype (fp32/fp64)."""
     scale_z = (alpha - 1.0) * softmax_scale
     bm, bn = backend.BLOCK_M, backend.BLOCK_N
-    delta = row_delta(grad_out, fwd)
+    delta = backend.row_delta(grad_out, fwd.out_u, fwd.u_sum)
     dq_total: list = [None]
 
     def gradients(index, k, v, vis):

@@ -8,18 +8,24 @@ below the row max never matter.
 Coarse histogram (the statistics pass). Bins have width ``w = 1 / (NUM_BINS - 1)`` and absolute
 indices ``idx(z) = floor(z * (NUM_BINS - 1))``, so every shard bins a score the same way. A row keeps
 the ``NUM_BINS`` bins below its reference ``K = idx(row max)``: local bin ``b = K - idx(z)``, covering
-``[(K - b) w, (K - b + 1) w)``. Per bin it keeps the count and the first two moments of the position
-inside the bin, ``u = z (NUM_BINS - 1) - idx(z)`` in ``[0, 1)``. Bins further down hold only
+``[(K - b) w, (K - b + 1) w)``, and counts the keys in each. Bins further down hold only
 ``z < max - 1`` and are dropped. Two statistics merge by shifting the one with the lower reference
-down by the (integer) difference of references and adding: exact in the counts, associative and
-commutative up to float rounding in the moments, whatever the shard order or an all-reduce does.
+down by the (integer) difference of references and adding: exact, associative and commutative,
+whatever the shard order or an all-reduce does.
 
-Fine histogram (the refinement pass). From the merged coarse histogram the bin holding ``tau`` is
-known exactly for alpha 1.5 and 2 (where the sum at a bin edge is a polynomial in the moments).
-The refinement pass splits that one bin into ``FINE_BINS`` sub-bins with the same three sums; the
-final solve is closed form on the exact sums above the sub-bin that holds ``tau`` plus a two-point
-model of that sub-bin (exact when it holds at most two keys). Other alpha: Newton steps on exact
-sums ``(sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1))`` at the current estimate.
+Counts bound the sum at every bin edge from both sides (a key of a bin lies between its edges), and
+the upper bound at one edge is the lower bound at the next, so they place tau in one of two
+adjacent bins (``coarse_bracket``). Counts alone, rather than counts and moments, because a count is
+one add per key where moments need a pass per distinct bin of a row; the refinement pass takes the
+moments instead, exact, for the keys above that pair of bins.
+
+Fine histogram (the refinement pass). For alpha 1.5 and 2 it splits the pair of bins into
+``FINE_BINS`` sub-bins with count, sum v, sum v^2 (v the position inside the sub-bin), and sums
+count, sum y, sum y^2 of the keys above the pair (y their height above it, in bins); these are
+exact, additive across shards, and all the closed-form solve needs: the sum at a sub-bin edge is a
+polynomial in them. The final solve is closed form on the exact sums above the sub-bin that holds
+``tau`` plus a two-point model of that sub-bin (exact when it holds at most two keys). Other alpha:
+Newton steps on exact sums ``(sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1))`` at the current estimate.
 """
 from __future__ import annotations
 
@@ -29,8 +35,8 @@ from typing import NamedTuple
 import torch
 
 NUM_BINS = 16  # coarse bins, width 1 / 15 in z
-FINE_BINS = 32  # sub-bins of the bin holding tau: final bracket 1 / 480 wide
-NEWTON_STEPS = 3  # exact refinement passes for alpha other than 1.5 and 2
+FINE_BINS = 64  # sub-bins of the two bins that may hold tau: final bracket 1 / 480 wide
+NEWTON_STEPS = 5  # exact refinement passes for alpha other than 1.5 and 2
 MASK_MARGIN = 1e-4  # slack (in z) when comparing a tile gap with a lower bound of tau
 # tile gap of a tile that has visible pairs but provably no p > 0 (see ``histogram_mask``): finite,
 # so the tile still counts as visible, and below any threshold, so no block mask keeps it
@@ -47,7 +53,7 @@ class RowStats:
     """Statistics of one query block against the keys seen so far (a shard or the whole sequence).
 
     ``row_max``: (B, H, Sq) float32, max logit over visible keys (-inf for none).
-    ``hist``: (B, H, Sq, 3, NUM_BINS) float32: count, sum u, sum u^2 per local bin (see module doc).
+    ``hist``: (B, H, Sq, NUM_BINS) float32: keys per local bin (see module doc).
     """
 
     row_max: torch.Tensor
@@ -66,8 +72,8 @@ def shift_bins(hist: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     target = torch.arange(nb, device=hist.device)
     source = target - shift.to(torch.int64)[..., None]  # (B, H, S, NB)
     valid = (source >= 0) & (source < nb)
-    gathered = torch.gather(hist, -1, source.clamp(0, nb - 1)[..., None, :].expand_as(hist))
-    return torch.where(valid[..., None, :], gathered, torch.zeros((), dtype=hist.dtype, device=hist.device))
+    gathered = torch.gather(hist, -1, source.clamp(0, nb - 1))
+    return torch.where(valid, gathered, torch.zeros((), dtype=hist.dtype, device=hist.device))
 
 
 def merge(a: RowStats, b: RowStats) -> RowStats:
@@ -155,13 +161,14 @@ class Bracket:
     """Where tau lies after the coarse pass, per row (B, H, Sq), in z units unless noted.
 
     ``lower``: a guaranteed lower bound of tau (builds the block mask: it never drops a nonzero tile).
-    ``bin_index``: absolute coarse bin index holding tau (closed-form alpha), as float64.
+    ``bin_index``: absolute coarse index of the lower of the two bins that hold tau (closed-form
+    alpha; tau lies in ``[bin_index w, (bin_index + 2) w)``), as float64.
     ``estimate``: a starting point for Newton (other alpha; None where only the closed form runs).
     ``upper``: an upper bound of tau (other alpha; likewise).
     ``empty``: rows with no visible key.
-    ``coarse_only``: (closed-form alpha, else None) rows whose tau follows from the coarse
-    histogram alone: the bin of tau holds at most one key, whose position is its first moment
-    (and empty rows). The refinement pass can skip query tiles made only of such rows.
+    ``single``: (closed-form alpha, else None) rows where the max is the only key at or above
+    the pair: it alone has p > 0, p = 1, so tau = row max - 1, and ``lower`` holds that tau. The
+    refinement pass can skip query tiles made only of such rows (and empty ones).
     """
 
     lower: torch.Tensor
@@ -169,34 +176,42 @@ class Bracket:
     estimate: torch.Tensor
     upper: torch.Tensor
     empty: torch.Tensor
-    coarse_only: torch.Tensor | None = None
+    single: torch.Tensor | None = None
 
 
 def _cumsum_bins(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
     """Cumulative sum over the (short) bin axis as a product with a triangular matrix: on GPUs a
-    float64 cumsum over 16 or 32 entries of millions of rows is far slower than the matmul."""
+    float64 cumsum over 16 or 64 entries of millions of rows is far slower than the matmul."""
     n = x.shape[-1]
     ones = torch.ones(n, n, dtype=x.dtype, device=x.device)
     return x @ (ones.tril() if reverse else ones.triu())  # [j, b] = 1 for j <= b (j >= b reversed)
 
 
-def _edge_sums(hist: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``F_b = sum_{z >= lower edge of bin b} (z - edge_b)^gamma / w^gamma`` for gamma in {1, 2}.
-
-    Keys of bin ``j <= b`` sit at ``x = (b - j) + u`` bin widths above edge ``b``.
-    """
-    count, s1, s2 = hist.double().unbind(-2)
-    j = torch.arange(hist.shape[-1], device=hist.device, dtype=torch.float64)
+def _upper_edge_sums(count: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``U_b = sum_{j <= b} count_j (b - j + 1)^gamma``, gamma in {1, 2}: an upper bound of the sum
+    ``F_b = sum (z - edge_b)_+^gamma / w^gamma`` at the lower edge of local bin b, since a key of bin
+    j <= b lies less than ``b - j + 1`` bin widths above it. ``U_{b-1}`` bounds ``F_b`` from below
+    (the keys of bins j < b lie at least ``b - j`` above edge b)."""
+    j = torch.arange(count.shape[-1], device=count.device, dtype=torch.float64)
     c_cum = _cumsum_bins(count)
-    m1 = _cumsum_bins(s1 - j * count)  # sum over bins <= b of (u - j)
+    m1 = _cumsum_bins(j * count)
+    reach = j + 1  # (b + 1) per edge b
     if gamma == 1.0:
-        return m1 + j * c_cum
-    m2 = _cumsum_bins(s2 - 2 * j * s1 + j * j * count)  # sum of (u - j)^2
-    return m2 + 2 * j * m1 + j * j * c_cum
+        return reach * c_cum - m1
+    m2 = _cumsum_bins(j * j * count)
+    return reach * reach * c_cum - 2 * reach * m1 + m2
 
 
 def coarse_bracket(stats: RowStats, alpha: float) -> Bracket:
-    """Bracket tau from merged coarse statistics."""
+    """Bracket tau from merged coarse counts.
+
+    Closed-form alpha: with ``b_a`` the first local bin whose ``U_b`` reaches 1 (in bin units
+    ``(NB - 1)^gamma``), ``F_b <= U_b < 1`` for b < b_a, and ``F_{b_a + 1} >= U_{b_a} >= 1``: tau's
+    bin is local b_a or b_a + 1, the pair starting at absolute bin ``K - b_a - 1``. b_a is at most
+    the bin of ``max - 1 <= tau`` (and of the tau floor, whose bins the histogram fills).
+
+    Every key with p > 0 lies at or above the pair and in a bin the histogram fills completely
+    (above tau_low): if those bins hold one key, it is the max, and tau = max - 1 (``single``)."""
     w = 1.0 / (NUM_BINS - 1)
     gamma = 1.0 / (alpha - 1.0)
     ref = bin_reference(stats.row_max).double()
@@ -204,15 +219,17 @@ def coarse_bracket(stats: RowStats, alpha: float) -> Bracket:
     nb = NUM_BINS
     bins = torch.arange(nb, device=ref.device, dtype=torch.float64)
     target = w ** (-gamma)  # sum_j p_j = 1 in bin-width units
+    count = stats.hist.double()
     if is_closed_form(alpha):
-        edge = _edge_sums(stats.hist, gamma)  # nondecreasing in b
-        b_star = (edge < target).sum(-1).clamp(max=nb - 1).double()  # first bin whose lower edge has F >= 1
-        bin_index = ref - b_star
+        b_a = (_upper_edge_sums(count, gamma) < target).sum(-1).clamp(max=nb - 1)
+        bin_index = ref - b_a.double() - 1
         lower = bin_index * w
-        count_at = torch.gather(stats.hist[..., 0, :], -1, b_star.long()[..., None]).squeeze(-1)
-        return Bracket(lower.float(), bin_index, lower, lower + w, empty, (count_at <= 1) | empty)
+        # keys at or above the pair (bins the histogram fills completely wherever p > 0 is possible)
+        reach = torch.gather(_cumsum_bins(count), -1, (b_a + 1).clamp(max=nb - 1)[..., None]).squeeze(-1)
+        single = (reach == 1) | empty
+        lower = torch.where(single & ~empty, stats.row_max.double() - 1.0, lower)
+        return Bracket(lower.float(), bin_index, lower, lower + 2 * w, empty, single)
     # Other alpha: bound each key between its bin's edges, then bisect a one-point-per-bin model.
-    count, s1, _ = stats.hist.double().unbind(-2)
     dist = bins[:, None] - bins[None, :]  # [b, j] = b - j
     above = (dist >= 0).double()
     f_low = torch.einsum("...j,bj->...b", count, (dist.clamp(min=0) ** gamma) * (dist > 0))
@@ -221,8 +238,7 @@ def coarse_bracket(stats: RowStats, alpha: float) -> Bracket:
     b_hi = ((f_high < target).sum(-1) - 1).clamp(min=0).double()  # last edge with F surely < 1
     lower = (ref - b_lo) * w
     upper = (ref - b_hi + 1) * w
-    mean_u = torch.where(count > 0, s1 / count.clamp(min=1), torch.zeros_like(s1))
-    point = (ref[..., None] - bins + mean_u) * w  # one point per bin (z units)
+    point = (ref[..., None] - bins + 0.5) * w  # every key at its bin's middle (z units)
     lo, hi = lower.clone(), upper.clone()
     for _ in range(40):
         mid = 0.5 * (lo + hi)
@@ -242,54 +258,31 @@ def _poly_root(n0, n1, n2, target, gamma):
     return (n2 - target) / (n1 + disc.sqrt()).clamp(min=1e-30)
 
 
-def single_key_fine(stats: RowStats, bracket: Bracket, fine_bins: int) -> torch.Tensor:
-    """The fine histogram (B, H, Sq, 3, fine_bins) of a bin of tau that holds at most one key,
-    from the coarse moments alone: the key sits at ``u`` = its sum u, so in sub-bin
-    ``floor(u fine_bins)`` at ``v = u fine_bins - floor(u fine_bins)`` (float32, as the fine pass
-    computes it). Meaningful on ``bracket.coarse_only`` rows."""
-    ref = bin_reference(stats.row_max).double()
-    b_star = (ref - bracket.bin_index).clamp(0, NUM_BINS - 1).long()[..., None]
-    count = torch.gather(stats.hist[..., 0, :], -1, b_star).squeeze(-1).clamp(max=1)
-    frac = torch.gather(stats.hist[..., 1, :], -1, b_star).squeeze(-1) * fine_bins
-    sub = frac.floor().clamp(0, fine_bins - 1)
-    v = frac - sub
-    at = torch.arange(fine_bins, device=frac.device) == sub[..., None]
-    moments = torch.stack([count, count * v, count * v * v], -1)[..., None]  # (B, H, Sq, 3, 1)
-    return torch.where(at[..., None, :], moments, torch.zeros((), device=frac.device))
+def fine_tau(bracket: Bracket, fine_hist: torch.Tensor, alpha: float) -> torch.Tensor:
+    """tau (B, H, Sq) float32 for alpha in {1.5, 2} from the refinement sums.
 
-
-def fine_tau(stats: RowStats, bracket: Bracket, fine_hist: torch.Tensor, alpha: float) -> torch.Tensor:
-    """tau (B, H, Sq) float32 for alpha in {1.5, 2} from coarse and fine statistics.
-
-    Works in units of the coarse bin, relative to the lower edge ``L`` of the bin holding tau.
-    On ``bracket.coarse_only`` rows the fine histogram comes from ``single_key_fine`` (the
-    refinement pass may not have read them).
+    ``fine_hist`` (B, H, Sq, 3, FINE_BINS + 1): per sub-bin of the pair of bins (``Bracket``),
+    count, sum v, sum v^2; in the last column count, sum y, sum y^2 of the keys above the pair.
+    Works in units of the coarse bin, relative to the lower edge ``L`` of the pair: a key of
+    sub-bin s sits at ``x = (s + v) h`` with ``h = 2 / FINE_BINS``, a key above at ``x = 2 + y``.
     """
-    if bracket.coarse_only is not None:
-        synthetic = single_key_fine(stats, bracket, fine_hist.shape[-1])
-        fine_hist = torch.where(bracket.coarse_only[..., None, None], synthetic, fine_hist)
     gamma = 1.0 / (alpha - 1.0)
     w = 1.0 / (NUM_BINS - 1)
-    nf = fine_hist.shape[-1]
-    ref = bin_reference(stats.row_max).double()
-    b_star = (ref - bracket.bin_index)[..., None]  # local index of the bracket bin
-    count, s1, s2 = stats.hist.double().unbind(-2)
-    j = torch.arange(NUM_BINS, device=count.device, dtype=torch.float64)
-    above = (j < b_star).double()
-    off = (b_star - j) * above  # keys of bin j sit at x = off + u
-    a0 = (count * above).sum(-1)
-    a1 = ((s1 + off * count) * above).sum(-1)
-    a2 = ((s2 + 2 * off * s1 + off * off * count) * above).sum(-1)
-
-    fc, fv1, fv2 = fine_hist.double().unbind(-2)
+    nf = fine_hist.shape[-1] - 1
+    h = 2.0 / nf
+    fine_hist = fine_hist.double()
+    a0, y1, y2 = fine_hist[..., nf].unbind(-1)
+    a1 = 2 * a0 + y1
+    a2 = 4 * a0 + 4 * y1 + y2
+    fc, fv1, fv2 = fine_hist[..., :nf].unbind(-2)
     s = torch.arange(nf, device=fc.device, dtype=torch.float64)
-    x1 = (fc * s + fv1) / nf  # sum of x over sub-bin s
-    x2 = (fc * s * s + 2 * s * fv1 + fv2) / (nf * nf)
-    # moments of keys in sub-bins >= s (reverse cumulative) plus everything above the bin
+    x1 = (fc * s + fv1) * h  # sum of x over sub-bin s
+    x2 = (fc * s * s + 2 * s * fv1 + fv2) * (h * h)
+    # moments of keys in sub-bins >= s (reverse cumulative) plus everything above the pair
     n0 = a0[..., None] + _cumsum_bins(fc, reverse=True)
     n1 = a1[..., None] + _cumsum_bins(x1, reverse=True)
     n2 = a2[..., None] + _cumsum_bins(x2, reverse=True)
-    edge = s / nf
+    edge = s * h
     if gamma == 1.0:
         f_edge = n1 - edge * n0
     else:
@@ -304,8 +297,8 @@ def fine_tau(stats: RowStats, bracket: Bracket, fine_hist: torch.Tensor, alpha: 
     h1 = torch.where(has_next, torch.gather(n1, -1, nxt).squeeze(-1), a1)
     h2 = torch.where(has_next, torch.gather(n2, -1, nxt).squeeze(-1), a2)
     c = pick(fc)
-    lo_edge = s_star.double() / nf
-    hi_edge = lo_edge + 1.0 / nf
+    lo_edge = s_star.double() * h
+    hi_edge = lo_edge + h
     mean = torch.where(c > 0, pick(x1) / c.clamp(min=1), lo_edge)
     var = torch.where(c > 0, pick(x2) / c.clamp(min=1) - mean * mean, torch.zeros_like(mean)).clamp(min=0)
     spread = var.sqrt()
@@ -333,6 +326,8 @@ def fine_tau(stats: RowStats, bracket: Bracket, fine_hist: torch.Tensor, alpha: 
     tau_rel = torch.where(f_p1 <= target, root_both, torch.where(f_p2 <= target, root_upper, root_none))
     tau_rel = tau_rel.clamp(lo_edge, hi_edge)
     tau = (bracket.bin_index + tau_rel) * w
+    if bracket.single is not None:  # the refinement pass may not have read these rows
+        tau = torch.where(bracket.single, bracket.lower.double(), tau)
     return torch.where(bracket.empty, torch.full_like(tau, float("inf")), tau).float()
 
 

@@ -149,40 +149,40 @@ def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n:
 
     ``row_max`` (B, Hq, Sq) is the max over every key block (so histograms of all blocks share one
     reference and add exactly); ``active`` = ``stats.histogram_mask(tile_gap)``:
-    only those tiles are read. Returns ``hist`` (B, Hq, Sq, 3, NB): count, sum u, sum u^2 of the
-    keys in local bin ``K - floor(z (NB - 1)) < stats.kept_bins(row_max, tau_floor)`` (NB bins
-    without a floor; with one, none below the bin of the floor), and ``tile_gap`` with
-    ``ZERO_TILE`` on the visible tiles where no row has a key in its own kept bins (all of them
-    outside ``active``).
+    only those tiles are read. Returns ``hist`` (B, Hq, Sq, NB): the number of keys in local bin
+    ``K - floor(z (NB - 1)) < stats.kept_bins(row_max, tau_floor)`` (NB bins without a floor; with
+    one, none below the bin of the floor), and ``tile_gap`` with ``ZERO_TILE`` on the visible tiles
+    where no row has a key in its own kept bins (all of them outside ``active``).
     """
     nb = S.NUM_BINS
     tiles = _KeyTiles(q, k, vis, scale_z, block_m, block_n, active)
     batch, heads, seqlen = tiles.batch, tiles.heads, tiles.seqlen_q
-    hist = torch.zeros(batch, heads, seqlen, 3, nb, device=q.device)
+    hist = torch.zeros(batch, heads, seqlen, nb, device=q.device)
     near = torch.zeros_like(active)
     ref = S.bin_reference(row_max)
     bins = S.kept_bins(row_max, tau_floor)
     for index, _, z in tiles:
-        scaled = z.float() * (nb - 1)
-        idx = torch.floor(scaled)
+        idx = torch.floor(z.float() * (nb - 1))
         local = (ref[..., None] - idx).clamp(min=0)  # a logit equal to its row max is in bin 0
         keep = torch.isfinite(z) & (local < bins[..., None])
         near[..., index] = tiles.per_query_tile(keep.any(-1), "any")
-        u = torch.where(keep, scaled - idx, torch.zeros_like(scaled))
-        where = local.clamp(max=nb - 1).to(torch.int64)
-        for moment, value in enumerate((keep.float(), u, u * u)):
-            hist[..., moment, :].scatter_add_(-1, where, value)
+        hist.scatter_add_(-1, local.clamp(max=nb - 1).to(torch.int64), keep.float())
     return hist, tile_gap.masked_fill(~near & torch.isfinite(tile_gap), ZERO_TILE)
 
 
 def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, active, *,
-                bin_index=None, point=None, alpha=None):
+                bin_index=None, low=None, point=None, alpha=None):
     """Exact sums near tau, over active tiles only.
 
-    With ``bin_index`` (B, H, Sq): fine histogram (B, H, Sq, 3, FINE_BINS) of the keys in that
-    coarse bin (alpha 1.5 and 2), and ``keep`` (B, H, nQ, nK) bool: active tiles where some row
-    has a key no more than one bin below its bin of tau. tau lies inside that bin, so the output
-    needs no other tile: a mask tested per row, tighter than the per-tile bound that made ``active``.
+    With ``bin_index`` (B, H, Sq), the lower of the two coarse bins that hold tau (alpha 1.5 and
+    2): the refinement sums (B, H, Sq, 3, FINE_BINS + 1) of ``stats.fine_tau`` (per sub-bin of
+    the pair count, sum v, sum v^2 of its keys at or above ``low``, a lower bound of tau (B, H,
+    Sq; none when not given); in the last column count, sum y, sum y^2 of the keys above the
+    pair), and ``keep`` (B, H, nQ, nK) bool: active tiles where some row has a key at or above
+    ``low`` and no lower than one bin below the pair. tau lies inside the pair and above ``low``,
+    so the output needs no other tile: a mask tested per row, tighter than the per-tile bound
+    that made ``active``. Keys below ``low`` have p = 0; leaving them out only lowers the sums at
+    sub-bin edges below tau, which stay above 1 (``stats.fine_tau`` looks for the last edge there).
     With ``point`` (B, H, Sq): Newton sums (B, H, Sq, 2) = ``sum (z - t)_+^gamma,
     sum (z - t)_+^(gamma - 1)`` at ``t = point`` (other alpha), and ``keep = None``.
     Returns ``(sums, keep)``.
@@ -192,26 +192,30 @@ def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: in
     nb, nf = S.NUM_BINS, S.FINE_BINS
     keep = None
     if bin_index is not None:
-        out = torch.zeros(*shape, 3, nf, device=q.device)
+        out = torch.zeros(*shape, 3, nf + 1, device=q.device)
         target = bin_index.float()[..., None]
         keep = torch.zeros_like(active)
+        low_x = torch.full_like(target, -1.0) if low is None else (low.float()[..., None] * (nb - 1) - target).clamp(min=-1)
     else:
         out = torch.zeros(*shape, 2, device=q.device, dtype=torch.float64)
         gamma = 1.0 / (alpha - 1.0)
         t = point.double()[..., None]
     for index, _, z in tiles:
         if bin_index is not None:
-            z = z.float()
-            scaled = z * (nb - 1)
-            idx = torch.floor(scaled)
-            keep[..., index] = tiles.per_query_tile((idx >= target - 1).any(-1), "any") & active[..., index]
-            in_bin = torch.isfinite(z) & (idx == target)
-            frac = torch.where(in_bin, (scaled - idx) * nf, torch.zeros_like(z))
+            x = z.float() * (nb - 1) - target  # coarse bins above the lower edge of the pair
+            near = x >= low_x
+            keep[..., index] = tiles.per_query_tile(near.any(-1), "any") & active[..., index]
+            in_pair = near & (x >= 0) & (x < 2)
+            frac = torch.where(in_pair, x * (nf // 2), torch.zeros_like(x))
             sub = torch.floor(frac).clamp(0, nf - 1)
             v = frac - sub
             where = sub.to(torch.int64)
-            for moment, value in enumerate((in_bin.float(), v, v * v)):
-                out[..., moment, :].scatter_add_(-1, where, torch.where(in_bin, value, torch.zeros_like(value)))
+            for moment, value in enumerate((in_pair.float(), v, v * v)):
+                out[..., moment, :nf].scatter_add_(-1, where, torch.where(in_pair, value, torch.zeros_like(value)))
+            above = x >= 2
+            y = torch.where(above, x - 2, torch.zeros_like(x))
+            for moment, value in enumerate((above.float(), y, y * y)):
+                out[..., moment, nf] += value.sum(-1)
         else:
             gap = (z.double() - t).clamp(min=0)
             out[..., 0] += (gap ** gamma).sum(-1)
@@ -258,6 +262,13 @@ def output_pass(q, k, v, vis: Visibility, scale_z: float, alpha: float, tau, blo
         nonzero[..., index] = tiles.per_query_tile((gap > 0).any(-1), "any")
     to_public = lambda x: x.reshape(batch, heads, seqlen, dim).permute(0, 2, 1, 3)  # noqa: E731
     return to_public(out), to_public(out_u), u_sum, support, nonzero
+
+
+def row_delta(grad_out, out_u, u_sum):
+    """delta (B, Hq, Sq) = (dO . sum u v) / sum u, the per-row term of the entmax Jacobian, from
+    ``grad_out`` and ``out_u`` (B, Sq, Hq, D) and ``u_sum`` (B, Hq, Sq); 0 where sum u = 0."""
+    dot = (grad_out.to(out_u.dtype) * out_u).sum(-1).transpose(1, 2)
+    return torch.where(u_sum > 0, dot / u_sum.clamp(min=1e-30), torch.zeros_like(dot))
 
 
 def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_scale: float, alpha: float,

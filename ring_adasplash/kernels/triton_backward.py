@@ -12,6 +12,33 @@ import triton
 import triton.language as tl
 
 from .triton_output import entmax_weights
+from .triton_stats import ADD
+
+
+@triton.jit
+def row_delta_kernel(
+    DO, Out_u, U_sum, Delta,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_ob, stride_os, stride_oh, stride_od,
+    seqlen_q, num_heads, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = (dO . sum u v) / sum u per row (``torch_blockwise.row_delta``), 0 where sum u = 0:
+    one read of dO and sum u v, where the PyTorch form also writes dO in float32 and the product."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < seqlen_q
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
+                 + offs_d[None, :] * stride_dod, mask=in_q[:, None], other=0.0).to(tl.float32)
+    out_u = tl.load(Out_u + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
+                    + offs_d[None, :] * stride_od, mask=in_q[:, None], other=0.0)
+    rows = bh.to(tl.int64) * seqlen_q + offs_m
+    u_sum = tl.load(U_sum + rows, mask=in_q, other=0.0)
+    dot = tl.reduce(do * out_u, 1, ADD)
+    tl.store(Delta + rows, tl.where(u_sum > 0, dot / tl.maximum(u_sum, 1e-30), 0.0), mask=in_q)
 
 
 @triton.jit

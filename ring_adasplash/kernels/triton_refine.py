@@ -1,42 +1,40 @@
-"""Sums near the row max / tau, over the listed key tiles of each query tile.
+"""Sparse sums of the statistics passes, over the listed key tiles of each query tile.
 
 One program per (query tile, batch x query head); it visits only the key tiles listed for it
-(``Tile_index[:Tile_count]``). Three modes (``MODE``):
+(``Tile_index[:Tile_count]``).
 
-    COARSE  coarse histogram of the statistics pass, ``Target`` = K = floor(row max (NB - 1)):
-            count, sum u, sum u^2 of the keys in local bin K - floor(z (NB - 1)) < ``Bins``
-            (``stats.kept_bins``: NB, or fewer above a tau floor), with
-            u = z (NB - 1) - floor(z (NB - 1)) (``torch_blockwise.histogram_pass``)
-    FINE    fine histogram of the keys in absolute coarse bin ``Target``: FINE_BINS sub-bins,
-            count, sum v, sum v^2 with v the position inside the sub-bin (``refine_pass``); and
-            ``Keep[tile]``: the tile has a key no more than one bin below that bin
+``histogram_kernel``: the coarse counts (``torch_blockwise.histogram_pass``): keys per local bin
+``K - floor(z (NB - 1)) < kept bins`` (``stats.kept_bins``, from the row max and the tau floor,
+computed here), ``K = floor(row max (NB - 1))``. A tile adds its counts by row sums of packed
+words: each key sets one 8-bit field (4 bins to an int32 word), so a row sum of a word counts 4
+bins at once (at most BLOCK_N keys per field); only the words a tile's keys reach are summed, and
+the counts stay in registers until the end: each row belongs to one program, so nothing is
+atomic. It also writes ``Keep[tile]``: whether some row has a key in its own kept bins; tiles
+without one hold only keys with z < row max - 1 <= tau. (Counting this way, rather than adding
+count, sum u and sum u^2 per row one distinct bin at a time, took the pass from 7.2 to 3.9 ms on
+one H200, 32K tokens, D 64, bf16, causal, 83% block sparsity: ``benchmarks/histogram_variants.py``.)
+
+``refine_kernel`` (``MODE``):
+
+    FINE    ``Target`` = the lower of the two coarse bins that hold tau (``stats.Bracket``): per
+            row, FINE_BINS sub-bins of the pair with count, sum v, sum v^2 (v the position inside
+            the sub-bin) of its keys at or above ``Low`` (a lower bound of tau), and count, sum y,
+            sum y^2 of the keys above the pair (``refine_pass``); ``Keep[tile]``: the tile has a
+            key at or above ``Low`` and no more than one bin below the pair
     NEWTON  sum (z - t)_+^gamma and sum (z - t)_+^(gamma - 1) at t = ``Target`` (``refine_pass``)
 
-Histograms are added into ``Out`` (zeroed by the launcher; each row belongs to one program, so
-nothing contends across programs). A tile with at most ``ROW_SCATTER_KEYS`` kept keys adds them
-one bin per row at a time (``add_moments_by_row``: row sums, then 3 atomics per row); a fuller
-tile adds them one atomic per key (``scatter_moments``). An atomic of a (BLOCK_M, BLOCK_N) tensor
-issues an instruction per element, masked or not, so on sparse tiles the row form wins: one H100,
-32K tokens, D 64, bf16, causal, 83% block sparsity: coarse pass 12.4 against 15.5 ms, fine pass
-5.6 against 6.4 ms. At 25% block sparsity most tiles still pass the kept-key test but spread
-their keys over many bins per row, and the per-key form alone would be faster there (coarse
-pass 37.6 against 47.7 ms): a switch on the bins per row rather than the keys is left open.
-The coarse pass also writes ``Keep[tile]``: whether some row has a key in its own kept bins;
-tiles without one hold only keys with z < row max - 1 <= tau.
+Fine histograms are added into ``Out`` (zeroed by the launcher; each row belongs to one program,
+so nothing contends across programs) by ``add_moments_by_row``: one distinct sub-bin of every row
+at a time, row sums, then 3 atomics per row. (One atomic per key instead, which issues an
+instruction per element of the tile, masked or not, was slower: one H200, 32K tokens, D 64, bf16,
+causal, 83% block sparsity, 7.0 against 6.0 ms.) The sums above the pair are row sums kept in
+registers and stored once (adding those keys as one more slot of the per-row adds was slower:
+7.3 against 5.6 ms; most tiles the pass reads hold some).
 """
 import triton
 import triton.language as tl
 
 from .triton_stats import ADD, MAX, MIN, query_tile, tile_logits
-
-
-@triton.jit
-def scatter_moments(Out, rows, slot, v, keep, NB: tl.constexpr):
-    """Out[row, :, slot] += (1, v, v^2) for every kept key, one atomic per key; Out is (rows, 3, NB)."""
-    Slot = Out + rows[:, None] * (3 * NB) + tl.where(keep, slot, 0.0).to(tl.int32)
-    tl.atomic_add(Slot, tl.where(keep, 1.0, 0.0), mask=keep, sem="relaxed")
-    tl.atomic_add(Slot + NB, v, mask=keep, sem="relaxed")
-    tl.atomic_add(Slot + 2 * NB, v * v, mask=keep, sem="relaxed")
 
 
 @triton.jit
@@ -62,25 +60,69 @@ def add_moments_by_row(Out, rows, slot, v, keep, NB: tl.constexpr):
 
 
 @triton.jit
-def add_moments(Out, rows, slot, v, keep, kept, NB: tl.constexpr, ROW_SCATTER_KEYS: tl.constexpr):
-    """Out[row, :, slot] += (1, v, v^2) for the ``kept`` kept keys of a tile, in the form that
-    suits their number (see the module doc)."""
-    if kept <= ROW_SCATTER_KEYS:
-        add_moments_by_row(Out, rows, slot, v, keep, NB)
-    else:
-        scatter_moments(Out, rows, slot, v, keep, NB)
+def histogram_kernel(
+    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Row_max, Tau_floor, Out, Keep,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, floor_margin,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_BINS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Coarse counts (NUM_BINS per row, float32, written once) and ``Keep``; see the module doc."""
+    tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
+    tl.static_assert(NUM_BINS % 4 == 0 and BLOCK_N < 256)  # 4 bins of 8 bits to a word
+    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc = query_tile(
+        Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M, DOT_F32)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = bh.to(tl.int64) * seqlen_q + offs_m
+    K = K + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
+    # reference and kept bins as ``stats.bin_reference`` / ``stats.kept_bins`` (same float32 ops)
+    row_max = tl.load(Row_max + rows, mask=in_q, other=float("-inf"))
+    ref = tl.where(row_max > float("-inf"), tl.floor(row_max * (NUM_BINS - 1)), -1e9)
+    tau_floor = tl.load(Tau_floor + rows, mask=in_q, other=float("-inf"))
+    lowest = tl.floor((tau_floor - floor_margin) * (NUM_BINS - 1))
+    bins = tl.where(lowest > float("-inf"), tl.minimum(tl.maximum(ref - lowest + 1.0, 1.0), NUM_BINS), NUM_BINS)
+    bins = tl.where(row_max > float("-inf"), bins, 0.0)
+    words = (tl.reduce(bins, 0, MAX).to(tl.int32) + 3) // 4  # words any row of this query tile fills
+
+    list_id = bh * tl.num_programs(0) + tile_q
+    count = tl.load(Tile_count + list_id)
+    Tile_index = Tile_index + list_id.to(tl.int64) * num_k_tiles
+    full_lo = tl.load(K_full_lo + tile_q)  # key tiles [full_lo, full_hi) need no visibility mask
+    full_hi = tl.load(K_full_hi + tile_q)
+    cols = tl.arange(0, NUM_BINS)
+    counts = tl.full([BLOCK_M, NUM_BINS], 0, tl.int32)
+    for i in range(0, count):
+        tile_k = tl.load(Tile_index + i)
+        offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        z = tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d, stride_ks, stride_kd,
+                        seqlen_q, seqlen_k, scale_z, (tile_k >= full_lo) & (tile_k < full_hi), DOT_F32, IEEE)
+        # local bin, at least 0 (should a recomputed logit round above its row max); invisible: +inf
+        local = tl.maximum(ref[:, None] - tl.floor(z * (NUM_BINS - 1)), 0.0)
+        local = tl.where(local < bins[:, None], local, NUM_BINS).to(tl.int32)
+        top = tl.reduce(tl.reduce(local, 1, MIN), 0, MIN)  # the highest bin any key of the tile reaches
+        if top < NUM_BINS:
+            tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, 1)
+            one = 1 << ((local & 3) * 8)
+            word = local >> 2
+            for w in range(top >> 2, words):
+                packed = tl.reduce(tl.where(word == w, one, 0), 1, ADD)
+                counts += tl.where((cols >> 2)[None, :] == w, (packed[:, None] >> ((cols & 3) * 8)[None, :]) & 255, 0)
+    tl.store(Out + rows[:, None] * NUM_BINS + cols[None, :], counts.to(tl.float32), mask=in_q[:, None])
 
 
 @triton.jit
 def refine_kernel(
-    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Target, Bins, Out, Keep,
+    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Target, Low, Out, Keep,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, MODE: tl.constexpr,
-    DOT_F32: tl.constexpr, IEEE: tl.constexpr, ROW_SCATTER_KEYS: tl.constexpr = 128,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """``MODE`` 0: fine histogram of the pair of bins from ``Target`` and the moments above it, into
+    ``Out`` (rows, 3, FINE_BINS + 1); 1: Newton sums at ``Target`` into ``Out`` (rows, 2)."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc = query_tile(
         Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M, DOT_F32)
@@ -89,7 +131,9 @@ def refine_kernel(
     K = K + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
     target = tl.load(Target + rows, mask=in_q, other=0.0)
     if MODE == 0:
-        bins = tl.load(Bins + rows, mask=in_q, other=0.0)  # local bins kept, from bin 0 down
+        # keys below ``Low`` (a lower bound of tau) have p = 0: the fine histogram leaves them out
+        # (in bins above the pair's lower edge, at least -1: the slack of the ``Keep`` test)
+        low = tl.maximum(tl.load(Low + rows, mask=in_q, other=0.0) * (NUM_BINS - 1) - target, -1.0)
 
     list_id = bh * tl.num_programs(0) + tile_q
     count = tl.load(Tile_count + list_id)
@@ -97,44 +141,45 @@ def refine_kernel(
 
     full_lo = tl.load(K_full_lo + tile_q)  # key tiles [full_lo, full_hi) need no visibility mask
     full_hi = tl.load(K_full_hi + tile_q)
-    f_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+    f_sum = tl.full([BLOCK_M], 0.0, tl.float32)  # Newton sums
     df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+    count_above = tl.full([BLOCK_M], 0.0, tl.float32)  # fine: the keys above the pair
+    sum_y = tl.full([BLOCK_M], 0.0, tl.float32)
+    sum_y2 = tl.full([BLOCK_M], 0.0, tl.float32)
 
     for i in range(0, count):
         tile_k = tl.load(Tile_index + i)
         offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
         z = tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d, stride_ks, stride_kd,
                         seqlen_q, seqlen_k, scale_z, (tile_k >= full_lo) & (tile_k < full_hi), DOT_F32, IEEE)
-        if MODE == 2:  # Newton sums
+        if MODE == 1:  # Newton sums
             gap = tl.maximum(z - target[:, None], 0.0)
             log_gap = tl.log2(tl.where(gap > 0, gap, 1.0))
             f_sum += tl.reduce(tl.where(gap > 0, tl.exp2(gamma * log_gap), 0.0), 1, ADD)
             df_sum += tl.reduce(tl.where(gap > 0, tl.exp2((gamma - 1.0) * log_gap), 0.0), 1, ADD)
         else:
-            scaled = z * (NUM_BINS - 1)
-            idx = tl.floor(scaled)
-            if MODE == 0:  # coarse: local bins below the reference K (invisible pairs: idx = -inf)
-                # (at least 0: should a recomputed logit round above its row max, it stays in bin 0)
-                local = tl.maximum(target[:, None] - idx, 0.0)
-                keep = local < bins[:, None]
-                kept = tl.reduce(tl.reduce(keep.to(tl.int32), 1, ADD), 0, ADD)
-                if kept > 0:
-                    # some row has a key within its NUM_BINS bins: the tile may hold p > 0
-                    tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, 1)
-                    add_moments(Out, rows, local, scaled - idx, keep, kept, NUM_BINS, ROW_SCATTER_KEYS)
-            else:  # fine: sub-bins of the coarse bin of tau
-                # the tile stays in the block mask only if some row has a key at most one bin
-                # below the bin of tau (tau lies inside that bin, so lower keys have p = 0)
-                near = (idx >= target[:, None] - 1.0).to(tl.int32)
-                tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k,
-                         tl.reduce(tl.reduce(near, 1, MAX), 0, MAX).to(tl.int8))
-                keep = idx == target[:, None]
-                kept = tl.reduce(tl.reduce(keep.to(tl.int32), 1, ADD), 0, ADD)
-                if kept > 0:
-                    frac = tl.where(keep, (scaled - idx) * FINE_BINS, 0.0)
-                    sub = tl.minimum(tl.maximum(tl.floor(frac), 0.0), FINE_BINS - 1)
-                    add_moments(Out, rows, sub, frac - sub, keep, kept, FINE_BINS, ROW_SCATTER_KEYS)
+            x = z * (NUM_BINS - 1) - target[:, None]  # coarse bins above the lower edge of the pair
+            above = x >= 2.0
+            y = tl.where(above, x - 2.0, 0.0)
+            count_above += tl.reduce(above.to(tl.float32), 1, ADD)
+            sum_y += tl.reduce(y, 1, ADD)
+            sum_y2 += tl.reduce(y * y, 1, ADD)
+            # 2: a key in the pair (above ``low``); 1: only keys at most one bin below it, so the
+            # tile stays in the block mask (tau lies inside the pair; lower keys have p = 0)
+            near = x >= low[:, None]
+            in_pair = near & (x >= 0.0) & (x < 2.0)
+            reach = tl.reduce(tl.reduce(tl.where(in_pair, 2, near.to(tl.int32)), 1, MAX), 0, MAX)
+            tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, (reach > 0).to(tl.int8))
+            if reach == 2:
+                frac = tl.where(in_pair, x * (FINE_BINS // 2), 0.0)
+                sub = tl.minimum(tl.maximum(tl.floor(frac), 0.0), FINE_BINS - 1)
+                add_moments_by_row(Out, rows, sub, frac - sub, in_pair, FINE_BINS + 1)
 
-    if MODE == 2:
+    if MODE == 1:
         tl.store(Out + rows * 2, f_sum, mask=in_q)
         tl.store(Out + rows * 2 + 1, df_sum, mask=in_q)
+    else:  # column FINE_BINS, which the sub-bins' atomics never reach
+        Above = Out + rows * (3 * (FINE_BINS + 1)) + FINE_BINS
+        tl.store(Above, count_above, mask=in_q)
+        tl.store(Above + (FINE_BINS + 1), sum_y, mask=in_q)
+        tl.store(Above + 2 * (FINE_BINS + 1), sum_y2, mask=in_q)

@@ -5,8 +5,7 @@ The PyTorch versions run some forty float64 ops over (rows, bins) tensors: at 32
 heads that is 4-6 ms of launches and memory traffic, and at 8K most of the forward's time. Here
 one program takes ``BLOCK_R`` rows and keeps every bin of them in registers. Notation as in
 ``stats.py``: bins of width ``w = 1 / (NUM_BINS - 1)``, ``K = floor(row max (NUM_BINS - 1))``,
-``gamma = 1 / (alpha - 1)`` (1 for alpha 2, 2 for alpha 1.5), lengths in units of a bin (coarse)
-or of the bin holding tau (fine).
+``gamma = 1 / (alpha - 1)`` (1 for alpha 2, 2 for alpha 1.5), lengths in units of a coarse bin.
 """
 import triton
 import triton.language as tl
@@ -25,13 +24,14 @@ def _reference(Row_max, rows, in_rows, NUM_BINS: tl.constexpr):
 
 
 @triton.jit
-def _load_moments(Hist, rows, in_rows, NB: tl.constexpr):
-    """count, sum u, sum u^2 (BLOCK_R, NB) float64 of a (rows, 3, NB) float32 histogram."""
+def _load_moments(Hist, rows, in_rows, NB: tl.constexpr, STRIDE: tl.constexpr):
+    """The first NB columns (BLOCK_R, NB) float64 of the three moments of a (rows, 3, STRIDE)
+    float32 histogram."""
     bins = tl.arange(0, NB)
-    At = Hist + rows[:, None].to(tl.int64) * (3 * NB) + bins[None, :]
+    At = Hist + rows[:, None].to(tl.int64) * (3 * STRIDE) + bins[None, :]
     count = tl.load(At, mask=in_rows[:, None], other=0.0).to(tl.float64)
-    s1 = tl.load(At + NB, mask=in_rows[:, None], other=0.0).to(tl.float64)
-    s2 = tl.load(At + 2 * NB, mask=in_rows[:, None], other=0.0).to(tl.float64)
+    s1 = tl.load(At + STRIDE, mask=in_rows[:, None], other=0.0).to(tl.float64)
+    s2 = tl.load(At + 2 * STRIDE, mask=in_rows[:, None], other=0.0).to(tl.float64)
     return count, s1, s2
 
 
@@ -45,32 +45,40 @@ def _target(NUM_BINS: tl.constexpr, GAMMA: tl.constexpr):
 
 
 @triton.jit
-def bracket_kernel(Row_max, Hist, Lower, Bin_index, Coarse_only, num_rows,
+def bracket_kernel(Row_max, Hist, Lower, Bin_index, Single, num_rows,
                    NUM_BINS: tl.constexpr, GAMMA: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Bin holding tau: the first local bin b whose lower edge has F_b = sum (x - edge_b)^gamma >= 1
-    (in bin units: >= (NB - 1)^gamma), from prefix sums of the moments over the bins above it;
-    and whether that bin holds at most one key (``stats.Bracket.coarse_only``)."""
+    """The pair of bins holding tau (``stats.coarse_bracket``): b_a, the first local bin whose
+    upper bound ``U_b = sum_{j <= b} count_j (b - j + 1)^gamma`` of the edge sum reaches 1 (in bin
+    units: (NB - 1)^gamma); tau lies in local bin b_a or b_a + 1. Rows with one key at or above
+    the pair have tau = row max - 1 (``Bracket.single``), stored as their lower bound."""
     tl.static_assert(GAMMA == 1 or GAMMA == 2)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < num_rows
     ref, empty = _reference(Row_max, rows, in_rows, NUM_BINS)
-    count, s1, s2 = _load_moments(Hist, rows, in_rows, NUM_BINS)
-    j = tl.arange(0, NUM_BINS).to(tl.float64)[None, :]
-    # keys of bin i <= b sit (b - i) + u bin widths above the lower edge of bin b
+    j = tl.arange(0, NUM_BINS)
+    count = tl.load(Hist + rows[:, None].to(tl.int64) * NUM_BINS + j[None, :], mask=in_rows[:, None],
+                    other=0.0).to(tl.float64)
+    j = j.to(tl.float64)[None, :]
+    reach = j + 1.0
     c_cum = tl.associative_scan(count, 1, ADD)
-    m1 = tl.associative_scan(s1 - j * count, 1, ADD)
+    m1 = tl.associative_scan(j * count, 1, ADD)
     if GAMMA == 1:
-        edge = m1 + j * c_cum
+        upper = reach * c_cum - m1
     else:
-        m2 = tl.associative_scan(s2 - 2.0 * j * s1 + j * j * count, 1, ADD)
-        edge = m2 + 2.0 * j * m1 + j * j * c_cum
+        m2 = tl.associative_scan(j * j * count, 1, ADD)
+        upper = reach * reach * c_cum - 2.0 * reach * m1 + m2
     target = _target(NUM_BINS, GAMMA)
-    b_star = tl.minimum(tl.reduce((edge < target).to(tl.int32), 1, ADD), NUM_BINS - 1)
-    bin_index = ref - b_star.to(tl.float64)
-    count_at = tl.reduce(tl.where(j == b_star[:, None].to(tl.float64), count, 0.0), 1, ADD)
-    tl.store(Coarse_only + rows, ((count_at <= 1.0) | empty).to(tl.int8), mask=in_rows)
+    b_a = tl.minimum(tl.reduce((upper < target).to(tl.int32), 1, ADD), NUM_BINS - 1)
+    bin_index = ref - b_a.to(tl.float64) - 1.0
+    keys_from_pair = tl.reduce(tl.where(j <= tl.minimum(b_a + 1, NUM_BINS - 1)[:, None].to(tl.float64), count, 0.0),
+                               1, ADD)
+    single = (keys_from_pair == 1.0) & ~empty
+    row_max = tl.load(Row_max + rows, mask=in_rows, other=0.0)
+    lower = tl.where(single, (row_max.to(tl.float64) - 1.0).to(tl.float32),
+                     (bin_index / (NUM_BINS - 1)).to(tl.float32))
     tl.store(Bin_index + rows, bin_index, mask=in_rows)
-    tl.store(Lower + rows, (bin_index / (NUM_BINS - 1)).to(tl.float32), mask=in_rows)
+    tl.store(Lower + rows, lower, mask=in_rows)
+    tl.store(Single + rows, (single | empty).to(tl.int8), mask=in_rows)
 
 
 @triton.jit
@@ -94,61 +102,67 @@ def _f_at(t, m0, m1, m2, GAMMA: tl.constexpr):
 
 
 @triton.jit
-def fine_tau_kernel(Row_max, Hist, Bin_index, Fine, Tau, num_rows,
+def fine_tau_kernel(Bin_index, Empty, Single, Lower, Fine, Tau, num_rows,
                     NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, GAMMA: tl.constexpr, BLOCK_R: tl.constexpr):
-    """tau from the coarse moments above the bin of tau and the fine histogram inside it: closed
-    form on the exact sums above the sub-bin holding tau plus a two-point model of that sub-bin.
-    Where the bin holds at most one key, its fine histogram comes from the coarse moments
-    (``stats.single_key_fine``): the refinement pass may not have read that row."""
+    """tau from the refinement sums (``stats.fine_tau``): closed form on the exact sums above the
+    sub-bin holding tau plus a two-point model of that sub-bin. Lengths in coarse bins above the
+    lower edge of the pair; sub-bins of width h = 2 / FINE_BINS. The sum at the pair's middle edge
+    first says which of the two bins holds tau, so the scans run over that bin's sub-bins only
+    (a scan over all FINE_BINS, in float64, took four times as long). ``Single`` rows take their
+    tau from ``Lower`` (``stats.Bracket.single``): the refinement pass may not have read them."""
     tl.static_assert(GAMMA == 1 or GAMMA == 2)
+    HALF: tl.constexpr = FINE_BINS // 2
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < num_rows
-    ref, empty = _reference(Row_max, rows, in_rows, NUM_BINS)
+    empty = tl.load(Empty + rows, mask=in_rows, other=1) != 0
     bin_index = tl.load(Bin_index + rows, mask=in_rows, other=0.0)
-    count, s1, s2 = _load_moments(Hist, rows, in_rows, NUM_BINS)
-    # keys of the coarse bins above the bin of tau: x = off + u above its lower edge
-    b_star = (ref - bin_index)[:, None]
-    j = tl.arange(0, NUM_BINS).to(tl.float64)[None, :]
-    above = j < b_star
-    off = tl.where(above, b_star - j, 0.0)
-    a0 = tl.reduce(tl.where(above, count, 0.0), 1, ADD)
-    a1 = tl.reduce(tl.where(above, s1 + off * count, 0.0), 1, ADD)
-    a2 = tl.reduce(tl.where(above, s2 + 2.0 * off * s1 + off * off * count, 0.0), 1, ADD)
+    # keys above the pair: x = 2 + y
+    Above = Fine + rows.to(tl.int64) * (3 * (FINE_BINS + 1)) + FINE_BINS
+    a0 = tl.load(Above, mask=in_rows, other=0.0).to(tl.float64)
+    y1 = tl.load(Above + (FINE_BINS + 1), mask=in_rows, other=0.0).to(tl.float64)
+    y2 = tl.load(Above + 2 * (FINE_BINS + 1), mask=in_rows, other=0.0).to(tl.float64)
+    a1 = 2.0 * a0 + y1
+    a2 = 4.0 * a0 + 4.0 * y1 + y2
 
-    fc, fv1, fv2 = _load_moments(Fine, rows, in_rows, FINE_BINS)
-    s = tl.arange(0, FINE_BINS).to(tl.float64)[None, :]
-    at_bin = j == b_star
-    count_at = tl.reduce(tl.where(at_bin, count, 0.0), 1, ADD)
-    coarse_only = (count_at <= 1.0) | empty
-    # the one key's position in float32, as the refinement pass computes it
-    frac = (tl.reduce(tl.where(at_bin, s1, 0.0), 1, ADD).to(tl.float32) * FINE_BINS)
-    sub = tl.minimum(tl.maximum(tl.floor(frac), 0.0), FINE_BINS - 1)
-    v = (frac - sub).to(tl.float64)
-    one = tl.where(s == sub[:, None].to(tl.float64), tl.minimum(count_at, 1.0)[:, None], 0.0)
-    fc = tl.where(coarse_only[:, None], one, fc)
-    fv1 = tl.where(coarse_only[:, None], one * v[:, None], fv1)
-    fv2 = tl.where(coarse_only[:, None], one * (v * v)[:, None], fv2)
-    x1 = (fc * s + fv1) / FINE_BINS  # sum of x over sub-bin s
-    x2 = (fc * s * s + 2.0 * s * fv1 + fv2) / (FINE_BINS * FINE_BINS)
-    # moments of the keys in sub-bins >= s, plus every key above the bin
-    n0 = a0[:, None] + tl.associative_scan(fc, 1, ADD, reverse=True)
-    n1 = a1[:, None] + tl.associative_scan(x1, 1, ADD, reverse=True)
-    n2 = a2[:, None] + tl.associative_scan(x2, 1, ADD, reverse=True)
-    edge = s / FINE_BINS
+    h = 2.0 / FINE_BINS
+    s = tl.arange(0, HALF).to(tl.float64)[None, :]
+    fc_lo, fv1_lo, fv2_lo = _load_moments(Fine, rows, in_rows, HALF, FINE_BINS + 1)
+    fc_up, fv1_up, fv2_up = _load_moments(Fine + HALF, rows, in_rows, HALF, FINE_BINS + 1)
+    x1_lo = (fc_lo * s + fv1_lo) * h  # sum of x over sub-bin s of the lower bin
+    x2_lo = (fc_lo * s * s + 2.0 * s * fv1_lo + fv2_lo) * (h * h)
+    s_up = s + HALF
+    x1_up = (fc_up * s_up + fv1_up) * h
+    x2_up = (fc_up * s_up * s_up + 2.0 * s_up * fv1_up + fv2_up) * (h * h)
     target = _target(NUM_BINS, GAMMA)
+    up0 = a0 + tl.reduce(fc_up, 1, ADD)
+    up1 = a1 + tl.reduce(x1_up, 1, ADD)
+    up2 = a2 + tl.reduce(x2_up, 1, ADD)
+    in_upper = _f_at(1.0, up0, up1, up2, GAMMA) >= target  # tau at or above the middle edge
+    # the bin holding tau, and the moments of every key above it
+    fc = tl.where(in_upper[:, None], fc_up, fc_lo)
+    x1 = tl.where(in_upper[:, None], x1_up, x1_lo)
+    x2 = tl.where(in_upper[:, None], x2_up, x2_lo)
+    b0 = tl.where(in_upper, a0, up0)
+    b1 = tl.where(in_upper, a1, up1)
+    b2 = tl.where(in_upper, a2, up2)
+    first = tl.where(in_upper, HALF, 0)  # its first sub-bin
+    n0 = b0[:, None] + tl.associative_scan(fc, 1, ADD, reverse=True)
+    n1 = b1[:, None] + tl.associative_scan(x1, 1, ADD, reverse=True)
+    n2 = b2[:, None] + tl.associative_scan(x2, 1, ADD, reverse=True)
+    edge = (s + first[:, None].to(tl.float64)) * h
     f_edge = _f_at(edge, n0, n1, n2, GAMMA)
     s_star = tl.reduce((f_edge >= target).to(tl.int32), 1, ADD) - 1  # last sub-edge with F >= target
-    s_star = tl.minimum(tl.maximum(s_star, 0), FINE_BINS - 1)
+    s_star = tl.minimum(tl.maximum(s_star, 0), HALF - 1)
     at_star = s == s_star[:, None].to(tl.float64)
     at_next = s == (s_star + 1)[:, None].to(tl.float64)
-    has_next = s_star + 1 < FINE_BINS
+    has_next = s_star + 1 < HALF
     # keys strictly above sub-bin s_star
-    h0 = tl.where(has_next, tl.reduce(tl.where(at_next, n0, 0.0), 1, ADD), a0)
-    h1 = tl.where(has_next, tl.reduce(tl.where(at_next, n1, 0.0), 1, ADD), a1)
-    h2 = tl.where(has_next, tl.reduce(tl.where(at_next, n2, 0.0), 1, ADD), a2)
+    h0 = tl.where(has_next, tl.reduce(tl.where(at_next, n0, 0.0), 1, ADD), b0)
+    h1 = tl.where(has_next, tl.reduce(tl.where(at_next, n1, 0.0), 1, ADD), b1)
+    h2 = tl.where(has_next, tl.reduce(tl.where(at_next, n2, 0.0), 1, ADD), b2)
     c = tl.reduce(tl.where(at_star, fc, 0.0), 1, ADD)
-    lo_edge = s_star.to(tl.float64) / FINE_BINS
-    hi_edge = lo_edge + 1.0 / FINE_BINS
+    lo_edge = (s_star + first).to(tl.float64) * h
+    hi_edge = lo_edge + h
     mean = tl.where(c > 0, tl.reduce(tl.where(at_star, x1, 0.0), 1, ADD) / tl.maximum(c, 1.0), lo_edge)
     second = tl.reduce(tl.where(at_star, x2, 0.0), 1, ADD) / tl.maximum(c, 1.0)
     var = tl.maximum(tl.where(c > 0, second - mean * mean, 0.0), 0.0)
@@ -165,4 +179,6 @@ def fine_tau_kernel(Row_max, Hist, Bin_index, Fine, Tau, num_rows,
     tau_rel = tl.where(f_p1 <= target, root_both, tl.where(f_p2 <= target, root_upper, root_none))
     tau_rel = tl.minimum(tl.maximum(tau_rel, lo_edge), hi_edge)
     tau = ((bin_index + tau_rel) / (NUM_BINS - 1)).to(tl.float32)
+    single = tl.load(Single + rows, mask=in_rows, other=0) != 0
+    tau = tl.where(single, tl.load(Lower + rows, mask=in_rows, other=0.0), tau)
     tl.store(Tau + rows, tl.where(empty, float("inf"), tau), mask=in_rows)
