@@ -41,16 +41,17 @@ def profile(seqlen, head_dim, heads, amp):
     row_stats = S.RowStats(row_max, hist)
     bracket = TB.coarse_bracket(row_stats, ALPHA)
     times["bracket"] = lambda: TB.coarse_bracket(row_stats, ALPHA)
-    active = A.lower_bound_mask(zeroed, bracket.lower, row_max, bracket.empty, bm, tau_floor)
+    tau_low = S.tau_low(row_max, tau_floor)
+    active = A.lower_bound_mask(zeroed, bracket.lower, tau_low, bracket.empty, bm)
     refined = S.per_query_tile(~bracket.single, bm, "any")
     refine_tiles = active & refined[..., None]
-    low = S.tau_low(row_max, tau_floor) - S.MASK_MARGIN
+    low = tau_low - S.MASK_MARGIN
     fine, keep = TB.refine_pass(q, k, vis, scale_z, bm, bn, refine_tiles, bin_index=bracket.bin_index, low=low)
     times["refinement pass"] = lambda: TB.refine_pass(q, k, vis, scale_z, bm, bn, refine_tiles,
                                                       bin_index=bracket.bin_index, low=low)
     tau = TB.fine_tau(bracket, fine, ALPHA)
     times["fine tau"] = lambda: TB.fine_tau(bracket, fine, ALPHA)
-    output_tiles = (A.lower_bound_mask(zeroed, tau, row_max, bracket.empty, bm, tau_floor)
+    output_tiles = (A.lower_bound_mask(zeroed, tau, tau_low, bracket.empty, bm)
                     & (keep | ~refined[..., None]))
     nonzero = TB.output_pass(q, k, v, vis, scale_z, ALPHA, tau, bm, bn, output_tiles)[-1]
     times["output pass"] = lambda: TB.output_pass(q, k, v, vis, scale_z, ALPHA, tau, bm, bn, output_tiles)

@@ -188,9 +188,9 @@ def test_passes_match_spec(interpreted, shape, alpha):
     bm, bn = TB.BLOCK_M, TB.BLOCK_N
     st, tile_gap = A.statistics_pass(TB, q, k, vis, scale_z, bm, bn)
     bracket = S.coarse_bracket(st, alpha)
-    active = A.lower_bound_mask(tile_gap, bracket.lower, st.row_max, bracket.empty, bm)
+    active = A.lower_bound_mask(tile_gap, bracket.lower, S.tau_low(st.row_max), bracket.empty, bm)
     if S.is_closed_form(alpha):
-        low = st.row_max - 1.0 - S.MASK_MARGIN  # a lower bound of tau: keys below it are left out
+        low = S.tau_low(st.row_max) - S.MASK_MARGIN  # a lower bound of tau: keys below it are left out
         ref, ref_keep = TB.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=bracket.bin_index, low=low)
         got, got_keep = interpreted.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=bracket.bin_index,
                                                 low=low)
@@ -250,7 +250,7 @@ def test_tau_kernels_match_spec(interpreted, shape, alpha):
     assert torch.equal(got.empty, ref.empty) and got.bin_index.dtype == torch.float64
     assert torch.equal(got.bin_index[~ref.empty], ref.bin_index[~ref.empty])
     assert torch.equal(got.lower[~ref.empty], ref.lower[~ref.empty])
-    active = A.lower_bound_mask(tile_gap, ref.lower, st.row_max, ref.empty, bm)
+    active = A.lower_bound_mask(tile_gap, ref.lower, S.tau_low(st.row_max), ref.empty, bm)
     fine, _ = TB.refine_pass(q, k, vis, scale_z, bm, bn, active, bin_index=ref.bin_index)
     assert fine[..., 0, :].sum() > 0
     tau_ref = S.fine_tau(ref, fine, alpha)

@@ -63,15 +63,14 @@ class ForwardResult:
     dense_passes: int = 1
 
 
-def lower_bound_mask(tile_gap: torch.Tensor, lower: torch.Tensor, row_max: torch.Tensor, empty: torch.Tensor,
-                     block_m: int, tau_floor: torch.Tensor | None = None):
+def lower_bound_mask(tile_gap: torch.Tensor, lower: torch.Tensor, tau_low: torch.Tensor, empty: torch.Tensor,
+                     block_m: int):
     """(B, H, nQ, nK) bool: a tile is kept when its gap (``stats.Maxima``) exceeds the smallest
-    ``lower bound of tau - tau_low`` among its rows (``stats.tau_low`` of the final row max and
-    the tau floor, none when not given; tau_low bounds tau from below too, so the larger of the
-    two bounds is taken). A key with p > 0 has z > tau >= max(lower, tau_low), so its tile's gap
-    is at least ``z - tau_low > max(lower - tau_low, 0)``: no nonzero tile is dropped."""
-    floor = torch.full_like(row_max, float("-inf")) if tau_floor is None else tau_floor
-    above_low = (lower - S.tau_low(row_max, floor)).clamp(min=0)
+    ``lower bound of tau - tau_low`` among its rows (``tau_low``: ``stats.tau_low`` of the final
+    row max and the tau floor the gaps were taken against; it bounds tau from below too, so the
+    larger of the two bounds is taken). A key with p > 0 has z > tau >= max(lower, tau_low), so its
+    tile's gap is at least ``z - tau_low > max(lower - tau_low, 0)``: no nonzero tile is dropped."""
+    above_low = (lower - tau_low).clamp(min=0)
     bound = torch.where(empty, torch.full_like(lower, float("inf")), above_low - S.MASK_MARGIN)
     return tile_gap > S.per_query_tile(bound, block_m, "min")[..., None]
 
@@ -152,7 +151,8 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
     row_stats = S.RowStats(row_max, reduce.histogram(hist[0]))
     del histogram_tiles
     bracket = backend.coarse_bracket(row_stats, alpha)
-    active = [lower_bound_mask(t, bracket.lower, row_max, bracket.empty, bm, tau_floor) for t in tile_gap]
+    tau_low = S.tau_low(row_max, tau_floor)
+    active = [lower_bound_mask(t, bracket.lower, tau_low, bracket.empty, bm) for t in tile_gap]
 
     def summed(masks, **kwargs):
         total: list = [None]
@@ -169,12 +169,12 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
         # rows whose max is their only key near tau have tau = max - 1: the refinement pass reads
         # only the query tiles with another row
         refined = S.per_query_tile(~bracket.single, bm, "any")
-        low = S.tau_low(row_max, tau_floor) - S.MASK_MARGIN  # keys below have p = 0
-        fine, keeps = summed([a & refined[..., None] for a in active], bin_index=bracket.bin_index, low=low)
+        fine, keeps = summed([a & refined[..., None] for a in active], bin_index=bracket.bin_index,
+                             low=tau_low - S.MASK_MARGIN)  # keys below have p = 0
         tau = backend.fine_tau(bracket, fine, alpha)
         # block mask from the exact tau (a key with p > 0 has z > tau), and where the refinement
         # pass ran, also its per-row test (some row has a key at most a bin below its pair of bins)
-        active = [lower_bound_mask(t, tau, row_max, bracket.empty, bm, tau_floor) & (keep | ~refined[..., None])
+        active = [lower_bound_mask(t, tau, tau_low, bracket.empty, bm) & (keep | ~refined[..., None])
                   for t, keep in zip(tile_gap, keeps)]
     else:
         point, lower, upper = bracket.estimate, bracket.lower.double(), bracket.upper

@@ -120,11 +120,12 @@ class Maxima(NamedTuple):
     tile_gap: torch.Tensor
 
 
-def tau_low(row_max: torch.Tensor, tau_floor: torch.Tensor) -> torch.Tensor:
+def tau_low(row_max: torch.Tensor, tau_floor: torch.Tensor | None = None) -> torch.Tensor:
     """The lower bound of tau that tile gaps are measured against: ``max(tau floor, row max - 1)``
-    (no p exceeds 1, so tau >= max - 1). Along the max pass it only grows, so a gap taken against
-    it bounds from above how far a tile's keys rise over the final one."""
-    return torch.maximum(tau_floor, row_max - 1.0)
+    (no p exceeds 1, so tau >= max - 1; ``row max - 1`` alone without a floor). Along the max pass
+    it only grows, so a gap taken against it bounds from above how far a tile's keys rise over the
+    final one."""
+    return row_max - 1.0 if tau_floor is None else torch.maximum(tau_floor, row_max - 1.0)
 
 
 def kept_bins(row_max: torch.Tensor, tau_floor: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,8 +228,8 @@ def coarse_bracket(stats: RowStats, alpha: float) -> Bracket:
         bin_index = ref - b_a.double() - 1
         lower = bin_index * w
         # keys at or above the pair (bins the histogram fills completely wherever p > 0 is possible)
-        reach = torch.gather(_cumsum_bins(count), -1, (b_a + 1).clamp(max=nb - 1)[..., None]).squeeze(-1)
-        single = (reach == 1) | empty
+        keys_from_pair = torch.gather(_cumsum_bins(count), -1, (b_a + 1).clamp(max=nb - 1)[..., None]).squeeze(-1)
+        single = (keys_from_pair == 1) | empty
         lower = torch.where(single & ~empty, stats.row_max.double() - 1.0, lower)
         return Bracket(lower.float(), bin_index, lower, lower + 2 * w, empty, single)
     # Other alpha: bound each key between its bin's edges, then bisect a one-point-per-bin model.

@@ -93,10 +93,10 @@ TILE_LIST_CHUNK = 1024  # mask entries per step of a tile-list program
 
 
 def _tile_lists(mask: torch.Tensor):
-    """(..., n) bool -> counts (...) int32 and indices (..., n) int32: the True positions of each
-    row first, ascending (``triton_tiles.tile_list_kernel``; slots past a row's count are unset)."""
-    flags = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    grouped = flags.reshape(-1, *flags.shape[-2:]) if flags.dim() >= 2 else flags.reshape(1, 1, -1)
+    """(..., rows, n) bool -> counts (..., rows) int32 and indices (..., rows, n) int32: the True
+    positions of each row first, ascending (``triton_tiles.tile_list_kernel``; slots past a row's
+    count are unset)."""
+    grouped = mask.view(torch.uint8).reshape(-1, *mask.shape[-2:])
     groups, rows, cols = grouped.shape
     counts = torch.empty(mask.shape[:-1], device=mask.device, dtype=torch.int32)
     index = torch.empty(mask.shape, device=mask.device, dtype=torch.int32)
@@ -257,7 +257,7 @@ def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: in
         FINE_BINS=S.FINE_BINS, MODE=1 if newton else 0, **flags,
         **_config(dim, "refine"),
     )
-    return (out.double(), None) if newton else (out, keep.bool())
+    return (out.double(), None) if newton else (out, keep.view(torch.bool))
 
 
 def output_pass(q, k, v, vis: Visibility, scale_z: float, alpha: float, tau, block_m: int, block_n: int, active):
@@ -359,7 +359,7 @@ def coarse_bracket(stats: S.RowStats, alpha: float) -> S.Bracket:
 
 def fine_tau(bracket: S.Bracket, fine_hist: torch.Tensor, alpha: float) -> torch.Tensor:
     """``stats.fine_tau`` in one launch (``triton_tau.fine_tau_kernel``)."""
-    if not (fine_hist.dtype == torch.float32 and bracket.single is not None and _runs_kernels(fine_hist)):
+    if not (fine_hist.dtype == torch.float32 and _runs_kernels(fine_hist)):
         return S.fine_tau(bracket, fine_hist, alpha)
     tau = torch.empty(bracket.bin_index.shape, device=fine_hist.device, dtype=torch.float32)
     num_rows = tau.numel()
