@@ -5,7 +5,9 @@ Example:
         --amps 1.0,1.5,2.0 --impls ours,sdpa,adasplash --modes fwd,fwdbwd
 
 Impls (all causal, alpha = 1.5 for the entmax ones, default scale 1/sqrt(D)):
-    ours       ring_adasplash.adasplash_func, layout (B, S, H, D)
+    ours       ring_adasplash.adasplash_func, layout (B, S, H, D); CUDA graphs as configured
+               (default: at short sequences, see ring_adasplash/cuda_graphs.py)
+    ours-eager the same with CUDA graphs off
     sdpa       torch SDPA restricted to the flash backend, (B, H, S, D) views of the same memory
     adasplash  adasplash.adasplash (its default AdaSplash-2 path), contiguous (B, H, S, D)
 Times are medians of triton.testing.do_bench. TFLOP/s counts nonzero tiles only (see
@@ -76,6 +78,7 @@ def _bhsd_contiguous(x):
 # name -> (attention function, converter from the (B, S, H, D) inputs to its native layout)
 IMPLS = {
     "ours": (common.ours_attention, _bshd),
+    "ours-eager": (common.ours_attention, _bshd),  # step wrapped by common.without_cuda_graphs
     "sdpa": (common.sdpa_flash, _bhsd_view),
     "adasplash": (_adasplash, _bhsd_contiguous),
 }
@@ -84,7 +87,8 @@ IMPLS = {
 def make_step(impl, mode, q, k, v):
     """One ``mode`` step of ``impl``; layout conversion happens here, outside the timed region."""
     attn, convert = IMPLS[impl]
-    return common.make_step(attn, mode, [convert(x) for x in (q, k, v)])
+    step = common.make_step(attn, mode, [convert(x) for x in (q, k, v)])
+    return common.without_cuda_graphs(step) if impl == "ours-eager" else step
 
 
 # ----------------------------------------------------------------------------- timing
@@ -167,7 +171,7 @@ def add_derived(rows, args):
 # Dense Q.K^T passes in one forward: ours runs statistics densely and everything else on the
 # block mask (ring_adasplash/kernels/algorithm.py); AdaSplash-2 runs max, histogram,
 # Halley + mask densely before its sparse output pass; flash attention runs one.
-DENSE_QK_PASSES = {"ours": 1, "adasplash": 4, "sdpa": 1}
+DENSE_QK_PASSES = {"ours": 1, "ours-eager": 1, "adasplash": 4, "sdpa": 1}
 
 COLUMNS = [("impl", "impl"), ("mode", "mode"), ("seqlen", "S"), ("head_dim", "D"), ("amp", "amp"),
            ("dense_passes", "dense QK passes"),

@@ -179,6 +179,25 @@ def ours_attention(q, k, v):
     return ring_adasplash.adasplash_func(q, k, v, alpha=ALPHA, causal=True)
 
 
+def without_cuda_graphs(step):
+    """``step`` with ring-adasplash's CUDA graphs off (ring_adasplash/cuda_graphs.py) for the whole
+    step, backward included: every kernel launched from Python on every call."""
+    from ring_adasplash import cuda_graphs
+
+    def run():
+        previous = os.environ.get(cuda_graphs.MODE_ENV)
+        os.environ[cuda_graphs.MODE_ENV] = "off"
+        try:
+            return step()
+        finally:
+            if previous is None:
+                del os.environ[cuda_graphs.MODE_ENV]
+            else:
+                os.environ[cuda_graphs.MODE_ENV] = previous
+
+    return run
+
+
 TELEMETRY = "ring_adasplash.telemetry:record"  # context manager yielding our counters
 
 

@@ -14,7 +14,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import telemetry
+from . import cuda_graphs, telemetry
 from .checks import check_alpha, check_cu_seqlens, check_qkv, default_scale
 from .kernels import backend_for
 from .kernels.algorithm import ForwardResult, SingleBlock, entmax_backward, entmax_forward
@@ -29,6 +29,16 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor,
                       alpha: float, softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out in q's dtype, out_u, u_sum, tau, nonzero tiles); see ``kernels/algorithm.py``."""
+    args = (q, k, v, q_limit, q_doc, k_pos, k_doc, alpha, softmax_scale)
+    return cuda_graphs.call("forward", _forward, args, copied=3, work=_work(q, k))
+
+
+def _work(q: Tensor, k: Tensor) -> int:
+    """Size of the attention matrix: what decides whether launches or GPU work bound a call."""
+    return q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
+
+
+def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha: float, softmax_scale: float):
     vis = Visibility(q_limit, q_doc, k_pos, k_doc)
     fwd = entmax_forward(backend_for(q), q, SingleBlock(k, v, vis), alpha, softmax_scale)
     telemetry.log_forward(fwd, "single")
@@ -52,10 +62,13 @@ def _(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha, softmax_scale):
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor,
                        k_pos: Tensor, k_doc: Tensor, out_u: Tensor, u_sum: Tensor, tau: Tensor, nonzero: Tensor,
                        alpha: float, softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    # no CUDA graph here: the backward launches a few large kernels, which hide their launches,
+    # and copying its eight inputs into a graph cost more than it saved (cuda_graphs.py)
     vis = Visibility(q_limit, q_doc, k_pos, k_doc)
     fwd = ForwardResult(out=None, out_u=out_u, u_sum=u_sum, tau=tau, support=None, nonzero=[nonzero])
-    dq, dk, dv = entmax_backward(backend_for(q), q, grad_out, SingleBlock(k, v, vis), fwd, alpha, softmax_scale)
-    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+    dq, dk, dv = entmax_backward(backend_for(q), q, grad_out, SingleBlock(k, v, vis), fwd, alpha, softmax_scale,
+                                 kv_grad_dtype=k.dtype)
+    return dq.to(q.dtype).contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_backward.register_fake

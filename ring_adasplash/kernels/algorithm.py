@@ -198,8 +198,12 @@ def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, so
 
 
 def entmax_backward(backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult, alpha: float, softmax_scale: float,
-                    reduce: LocalReduce = LocalReduce()):
-    """Returns dq (B, Sq, Hq, D) and the local block's dk, dv, all in the compute dtype (fp32/fp64)."""
+                    reduce: LocalReduce = LocalReduce(), kv_grad_dtype: torch.dtype | None = None):
+    """Returns dq (B, Sq, Hq, D) and the local block's dk, dv, in the compute dtype (fp32/fp64);
+    ``kv_grad_dtype``: the dtype of dk and dv where the caller takes them as final (one key block:
+    the kernel then stores them once, with no cast after)."""
+    if kv_grad_dtype is not None and blocks.num_blocks != 1:
+        raise ValueError(f"kv_grad_dtype needs one key block, whose dk and dv are final; got {blocks.num_blocks}")
     scale_z = (alpha - 1.0) * softmax_scale
     bm, bn = backend.BLOCK_M, backend.BLOCK_N
     delta = backend.row_delta(grad_out, fwd.out_u, fwd.u_sum)
@@ -207,7 +211,7 @@ def entmax_backward(backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult,
 
     def gradients(index, k, v, vis):
         dq, dk, dv = backend.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, fwd.tau, delta,
-                                           bm, bn, fwd.nonzero[index])
+                                           bm, bn, fwd.nonzero[index], kv_grad_dtype)
         dq_total[0] = dq if dq_total[0] is None else dq_total[0] + dq
         return dk, dv
 

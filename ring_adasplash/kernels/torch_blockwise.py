@@ -272,8 +272,9 @@ def row_delta(grad_out, out_u, u_sum):
 
 
 def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_scale: float, alpha: float,
-                  tau, delta, block_m: int, block_n: int, active):
-    """Gradients through one key block, over active tiles only.
+                  tau, delta, block_m: int, block_n: int, active, kv_grad_dtype=None):
+    """Gradients through one key block, over active tiles only (``kv_grad_dtype``: the dtype of dk
+    and dv where they are final, one key block; default the compute dtype).
 
     ``delta`` (B, Hq, Sq) = (grad_out . out_u) / u_sum, from the merged forward row terms.
     With ``g = grad_out . v`` the score gradient is ``ds = u (g - delta)``; ``dq = scale ds k``,
@@ -303,4 +304,4 @@ def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_sc
         dk[:, keys] += softmax_scale * (ds.transpose(-1, -2) @ tiles.qh).sum(2).permute(0, 2, 1, 3)
         dv[:, keys] += (p.transpose(-1, -2) @ do_h).sum(2).permute(0, 2, 1, 3)
     dq = dq.reshape(batch, heads, seqlen, -1).permute(0, 2, 1, 3)
-    return dq, dk, dv
+    return dq, dk.to(kv_grad_dtype or dtype), dv.to(kv_grad_dtype or dtype)

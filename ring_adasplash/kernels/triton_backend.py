@@ -30,12 +30,13 @@ NAME = "triton"
 BLOCK_M = 64  # query rows per tile, in every kernel and in the block mask
 BLOCK_N = 64  # keys per tile
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-# rows and warps per program of the tau kernels (every bin of a row in registers, float64); one
-# H200, 32K tokens, 16 heads: bracket 0.034 ms with 32 x 4 (0.055 with 16 x 4), fine tau 0.58 ms
-# with 1 x 1 (0.62 with 2 x 1, 0.80 with 16 x 4 or 8 x 2, 1.3 with 32 x 4)
+# rows and warps per program of the tau kernels: the bracket keeps every bin of its rows in
+# registers (one H200, 32K tokens, 16 heads: 0.034 ms with 32 x 4, 0.055 with 16 x 4); fine tau
+# walks the sub-bins with a thread per row (one H100, 8K tokens, 16 heads: 0.09 ms with 16 x 1,
+# 0.21 with 32 x 1, 64 x 2 or 128 x 4; 32K: 0.33 ms with 16 x 1, 1.8 with 32 x 1)
 TAU_ROWS = 32
 TAU_WARPS = 4
-FINE_TAU_ROWS = 1
+FINE_TAU_ROWS = 16
 FINE_TAU_WARPS = 1
 
 
@@ -131,6 +132,12 @@ def _key_tile_ranges(vis: Visibility, device):
             _RANGES_CACHE.pop(next(iter(_RANGES_CACHE)))
         hit = _RANGES_CACHE[key] = (tensors, _compute_key_tile_ranges(vis, device))
     return hit[1]
+
+
+def remembered() -> list:
+    """Every tensor the launchers keep between calls (``_key_tile_ranges``). A captured CUDA graph
+    reads them by address, so it holds this list: an entry dropped from the cache stays alive."""
+    return list(_RANGES_CACHE.values())
 
 
 def _compute_key_tile_ranges(vis: Visibility, device):
@@ -246,7 +253,7 @@ def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: in
     low = target if newton else (torch.full_like(target, float("-inf")) if low is None
                                  else low.to(device=q.device, dtype=torch.float32).contiguous())
     shape = (batch, heads, seqlen_q) + ((2,) if newton else (3, S.FINE_BINS + 1))
-    out = torch.zeros(shape, device=q.device, dtype=torch.float32)
+    out = torch.empty(shape, device=q.device, dtype=torch.float32)  # every program writes its rows
     keep = torch.zeros(active.shape, device=q.device, dtype=torch.int8)
     triton_refine.refine_kernel[(num_q_tiles, batch * heads)](
         q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device)[2:], counts, index, target, low, out,
@@ -254,14 +261,17 @@ def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: in
         *q.stride(), *k.stride(),
         seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), _gamma(alpha),
         GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_BINS=S.NUM_BINS,
-        FINE_BINS=S.FINE_BINS, MODE=1 if newton else 0, **flags,
+        FINE_BINS=S.FINE_BINS, MODE=1 if newton else 0, ROW_BLOCK=triton.next_power_of_2(3 * (S.FINE_BINS + 1)),
+        **flags,
         **_config(dim, "refine"),
     )
     return (out.double(), None) if newton else (out, keep.view(torch.bool))
 
 
 def output_pass(q, k, v, vis: Visibility, scale_z: float, alpha: float, tau, block_m: int, block_n: int, active):
-    """sum p v, sum u v, sum u, support and nonzero tiles over active tiles."""
+    """sum p v, sum u v, sum u, support and nonzero tiles over active tiles. All float32: storing
+    ``out`` in 16 bits from this kernel slowed it (one H100, 32K tokens, D 64, 83% block sparsity:
+    2.54 against 1.99 ms) far more than the cast after costs."""
     if q.dtype == torch.float64:
         return torch_blockwise.output_pass(q, k, v, vis, scale_z, alpha, tau, block_m, block_n, active)
     _check(q, k, block_m, block_n)
@@ -302,11 +312,15 @@ def row_delta(grad_out, out_u, u_sum):
 
 
 def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_scale: float, alpha: float,
-                  tau, delta, block_m: int, block_n: int, active):
-    """dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D), float32, through the tiles in ``active``."""
+                  tau, delta, block_m: int, block_n: int, active, kv_grad_dtype=None):
+    """dq (B, Sq, Hq, D) float32, dk and dv (B, Sk, Hkv, D) in ``kv_grad_dtype`` (default float32;
+    the kernel accumulates in float32 and casts once, at the store), through the tiles in
+    ``active``. dq stays float32: a 16-bit store slowed the dq kernel (one H100, 32K tokens, D 64,
+    83% block sparsity: 1.87 against 1.48 ms) more than the cast after costs; the dk/dv kernel
+    lost 0.09 ms and saved two casts of 0.07 ms."""
     if q.dtype == torch.float64:
         return torch_blockwise.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, tau, delta,
-                                             block_m, block_n, active)
+                                             block_m, block_n, active, kv_grad_dtype)
     _check(q, k, block_m, block_n)
     flags = _flags(q)
     batch, seqlen_q, heads, dim = q.shape
@@ -320,8 +334,8 @@ def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_sc
                   ALPHA_MODE=_alpha_mode(alpha), **flags, **_config(dim, "backward"))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
 
-    dk = torch.empty(k.shape, device=k.device, dtype=torch.float32)
-    dv = torch.empty(v.shape, device=v.device, dtype=torch.float32)
+    dk = torch.empty(k.shape, device=k.device, dtype=kv_grad_dtype or torch.float32)
+    dv = torch.empty(v.shape, device=v.device, dtype=kv_grad_dtype or torch.float32)
     counts_t, index_t = _tile_lists(active.transpose(-1, -2))  # (B, Hq, nK, nQ): query tiles per key tile
     triton_backward.dkdv_kernel[(num_k_tiles, batch * heads_kv)](
         q, k, v, grad_out, *vis_args, counts_t, index_t, tau, delta, dk, dv,

@@ -23,8 +23,10 @@ one H200, 32K tokens, D 64, bf16, causal, 83% block sparsity: ``benchmarks/histo
             key at or above ``Low`` and no more than one bin below the pair
     NEWTON  sum (z - t)_+^gamma and sum (z - t)_+^(gamma - 1) at t = ``Target`` (``refine_pass``)
 
-Fine histograms are added into ``Out`` (zeroed by the launcher; each row belongs to one program,
-so nothing contends across programs) by ``add_moments_by_row``: one distinct sub-bin of every row
+Fine histograms are added into ``Out`` (each program first zeroes its own rows: the zeros and the
+adds then meet in L2, where a zero-fill launch before would write them to memory and the adds
+read them back; each row belongs to one program, so nothing contends across programs) by
+``add_moments_by_row``: one distinct sub-bin of every row
 at a time, row sums, then 3 atomics per row. (One atomic per key instead, which issues an
 instruction per element of the tile, masked or not, was slower: one H200, 32K tokens, D 64, bf16,
 causal, 83% block sparsity, 7.0 against 6.0 ms.) The sums above the pair are row sums kept in
@@ -118,11 +120,12 @@ def refine_kernel(
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, MODE: tl.constexpr,
+    NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, MODE: tl.constexpr, ROW_BLOCK: tl.constexpr,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):
     """``MODE`` 0: fine histogram of the pair of bins from ``Target`` and the moments above it, into
-    ``Out`` (rows, 3, FINE_BINS + 1); 1: Newton sums at ``Target`` into ``Out`` (rows, 2)."""
+    ``Out`` (rows, 3, FINE_BINS + 1; ``ROW_BLOCK``: a power of two covering a row); 1: Newton sums
+    at ``Target`` into ``Out`` (rows, 2)."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc = query_tile(
         Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M, DOT_F32)
@@ -134,6 +137,12 @@ def refine_kernel(
         # keys below ``Low`` (a lower bound of tau) have p = 0: the fine histogram leaves them out
         # (in bins above the pair's lower edge, at least -1: the slack of the ``Keep`` test)
         low = tl.maximum(tl.load(Low + rows, mask=in_q, other=0.0) * (NUM_BINS - 1) - target, -1.0)
+        ROW_SIZE: tl.constexpr = 3 * (FINE_BINS + 1)
+        tl.static_assert(ROW_BLOCK >= ROW_SIZE)
+        cols = tl.arange(0, ROW_BLOCK)
+        tl.store(Out + rows[:, None] * ROW_SIZE + cols[None, :], tl.full([BLOCK_M, ROW_BLOCK], 0.0, tl.float32),
+                 mask=in_q[:, None] & (cols < ROW_SIZE)[None, :])
+        tl.debug_barrier()  # every thread's zeros land before any thread's adds
 
     list_id = bh * tl.num_programs(0) + tile_q
     count = tl.load(Tile_count + list_id)

@@ -24,18 +24,6 @@ def _reference(Row_max, rows, in_rows, NUM_BINS: tl.constexpr):
 
 
 @triton.jit
-def _load_moments(Hist, rows, in_rows, NB: tl.constexpr, STRIDE: tl.constexpr):
-    """The first NB columns (BLOCK_R, NB) float64 of the three moments of a (rows, 3, STRIDE)
-    float32 histogram."""
-    bins = tl.arange(0, NB)
-    At = Hist + rows[:, None].to(tl.int64) * (3 * STRIDE) + bins[None, :]
-    count = tl.load(At, mask=in_rows[:, None], other=0.0).to(tl.float64)
-    s1 = tl.load(At + STRIDE, mask=in_rows[:, None], other=0.0).to(tl.float64)
-    s2 = tl.load(At + 2 * STRIDE, mask=in_rows[:, None], other=0.0).to(tl.float64)
-    return count, s1, s2
-
-
-@triton.jit
 def _target(NUM_BINS: tl.constexpr, GAMMA: tl.constexpr):
     """sum_j p_j = 1 in bin-width units: (NB - 1)^gamma."""
     target = 1.0
@@ -106,65 +94,63 @@ def fine_tau_kernel(Bin_index, Empty, Single, Lower, Fine, Tau, num_rows,
                     NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, GAMMA: tl.constexpr, BLOCK_R: tl.constexpr):
     """tau from the refinement sums (``stats.fine_tau``): closed form on the exact sums above the
     sub-bin holding tau plus a two-point model of that sub-bin. Lengths in coarse bins above the
-    lower edge of the pair; sub-bins of width h = 2 / FINE_BINS. The sum at the pair's middle edge
-    first says which of the two bins holds tau, so the scans run over that bin's sub-bins only
-    (a scan over all FINE_BINS, in float64, took four times as long). ``Single`` rows take their
-    tau from ``Lower`` (``stats.Bracket.single``): the refinement pass may not have read them."""
+    lower edge of the pair; sub-bins of width h = 2 / FINE_BINS.
+
+    One thread per row walks the sub-bins from the top down, adding each to the moments of the
+    keys above it, and stops taking values at the first sub-edge where ``sum (x - t)^gamma``
+    reaches the target: that is the last such edge (the sum falls as t rises), as in
+    ``stats.fine_tau``. Nothing crosses threads: the version with a row per warp, its sub-bins
+    across the lanes, spent its time in the reductions' shuffles (one H100, 8K tokens, 16 heads:
+    0.15 ms, as long as the refinement pass). ``Single`` rows take their tau from ``Lower``
+    (``stats.Bracket.single``) and read nothing: the refinement pass may not have read them."""
     tl.static_assert(GAMMA == 1 or GAMMA == 2)
-    HALF: tl.constexpr = FINE_BINS // 2
+    ROW_SIZE: tl.constexpr = 3 * (FINE_BINS + 1)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < num_rows
     empty = tl.load(Empty + rows, mask=in_rows, other=1) != 0
-    bin_index = tl.load(Bin_index + rows, mask=in_rows, other=0.0)
+    single = tl.load(Single + rows, mask=in_rows, other=0) != 0
+    solved = in_rows & ~empty & ~single  # the rest read nothing more (at high sparsity, most rows)
+    bin_index = tl.load(Bin_index + rows, mask=solved, other=0.0)
+    Count = Fine + rows.to(tl.int64) * ROW_SIZE  # (rows, 3, FINE_BINS + 1): count, sum v, sum v^2
     # keys above the pair: x = 2 + y
-    Above = Fine + rows.to(tl.int64) * (3 * (FINE_BINS + 1)) + FINE_BINS
-    a0 = tl.load(Above, mask=in_rows, other=0.0).to(tl.float64)
-    y1 = tl.load(Above + (FINE_BINS + 1), mask=in_rows, other=0.0).to(tl.float64)
-    y2 = tl.load(Above + 2 * (FINE_BINS + 1), mask=in_rows, other=0.0).to(tl.float64)
-    a1 = 2.0 * a0 + y1
-    a2 = 4.0 * a0 + 4.0 * y1 + y2
-
-    h = 2.0 / FINE_BINS
-    s = tl.arange(0, HALF).to(tl.float64)[None, :]
-    fc_lo, fv1_lo, fv2_lo = _load_moments(Fine, rows, in_rows, HALF, FINE_BINS + 1)
-    fc_up, fv1_up, fv2_up = _load_moments(Fine + HALF, rows, in_rows, HALF, FINE_BINS + 1)
-    x1_lo = (fc_lo * s + fv1_lo) * h  # sum of x over sub-bin s of the lower bin
-    x2_lo = (fc_lo * s * s + 2.0 * s * fv1_lo + fv2_lo) * (h * h)
-    s_up = s + HALF
-    x1_up = (fc_up * s_up + fv1_up) * h
-    x2_up = (fc_up * s_up * s_up + 2.0 * s_up * fv1_up + fv2_up) * (h * h)
+    a0 = tl.load(Count + FINE_BINS, mask=solved, other=0.0).to(tl.float64)
+    y1 = tl.load(Count + (FINE_BINS + 1) + FINE_BINS, mask=solved, other=0.0).to(tl.float64)
+    y2 = tl.load(Count + 2 * (FINE_BINS + 1) + FINE_BINS, mask=solved, other=0.0).to(tl.float64)
+    n0 = a0  # moments (count, sum x, sum x^2) of the keys above the current sub-edge
+    n1 = 2.0 * a0 + y1
+    n2 = 4.0 * a0 + 4.0 * y1 + y2
     target = _target(NUM_BINS, GAMMA)
-    up0 = a0 + tl.reduce(fc_up, 1, ADD)
-    up1 = a1 + tl.reduce(x1_up, 1, ADD)
-    up2 = a2 + tl.reduce(x2_up, 1, ADD)
-    in_upper = _f_at(1.0, up0, up1, up2, GAMMA) >= target  # tau at or above the middle edge
-    # the bin holding tau, and the moments of every key above it
-    fc = tl.where(in_upper[:, None], fc_up, fc_lo)
-    x1 = tl.where(in_upper[:, None], x1_up, x1_lo)
-    x2 = tl.where(in_upper[:, None], x2_up, x2_lo)
-    b0 = tl.where(in_upper, a0, up0)
-    b1 = tl.where(in_upper, a1, up1)
-    b2 = tl.where(in_upper, a2, up2)
-    first = tl.where(in_upper, HALF, 0)  # its first sub-bin
-    n0 = b0[:, None] + tl.associative_scan(fc, 1, ADD, reverse=True)
-    n1 = b1[:, None] + tl.associative_scan(x1, 1, ADD, reverse=True)
-    n2 = b2[:, None] + tl.associative_scan(x2, 1, ADD, reverse=True)
-    edge = (s + first[:, None].to(tl.float64)) * h
-    f_edge = _f_at(edge, n0, n1, n2, GAMMA)
-    s_star = tl.reduce((f_edge >= target).to(tl.int32), 1, ADD) - 1  # last sub-edge with F >= target
-    s_star = tl.minimum(tl.maximum(s_star, 0), HALF - 1)
-    at_star = s == s_star[:, None].to(tl.float64)
-    at_next = s == (s_star + 1)[:, None].to(tl.float64)
-    has_next = s_star + 1 < HALF
-    # keys strictly above sub-bin s_star
-    h0 = tl.where(has_next, tl.reduce(tl.where(at_next, n0, 0.0), 1, ADD), b0)
-    h1 = tl.where(has_next, tl.reduce(tl.where(at_next, n1, 0.0), 1, ADD), b1)
-    h2 = tl.where(has_next, tl.reduce(tl.where(at_next, n2, 0.0), 1, ADD), b2)
-    c = tl.reduce(tl.where(at_star, fc, 0.0), 1, ADD)
-    lo_edge = (s_star + first).to(tl.float64) * h
+    h = 2.0 / FINE_BINS
+    found = rows < 0
+    zero = tl.full([BLOCK_R], 0.0, tl.float64)
+    h0, h1, h2, c, c1, c2 = zero, zero, zero, zero, zero, zero  # above s_star; sub-bin s_star
+    s_star = tl.full([BLOCK_R], 0, tl.int32)
+    for i in range(0, FINE_BINS):
+        s = FINE_BINS - 1 - i
+        fc = tl.load(Count + s, mask=solved, other=0.0).to(tl.float64)
+        fv1 = tl.load(Count + (FINE_BINS + 1) + s, mask=solved, other=0.0).to(tl.float64)
+        fv2 = tl.load(Count + 2 * (FINE_BINS + 1) + s, mask=solved, other=0.0).to(tl.float64)
+        sf = s * 1.0
+        x1 = (fc * sf + fv1) * h  # sum of x over sub-bin s
+        x2 = (fc * sf * sf + 2.0 * sf * fv1 + fv2) * (h * h)
+        m0 = n0 + fc
+        m1 = n1 + x1
+        m2 = n2 + x2
+        # sub-edge s is the last with F >= target, or s = 0 where none is (stats.fine_tau's clamp)
+        take = ~found & ((_f_at(sf * h, m0, m1, m2, GAMMA) >= target) | (s == 0))
+        h0 = tl.where(take, n0, h0)
+        h1 = tl.where(take, n1, h1)
+        h2 = tl.where(take, n2, h2)
+        c = tl.where(take, fc, c)
+        c1 = tl.where(take, x1, c1)
+        c2 = tl.where(take, x2, c2)
+        s_star = tl.where(take, s, s_star)
+        found = found | take
+        n0, n1, n2 = m0, m1, m2
+    lo_edge = s_star.to(tl.float64) * h
     hi_edge = lo_edge + h
-    mean = tl.where(c > 0, tl.reduce(tl.where(at_star, x1, 0.0), 1, ADD) / tl.maximum(c, 1.0), lo_edge)
-    second = tl.reduce(tl.where(at_star, x2, 0.0), 1, ADD) / tl.maximum(c, 1.0)
+    mean = tl.where(c > 0, c1 / tl.maximum(c, 1.0), lo_edge)
+    second = c2 / tl.maximum(c, 1.0)
     var = tl.maximum(tl.where(c > 0, second - mean * mean, 0.0), 0.0)
     spread = tl.sqrt(var)
     p1 = tl.minimum(tl.maximum(mean - spread, lo_edge), hi_edge)
@@ -179,6 +165,5 @@ def fine_tau_kernel(Bin_index, Empty, Single, Lower, Fine, Tau, num_rows,
     tau_rel = tl.where(f_p1 <= target, root_both, tl.where(f_p2 <= target, root_upper, root_none))
     tau_rel = tl.minimum(tl.maximum(tau_rel, lo_edge), hi_edge)
     tau = ((bin_index + tau_rel) / (NUM_BINS - 1)).to(tl.float32)
-    single = tl.load(Single + rows, mask=in_rows, other=0) != 0
     tau = tl.where(single, tl.load(Lower + rows, mask=in_rows, other=0.0), tau)
     tl.store(Tau + rows, tl.where(empty, float("inf"), tau), mask=in_rows)
