@@ -286,3 +286,21 @@ def test_bad_input_names_the_argument(call, message):
     q, k, v = (t.detach() for t in random_qkv(1, 16, 16, 4, 2, 16))
     with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):
         call(q, k, v)
+
+
+def test_cuda_graph_setting_is_checked(monkeypatch):
+    """A bad RING_ADASPLASH_CUDA_GRAPHS value is an error naming the variable and its values, on
+    every device; valid values leave CPU results as they were (graphs are for CUDA tensors only)."""
+    from ring_adasplash import cuda_graphs
+
+    q, k, v = random_qkv(1, 40, 40, 2, 2, 16)
+    monkeypatch.setenv(cuda_graphs.MODE_ENV, "sometimes")
+    with pytest.raises(ValueError, match="RING_ADASPLASH_CUDA_GRAPHS must be one of auto, on, off"):
+        ra.adasplash_func(q, k, v)
+    results = []
+    for value in ("off", "on"):
+        monkeypatch.setenv(cuda_graphs.MODE_ENV, value)
+        results.append([ra.adasplash_func(q, k, v) for _ in range(3)])  # a second sight would capture on CUDA
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert not cuda_graphs._graphs
