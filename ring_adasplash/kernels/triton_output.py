@@ -9,7 +9,7 @@ attention. ``Nonzero[tile]`` is set for every visited tile that holds a key with
 import triton
 import triton.language as tl
 
-from .triton_stats import ADD, MAX, query_tile, tile_logits
+from .triton_stats import ADD, MAX, listed_tiles, query_tile, tile_logits
 
 
 @triton.jit
@@ -49,13 +49,9 @@ def output_kernel(
     V = V + b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh
     tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
 
-    list_id = bh * tl.num_programs(0) + tile_q
-    count = tl.load(Tile_count + list_id)
-    Tile_index = Tile_index + list_id.to(tl.int64) * num_k_tiles
-    Nonzero = Nonzero + list_id.to(tl.int64) * num_k_tiles
-
-    full_lo = tl.load(K_full_lo + tile_q)  # key tiles [full_lo, full_hi) need no visibility mask
-    full_hi = tl.load(K_full_hi + tile_q)
+    count, Tile_index, tile_row, full_lo, full_hi = listed_tiles(Tile_count, Tile_index, K_full_lo, K_full_hi,
+                                                                 tile_q, bh, num_k_tiles)
+    Nonzero = Nonzero + tile_row
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     acc_u = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     u_sum = tl.full([BLOCK_M], 0.0, tl.float32)

@@ -36,7 +36,7 @@ registers and stored once (adding those keys as one more slot of the per-row add
 import triton
 import triton.language as tl
 
-from .triton_stats import ADD, MAX, MIN, query_tile, tile_logits
+from .triton_stats import ADD, MAX, MIN, listed_tiles, query_tile, tile_logits
 
 
 @triton.jit
@@ -87,11 +87,8 @@ def histogram_kernel(
     bins = tl.where(row_max > float("-inf"), bins, 0.0)
     words = (tl.reduce(bins, 0, MAX).to(tl.int32) + 3) // 4  # words any row of this query tile fills
 
-    list_id = bh * tl.num_programs(0) + tile_q
-    count = tl.load(Tile_count + list_id)
-    Tile_index = Tile_index + list_id.to(tl.int64) * num_k_tiles
-    full_lo = tl.load(K_full_lo + tile_q)  # key tiles [full_lo, full_hi) need no visibility mask
-    full_hi = tl.load(K_full_hi + tile_q)
+    count, Tile_index, tile_row, full_lo, full_hi = listed_tiles(Tile_count, Tile_index, K_full_lo, K_full_hi,
+                                                                 tile_q, bh, num_k_tiles)
     cols = tl.arange(0, NUM_BINS)
     counts = tl.full([BLOCK_M, NUM_BINS], 0, tl.int32)
     for i in range(0, count):
@@ -104,7 +101,7 @@ def histogram_kernel(
         local = tl.where(local < bins[:, None], local, NUM_BINS).to(tl.int32)
         top = tl.reduce(tl.reduce(local, 1, MIN), 0, MIN)  # the highest bin any key of the tile reaches
         if top < NUM_BINS:
-            tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, 1)
+            tl.store(Keep + tile_row + tile_k, 1)
             one = 1 << ((local & 3) * 8)
             word = local >> 2
             for w in range(top >> 2, words):
@@ -144,12 +141,8 @@ def refine_kernel(
                  mask=in_q[:, None] & (cols < ROW_SIZE)[None, :])
         tl.debug_barrier()  # every thread's zeros land before any thread's adds
 
-    list_id = bh * tl.num_programs(0) + tile_q
-    count = tl.load(Tile_count + list_id)
-    Tile_index = Tile_index + list_id.to(tl.int64) * num_k_tiles
-
-    full_lo = tl.load(K_full_lo + tile_q)  # key tiles [full_lo, full_hi) need no visibility mask
-    full_hi = tl.load(K_full_hi + tile_q)
+    count, Tile_index, tile_row, full_lo, full_hi = listed_tiles(Tile_count, Tile_index, K_full_lo, K_full_hi,
+                                                                 tile_q, bh, num_k_tiles)
     f_sum = tl.full([BLOCK_M], 0.0, tl.float32)  # Newton sums
     df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     count_above = tl.full([BLOCK_M], 0.0, tl.float32)  # fine: the keys above the pair
@@ -178,7 +171,7 @@ def refine_kernel(
             near = x >= low[:, None]
             in_pair = near & (x >= 0.0) & (x < 2.0)
             reach = tl.reduce(tl.reduce(tl.where(in_pair, 2, near.to(tl.int32)), 1, MAX), 0, MAX)
-            tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, (reach > 0).to(tl.int8))
+            tl.store(Keep + tile_row + tile_k, (reach > 0).to(tl.int8))
             if reach == 2:
                 frac = tl.where(in_pair, x * (FINE_BINS // 2), 0.0)
                 sub = tl.minimum(tl.maximum(tl.floor(frac), 0.0), FINE_BINS - 1)

@@ -58,6 +58,20 @@ def query_tile(Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, se
 
 
 @triton.jit
+def listed_tiles(Tile_count, Tile_index, K_full_lo, K_full_hi, tile_q, bh, num_k_tiles):
+    """The key tiles listed for this program's query tile (lists of ``num_k_tiles`` slots, one per
+    (batch x query head, query tile)): ``(count, Tile_index, tile_row, full_lo, full_hi)``, the
+    list's length and start, the offset of this query tile's row in per-tile outputs, and the
+    run [full_lo, full_hi) of key tiles whose every pair is visible (no per-element mask)."""
+    list_id = bh * tl.num_programs(0) + tile_q
+    tile_row = list_id.to(tl.int64) * num_k_tiles
+    count = tl.load(Tile_count + list_id)
+    full_lo = tl.load(K_full_lo + tile_q)
+    full_hi = tl.load(K_full_hi + tile_q)
+    return count, Tile_index + tile_row, tile_row, full_lo, full_hi
+
+
+@triton.jit
 def masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, offs_d,
                   stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z,
                   DOT_F32: tl.constexpr, IEEE: tl.constexpr):
