@@ -317,7 +317,7 @@ def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_sc
     the kernel accumulates in float32 and casts once, at the store), through the tiles in
     ``active``. dq stays float32: a 16-bit store slowed the dq kernel (one H100, 32K tokens, D 64,
     83% block sparsity: 1.87 against 1.48 ms) more than the cast after costs; the dk/dv kernel
-    lost 0.09 ms and saved two casts of 0.07 ms."""
+    lost 0.09 ms and saved two casts of about 0.07 ms each."""
     if q.dtype == torch.float64:
         return torch_blockwise.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, tau, delta,
                                              block_m, block_n, active, kv_grad_dtype)
