@@ -33,6 +33,14 @@ def add_input_arguments(p):
     p.add_argument("--timeout-min", type=float, default=30.0)
 
 
+def add_case_arguments(p):
+    """One single-GPU case of the structured inputs (``first_call.py``, ``profile_forward.py``)."""
+    p.add_argument("--seqlen", type=int, default=32768)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--amp", type=float, default=1.5)
+
+
 def csv_list(kind):
     """Return an argparse ``type`` that parses ``"a,b,c"`` into a list of ``kind``."""
 

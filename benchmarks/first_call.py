@@ -13,16 +13,14 @@ import time
 START = time.time()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
+import common  # noqa: E402
 from inputs import structured_qkv  # noqa: E402
 from ring_adasplash import adasplash_func  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seqlen", type=int, default=32768)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--amp", type=float, default=1.5)
+    common.add_case_arguments(p)
     args = p.parse_args()
     q, k, v = (t.requires_grad_() for t in structured_qkv(1, args.seqlen, args.heads, args.head_dim, args.amp,
                                                           torch.bfloat16, "cuda"))

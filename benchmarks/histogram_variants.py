@@ -17,7 +17,7 @@ import torch, triton, triton.language as tl
 from triton.testing import do_bench
 from inputs import structured_qkv
 from ring_adasplash.kernels import stats as S, triton_backend as TB
-from ring_adasplash.kernels.triton_stats import ADD, MAX, MIN, query_tile, tile_logits
+from ring_adasplash.kernels.triton_stats import ADD, MAX, MIN, listed_tiles, query_tile, tile_logits
 from ring_adasplash.kernels.triton_refine import add_moments_by_row
 from ring_adasplash.kernels.visibility import causal_visibility
 
@@ -35,11 +35,8 @@ def coarse_variant(Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Til
     K = K + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
     target = tl.load(Target + rows, mask=in_q, other=0.0)
     bins = tl.load(Bins + rows, mask=in_q, other=0.0)
-    list_id = bh * tl.num_programs(0) + tile_q
-    count = tl.load(Tile_count + list_id)
-    Tile_index = Tile_index + list_id.to(tl.int64) * num_k_tiles
-    full_lo = tl.load(K_full_lo + tile_q)
-    full_hi = tl.load(K_full_hi + tile_q)
+    count, Tile_index, tile_row, full_lo, full_hi = listed_tiles(Tile_count, Tile_index, K_full_lo, K_full_hi,
+                                                                 tile_q, bh, num_k_tiles)
     dummy = tl.full([BLOCK_M], 0.0, tl.float32)
     acc_n = tl.full([BLOCK_M, NUM_BINS], 0, tl.int32)
     acc0 = tl.full([BLOCK_M, 4], 0, tl.int32)
@@ -64,16 +61,16 @@ def coarse_variant(Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Til
             keep = local < bins[:, None]
             if VARIANT == 2:  # binning and the any test only
                 anyk = tl.reduce(tl.reduce(keep.to(tl.int32), 1, MAX), 0, MAX)
-                tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, anyk.to(tl.int8))
+                tl.store(Keep + tile_row + tile_k, anyk.to(tl.int8))
             elif VARIANT == 0:  # moments, one distinct bin per row at a time (the earlier design)
                 kept = tl.reduce(tl.reduce(keep.to(tl.int32), 1, ADD), 0, ADD)
                 if kept > 0:
-                    tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, 1)
+                    tl.store(Keep + tile_row + tile_k, 1)
                     add_moments_by_row(Out, rows, local, scaled - idx, keep, NUM_BINS)
             elif VARIANT == 5:  # counts only: 4 bins of 8 bits per int32 word, one row sum per word
                 kept = tl.reduce(tl.reduce(keep.to(tl.int32), 1, MAX), 0, MAX)
                 if kept > 0:
-                    tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, 1)
+                    tl.store(Keep + tile_row + tile_k, 1)
                     li = tl.where(keep, local, 2 * NUM_BINS).to(tl.int32)
                     one = 1 << ((li & 3) * 8)
                     word = li >> 2
@@ -84,7 +81,7 @@ def coarse_variant(Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Til
             elif VARIANT == 6:  # counts, 4 int32 words of 4 bins x 8 bits, (BM, 4) accumulators
                 kept = tl.reduce(tl.reduce(keep.to(tl.int32), 1, MAX), 0, MAX)
                 if kept > 0:
-                    tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, 1)
+                    tl.store(Keep + tile_row + tile_k, 1)
                     li = tl.where(keep, local, 2 * NUM_BINS).to(tl.int32)
                     one = 1 << ((li & 3) * 8)
                     word = li >> 2
@@ -96,7 +93,7 @@ def coarse_variant(Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Til
             elif VARIANT == 7:  # counts, 4 int64 words of 4 bins x 16 bits, packed across tiles
                 kept = tl.reduce(tl.reduce(keep.to(tl.int32), 1, MAX), 0, MAX)
                 if kept > 0:
-                    tl.store(Keep + list_id.to(tl.int64) * num_k_tiles + tile_k, 1)
+                    tl.store(Keep + tile_row + tile_k, 1)
                     li = tl.where(keep, local, 2 * NUM_BINS).to(tl.int32)
                     one = tl.full([BLOCK_M, BLOCK_N], 1, tl.int64) << ((li & 3) * 16).to(tl.int64)
                     word = li >> 2

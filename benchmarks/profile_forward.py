@@ -7,16 +7,14 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import common
 from inputs import structured_qkv
 from ring_adasplash import adasplash_func
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seqlen", type=int, default=32768)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--amp", type=float, default=1.5)
+    common.add_case_arguments(p)
     p.add_argument("--backward", action="store_true")
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
