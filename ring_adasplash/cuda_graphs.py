@@ -88,8 +88,8 @@ class _Graph:
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = fn(*self.inputs, *self.held)
 
-    def __call__(self, args: tuple, copied: int) -> tuple:
-        for buffer, a in zip(self.inputs, args[:copied]):
+    def __call__(self, args: tuple) -> tuple:
+        for buffer, a in zip(self.inputs, args):  # the first len(self.inputs) args
             buffer.copy_(a)
         self.graph.replay()
         return tuple(o.clone() for o in self.outputs)
@@ -108,7 +108,7 @@ def call(name: str, fn: Callable, args: tuple, copied: int, work: int) -> tuple:
     if key in _graphs:
         _graphs.move_to_end(key)
         graph = _graphs[key]
-        return fn(*args) if graph is None else graph(args, copied)
+        return fn(*args) if graph is None else graph(args)
     if key not in _seen:  # first sight: eager (this also compiles and loads every kernel the graph needs)
         _seen[key] = None
         if len(_seen) > _SEEN_LIMIT:
@@ -123,7 +123,7 @@ def call(name: str, fn: Callable, args: tuple, copied: int, work: int) -> tuple:
     _graphs[key] = graph
     if len(_graphs) > MAX_GRAPHS:
         _graphs.popitem(last=False)
-    return fn(*args) if graph is None else graph(args, copied)
+    return fn(*args) if graph is None else graph(args)
 
 
 def clear() -> None:
