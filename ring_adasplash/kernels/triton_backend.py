@@ -24,7 +24,7 @@ import triton
 
 from . import stats as S
 from . import torch_blockwise, triton_backward, triton_output, triton_refine, triton_stats, triton_tau, triton_tiles
-from .visibility import Visibility, key_tile_span
+from .visibility import Visibility, first_true, key_tile_span
 
 NAME = "triton"
 BLOCK_M = 64  # query rows per tile, in every kernel and in the block mask
@@ -109,12 +109,6 @@ def _tile_lists(mask: torch.Tensor):
     return counts, index
 
 
-def _first(mask: torch.Tensor, default: int) -> torch.Tensor:
-    """Index of the first True along the last dim, ``default`` where none."""
-    pos = torch.arange(mask.shape[-1], device=mask.device)
-    return torch.where(mask, pos, default).amin(-1)
-
-
 _RANGES_CACHE: dict = {}  # where the four visibility vectors live, and their versions -> (vectors, ranges)
 RANGES_CACHE_SIZE = 16
 
@@ -159,8 +153,8 @@ def _compute_key_tile_ranges(vis: Visibility, device):
     one_k_doc = k_doc.amin(1) == k_doc.amax(1)
     full = ((k_pos.amax(1)[None, :] <= q_limit.amin(1)[:, None]) & one_q_doc[:, None] & one_k_doc[None, :]
             & (q_doc.amin(1)[:, None] == k_doc.amin(1)[None, :]))
-    full_lo = _first(full, num_k_tiles)
-    full_hi = _first(~full & (pos[None, :] >= full_lo[:, None]), num_k_tiles)
+    full_lo = first_true(full, num_k_tiles)
+    full_hi = first_true(~full & (pos[None, :] >= full_lo[:, None]), num_k_tiles)
     return [t.to(torch.int32).contiguous() for t in (lo, hi, full_lo, full_hi)]
 
 

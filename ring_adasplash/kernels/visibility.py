@@ -120,12 +120,18 @@ def tile_visible(vis: Visibility, block_m: int, block_n: int) -> torch.Tensor:
     )
 
 
+def first_true(mask: torch.Tensor, default: int) -> torch.Tensor:
+    """Index of the first True along the last dim, ``default`` where none."""
+    pos = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(mask, pos, default).amin(-1)
+
+
 def key_tile_span(vis: Visibility, block_m: int, block_n: int):
     """Per query tile (int64, (nQ,) each), key tiles [lo, hi) spanning every tile that may hold a
     visible pair (``tile_visible``); lo == hi where there is none."""
     visible = tile_visible(vis, block_m, block_n)
     num_k_tiles = visible.shape[1]
     pos = torch.arange(num_k_tiles, device=visible.device)
-    lo = torch.where(visible, pos, num_k_tiles).amin(1)
+    lo = first_true(visible, num_k_tiles)
     hi = torch.where(visible, pos + 1, 0).amax(1)
     return torch.minimum(lo, hi), hi
