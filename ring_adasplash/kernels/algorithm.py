@@ -206,12 +206,13 @@ def entmax_backward(backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult,
         raise ValueError(f"kv_grad_dtype needs one key block, whose dk and dv are final; got {blocks.num_blocks}")
     scale_z = (alpha - 1.0) * softmax_scale
     bm, bn = backend.BLOCK_M, backend.BLOCK_N
-    delta = backend.row_delta(grad_out, fwd.out_u, fwd.u_sum)
     dq_total: list = [None]
+    delta: list = [None]  # the row term, computed with the first block's dq (one launch fewer)
 
     def gradients(index, k, v, vis):
-        dq, dk, dv = backend.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, fwd.tau, delta,
-                                           bm, bn, fwd.nonzero[index], kv_grad_dtype)
+        dq, dk, dv, delta[0] = backend.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, fwd.tau,
+                                                     delta[0], bm, bn, fwd.nonzero[index], kv_grad_dtype,
+                                                     fwd.out_u, fwd.u_sum)
         dq_total[0] = dq if dq_total[0] is None else dq_total[0] + dq
         return dk, dv
 

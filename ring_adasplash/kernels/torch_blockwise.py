@@ -272,15 +272,19 @@ def row_delta(grad_out, out_u, u_sum):
 
 
 def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_scale: float, alpha: float,
-                  tau, delta, block_m: int, block_n: int, active, kv_grad_dtype=None):
+                  tau, delta, block_m: int, block_n: int, active, kv_grad_dtype=None, out_u=None, u_sum=None):
     """Gradients through one key block, over active tiles only (``kv_grad_dtype``: the dtype of dk
     and dv where they are final, one key block; default the compute dtype).
 
-    ``delta`` (B, Hq, Sq) = (grad_out . out_u) / u_sum, from the merged forward row terms.
+    ``delta`` (B, Hq, Sq) = (grad_out . out_u) / u_sum, from the merged forward row terms; None:
+    computed here from ``out_u`` and ``u_sum`` (``row_delta``).
     With ``g = grad_out . v`` the score gradient is ``ds = u (g - delta)``; ``dq = scale ds k``,
     ``dk = scale ds^T q``, ``dv = p^T grad_out`` (dk, dv summed over each GQA group).
-    Returns float32 (float64 for float64 inputs) dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D).
+    Returns float32 (float64 for float64 inputs) dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D), and
+    delta.
     """
+    if delta is None:
+        delta = row_delta(grad_out, out_u, u_sum)
     tiles = _KeyTiles(q, k, vis, scale_z, block_m, block_n, active)
     batch, heads, seqlen, heads_kv = tiles.batch, tiles.heads, tiles.seqlen_q, tiles.heads_kv
     dtype = tiles.qh.dtype
@@ -304,4 +308,4 @@ def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_sc
         dk[:, keys] += softmax_scale * (ds.transpose(-1, -2) @ tiles.qh).sum(2).permute(0, 2, 1, 3)
         dv[:, keys] += (p.transpose(-1, -2) @ do_h).sum(2).permute(0, 2, 1, 3)
     dq = dq.reshape(batch, heads, seqlen, -1).permute(0, 2, 1, 3)
-    return dq, dk.to(kv_grad_dtype or dtype), dv.to(kv_grad_dtype or dtype)
+    return dq, dk.to(kv_grad_dtype or dtype), dv.to(kv_grad_dtype or dtype), delta

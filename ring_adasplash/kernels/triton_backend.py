@@ -93,20 +93,26 @@ def _vis_args(vis: Visibility, device):
 TILE_LIST_CHUNK = 1024  # mask entries per step of a tile-list program
 
 
-def _tile_lists(mask: torch.Tensor):
-    """(..., rows, n) bool -> counts (..., rows) int32 and indices (..., rows, n) int32: the True
-    positions of each row first, ascending (``triton_tiles.tile_list_kernel``; slots past a row's
-    count are unset)."""
+def _tile_lists(mask: torch.Tensor, columns_too: bool = False):
+    """(..., rows, cols) bool -> counts (..., rows) int32 and indices (..., rows, cols) int32: the
+    True positions of each row first, ascending (``triton_tiles.tile_list_kernel``; slots past a
+    row's count are unset). ``columns_too``: also the lists of the transposed mask, counts
+    (..., cols) and indices (..., cols, rows), from the same launch."""
     grouped = mask.view(torch.uint8).reshape(-1, *mask.shape[-2:])
     groups, rows, cols = grouped.shape
     counts = torch.empty(mask.shape[:-1], device=mask.device, dtype=torch.int32)
     index = torch.empty(mask.shape, device=mask.device, dtype=torch.int32)
+    lists = [counts, index]
+    if columns_too:
+        lists += [torch.empty((*mask.shape[:-2], cols), device=mask.device, dtype=torch.int32),
+                  torch.empty((*mask.shape[:-2], cols, rows), device=mask.device, dtype=torch.int32)]
     if counts.numel():
-        triton_tiles.tile_list_kernel[(rows, groups)](
-            grouped, counts, index, *grouped.stride(), rows, cols,
-            CHUNK=min(TILE_LIST_CHUNK, triton.next_power_of_2(max(cols, 16))), num_warps=4,
+        columns = lists[2:] or lists  # unused by a grid of depth 1
+        triton_tiles.tile_list_kernel[(max(rows, cols) if columns_too else rows, groups, 1 + columns_too)](
+            grouped, counts, index, *columns, *grouped.stride(), rows, cols,
+            CHUNK=min(TILE_LIST_CHUNK, triton.next_power_of_2(max(rows, cols, 16))), num_warps=4,
         )
-    return counts, index
+    return tuple(lists)
 
 
 _RANGES_CACHE: dict = {}  # where the four visibility vectors live, and their versions -> (vectors, ranges)
@@ -291,30 +297,18 @@ def output_pass(q, k, v, vis: Visibility, scale_z: float, alpha: float, tau, blo
     return out, out_u, u_sum, support, nonzero.view(torch.bool)
 
 
-def row_delta(grad_out, out_u, u_sum):
-    """``torch_blockwise.row_delta`` in one launch (``triton_backward.row_delta_kernel``)."""
-    if out_u.dtype != torch.float32 or not _runs_kernels(out_u):
-        return torch_blockwise.row_delta(grad_out, out_u, u_sum)
-    batch, seqlen_q, heads, dim = out_u.shape
-    u_sum = u_sum.to(torch.float32).contiguous()
-    delta = torch.empty_like(u_sum)
-    triton_backward.row_delta_kernel[(_cdiv(seqlen_q, BLOCK_M), batch * heads)](
-        grad_out, out_u, u_sum, delta, *grad_out.stride(), *out_u.stride(), seqlen_q, heads,
-        HEAD_DIM=dim, BLOCK_M=BLOCK_M, num_warps=4,
-    )
-    return delta
-
-
 def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_scale: float, alpha: float,
-                  tau, delta, block_m: int, block_n: int, active, kv_grad_dtype=None):
+                  tau, delta, block_m: int, block_n: int, active, kv_grad_dtype=None, out_u=None, u_sum=None):
     """dq (B, Sq, Hq, D) float32, dk and dv (B, Sk, Hkv, D) in ``kv_grad_dtype`` (default float32;
-    the kernel accumulates in float32 and casts once, at the store), through the tiles in
-    ``active``. dq stays float32: a 16-bit store slowed the dq kernel (one H100, 32K tokens, D 64,
-    83% block sparsity: 1.87 against 1.48 ms) more than the cast after costs; the dk/dv kernel
-    lost 0.09 ms and saved two casts of about 0.07 ms each."""
+    the kernel accumulates in float32 and casts once, at the store), and delta (B, Hq, Sq), through
+    the tiles in ``active``. ``delta`` None: the dQ kernel computes it from ``out_u`` and ``u_sum``
+    (``torch_blockwise.row_delta``) for its rows, before the dK/dV kernel reads it. dq stays
+    float32: a 16-bit store slowed the dq kernel (one H100, 32K tokens, D 64, 83% block sparsity:
+    1.87 against 1.48 ms) more than the cast after costs; the dk/dv kernel lost 0.09 ms and saved
+    two casts of about 0.07 ms each."""
     if q.dtype == torch.float64:
         return torch_blockwise.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, tau, delta,
-                                             block_m, block_n, active, kv_grad_dtype)
+                                             block_m, block_n, active, kv_grad_dtype, out_u, u_sum)
     _check(q, k, block_m, block_n)
     flags = _flags(q)
     batch, seqlen_q, heads, dim = q.shape
@@ -322,30 +316,37 @@ def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_sc
     num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(seqlen_k, BLOCK_N)
     grad_out = grad_out.to(q.dtype)
     tau = tau.to(device=q.device, dtype=torch.float32).contiguous()
-    delta = delta.to(device=q.device, dtype=torch.float32).contiguous()
+    compute_delta = delta is None
+    if compute_delta:
+        out_u = out_u.to(torch.float32)
+        u_sum = u_sum.to(torch.float32).contiguous()
+        delta = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    else:
+        delta = delta.to(device=q.device, dtype=torch.float32).contiguous()
+        out_u = u_sum = delta  # not read
     vis_args = _vis_args(vis, q.device)
     common = dict(GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                   ALPHA_MODE=_alpha_mode(alpha), **flags, **_config(dim, "backward"))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    # (B, Hq, nQ) key tiles per query tile, and (B, Hq, nK) query tiles per key tile
+    counts, index, counts_t, index_t = _tile_lists(active, columns_too=True)
 
+    dq = torch.empty(batch, seqlen_q, heads, dim, device=q.device, dtype=torch.float32)
+    triton_backward.dq_kernel[(num_q_tiles, batch * heads)](
+        q, k, v, grad_out, *vis_args, counts, index, tau, out_u, u_sum, delta, dq,
+        *strides, *(out_u.stride() if compute_delta else (0, 0, 0, 0)), *dq.stride(),
+        seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), float(softmax_scale), _gamma(alpha),
+        COMPUTE_DELTA=compute_delta, **common,
+    )
     dk = torch.empty(k.shape, device=k.device, dtype=kv_grad_dtype or torch.float32)
     dv = torch.empty(v.shape, device=v.device, dtype=kv_grad_dtype or torch.float32)
-    counts_t, index_t = _tile_lists(active.transpose(-1, -2))  # (B, Hq, nK, nQ): query tiles per key tile
     triton_backward.dkdv_kernel[(num_k_tiles, batch * heads_kv)](
         q, k, v, grad_out, *vis_args, counts_t, index_t, tau, delta, dk, dv,
         *strides, *dk.stride(),
         seqlen_q, seqlen_k, heads, heads_kv, num_q_tiles, float(scale_z), float(softmax_scale), _gamma(alpha),
         **common,
     )
-    dq = torch.empty(batch, seqlen_q, heads, dim, device=q.device, dtype=torch.float32)
-    counts, index = _tile_lists(active)
-    triton_backward.dq_kernel[(num_q_tiles, batch * heads)](
-        q, k, v, grad_out, *vis_args, counts, index, tau, delta, dq,
-        *strides, *dq.stride(),
-        seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), float(softmax_scale), _gamma(alpha),
-        **common,
-    )
-    return dq, dk, dv
+    return dq, dk, dv, delta
 
 
 def coarse_bracket(stats: S.RowStats, alpha: float) -> S.Bracket:

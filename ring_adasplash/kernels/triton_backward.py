@@ -5,7 +5,11 @@ term ``delta``:  ds = u (g - delta),  dq = scale ds k,  dk = scale ds^T q,  dv =
 
 ``dkdv_kernel``: one program per (key tile, batch x key head); it loops over the GROUP query heads
 that share the key head and, for each, over the query tiles listed as nonzero for this key tile.
-``dq_kernel``: one program per (query tile, batch x query head), over its nonzero key tiles.
+``dq_kernel``: one program per (query tile, batch x query head), over its nonzero key tiles. With
+``COMPUTE_DELTA`` it first computes its rows' ``delta = (dO . sum u v) / sum u`` (0 where
+sum u = 0) from the dO tile it loads anyway, and stores it for the dK/dV kernel launched after: a
+separate launch for delta cost 70 us of host time on an H100 machine, at 8K tokens, where the
+host's time bounds the step.
 Operands meet in the input dtype (P and dS cast, as flash attention does) with fp32 accumulation.
 """
 import triton
@@ -13,32 +17,6 @@ import triton.language as tl
 
 from .triton_output import entmax_weights
 from .triton_stats import ADD
-
-
-@triton.jit
-def row_delta_kernel(
-    DO, Out_u, U_sum, Delta,
-    stride_dob, stride_dos, stride_doh, stride_dod,
-    stride_ob, stride_os, stride_oh, stride_od,
-    seqlen_q, num_heads, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """delta = (dO . sum u v) / sum u per row (``torch_blockwise.row_delta``), 0 where sum u = 0:
-    one read of dO and sum u v, where the PyTorch form also writes dO in float32 and the product."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_q = offs_m < seqlen_q
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
-                 + offs_d[None, :] * stride_dod, mask=in_q[:, None], other=0.0).to(tl.float32)
-    out_u = tl.load(Out_u + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
-                    + offs_d[None, :] * stride_od, mask=in_q[:, None], other=0.0)
-    rows = bh.to(tl.int64) * seqlen_q + offs_m
-    u_sum = tl.load(U_sum + rows, mask=in_q, other=0.0)
-    dot = tl.reduce(do * out_u, 1, ADD)
-    tl.store(Delta + rows, tl.where(u_sum > 0, dot / tl.maximum(u_sum, 1e-30), 0.0), mask=in_q)
 
 
 @triton.jit
@@ -130,15 +108,16 @@ def dkdv_kernel(
 
 @triton.jit
 def dq_kernel(
-    Q, K, V, DO, Q_limit, Q_doc, K_pos, K_doc, Tile_count, Tile_index, Tau, Delta, DQ,
+    Q, K, V, DO, Q_limit, Q_doc, K_pos, K_doc, Tile_count, Tile_index, Tau, Out_u, U_sum, Delta, DQ,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_ob, stride_os, stride_oh, stride_od,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, softmax_scale, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ALPHA_MODE: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    ALPHA_MODE: tl.constexpr, COMPUTE_DELTA: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tile_q = tl.program_id(0)
@@ -163,7 +142,15 @@ def dq_kernel(
     q_limit = tl.load(Q_limit + offs_m, mask=in_q, other=-1)
     q_doc = tl.load(Q_doc + offs_m, mask=in_q, other=-1)
     tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
-    delta = tl.load(Delta + rows, mask=in_q, other=0.0)
+    if COMPUTE_DELTA:
+        out_u = tl.load(Out_u + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
+                        + offs_d[None, :] * stride_od, mask=in_q[:, None], other=0.0)
+        u_sum = tl.load(U_sum + rows, mask=in_q, other=0.0)
+        dot = tl.reduce(do.to(tl.float32) * out_u, 1, ADD)
+        delta = tl.where(u_sum > 0, dot / tl.maximum(u_sum, 1e-30), 0.0)
+        tl.store(Delta + rows, delta, mask=in_q)
+    else:
+        delta = tl.load(Delta + rows, mask=in_q, other=0.0)
 
     list_id = bh * tl.num_programs(0) + tile_q
     count = tl.load(Tile_count + list_id)
