@@ -17,6 +17,7 @@ from torch import Tensor
 from . import cuda_graphs, telemetry
 from .checks import check_alpha, check_cu_seqlens, check_qkv, default_scale
 from .kernels import backend_for
+from .kernels.compile_ahead import compile_ahead
 from .kernels.algorithm import ForwardResult, SingleBlock, entmax_backward, entmax_forward
 from .kernels.visibility import Visibility, causal_visibility, varlen_visibility
 
@@ -40,11 +41,22 @@ def _work(q: Tensor, k: Tensor) -> int:
 
 def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha: float, softmax_scale: float):
     vis = Visibility(q_limit, q_doc, k_pos, k_doc)
+    if q.dtype != torch.float64:  # float64 runs no Triton kernel
+        compile_ahead((q.device, q.dtype, q.shape[-1], q.shape[2] // k.shape[2], alpha),
+                      functools.partial(_dry_run, q, k, v, vis, alpha, softmax_scale), q.device)
     fwd = entmax_forward(backend_for(q), q, SingleBlock(k, v, vis), alpha, softmax_scale)
     telemetry.log_forward(fwd, "single")
     # contiguous, as the fake impl promises (compiled graphs check strides)
     return (fwd.out.to(q.dtype).contiguous(), fwd.out_u.contiguous(), fwd.u_sum.contiguous(), fwd.tau.contiguous(),
             fwd.nonzero[0].contiguous())
+
+
+def _dry_run(q, k, v, vis: Visibility, alpha: float, softmax_scale: float) -> None:
+    """The forward and the backward of a call, for ``compile_ahead``: every kernel that either
+    launches on this configuration."""
+    backend, blocks = backend_for(q), SingleBlock(k, v, vis)
+    fwd = entmax_forward(backend, q, blocks, alpha, softmax_scale)
+    entmax_backward(backend, q, torch.empty_like(q), blocks, fwd, alpha, softmax_scale, kv_grad_dtype=k.dtype)
 
 
 @attention_forward.register_fake

@@ -288,6 +288,22 @@ def test_bad_input_names_the_argument(call, message):
         call(q, k, v)
 
 
+def test_compile_ahead_setting_is_checked(monkeypatch):
+    """A bad RING_ADASPLASH_COMPILE_AHEAD value is an error naming the variable and its values;
+    0 and 1 leave CPU results as they were (compiling ahead is for the Triton kernels on CUDA)."""
+    from ring_adasplash.kernels import compile_ahead
+
+    q, k, v = random_qkv(1, 40, 40, 2, 2, 16)
+    monkeypatch.setenv(compile_ahead.ENV, "yes")
+    with pytest.raises(ValueError, match="RING_ADASPLASH_COMPILE_AHEAD must be 0 or 1"):
+        ra.adasplash_func(q, k, v)
+    results = []
+    for value in ("0", "1"):
+        monkeypatch.setenv(compile_ahead.ENV, value)
+        results.append(ra.adasplash_func(q, k, v))
+    assert torch.equal(*results)
+
+
 def test_cuda_graph_setting_is_checked(monkeypatch):
     """A bad RING_ADASPLASH_CUDA_GRAPHS value is an error naming the variable and its values, on
     every device; valid values leave CPU results as they were (graphs are for CUDA tensors only)."""

@@ -24,6 +24,7 @@ import triton
 
 from . import stats as S
 from . import torch_blockwise, triton_backward, triton_output, triton_refine, triton_stats, triton_tau, triton_tiles
+from .compile_ahead import launch
 from .visibility import Visibility, first_true, key_tile_span
 
 NAME = "triton"
@@ -108,7 +109,7 @@ def _tile_lists(mask: torch.Tensor, columns_too: bool = False):
                   torch.empty((*mask.shape[:-2], cols, rows), device=mask.device, dtype=torch.int32)]
     if counts.numel():
         columns = lists[2:] or lists  # unused by a grid of depth 1
-        triton_tiles.tile_list_kernel[(max(rows, cols) if columns_too else rows, groups, 1 + columns_too)](
+        launch(triton_tiles.tile_list_kernel, (max(rows, cols) if columns_too else rows, groups, 1 + columns_too))(
             grouped, counts, index, *columns, *grouped.stride(), rows, cols,
             CHUNK=min(TILE_LIST_CHUNK, triton.next_power_of_2(max(rows, cols, 16))), num_warps=4,
         )
@@ -190,7 +191,7 @@ def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, 
     else:
         floor = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
         gamma = _gamma(alpha)
-        triton_stats.tau_floor_kernel[grid](
+        launch(triton_stats.tau_floor_kernel, grid)(
             q, k, *vis_args, *ranges[:2], floor, *q.stride(), *k.stride(),
             seqlen_q, k.shape[1], heads, float(scale_z), gamma,
             POWER=_power(gamma), STEPS=S.FLOOR_STEPS, MARGIN=S.FLOOR_MARGIN, **common,
@@ -200,7 +201,7 @@ def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, 
     else:
         running = row_max.to(device=q.device, dtype=torch.float32, copy=True).contiguous()
     tile_gap = torch.full((batch, heads, num_q_tiles, num_k_tiles), float("-inf"), device=q.device)
-    triton_stats.stats_kernel[grid](
+    launch(triton_stats.stats_kernel, grid)(
         q, k, *vis_args, *ranges, running, floor, tile_gap, *q.stride(), *k.stride(),
         seqlen_q, k.shape[1], heads, num_k_tiles, float(scale_z), HAS_ROW_MAX=row_max is not None, **common,
     )
@@ -224,7 +225,7 @@ def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n:
     near = torch.zeros(tile_gap.shape, device=q.device, dtype=torch.int8)
     if tau_floor is None:  # no floor: every bin kept
         tau_floor = torch.full_like(row_max, float("-inf"))
-    triton_refine.histogram_kernel[(num_q_tiles, batch * heads)](
+    launch(triton_refine.histogram_kernel, (num_q_tiles, batch * heads))(
         q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device)[2:], counts, index,
         row_max.to(torch.float32).contiguous(), tau_floor.to(device=q.device, dtype=torch.float32).contiguous(),
         hist, near, *q.stride(), *k.stride(),
@@ -255,7 +256,7 @@ def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: in
     shape = (batch, heads, seqlen_q) + ((2,) if newton else (3, S.FINE_BINS + 1))
     out = torch.empty(shape, device=q.device, dtype=torch.float32)  # every program writes its rows
     keep = torch.zeros(active.shape, device=q.device, dtype=torch.int8)
-    triton_refine.refine_kernel[(num_q_tiles, batch * heads)](
+    launch(triton_refine.refine_kernel, (num_q_tiles, batch * heads))(
         q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device)[2:], counts, index, target, low, out,
         keep,
         *q.stride(), *k.stride(),
@@ -285,7 +286,7 @@ def output_pass(q, k, v, vis: Visibility, scale_z: float, alpha: float, tau, blo
     u_sum = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
     support = torch.empty_like(u_sum)
     nonzero = torch.zeros(batch, heads, num_q_tiles, num_k_tiles, device=q.device, dtype=torch.uint8)
-    triton_output.output_kernel[(num_q_tiles, batch * heads)](
+    launch(triton_output.output_kernel, (num_q_tiles, batch * heads))(
         q, k, v, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device)[2:], counts, index,
         tau.to(device=q.device, dtype=torch.float32).contiguous(),
         out, out_u, u_sum, support, nonzero,
@@ -332,7 +333,7 @@ def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_sc
     counts, index, counts_t, index_t = _tile_lists(active, columns_too=True)
 
     dq = torch.empty(batch, seqlen_q, heads, dim, device=q.device, dtype=torch.float32)
-    triton_backward.dq_kernel[(num_q_tiles, batch * heads)](
+    launch(triton_backward.dq_kernel, (num_q_tiles, batch * heads))(
         q, k, v, grad_out, *vis_args, counts, index, tau, out_u, u_sum, delta, dq,
         *strides, *(out_u.stride() if compute_delta else (0, 0, 0, 0)), *dq.stride(),
         seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), float(softmax_scale), _gamma(alpha),
@@ -340,7 +341,7 @@ def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_sc
     )
     dk = torch.empty(k.shape, device=k.device, dtype=kv_grad_dtype or torch.float32)
     dv = torch.empty(v.shape, device=v.device, dtype=kv_grad_dtype or torch.float32)
-    triton_backward.dkdv_kernel[(num_k_tiles, batch * heads_kv)](
+    launch(triton_backward.dkdv_kernel, (num_k_tiles, batch * heads_kv))(
         q, k, v, grad_out, *vis_args, counts_t, index_t, tau, delta, dk, dv,
         *strides, *dk.stride(),
         seqlen_q, seqlen_k, heads, heads_kv, num_q_tiles, float(scale_z), float(softmax_scale), _gamma(alpha),
@@ -359,7 +360,7 @@ def coarse_bracket(stats: S.RowStats, alpha: float) -> S.Bracket:
     bin_index = torch.empty(row_max.shape, device=row_max.device, dtype=torch.float64)
     single = torch.empty(row_max.shape, device=row_max.device, dtype=torch.int8)
     num_rows = row_max.numel()
-    triton_tau.bracket_kernel[(_cdiv(num_rows, TAU_ROWS),)](
+    launch(triton_tau.bracket_kernel, (_cdiv(num_rows, TAU_ROWS),))(
         row_max, stats.hist.contiguous(), lower, bin_index, single, num_rows,
         NUM_BINS=S.NUM_BINS, GAMMA=round(_gamma(alpha)), BLOCK_R=TAU_ROWS, num_warps=TAU_WARPS,
     )
@@ -372,7 +373,7 @@ def fine_tau(bracket: S.Bracket, fine_hist: torch.Tensor, alpha: float) -> torch
         return S.fine_tau(bracket, fine_hist, alpha)
     tau = torch.empty(bracket.bin_index.shape, device=fine_hist.device, dtype=torch.float32)
     num_rows = tau.numel()
-    triton_tau.fine_tau_kernel[(_cdiv(num_rows, FINE_TAU_ROWS),)](
+    launch(triton_tau.fine_tau_kernel, (_cdiv(num_rows, FINE_TAU_ROWS),))(
         bracket.bin_index.to(torch.float64).contiguous(), bracket.empty.contiguous(), bracket.single.contiguous(),
         bracket.lower.to(torch.float32).contiguous(), fine_hist.contiguous(), tau, num_rows,
         NUM_BINS=S.NUM_BINS, FINE_BINS=S.FINE_BINS, GAMMA=round(_gamma(alpha)), BLOCK_R=FINE_TAU_ROWS,
