@@ -288,35 +288,26 @@ def test_bad_input_names_the_argument(call, message):
         call(q, k, v)
 
 
-def test_compile_ahead_setting_is_checked(monkeypatch):
-    """A bad RING_ADASPLASH_COMPILE_AHEAD value is an error naming the variable and its values;
-    0 and 1 leave CPU results as they were (compiling ahead is for the Triton kernels on CUDA)."""
-    from ring_adasplash.kernels import compile_ahead
-
-    q, k, v = random_qkv(1, 40, 40, 2, 2, 16)
-    monkeypatch.setenv(compile_ahead.ENV, "yes")
-    with pytest.raises(ValueError, match="RING_ADASPLASH_COMPILE_AHEAD must be 0 or 1"):
-        ra.adasplash_func(q, k, v)
-    results = []
-    for value in ("0", "1"):
-        monkeypatch.setenv(compile_ahead.ENV, value)
-        results.append(ra.adasplash_func(q, k, v))
-    assert torch.equal(*results)
-
-
-def test_cuda_graph_setting_is_checked(monkeypatch):
-    """A bad RING_ADASPLASH_CUDA_GRAPHS value is an error naming the variable and its values, on
-    every device; valid values leave CPU results as they were (graphs are for CUDA tensors only)."""
+@pytest.mark.parametrize("env, bad, message, good", [
+    ("RING_ADASPLASH_CUDA_GRAPHS", "sometimes", "must be one of auto, on, off", ("off", "on", "auto")),
+    ("RING_ADASPLASH_COMPILE_AHEAD", "yes", "must be 0 or 1", ("0", "1")),
+])
+def test_settings_are_checked(monkeypatch, env, bad, message, good):
+    """A bad value of a setting is an error naming the variable and its values, on every device;
+    valid values leave CPU results as they were (CUDA graphs and compiling ahead are for the Triton
+    kernels on CUDA: no graph is captured, though each call is made three times, and a second
+    sight would capture on CUDA)."""
     from ring_adasplash import cuda_graphs
 
     q, k, v = random_qkv(1, 40, 40, 2, 2, 16)
-    monkeypatch.setenv(cuda_graphs.MODE_ENV, "sometimes")
-    with pytest.raises(ValueError, match="RING_ADASPLASH_CUDA_GRAPHS must be one of auto, on, off"):
+    monkeypatch.setenv(env, bad)
+    with pytest.raises(ValueError, match=f"{env} {message}"):
         ra.adasplash_func(q, k, v)
     results = []
-    for value in ("off", "on"):
-        monkeypatch.setenv(cuda_graphs.MODE_ENV, value)
-        results.append([ra.adasplash_func(q, k, v) for _ in range(3)])  # a second sight would capture on CUDA
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for value in good:
+        monkeypatch.setenv(env, value)
+        results.append([ra.adasplash_func(q, k, v) for _ in range(3)])
+    for per_value in results[1:]:
+        for a, b in zip(results[0], per_value):
+            assert torch.equal(a, b)
     assert not cuda_graphs._graphs
