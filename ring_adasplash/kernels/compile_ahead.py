@@ -75,7 +75,10 @@ def compile_ahead(key, dry_run: Callable[[], None], device: torch.device) -> Non
     _done.add(key)
     token = _dry_run.set(True)
     try:
-        with _CompileAndLoad(device, min(MAX_WORKERS, os.cpu_count() or 1)) as pool, triton.AsyncCompileMode(pool):
+        # ignore_errors: a kernel that fails to compile is left out, and its real launch compiles
+        # it again and raises there (an error out of the mode's exit would also leave it active)
+        with (_CompileAndLoad(device, min(MAX_WORKERS, os.cpu_count() or 1)) as pool,
+              triton.AsyncCompileMode(pool, ignore_errors=True)):
             dry_run()
     except Exception as error:  # the real call compiles what is missing, and raises what is wrong
         warnings.warn(f"ring_adasplash: compiling ahead failed, kernels compile at their first launch: {error}")
