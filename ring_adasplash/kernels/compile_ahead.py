@@ -1,11 +1,11 @@
 """Compile every Triton kernel a call needs at once, on a thread pool, before the call runs.
 
-Left alone, a first call compiles its kernels one after another as it reaches them: about ten
-kernels, much of it in subprocesses that leave the interpreter free (gcc building Triton's C
+Left alone, a first call compiles its kernels (about ten) one after another as it reaches them,
+much of the time in subprocesses that leave the interpreter free (gcc building Triton's C
 launcher of each kernel, 4.2 s; ptxas, 1.4 s; cProfile of a cold first forward at 32K tokens on
 one H100). Compiled ahead, that first forward and backward took 6.2-8.4 s against 12.8 s
 (``benchmarks/first_call.py``, one H100, empty Triton cache).
-``compile_ahead(dry_run, device)`` runs ``dry_run`` once with every launch made through
+``compile_ahead(key, dry_run, device)`` runs ``dry_run`` once per key with every launch made through
 :func:`launch` replaced by a compile-only ``warmup`` (same arguments, so the same specialization
 as the real launch), under ``triton.AsyncCompileMode``: the compiles, and the loading of each
 binary with its launcher, run on a thread pool, and the real call after finds them done.
