@@ -67,40 +67,32 @@ def coarse_variant(Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Til
                 if kept > 0:
                     tl.store(Keep + tile_row + tile_k, 1)
                     add_moments_by_row(Out, rows, local, scaled - idx, keep, NUM_BINS)
-            elif VARIANT == 5:  # counts only: 4 bins of 8 bits per int32 word, one row sum per word
+            else:  # counts only: each kept key sets one field of the word of its 4 bins
                 kept = tl.reduce(tl.reduce(keep.to(tl.int32), 1, MAX), 0, MAX)
                 if kept > 0:
                     tl.store(Keep + tile_row + tile_k, 1)
                     li = tl.where(keep, local, 2 * NUM_BINS).to(tl.int32)
-                    one = 1 << ((li & 3) * 8)
                     word = li >> 2
-                    cols = tl.arange(0, NUM_BINS)
-                    for w in tl.static_range(NUM_BINS // 4):
-                        packed = tl.reduce(tl.where(word == w, one, 0), 1, ADD)
-                        acc_n += tl.where((cols // 4)[None, :] == w, (packed[:, None] >> ((cols % 4) * 8)[None, :]) & 255, 0)
-            elif VARIANT == 6:  # counts, 4 int32 words of 4 bins x 8 bits, (BM, 4) accumulators
-                kept = tl.reduce(tl.reduce(keep.to(tl.int32), 1, MAX), 0, MAX)
-                if kept > 0:
-                    tl.store(Keep + tile_row + tile_k, 1)
-                    li = tl.where(keep, local, 2 * NUM_BINS).to(tl.int32)
-                    one = 1 << ((li & 3) * 8)
-                    word = li >> 2
-                    sh = (tl.arange(0, 4) * 8)[None, :]
-                    acc0 += (tl.reduce(tl.where(word == 0, one, 0), 1, ADD)[:, None] >> sh) & 255
-                    acc1 += (tl.reduce(tl.where(word == 1, one, 0), 1, ADD)[:, None] >> sh) & 255
-                    acc2 += (tl.reduce(tl.where(word == 2, one, 0), 1, ADD)[:, None] >> sh) & 255
-                    acc3 += (tl.reduce(tl.where(word == 3, one, 0), 1, ADD)[:, None] >> sh) & 255
-            elif VARIANT == 7:  # counts, 4 int64 words of 4 bins x 16 bits, packed across tiles
-                kept = tl.reduce(tl.reduce(keep.to(tl.int32), 1, MAX), 0, MAX)
-                if kept > 0:
-                    tl.store(Keep + tile_row + tile_k, 1)
-                    li = tl.where(keep, local, 2 * NUM_BINS).to(tl.int32)
-                    one = tl.full([BLOCK_M, BLOCK_N], 1, tl.int64) << ((li & 3) * 16).to(tl.int64)
-                    word = li >> 2
-                    p0 += tl.reduce(tl.where(word == 0, one, 0), 1, ADD)
-                    p1 += tl.reduce(tl.where(word == 1, one, 0), 1, ADD)
-                    p2 += tl.reduce(tl.where(word == 2, one, 0), 1, ADD)
-                    p3 += tl.reduce(tl.where(word == 3, one, 0), 1, ADD)
+                    if VARIANT == 5:  # 8-bit fields of int32 words, one row sum per word
+                        one = 1 << ((li & 3) * 8)
+                        cols = tl.arange(0, NUM_BINS)
+                        for w in tl.static_range(NUM_BINS // 4):
+                            packed = tl.reduce(tl.where(word == w, one, 0), 1, ADD)
+                            acc_n += tl.where((cols // 4)[None, :] == w,
+                                              (packed[:, None] >> ((cols % 4) * 8)[None, :]) & 255, 0)
+                    elif VARIANT == 6:  # 8-bit fields of 4 int32 words, (BM, 4) accumulators
+                        one = 1 << ((li & 3) * 8)
+                        sh = (tl.arange(0, 4) * 8)[None, :]
+                        acc0 += (tl.reduce(tl.where(word == 0, one, 0), 1, ADD)[:, None] >> sh) & 255
+                        acc1 += (tl.reduce(tl.where(word == 1, one, 0), 1, ADD)[:, None] >> sh) & 255
+                        acc2 += (tl.reduce(tl.where(word == 2, one, 0), 1, ADD)[:, None] >> sh) & 255
+                        acc3 += (tl.reduce(tl.where(word == 3, one, 0), 1, ADD)[:, None] >> sh) & 255
+                    else:  # VARIANT 7: 16-bit fields of 4 int64 words, packed across tiles
+                        one = tl.full([BLOCK_M, BLOCK_N], 1, tl.int64) << ((li & 3) * 16).to(tl.int64)
+                        p0 += tl.reduce(tl.where(word == 0, one, 0), 1, ADD)
+                        p1 += tl.reduce(tl.where(word == 1, one, 0), 1, ADD)
+                        p2 += tl.reduce(tl.where(word == 2, one, 0), 1, ADD)
+                        p3 += tl.reduce(tl.where(word == 3, one, 0), 1, ADD)
     if VARIANT == 7:
         sh = (tl.arange(0, 4) * 16).to(tl.int64)[None, :]
         acc0 = ((p0[:, None] >> sh) & 65535).to(tl.int32)
