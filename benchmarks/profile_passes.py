@@ -1,6 +1,7 @@
 """Time each pass of the forward on one GPU, and the share of visible tiles each pass reads.
 
     python benchmarks/profile_passes.py --seqlens 8192,32768 --head-dim 64 --amps 1.5,2.0
+    python benchmarks/profile_passes.py --family sinkwindow --seqlens 8192 --head-dim 64 --amps 0.5,1.0
 
 Replays the steps of ``kernels/algorithm.entmax_forward`` (one key block, alpha 1.5) through the
 Triton backend and times each with ``triton.testing.do_bench`` (median ms, launches and the small
@@ -15,7 +16,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from inputs import structured_qkv  # noqa: E402
+from inputs import FAMILIES, make_qkv  # noqa: E402
 from ring_adasplash import adasplash_func  # noqa: E402
 from ring_adasplash.kernels import algorithm as A  # noqa: E402
 from ring_adasplash.kernels import stats as S  # noqa: E402
@@ -25,8 +26,8 @@ from ring_adasplash.kernels.visibility import causal_visibility  # noqa: E402
 ALPHA = 1.5
 
 
-def profile(seqlen, head_dim, heads, amp):
-    q, k, v = structured_qkv(1, seqlen, heads, head_dim, amp, torch.bfloat16, "cuda")
+def profile(seqlen, head_dim, heads, amp, family="structured"):
+    q, k, v = make_qkv(family, 1, seqlen, heads, head_dim, amp, torch.bfloat16, "cuda")
     vis = causal_visibility(seqlen, seqlen, True, "cuda")
     scale_z = (ALPHA - 1.0) / head_dim ** 0.5
     bm, bn = TB.BLOCK_M, TB.BLOCK_N
@@ -70,12 +71,13 @@ def main():
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--amps", type=common.csv_list(float), default=[1.5, 2.0])
+    p.add_argument("--family", choices=sorted(FAMILIES), default="structured")
     args = p.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, causal, batch 1, "
-          f"{args.heads} heads, D {args.head_dim}, alpha {ALPHA}")
+          f"{args.heads} heads, D {args.head_dim}, alpha {ALPHA}, {args.family} inputs")
     for seqlen in args.seqlens:
         for amp in args.amps:
-            times, share = profile(seqlen, args.head_dim, args.heads, amp)
+            times, share = profile(seqlen, args.head_dim, args.heads, amp, args.family)
             print(f"\nS {seqlen}, amp {amp}: block sparsity {1 - share['nonzero']:.3f}")
             print("| step | ms | visible tiles read |\n|---|---|---|")
             for name, ms in times.items():
