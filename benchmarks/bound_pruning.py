@@ -59,7 +59,8 @@ def tile_fractions(q, k, scale_z, tau_floor):
 
     visible_tiles = torch.ones(tiles, tiles, dtype=torch.bool).tril()
     # bounds are compared off the diagonal only: the tiles the reference is taken from are read anyway
-    off_diagonal = visible_tiles & ~torch.eye(tiles, dtype=torch.bool) & ~torch.eye(tiles, dtype=torch.bool).roll(1, 0)
+    diagonal = torch.eye(tiles, dtype=torch.bool)
+    off_diagonal = visible_tiles & ~diagonal & ~diagonal.roll(1, 0)  # nor the tile before it
 
     def by_bound(bound):
         zero_rows = bound <= reference[:, None]
