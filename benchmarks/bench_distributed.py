@@ -23,7 +23,6 @@ import contextlib
 import datetime
 import functools
 import gc
-import importlib
 import os
 import re
 import statistics
@@ -36,14 +35,10 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from inputs import make_qkv  # noqa: E402
+from ring_adasplash.config import STRATEGIES, one_group_strategies  # noqa: E402
 
-# strategy -> (function in ring_adasplash.parallel, sequence layout of the local shards)
-OURS = {
-    "ring": ("ring_adasplash_func", "contiguous"),
-    "zigzag": ("zigzag_ring_adasplash_func", "zigzag"),
-    "allgather": ("allgather_adasplash_func", "contiguous"),
-    "ulysses": ("ulysses_adasplash_func", "contiguous"),
-}
+# our strategies on one process group, from the library's one table (function, shard layout)
+OURS = {s.name: s for s in one_group_strategies(include_missing=True) if s.package is None}
 SINGLE = ("onegpu", "sdpa1")  # run on rank 0 only, world_size reported as 1
 BASELINE = {"torch_cp": "sdpa1", **{name: "onegpu" for name in OURS}}
 ALL_IMPLS = list(SINGLE) + list(OURS) + ["torch_cp"]
@@ -145,13 +140,12 @@ def prepare(name, args, seqlen, rank, world, device, stack):
     usp = USP.match(name)
     if usp:
         return usp_prepare(int(usp[1]), int(usp[2]), args, seqlen, world, device)
-    func_name, layout = OURS[name]
-    func = getattr(importlib.import_module("ring_adasplash.parallel"), func_name)
+    strategy = OURS[name]
     shard = common.resolve(SHARD)
     if shard is None:
         raise ImportError(f"{SHARD} is not available")
-    local = [shard(x, layout, rank, world, dim=1).clone() for x in global_inputs(args, seqlen, device)]
-    return functools.partial(func, alpha=common.ALPHA, causal=True), local
+    local = [shard(x, strategy.layout, rank, world, dim=1).clone() for x in global_inputs(args, seqlen, device)]
+    return functools.partial(strategy.load(), alpha=common.ALPHA, causal=True), local
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,17 +157,18 @@ def usp_groups(ulysses_degree, ring_degree):
 
 
 def usp_prepare(ulysses_degree, ring_degree, args, seqlen, world, device):
-    """Attention and local inputs of the 2D strategy on a U x R mesh with a zigzag ring."""
-    from ring_adasplash.parallel import UspMesh, usp_adasplash_func, usp_shard
+    """Attention and local inputs of the 2D strategy on a U x R mesh (its ring in the ``usp`` layout)."""
+    from ring_adasplash.parallel import UspMesh, usp_shard
 
+    usp = STRATEGIES["usp"]
     if ulysses_degree * ring_degree != world:
         raise ValueError(f"usp{ulysses_degree}x{ring_degree} needs {ulysses_degree * ring_degree} ranks, "
                          f"not {world}")
     ulysses_group, ring_group = usp_groups(ulysses_degree, ring_degree)
     mesh = UspMesh.from_groups(ulysses_group, ring_group)
-    local = [usp_shard(x, mesh, "zigzag").clone() for x in global_inputs(args, seqlen, device)]
-    return functools.partial(usp_adasplash_func, alpha=common.ALPHA, causal=True, ulysses_group=ulysses_group,
-                             ring_group=ring_group, ring_layout="zigzag"), local
+    local = [usp_shard(x, mesh, usp.layout).clone() for x in global_inputs(args, seqlen, device)]
+    return functools.partial(usp.load(), alpha=common.ALPHA, causal=True, ulysses_group=ulysses_group,
+                             ring_group=ring_group, ring_layout=usp.layout), local
 
 
 @functools.lru_cache(maxsize=None)

@@ -28,16 +28,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from inputs import make_qkv  # noqa: E402
 
-# Hook returning the block sparsity (fraction of causal tiles that were all zero)
-# measured by our last forward call; "module:attribute". If it does not exist, the
-# sparsity comes from ring_adasplash.telemetry (common.TELEMETRY) instead.
-SPARSITY_HOOK = "ring_adasplash.kernels:last_block_sparsity"
 ALPHA = common.ALPHA
 
 
 def parse_args(argv=None):
     """Command line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=common.csv_list(_row), default=None,
+                   help="SEQLEN:HEAD_DIM:AMP,... cases to run, instead of the product of the three lists below")
     p.add_argument("--seqlens", type=common.csv_list(int), default=[8192, 32768, 65536])
     p.add_argument("--head-dims", type=common.csv_list(int), default=[64, 128])
     p.add_argument("--amps", type=common.csv_list(float), default=[1.0, 1.5, 2.0])
@@ -106,14 +104,9 @@ def median_ms(fn, device, warmup_ms, rep_ms):
 
 
 def measured_sparsity(step, device):
-    """Block sparsity of our last call from SPARSITY_HOOK; if that is missing, from one
-    extra (untimed) call inside our telemetry recorder; None if neither is available."""
-    hook = common.resolve(SPARSITY_HOOK)
-    try:
-        value = None if hook is None else hook()
-    except Exception:
-        value = None
-    return float(value) if value is not None else common.telemetry_call(step, device)["block_sparsity"]
+    """Block sparsity (fraction of visible tiles all zero) of one extra, untimed call inside our
+    telemetry recorder (``ring_adasplash.telemetry``)."""
+    return common.telemetry_call(step, device)["block_sparsity"]
 
 
 def bench_one(impl, mode, qkv, args):
@@ -121,7 +114,7 @@ def bench_one(impl, mode, qkv, args):
     row = {}
     try:
         step = make_step(impl, mode, *qkv)
-        if impl == "ours":  # compile + autotune happen on the first call
+        if impl == "ours":  # the first call compiles our kernels (nothing is autotuned)
             row["first_call_ms"] = common.wall_ms(step, args.device)
             row["block_sparsity"] = measured_sparsity(step, args.device)
         row["ms"] = median_ms(step, args.device, args.warmup_ms, args.rep_ms)
@@ -136,13 +129,22 @@ def bench_one(impl, mode, qkv, args):
 
 
 # ----------------------------------------------------------------------------- driver
+def _row(text: str) -> tuple:
+    seqlen, head_dim, amp = text.split(":")
+    return int(seqlen), int(head_dim), float(amp)
+
+
 def tasks(args):
-    """(seqlen, head_dim, amp, impl, mode) tuples; SDPA does not depend on amp, so it runs once."""
-    out = []
-    for seqlen, head_dim, amp in itertools.product(args.seqlens, args.head_dims, args.amps):
+    """(seqlen, head_dim, amp, impl, mode) tuples, over ``--rows`` or the product of the lists;
+    SDPA does not depend on amp, so it runs once per (seqlen, head_dim)."""
+    out, sdpa_done = [], set()
+    cases = args.rows or list(itertools.product(args.seqlens, args.head_dims, args.amps))
+    for seqlen, head_dim, amp in cases:
         for impl, mode in itertools.product(args.impls, args.modes):
-            if impl == "sdpa" and amp != args.amps[0]:
-                continue
+            if impl == "sdpa":
+                if (seqlen, head_dim, mode) in sdpa_done:
+                    continue
+                sdpa_done.add((seqlen, head_dim, mode))
             out.append((seqlen, head_dim, amp, impl, mode))
     return out
 
@@ -168,7 +170,7 @@ def add_derived(rows, args):
             r["vs_sdpa"] = base / r["ms"]
 
 
-# Dense Q.K^T passes in one forward: ours runs statistics densely and everything else on the
+# Dense Q.K^T passes in one forward: ours runs the max pass densely and everything else on the
 # block mask (ring_adasplash/kernels/algorithm.py); AdaSplash-2 runs max, histogram,
 # Halley + mask densely before its sparse output pass; flash attention runs one.
 DENSE_QK_PASSES = {"ours": 1, "ours-eager": 1, "adasplash": 4, "sdpa": 1}
@@ -185,7 +187,7 @@ def main(argv=None):
     args = parse_args(argv)
     header = common.print_header(args.device, {
         "family": args.family, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
-        "kv_heads": args.kv_heads or args.heads, "alpha": ALPHA, "sparsity hook": SPARSITY_HOOK})
+        "kv_heads": args.kv_heads or args.heads, "alpha": ALPHA})
     dtype = common.torch_dtype(args.dtype)
     rows, cached_key, qkv = [], None, None
     for seqlen, head_dim, amp, impl, mode in tqdm(tasks(args), desc="kernels", file=sys.stderr):

@@ -6,13 +6,13 @@
 Each rank builds the same global q, k, v and output gradient (same seed), runs
 ``adasplash_func`` on the whole sequence (the one-GPU result) and every strategy on its own
 shard, and compares output and gradients over the whole sequence: relative error
-||ours - one GPU|| / ||one GPU||, summed over ranks. Strategies: ring, zigzag, allgather, ulysses,
-deepspeed (when the package is installed) and the 2D mesh ``uspUxR`` for every U x R = P with
-U, R > 1. Rank 0 prints a table; the exit status is 1 if any error exceeds ``--tol``.
+||ours - one GPU|| / ||one GPU||, summed over ranks. Strategies, from
+``ring_adasplash.config.STRATEGIES``: ring, zigzag, allgather, ulysses, deepspeed (when the
+package is installed) and the 2D mesh ``uspUxR`` for every U x R = P with U, R > 1. Rank 0
+prints a table; the exit status is 1 if any error exceeds ``--tol``.
 """
 import argparse
 import functools
-import importlib.util
 import os
 import sys
 
@@ -22,6 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from bench_distributed import usp_groups, global_inputs, init_distributed  # noqa: E402
+from ring_adasplash.config import STRATEGIES, one_group_strategies  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,27 +39,17 @@ def strategies(world):
     from ring_adasplash import parallel as P
 
     rank = dist.get_rank()
-
-    def sharded(layout):
-        return functools.partial(P.layouts.shard, layout=layout, rank=rank, world_size=world, dim=1)
-
-    table = {
-        "ring": (P.ring_adasplash_func, sharded("contiguous")),
-        "zigzag": (P.zigzag_ring_adasplash_func, sharded("zigzag")),
-        "allgather": (P.allgather_adasplash_func, sharded("contiguous")),
-        "ulysses": (P.ulysses_adasplash_func, sharded("contiguous")),
-    }
-    if importlib.util.find_spec("deepspeed") is not None:
-        from ring_adasplash.integrations.deepspeed import deepspeed_adasplash_func
-
-        table["deepspeed"] = (deepspeed_adasplash_func, sharded("contiguous"))
+    table = {s.name: (s.load(), functools.partial(P.layouts.shard, layout=s.layout, rank=rank, world_size=world,
+                                                  dim=1))
+             for s in one_group_strategies()}  # deepspeed only where it is installed
+    usp = STRATEGIES["usp"]
     for ulysses in (u for u in range(2, world) if world % u == 0):
         ulysses_group, ring_group = usp_groups(ulysses, world // ulysses)
         mesh = P.UspMesh.from_groups(ulysses_group, ring_group)
         table[f"usp{ulysses}x{world // ulysses}"] = (
-            functools.partial(P.usp_adasplash_func, ulysses_group=ulysses_group, ring_group=ring_group,
-                              ring_layout="zigzag"),
-            functools.partial(P.usp_shard, mesh=mesh, ring_layout="zigzag"))
+            functools.partial(usp.load(), ulysses_group=ulysses_group, ring_group=ring_group,
+                              ring_layout=usp.layout),
+            functools.partial(P.usp_shard, mesh=mesh, ring_layout=usp.layout))
     return table
 
 

@@ -3,85 +3,92 @@
     python benchmarks/profile_passes.py --seqlens 8192,32768 --head-dim 64 --amps 1.5,2.0
     python benchmarks/profile_passes.py --family sinkwindow --seqlens 8192 --head-dim 64 --amps 0.5,1.0
 
-Replays the steps of ``kernels/algorithm.entmax_forward`` (one key block, alpha 1.5) through the
-Triton backend and times each with ``triton.testing.do_bench`` (median ms, launches and the small
-PyTorch ops of the step included). Tile shares are of the visible (query tile, key tile) pairs.
+Runs the real single-device forward (``kernels/algorithm.entmax_forward``, one key block) through
+the Triton backend wrapped so that every backend call is timed with CUDA events (median ms over
+the repeats; the call's small PyTorch ops and launches included). Tile shares are of the visible
+(query tile, key tile) pairs, read off the ``BlockMask`` each pass receives.
 """
 import argparse
+import collections
 import os
+import statistics
 import sys
 
 import torch
-from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from inputs import FAMILIES, make_qkv  # noqa: E402
-from ring_adasplash import adasplash_func  # noqa: E402
-from ring_adasplash.kernels import algorithm as A  # noqa: E402
-from ring_adasplash.kernels import stats as S  # noqa: E402
-from ring_adasplash.kernels import triton_backend as TB  # noqa: E402
+from ring_adasplash.kernels import EntmaxSpec, triton_backend  # noqa: E402
+from ring_adasplash.kernels.algorithm import SingleBlock, entmax_forward  # noqa: E402
+from ring_adasplash.kernels.block_mask import BlockMask  # noqa: E402
 from ring_adasplash.kernels.visibility import causal_visibility  # noqa: E402
 
 ALPHA = 1.5
+TIMED = ("max_pass", "histogram_pass", "coarse_bracket", "fine_histogram_pass", "newton_sums_pass", "fine_tau",
+         "output_pass")
 
 
-def profile(seqlen, head_dim, heads, amp, family="structured"):
+class TimedBackend:
+    """A backend whose passes record CUDA events around each call, and the tiles each one reads."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.events = collections.defaultdict(list)
+        self.share = {}
+
+    def __getattr__(self, name):
+        attr = getattr(self.backend, name)
+        if name not in TIMED:
+            return attr
+
+        def timed(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = attr(*args, **kwargs)
+            end.record()
+            self.events[name].append((start, end))
+            masks = [a for a in (*args, *kwargs.values()) if isinstance(a, BlockMask)]
+            if masks:
+                self.share[name] = masks[0].nonzero_tiles() / max(masks[0].visible_tiles(), 1)
+            return result
+
+        return timed
+
+    def medians(self) -> dict:
+        torch.cuda.synchronize()
+        return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) for name, pairs in self.events.items()}
+
+
+def profile(seqlen, head_dim, heads, amp, family="structured", repeats=20):
     q, k, v = make_qkv(family, 1, seqlen, heads, head_dim, amp, torch.bfloat16, "cuda")
     vis = causal_visibility(seqlen, seqlen, True, "cuda")
-    scale_z = (ALPHA - 1.0) / head_dim ** 0.5
-    bm, bn = TB.BLOCK_M, TB.BLOCK_N
-    times = {"forward": lambda: adasplash_func(q, k, v, alpha=ALPHA)}
-
-    row_max, tau_floor, gap = TB.max_pass(q, k, vis, scale_z, bm, bn, ALPHA)
-    times["max pass"] = lambda: TB.max_pass(q, k, vis, scale_z, bm, bn, ALPHA)
-    histogram_tiles = S.histogram_mask(gap)
-    hist, zeroed = TB.histogram_pass(q, k, vis, scale_z, bm, bn, row_max, gap.clone(), histogram_tiles, tau_floor)
-    times["histogram pass"] = lambda: TB.histogram_pass(q, k, vis, scale_z, bm, bn, row_max, gap.clone(),
-                                                        histogram_tiles, tau_floor)
-    row_stats = S.RowStats(row_max, hist)
-    bracket = TB.coarse_bracket(row_stats, ALPHA)
-    times["bracket"] = lambda: TB.coarse_bracket(row_stats, ALPHA)
-    tau_low = S.tau_low(row_max, tau_floor)
-    active = A.lower_bound_mask(zeroed, bracket.lower, tau_low, bracket.empty, bm)
-    refined = S.per_query_tile(~bracket.single, bm, "any")
-    refine_tiles = active & refined[..., None]
-    low = tau_low - S.MASK_MARGIN
-    fine, keep = TB.refine_pass(q, k, vis, scale_z, bm, bn, refine_tiles, bin_index=bracket.bin_index, low=low)
-    times["refinement pass"] = lambda: TB.refine_pass(q, k, vis, scale_z, bm, bn, refine_tiles,
-                                                      bin_index=bracket.bin_index, low=low)
-    tau = TB.fine_tau(bracket, fine, ALPHA)
-    times["fine tau"] = lambda: TB.fine_tau(bracket, fine, ALPHA)
-    output_tiles = (A.lower_bound_mask(zeroed, tau, tau_low, bracket.empty, bm)
-                    & (keep | ~refined[..., None]))
-    nonzero = TB.output_pass(q, k, v, vis, scale_z, ALPHA, tau, bm, bn, output_tiles)[-1]
-    times["output pass"] = lambda: TB.output_pass(q, k, v, vis, scale_z, ALPHA, tau, bm, bn, output_tiles)
-
-    visible = torch.isfinite(gap)
-    share = {name: ((mask & visible).sum() / visible.sum()).item() for name, mask in (
-        ("max pass", visible),
-        ("histogram pass", histogram_tiles), ("refinement pass", refine_tiles), ("output pass", output_tiles),
-        ("nonzero", nonzero))}
-    return {name: do_bench(fn, warmup=25, rep=100) for name, fn in times.items()}, share
+    blocks, spec, scale = SingleBlock(k, v, vis), EntmaxSpec(ALPHA), head_dim ** -0.5
+    entmax_forward(triton_backend, q, blocks, spec, scale)  # compile
+    timed = TimedBackend(triton_backend)
+    for _ in range(repeats):
+        fwd = entmax_forward(timed, q, blocks, spec, scale)
+    return timed.medians(), timed.share, fwd.block_masks[0].sparsity()
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seqlens", type=common.csv_list(int), default=[8192, 32768])
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--amps", type=common.csv_list(float), default=[1.5, 2.0])
-    p.add_argument("--family", choices=sorted(FAMILIES), default="structured")
+    p.add_argument("--seqlens", type=common.csv_list(int), default=[8192, 32768], help="sequence lengths")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension")
+    p.add_argument("--heads", type=int, default=16, help="attention heads")
+    p.add_argument("--amps", type=common.csv_list(float), default=[1.5, 2.0], help="input amplitudes (sparsity)")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="structured", help="input family (inputs.py)")
+    p.add_argument("--repeats", type=int, default=20, help="forwards timed per row")
     args = p.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, causal, batch 1, "
           f"{args.heads} heads, D {args.head_dim}, alpha {ALPHA}, {args.family} inputs")
     for seqlen in args.seqlens:
         for amp in args.amps:
-            times, share = profile(seqlen, args.head_dim, args.heads, amp, args.family)
-            print(f"\nS {seqlen}, amp {amp}: block sparsity {1 - share['nonzero']:.3f}")
-            print("| step | ms | visible tiles read |\n|---|---|---|")
+            times, share, sparsity = profile(seqlen, args.head_dim, args.heads, amp, args.family, args.repeats)
+            print(f"\nS {seqlen}, amp {amp}: block sparsity {sparsity:.3f}")
+            print("| step | median ms | visible tiles read |\n|---|---|---|")
             for name, ms in times.items():
-                print(f"| {name} | {ms:.3f} | {share[name]:.3f} |" if name in share else f"| {name} | {ms:.3f} | - |")
+                print(f"| {name} | {ms:.3f} | " + (f"{share[name]:.3f} |" if name in share else "- |"))
             torch.cuda.empty_cache()
 
 

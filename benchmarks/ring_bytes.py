@@ -16,7 +16,7 @@ from inputs import make_qkv
 from ring_adasplash import telemetry
 from ring_adasplash.parallel import layouts, ring_adasplash_func, zigzag_ring_adasplash_func
 
-PASSES = ("statistics", "histogram", "refine", "output", "backward", "backward-grads")
+PASSES = ("max", "histogram", "fine-histogram", "newton", "output", "backward", "backward-grads")
 
 
 def main():

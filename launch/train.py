@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import json
 import math
 import os
@@ -36,63 +35,49 @@ from tqdm import tqdm
 
 from data import IGNORE, RecallTask
 from model import Transformer
+from ring_adasplash import parallel
+from ring_adasplash.config import STRATEGIES, AttentionConfig
 
 CPU_DEFAULTS = dict(seqlen=512, d_model=64, layers=2, heads=2, steps=150, lr=3e-3, batch=8, log_every=10)
 GPU_DEFAULTS = dict(seqlen=16384, d_model=512, layers=8, heads=8, steps=2000, lr=1e-3, batch=4, log_every=50)
 
-# Strategy name -> (sequence layout on the ranks, module, attention function).
-PARALLEL, INTEGRATIONS = "ring_adasplash.parallel", "ring_adasplash.integrations"
-STRATEGIES = {
-    "ring": ("contiguous", PARALLEL, "ring_adasplash_func"),
-    "zigzag": ("zigzag", PARALLEL, "zigzag_ring_adasplash_func"),
-    "allgather": ("contiguous", PARALLEL, "allgather_adasplash_func"),
-    "ulysses": ("contiguous", PARALLEL, "ulysses_adasplash_func"),
-    "usp": ("zigzag", PARALLEL, "usp_adasplash_func"),
-    "deepspeed": ("contiguous", INTEGRATIONS, "deepspeed_adasplash_func"),  # DeepSpeed-Ulysses
-}
+# the sequence-parallel strategies of ring_adasplash.config.STRATEGIES ("single" is one device)
+STRATEGY_NAMES = [name for name, strategy in STRATEGIES.items() if strategy.layout is not None]
 
 
-def resolve_strategy(name: str, seqlen: int, kv_heads: int):
-    """``(shard, positions, attend)`` of this rank; the library is imported only here.
+def resolve_strategy(args):
+    """``(shard, positions, attend)`` of this rank for ``--strategy``.
 
     ``shard(x)`` cuts a global (batch, seqlen) tensor to this rank's tokens, ``positions``
-    are their global positions, and ``attend(q, k, v, alpha, group)`` is the attention.
+    are their global positions, and ``attend(q, k, v, alpha, group)`` is the attention
+    (``alpha`` is the config's, ``group`` the world: launch/model.py passes both).
     """
-    if name not in STRATEGIES:
-        raise SystemExit(f"unknown --strategy {name!r}; valid: {', '.join(STRATEGIES)}")
-    layout, module, function_name = STRATEGIES[name]
-    try:
-        parallel = importlib.import_module(PARALLEL)
-        function = getattr(importlib.import_module(module), function_name)
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"--strategy {name} needs {module}.{function_name}: {exc}") from exc
+    config = AttentionConfig(alpha=args.alpha, causal=True, strategy=args.strategy)
+    strategy = STRATEGIES[args.strategy]
     rank, world = dist.get_rank(), dist.get_world_size()
+    if strategy.heads_divisible and args.heads % world:
+        raise SystemExit(f"--strategy {args.strategy} needs --heads divisible by the {world} ranks")
 
-    if name == "usp":
-        # Ulysses over as many ranks as the key/value heads allow, a zigzag ring across those groups.
-        ulysses = math.gcd(world, kv_heads)
+    if strategy.two_groups:
+        # usp: Ulysses over as many ranks as the key/value heads allow, a ring across those groups
+        ulysses = math.gcd(world, args.kv_heads)
         ulysses_group, ring_group = parallel.build_usp_groups(ulysses, world // ulysses)
         mesh = parallel.UspMesh.from_groups(ulysses_group, ring_group)
         if rank == 0:
             print(f"usp mesh: ulysses {mesh.ulysses_degree} x ring {mesh.ring_degree}", flush=True)
-
-        def attend(q, k, v, alpha, group):
-            return function(q, k, v, alpha=alpha, causal=True, ulysses_group=ulysses_group,
-                            ring_group=ring_group, ring_layout=layout)
-
-        shard = functools.partial(parallel.usp_shard, mesh=mesh, ring_layout=layout)
-        return shard, parallel.usp_positions(seqlen, mesh, layout), attend
-
-    def attend(q, k, v, alpha, group):
-        return function(q, k, v, alpha=alpha, causal=True, group=group)
-
-    shard = functools.partial(parallel.layouts.shard, layout=layout, rank=rank, world_size=world)
-    return shard, parallel.layouts.positions(layout, seqlen, rank, world), attend
+        attention = config.attention(ulysses_group=ulysses_group, ring_group=ring_group)
+        shard = functools.partial(parallel.usp_shard, mesh=mesh, ring_layout=config.layout)
+        positions = parallel.usp_positions(args.seqlen, mesh, config.layout)
+    else:
+        attention = config.attention()
+        shard = functools.partial(parallel.layouts.shard, layout=config.layout, rank=rank, world_size=world)
+        positions = parallel.layouts.positions(config.layout, args.seqlen, rank, world)
+    return shard, positions, lambda q, k, v, alpha, group: attention(q, k, v)
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--strategy", default="ring", help=f"one of: {', '.join(STRATEGIES)}")
+    p.add_argument("--strategy", default="ring", choices=STRATEGY_NAMES, help="sequence-parallel strategy")
     p.add_argument("--seqlen", type=int)
     p.add_argument("--d-model", type=int)
     p.add_argument("--layers", type=int)
@@ -225,7 +210,7 @@ def main() -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    shard, positions, attend = resolve_strategy(args.strategy, args.seqlen, args.kv_heads)
+    shard, positions, attend = resolve_strategy(args)
     positions = positions.to(device)
     task = RecallTask.for_seqlen(args.seqlen)
     torch.manual_seed(args.seed)  # same initial parameters on every rank

@@ -5,8 +5,7 @@ issue them than the GPU takes to run them, so the GPU waits. A CUDA graph issues
 forward at once. No pass reads a tensor's value on the host (every size comes from shapes), so
 one graph serves every call with the same key. The backward is not graphed: its few large kernels
 hide their own launches, and copying its eight inputs into a graph's buffers cost more than the
-graph saved (one H100, 8K tokens, D 128, 16 heads, bf16: fwd+bwd 1.83 ms with the forward
-graphed, 2.06 ms with both, 3.77 ms with neither).
+graph saved (docs/design.md: launch overhead).
 
 Policy: a call whose key (op, shapes, strides, dtypes, scalars, current stream, and the
 visibility vectors themselves) is seen for the second time is captured; later calls replay. A
@@ -33,9 +32,8 @@ from . import telemetry
 
 MODE_ENV = "RING_ADASPLASH_CUDA_GRAPHS"
 MODES = ("auto", "on", "off")
-# one H100, bf16, 16 heads, D 64 or 128: at 8K tokens (2^30) the eager forward waits on the CPU
-# (D 64, 96% block sparsity: 0.97 ms graphed against 1.34 ms eager); at 16K the graph's input
-# copies cost about what it saves (2.26 ms graphed against 2.17 ms eager)
+# up to about 8K tokens with 16 heads the eager forward waits on the CPU; from 16K the graph's input
+# copies cost about what it saves (why: docs/design.md, launch overhead)
 AUTO_MAX_WORK = 2**31
 MAX_GRAPHS = 16  # captured graphs kept (least recently used dropped first)
 _SEEN_LIMIT = 256  # keys remembered for the capture-on-second-sight policy

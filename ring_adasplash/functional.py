@@ -16,9 +16,10 @@ from torch import Tensor
 
 from . import cuda_graphs, telemetry
 from .checks import check_alpha, check_cu_seqlens, check_qkv, default_scale
-from .kernels import backend_for
-from .kernels.compile_ahead import compile_ahead
+from .kernels import EntmaxSpec, backend_for
+from .kernels.block_mask import BlockMask
 from .kernels.algorithm import ForwardResult, SingleBlock, entmax_backward, entmax_forward
+from .kernels.compile_ahead import compile_ahead
 from .kernels.visibility import Visibility, causal_visibility, varlen_visibility
 
 
@@ -44,19 +45,19 @@ def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha: float, softmax_scale:
     if q.dtype != torch.float64:  # float64 runs no Triton kernel
         compile_ahead((q.device, q.dtype, q.shape[-1], q.shape[2] // k.shape[2], alpha),
                       functools.partial(_dry_run, q, k, v, vis, alpha, softmax_scale), q.device)
-    fwd = entmax_forward(backend_for(q), q, SingleBlock(k, v, vis), alpha, softmax_scale)
+    fwd = entmax_forward(backend_for(q), q, SingleBlock(k, v, vis), EntmaxSpec(alpha), softmax_scale)
     telemetry.log_forward(fwd, "single")
     # contiguous, as the fake impl promises (compiled graphs check strides)
     return (fwd.out.to(q.dtype).contiguous(), fwd.out_u.contiguous(), fwd.u_sum.contiguous(), fwd.tau.contiguous(),
-            fwd.nonzero[0].contiguous())
+            fwd.block_masks[0].tiles.contiguous())
 
 
 def _dry_run(q, k, v, vis: Visibility, alpha: float, softmax_scale: float) -> None:
     """The forward and the backward of a call, for ``compile_ahead``: every kernel that either
     launches on this configuration."""
-    backend, blocks = backend_for(q), SingleBlock(k, v, vis)
-    fwd = entmax_forward(backend, q, blocks, alpha, softmax_scale)
-    entmax_backward(backend, q, torch.empty_like(q), blocks, fwd, alpha, softmax_scale, kv_grad_dtype=k.dtype)
+    backend, blocks, spec = backend_for(q), SingleBlock(k, v, vis), EntmaxSpec(alpha)
+    fwd = entmax_forward(backend, q, blocks, spec, softmax_scale)
+    entmax_backward(backend, q, torch.empty_like(q), blocks, fwd, spec, softmax_scale, kv_grad_dtype=k.dtype)
 
 
 @attention_forward.register_fake
@@ -77,8 +78,10 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limi
     # no CUDA graph here: the backward launches a few large kernels, which hide their launches,
     # and copying its eight inputs into a graph cost more than it saved (cuda_graphs.py)
     vis = Visibility(q_limit, q_doc, k_pos, k_doc)
-    fwd = ForwardResult(out=None, out_u=out_u, u_sum=u_sum, tau=tau, support=None, nonzero=[nonzero])
-    dq, dk, dv = entmax_backward(backend_for(q), q, grad_out, SingleBlock(k, v, vis), fwd, alpha, softmax_scale,
+    backend = backend_for(q)
+    mask = BlockMask(nonzero, backend.BLOCK_M, backend.BLOCK_N, q.shape[1], k.shape[1])
+    fwd = ForwardResult(out=None, out_u=out_u, u_sum=u_sum, tau=tau, support=None, block_masks=[mask])
+    dq, dk, dv = entmax_backward(backend, q, grad_out, SingleBlock(k, v, vis), fwd, EntmaxSpec(alpha), softmax_scale,
                                  kv_grad_dtype=k.dtype)
     return dq.to(q.dtype).contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -91,8 +94,7 @@ def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, out_u, u_sum, tau, nonzer
 class _EntmaxAttention(torch.autograd.Function):
     """Autograd over the two custom ops, as flash-attn does: torch.compile sees the ops (and their
     fake impls) inside, and eager calls skip the Python layer that ``register_autograd`` adds
-    around an op (with ops that only copy, on an H100 machine's CPU: 104 against 150 us per
-    forward and backward; at 8K tokens the host's time bounds the step)."""
+    around an op (docs/design.md: host time per step)."""
 
     @staticmethod
     def forward(ctx, q, k, v, q_limit, q_doc, k_pos, k_doc, alpha: float, softmax_scale: float):

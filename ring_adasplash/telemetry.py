@@ -3,6 +3,7 @@
     with ring_adasplash.telemetry.record() as t:
         out = ring_adasplash_func(q, k, v)
     print(t.block_sparsity, t.bytes_sent, t.dense_ring_bytes)
+    print(t.block_masks[0])  # the last call's tiles with p > 0, as a BlockMask
 
 Nothing is counted (and no device sync happens) outside a ``record()`` block.
 """
@@ -31,6 +32,7 @@ class Telemetry:
     calls: int = 0
     events: list = field(default_factory=list)  # strategy of each attention call
     bytes_by_pass: dict = field(default_factory=dict)  # pass name -> [bytes sent, dense-ring bytes]
+    block_masks: list = field(default_factory=list)  # the last call's ``BlockMask`` per key block (p > 0)
 
     @property
     def block_sparsity(self) -> float:
@@ -84,12 +86,13 @@ def add_bytes(pass_name: str, sent: int, dense: int) -> None:
 
 
 def log_forward(fwd, strategy: str, local_block: int | None = None) -> None:
-    """Add one forward's sparsity and support counts (``fwd``: an ``algorithm.ForwardResult``);
-    key blocks other than ``local_block`` count as remote."""
+    """Add one forward's sparsity and support counts (``fwd``: an ``algorithm.ForwardResult``,
+    whose block masks hold the tiles with p > 0 per key block); key blocks other than
+    ``local_block`` count as remote."""
     if not _recorders:
         return
-    visible = [int(vis.sum()) * nz.shape[0] * nz.shape[1] for vis, nz in zip(fwd.visible, fwd.nonzero)]
-    nonzero = [int((nz & vis).sum()) for vis, nz in zip(fwd.visible, fwd.nonzero)]
+    visible = [mask.visible_tiles() for mask in fwd.block_masks]
+    nonzero = [mask.nonzero_tiles() for mask in fwd.block_masks]
     remote = [i for i in range(len(visible)) if local_block is not None and i != local_block]
     has_keys = torch.isfinite(fwd.tau)
     add(visible_tiles=sum(visible), nonzero_tiles=sum(nonzero), support_sum=float(fwd.support[has_keys].sum()),
@@ -97,3 +100,4 @@ def log_forward(fwd, strategy: str, local_block: int | None = None) -> None:
         remote_nonzero_tiles=sum(nonzero[i] for i in remote))
     for t in _recorders:
         t.events.append(strategy)
+        t.block_masks = list(fwd.block_masks)

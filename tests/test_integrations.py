@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 from distributed_utils import run_distributed
-from test_distributed_attention import TOL, _gather, _global_inputs, _reference, _rel
+from helpers import gather_sequence, random_qkv, reference_with_grads, rel_err
+from test_distributed_attention import TOL
 
 # ----------------------------------------------------------------------------------------------
 # DeepSpeed
@@ -28,7 +29,7 @@ def _deepspeed_case(rank, world):
     errors = {}
     for layout, alpha, causal, seed in (("bshd", 1.5, True, 1), ("sbhd", 1.3, False, 2), ("functional", 2.0, True, 3)):
         seqlen = 2 * world * 48
-        q, k, v, grad_out = _global_inputs(seqlen, seqlen, 4, 2, 16, seed)
+        q, k, v, grad_out = random_qkv(1, seqlen, seqlen, 4, 2, 16, seed=seed, grad_out=True)
         local = [layouts.shard(t, "contiguous", rank, world).requires_grad_() for t in (q, k, v)]
         if layout == "functional":
             out = deepspeed_adasplash_func(*local, alpha=alpha, causal=causal)
@@ -37,8 +38,8 @@ def _deepspeed_case(rank, world):
             to_layout = (lambda t: t.transpose(0, 1)) if layout == "sbhd" else (lambda t: t)
             out = to_layout(attention(*(to_layout(t) for t in local), BATCH_DIM[layout]))
         grads = torch.autograd.grad(out, local, layouts.shard(grad_out, "contiguous", rank, world))
-        got = [_gather(t, "contiguous", world) for t in (out, *grads)]
-        errors[layout] = [_rel(a, b) for a, b in zip(got, _reference(q, k, v, grad_out, alpha, causal))]
+        got = [gather_sequence(t, "contiguous", world) for t in (out, *grads)]
+        errors[layout] = [rel_err(a, b) for a, b in zip(got, reference_with_grads(q, k, v, grad_out, alpha, causal))]
     return errors
 
 
@@ -100,8 +101,8 @@ def test_transformers_llama_matches_reference():
     weights = torch.randn(2, 80, 97)
     logits, grads = _logits_and_grads(ours, input_ids=ids, weights=weights)
     ref_logits, ref_grads = _logits_and_grads(reference, input_ids=ids, weights=weights)
-    assert _rel(logits, ref_logits) < TOL
-    assert max(_rel(grads[name], ref_grads[name]) for name in grads) < TOL
+    assert rel_err(logits, ref_logits) < TOL
+    assert max(rel_err(grads[name], ref_grads[name]) for name in grads) < TOL
     with pytest.raises(ValueError, match="not plain causal"):
         ours(input_ids=ids, attention_mask=torch.tensor([[1] * 80, [0] * 5 + [1] * 75]))
     ours(input_ids=ids, attention_mask=torch.ones(2, 80, dtype=torch.long))  # no padding: fine
@@ -124,8 +125,8 @@ def _transformers_sequence_parallel(rank, world):
             model, input_ids=ids[:, positions], position_ids=positions[None], weights=weights[:, positions])
         for g in local_grads.values():  # every rank holds the part of the gradient that flows through its tokens
             dist.all_reduce(g)
-        errors[name] = [_rel(_gather(local_logits, layout, world), logits),
-                        max(_rel(local_grads[n], grads[n]) for n in grads)]
+        errors[name] = [rel_err(gather_sequence(local_logits, layout, world), logits),
+                        max(rel_err(local_grads[n], grads[n]) for n in grads)]
     return errors
 
 
@@ -164,7 +165,7 @@ def _compiled_vs_eager(module, x, backend, fullgraph=True):
         out.square().sum().backward()
         results.append((out.detach(), module.proj.weight.grad.clone()))
     (out, grad), (ref_out, ref_grad) = results
-    return _rel(out, ref_out), _rel(grad, ref_grad)
+    return rel_err(out, ref_out), rel_err(grad, ref_grad)
 
 
 def test_compile_fullgraph_single_device():

@@ -1,5 +1,6 @@
 """One device, CPU path: forward and gradients against the float64 reference, merge exactness,
 the block mask, and input errors."""
+import functools
 import itertools
 import random
 
@@ -9,25 +10,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ring_adasplash as ra
+from helpers import random_qkv, rel_err
+from kernel_helpers import merge, no_floor, problem, statistics_pass
+from ring_adasplash.kernels import EntmaxSpec
 from ring_adasplash.kernels import stats as S
 from ring_adasplash.kernels import torch_blockwise as tb
-from ring_adasplash.kernels.algorithm import SingleBlock, entmax_forward, statistics_pass
+from ring_adasplash.kernels.algorithm import SingleBlock, entmax_forward
 from ring_adasplash.kernels.visibility import causal_visibility, key_tile_span, varlen_visibility
 from ring_adasplash.reference import entmax_attention_reference, entmax_bisect
 
 ALPHAS = (1.5, 2.0, 1.3)
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
-
-
-def random_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, dim, dtype=torch.float32, amp=2.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = amp * torch.randn(batch, seqlen_q, heads_q, dim, generator=g)
-    k = amp * torch.randn(batch, seqlen_k, heads_kv, dim, generator=g)
-    v = torch.randn(batch, seqlen_k, heads_kv, dim, generator=g)
-    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+random_qkv = functools.partial(random_qkv, requires_grad=True)  # leaves, as the gradient checks need
 
 
 def check_against_reference(q, k, v, alpha, causal, tol, fn=None, ref_kwargs=None):
@@ -98,7 +93,7 @@ def test_row_without_visible_key_is_zero_not_nan():
 def test_tau_within_1e5_of_float64_on_every_row(alpha):
     q, k, v = random_qkv(2, 256, 256, 4, 4, 64, dtype=torch.float64, amp=3.0, seed=11)
     vis = causal_visibility(256, 256, True, "cpu")
-    fwd = entmax_forward(tb, q.detach(), SingleBlock(k.detach(), v.detach(), vis), alpha, 64 ** -0.5)
+    fwd = entmax_forward(tb, q.detach(), SingleBlock(k.detach(), v.detach(), vis), EntmaxSpec(alpha), 64 ** -0.5)
     _, ref_tau = entmax_attention_reference(q.detach(), k.detach(), v.detach(), alpha, True, return_tau=True)
     err = (fwd.tau.double() - ref_tau).abs() / ref_tau.abs().clamp(min=1.0)
     assert err.max().item() < 1e-5
@@ -129,7 +124,7 @@ def test_tau_floor_is_a_lower_bound(alpha, layout):
     else:
         vis = causal_visibility(sq, sk, layout != "full", "cpu")
     scale = 32 ** -0.5
-    floor = tb.max_pass(q, k, vis, (alpha - 1) * scale, 64, 64, alpha).tau_floor
+    floor = tb.max_pass(problem(tb, q, k, vis, (alpha - 1) * scale, alpha)).tau_floor
     _, tau = entmax_attention_reference(q, k, v, alpha, visibility=vis, return_tau=True)
     assert (floor.double() <= tau).all()
     if layout != "full":
@@ -158,10 +153,11 @@ def test_tau_floor_narrows_the_histogram():
     seqlen, dim = 1024, 64
     q, k, v = _position_coded_qkv(seqlen, dim)
     vis = causal_visibility(seqlen, seqlen, True, "cpu")
-    by_max = S.histogram_mask(tb.max_pass(q, k, vis, 0.5 * dim ** -0.5, 64, 64, None).tile_gap)  # no floor
-    by_floor = S.histogram_mask(tb.max_pass(q, k, vis, 0.5 * dim ** -0.5, 64, 64, 1.5).tile_gap)
+    prob = problem(tb, q, k, vis, 0.5 * dim ** -0.5)
+    by_max = S.histogram_mask(tb.max_pass(prob, tau_floor=no_floor(prob)).tile_gap)  # no floor
+    by_floor = S.histogram_mask(tb.max_pass(prob).tile_gap)
     assert not (by_floor & ~by_max).any() and by_floor.sum() < 0.9 * by_max.sum()
-    fwd = entmax_forward(tb, q, SingleBlock(k, v, vis), 1.5, dim ** -0.5)
+    fwd = entmax_forward(tb, q, SingleBlock(k, v, vis), EntmaxSpec(1.5), dim ** -0.5)
     _, tau = entmax_attention_reference(q, k, v, 1.5, True, return_tau=True)
     assert ((fwd.tau.double() - tau).abs() / tau.abs().clamp(min=1.0)).max() < 1e-5
 
@@ -172,10 +168,11 @@ def test_histogram_above_the_tau_floor_is_complete():
     q, k, _ = _position_coded_qkv(512, 64)
     vis = causal_visibility(512, 512, True, "cpu")
     scale_z = 0.5 * 64 ** -0.5
-    row_max, tau_floor, tile_gap = tb.max_pass(q, k, vis, scale_z, 64, 64, 1.5)
+    prob = problem(tb, q, k, vis, scale_z)
+    row_max, tau_floor, tile_gap = tb.max_pass(prob)
     every = torch.isfinite(tile_gap)
-    full, _ = tb.histogram_pass(q, k, vis, scale_z, 64, 64, row_max, tile_gap, every)
-    cut, _ = tb.histogram_pass(q, k, vis, scale_z, 64, 64, row_max, tile_gap, S.histogram_mask(tile_gap), tau_floor)
+    full, _ = tb.histogram_pass(prob, row_max, None, tile_gap, prob.block_mask(every))
+    cut, _ = tb.histogram_pass(prob, row_max, tau_floor, tile_gap, prob.block_mask(S.histogram_mask(tile_gap)))
     kept = torch.arange(S.NUM_BINS) < S.kept_bins(row_max, tau_floor)[..., None]
     assert (~kept).any(-1).float().mean() > 0.5  # most rows need fewer than all bins
     assert torch.equal(cut[kept], full[kept]) and full[kept].sum() > 0
@@ -192,8 +189,8 @@ def test_merge_is_exact_in_any_order():
     rng = random.Random(0)
     for alpha in (1.5, 2.0):
         scale_z = (alpha - 1.0) * 32 ** -0.5
-        whole, _ = statistics_pass(tb, q, k, whole_vis, scale_z, 64, 64)
-        parts = [statistics_pass(tb, q, ks, vis, scale_z, 64, 64) for ks, vis in shards]
+        whole, _ = statistics_pass(tb, q, k, whole_vis, scale_z)
+        parts = [statistics_pass(tb, q, ks, vis, scale_z) for ks, vis in shards]
         every = torch.ones_like(parts[0][1], dtype=torch.bool)
         _, tau = entmax_attention_reference(q.double(), k.double(), k.double(), alpha, False, return_tau=True)
         for _ in range(3):
@@ -201,13 +198,14 @@ def test_merge_is_exact_in_any_order():
             rng.shuffle(order)
             merged = parts[order[0]][0]
             for i in order[1:]:
-                merged = S.merge(merged, parts[i][0])
+                merged = merge(merged, parts[i][0])
             assert torch.equal(merged.row_max, whole.row_max)
             assert torch.equal(merged.hist, whole.hist) and whole.hist.sum() > 0  # counts: exact
-            bracket = S.coarse_bracket(merged, alpha)
-            sums = sum(tb.refine_pass(q, shards[i][0], shards[i][1], scale_z, 64, 64, every,
-                                      bin_index=bracket.bin_index)[0] for i in order)
-            merged_tau = S.fine_tau(bracket, sums, alpha).double()
+            bracket = S.coarse_bracket(merged, EntmaxSpec(alpha))
+            shard_problems = [problem(tb, q, shards[i][0], shards[i][1], scale_z, alpha) for i in order]
+            sums = sum(tb.fine_histogram_pass(prob, prob.block_mask(every), bracket.bin_index)[0]
+                       for prob in shard_problems)
+            merged_tau = S.fine_tau(bracket, sums, EntmaxSpec(alpha)).double()
             assert ((merged_tau - tau).abs() / tau.abs().clamp(min=1.0)).max() < 1e-5
 
 
@@ -216,14 +214,14 @@ def test_block_mask_never_drops_a_nonzero_tile():
     seqlen, dim = 512, 32
     q, k, v = _local_qkv(seqlen, dim)
     vis = causal_visibility(seqlen, seqlen, True, "cpu")
-    fwd = entmax_forward(tb, q, SingleBlock(k, v, vis), 1.5, dim ** -0.5)
+    fwd = entmax_forward(tb, q, SingleBlock(k, v, vis), EntmaxSpec(1.5), dim ** -0.5)
     _, tau = entmax_attention_reference(q, k, v, 1.5, True, return_tau=True)
     z = 0.5 * dim ** -0.5 * torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double())
     truly_nonzero = (z > tau[..., None]) & vis.dense()
     tiles = truly_nonzero.view(1, 2, 8, 64, 8, 64).any(-1).any(-2)
-    assert not (tiles & ~fwd.active[0]).any(), "a tile with nonzero probability was masked out"
-    assert torch.equal(tiles, fwd.nonzero[0])
-    mask = ra.BlockMask(fwd.nonzero[0], fwd.visible[0], 64, 64, seqlen, seqlen)
+    assert not (tiles & ~fwd.read_masks[0].tiles).any(), "a tile with nonzero probability was masked out"
+    assert torch.equal(tiles, fwd.block_masks[0].tiles)
+    mask = fwd.block_masks[0]
     assert mask.sparsity() > 0.5
     assert mask.to_dense().shape == (1, 2, seqlen, seqlen)
     assert "sparsity=" in repr(mask)

@@ -6,15 +6,8 @@ import torch
 import torch.distributed as dist
 
 from distributed_utils import run_distributed
-from test_distributed_attention import TOL, _global_inputs, _reference, _rel
-
-
-def _gather_usp(x, mesh, ring_layout, world):
-    from ring_adasplash.parallel import usp_unshard
-
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return usp_unshard(parts, mesh, ring_layout)
+from helpers import gather_sequence, random_qkv, reference_with_grads, rel_err
+from test_distributed_attention import TOL
 
 
 def _usp_case(rank, world, groups, ring_layout, alpha, causal, heads_q, heads_kv, seed, function=None):
@@ -25,7 +18,7 @@ def _usp_case(rank, world, groups, ring_layout, alpha, causal, heads_q, heads_kv
     ulysses_group, ring_group = groups
     mesh = UspMesh.from_groups(ulysses_group, ring_group)
     seqlen = 2 * world * 48
-    q, k, v, grad_out = _global_inputs(seqlen, seqlen, heads_q, heads_kv, 16, seed)
+    q, k, v, grad_out = random_qkv(1, seqlen, seqlen, heads_q, heads_kv, 16, seed=seed, grad_out=True)
     local = [usp_shard(t, mesh, ring_layout).requires_grad_() for t in (q, k, v)]
     if function is None:
         out = usp_adasplash_func(*local, alpha=alpha, causal=causal, ulysses_group=ulysses_group,
@@ -33,8 +26,8 @@ def _usp_case(rank, world, groups, ring_layout, alpha, causal, heads_q, heads_kv
     else:
         out = function(*local, alpha=alpha, causal=causal)
     grads = torch.autograd.grad(out, local, usp_shard(grad_out, mesh, ring_layout))
-    got = [_gather_usp(t, mesh, ring_layout, world) for t in (out, *grads)]
-    return [_rel(a, b) for a, b in zip(got, _reference(q, k, v, grad_out, alpha, causal))]
+    got = [gather_sequence(t, ring_layout, world, mesh) for t in (out, *grads)]
+    return [rel_err(a, b) for a, b in zip(got, reference_with_grads(q, k, v, grad_out, alpha, causal))]
 
 
 def _world2_cases(rank, world):

@@ -18,8 +18,12 @@ class RingComm:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.next_rank = dist.get_global_rank(group, (self.rank + 1) % self.world_size) if group else (self.rank + 1) % self.world_size
-        self.prev_rank = dist.get_global_rank(group, (self.rank - 1) % self.world_size) if group else (self.rank - 1) % self.world_size
+        self.next_rank = self._global((self.rank + 1) % self.world_size)
+        self.prev_rank = self._global((self.rank - 1) % self.world_size)
+
+    def _global(self, group_rank: int) -> int:
+        """The global rank of ``group_rank`` of this ring's group (the default group: itself)."""
+        return dist.get_global_rank(self.group, group_rank) if self.group else group_rank
 
     def exchange(self, send: torch.Tensor, recv_shape, dense_bytes: int = 0, pass_name: str = "ring") -> "Pending":
         """Send ``send`` to the next rank; receive a tensor of ``recv_shape`` (same dtype) from the previous."""

@@ -9,89 +9,70 @@ computed on each and how the pieces combine:
              2. histogram pass (sparse): coarse counts against the row max over all blocks, on
                 the tiles that reach the bin of that bound; counts add exactly
              3. bracket tau in two adjacent bins; block mask = tiles with a key above them
-             4. refinement pass on active tiles (sparse): fine histogram of the two bins and
-                exact moments above them (alpha 1.5, 2) or NEWTON_STEPS Newton passes (other
-                alpha); exact tau. For alpha 1.5 and 2 the block mask is then rebuilt from the
-                exact tau and tightened per row
-             5. output pass on active tiles (sparse): sum p v, sum u v, sum u; exact zero tiles found
+             4. alpha 1.5 and 2: fine histogram pass on those tiles (sparse): fine histogram of
+                the two bins and exact moments above them; tau in closed form; the block mask
+                rebuilt from the exact tau and tightened per row.
+                Other alpha: NEWTON_STEPS Newton sums passes (sparse) on exact sums
+             5. output pass on the block mask (sparse): sum p v, sum u v, sum u; the tiles that
+                hold p > 0 become the forward's block mask
     backward one pass on nonzero tiles: dq here, dk and dv of each block handed back to the block
 
 Total: one dense Q.K^T pass in the forward (AdaSplash-2 runs four), every other pass sparse.
 Taking the histogram after the global row max is known, rather than per block against each
 block's own max, keeps it sparse in a ring too: a far block's own max says nothing about tau.
-No autograd and no communication here: callers bring both.
+No autograd and no communication here: callers bring both (``KeyBlocks``, ``LocalReduce``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Iterator, NamedTuple, Protocol
 
 import torch
 
-from . import stats as S
+from . import stats
+from .backend import Backend
+from .block_mask import BlockMask
+from .entmax_spec import EntmaxSpec
 from .visibility import Visibility
 
 
+class KeyBlock(NamedTuple):
+    """One key block as a pass sees it: its index (its order in the sequence of blocks), keys
+    (B, Sk, Hkv, D), values (None for the passes that read none) and visibility."""
+
+    index: int
+    k: torch.Tensor
+    v: torch.Tensor | None
+    vis: Visibility
+
+
 class KeyBlocks(Protocol):
-    """How a query block meets its key blocks. ``fn(index, k, v, vis)`` runs on every block that
-    ``needed`` (a list of per-block bool vectors over key tiles, or None for all) says is needed;
-    ``v`` is None unless ``with_values``; ``pass_name`` labels the pass in telemetry. ``fn`` runs on
-    every block, in the same order on every rank; key tiles that no rank needs may arrive as
-    zeros, so ``fn`` reads only the tiles its masks name. ``reads_needed``: whether ``visit``
-    uses ``needed`` at all (when not, the forward does not compute it)."""
+    """How a query block meets its key blocks.
+
+    ``sweep`` yields every block, in the same order on every rank; a ring posts the transfer of
+    the next block before it yields this one, so the caller's work on a block overlaps it.
+    ``needed`` (one ``BlockMask`` per block, or None for all) says which key tiles the pass reads:
+    key tiles that no rank needs may arrive as zeros. ``reads_needed``: whether ``sweep`` uses
+    ``needed`` at all. ``backward_sweep`` does the same for the backward and takes each block's
+    dk and dv back (``GradientSweep``)."""
 
     num_blocks: int
     reads_needed: bool
 
-    def visit(self, fn: Callable, with_values: bool, needed=None, pass_name: str | None = None) -> None: ...
+    def sweep(self, with_values: bool, needed: list | None = None, pass_name: str = "") -> Iterator[KeyBlock]: ...
 
-    def visit_backward(self, fn: Callable, needed) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-@dataclass
-class ForwardResult:
-    """Everything the backward and the telemetry need, per query row (B, Hq, Sq) unless noted."""
-
-    out: torch.Tensor  # (B, Sq, Hq, D) float32 partial-free output
-    out_u: torch.Tensor  # (B, Sq, Hq, D) float32, sum u v
-    u_sum: torch.Tensor  # sum u
-    tau: torch.Tensor  # float32, +inf on rows with no visible key
-    support: torch.Tensor  # keys with p > 0
-    nonzero: list = field(default_factory=list)  # per block: (B, Hq, nQ, nK) bool, tiles with p > 0
-    active: list = field(default_factory=list)  # per block: tiles kept by the lower-bound mask
-    visible: list = field(default_factory=list)  # per block: (nQ, nK) tiles with any visible pair
-    dense_passes: int = 1
+    def backward_sweep(self, needed: list) -> "GradientSweep": ...
 
 
-def lower_bound_mask(tile_gap: torch.Tensor, lower: torch.Tensor, tau_low: torch.Tensor, empty: torch.Tensor,
-                     block_m: int):
-    """(B, H, nQ, nK) bool: a tile is kept when its gap (``stats.Maxima``) exceeds the smallest
-    ``lower bound of tau - tau_low`` among its rows (``tau_low``: ``stats.tau_low`` of the final
-    row max and the tau floor the gaps were taken against; it bounds tau from below too, so the
-    larger of the two bounds is taken). A key with p > 0 has z > tau >= max(lower, tau_low), so its
-    tile's gap is at least ``z - tau_low > max(lower - tau_low, 0)``: no nonzero tile is dropped."""
-    above_low = (lower - tau_low).clamp(min=0)
-    bound = torch.where(empty, torch.full_like(lower, float("inf")), above_low - S.MASK_MARGIN)
-    return tile_gap > S.per_query_tile(bound, block_m, "min")[..., None]
+class GradientSweep(Protocol):
+    """Iterate for the key blocks; after each, ``hand_back(dk, dv)`` of that block; ``result()``
+    gives this rank's own dk and dv, complete."""
 
+    def __iter__(self) -> Iterator[KeyBlock]: ...
 
-def statistics_pass(backend, q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int):
-    """Statistics of q against one key block alone, ``(RowStats, tile_gap)``: the max pass, then
-    the histogram pass against this block's own row max (the one-block case of the forward's
-    steps 1 and 2; ``stats.merge`` combines the results of several blocks exactly)."""
-    row_max, _, tile_gap = backend.max_pass(q, k, vis, scale_z, block_m, block_n, alpha=None)
-    active = S.histogram_mask(tile_gap)  # every kept bin complete: the statistics merge with any others
-    hist, tile_gap = backend.histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_gap, active)
-    return S.RowStats(row_max, hist), tile_gap
+    def hand_back(self, dk: torch.Tensor, dv: torch.Tensor) -> None: ...
 
-
-def tiles_needed(mask: torch.Tensor) -> torch.Tensor:
-    """(nK,) bool: key tiles of a block that any query tile of any head needs."""
-    return mask.flatten(0, -2).any(0)
-
-
-def _needed(blocks: KeyBlocks, masks: list):
-    return [tiles_needed(m) for m in masks] if blocks.reads_needed else None
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class LocalReduce:
@@ -105,132 +86,173 @@ class LocalReduce:
     def row_max(self, row_max: torch.Tensor) -> torch.Tensor:
         return row_max
 
-    def histogram(self, hist: torch.Tensor) -> torch.Tensor:
-        return hist
-
     def sums(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def outputs(self, parts: list) -> list:
-        return parts
 
-    def grad_q(self, dq: torch.Tensor) -> torch.Tensor:
-        return dq
+@dataclass
+class ForwardResult:
+    """Everything the backward and the telemetry need, per query row (B, Hq, Sq) unless noted."""
+
+    out: torch.Tensor | None  # (B, Sq, Hq, D) float32 output
+    out_u: torch.Tensor  # (B, Sq, Hq, D) float32, sum u v
+    u_sum: torch.Tensor  # sum u
+    tau: torch.Tensor  # float32, +inf on rows with no visible key
+    support: torch.Tensor | None  # keys with p > 0
+    block_masks: list = field(default_factory=list)  # per key block: tiles with p > 0 (``BlockMask``)
+    read_masks: list = field(default_factory=list)  # per key block: tiles the output pass read
+    dense_passes: int = 1
 
 
-def entmax_forward(backend, q: torch.Tensor, blocks: KeyBlocks, alpha: float, softmax_scale: float,
+def lower_bound_mask(tile_gap: torch.Tensor, lower: torch.Tensor, reference: torch.Tensor, empty: torch.Tensor,
+                     block_m: int) -> torch.Tensor:
+    """(B, H, nQ, nK) bool: a tile is kept when its gap (``backend.Maxima``) exceeds the smallest
+    ``lower - reference`` among its rows (``lower``: a lower bound of tau; ``reference``:
+    ``stats.gap_reference`` of the final row max and tau floor, which bounds tau from below too,
+    so the larger of the two bounds is taken). A key with p > 0 has z > tau >= max(lower,
+    reference), so its tile's gap is at least ``z - reference > max(lower - reference, 0)``: no
+    nonzero tile is dropped."""
+    above = (lower - reference).clamp(min=0)
+    bound = torch.where(empty, torch.full_like(lower, float("inf")), above - stats.MASK_MARGIN)
+    return tile_gap > stats.per_query_tile(bound, block_m, "min")[..., None]
+
+
+def _maxima(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce):
+    """Step 1 on every block: the row max (global after ``reduce``), the tau floor (of the first
+    block: one's own keys, the diagonal under causal) and per block the tile gaps and a
+    ``BlockMask`` of the visible tiles."""
+    row_max = tau_floor = None
+    tile_gaps, visible = {}, {}
+    for block in blocks.sweep(with_values=False, pass_name="max"):
+        problem = problems(block)
+        # the running max carries over from block to block: gaps of later blocks come out tighter
+        row_max, tau_floor, tile_gaps[block.index] = backend.max_pass(problem, row_max, tau_floor)
+        has_pairs = torch.isfinite(tile_gaps[block.index])
+        visible[block.index] = problem.block_mask(has_pairs, visible=has_pairs.flatten(0, -3).any(0))
+    return reduce.row_max(row_max), tau_floor, tile_gaps, visible
+
+
+def _histogram(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, row_max, tau_floor, tile_gaps,
+               visible):
+    """Step 2: the coarse counts, added over blocks; marks the tiles that provably hold no p > 0."""
+    # only these tiles can hold a key the bracket reads; histogram_pass marks the rest zero
+    tiles = [visible[i].with_tiles(stats.histogram_mask(tile_gaps[i])) for i in range(blocks.num_blocks)]
+    hist = None
+    for block in blocks.sweep(with_values=False, needed=_needed(blocks, tiles), pass_name="histogram"):
+        part, tile_gaps[block.index] = backend.histogram_pass(problems(block), row_max, tau_floor,
+                                                              tile_gaps[block.index], tiles[block.index])
+        hist = part if hist is None else hist + part
+    return stats.RowStats(row_max, reduce.sums(hist))
+
+
+def _closed_form_tau(backend: Backend, problems, blocks, reduce, spec, bracket, reference, candidates):
+    """Step 4 for alpha 1.5 and 2: one fine histogram pass, tau in closed form, and per block the
+    tiles that may hold p > 0 (the bound from the exact tau, tightened per row by the pass)."""
+    # rows whose max is their only key near tau have tau = max - 1: read only the query tiles
+    # with another row
+    refined = stats.per_query_tile(~bracket.single, candidates[0].block_m, "any")[..., None]
+    tiles = [c.with_tiles(c.tiles & refined) for c in candidates]
+    fine, keeps = None, {}
+    for block in blocks.sweep(with_values=False, needed=_needed(blocks, tiles), pass_name="fine-histogram"):
+        part, keeps[block.index] = backend.fine_histogram_pass(problems(block), tiles[block.index],
+                                                               bracket.bin_index, reference - stats.MASK_MARGIN)
+        fine = part if fine is None else fine + part
+    tau = backend.fine_tau(bracket, reduce.sums(fine), spec)
+    return tau, [keeps[i] | ~refined for i in range(blocks.num_blocks)]
+
+
+def _newton_tau(backend: Backend, problems, blocks, reduce, spec, bracket, candidates):
+    """Step 4 for other alpha: safeguarded Newton steps on exact sums over the candidate tiles."""
+    point, lower, upper = bracket.estimate, bracket.lower.double(), bracket.upper
+    needed = _needed(blocks, candidates)
+    for _ in range(stats.NEWTON_STEPS):
+        sums = None
+        for block in blocks.sweep(with_values=False, needed=needed, pass_name="newton"):
+            part = backend.newton_sums_pass(problems(block), candidates[block.index], point)
+            sums = part if sums is None else sums + part
+        point, lower, upper = stats.newton_update(point, lower, upper, reduce.sums(sums), spec)
+    return stats.finalize_tau(point, bracket.empty)
+
+
+def _needed(blocks: KeyBlocks, masks: list):
+    return masks if blocks.reads_needed else None
+
+
+def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: EntmaxSpec, softmax_scale: float,
                    reduce: LocalReduce = LocalReduce()) -> ForwardResult:
     """Exact alpha-entmax attention of ``q`` (B, Sq, Hq, D) against all key blocks."""
-    scale_z = (alpha - 1.0) * softmax_scale
-    bm, bn = backend.BLOCK_M, backend.BLOCK_N
-    row_max: list = [None]
-    tau_floor: list = [None]
-    tile_gap: list = [None] * blocks.num_blocks
-    visible: list = [None] * blocks.num_blocks
 
-    def maxima(index, k, _, vis):
-        # the running max carries over from block to block: gaps of later blocks come out tighter;
-        # the tau floor comes from the first block (one's own keys: the diagonal under causal)
-        row_max[0], tau_floor[0], tile_gap[index] = backend.max_pass(q, k, vis, scale_z, bm, bn, alpha,
-                                                                     row_max[0], tau_floor[0])
-        visible[index] = torch.isfinite(tile_gap[index]).flatten(0, -3).any(0)
+    def problems(block: KeyBlock):
+        return backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale)
 
-    blocks.visit(maxima, with_values=False)
-    row_max, tau_floor = reduce.row_max(row_max[0]), tau_floor[0]
-    # only these tiles can hold a key the bracket reads; histogram_pass marks the rest zero
-    histogram_tiles = [S.histogram_mask(t) for t in tile_gap]
-    hist: list = [None]
-
-    def histogram(index, k, _, vis):
-        part, tile_gap[index] = backend.histogram_pass(q, k, vis, scale_z, bm, bn, row_max, tile_gap[index],
-                                                       histogram_tiles[index], tau_floor)
-        hist[0] = part if hist[0] is None else hist[0] + part
-
-    blocks.visit(histogram, with_values=False, needed=_needed(blocks, histogram_tiles),
-                 pass_name="histogram")
-    row_stats = S.RowStats(row_max, reduce.histogram(hist[0]))
-    del histogram_tiles
-    bracket = backend.coarse_bracket(row_stats, alpha)
-    tau_low = S.tau_low(row_max, tau_floor)
-    active = [lower_bound_mask(t, bracket.lower, tau_low, bracket.empty, bm) for t in tile_gap]
-
-    def summed(masks, **kwargs):
-        total: list = [None]
-        keeps: list = [None] * blocks.num_blocks
-
-        def refine(index, k, _, vis):
-            part, keeps[index] = backend.refine_pass(q, k, vis, scale_z, bm, bn, masks[index], **kwargs)
-            total[0] = part if total[0] is None else total[0] + part
-
-        blocks.visit(refine, with_values=False, needed=_needed(blocks, masks))
-        return reduce.sums(total[0]), keeps
-
-    if S.is_closed_form(alpha):
-        # rows whose max is their only key near tau have tau = max - 1: the refinement pass reads
-        # only the query tiles with another row
-        refined = S.per_query_tile(~bracket.single, bm, "any")
-        fine, keeps = summed([a & refined[..., None] for a in active], bin_index=bracket.bin_index,
-                             low=tau_low - S.MASK_MARGIN)  # keys below have p = 0
-        tau = backend.fine_tau(bracket, fine, alpha)
-        # block mask from the exact tau (a key with p > 0 has z > tau), and where the refinement
-        # pass ran, also its per-row test (some row has a key at most a bin below its pair of bins)
-        active = [lower_bound_mask(t, tau, tau_low, bracket.empty, bm) & (keep | ~refined[..., None])
-                  for t, keep in zip(tile_gap, keeps)]
+    row_max, tau_floor, tile_gaps, visible = _maxima(backend, problems, blocks, reduce)
+    row_stats = _histogram(backend, problems, blocks, reduce, row_max, tau_floor, tile_gaps, visible)
+    bracket = backend.coarse_bracket(row_stats, spec)
+    reference = stats.gap_reference(row_max, tau_floor)
+    block_m = backend.BLOCK_M
+    candidates = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], bracket.lower, reference, bracket.empty,
+                                                         block_m)) for i in range(blocks.num_blocks)]
+    if spec.closed_form:
+        tau, kept = _closed_form_tau(backend, problems, blocks, reduce, spec, bracket, reference, candidates)
+        # block mask from the exact tau: a key with p > 0 has z > tau
+        candidates = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], tau, reference, bracket.empty, block_m)
+                                            & kept[i]) for i in range(blocks.num_blocks)]
     else:
-        point, lower, upper = bracket.estimate, bracket.lower.double(), bracket.upper
-        for _ in range(S.NEWTON_STEPS):
-            sums, _ = summed(active, point=point, alpha=alpha)
-            point, lower, upper = S.newton_update(point, lower, upper, sums, alpha)
-        tau = S.finalize_tau(point, bracket.empty)
-    del tile_gap  # float32 per tile: the bool masks are all the output pass needs
-    needed = _needed(blocks, active)
-
-    parts: list = [None]
-    nonzero: list = [None] * blocks.num_blocks
-
-    def output(index, k, v, vis):
-        *acc, nonzero[index] = backend.output_pass(q, k, v, vis, scale_z, alpha, tau, bm, bn, active[index])
-        parts[0] = acc if parts[0] is None else [a + b for a, b in zip(parts[0], acc)]
-
-    blocks.visit(output, with_values=True, needed=needed)
-    out, out_u, u_sum, support = reduce.outputs(parts[0])
-    return ForwardResult(out, out_u, u_sum, tau, support, nonzero, active, visible)
+        tau = _newton_tau(backend, problems, blocks, reduce, spec, bracket, candidates)
+    del tile_gaps  # float32 per tile: the bool masks are all the output pass needs
+    parts, nonzero = None, {}
+    for block in blocks.sweep(with_values=True, needed=_needed(blocks, candidates), pass_name="output"):
+        *sums, nonzero[block.index] = backend.output_pass(problems(block), tau, candidates[block.index])
+        parts = sums if parts is None else [a + b for a, b in zip(parts, sums)]
+    out, out_u, u_sum, support = (reduce.sums(p) for p in parts)
+    masks = [visible[i].with_tiles(nonzero[i]) for i in range(blocks.num_blocks)]
+    return ForwardResult(out, out_u, u_sum, tau, support, masks, candidates)
 
 
-def entmax_backward(backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult, alpha: float, softmax_scale: float,
-                    reduce: LocalReduce = LocalReduce(), kv_grad_dtype: torch.dtype | None = None):
+def entmax_backward(backend: Backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult, spec: EntmaxSpec,
+                    softmax_scale: float, reduce: LocalReduce = LocalReduce(),
+                    kv_grad_dtype: torch.dtype | None = None):
     """Returns dq (B, Sq, Hq, D) and the local block's dk, dv, in the compute dtype (fp32/fp64);
     ``kv_grad_dtype``: the dtype of dk and dv where the caller takes them as final (one key block:
     the kernel then stores them once, with no cast after)."""
     if kv_grad_dtype is not None and blocks.num_blocks != 1:
         raise ValueError(f"kv_grad_dtype needs one key block, whose dk and dv are final; got {blocks.num_blocks}")
-    scale_z = (alpha - 1.0) * softmax_scale
-    bm, bn = backend.BLOCK_M, backend.BLOCK_N
-    dq_total: list = [None]
-    delta: list = [None]  # the row term, computed with the first block's dq (one launch fewer)
-
-    def gradients(index, k, v, vis):
-        dq, dk, dv, delta[0] = backend.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, fwd.tau,
-                                                     delta[0], bm, bn, fwd.nonzero[index], kv_grad_dtype,
-                                                     fwd.out_u, fwd.u_sum)
-        dq_total[0] = dq if dq_total[0] is None else dq_total[0] + dq
-        return dk, dv
-
-    dk, dv = blocks.visit_backward(gradients, needed=_needed(blocks, fwd.nonzero))
-    return reduce.grad_q(dq_total[0]), dk, dv
+    dq, delta = None, None  # the row term, computed with the first block's dq (one launch fewer)
+    sweep = blocks.backward_sweep(_needed(blocks, fwd.block_masks))
+    for block in sweep:
+        problem = backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale)
+        grads = backend.backward_pass(problem, grad_out, fwd.tau, fwd.block_masks[block.index], delta, fwd.out_u,
+                                      fwd.u_sum, kv_grad_dtype)
+        dq = grads.dq if dq is None else dq + grads.dq
+        delta = grads.delta
+        sweep.hand_back(grads.dk, grads.dv)
+    dk, dv = sweep.result()
+    return reduce.sums(dq), dk, dv
 
 
 class SingleBlock:
-    """All keys in one block: the one-device case."""
+    """All keys in one block: the one-device case (and a rank's own block when keys are sharded
+    and the partial results all-reduced)."""
 
     num_blocks = 1
     reads_needed = False
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, vis: Visibility):
         self.k, self.v, self.vis = k, v, vis
+        self._grads = None
 
-    def visit(self, fn, with_values: bool, needed=None, pass_name=None) -> None:
-        fn(0, self.k, self.v if with_values else None, self.vis)
+    def sweep(self, with_values: bool, needed=None, pass_name: str = "") -> Iterator[KeyBlock]:
+        yield KeyBlock(0, self.k, self.v if with_values else None, self.vis)
 
-    def visit_backward(self, fn, needed):
-        return fn(0, self.k, self.v, self.vis)
+    def backward_sweep(self, needed) -> "SingleBlock":
+        return self
+
+    def __iter__(self) -> Iterator[KeyBlock]:
+        yield KeyBlock(0, self.k, self.v, self.vis)
+
+    def hand_back(self, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        self._grads = (dk, dv)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        grads, self._grads = self._grads, None
+        return grads

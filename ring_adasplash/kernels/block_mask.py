@@ -1,40 +1,85 @@
-"""Block sparsity of one attention call as one inspectable object."""
+"""Block sparsity as one inspectable object: which (query tile, key tile) pairs a pass reads.
+
+The forward builds one per key block and pass (the tiles that may hold p > 0, then the tiles that
+do); the backward reads the forward's last one, telemetry counts it, and the Triton kernels read
+its tile lists (per query tile the key tiles to visit, and per key tile the query tiles, as
+FlexAttention's ``kv_indices`` / ``q_indices``), built once and kept.
+"""
 from __future__ import annotations
 
 import torch
 
 
 class BlockMask:
-    """Which (query tile, key tile) pairs hold any nonzero probability.
+    """``tiles``: (batch, heads, num_query_tiles, num_key_tiles) bool, the tiles to read (or that
+    hold any nonzero probability); ``visible``: (num_query_tiles, num_key_tiles) bool, tiles with
+    any pair the causal/document rule allows (None: not known, every tile counts). Tiles are
+    ``block_m`` queries by ``block_n`` keys of a ``seqlen_q`` x ``seqlen_k`` attention matrix."""
 
-    ``nonzero``: (batch, heads, num_query_tiles, num_key_tiles) bool; ``visible``: (num_query_tiles,
-    num_key_tiles) bool, tiles with any pair the causal/document rule allows. Tiles are
-    ``block_m`` queries by ``block_n`` keys.
-    """
-
-    def __init__(self, nonzero: torch.Tensor, visible: torch.Tensor, block_m: int, block_n: int,
-                 seqlen_q: int, seqlen_k: int):
-        self.nonzero, self.visible = nonzero, visible
+    def __init__(self, tiles: torch.Tensor, block_m: int, block_n: int, seqlen_q: int, seqlen_k: int,
+                 visible: torch.Tensor | None = None):
+        if tiles.dtype != torch.bool or tiles.dim() != 4:
+            raise ValueError(f"tiles must be a 4-dim bool tensor (batch, heads, nQ, nK); got {tiles.dtype} "
+                             f"of shape {tuple(tiles.shape)}")
+        self.tiles, self.visible = tiles, visible
         self.block_m, self.block_n = block_m, block_n
         self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
+        self._lists: dict = {}
 
     @property
     def shape(self) -> tuple:
         """(batch, heads, seqlen_q, seqlen_k): the attention matrix this mask covers."""
-        return (*self.nonzero.shape[:2], self.seqlen_q, self.seqlen_k)
+        return (*self.tiles.shape[:2], self.seqlen_q, self.seqlen_k)
+
+    def with_tiles(self, tiles: torch.Tensor) -> "BlockMask":
+        """Another selection of tiles of the same tiling and visibility."""
+        return BlockMask(tiles, self.block_m, self.block_n, self.seqlen_q, self.seqlen_k, self.visible)
+
+    def visible_tiles(self) -> int:
+        """Visible tiles over every batch entry and head."""
+        if self.visible is None:
+            return self.tiles.numel()
+        return int(self.visible.sum()) * self.tiles.shape[0] * self.tiles.shape[1]
+
+    def nonzero_tiles(self) -> int:
+        """Selected tiles that are visible."""
+        return int((self.tiles if self.visible is None else self.tiles & self.visible).sum())
 
     def sparsity(self) -> float:
-        """Fraction of visible tiles that are all zero (causal-masked tiles are not counted)."""
-        visible = self.visible.expand_as(self.nonzero)
-        total = int(visible.sum())
-        return 1.0 - int((self.nonzero & visible).sum()) / total if total else 0.0
+        """Fraction of visible tiles not selected (causal-masked tiles are not counted)."""
+        total = self.visible_tiles()
+        return 1.0 - self.nonzero_tiles() / total if total else 0.0
+
+    def needed_key_tiles(self) -> torch.Tensor:
+        """(num_key_tiles,) bool: key tiles that any query tile of any head reads."""
+        return self.tiles.flatten(0, -2).any(0)
 
     def to_dense(self) -> torch.Tensor:
-        """(batch, heads, seqlen_q, seqlen_k) bool: True inside nonzero tiles. Small inputs only."""
-        dense = self.nonzero.repeat_interleave(self.block_m, 2).repeat_interleave(self.block_n, 3)
+        """(batch, heads, seqlen_q, seqlen_k) bool: True inside selected tiles. Small inputs only."""
+        dense = self.tiles.repeat_interleave(self.block_m, 2).repeat_interleave(self.block_n, 3)
         return dense[..., : self.seqlen_q, : self.seqlen_k]
 
+    def key_tile_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (batch, head, query tile): the number of selected key tiles (B, H, nQ) int32 and their
+        indices, ascending, in the first slots of (B, H, nQ, nK) int32. Built once (one launch)."""
+        if "keys" not in self._lists:
+            from .triton_tiles import tile_lists
+
+            self._lists["keys"] = tile_lists(self.tiles)
+        return self._lists["keys"]
+
+    def query_tile_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (batch, head, key tile): the selected query tiles, as ``key_tile_lists`` ((B, H, nK)
+        counts, (B, H, nK, nQ) indices). Built with the key lists in one launch when neither is."""
+        if "queries" not in self._lists:
+            from .triton_tiles import tile_lists
+
+            counts, index, counts_t, index_t = tile_lists(self.tiles, columns_too=True)
+            self._lists.setdefault("keys", (counts, index))
+            self._lists["queries"] = (counts_t, index_t)
+        return self._lists["queries"]
+
     def __repr__(self) -> str:
-        b, h, nq, nk = self.nonzero.shape
+        b, h, nq, nk = self.tiles.shape
         return (f"BlockMask(shape={self.shape}, tiles={nq}x{nk} of {self.block_m}x{self.block_n}, "
-                f"sparsity={self.sparsity():.2%}, nonzero_tiles={int(self.nonzero.sum())})")
+                f"sparsity={self.sparsity():.2%}, nonzero_tiles={self.nonzero_tiles()})")

@@ -2,9 +2,8 @@
 
 Left alone, a first call compiles its kernels (about ten) one after another as it reaches them,
 much of the time in subprocesses that leave the interpreter free (gcc building Triton's C
-launcher of each kernel, 4.2 s; ptxas, 1.4 s; cProfile of a cold first forward at 32K tokens on
-one H100). Compiled ahead, that first forward and backward took 6.2-8.4 s against 12.8 s
-(``benchmarks/first_call.py``, one H100, empty Triton cache).
+launcher of each kernel; ptxas), so compiling them side by side saves most of that time (why:
+docs/design.md (kernel choices); ``benchmarks/first_call.py`` measures it).
 ``compile_ahead(key, dry_run, device)`` runs ``dry_run`` once per key with every launch made through
 :func:`launch` replaced by a compile-only ``warmup`` (same arguments, so the same specialization
 as the real launch), under ``triton.AsyncCompileMode``: the compiles, and the loading of each

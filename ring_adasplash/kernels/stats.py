@@ -5,21 +5,22 @@ logits of visible pairs, ``gamma = 1 / (alpha - 1)`` and ``p_ij = [z_ij - tau_i]
 ``sum_j p_ij = 1``. Since no ``p`` exceeds 1, ``tau_i >= max_j z_ij - 1``: keys more than one unit
 below the row max never matter.
 
-Coarse histogram (the statistics pass). Bins have width ``w = 1 / (NUM_BINS - 1)`` and absolute
+Coarse histogram (the histogram pass). Bins have width ``w = 1 / (NUM_BINS - 1)`` and absolute
 indices ``idx(z) = floor(z * (NUM_BINS - 1))``, so every shard bins a score the same way. A row keeps
 the ``NUM_BINS`` bins below its reference ``K = idx(row max)``: local bin ``b = K - idx(z)``, covering
 ``[(K - b) w, (K - b + 1) w)``, and counts the keys in each. Bins further down hold only
-``z < max - 1`` and are dropped. Two statistics merge by shifting the one with the lower reference
-down by the (integer) difference of references and adding: exact, associative and commutative,
-whatever the shard order or an all-reduce does.
+``z < max - 1`` and are dropped. The forward takes every key block's histogram against the row max
+over all blocks, so histograms of key shards add exactly (an all-reduce sums them); histograms
+taken against different maxima would merge exactly too, by shifting the one with the lower
+reference down by the (integer) difference of references (the tests check this).
 
 Counts bound the sum at every bin edge from both sides (a key of a bin lies between its edges), and
 the upper bound at one edge is the lower bound at the next, so they place tau in one of two
 adjacent bins (``coarse_bracket``). Counts alone, rather than counts and moments, because a count is
-one add per key where moments need a pass per distinct bin of a row; the refinement pass takes the
+one add per key where moments need a pass per distinct bin of a row; the fine histogram pass takes the
 moments instead, exact, for the keys above that pair of bins.
 
-Fine histogram (the refinement pass). For alpha 1.5 and 2 it splits the pair of bins into
+Fine histogram (the fine histogram pass). For alpha 1.5 and 2 it splits the pair of bins into
 ``FINE_BINS`` sub-bins with count, sum v, sum v^2 (v the position inside the sub-bin), and sums
 count, sum y, sum y^2 of the keys above the pair (y their height above it, in bins); these are
 exact, additive across shards, and all the closed-form solve needs: the sum at a sub-bin edge is a
@@ -30,24 +31,20 @@ Newton steps on exact sums ``(sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1))`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
+from .entmax_spec import EntmaxSpec
+
 NUM_BINS = 16  # coarse bins, width 1 / 15 in z
 FINE_BINS = 64  # sub-bins of the two bins that may hold tau: final bracket 1 / 480 wide
-# exact refinement passes for alpha other than 1.5 and 2: from a start placed by counts alone
+# Newton sums passes for alpha other than 1.5 and 2: from a start placed by counts alone
 # (keys at their bins' middles), 3 left output errors up to 4e-4 in the fp32 tests, 5 pass them
 NEWTON_STEPS = 5
 MASK_MARGIN = 1e-4  # slack (in z) when comparing a tile gap with a lower bound of tau
 # tile gap of a tile that has visible pairs but provably no p > 0 (see ``histogram_mask``): finite,
 # so the tile still counts as visible, and below any threshold, so no block mask keeps it
 ZERO_TILE = torch.finfo(torch.float32).min
-
-
-def is_closed_form(alpha: float) -> bool:
-    """Alpha values whose tau comes out of the histograms in closed form."""
-    return alpha in (1.5, 2.0)
 
 
 @dataclass
@@ -68,25 +65,6 @@ def bin_reference(row_max: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(ref), ref, torch.full_like(ref, -1e9))
 
 
-def shift_bins(hist: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Move local bins ``shift`` (>= 0, per row) places down; bins pushed past the last are dropped."""
-    nb = hist.shape[-1]
-    target = torch.arange(nb, device=hist.device)
-    source = target - shift.to(torch.int64)[..., None]  # (B, H, S, NB)
-    valid = (source >= 0) & (source < nb)
-    gathered = torch.gather(hist, -1, source.clamp(0, nb - 1))
-    return torch.where(valid, gathered, torch.zeros((), dtype=hist.dtype, device=hist.device))
-
-
-def merge(a: RowStats, b: RowStats) -> RowStats:
-    """Exact merge of the statistics of two disjoint key sets for the same queries."""
-    row_max = torch.maximum(a.row_max, b.row_max)
-    ref = bin_reference(row_max)
-    hist_a = shift_bins(a.hist, (ref - bin_reference(a.row_max)).clamp(0, NUM_BINS))
-    hist_b = shift_bins(b.hist, (ref - bin_reference(b.row_max)).clamp(0, NUM_BINS))
-    return RowStats(row_max, hist_a + hist_b)
-
-
 def per_query_tile(rows: torch.Tensor, block_m: int, reduce: str) -> torch.Tensor:
     """(..., Sq) -> (..., nQ): ``reduce`` ("max", "min" or "any") over the rows of each query
     tile; the padding rows of a last, partial tile change nothing."""
@@ -103,24 +81,7 @@ FLOOR_STEPS = 3  # Newton steps of the tau floor: within a few hundredths of the
 FLOOR_MARGIN = 1e-4  # the tau floor is lowered by this much: float32 rounding of the sums it tests
 
 
-class Maxima(NamedTuple):
-    """What the max pass of one key block gives (``torch_blockwise.max_pass``).
-
-    ``row_max``: (B, H, Sq) running max of z over the visible keys of this and earlier blocks.
-    ``tau_floor``: (B, H, Sq) a lower bound of tau: the tau of the row's visible keys in the last
-    two key tiles of its query tile's span (of the first block; under causal, the diagonal and the
-    tile before it), less ``FLOOR_MARGIN``: tau only grows as keys are added, since each adds to
-    ``sum (z - t)_+^gamma``. -inf where those tiles hold no visible key of the row.
-    ``tile_gap``: (B, H, nQ, nK) per tile, max over its rows of (the row's largest z in the tile -
-    ``tau_low(running max, tau floor)`` just after the tile); -inf where the tile has no visible pair.
-    """
-
-    row_max: torch.Tensor
-    tau_floor: torch.Tensor
-    tile_gap: torch.Tensor
-
-
-def tau_low(row_max: torch.Tensor, tau_floor: torch.Tensor | None = None) -> torch.Tensor:
+def gap_reference(row_max: torch.Tensor, tau_floor: torch.Tensor | None = None) -> torch.Tensor:
     """The lower bound of tau that tile gaps are measured against: ``max(tau floor, row max - 1)``
     (no p exceeds 1, so tau >= max - 1; ``row max - 1`` alone without a floor). Along the max pass
     it only grows, so a gap taken against it bounds from above how far a tile's keys rise over the
@@ -135,21 +96,21 @@ def kept_bins(row_max: torch.Tensor, tau_floor: torch.Tensor | None = None) -> t
     ref = bin_reference(row_max)
     bins = torch.full_like(ref, float(NUM_BINS))
     if tau_floor is not None:
-        lowest = torch.floor((tau_floor - HISTOGRAM_MARGIN) * (NUM_BINS - 1))
-        bins = torch.where(torch.isfinite(lowest), (ref - lowest + 1).clamp(1, NUM_BINS), bins)
+        floor_bin = torch.floor((tau_floor - HISTOGRAM_MARGIN) * (NUM_BINS - 1))
+        bins = torch.where(torch.isfinite(floor_bin), (ref - floor_bin + 1).clamp(1, NUM_BINS), bins)
     return bins.float().contiguous()
 
 
 def histogram_mask(tile_gap: torch.Tensor) -> torch.Tensor:
     """(B, H, nQ, nK) bool: tiles that may hold a key the coarse bracket reads: a key at or above
-    the bin holding ``tau_low`` (bins of width ``w = 1 / (NB - 1)``), so ``z > tau_low - w``, so its
+    the bin holding ``gap_reference`` (bins of width ``w = 1 / (NB - 1)``), so ``z > gap_reference - w``, so its
     tile's gap exceeds ``-w``.
 
-    Such keys lie in the kept bins, the lowest of which holds max - 1 <= tau_low; every key of any
-    other tile has ``z < tau_low <= tau``: p = 0 there. Kept bins below the bin of ``tau_low`` may
-    miss keys (none when tau_low = max - 1), which the bracket never notices: the counts its edge
+    Such keys lie in the kept bins, the lowest of which holds max - 1 <= gap_reference; every key of any
+    other tile has ``z < gap_reference <= tau``: p = 0 there. Kept bins below the bin of ``gap_reference`` may
+    miss keys (none when gap_reference = max - 1), which the bracket never notices: the counts its edge
     bounds read are complete down to that bin, and there the bounds already reach 1 since
-    tau >= tau_low (``coarse_bracket``). Gaps come from the max pass of one key block, against a
+    tau >= gap_reference (``coarse_bracket``). Gaps come from the max pass of one key block, against a
     running max that may include earlier blocks, and against the tau floor of the first."""
     return tile_gap >= -1.0 / (NUM_BINS - 1) - HISTOGRAM_MARGIN
 
@@ -171,7 +132,7 @@ class Bracket:
     ``empty``: rows with no visible key.
     ``single``: (closed-form alpha, else None) rows where the max is the only key at or above
     the pair: it alone has p > 0, p = 1, so tau = row max - 1, and ``lower`` holds that tau. The
-    refinement pass can skip query tiles made only of such rows (and empty ones).
+    fine histogram pass can skip query tiles made only of such rows (and empty ones).
     """
 
     lower: torch.Tensor
@@ -205,7 +166,7 @@ def _upper_edge_sums(count: torch.Tensor, gamma: float) -> torch.Tensor:
     return reach * reach * c_cum - 2 * reach * m1 + m2
 
 
-def coarse_bracket(stats: RowStats, alpha: float) -> Bracket:
+def coarse_bracket(stats: RowStats, spec: EntmaxSpec) -> Bracket:
     """Bracket tau from merged coarse counts.
 
     Closed-form alpha: with ``b_a`` the first local bin whose ``U_b`` reaches 1 (in bin units
@@ -214,16 +175,16 @@ def coarse_bracket(stats: RowStats, alpha: float) -> Bracket:
     the bin of ``max - 1 <= tau`` (and of the tau floor, whose bins the histogram fills).
 
     Every key with p > 0 lies at or above the pair and in a bin the histogram fills completely
-    (above tau_low): if those bins hold one key, it is the max, and tau = max - 1 (``single``)."""
+    (above gap_reference): if those bins hold one key, it is the max, and tau = max - 1 (``single``)."""
     w = 1.0 / (NUM_BINS - 1)
-    gamma = 1.0 / (alpha - 1.0)
+    gamma = spec.gamma
     ref = bin_reference(stats.row_max).double()
     empty = ~torch.isfinite(stats.row_max)
     nb = NUM_BINS
     bins = torch.arange(nb, device=ref.device, dtype=torch.float64)
     target = w ** (-gamma)  # sum_j p_j = 1 in bin-width units
     count = stats.hist.double()
-    if is_closed_form(alpha):
+    if spec.closed_form:
         b_a = (_upper_edge_sums(count, gamma) < target).sum(-1).clamp(max=nb - 1)
         bin_index = ref - b_a.double() - 1
         lower = bin_index * w
@@ -261,7 +222,58 @@ def _poly_root(n0, n1, n2, target, gamma):
     return (n2 - target) / (n1 + disc.sqrt()).clamp(min=1e-30)
 
 
-def fine_tau(bracket: Bracket, fine_hist: torch.Tensor, alpha: float) -> torch.Tensor:
+def _sub_bin_moments(fine_hist: torch.Tensor):
+    """From the fine sums (``fine_tau``): per sub-bin s, the count and the sums of x and x^2 of
+    its keys (``fc``, ``x1``, ``x2``, (..., FINE_BINS)), and count, sum x, sum x^2 of the keys in
+    sub-bins >= s plus those above the pair (``n0``, ``n1``, ``n2``, reverse cumulative), all in
+    units of the coarse bin above the pair's lower edge; ``above``: the last three of the keys
+    above the pair alone."""
+    nf = fine_hist.shape[-1] - 1
+    h = 2.0 / nf
+    fine_hist = fine_hist.double()
+    a0, y1, y2 = fine_hist[..., nf].unbind(-1)
+    above = (a0, 2 * a0 + y1, 4 * a0 + 4 * y1 + y2)
+    fc, fv1, fv2 = fine_hist[..., :nf].unbind(-2)
+    s = torch.arange(nf, device=fc.device, dtype=torch.float64)
+    x1 = (fc * s + fv1) * h  # sum of x over sub-bin s
+    x2 = (fc * s * s + 2 * s * fv1 + fv2) * (h * h)
+    cumulative = tuple(a[..., None] + _cumsum_bins(x, reverse=True) for a, x in zip(above, (fc, x1, x2)))
+    return (fc, x1, x2), cumulative, above
+
+
+def _sum_at(t, moments, gamma: float):
+    """``sum (x - t)^gamma`` over keys with moments (count, sum x, sum x^2), gamma in {1, 2}."""
+    m0, m1, m2 = moments
+    return m1 - t * m0 if gamma == 1.0 else m2 - 2 * t * m1 + t * t * m0
+
+
+def _two_point_root(strictly_above, count, sum_x, sum_x2, lo_edge, hi_edge, target, gamma: float):
+    """tau inside the sub-bin ``[lo_edge, hi_edge)`` that holds it: the keys strictly above it
+    (exact moments) plus its own ``count`` keys as two points at mean -+ spread, half each (exact
+    for at most two keys)."""
+    mean = torch.where(count > 0, sum_x / count.clamp(min=1), lo_edge)
+    var = torch.where(count > 0, sum_x2 / count.clamp(min=1) - mean * mean, torch.zeros_like(mean)).clamp(min=0)
+    spread = var.sqrt()
+    p1 = (mean - spread).clamp(lo_edge, hi_edge)
+    p2 = (mean + spread).clamp(lo_edge, hi_edge)
+    half = 0.5 * count
+    h0, h1, h2 = strictly_above
+
+    def with_points(w1, w2):
+        return (h0 + w1 * half + w2 * half, h1 + w1 * half * p1 + w2 * half * p2,
+                h2 + w1 * half * p1 * p1 + w2 * half * p2 * p2)
+
+    both, upper_only, none = with_points(1.0, 1.0), with_points(0.0, 1.0), with_points(0.0, 0.0)
+    root_both = _poly_root(*both, target, gamma)
+    root_upper = _poly_root(*upper_only, target, gamma)
+    root_none = _poly_root(*none, target, gamma)
+    f_p1 = _sum_at(p1, upper_only, gamma)  # at t = p1 the lower point contributes 0
+    f_p2 = _sum_at(p2, none, gamma)
+    tau_rel = torch.where(f_p1 <= target, root_both, torch.where(f_p2 <= target, root_upper, root_none))
+    return tau_rel.clamp(lo_edge, hi_edge)
+
+
+def fine_tau(bracket: Bracket, fine_hist: torch.Tensor, spec: EntmaxSpec) -> torch.Tensor:
     """tau (B, H, Sq) float32 for alpha in {1.5, 2} from the refinement sums.
 
     ``fine_hist`` (B, H, Sq, 3, FINE_BINS + 1): per sub-bin of the pair of bins (``Bracket``),
@@ -269,72 +281,30 @@ def fine_tau(bracket: Bracket, fine_hist: torch.Tensor, alpha: float) -> torch.T
     Works in units of the coarse bin, relative to the lower edge ``L`` of the pair: a key of
     sub-bin s sits at ``x = (s + v) h`` with ``h = 2 / FINE_BINS``, a key above at ``x = 2 + y``.
     """
-    gamma = 1.0 / (alpha - 1.0)
+    gamma = spec.gamma
     w = 1.0 / (NUM_BINS - 1)
     nf = fine_hist.shape[-1] - 1
     h = 2.0 / nf
-    fine_hist = fine_hist.double()
-    a0, y1, y2 = fine_hist[..., nf].unbind(-1)
-    a1 = 2 * a0 + y1
-    a2 = 4 * a0 + 4 * y1 + y2
-    fc, fv1, fv2 = fine_hist[..., :nf].unbind(-2)
-    s = torch.arange(nf, device=fc.device, dtype=torch.float64)
-    x1 = (fc * s + fv1) * h  # sum of x over sub-bin s
-    x2 = (fc * s * s + 2 * s * fv1 + fv2) * (h * h)
-    # moments of keys in sub-bins >= s (reverse cumulative) plus everything above the pair
-    n0 = a0[..., None] + _cumsum_bins(fc, reverse=True)
-    n1 = a1[..., None] + _cumsum_bins(x1, reverse=True)
-    n2 = a2[..., None] + _cumsum_bins(x2, reverse=True)
-    edge = s * h
-    if gamma == 1.0:
-        f_edge = n1 - edge * n0
-    else:
-        f_edge = n2 - 2 * edge * n1 + edge * edge * n0
+    (fc, x1, x2), (n0, n1, n2), above = _sub_bin_moments(fine_hist)
+    edge = torch.arange(nf, device=fc.device, dtype=torch.float64) * h
     target = w ** (-gamma)
+    f_edge = _sum_at(edge, (n0, n1, n2), gamma)
     s_star = ((f_edge >= target).sum(-1) - 1).clamp(0, nf - 1)  # last sub-edge with F >= target
     pick = lambda t: torch.gather(t, -1, s_star[..., None]).squeeze(-1)  # noqa: E731
     nxt = (s_star + 1).clamp(max=nf - 1)[..., None]
     has_next = (s_star + 1 < nf)
     # keys strictly above sub-bin s_star
-    h0 = torch.where(has_next, torch.gather(n0, -1, nxt).squeeze(-1), a0)
-    h1 = torch.where(has_next, torch.gather(n1, -1, nxt).squeeze(-1), a1)
-    h2 = torch.where(has_next, torch.gather(n2, -1, nxt).squeeze(-1), a2)
-    c = pick(fc)
+    strictly_above = [torch.where(has_next, torch.gather(n, -1, nxt).squeeze(-1), a)
+                      for n, a in zip((n0, n1, n2), above)]
     lo_edge = s_star.double() * h
-    hi_edge = lo_edge + h
-    mean = torch.where(c > 0, pick(x1) / c.clamp(min=1), lo_edge)
-    var = torch.where(c > 0, pick(x2) / c.clamp(min=1) - mean * mean, torch.zeros_like(mean)).clamp(min=0)
-    spread = var.sqrt()
-    p1 = (mean - spread).clamp(lo_edge, hi_edge)
-    p2 = (mean + spread).clamp(lo_edge, hi_edge)
-    half = 0.5 * c
-
-    def with_points(w1, w2):
-        return (
-            h0 + w1 * half + w2 * half,
-            h1 + w1 * half * p1 + w2 * half * p2,
-            h2 + w1 * half * p1 * p1 + w2 * half * p2 * p2,
-        )
-
-    def f_at(t, n):
-        m0, m1, m2 = n
-        return m1 - t * m0 if gamma == 1.0 else m2 - 2 * t * m1 + t * t * m0
-
-    both, upper_only, none = with_points(1.0, 1.0), with_points(0.0, 1.0), with_points(0.0, 0.0)
-    root_both = _poly_root(*both, target, gamma)
-    root_upper = _poly_root(*upper_only, target, gamma)
-    root_none = _poly_root(*none, target, gamma)
-    f_p1 = f_at(p1, upper_only)  # at t = p1 the lower point contributes 0
-    f_p2 = f_at(p2, none)
-    tau_rel = torch.where(f_p1 <= target, root_both, torch.where(f_p2 <= target, root_upper, root_none))
-    tau_rel = tau_rel.clamp(lo_edge, hi_edge)
+    tau_rel = _two_point_root(strictly_above, pick(fc), pick(x1), pick(x2), lo_edge, lo_edge + h, target, gamma)
     tau = (bracket.bin_index + tau_rel) * w
-    if bracket.single is not None:  # the refinement pass may not have read these rows
+    if bracket.single is not None:  # the fine histogram pass may not have read these rows
         tau = torch.where(bracket.single, bracket.lower.double(), tau)
     return torch.where(bracket.empty, torch.full_like(tau, float("inf")), tau).float()
 
 
-def newton_update(t: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sums: torch.Tensor, alpha: float):
+def newton_update(t: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sums: torch.Tensor, spec: EntmaxSpec):
     """One safeguarded Newton step on ``f(t) = sum (z - t)_+^gamma = 1``.
 
     ``sums`` (B, H, Sq, 2) float: exact ``sum (z - t)_+^gamma`` and ``sum (z - t)_+^(gamma - 1)``.
@@ -342,7 +312,7 @@ def newton_update(t: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sum
     bracket [lower, upper] keeps the iterate safe where the derivative vanishes.
     Returns (new t, new lower, new upper), float64.
     """
-    gamma = 1.0 / (alpha - 1.0)
+    gamma = spec.gamma
     f, df = sums.double().unbind(-1)
     t = t.double()
     below = f >= 1.0
@@ -355,4 +325,5 @@ def newton_update(t: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sum
 
 
 def finalize_tau(tau: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """tau in float32, +inf on rows with no visible key."""
     return torch.where(empty, torch.full_like(tau, float("inf")), tau).float()

@@ -1,40 +1,42 @@
-"""Triton backend: launchers of the four passes, with the contract of ``torch_blockwise``.
+"""Triton backend: ``backend.Backend`` with Triton kernels, with the contract of ``torch_blockwise``.
 
 Inputs come in the public layout (B, S, H, D) with any strides (passed per axis, never copied);
-statistics are head-major (B, H, Sq, ...) and contiguous. GQA: query head ``h`` reads key head
-``h // (Hq // Hkv)``. The kernels live in ``triton_stats``, ``triton_refine``, ``triton_output``,
+per-row results are head-major (B, H, Sq, ...) and contiguous. GQA: query head ``h`` reads key
+head ``h // (Hq // Hkv)``. The kernels live in ``triton_maxima`` (the max pass),
+``triton_histogram``, ``triton_refine`` (fine histogram, Newton sums), ``triton_output``,
 ``triton_backward`` and ``triton_tau`` (tau from the statistics, in place of the float64 PyTorch
-math of ``stats`` for alpha 1.5 and 2); this module builds their small side inputs (per query tile, the range of key
-tiles with visible pairs; compact lists of the tiles each program visits) and picks launch
-configurations (a fixed table: no autotuning, so a first call compiles each kernel once).
+math of ``stats`` for alpha 1.5 and 2), their shared helpers in ``triton_common``.
+``TritonProblem`` derives once per key block what every launch reads (visibility vectors, per
+query tile the range of key tiles with visible pairs, strides, constants); each pass below is
+one launch or two, with its arguments by name. Launch configurations are a fixed table: nothing
+is autotuned, so a first call compiles each kernel once.
 
 CPU tensors run the same kernels under Triton's interpreter (``TRITON_INTERPRET=1``, read when the
-kernel modules are imported). The interpreter multiplies 16-bit floats wrongly in ``tl.dot``
-(it treats bfloat16 storage as integers), so there every dot operand is first rounded to the input
-dtype, as on the GPU, and then multiplied in float32 (``DOT_F32``), which gives what the GPU's
-tensor cores compute for 16-bit operands (exact products, float32 sums). float32 inputs multiply in
-IEEE float32 on both (``input_precision="ieee"``: no TF32). float64 inputs run ``torch_blockwise``.
+kernel modules are imported); see ``triton_common`` for how products are computed there
+(``PRECISION``). float64 inputs never come here (``backend.backend_for``).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import triton
 
 from . import stats as S
-from . import torch_blockwise, triton_backward, triton_output, triton_refine, triton_stats, triton_tau, triton_tiles
+from . import triton_backward, triton_histogram, triton_maxima, triton_output, triton_refine, triton_tau
+from .backend import Gradients, Maxima, OutputSums, Problem
+from .block_mask import BlockMask
 from .compile_ahead import launch
+from .entmax_spec import EntmaxSpec
 from .visibility import Visibility, first_true, key_tile_span
 
 NAME = "triton"
 BLOCK_M = 64  # query rows per tile, in every kernel and in the block mask
 BLOCK_N = 64  # keys per tile
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-# rows and warps per program of the tau kernels: the bracket keeps every bin of its rows in
-# registers (one H200, 32K tokens, 16 heads: 0.034 ms with 32 x 4, 0.055 with 16 x 4); fine tau
-# walks the sub-bins with a thread per row (one H100, 8K tokens, 16 heads: 0.09 ms with 16 x 1,
-# 0.21 with 32 x 1, 64 x 2 or 128 x 4; 32K: 0.33 ms with 16 x 1, 1.8 with 32 x 1)
+# rows and warps per program of the tau kernels (why: docs/design.md (kernel choices))
 TAU_ROWS = 32
 TAU_WARPS = 4
 FINE_TAU_ROWS = 16
@@ -45,75 +47,106 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _alpha_mode(alpha: float) -> int:
-    return 0 if alpha == 1.5 else 1 if alpha == 2.0 else 2
-
-
-def _gamma(alpha) -> float:
-    return 1.0 / (float(alpha) - 1.0) if alpha is not None else 0.0
-
-
 def _runs_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _flags(q: torch.Tensor) -> dict:
-    """Constexpr switches shared by every kernel launch."""
-    if not _runs_kernels(q):
+def _check(problem: Problem) -> None:
+    if not _runs_kernels(problem.q):
         raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 (set before the kernel "
                            "modules are imported) to run on CPU tensors; or use RING_ADASPLASH_BACKEND=torch")
-    return {"DOT_F32": not q.is_cuda, "IEEE": q.dtype == torch.float32}
-
-
-def _config(head_dim: int, kind: str) -> dict:
-    """num_warps / num_stages per pass (a small fixed table; no autotuning)."""
-    if kind == "backward":
-        return {"num_warps": 8 if head_dim >= 128 else 4, "num_stages": 1 if head_dim >= 256 else 2}
-    if kind == "stats":
-        return {"num_warps": 8 if head_dim >= 256 else 4, "num_stages": 2}
-    if kind == "output":  # one H100, 32K, D 64: 2.28 ms with 2 stages against 2.60 with 3
-        return {"num_warps": 8 if head_dim >= 256 else 4, "num_stages": 2}
-    return {"num_warps": 8 if head_dim >= 256 else 4, "num_stages": 2 if head_dim >= 256 else 3}
-
-
-def _check(q, k, block_m, block_n):
-    if (block_m, block_n) != (BLOCK_M, BLOCK_N):
-        raise ValueError(f"the Triton kernels use {BLOCK_M}x{BLOCK_N} tiles; got {block_m}x{block_n}")
-    dim = q.shape[-1]
-    if dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {dim} is not supported by the Triton kernels; expected one of "
+    if problem.q.dtype == torch.float64:
+        raise ValueError("no Triton kernel computes in float64: backend.backend_for sends float64 to torch_blockwise")
+    if (problem.block_m, problem.block_n) != (BLOCK_M, BLOCK_N):
+        raise ValueError(f"the Triton kernels use {BLOCK_M}x{BLOCK_N} tiles; got {problem.block_m}x{problem.block_n}")
+    if problem.head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {problem.head_dim} is not supported by the Triton kernels; expected one of "
                          f"{SUPPORTED_HEAD_DIMS}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"heads of q ({q.shape[2]}) must be a multiple of heads of k ({k.shape[2]})")
+    if problem.heads % problem.heads_kv:
+        raise ValueError(f"heads of q ({problem.heads}) must be a multiple of heads of k ({problem.heads_kv})")
 
 
-def _vis_args(vis: Visibility, device):
-    return [t.to(device=device, dtype=torch.int32).contiguous() for t in (vis.q_limit, vis.q_doc, vis.k_pos, vis.k_doc)]
+def _precision(q: torch.Tensor) -> str:
+    """``triton_common.dot``'s ``PRECISION`` for inputs like ``q``."""
+    if q.dtype == torch.float32:
+        return "ieee"
+    return "native" if q.is_cuda else "f32"
 
 
-TILE_LIST_CHUNK = 1024  # mask entries per step of a tile-list program
+def _strides(name: str, x: torch.Tensor) -> dict:
+    """The strides of ``x`` (B, S, H, D) per axis, named as the kernels take them: stride_{name}b, ..."""
+    return {f"stride_{name}{axis}": stride for axis, stride in zip("bshd", x.stride())}
 
 
-def _tile_lists(mask: torch.Tensor, columns_too: bool = False):
-    """(..., rows, cols) bool -> counts (..., rows) int32 and indices (..., rows, cols) int32: the
-    True positions of each row first, ascending (``triton_tiles.tile_list_kernel``; slots past a
-    row's count are unset). ``columns_too``: also the lists of the transposed mask, counts
-    (..., cols) and indices (..., cols, rows), from the same launch."""
-    grouped = mask.view(torch.uint8).reshape(-1, *mask.shape[-2:])
-    groups, rows, cols = grouped.shape
-    counts = torch.empty(mask.shape[:-1], device=mask.device, dtype=torch.int32)
-    index = torch.empty(mask.shape, device=mask.device, dtype=torch.int32)
-    lists = [counts, index]
-    if columns_too:
-        lists += [torch.empty((*mask.shape[:-2], cols), device=mask.device, dtype=torch.int32),
-                  torch.empty((*mask.shape[:-2], cols, rows), device=mask.device, dtype=torch.int32)]
-    if counts.numel():
-        columns = lists[2:] or lists  # unused by a grid of depth 1
-        launch(triton_tiles.tile_list_kernel, (max(rows, cols) if columns_too else rows, groups, 1 + columns_too))(
-            grouped, counts, index, *columns, *grouped.stride(), rows, cols,
-            CHUNK=min(TILE_LIST_CHUNK, triton.next_power_of_2(max(rows, cols, 16))), num_warps=4,
-        )
-    return tuple(lists)
+_CONFIGS = {  # num_warps / num_stages per pass, by head dim (a fixed table; no autotuning)
+    "max": lambda d: {"num_warps": 8 if d >= 256 else 4, "num_stages": 2},
+    "sparse": lambda d: {"num_warps": 8 if d >= 256 else 4, "num_stages": 2 if d >= 256 else 3},
+    "output": lambda d: {"num_warps": 8 if d >= 256 else 4, "num_stages": 2},  # why: docs/design.md (kernel choices)
+    "backward": lambda d: {"num_warps": 8 if d >= 128 else 4, "num_stages": 1 if d >= 256 else 2},
+}
+
+
+@dataclass(frozen=True, eq=False)
+class TritonProblem(Problem):
+    """A ``Problem`` checked once, with what every launch reads, derived once (per key block)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self)
+
+    @cached_property
+    def visibility(self) -> dict:
+        """The four visibility vectors as int32 device tensors, by kernel parameter name."""
+        vectors = {"Q_limit": self.vis.q_limit, "Q_doc": self.vis.q_doc, "K_pos": self.vis.k_pos,
+                   "K_doc": self.vis.k_doc}
+        return {name: t.to(device=self.q.device, dtype=torch.int32).contiguous() for name, t in vectors.items()}
+
+    @cached_property
+    def ranges(self) -> dict:
+        """Per query tile, key tiles [K_tile_lo, K_tile_hi) with visible pairs and [K_full_lo,
+        K_full_hi) with only visible pairs (``_key_tile_ranges``)."""
+        names = ("K_tile_lo", "K_tile_hi", "K_full_lo", "K_full_hi")
+        return dict(zip(names, _key_tile_ranges(self.vis, self.q.device)))
+
+    @cached_property
+    def queries(self) -> dict:
+        """The arguments every kernel with one program per query tile (and the dK/dV kernel) takes."""
+        return dict(Q=self.q, K=self.k, **self.visibility, **_strides("q", self.q), **_strides("k", self.k),
+                    seqlen_q=self.seqlen_q, seqlen_k=self.seqlen_k, num_heads=self.heads, scale_z=float(self.scale_z),
+                    GROUP=self.group, HEAD_DIM=self.head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                    PRECISION=_precision(self.q))
+
+    @cached_property
+    def weights(self) -> dict:
+        """How the kernels raise ``(z - tau)_+`` to p and u (``EntmaxSpec.power``, ``gamma``)."""
+        return {"gamma": float(self.spec.gamma), "POWER": self.spec.power}
+
+    def listed(self, tiles: BlockMask) -> dict:
+        """``queries`` and, per query tile, the key tiles of ``tiles`` (lists built once per mask)
+        and its run of fully visible ones: the arguments of the sparse passes."""
+        counts, index = tiles.key_tile_lists()
+        return dict(self.queries, K_full_lo=self.ranges["K_full_lo"], K_full_hi=self.ranges["K_full_hi"],
+                    Tile_count=counts, Tile_index=index, num_k_tiles=self.num_k_tiles)
+
+    @property
+    def query_grid(self) -> tuple[int, int]:
+        """One program per (query tile, batch x query head)."""
+        return (self.num_q_tiles, self.batch * self.heads)
+
+    def config(self, kind: str) -> dict:
+        return _CONFIGS[kind](self.head_dim)
+
+    def per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-row input (B, H, Sq) as the kernels read it: float32, contiguous, on the device."""
+        return x.to(device=self.q.device, dtype=torch.float32).contiguous()
+
+    def empty_rows(self, *tail: int) -> torch.Tensor:
+        """A float32 per-row output (B, H, Sq, *tail) that the kernels fill."""
+        return torch.empty(*self.rows, *tail, device=self.q.device, dtype=torch.float32)
+
+
+def problem(q, k, v, vis: Visibility, spec: EntmaxSpec, softmax_scale: float) -> TritonProblem:
+    return TritonProblem(q, k, v, vis, spec, softmax_scale, BLOCK_M, BLOCK_N)
 
 
 _RANGES_CACHE: dict = {}  # where the four visibility vectors live, and their versions -> (vectors, ranges)
@@ -122,9 +155,9 @@ RANGES_CACHE_SIZE = 16
 
 def _key_tile_ranges(vis: Visibility, device):
     """``_compute_key_tile_ranges``, remembered for the last few visibility rules: some forty small
-    ops that would otherwise run on every call (most of a forward's launches at 8K tokens). The
-    key is each vector's memory, layout and version counter; the entry holds the vectors, so that
-    memory cannot be handed to other tensors while it lives, and an in-place change misses."""
+    ops that would otherwise run on every call. The key is each vector's memory, layout and
+    version counter; the entry holds the vectors, so that memory cannot be handed to other
+    tensors while it lives, and an in-place change misses."""
     tensors = (vis.q_limit, vis.q_doc, vis.k_pos, vis.k_doc)
     key = (str(device),) + tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t._version) for t in tensors)
     hit = _RANGES_CACHE.get(key)
@@ -165,218 +198,150 @@ def _compute_key_tile_ranges(vis: Visibility, device):
     return [t.to(torch.int32).contiguous() for t in (lo, hi, full_lo, full_hi)]
 
 
-def _power(gamma: float) -> int:
-    """Constexpr switch of ``triton_stats.power``: the exponent when it is 1 or 2, else 0."""
-    return int(gamma) if gamma in (1.0, 2.0) else 0
+def _tau_floor(problem: TritonProblem) -> torch.Tensor:
+    """``Maxima.tau_floor`` of this key block (``triton_maxima.tau_floor_kernel``)."""
+    floor = problem.empty_rows()
+    launch(triton_maxima.tau_floor_kernel, problem.query_grid)(
+        **problem.queries, K_tile_lo=problem.ranges["K_tile_lo"], K_tile_hi=problem.ranges["K_tile_hi"],
+        Tau_floor=floor, **problem.weights, STEPS=S.FLOOR_STEPS, MARGIN=S.FLOOR_MARGIN, **problem.config("max"))
+    return floor
 
 
-def max_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, alpha: float | None, row_max=None,
-             tau_floor=None) -> S.Maxima:
-    """Row max, tau floor (``tau_floor_kernel``) and tile gaps (the dense sweep, ``stats_kernel``);
-    see ``torch_blockwise.max_pass``."""
-    if q.dtype == torch.float64:
-        return torch_blockwise.max_pass(q, k, vis, scale_z, block_m, block_n, alpha, row_max, tau_floor)
-    _check(q, k, block_m, block_n)
-    batch, seqlen_q, heads, dim = q.shape
-    heads_kv = k.shape[2]
-    num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(k.shape[1], BLOCK_N)
-    grid = (num_q_tiles, batch * heads)
-    common = dict(GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_flags(q),
-                  **_config(dim, "stats"))
-    vis_args, ranges = _vis_args(vis, q.device), _key_tile_ranges(vis, q.device)
-    if tau_floor is not None:
-        floor = tau_floor.to(device=q.device, dtype=torch.float32).contiguous()
-    elif alpha is None:  # no floor
-        floor = torch.full((batch, heads, seqlen_q), float("-inf"), device=q.device)
-    else:
-        floor = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
-        gamma = _gamma(alpha)
-        launch(triton_stats.tau_floor_kernel, grid)(
-            q, k, *vis_args, *ranges[:2], floor, *q.stride(), *k.stride(),
-            seqlen_q, k.shape[1], heads, float(scale_z), gamma,
-            POWER=_power(gamma), STEPS=S.FLOOR_STEPS, MARGIN=S.FLOOR_MARGIN, **common,
-        )
+def max_pass(problem: TritonProblem, row_max=None, tau_floor=None) -> Maxima:
+    """Row max, tau floor (``tau_floor_kernel``, unless given) and tile gaps (the dense sweep,
+    ``max_kernel``); see ``torch_blockwise.max_pass``."""
+    floor = _tau_floor(problem) if tau_floor is None else problem.per_row(tau_floor)
     if row_max is None:
-        running = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+        running = problem.empty_rows()
     else:
-        running = row_max.to(device=q.device, dtype=torch.float32, copy=True).contiguous()
-    tile_gap = torch.full((batch, heads, num_q_tiles, num_k_tiles), float("-inf"), device=q.device)
-    launch(triton_stats.stats_kernel, grid)(
-        q, k, *vis_args, *ranges, running, floor, tile_gap, *q.stride(), *k.stride(),
-        seqlen_q, k.shape[1], heads, num_k_tiles, float(scale_z), HAS_ROW_MAX=row_max is not None, **common,
-    )
-    return S.Maxima(running, floor, tile_gap)
+        running = row_max.to(device=problem.q.device, dtype=torch.float32, copy=True).contiguous()
+    tile_gap = torch.full(problem.tiles, float("-inf"), device=problem.q.device)
+    launch(triton_maxima.max_kernel, problem.query_grid)(
+        **problem.queries, **problem.ranges, Row_max=running, Tau_floor=floor, Tile_gap=tile_gap,
+        num_k_tiles=problem.num_k_tiles, HAS_ROW_MAX=row_max is not None, **problem.config("max"))
+    return Maxima(running, floor, tile_gap)
 
 
-def histogram_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, row_max, tile_gap, active,
-                   tau_floor=None):
-    """Coarse counts over the ``active`` tiles (``triton_refine.histogram_kernel``), which also
-    marks the tiles where some row has a key in its own kept bins; every other visible tile gets
-    ``ZERO_TILE`` (``tile_gap`` is updated in place). See ``torch_blockwise.histogram_pass``."""
-    if q.dtype == torch.float64:
-        return torch_blockwise.histogram_pass(q, k, vis, scale_z, block_m, block_n, row_max, tile_gap, active,
-                                              tau_floor)
-    _check(q, k, block_m, block_n)
-    batch, seqlen_q, heads, dim = q.shape
-    heads_kv = k.shape[2]
-    num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(k.shape[1], BLOCK_N)
-    counts, index = _tile_lists(active)
-    hist = torch.empty(batch, heads, seqlen_q, S.NUM_BINS, device=q.device, dtype=torch.float32)
-    near = torch.zeros(tile_gap.shape, device=q.device, dtype=torch.int8)
-    if tau_floor is None:  # no floor: every bin kept
-        tau_floor = torch.full_like(row_max, float("-inf"))
-    launch(triton_refine.histogram_kernel, (num_q_tiles, batch * heads))(
-        q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device)[2:], counts, index,
-        row_max.to(torch.float32).contiguous(), tau_floor.to(device=q.device, dtype=torch.float32).contiguous(),
-        hist, near, *q.stride(), *k.stride(),
-        seqlen_q, k.shape[1], heads, num_k_tiles, float(scale_z), S.HISTOGRAM_MARGIN,
-        GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_BINS=S.NUM_BINS,
-        **_flags(q), **_config(dim, "refine"),
-    )
+def histogram_pass(problem: TritonProblem, row_max, tau_floor, tile_gap, tiles: BlockMask):
+    """Coarse counts over ``tiles`` (``triton_histogram.histogram_kernel``), which also marks the
+    tiles where some row has a key in its own kept bins; every other visible tile gets
+    ``ZERO_TILE`` (``tile_gap`` is updated in place). ``tau_floor`` None: every bin kept. See
+    ``torch_blockwise.histogram_pass``."""
+    hist = problem.empty_rows(S.NUM_BINS)
+    near = torch.zeros(tile_gap.shape, device=problem.q.device, dtype=torch.int8)
+    floor = torch.full(problem.rows, float("-inf"), device=problem.q.device) if tau_floor is None else tau_floor
+    launch(triton_histogram.histogram_kernel, problem.query_grid)(
+        **problem.listed(tiles), Row_max=problem.per_row(row_max), Tau_floor=problem.per_row(floor), Hist=hist,
+        Keep=near, floor_margin=S.HISTOGRAM_MARGIN, NUM_BINS=S.NUM_BINS, **problem.config("sparse"))
     return hist, tile_gap.masked_fill_((near == 0) & torch.isfinite(tile_gap), S.ZERO_TILE)
 
 
-def refine_pass(q, k, vis: Visibility, scale_z: float, block_m: int, block_n: int, active, *,
-                bin_index=None, low=None, point=None, alpha=None):
-    """Fine histogram, moments above it and kept tiles (``bin_index``) or Newton sums (``point``,
-    ``alpha``) over active tiles; see ``torch_blockwise.refine_pass``."""
-    if q.dtype == torch.float64:
-        return torch_blockwise.refine_pass(q, k, vis, scale_z, block_m, block_n, active, bin_index=bin_index,
-                                           low=low, point=point, alpha=alpha)
-    _check(q, k, block_m, block_n)
-    flags = _flags(q)
-    batch, seqlen_q, heads, dim = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(seqlen_k, BLOCK_N)
-    newton = bin_index is None
-    counts, index = _tile_lists(active)
-    target = (point if newton else bin_index).to(device=q.device, dtype=torch.float32).contiguous()
-    low = target if newton else (torch.full_like(target, float("-inf")) if low is None
-                                 else low.to(device=q.device, dtype=torch.float32).contiguous())
-    shape = (batch, heads, seqlen_q) + ((2,) if newton else (3, S.FINE_BINS + 1))
-    out = torch.empty(shape, device=q.device, dtype=torch.float32)  # every program writes its rows
-    keep = torch.zeros(active.shape, device=q.device, dtype=torch.int8)
-    launch(triton_refine.refine_kernel, (num_q_tiles, batch * heads))(
-        q, k, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device)[2:], counts, index, target, low, out,
-        keep,
-        *q.stride(), *k.stride(),
-        seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), _gamma(alpha),
-        GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_BINS=S.NUM_BINS,
-        FINE_BINS=S.FINE_BINS, MODE=1 if newton else 0, ROW_BLOCK=triton.next_power_of_2(3 * (S.FINE_BINS + 1)),
-        **flags,
-        **_config(dim, "refine"),
-    )
-    return (out.double(), None) if newton else (out, keep.view(torch.bool))
+def fine_histogram_pass(problem: TritonProblem, tiles: BlockMask, bin_index, cutoff=None):
+    """Fine histogram of the pair of bins from ``bin_index``, the moments above it and the kept
+    tiles (``triton_refine.fine_histogram_kernel``); see ``torch_blockwise.fine_histogram_pass``."""
+    sums = problem.empty_rows(3, S.FINE_BINS + 1)  # every program zeroes its rows first
+    keep = torch.zeros(tiles.tiles.shape, device=problem.q.device, dtype=torch.int8)
+    cutoff = torch.full(problem.rows, float("-inf"), device=problem.q.device) if cutoff is None else cutoff
+    launch(triton_refine.fine_histogram_kernel, problem.query_grid)(
+        **problem.listed(tiles), Bin_index=problem.per_row(bin_index), Cutoff=problem.per_row(cutoff), Sums=sums,
+        Keep=keep, NUM_BINS=S.NUM_BINS, FINE_BINS=S.FINE_BINS,
+        ROW_BLOCK=triton.next_power_of_2(3 * (S.FINE_BINS + 1)), **problem.config("sparse"))
+    return sums, keep.view(torch.bool)
 
 
-def output_pass(q, k, v, vis: Visibility, scale_z: float, alpha: float, tau, block_m: int, block_n: int, active):
-    """sum p v, sum u v, sum u, support and nonzero tiles over active tiles. All float32: storing
-    ``out`` in 16 bits from this kernel slowed it (one H100, 32K tokens, D 64, 83% block sparsity:
-    2.54 against 1.99 ms) far more than the cast after costs."""
-    if q.dtype == torch.float64:
-        return torch_blockwise.output_pass(q, k, v, vis, scale_z, alpha, tau, block_m, block_n, active)
-    _check(q, k, block_m, block_n)
-    flags = _flags(q)
-    batch, seqlen_q, heads, dim = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(seqlen_k, BLOCK_N)
-    counts, index = _tile_lists(active)
-    out = torch.empty(batch, seqlen_q, heads, v.shape[-1], device=q.device, dtype=torch.float32)
+def newton_sums_pass(problem: TritonProblem, tiles: BlockMask, point):
+    """Newton sums at ``point`` over ``tiles`` (``triton_refine.newton_sums_kernel``), float64;
+    see ``torch_blockwise.newton_sums_pass``."""
+    sums = problem.empty_rows(2)
+    launch(triton_refine.newton_sums_kernel, problem.query_grid)(
+        **problem.listed(tiles), Point=problem.per_row(point), Sums=sums, **problem.weights,
+        **problem.config("sparse"))
+    return sums.double()
+
+
+def output_pass(problem: TritonProblem, tau, tiles: BlockMask) -> OutputSums:
+    """sum p v, sum u v, sum u, support and nonzero tiles over ``tiles``
+    (``triton_output.output_kernel``), all float32 (why: docs/design.md (kernel choices))."""
+    p = problem
+    out = torch.empty(p.batch, p.seqlen_q, p.heads, p.v.shape[-1], device=p.q.device, dtype=torch.float32)
     out_u = torch.empty_like(out)
-    u_sum = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
-    support = torch.empty_like(u_sum)
-    nonzero = torch.zeros(batch, heads, num_q_tiles, num_k_tiles, device=q.device, dtype=torch.uint8)
-    launch(triton_output.output_kernel, (num_q_tiles, batch * heads))(
-        q, k, v, *_vis_args(vis, q.device), *_key_tile_ranges(vis, q.device)[2:], counts, index,
-        tau.to(device=q.device, dtype=torch.float32).contiguous(),
-        out, out_u, u_sum, support, nonzero,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), _gamma(alpha),
-        GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ALPHA_MODE=_alpha_mode(alpha),
-        **flags, **_config(dim, "output"),
-    )
-    return out, out_u, u_sum, support, nonzero.view(torch.bool)
+    u_sum, support = p.empty_rows(), p.empty_rows()
+    nonzero = torch.zeros(p.tiles, device=p.q.device, dtype=torch.uint8)
+    launch(triton_output.output_kernel, p.query_grid)(
+        **p.listed(tiles), V=p.v, **_strides("v", p.v), Tau=p.per_row(tau), Out=out, Out_u=out_u, U_sum=u_sum,
+        Support=support, Nonzero=nonzero, **_strides("o", out), **p.weights, **p.config("output"))
+    return OutputSums(out, out_u, u_sum, support, nonzero.view(torch.bool))
 
 
-def backward_pass(q, k, v, grad_out, vis: Visibility, scale_z: float, softmax_scale: float, alpha: float,
-                  tau, delta, block_m: int, block_n: int, active, kv_grad_dtype=None, out_u=None, u_sum=None):
-    """dq (B, Sq, Hq, D) float32, dk and dv (B, Sk, Hkv, D) in ``kv_grad_dtype`` (default float32;
-    the kernel accumulates in float32 and casts once, at the store), and delta (B, Hq, Sq), through
-    the tiles in ``active``. ``delta`` None: the dQ kernel computes it from ``out_u`` and ``u_sum``
-    (``torch_blockwise.row_delta``) for its rows, before the dK/dV kernel reads it. dq stays
-    float32: a 16-bit store slowed the dq kernel (one H100, 32K tokens, D 64, 83% block sparsity:
-    1.87 against 1.48 ms) more than the cast after costs; the dk/dv kernel lost 0.09 ms and saved
-    two casts of about 0.07 ms each."""
-    if q.dtype == torch.float64:
-        return torch_blockwise.backward_pass(q, k, v, grad_out, vis, scale_z, softmax_scale, alpha, tau, delta,
-                                             block_m, block_n, active, kv_grad_dtype, out_u, u_sum)
-    _check(q, k, block_m, block_n)
-    flags = _flags(q)
-    batch, seqlen_q, heads, dim = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    num_q_tiles, num_k_tiles = _cdiv(seqlen_q, BLOCK_M), _cdiv(seqlen_k, BLOCK_N)
-    grad_out = grad_out.to(q.dtype)
-    tau = tau.to(device=q.device, dtype=torch.float32).contiguous()
-    compute_delta = delta is None
-    if compute_delta:
-        out_u = out_u.to(torch.float32)
-        u_sum = u_sum.to(torch.float32).contiguous()
-        delta = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=None, u_sum=None) -> torch.Tensor:
+    """dq (B, Sq, Hq, D) float32 (``triton_backward.dq_kernel``); with ``out_u`` and ``u_sum``, it
+    also computes ``delta`` into ``delta``. float32 (why: docs/design.md (kernel choices))."""
+    p, compute_delta = problem, out_u is not None
+    dq = torch.empty(p.batch, p.seqlen_q, p.heads, p.head_dim, device=p.q.device, dtype=torch.float32)
+    out_u_strides = _strides("o", out_u) if compute_delta else {f"stride_o{axis}": 0 for axis in "bshd"}
+    launch(triton_backward.dq_kernel, p.query_grid)(
+        **p.listed(tiles), V=p.v, DO=grad_out, Tau=tau, Out_u=out_u if compute_delta else delta,
+        U_sum=u_sum if compute_delta else delta, Delta=delta, DQ=dq, **_strides("v", p.v), **_strides("do", grad_out),
+        **out_u_strides, **_strides("dq", dq), softmax_scale=float(p.softmax_scale), **p.weights,
+        COMPUTE_DELTA=compute_delta, **p.config("backward"))
+    return dq
+
+
+def _dkdv(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, dtype) -> tuple:
+    """dk and dv (B, Sk, Hkv, D) in ``dtype`` (``triton_backward.dkdv_kernel``: float32 sums, one
+    cast at the store)."""
+    p = problem
+    dk = torch.empty(p.k.shape, device=p.k.device, dtype=dtype)
+    dv = torch.empty(p.v.shape, device=p.v.device, dtype=dtype)
+    counts_t, index_t = tiles.query_tile_lists()
+    launch(triton_backward.dkdv_kernel, (p.num_k_tiles, p.batch * p.heads_kv))(
+        **p.queries, V=p.v, DO=grad_out, Tile_count=counts_t, Tile_index=index_t, Tau=tau, Delta=delta, DK=dk, DV=dv,
+        **_strides("v", p.v), **_strides("do", grad_out), **_strides("dk", dk), num_heads_kv=p.heads_kv,
+        num_q_tiles=p.num_q_tiles, softmax_scale=float(p.softmax_scale), **p.weights, **p.config("backward"))
+    return dk, dv
+
+
+def backward_pass(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
+                  kv_grad_dtype=None) -> Gradients:
+    """dq (B, Sq, Hq, D) float32, dk and dv (B, Sk, Hkv, D) in ``kv_grad_dtype`` (default
+    float32), and delta (B, Hq, Sq), through ``tiles``. ``delta`` None: the dQ kernel computes it
+    from ``out_u`` and ``u_sum`` (``torch_blockwise.row_delta``) for its rows, before the dK/dV
+    kernel reads it."""
+    grad_out = grad_out.to(problem.q.dtype)
+    tau = problem.per_row(tau)
+    tiles.query_tile_lists()  # both directions of the tile lists from one launch
+    if delta is None:
+        delta = problem.empty_rows()
+        dq = _dq(problem, grad_out, tau, tiles, delta, out_u.to(torch.float32), u_sum.to(torch.float32).contiguous())
     else:
-        delta = delta.to(device=q.device, dtype=torch.float32).contiguous()
-        out_u = u_sum = delta  # not read
-    vis_args = _vis_args(vis, q.device)
-    common = dict(GROUP=heads // heads_kv, HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                  ALPHA_MODE=_alpha_mode(alpha), **flags, **_config(dim, "backward"))
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    # (B, Hq, nQ) key tiles per query tile, and (B, Hq, nK) query tiles per key tile
-    counts, index, counts_t, index_t = _tile_lists(active, columns_too=True)
-
-    dq = torch.empty(batch, seqlen_q, heads, dim, device=q.device, dtype=torch.float32)
-    launch(triton_backward.dq_kernel, (num_q_tiles, batch * heads))(
-        q, k, v, grad_out, *vis_args, counts, index, tau, out_u, u_sum, delta, dq,
-        *strides, *(out_u.stride() if compute_delta else (0, 0, 0, 0)), *dq.stride(),
-        seqlen_q, seqlen_k, heads, num_k_tiles, float(scale_z), float(softmax_scale), _gamma(alpha),
-        COMPUTE_DELTA=compute_delta, **common,
-    )
-    dk = torch.empty(k.shape, device=k.device, dtype=kv_grad_dtype or torch.float32)
-    dv = torch.empty(v.shape, device=v.device, dtype=kv_grad_dtype or torch.float32)
-    launch(triton_backward.dkdv_kernel, (num_k_tiles, batch * heads_kv))(
-        q, k, v, grad_out, *vis_args, counts_t, index_t, tau, delta, dk, dv,
-        *strides, *dk.stride(),
-        seqlen_q, seqlen_k, heads, heads_kv, num_q_tiles, float(scale_z), float(softmax_scale), _gamma(alpha),
-        **common,
-    )
-    return dq, dk, dv, delta
+        delta = problem.per_row(delta)
+        dq = _dq(problem, grad_out, tau, tiles, delta)
+    dk, dv = _dkdv(problem, grad_out, tau, tiles, delta, kv_grad_dtype or torch.float32)
+    return Gradients(dq, dk, dv, delta)
 
 
-def coarse_bracket(stats: S.RowStats, alpha: float) -> S.Bracket:
-    """``stats.coarse_bracket`` in one launch (``triton_tau.bracket_kernel``) for alpha 1.5 and 2;
-    ``estimate`` and ``upper``, which only the Newton path reads, are left None."""
-    if not (S.is_closed_form(alpha) and stats.hist.dtype == torch.float32 and _runs_kernels(stats.hist)):
-        return S.coarse_bracket(stats, alpha)
+def coarse_bracket(stats: S.RowStats, spec: EntmaxSpec) -> S.Bracket:
+    """``stats.coarse_bracket`` in one launch (``triton_tau.bracket_kernel``) for alpha 1.5 and 2
+    (``estimate`` and ``upper``, which only the Newton path reads, are left None); other alpha:
+    ``stats.coarse_bracket``."""
+    if not spec.closed_form:
+        return S.coarse_bracket(stats, spec)
     row_max = stats.row_max.to(torch.float32).contiguous()
     lower = torch.empty_like(row_max)
     bin_index = torch.empty(row_max.shape, device=row_max.device, dtype=torch.float64)
     single = torch.empty(row_max.shape, device=row_max.device, dtype=torch.int8)
-    num_rows = row_max.numel()
-    launch(triton_tau.bracket_kernel, (_cdiv(num_rows, TAU_ROWS),))(
-        row_max, stats.hist.contiguous(), lower, bin_index, single, num_rows,
-        NUM_BINS=S.NUM_BINS, GAMMA=round(_gamma(alpha)), BLOCK_R=TAU_ROWS, num_warps=TAU_WARPS,
-    )
+    launch(triton_tau.bracket_kernel, (_cdiv(row_max.numel(), TAU_ROWS),))(
+        Row_max=row_max, Hist=stats.hist.contiguous(), Lower=lower, Bin_index=bin_index, Single=single,
+        num_rows=row_max.numel(), NUM_BINS=S.NUM_BINS, POWER=spec.power, BLOCK_R=TAU_ROWS, num_warps=TAU_WARPS)
     return S.Bracket(lower, bin_index, None, None, torch.isneginf(row_max), single.view(torch.bool))
 
 
-def fine_tau(bracket: S.Bracket, fine_hist: torch.Tensor, alpha: float) -> torch.Tensor:
+def fine_tau(bracket: S.Bracket, fine: torch.Tensor, spec: EntmaxSpec) -> torch.Tensor:
     """``stats.fine_tau`` in one launch (``triton_tau.fine_tau_kernel``)."""
-    if not (fine_hist.dtype == torch.float32 and _runs_kernels(fine_hist)):
-        return S.fine_tau(bracket, fine_hist, alpha)
-    tau = torch.empty(bracket.bin_index.shape, device=fine_hist.device, dtype=torch.float32)
-    num_rows = tau.numel()
-    launch(triton_tau.fine_tau_kernel, (_cdiv(num_rows, FINE_TAU_ROWS),))(
-        bracket.bin_index.to(torch.float64).contiguous(), bracket.empty.contiguous(), bracket.single.contiguous(),
-        bracket.lower.to(torch.float32).contiguous(), fine_hist.contiguous(), tau, num_rows,
-        NUM_BINS=S.NUM_BINS, FINE_BINS=S.FINE_BINS, GAMMA=round(_gamma(alpha)), BLOCK_R=FINE_TAU_ROWS,
-        num_warps=FINE_TAU_WARPS,
-    )
+    tau = torch.empty(bracket.bin_index.shape, device=fine.device, dtype=torch.float32)
+    launch(triton_tau.fine_tau_kernel, (_cdiv(tau.numel(), FINE_TAU_ROWS),))(
+        Bin_index=bracket.bin_index.to(torch.float64).contiguous(), Empty=bracket.empty.contiguous(),
+        Single=bracket.single.contiguous(), Lower=bracket.lower.to(torch.float32).contiguous(),
+        Fine=fine.contiguous(), Tau=tau, num_rows=tau.numel(), NUM_BINS=S.NUM_BINS, FINE_BINS=S.FINE_BINS,
+        POWER=spec.power, BLOCK_R=FINE_TAU_ROWS, num_warps=FINE_TAU_WARPS)
     return tau

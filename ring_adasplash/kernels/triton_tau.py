@@ -1,16 +1,16 @@
 """tau from the statistics, per row, for alpha 1.5 and 2: ``stats.coarse_bracket`` and
 ``stats.fine_tau`` as two small kernels (float64 inside, as the PyTorch versions).
 
-The PyTorch versions run some forty float64 ops over (rows, bins) tensors: at 32K tokens and 16
-heads that is 4-6 ms of launches and memory traffic, and at 8K most of the forward's time. Here
-one program takes ``BLOCK_R`` rows and keeps every bin of them in registers. Notation as in
-``stats.py``: bins of width ``w = 1 / (NUM_BINS - 1)``, ``K = floor(row max (NUM_BINS - 1))``,
-``gamma = 1 / (alpha - 1)`` (1 for alpha 2, 2 for alpha 1.5), lengths in units of a coarse bin.
+One program takes ``BLOCK_R`` rows and keeps every bin of them in registers, in place of some
+forty float64 PyTorch ops over (rows, bins) tensors (why: docs/design.md (kernel choices)).
+Notation as in ``stats.py``: bins of width ``w = 1 / (NUM_BINS - 1)``, ``K = floor(row max
+(NUM_BINS - 1))``, ``POWER`` = gamma = ``1 / (alpha - 1)`` (1 for alpha 2, 2 for alpha 1.5,
+``EntmaxSpec.power``), lengths in units of a coarse bin.
 """
 import triton
 import triton.language as tl
 
-from .triton_stats import ADD
+from .triton_common import ADD
 
 
 @triton.jit
@@ -24,22 +24,22 @@ def _reference(Row_max, rows, in_rows, NUM_BINS: tl.constexpr):
 
 
 @triton.jit
-def _target(NUM_BINS: tl.constexpr, GAMMA: tl.constexpr):
+def _target(NUM_BINS: tl.constexpr, POWER: tl.constexpr):
     """sum_j p_j = 1 in bin-width units: (NB - 1)^gamma."""
     target = 1.0
-    for _ in tl.static_range(GAMMA):
+    for _ in tl.static_range(POWER):
         target = target * (NUM_BINS - 1)
     return target
 
 
 @triton.jit
 def bracket_kernel(Row_max, Hist, Lower, Bin_index, Single, num_rows,
-                   NUM_BINS: tl.constexpr, GAMMA: tl.constexpr, BLOCK_R: tl.constexpr):
+                   NUM_BINS: tl.constexpr, POWER: tl.constexpr, BLOCK_R: tl.constexpr):
     """The pair of bins holding tau (``stats.coarse_bracket``): b_a, the first local bin whose
     upper bound ``U_b = sum_{j <= b} count_j (b - j + 1)^gamma`` of the edge sum reaches 1 (in bin
     units: (NB - 1)^gamma); tau lies in local bin b_a or b_a + 1. Rows with one key at or above
     the pair have tau = row max - 1 (``Bracket.single``), stored as their lower bound."""
-    tl.static_assert(GAMMA == 1 or GAMMA == 2)
+    tl.static_assert(POWER == 1 or POWER == 2)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < num_rows
     ref, empty = _reference(Row_max, rows, in_rows, NUM_BINS)
@@ -50,12 +50,12 @@ def bracket_kernel(Row_max, Hist, Lower, Bin_index, Single, num_rows,
     reach = j + 1.0
     c_cum = tl.associative_scan(count, 1, ADD)
     m1 = tl.associative_scan(j * count, 1, ADD)
-    if GAMMA == 1:
+    if POWER == 1:
         upper = reach * c_cum - m1
     else:
         m2 = tl.associative_scan(j * j * count, 1, ADD)
         upper = reach * reach * c_cum - 2.0 * reach * m1 + m2
-    target = _target(NUM_BINS, GAMMA)
+    target = _target(NUM_BINS, POWER)
     b_a = tl.minimum(tl.reduce((upper < target).to(tl.int32), 1, ADD), NUM_BINS - 1)
     bin_index = ref - b_a.to(tl.float64) - 1.0
     keys_from_pair = tl.reduce(tl.where(j <= tl.minimum(b_a + 1, NUM_BINS - 1)[:, None].to(tl.float64), count, 0.0),
@@ -70,9 +70,9 @@ def bracket_kernel(Row_max, Hist, Lower, Bin_index, Single, num_rows,
 
 
 @triton.jit
-def _root(n0, n1, n2, target, GAMMA: tl.constexpr):
+def _root(n0, n1, n2, target, POWER: tl.constexpr):
     """Smallest t with sum (x - t)^gamma = target over keys above t, from moments n0, n1, n2 of x."""
-    if GAMMA == 1:
+    if POWER == 1:
         root = (n1 - target) / tl.maximum(n0, 1e-30)
     else:
         disc = tl.maximum(n1 * n1 - n0 * (n2 - target), 0.0)
@@ -81,8 +81,8 @@ def _root(n0, n1, n2, target, GAMMA: tl.constexpr):
 
 
 @triton.jit
-def _f_at(t, m0, m1, m2, GAMMA: tl.constexpr):
-    if GAMMA == 1:
+def _f_at(t, m0, m1, m2, POWER: tl.constexpr):
+    if POWER == 1:
         f = m1 - t * m0
     else:
         f = m2 - 2.0 * t * m1 + t * t * m0
@@ -91,19 +91,18 @@ def _f_at(t, m0, m1, m2, GAMMA: tl.constexpr):
 
 @triton.jit
 def fine_tau_kernel(Bin_index, Empty, Single, Lower, Fine, Tau, num_rows,
-                    NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, GAMMA: tl.constexpr, BLOCK_R: tl.constexpr):
-    """tau from the refinement sums (``stats.fine_tau``): closed form on the exact sums above the
+                    NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, POWER: tl.constexpr, BLOCK_R: tl.constexpr):
+    """tau from the fine histogram sums (``stats.fine_tau``): closed form on the exact sums above the
     sub-bin holding tau plus a two-point model of that sub-bin. Lengths in coarse bins above the
     lower edge of the pair; sub-bins of width h = 2 / FINE_BINS.
 
     One thread per row walks the sub-bins from the top down, adding each to the moments of the
     keys above it, and stops taking values at the first sub-edge where ``sum (x - t)^gamma``
     reaches the target: that is the last such edge (the sum falls as t rises), as in
-    ``stats.fine_tau``. Nothing crosses threads: the version with a row per warp, its sub-bins
-    across the lanes, spent its time in the reductions' shuffles (one H100, 8K tokens, 16 heads:
-    0.15 ms, as long as the refinement pass). ``Single`` rows take their tau from ``Lower``
-    (``stats.Bracket.single``) and read nothing: the refinement pass may not have read them."""
-    tl.static_assert(GAMMA == 1 or GAMMA == 2)
+    ``stats.fine_tau``. Nothing crosses threads (why: docs/design.md (kernel choices)).
+    ``Single`` rows take their tau from ``Lower`` (``stats.Bracket.single``) and read nothing:
+    the fine histogram pass may not have read them."""
+    tl.static_assert(POWER == 1 or POWER == 2)
     ROW_SIZE: tl.constexpr = 3 * (FINE_BINS + 1)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < num_rows
@@ -119,7 +118,7 @@ def fine_tau_kernel(Bin_index, Empty, Single, Lower, Fine, Tau, num_rows,
     n0 = a0  # moments (count, sum x, sum x^2) of the keys above the current sub-edge
     n1 = 2.0 * a0 + y1
     n2 = 4.0 * a0 + 4.0 * y1 + y2
-    target = _target(NUM_BINS, GAMMA)
+    target = _target(NUM_BINS, POWER)
     h = 2.0 / FINE_BINS
     found = rows < 0
     zero = tl.full([BLOCK_R], 0.0, tl.float64)
@@ -137,7 +136,7 @@ def fine_tau_kernel(Bin_index, Empty, Single, Lower, Fine, Tau, num_rows,
         m1 = n1 + x1
         m2 = n2 + x2
         # sub-edge s is the last with F >= target, or s = 0 where none is (stats.fine_tau's clamp)
-        take = ~found & ((_f_at(sf * h, m0, m1, m2, GAMMA) >= target) | (s == 0))
+        take = ~found & ((_f_at(sf * h, m0, m1, m2, POWER) >= target) | (s == 0))
         h0 = tl.where(take, n0, h0)
         h1 = tl.where(take, n1, h1)
         h2 = tl.where(take, n2, h2)
@@ -157,11 +156,11 @@ def fine_tau_kernel(Bin_index, Empty, Single, Lower, Fine, Tau, num_rows,
     p2 = tl.minimum(tl.maximum(mean + spread, lo_edge), hi_edge)
     half = 0.5 * c
     # the sub-bin's keys as two points of half the count each: both above t, the upper one, none
-    root_both = _root(h0 + c, h1 + half * (p1 + p2), h2 + half * (p1 * p1 + p2 * p2), target, GAMMA)
-    root_upper = _root(h0 + half, h1 + half * p2, h2 + half * p2 * p2, target, GAMMA)
-    root_none = _root(h0, h1, h2, target, GAMMA)
-    f_p1 = _f_at(p1, h0 + half, h1 + half * p2, h2 + half * p2 * p2, GAMMA)
-    f_p2 = _f_at(p2, h0, h1, h2, GAMMA)
+    root_both = _root(h0 + c, h1 + half * (p1 + p2), h2 + half * (p1 * p1 + p2 * p2), target, POWER)
+    root_upper = _root(h0 + half, h1 + half * p2, h2 + half * p2 * p2, target, POWER)
+    root_none = _root(h0, h1, h2, target, POWER)
+    f_p1 = _f_at(p1, h0 + half, h1 + half * p2, h2 + half * p2 * p2, POWER)
+    f_p2 = _f_at(p2, h0, h1, h2, POWER)
     tau_rel = tl.where(f_p1 <= target, root_both, tl.where(f_p2 <= target, root_upper, root_none))
     tau_rel = tl.minimum(tl.maximum(tau_rel, lo_edge), hi_edge)
     tau = ((bin_index + tau_rel) / (NUM_BINS - 1)).to(tl.float32)

@@ -2,13 +2,17 @@
 
 Every sparse pass visits, per program, the key tiles (or query tiles) its row of the mask lists,
 as FlexAttention's ``kv_num_blocks`` / ``kv_indices``. One program per row walks it in chunks:
-a prefix sum of the chunk's flags gives each True entry its slot. (A stable sort of each row did
-the same in four launches and about 0.1 ms a pass at 32K tokens and 16 heads.)
+a prefix sum of the chunk's flags gives each True entry its slot (why not a sort:
+docs/design.md (kernel choices)).
 """
+import torch
 import triton
 import triton.language as tl
 
-from .triton_stats import ADD
+from .compile_ahead import launch
+from .triton_common import ADD
+
+TILE_LIST_CHUNK = 1024  # mask entries per step of a tile-list program
 
 
 @triton.jit
@@ -47,3 +51,24 @@ def tile_list_kernel(Mask, Counts, Index, Counts_t, Index_t, stride_mg, stride_m
             list_id = group.to(tl.int64) * num_cols + line
             list_true(Mask + line.to(tl.int64) * stride_mc, stride_mr, num_rows, Counts_t + list_id,
                       Index_t + list_id * num_rows, CHUNK)
+
+
+def tile_lists(mask: torch.Tensor, columns_too: bool = False) -> tuple:
+    """(..., rows, cols) bool -> counts (..., rows) int32 and indices (..., rows, cols) int32: the
+    True positions of each row first, ascending (slots past a row's count are unset).
+    ``columns_too``: also the lists of the transposed mask, counts (..., cols) and indices
+    (..., cols, rows), from the same launch."""
+    grouped = mask.view(torch.uint8).reshape(-1, *mask.shape[-2:])
+    groups, rows, cols = grouped.shape
+    lists = [torch.empty(mask.shape[:-1], device=mask.device, dtype=torch.int32),
+             torch.empty(mask.shape, device=mask.device, dtype=torch.int32)]
+    if columns_too:
+        lists += [torch.empty((*mask.shape[:-2], cols), device=mask.device, dtype=torch.int32),
+                  torch.empty((*mask.shape[:-2], cols, rows), device=mask.device, dtype=torch.int32)]
+    if lists[0].numel():
+        columns = lists[2:] or lists  # unused by a grid of depth 1
+        launch(tile_list_kernel, (max(rows, cols) if columns_too else rows, groups, 1 + columns_too))(
+            Mask=grouped, Counts=lists[0], Index=lists[1], Counts_t=columns[0], Index_t=columns[1],
+            stride_mg=grouped.stride(0), stride_mr=grouped.stride(1), stride_mc=grouped.stride(2), num_rows=rows,
+            num_cols=cols, CHUNK=min(TILE_LIST_CHUNK, triton.next_power_of_2(max(rows, cols, 16))), num_warps=4)
+    return tuple(lists)

@@ -11,7 +11,7 @@ import torch
 
 from .. import telemetry
 from ..comm.collectives import all_gather_seq, reduce_scatter_seq
-from ..kernels import backend_for
+from ..kernels import EntmaxSpec, backend_for
 from ..kernels.algorithm import SingleBlock, entmax_backward, entmax_forward
 from ..kernels.visibility import NO_LIMIT, Visibility
 from . import layouts
@@ -27,7 +27,7 @@ class AllGatherAttention(torch.autograd.Function):
         for start, stop in head_chunks:
             k_all, v_all = (all_gather_seq(x[:, :, start:stop], group) for x in (k, v))
             fwd = entmax_forward(backend, q[:, :, start * group_size:stop * group_size], SingleBlock(k_all, v_all, vis),
-                                 alpha, softmax_scale)
+                                 EntmaxSpec(alpha), softmax_scale)
             telemetry.log_forward(fwd, "allgather")
             outs.append(fwd.out.to(q.dtype))
             fwd.out = None
@@ -46,7 +46,8 @@ class AllGatherAttention(torch.autograd.Function):
             qs = slice(start * group_size, stop * group_size)
             k_all, v_all = (all_gather_seq(x[:, :, start:stop], group) for x in (k, v))
             dq_h, dk_all, dv_all = entmax_backward(backend, q[:, :, qs], grad_out[:, :, qs].contiguous(),
-                                                   SingleBlock(k_all, v_all, vis), fwd, alpha, softmax_scale)
+                                                   SingleBlock(k_all, v_all, vis), fwd, EntmaxSpec(alpha),
+                                                   softmax_scale)
             dq[:, :, qs] = dq_h
             dk[:, :, start:stop] = reduce_scatter_seq(dk_all, group)
             dv[:, :, start:stop] = reduce_scatter_seq(dv_all, group)
@@ -64,8 +65,8 @@ def allgather_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, s
         heads_per_step: key/value heads gathered at once (default: all); lower it to bound memory.
     Returns: (batch, seqlen_local, heads_q, head_dim), this rank's rows.
     """
-    comm, alpha, scale = _validated(q, k, v, alpha, softmax_scale, group, layout, causal,
-                                    extra={"heads_per_step": heads_per_step})
+    comm, checked = _validated(q, k, v, alpha, softmax_scale, group, layout, causal,
+                               extra={"heads_per_step": heads_per_step})
     world, seqlen = comm.world_size, q.shape[1] * comm.world_size
     heads_kv = k.shape[2]
     step = heads_kv if heads_per_step is None else int(heads_per_step)
@@ -76,4 +77,4 @@ def allgather_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, s
     q_pos = layouts.positions(layout, seqlen, comm.rank, world, q.device).to(torch.int32)
     q_limit = q_pos if causal else torch.full_like(q_pos, NO_LIMIT)
     vis = Visibility(q_limit, torch.zeros_like(q_pos), k_pos, torch.zeros_like(k_pos))
-    return AllGatherAttention.apply(q, k, v, alpha, scale, vis, chunks, group)
+    return AllGatherAttention.apply(q, k, v, checked.alpha, checked.softmax_scale, vis, chunks, group)

@@ -11,14 +11,16 @@ import torch.distributed as dist
 
 from .. import telemetry
 from ..checks import check_alpha, check_qkv, default_scale
-from ..kernels import backend_for
+from ..kernels import EntmaxSpec, backend_for
 from ..kernels.algorithm import LocalReduce, SingleBlock, entmax_backward, entmax_forward
 from ..kernels.visibility import positional_visibility
 from .validation import checked_on_groups
 
 
 class AllReduceMerge(LocalReduce):
-    """Merges across ranks whose key blocks differ and whose queries are the same."""
+    """Merges across ranks whose key blocks differ and whose queries are the same: the row max by
+    an all-reduce max; everything else (histograms, all taken against the global row max, fine
+    sums, partial outputs, dq) by all-reduce sums."""
 
     def __init__(self, group):
         self.group = group
@@ -28,27 +30,17 @@ class AllReduceMerge(LocalReduce):
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=self.group)
         return row_max
 
-    def histogram(self, hist: torch.Tensor) -> torch.Tensor:
-        # every rank's histogram is already against the global row max: bins add exactly
-        return self.sums(hist)
-
     def sums(self, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
         dist.all_reduce(t, group=self.group)
         return t
-
-    def outputs(self, parts: list) -> list:
-        return [self.sums(p) for p in parts]
-
-    def grad_q(self, dq: torch.Tensor) -> torch.Tensor:
-        return self.sums(dq)
 
 
 class KVShardedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha: float, softmax_scale: float, vis, group):
         backend, merge = backend_for(q), AllReduceMerge(group)
-        fwd = entmax_forward(backend, q, SingleBlock(k, v, vis), alpha, softmax_scale, merge)
+        fwd = entmax_forward(backend, q, SingleBlock(k, v, vis), EntmaxSpec(alpha), softmax_scale, merge)
         telemetry.log_forward(fwd, "kv-sharded")
         out = fwd.out.to(q.dtype)
         fwd.out = None
@@ -60,7 +52,7 @@ class KVShardedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
         dq, dk, dv = entmax_backward(backend_for(q), q, grad_out.contiguous(), SingleBlock(k, v, ctx.vis), ctx.fwd,
-                                     ctx.alpha, ctx.softmax_scale, AllReduceMerge(ctx.group))
+                                     EntmaxSpec(ctx.alpha), ctx.softmax_scale, AllReduceMerge(ctx.group))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
@@ -79,17 +71,16 @@ def kv_sharded_adasplash_func(q, k_local, v_local, alpha: float = 1.5, causal: b
         full gradient (summed over ranks); k_local and v_local get their own shard's gradients.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    checked = {}
 
     def local_checks():
-        checked["alpha"] = check_alpha(alpha)
+        checked_alpha = check_alpha(alpha)
         _, _, dim = check_qkv(q, k_local, v_local, backend=backend_for(q))
-        checked["scale"] = default_scale(softmax_scale, dim)
-        return {"q": tuple(q.shape), "k": tuple(k_local.shape), "dtype": str(q.dtype), "alpha": checked["alpha"],
-                "causal": bool(causal), "softmax_scale": checked["scale"]}
+        scale = default_scale(softmax_scale, dim)
+        description = {"q": tuple(q.shape), "k": tuple(k_local.shape), "dtype": str(q.dtype), "alpha": checked_alpha,
+                       "causal": bool(causal), "softmax_scale": scale}
+        return description, (checked_alpha, scale)
 
-    checked_on_groups(local_checks, [group])
-    alpha, scale = checked["alpha"], checked["scale"]
+    alpha, scale = checked_on_groups(local_checks, [group])
     seqlen_q, local_k = q.shape[1], k_local.shape[1]
     q_pos = torch.arange(seqlen_q, device=q.device)
     k_pos = torch.arange(rank * local_k, (rank + 1) * local_k, device=q.device)

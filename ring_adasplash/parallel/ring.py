@@ -1,19 +1,21 @@
 """Ring context parallelism for entmax attention: contiguous and zigzag layouts, packed documents.
 
-Each rank keeps its query shard; key (and value) shards travel around the ring. Three rotations
-in the forward (see ``kernels/algorithm.py``): K for the statistics (dense), K for the refinement
-and K+V for the output. After the statistics every rank knows which key tiles of every shard it
-needs; one ``all_gather`` of those bitmaps gives every rank the same schedule, and a shard's
-holder sends only the tiles some rank further along still needs. The backward rotates K+V once
-more, with dK/dV accumulators travelling behind them back to their owners.
+Each rank keeps its query shard; key (and value) shards travel around the ring, one rotation
+per pass of the forward (``kernels/algorithm.py``): K for the max pass (dense), K for the
+histogram pass, K for the fine histogram pass (alpha 1.5 and 2; other alpha: one per Newton
+step, five) and K+V for the output pass. From the max pass on, every rank knows which key tiles
+of every shard a pass needs; one ``all_gather`` of those bitmaps per pass gives every rank the
+same schedule, and a shard's holder sends only the tiles some rank further along still needs.
+The backward rotates K+V once more, with dK/dV accumulators travelling behind them back to their
+owners.
 
-Order in this file: the ring of key blocks (forward loop, backward loop), the autograd Function,
-the public functions.
+Order in this file: the ring of key blocks (forward sweep, backward sweep), the autograd
+Function, the public functions.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -21,8 +23,8 @@ import torch.distributed as dist
 from .. import telemetry
 from ..checks import check_cu_seqlens
 from ..comm import RingComm
-from ..kernels import backend_for
-from ..kernels.algorithm import entmax_backward, entmax_forward
+from ..kernels import EntmaxSpec, backend_for
+from ..kernels.algorithm import KeyBlock, entmax_backward, entmax_forward
 from ..kernels.visibility import NO_LIMIT, Visibility
 from . import layouts
 from .validation import validated_self_attention
@@ -52,7 +54,8 @@ def _tile_rows(tiles: torch.Tensor | None, block_n: int, length: int, device) ->
 
 class RingKeyBlocks:
     """Key blocks of a ring: block ``s`` is the shard of rank ``s``; at step ``t`` rank ``r`` holds
-    shard ``(r - t) mod P``. Implements ``algorithm.KeyBlocks``."""
+    shard ``(r - t) mod P``. Implements ``algorithm.KeyBlocks``: the ring's send and receive are
+    ``_pass_to_next``, posted by ``sweep`` before it yields a block."""
 
     reads_needed = True  # only the key tiles some rank needs travel
 
@@ -60,21 +63,24 @@ class RingKeyBlocks:
         self.k, self.v, self.plan, self.block_n = k, v, plan, block_n
         self.comm = plan.comm
         self.num_blocks = self.comm.world_size
-        self._needs_cache: tuple = (None, None)
+        self._needs_cache: tuple = (None, None)  # the last pass's masks and their gathered table
 
     # -- schedule --------------------------------------------------------------------------
-    def _all_needs(self, needed) -> torch.Tensor:
-        """(P ranks, P shards, nK) bool on CPU: which key tiles each rank needs from each shard."""
+    def _all_needs(self, needed: list | None) -> torch.Tensor | None:
+        """(P ranks, P shards, nK) bool on CPU: which key tiles each rank needs from each shard
+        (``needed``: this rank's ``BlockMask`` per shard); None when every tile travels."""
+        if needed is None:
+            return None
         if self._needs_cache[0] is needed:
             return self._needs_cache[1]
-        mine = torch.stack(list(needed)).to(torch.uint8)
+        mine = torch.stack([mask.needed_key_tiles() for mask in needed]).to(torch.uint8)
         gathered = [torch.empty_like(mine) for _ in range(self.num_blocks)]
         dist.all_gather(gathered, mine, group=self.comm.group)
         table = torch.stack(gathered).bool().cpu()
         self._needs_cache = (needed, table)
         return table
 
-    def _sent_tiles(self, table, shard: int, step: int, first_reader: int = None):
+    def _sent_tiles(self, table, shard: int, step: int, first_reader: int | None = None):
         """Tiles of ``shard`` its holder sends at ``step``: those some later rank still needs."""
         if table is None:
             return None
@@ -83,8 +89,13 @@ class RingKeyBlocks:
         readers = [(shard + i) % p for i in range(start, p)]
         return table[readers, shard].any(0)
 
-    def _exchange(self, held: torch.Tensor, send_tiles, recv_tiles, dense_bytes: int, pass_name: str):
-        """Start sending the selected rows of ``held``; returns a function giving the received block."""
+    def _pass_to_next(self, held: torch.Tensor, table, shard: int, step: int, pass_name: str,
+                      first_reader: int | None = None):
+        """Start sending the tiles of ``held`` (shard ``shard``) that later ranks need to the next
+        rank, and receiving shard ``shard - 1``'s from the previous; returns a function that
+        waits and gives the received block (tiles nobody needs as zeros)."""
+        send_tiles = self._sent_tiles(table, shard, step, first_reader)
+        recv_tiles = self._sent_tiles(table, (shard - 1) % self.num_blocks, step, first_reader)
         length = held.shape[1]
         rows_out = _tile_rows(send_tiles, self.block_n, length, held.device)
         rows_in = _tile_rows(recv_tiles, self.block_n, length, held.device)
@@ -92,65 +103,68 @@ class RingKeyBlocks:
         shape = list(held.shape)
         if rows_in is not None:
             shape[1] = rows_in.numel()
-        pending = self.comm.exchange(packed, shape, dense_bytes, pass_name)
+        pending = self.comm.exchange(packed, shape, held.numel() * held.element_size(), pass_name)
 
         def finish():
             received = pending.wait()
             if rows_in is None:
                 return received
-            block = torch.zeros_like(held)
-            block.index_copy_(1, rows_in, received)
-            return block
+            return torch.zeros_like(held).index_copy_(1, rows_in, received)
 
         return finish
 
-    # -- forward loop ----------------------------------------------------------------------
-    def visit(self, fn, with_values: bool, needed=None, pass_name=None) -> None:
+    # -- forward sweep ---------------------------------------------------------------------
+    def sweep(self, with_values: bool, needed: list | None = None, pass_name: str = "") -> Iterator[KeyBlock]:
+        """Every shard in ring order; the next one's transfer is posted before this one is yielded."""
         p, r = self.num_blocks, self.comm.rank
-        table = None if needed is None else self._all_needs(needed)
+        table = self._all_needs(needed)
         held = torch.cat([self.k, self.v], -1) if with_values else self.k
-        dense_bytes = held.numel() * held.element_size()
         dim = self.k.shape[-1]
-        pass_name = pass_name or ("output" if with_values else ("statistics" if needed is None else "refine"))
         for step in range(p):
             shard = (r - step) % p
-            finish = None
-            if step < p - 1:  # post the next block's transfer before computing on this one
-                finish = self._exchange(held, self._sent_tiles(table, shard, step),
-                                        self._sent_tiles(table, (shard - 1) % p, step), dense_bytes, pass_name)
+            finish = self._pass_to_next(held, table, shard, step, pass_name) if step < p - 1 else None
             k, v = (held[..., :dim], held[..., dim:]) if with_values else (held, None)
-            fn(shard, k, v, self.plan.visibility(shard))
+            yield KeyBlock(shard, k, v, self.plan.visibility(shard))
             if finish is not None:
                 held = finish()
 
-    # -- backward loop ---------------------------------------------------------------------
-    def visit_backward(self, fn, needed):
-        p, r = self.num_blocks, self.comm.rank
-        table = self._all_needs(needed)
-        held = torch.cat([self.k, self.v], -1)
-        dim = self.k.shape[-1]
-        kv_bytes = held.numel() * held.element_size()
-        own = accumulator = acc_finish = None
-        for step in range(p):
-            shard = (r - step) % p
-            kv_finish = None
-            if step < p - 1:
-                kv_finish = self._exchange(held, self._sent_tiles(table, shard, step),
-                                           self._sent_tiles(table, (shard - 1) % p, step), kv_bytes, "backward")
-            dk, dv = fn(shard, held[..., :dim], held[..., dim:], self.plan.visibility(shard))
-            grads = torch.cat([dk, dv], -1)
-            if step == 0:
-                own = grads
-            else:
-                accumulator = grads if acc_finish is None else acc_finish() + grads
-                # dK/dV of this shard go on towards its owner, carrying every tile any rank touched
-                acc_finish = self._exchange(accumulator, self._sent_tiles(table, shard, 0, first_reader=1),
-                                            self._sent_tiles(table, (shard - 1) % p, 0, first_reader=1),
-                                            accumulator.numel() * accumulator.element_size(), "backward-grads")
-            if kv_finish is not None:
-                held = kv_finish()
-        if acc_finish is not None:
-            own = own + acc_finish()
+    def backward_sweep(self, needed: list) -> "RingGradients":
+        return RingGradients(self, self._all_needs(needed))
+
+
+class RingGradients:
+    """The backward's sweep: K+V travel as in the forward; the dK/dV of each shard travel behind
+    them, gathering every rank's contribution, and reach their owner after a full turn."""
+
+    def __init__(self, blocks: RingKeyBlocks, table):
+        self.blocks, self.table = blocks, table
+        self.own = self.accumulated = None  # this rank's own shard's grads; the travelling ones
+        self.step = 0
+
+    def __iter__(self) -> Iterator[KeyBlock]:
+        blocks = self.blocks
+        p, r, dim = blocks.num_blocks, blocks.comm.rank, blocks.k.shape[-1]
+        held = torch.cat([blocks.k, blocks.v], -1)
+        for self.step in range(p):
+            shard = (r - self.step) % p
+            finish = blocks._pass_to_next(held, self.table, shard, self.step, "backward") if self.step < p - 1 else None
+            yield KeyBlock(shard, held[..., :dim], held[..., dim:], blocks.plan.visibility(shard))
+            if finish is not None:
+                held = finish()
+
+    def hand_back(self, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        grads = torch.cat([dk, dv], -1)
+        if self.step == 0:
+            self.own = grads
+            return
+        grads = grads if self.accumulated is None else self.accumulated() + grads
+        # dK/dV of this shard go on towards its owner, carrying every tile any rank touched
+        shard = (self.blocks.comm.rank - self.step) % self.blocks.num_blocks
+        self.accumulated = self.blocks._pass_to_next(grads, self.table, shard, 0, "backward-grads", first_reader=1)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        own = self.own if self.accumulated is None else self.own + self.accumulated()
+        dim = self.blocks.k.shape[-1]
         return own[..., :dim], own[..., dim:]
 
 
@@ -165,7 +179,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha: float, softmax_scale: float, plan: ShardPlan):
         backend = backend_for(q)
-        fwd = entmax_forward(backend, q, RingKeyBlocks(k, v, plan, backend.BLOCK_N), alpha, softmax_scale)
+        fwd = entmax_forward(backend, q, RingKeyBlocks(k, v, plan, backend.BLOCK_N), EntmaxSpec(alpha), softmax_scale)
         telemetry.log_forward(fwd, plan.name, local_block=plan.comm.rank)
         out = fwd.out.to(q.dtype)
         fwd.out = None  # the backward needs only the row terms
@@ -178,7 +192,8 @@ class RingAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         backend = backend_for(q)
         blocks = RingKeyBlocks(k, v, ctx.plan, backend.BLOCK_N)
-        dq, dk, dv = entmax_backward(backend, q, grad_out.contiguous(), blocks, ctx.fwd, ctx.alpha, ctx.softmax_scale)
+        dq, dk, dv = entmax_backward(backend, q, grad_out.contiguous(), blocks, ctx.fwd, EntmaxSpec(ctx.alpha),
+                                     ctx.softmax_scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
@@ -188,16 +203,16 @@ class RingAttention(torch.autograd.Function):
 
 
 def _validated(q, k, v, alpha, softmax_scale, group, layout: str, causal: bool, varlen: bool = False, extra=None):
-    """Local checks, then one collective so that bad or mismatched input raises on every rank."""
+    """Local checks, then one collective so that bad or mismatched input raises on every rank.
+    Returns the ring's ``RingComm`` and the ``CheckedOptions``."""
     comm = RingComm(group)
 
     def layout_checks():
         seqlen_local = q.shape[0 if varlen else 1]
         layouts.positions(layout, seqlen_local * comm.world_size, comm.rank, comm.world_size)
-        return {"layout": layout, **(extra or {})}
+        return {"layout": layout, **(extra or {})}, None
 
-    alpha, scale = validated_self_attention(q, k, v, alpha, softmax_scale, causal, [group], layout_checks, varlen)
-    return comm, alpha, scale
+    return comm, validated_self_attention(q, k, v, alpha, softmax_scale, causal, [group], layout_checks, varlen)
 
 
 def _positional_plan(comm: RingComm, layout: str, seqlen: int, causal: bool, device, doc_of=None, name="ring"):
@@ -215,9 +230,9 @@ def _positional_plan(comm: RingComm, layout: str, seqlen: int, causal: bool, dev
 
 
 def _ring(q, k, v, alpha, causal, softmax_scale, group, layout):
-    comm, alpha, scale = _validated(q, k, v, alpha, softmax_scale, group, layout, causal)
+    comm, checked = _validated(q, k, v, alpha, softmax_scale, group, layout, causal)
     plan = _positional_plan(comm, layout, q.shape[1] * comm.world_size, causal, q.device, name=f"ring-{layout}")
-    return RingAttention.apply(q, k, v, alpha, scale, plan)
+    return RingAttention.apply(q, k, v, checked.alpha, checked.softmax_scale, plan)
 
 
 @torch.compiler.disable  # exchanges run eagerly; compiled callers graph-break here
@@ -257,12 +272,12 @@ def ring_adasplash_varlen_func(q, k, v, cu_seqlens, alpha: float = 1.5, causal: 
     A token attends only to tokens of its own document (causally when ``causal``).
     Returns: (total_local, heads_q, head_dim).
     """
-    comm, alpha, scale = _validated(q, k, v, alpha, softmax_scale, group, "contiguous", causal, varlen=True,
-                                    extra={"cu_seqlens": tuple(int(x) for x in cu_seqlens.tolist())})
+    comm, checked = _validated(q, k, v, alpha, softmax_scale, group, "contiguous", causal, varlen=True,
+                               extra={"cu_seqlens": tuple(int(x) for x in cu_seqlens.tolist())})
     total = q.shape[0] * comm.world_size
     check_cu_seqlens(cu_seqlens, total, "cu_seqlens")
     cu = cu_seqlens.to(q.device, torch.int64)
     doc_of = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device), cu[1:] - cu[:-1],
                                      output_size=total)
     plan = _positional_plan(comm, "contiguous", total, causal, q.device, doc_of=doc_of, name="ring-varlen")
-    return RingAttention.apply(q[None], k[None], v[None], alpha, scale, plan)[0]
+    return RingAttention.apply(q[None], k[None], v[None], checked.alpha, checked.softmax_scale, plan)[0]

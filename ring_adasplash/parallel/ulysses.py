@@ -70,12 +70,10 @@ def ulysses_adasplash_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, al
         (batch, seqlen_local, heads_q, head_dim): this rank's rows of the full-sequence result.
     """
     degree = dist.get_world_size(group)
-    copies = {}
 
     def head_checks():
-        copies["kv"] = kv_copies(q.shape[2], k.shape[2], degree)
-        return {"ulysses_degree": degree}
+        return {"ulysses_degree": degree}, kv_copies(q.shape[2], k.shape[2], degree)
 
-    alpha, scale = validated_self_attention(q, k, v, alpha, softmax_scale, causal, [group], head_checks)
-    q_h, k_h, v_h = scatter_heads(q, k, v, group, copies["kv"])
-    return gather_heads(adasplash_func(q_h, k_h, v_h, alpha, causal, scale), group)
+    checked = validated_self_attention(q, k, v, alpha, softmax_scale, causal, [group], head_checks)
+    q_h, k_h, v_h = scatter_heads(q, k, v, group, copies=checked.extra)
+    return gather_heads(adasplash_func(q_h, k_h, v_h, checked.alpha, causal, checked.softmax_scale), group)

@@ -137,17 +137,19 @@ def usp_adasplash_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha:
         (batch, seqlen_local, heads_q, head_dim): this rank's rows of the full-sequence result.
     """
     mesh = UspMesh.from_groups(ulysses_group, ring_group)
-    copies = {}
 
     def mesh_checks():
-        copies["kv"] = kv_copies(q.shape[2], k.shape[2], mesh.ulysses_degree)
+        copies = kv_copies(q.shape[2], k.shape[2], mesh.ulysses_degree)
         usp_positions(q.shape[1] * mesh.size, mesh, ring_layout)
-        return {"ulysses_degree": mesh.ulysses_degree, "ring_degree": mesh.ring_degree, "ring_layout": ring_layout}
+        description = {"ulysses_degree": mesh.ulysses_degree, "ring_degree": mesh.ring_degree,
+                       "ring_layout": ring_layout}
+        return description, copies
 
     groups = [g for g in (ulysses_group, ring_group) if g is not None]
-    alpha, scale = validated_self_attention(q, k, v, alpha, softmax_scale, causal, groups, mesh_checks)
+    checked = validated_self_attention(q, k, v, alpha, softmax_scale, causal, groups, mesh_checks)
+    alpha, scale = checked.alpha, checked.softmax_scale
     if mesh.ulysses_degree > 1:
-        q, k, v = scatter_heads(q, k, v, ulysses_group, copies["kv"])
+        q, k, v = scatter_heads(q, k, v, ulysses_group, checked.extra)
     if mesh.ring_degree > 1:
         out = _ring_attention(q, k, v, alpha, causal, scale, ring_group, ring_layout)
     else:  # one ring shard: the whole sequence, in order for either layout

@@ -8,7 +8,8 @@ of every Ulysses group, so two rounds reach every rank.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -17,20 +18,20 @@ from ..comm import check_same_on_all_ranks
 from ..kernels import backend_for
 
 
-def checked_on_groups(local_checks: Callable[[], dict], groups: Sequence) -> None:
-    """Run ``local_checks()`` (returns the description every rank must agree on; raises
-    ValueError/TypeError on bad input), then one agreement round per group in ``groups``.
-    Raises on every rank of the union of the groups when any rank failed or ranks disagree.
+def checked_on_groups(local_checks: Callable[[], tuple[dict, Any]], groups: Sequence) -> Any:
+    """Run ``local_checks()``, which returns ``(description, checked)``: the description every rank
+    must agree on, and what the checks computed (raises ValueError/TypeError on bad input); then
+    one agreement round per group in ``groups``. Returns ``checked``. Raises on every rank of the
+    union of the groups when any rank failed or ranks disagree.
 
     Under ``torch.compile`` only the local checks run (at trace time, on every rank): a collective
     of Python objects cannot be part of a graph.
     """
     if torch.compiler.is_compiling():
-        local_checks()
-        return
-    error, description = None, {}
+        return local_checks()[1]
+    error, description, checked = None, {}, None
     try:
-        description = local_checks()
+        description, checked = local_checks()
     except (ValueError, TypeError) as exc:
         error = exc
     for group in groups:
@@ -40,33 +41,45 @@ def checked_on_groups(local_checks: Callable[[], dict], groups: Sequence) -> Non
             error = exc
     if error is not None:
         raise error
+    return checked
+
+
+@dataclass(frozen=True)
+class CheckedOptions:
+    """Options of a sequence-parallel call after the checks: alpha, the softmax scale with its
+    default filled in, and what the strategy's own checks returned."""
+
+    alpha: float
+    softmax_scale: float
+    extra: Any = None
 
 
 def validated_self_attention(q, k, v, alpha, softmax_scale, causal: bool, groups: Sequence,
-                             extra_checks: Callable[[], dict] | None = None, varlen: bool = False) -> tuple[float, float]:
+                             extra_checks: Callable[[], tuple[dict, Any]] | None = None,
+                             varlen: bool = False) -> CheckedOptions:
     """Checks of sharded self-attention inputs q (batch, seqlen_local, heads_q, head_dim) and
     k, v (batch, seqlen_local, heads_kv, head_dim) (varlen: (total_local, heads, head_dim)) plus
     the options, agreed over ``groups``.
 
-    ``extra_checks()``: strategy-specific checks (head counts, layouts); returns more description.
-    Returns (alpha, softmax_scale) with the defaults filled in.
+    ``extra_checks()``: strategy-specific checks (head counts, layouts); returns ``(more
+    description, what they computed)``, which comes back as ``CheckedOptions.extra``.
     """
-    result = {}
 
     def local_checks():
-        result["alpha"] = check_alpha(alpha)
+        checked_alpha = check_alpha(alpha)
         _, _, dim = check_qkv(q, k, v, varlen=varlen, backend=backend_for(q))
         seq_axis = 0 if varlen else 1
         if q.shape[seq_axis] != k.shape[seq_axis]:
             raise ValueError(f"q and k must hold the same tokens (local seqlen {q.shape[seq_axis]} vs "
                              f"{k.shape[seq_axis]}): "
                              "sequence-parallel attention here is self-attention over one sequence")
-        result["scale"] = default_scale(softmax_scale, dim)
-        description = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "alpha": result["alpha"],
-                       "causal": bool(causal), "softmax_scale": result["scale"]}
+        scale = default_scale(softmax_scale, dim)
+        description = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "alpha": checked_alpha,
+                       "causal": bool(causal), "softmax_scale": scale}
+        extra = None
         if extra_checks is not None:
-            description.update(extra_checks())
-        return description
+            more, extra = extra_checks()
+            description.update(more)
+        return description, CheckedOptions(checked_alpha, scale, extra)
 
-    checked_on_groups(local_checks, groups)
-    return result["alpha"], result["scale"]
+    return checked_on_groups(local_checks, groups)

@@ -1,0 +1,195 @@
+"""The seam between the schedule (``algorithm.py``) and the kernels: one ``Problem`` per query block
+and key block, and the ``Backend`` protocol that ``torch_blockwise`` (PyTorch, any device) and
+``triton_backend`` (Triton kernels) implement.
+
+Tensors come in the public layout (batch, seqlen, heads, head_dim) with any strides; per-row
+results are head-major (batch, heads, seqlen_q, ...); per-tile results are (batch, heads, nQ, nK)
+over tiles of ``block_m`` queries by ``block_n`` keys. GQA: query head ``h`` reads key head
+``h // (heads_q // heads_kv)``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import NamedTuple, Protocol
+
+import torch
+
+from .block_mask import BlockMask
+from .entmax_spec import EntmaxSpec
+from .visibility import Visibility
+
+BACKEND_ENV = "RING_ADASPLASH_BACKEND"
+BACKEND_CHOICES = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    """One query block against one key block: what every pass reads, built once per key block.
+
+    ``q`` (B, Sq, Hq, D); ``k``, ``v`` (B, Sk, Hkv, D) (``v`` None for the passes that read no
+    values); ``vis``: which keys each query sees; ``softmax_scale`` multiplies ``q . k``.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor | None
+    vis: Visibility
+    spec: EntmaxSpec
+    softmax_scale: float
+    block_m: int
+    block_n: int
+
+    # derived from the shapes once, in __post_init__
+    batch: int = field(init=False)
+    seqlen_q: int = field(init=False)
+    seqlen_k: int = field(init=False)
+    heads: int = field(init=False)
+    heads_kv: int = field(init=False)
+    head_dim: int = field(init=False)
+    group: int = field(init=False)  # query heads per key head
+    num_q_tiles: int = field(init=False)
+    num_k_tiles: int = field(init=False)
+    scale_z: float = field(init=False)  # q . k to the entmax logit z
+
+    def __post_init__(self):
+        batch, seqlen_q, heads, head_dim = self.q.shape
+        seqlen_k, heads_kv = self.k.shape[1], self.k.shape[2]
+        derived = dict(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads=heads, heads_kv=heads_kv,
+                       head_dim=head_dim, group=heads // heads_kv, num_q_tiles=-(-seqlen_q // self.block_m),
+                       num_k_tiles=-(-seqlen_k // self.block_n), scale_z=self.spec.scale_z(self.softmax_scale))
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def rows(self) -> tuple[int, int, int]:
+        """Shape of a per-row result, (B, Hq, Sq)."""
+        return (self.batch, self.heads, self.seqlen_q)
+
+    @property
+    def tiles(self) -> tuple[int, int, int, int]:
+        """Shape of a per-tile result, (B, Hq, nQ, nK)."""
+        return (self.batch, self.heads, self.num_q_tiles, self.num_k_tiles)
+
+    @cached_property
+    def visible_tiles(self) -> torch.Tensor:
+        """(nQ, nK) bool: tiles that may hold a visible pair."""
+        from .visibility import tile_visible
+
+        return tile_visible(self.vis, self.block_m, self.block_n).to(self.q.device)
+
+    def block_mask(self, tiles: torch.Tensor, visible: torch.Tensor | None = None) -> BlockMask:
+        """``tiles`` (B, Hq, nQ, nK) bool as a ``BlockMask`` of this problem's tiling."""
+        return BlockMask(tiles, self.block_m, self.block_n, self.seqlen_q, self.seqlen_k, visible)
+
+
+class Maxima(NamedTuple):
+    """What the max pass of one key block gives.
+
+    ``row_max``: (B, H, Sq) running max of z over the visible keys of this and earlier blocks.
+    ``tau_floor``: (B, H, Sq) a lower bound of tau: the tau of the row's visible keys in the last
+    two key tiles of its query tile's span (of the first block; under causal, the diagonal and the
+    tile before it), less ``stats.FLOOR_MARGIN``: tau only grows as keys are added, since each adds
+    to ``sum (z - t)_+^gamma``. -inf where those tiles hold no visible key of the row.
+    ``tile_gap``: (B, H, nQ, nK) per tile, max over its rows of (the row's largest z in the tile -
+    ``stats.gap_reference(running max, tau floor)`` just after the tile); -inf where the tile has
+    no visible pair.
+    """
+
+    row_max: torch.Tensor
+    tau_floor: torch.Tensor
+    tile_gap: torch.Tensor
+
+
+class OutputSums(NamedTuple):
+    """What the output pass of one key block adds (all additive across key blocks).
+
+    ``out`` (B, Sq, Hq, D) = sum p v; ``out_u`` (B, Sq, Hq, D) = sum u v; ``u_sum`` (B, Hq, Sq) =
+    sum u; ``support`` (B, Hq, Sq) = number of keys with p > 0 (float32; float64 for float64
+    inputs); ``nonzero`` (B, Hq, nQ, nK) bool: tiles holding any p > 0.
+    """
+
+    out: torch.Tensor
+    out_u: torch.Tensor
+    u_sum: torch.Tensor
+    support: torch.Tensor
+    nonzero: torch.Tensor
+
+
+class Gradients(NamedTuple):
+    """What the backward pass of one key block gives: dq (B, Sq, Hq, D) of this block's keys,
+    dk and dv (B, Sk, Hkv, D), and delta (B, Hq, Sq), the row term (given or computed)."""
+
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    delta: torch.Tensor
+
+
+class Backend(Protocol):
+    """The passes of the algorithm over one ``Problem`` (see ``algorithm.py`` for their order).
+    Each backend is a module that defines these names (a module satisfies a Protocol).
+
+    Every pass reads only the tiles its ``BlockMask`` names; tiles it does not read count as zero.
+    """
+
+    NAME: str
+    BLOCK_M: int
+    BLOCK_N: int
+
+    def problem(self, q, k, v, vis: Visibility, spec: EntmaxSpec, softmax_scale: float) -> Problem:
+        """The per-block problem in this backend's form (checked; derived launch data cached)."""
+
+    def max_pass(self, problem: Problem, row_max=None, tau_floor=None) -> Maxima:
+        """The dense pass, nearest key tiles first: running row max from ``row_max`` (the max over
+        earlier key blocks) or from -inf; the tau floor of this block unless ``tau_floor`` is
+        given (every block after the first); tile gaps against ``stats.gap_reference`` of the two."""
+
+    def histogram_pass(self, problem: Problem, row_max, tau_floor, tile_gap, tiles: BlockMask):
+        """Coarse counts ``hist`` (B, H, Sq, NUM_BINS) of the keys of ``tiles`` in the bins
+        ``stats.kept_bins`` keeps, against ``stats.bin_reference(row_max)`` (``row_max``: the max
+        over every key block, so histograms of all blocks add exactly); returns ``(hist,
+        tile_gap)`` with ``stats.ZERO_TILE`` on the visible tiles where no row has a kept key."""
+
+    def fine_histogram_pass(self, problem: Problem, tiles: BlockMask, bin_index, cutoff):
+        """alpha 1.5 and 2: the sums of ``stats.fine_tau`` (B, H, Sq, 3, FINE_BINS + 1) over
+        ``tiles``, of the keys at or above ``cutoff`` (B, H, Sq; keys below have p = 0), and
+        ``keep`` (B, H, nQ, nK) bool: tiles where some row has such a key no lower than one coarse
+        bin below the pair starting at ``bin_index``. Returns ``(sums, keep)``."""
+
+    def newton_sums_pass(self, problem: Problem, tiles: BlockMask, point):
+        """Other alpha: (B, H, Sq, 2) float64 ``sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1)`` at
+        ``t = point`` over ``tiles``."""
+
+    def output_pass(self, problem: Problem, tau, tiles: BlockMask) -> OutputSums:
+        """Partial output for a known ``tau`` over ``tiles``."""
+
+    def backward_pass(self, problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
+                      kv_grad_dtype=None) -> Gradients:
+        """Gradients through the ``tiles`` of one key block. ``delta`` None: computed from
+        ``out_u`` and ``u_sum`` (the merged forward row terms). ``kv_grad_dtype``: the dtype of dk
+        and dv where they are final (one key block); default float32."""
+
+    def coarse_bracket(self, stats, spec: EntmaxSpec):
+        """``stats.coarse_bracket``: where tau lies after the coarse counts."""
+
+    def fine_tau(self, bracket, fine, spec: EntmaxSpec) -> torch.Tensor:
+        """``stats.fine_tau``: tau (B, H, Sq) float32 from the fine sums (alpha 1.5 and 2)."""
+
+
+def backend_for(x: torch.Tensor) -> Backend:
+    """The backend for tensors like ``x``: the Triton kernels for CUDA tensors, PyTorch otherwise,
+    and always PyTorch for float64 (no kernel computes in float64).
+    ``RING_ADASPLASH_BACKEND=triton`` runs the Triton kernels on CPU tensors under
+    ``TRITON_INTERPRET=1`` (tests do); ``=torch`` forces the PyTorch path."""
+    choice = os.environ.get(BACKEND_ENV, "auto")
+    if choice not in BACKEND_CHOICES:
+        raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKEND_CHOICES)}; got {choice!r}")
+    if x.dtype != torch.float64 and (choice == "triton" or (choice == "auto" and x.is_cuda)):
+        from . import triton_backend
+
+        return triton_backend
+    from . import torch_blockwise
+
+    return torch_blockwise

@@ -1,0 +1,227 @@
+"""Jit helpers shared by the Triton kernels (Triton inlines them into each kernel).
+
+Conventions, as in Triton's fused-attention tutorial: pointers are Capitalised (``Q``, ``Tile_index``),
+tiles and scalars lowercase, constexpr ALL_CAPS. Tensors come in the public layout (B, S, H, D)
+with a stride per axis (``stride_qb, stride_qs, stride_qh, stride_qd``); per-row results are
+head-major (B, H, S) and contiguous, so row ``offs_m`` of program ``bh`` is ``bh * seqlen + offs_m``.
+The visibility rule is four int32 vectors: query ``i`` sees key ``j`` when ``K_pos[j] <=
+Q_limit[i]`` and ``Q_doc[i] == K_doc[j]`` (``visibility.Visibility``).
+
+``PRECISION`` (constexpr) of every product ``dot(a, b, PRECISION)``: ``"ieee"`` for float32 inputs
+(IEEE float32, no TF32), ``"native"`` for 16-bit inputs on the GPU (tensor cores: exact products,
+float32 sums), ``"f32"`` for 16-bit inputs under Triton's interpreter, whose ``tl.dot`` gets
+16-bit operands wrong: there the operands, already rounded to the input dtype, are multiplied in
+float32, which gives what the tensor cores give.
+"""
+import triton
+import triton.language as tl
+
+# Reductions: ``tl.reduce(x, axis, ADD)`` is ``tl.sum(x, axis)`` and ``tl.reduce(x, axis, MAX)`` is
+# ``tl.max(x, axis)`` once compiled (MIN likewise). tl.sum and tl.max are @jit wrappers, and the
+# interpreter (TRITON_INTERPRET=1) re-patches the language on every @jit call, milliseconds each;
+# called with the standard combine functions, tl.reduce runs as one numpy reduction there. For the
+# same reason (and because @jit helpers of triton.language imported without TRITON_INTERPRET cannot
+# be called from interpreted kernels) the kernels use tl.full, not tl.zeros.
+ADD = tl.standard._sum_combine
+MAX = tl.standard._elementwise_max
+MIN = tl.standard._elementwise_min
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr):
+    """``a @ b`` with float32 accumulation, at ``PRECISION`` (see the module doc)."""
+    tl.static_assert(PRECISION == "ieee" or PRECISION == "native" or PRECISION == "f32")
+    if PRECISION == "ieee":
+        return tl.dot(a, b, input_precision="ieee")
+    elif PRECISION == "f32":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def at_head(X, b, h, stride_b, stride_h):
+    """``X`` (B, S, H, D) at batch ``b``, head ``h``."""
+    return X + b.to(tl.int64) * stride_b + h * stride_h
+
+
+@triton.jit
+def tile_ptrs(X, offs, stride_s, stride_d, HEAD_DIM: tl.constexpr):
+    """Pointers (len(offs), HEAD_DIM) to the rows ``offs`` of one head of ``X``."""
+    return X + offs[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :] * stride_d
+
+
+@triton.jit
+def load_rows(X, offs, in_range, stride_s, stride_d, HEAD_DIM: tl.constexpr):
+    """The rows ``offs`` of one head of ``X`` (len(offs), HEAD_DIM), zeros where not ``in_range``."""
+    return tl.load(tile_ptrs(X, offs, stride_s, stride_d, HEAD_DIM), mask=in_range[:, None], other=0.0)
+
+
+@triton.jit
+def load_columns(X, offs, in_range, stride_s, stride_d, HEAD_DIM: tl.constexpr):
+    """The rows ``offs`` of one head of ``X`` as columns (HEAD_DIM, len(offs)), zeros where not
+    ``in_range``: ``q @ k^T`` with no transpose."""
+    Columns = X + offs[None, :] * stride_s + tl.arange(0, HEAD_DIM)[:, None] * stride_d
+    return tl.load(Columns, mask=in_range[None, :], other=0.0)
+
+
+@triton.jit
+def query_positions(Q_limit, Q_doc, offs_m, in_q):
+    """The visibility vectors of the queries ``offs_m``."""
+    return tl.load(Q_limit + offs_m, mask=in_q, other=-1), tl.load(Q_doc + offs_m, mask=in_q, other=-1)
+
+
+@triton.jit
+def key_positions(K_pos, K_doc, offs_n, in_k):
+    """The visibility vectors of the keys ``offs_n``."""
+    return tl.load(K_pos + offs_n, mask=in_k, other=0), tl.load(K_doc + offs_n, mask=in_k, other=0)
+
+
+@triton.jit
+def visible(q_limit, q_doc, in_q, k_pos, k_doc, in_k):
+    """Which (query, key) pairs are visible, from query and key vectors already broadcast against
+    each other (queries down, keys across, or the transpose)."""
+    return (k_pos <= q_limit) & (q_doc == k_doc) & in_k & in_q
+
+
+@triton.jit
+def program_tile(num_heads, seqlen, BLOCK: tl.constexpr):
+    """This program's tile of a grid (tiles, batch x heads): ``(tile, bh, b, h, offs, in_range)``,
+    the tile, batch x head, batch, head, its positions and which of them are in the sequence."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    return tile, bh, bh // num_heads, bh % num_heads, offs, offs < seqlen
+
+
+@triton.jit
+def query_tile(Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's query tile, for the kernels with one program per (query tile, batch x query
+    head): ``(tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc)``."""
+    tile_q, bh, b, h, offs_m, in_q = program_tile(num_heads, seqlen_q, BLOCK_M)
+    q = load_rows(at_head(Q, b, h, stride_qb, stride_qh), offs_m, in_q, stride_qs, stride_qd, HEAD_DIM)
+    q_limit, q_doc = query_positions(Q_limit, Q_doc, offs_m, in_q)
+    return tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc
+
+
+@triton.jit
+def row_offsets(bh, seqlen, offs):
+    """Where rows ``offs`` of batch x head ``bh`` sit in a head-major per-row result (B, H, S)."""
+    return bh.to(tl.int64) * seqlen + offs
+
+
+@triton.jit
+def tile_row(line, bh, length):
+    """Where the row of (batch x head ``bh``, ``line``) starts in a per-tile result of ``length``
+    columns, with ``tl.num_programs(0)`` lines per batch x head."""
+    return (bh * tl.num_programs(0) + line).to(tl.int64) * length
+
+
+@triton.jit
+def listed_tiles(Tile_count, Tile_index, line, bh, length):
+    """The tiles listed for this program (``triton_tiles``: one list of ``length`` slots per
+    (batch x head, ``line``), ``tl.num_programs(0)`` lines per batch x head): ``(count,
+    Tile_index, tile_row)``, the list's length and start, and the offset of this line's row in
+    per-tile outputs."""
+    row = tile_row(line, bh, length)
+    count = tl.load(Tile_count + bh * tl.num_programs(0) + line)
+    return count, Tile_index + row, row
+
+
+@triton.jit
+def listed_query_tile(Q, K, Q_limit, Q_doc, K_full_lo, K_full_hi, Tile_count, Tile_index,
+                      stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_kh,
+                      seqlen_q, num_heads, num_k_tiles,
+                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``query_tile`` for the sparse passes, which visit the key tiles listed for it: also
+    ``rows`` (the offsets of its rows in per-row results), ``K`` at its key head and
+    ``listed_tiles`` and the run [full_lo, full_hi) of key tiles whose every pair is visible
+    (no per-element mask): ``(tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, K, count,
+    Tile_index, tile_row, full_lo, full_hi)``."""
+    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc = query_tile(
+        Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
+    rows = row_offsets(bh, seqlen_q, offs_m)
+    K = at_head(K, b, h // GROUP, stride_kb, stride_kh)
+    count, Tile_index, tile_row = listed_tiles(Tile_count, Tile_index, tile_q, bh, num_k_tiles)
+    full_lo = tl.load(K_full_lo + tile_q)
+    full_hi = tl.load(K_full_hi + tile_q)
+    return tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, K, count, Tile_index, tile_row, full_lo, full_hi
+
+
+@triton.jit
+def hide_invisible(z, K_pos, K_doc, q_limit, q_doc, in_q, offs_n, in_k, full):
+    """``z`` (BLOCK_M, BLOCK_N) with -inf where a pair is not visible; as it is when ``full``
+    (every pair of the tile visible: no position loads)."""
+    if full:
+        hidden = z
+    else:
+        k_pos, k_doc = key_positions(K_pos, K_doc, offs_n, in_k)
+        pairs = visible(q_limit[:, None], q_doc[:, None], in_q[:, None], k_pos[None, :], k_doc[None, :],
+                        in_k[None, :])
+        hidden = tl.where(pairs, z, float("-inf"))
+    return hidden
+
+
+@triton.jit
+def masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
+                  stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z,
+                  HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """z (BLOCK_M, BLOCK_N) fp32 of one key tile, -inf where a pair is not visible."""
+    in_k = offs_n < seqlen_k
+    z = dot(q, load_columns(K, offs_n, in_k, stride_ks, stride_kd, HEAD_DIM), PRECISION) * scale_z
+    return hide_invisible(z, K_pos, K_doc, q_limit, q_doc, offs_m < seqlen_q, offs_n, in_k, False)
+
+
+@triton.jit
+def tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
+                stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, full,
+                HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """z (BLOCK_M, BLOCK_N) fp32 of one key tile: ``full`` when every pair of the tile is visible
+    (no position loads, no mask: most tiles of a causal layout), else ``masked_logits``."""
+    if full:
+        K_tile = K + offs_n[None, :] * stride_ks + tl.arange(0, HEAD_DIM)[:, None] * stride_kd
+        z = dot(q, tl.load(K_tile), PRECISION) * scale_z
+    else:
+        z = masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
+                          stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, HEAD_DIM, PRECISION)
+    return z
+
+
+@triton.jit
+def listed_logits(q, K, K_pos, K_doc, Tile_index, i, full_lo, full_hi, q_limit, q_doc, offs_m,
+                  stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The ``i``-th listed key tile of this query tile: ``(tile_k, offs_n, z)``; tiles in
+    [full_lo, full_hi) need no mask."""
+    tile_k = tl.load(Tile_index + i)
+    offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    z = tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, stride_ks, stride_kd, seqlen_q, seqlen_k,
+                    scale_z, (tile_k >= full_lo) & (tile_k < full_hi), HEAD_DIM, PRECISION)
+    return tile_k, offs_n, z
+
+
+@triton.jit
+def power_and_slope(d, gamma, POWER: tl.constexpr):
+    """(d ** gamma, d ** (gamma - 1)) for d >= 0 (``EntmaxSpec.power_and_slope``): ``POWER`` is
+    gamma when gamma is 1 or 2 (alpha 2 or 1.5), else 0 (any gamma, through exp2 / log2)."""
+    if POWER == 1:
+        return d, tl.where(d > 0, 1.0, 0.0)
+    elif POWER == 2:
+        return d * d, d
+    else:
+        slope = tl.where(d > 0, tl.exp2((gamma - 1.0) * tl.log2(tl.where(d > 0, d, 1.0))), 0.0)
+        return d * slope, slope
+
+
+@triton.jit
+def entmax_weights(gap, gamma, POWER: tl.constexpr):
+    """p = gap^gamma and u = gap^(gamma - 1) on the support (gap > 0), 0 elsewhere
+    (``EntmaxSpec.weights``)."""
+    if POWER == 0:
+        log_gap = tl.log2(tl.where(gap > 0, gap, 1.0))
+        p = tl.where(gap > 0, tl.exp2(gamma * log_gap), 0.0)
+        u = tl.where(gap > 0, tl.exp2((gamma - 1.0) * log_gap), 0.0)
+        return p, u
+    else:
+        return power_and_slope(gap, gamma, POWER)
