@@ -7,6 +7,15 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_alpha(alpha) -> float:
+    """alpha as a float in (1, 2]. As alpha -> 1 entmax tends to softmax: its support grows to the
+    whole row and no tile is zero (alpha 1.001 is supported: no power overflows); 2 is sparsemax."""
+    if isinstance(alpha, torch.Tensor):
+        if alpha.requires_grad:
+            raise TypeError("alpha must be a float or a tensor without requires_grad: a learnable alpha is not "
+                            "supported (its gradient would be dropped)")
+        if alpha.numel() != 1:
+            raise ValueError(f"alpha must be one number in (1, 2]; got a tensor of shape {tuple(alpha.shape)} "
+                             "(one alpha per head is not supported)")
     alpha = float(alpha)
     if not (1.0 < alpha <= 2.0):
         raise ValueError(f"alpha must be in (1, 2] (1.5: entmax-1.5, 2: sparsemax); got {alpha}")
@@ -38,9 +47,11 @@ def check_qkv(q, k, v, *, varlen: bool = False, backend=None):
         raise ValueError(f"q and k must have the same batch size; got {q.shape[0]} and {k.shape[0]}")
     heads_q, dim = q.shape[-2], q.shape[-1]
     heads_kv = k.shape[-2]
+    if heads_kv == 0 and heads_q:
+        raise ValueError(f"k and v have no heads but q has {heads_q}; shapes {tuple(q.shape)}, {tuple(k.shape)}")
     if k.shape[-1] != dim:
         raise ValueError(f"q and k must have the same head_dim; got {dim} and {k.shape[-1]}")
-    if heads_q % heads_kv != 0:
+    if heads_kv and heads_q % heads_kv != 0:
         raise ValueError(f"heads of q ({heads_q}) must be a multiple of heads of k and v ({heads_kv}) (GQA/MQA)")
     if q.shape[-3] == 0 or k.shape[-3] == 0:
         raise ValueError(f"sequence lengths must be positive; got q {tuple(q.shape)}, k {tuple(k.shape)}")

@@ -68,7 +68,7 @@ def _(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha, softmax_scale):
     tiles = (batch, heads, -(-seqlen_q // backend.BLOCK_M), -(-k.shape[1] // backend.BLOCK_N))
     out_shape = (batch, seqlen_q, heads, v.shape[-1])
     return (q.new_empty(out_shape), q.new_empty(out_shape, dtype=acc), q.new_empty(batch, heads, seqlen_q, dtype=acc),
-            q.new_empty(batch, heads, seqlen_q, dtype=torch.float32), q.new_empty(tiles, dtype=torch.bool))
+            q.new_empty(batch, heads, seqlen_q, dtype=acc), q.new_empty(tiles, dtype=torch.bool))
 
 
 @torch.library.custom_op("ring_adasplash::attention_backward", mutates_args=())
@@ -120,6 +120,13 @@ def _causal_visibility(seqlen_q: int, seqlen_k: int, causal: bool, device: torch
     return causal_visibility(seqlen_q, seqlen_k, causal, device)
 
 
+def _empty_output(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The (empty) output of a call with no batch entry or no head, as SDPA gives it: of q's shape
+    with v's head dim, and differentiable (the gradients are empty too)."""
+    connect = q.sum() + k.sum() + v.sum()  # zero, with a gradient path to every input
+    return connect.to(q.dtype) * q.new_zeros((*q.shape[:-1], v.shape[-1]))
+
+
 def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: bool = True,
                    softmax_scale: float | None = None) -> Tensor:
     """Exact alpha-entmax attention on one device.
@@ -137,6 +144,8 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: 
     """
     alpha = check_alpha(alpha)
     _, _, dim = check_qkv(q, k, v, backend=backend_for(q))
+    if q.shape[0] == 0 or q.shape[2] == 0:
+        return _empty_output(q, k, v)
     vis = _causal_visibility(q.shape[1], k.shape[1], causal, q.device)
     return _attention(q, k, v, vis, alpha, default_scale(softmax_scale, dim))
 
@@ -164,6 +173,8 @@ def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         longest = int((cu[1:] - cu[:-1]).max())
         if int(given) < longest:
             raise ValueError(f"{name} ({given}) is smaller than the longest sequence ({longest})")
+    if q.shape[1] == 0:
+        return _empty_output(q, k, v)
     vis = varlen_visibility(cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device), causal)
     out = _attention(q[None], k[None], v[None], vis, alpha, default_scale(softmax_scale, dim))
     return out[0]

@@ -10,8 +10,10 @@ computed on each and how the pieces combine:
                 the tiles that reach the bin of that bound; counts add exactly
              3. bracket tau in two adjacent bins; block mask = tiles with a key above them
              4. alpha 1.5 and 2: fine histogram pass on those tiles (sparse): fine histogram of
-                the two bins and exact moments above them; tau in closed form; the block mask
-                rebuilt from the exact tau and tightened per row.
+                the two bins and exact moments above them; tau in closed form, exact where the
+                sub-bin holding tau has at most two keys; POLISH_STEPS Newton sums passes on the
+                query tiles of the other rows; the block mask rebuilt from the exact tau and
+                tightened per row.
                 Other alpha: NEWTON_STEPS Newton sums passes (sparse) on exact sums
              5. output pass on the block mask (sparse): sum p v, sum u v, sum u; the tiles that
                 hold p > 0 become the forward's block mask
@@ -97,7 +99,7 @@ class ForwardResult:
     out: torch.Tensor | None  # (B, Sq, Hq, D) float32 output
     out_u: torch.Tensor  # (B, Sq, Hq, D) float32, sum u v
     u_sum: torch.Tensor  # sum u
-    tau: torch.Tensor  # float32, +inf on rows with no visible key
+    tau: torch.Tensor  # float32 (float64 for float64 inputs), +inf on rows with no visible key
     support: torch.Tensor | None  # keys with p > 0
     block_masks: list = field(default_factory=list)  # per key block: tiles with p > 0 (``BlockMask``)
     read_masks: list = field(default_factory=list)  # per key block: tiles the output pass read
@@ -157,21 +159,41 @@ def _closed_form_tau(backend: Backend, problems, blocks, reduce, spec, bracket, 
         part, keeps[block.index] = backend.fine_histogram_pass(problems(block), tiles[block.index],
                                                                bracket.bin_index, reference - stats.MASK_MARGIN)
         fine = part if fine is None else fine + part
-    tau = backend.fine_tau(bracket, reduce.sums(fine), spec)
-    return tau, [keeps[i] | ~refined for i in range(blocks.num_blocks)]
+    fine = reduce.sums(fine)
+    tau = backend.fine_tau(bracket, fine, spec)
+    return tau, stats.two_point_exact(bracket, fine, tau), [keeps[i] | ~refined for i in range(blocks.num_blocks)]
+
+
+def _newton_steps(backend: Backend, problems, blocks, reduce, spec, tiles, point, lower, upper, steps: int):
+    """``steps`` safeguarded Newton steps (``stats.newton_update``) on exact sums over ``tiles``."""
+    needed = _needed(blocks, tiles)
+    for _ in range(steps):
+        sums = None
+        for block in blocks.sweep(with_values=False, needed=needed, pass_name="newton"):
+            part = backend.newton_sums_pass(problems(block), tiles[block.index], point)
+            sums = part if sums is None else sums + part
+        point, lower, upper = stats.newton_update(point, lower, upper, reduce.sums(sums), spec)
+    return point
 
 
 def _newton_tau(backend: Backend, problems, blocks, reduce, spec, bracket, candidates):
-    """Step 4 for other alpha: safeguarded Newton steps on exact sums over the candidate tiles."""
-    point, lower, upper = bracket.estimate, bracket.lower.double(), bracket.upper
-    needed = _needed(blocks, candidates)
-    for _ in range(stats.NEWTON_STEPS):
-        sums = None
-        for block in blocks.sweep(with_values=False, needed=needed, pass_name="newton"):
-            part = backend.newton_sums_pass(problems(block), candidates[block.index], point)
-            sums = part if sums is None else sums + part
-        point, lower, upper = stats.newton_update(point, lower, upper, reduce.sums(sums), spec)
+    """Step 4 for other alpha: safeguarded Newton steps on exact sums over the candidate tiles,
+    from the counts' lower bound (float64)."""
+    point = _newton_steps(backend, problems, blocks, reduce, spec, candidates, bracket.estimate, bracket.estimate,
+                          bracket.upper, stats.NEWTON_STEPS)
     return stats.finalize_tau(point, bracket.empty)
+
+
+def _polished_tau(backend: Backend, problems, blocks, reduce, spec, bracket, tau, exact, tiles):
+    """After the closed form: Newton steps on the rows it leaves inexact (``two_point_exact``), over
+    the query tiles holding such rows; tau lies in the bracket's pair of bins."""
+    inexact = stats.per_query_tile(~exact, backend.BLOCK_M, "any")[..., None]
+    tiles = [t.with_tiles(t.tiles & inexact) for t in tiles]
+    lower = bracket.lower.double()
+    upper = lower + 2.0 / (stats.NUM_BINS - 1)
+    point = _newton_steps(backend, problems, blocks, reduce, spec, tiles, tau.double(), lower, upper,
+                          stats.POLISH_STEPS)
+    return torch.where(exact | bracket.empty, tau.double(), point)
 
 
 def _needed(blocks: KeyBlocks, masks: list):
@@ -193,12 +215,15 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
     candidates = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], bracket.lower, reference, bracket.empty,
                                                          block_m)) for i in range(blocks.num_blocks)]
     if spec.closed_form:
-        tau, kept = _closed_form_tau(backend, problems, blocks, reduce, spec, bracket, reference, candidates)
+        tau, exact, kept = _closed_form_tau(backend, problems, blocks, reduce, spec, bracket, reference, candidates)
+        candidates = [c.with_tiles(c.tiles & kept[i]) for i, c in enumerate(candidates)]
+        tau = _polished_tau(backend, problems, blocks, reduce, spec, bracket, tau, exact, candidates)
         # block mask from the exact tau: a key with p > 0 has z > tau
         candidates = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], tau, reference, bracket.empty, block_m)
                                             & kept[i]) for i in range(blocks.num_blocks)]
     else:
         tau = _newton_tau(backend, problems, blocks, reduce, spec, bracket, candidates)
+    tau = tau.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     del tile_gaps  # float32 per tile: the bool masks are all the output pass needs
     parts, nonzero = None, {}
     for block in blocks.sweep(with_values=True, needed=_needed(blocks, candidates), pass_name="output"):

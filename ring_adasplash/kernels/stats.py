@@ -38,9 +38,11 @@ from .entmax_spec import EntmaxSpec
 
 NUM_BINS = 16  # coarse bins, width 1 / 15 in z
 FINE_BINS = 64  # sub-bins of the two bins that may hold tau: final bracket 1 / 480 wide
-# Newton sums passes for alpha other than 1.5 and 2: from a start placed by counts alone
-# (keys at their bins' middles), 3 left output errors up to 4e-4 in the fp32 tests, 5 pass them
+# Newton sums passes for alpha other than 1.5 and 2 (``newton_update``), from the counts' lower bound
 NEWTON_STEPS = 5
+# Newton sums passes after the closed form (alpha 1.5 and 2) on the rows it leaves inexact
+# (``two_point_exact``), from within a sub-bin of tau
+POLISH_STEPS = 2
 MASK_MARGIN = 1e-4  # slack (in z) when comparing a tile gap with a lower bound of tau
 # tile gap of a tile that has visible pairs but provably no p > 0 (see ``histogram_mask``): finite,
 # so the tile still counts as visible, and below any threshold, so no block mask keeps it
@@ -51,7 +53,8 @@ ZERO_TILE = torch.finfo(torch.float32).min
 class RowStats:
     """Statistics of one query block against the keys seen so far (a shard or the whole sequence).
 
-    ``row_max``: (B, H, Sq) float32, max logit over visible keys (-inf for none).
+    ``row_max``: (B, H, Sq) float32 (float64 for float64 inputs), max logit over visible keys (-inf
+    for none).
     ``hist``: (B, H, Sq, NUM_BINS) float32: keys per local bin (see module doc).
     """
 
@@ -127,7 +130,8 @@ class Bracket:
     ``lower``: a guaranteed lower bound of tau (builds the block mask: it never drops a nonzero tile).
     ``bin_index``: absolute coarse index of the lower of the two bins that hold tau (closed-form
     alpha; tau lies in ``[bin_index w, (bin_index + 2) w)``), as float64.
-    ``estimate``: a starting point for Newton (other alpha; None where only the closed form runs).
+    ``estimate``: the start of the Newton steps (other alpha; None where only the closed form
+    runs): ``lower`` in float64, at or below tau.
     ``upper``: an upper bound of tau (other alpha; likewise).
     ``empty``: rows with no visible key.
     ``single``: (closed-form alpha, else None) rows where the max is the only key at or above
@@ -182,9 +186,9 @@ def coarse_bracket(stats: RowStats, spec: EntmaxSpec) -> Bracket:
     empty = ~torch.isfinite(stats.row_max)
     nb = NUM_BINS
     bins = torch.arange(nb, device=ref.device, dtype=torch.float64)
-    target = w ** (-gamma)  # sum_j p_j = 1 in bin-width units
     count = stats.hist.double()
     if spec.closed_form:
+        target = w ** (-gamma)  # sum_j p_j = 1 in bin-width units
         b_a = (_upper_edge_sums(count, gamma) < target).sum(-1).clamp(max=nb - 1)
         bin_index = ref - b_a.double() - 1
         lower = bin_index * w
@@ -192,26 +196,17 @@ def coarse_bracket(stats: RowStats, spec: EntmaxSpec) -> Bracket:
         keys_from_pair = torch.gather(_cumsum_bins(count), -1, (b_a + 1).clamp(max=nb - 1)[..., None]).squeeze(-1)
         single = (keys_from_pair == 1) | empty
         lower = torch.where(single & ~empty, stats.row_max.double() - 1.0, lower)
-        return Bracket(lower.float(), bin_index, lower, lower + 2 * w, empty, single)
-    # Other alpha: bound each key between its bin's edges, then bisect a one-point-per-bin model.
-    dist = bins[:, None] - bins[None, :]  # [b, j] = b - j
-    above = (dist >= 0).double()
-    f_low = torch.einsum("...j,bj->...b", count, (dist.clamp(min=0) ** gamma) * (dist > 0))
-    f_high = torch.einsum("...j,bj->...b", count, ((dist + 1).clamp(min=0) ** gamma) * above)
-    b_lo = (f_low < target).sum(-1).clamp(max=nb - 1).double()
-    b_hi = ((f_high < target).sum(-1) - 1).clamp(min=0).double()  # last edge with F surely < 1
-    lower = (ref - b_lo) * w
+        return Bracket(lower.to(stats.row_max.dtype), bin_index, lower, lower + 2 * w, empty, single)
+    # Other alpha: bound the sum at each bin edge with every key at its bin's edges, in z units (a
+    # power of a distance in bins overflows as alpha -> 1); tau >= row max - 1 in any case
+    dist = (bins[:, None] - bins[None, :]) * w  # [b, j] = (b - j) w
+    f_low = torch.einsum("...j,bj->...b", count, dist.clamp(min=0) ** gamma * (dist > 0))
+    f_high = torch.einsum("...j,bj->...b", count, (dist + w).clamp(min=0) ** gamma * (dist >= 0))
+    b_lo = (f_low < 1.0).sum(-1).clamp(max=nb - 1).double()
+    b_hi = ((f_high < 1.0).sum(-1) - 1).clamp(min=0).double()  # last edge with F surely < 1
+    lower = torch.maximum((ref - b_lo) * w, stats.row_max.double() - 1.0)
     upper = (ref - b_hi + 1) * w
-    point = (ref[..., None] - bins + 0.5) * w  # every key at its bin's middle (z units)
-    lo, hi = lower.clone(), upper.clone()
-    for _ in range(40):
-        mid = 0.5 * (lo + hi)
-        f = (count * (point - mid[..., None]).clamp(min=0) ** gamma).sum(-1)
-        go_up = f >= 1.0
-        lo = torch.where(go_up, mid, lo)
-        hi = torch.where(go_up, hi, mid)
-    estimate = 0.5 * (lo + hi)
-    return Bracket(lower.float(), ref - b_lo, estimate, upper, empty)
+    return Bracket(lower.to(stats.row_max.dtype), ref - b_lo, lower, upper, empty)
 
 
 def _poly_root(n0, n1, n2, target, gamma):
@@ -274,7 +269,8 @@ def _two_point_root(strictly_above, count, sum_x, sum_x2, lo_edge, hi_edge, targ
 
 
 def fine_tau(bracket: Bracket, fine_hist: torch.Tensor, spec: EntmaxSpec) -> torch.Tensor:
-    """tau (B, H, Sq) float32 for alpha in {1.5, 2} from the refinement sums.
+    """tau (B, H, Sq) for alpha in {1.5, 2} from the refinement sums, in their dtype (float32, or
+    float64 for float64 inputs).
 
     ``fine_hist`` (B, H, Sq, 3, FINE_BINS + 1): per sub-bin of the pair of bins (``Bracket``),
     count, sum v, sum v^2; in the last column count, sum y, sum y^2 of the keys above the pair.
@@ -301,29 +297,51 @@ def fine_tau(bracket: Bracket, fine_hist: torch.Tensor, spec: EntmaxSpec) -> tor
     tau = (bracket.bin_index + tau_rel) * w
     if bracket.single is not None:  # the fine histogram pass may not have read these rows
         tau = torch.where(bracket.single, bracket.lower.double(), tau)
-    return torch.where(bracket.empty, torch.full_like(tau, float("inf")), tau).float()
+    return torch.where(bracket.empty, torch.full_like(tau, float("inf")), tau).to(fine_hist.dtype)
+
+
+def two_point_exact(bracket: Bracket, fine_hist: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """(B, H, Sq) bool: rows whose ``fine_tau`` is exact: the sub-bin that holds tau has at most two
+    keys, which its two-point model reproduces (count, sum and sum of squares fix two points), or
+    the row has one key above the pair or none. Other rows (flat rows: many keys within 1/480 of
+    tau) need ``newton_update`` steps on exact sums. Decided a hundredth of a sub-bin on either
+    side of tau, so that rounding of tau near a sub-bin edge looks at both sub-bins."""
+    nf = fine_hist.shape[-1] - 1
+    sub_bins = (torch.nan_to_num(tau.double(), posinf=0.0) * (NUM_BINS - 1) - bracket.bin_index) * (nf / 2)
+    counts = fine_hist[..., 0, :nf]
+
+    def keys_in_sub_bin(x):
+        index = torch.floor(x).clamp(0, nf - 1).to(torch.int64)
+        return torch.gather(counts, -1, index[..., None]).squeeze(-1)
+
+    few = (keys_in_sub_bin(sub_bins - 0.01) <= 2) & (keys_in_sub_bin(sub_bins + 0.01) <= 2)
+    return few | bracket.single | bracket.empty
 
 
 def newton_update(t: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sums: torch.Tensor, spec: EntmaxSpec):
-    """One safeguarded Newton step on ``f(t) = sum (z - t)_+^gamma = 1``.
+    """One safeguarded Newton step on ``g(t) = ||(z - t)_+||_gamma - 1``, the gamma-norm of the row's
+    gaps above t: ``f(t) = sum (z - t)_+^gamma = 1`` has the same root tau, but g is convex and
+    decreasing and close to linear (exactly linear while one key is above t), where f is a
+    polynomial of degree gamma (100 at alpha 1.01). So a step from below never passes tau, one
+    from above lands below it, and few steps reach it whatever alpha; and no power of a sum
+    overflows as alpha -> 1. In terms of the sums: ``t + (1 - f^(-1/gamma)) f / f'`` with
+    ``f' = sum (z - t)_+^(gamma - 1)`` (up to the factor gamma, which cancels).
 
     ``sums`` (B, H, Sq, 2) float: exact ``sum (z - t)_+^gamma`` and ``sum (z - t)_+^(gamma - 1)``.
-    f is convex and decreasing, so a Newton step from either side lands at or below tau; the
-    bracket [lower, upper] keeps the iterate safe where the derivative vanishes.
+    The bracket [lower, upper] keeps the iterate safe where a sum vanishes or rounding misleads.
     Returns (new t, new lower, new upper), float64.
     """
-    gamma = spec.gamma
     f, df = sums.double().unbind(-1)
     t = t.double()
     below = f >= 1.0
     lower = torch.where(below, torch.maximum(lower, t), lower)
     upper = torch.where(below, upper, torch.minimum(upper, t))
-    step = (f - 1.0) / (gamma * df).clamp(min=1e-30)
-    newton = t + step
-    inside = (df > 0) & (newton >= lower) & (newton <= upper)
+    norm = f.clamp(min=1e-300) ** (1.0 / spec.gamma)
+    newton = t + (1.0 - 1.0 / norm) * f / df.clamp(min=1e-300)
+    inside = (f > 0) & (df > 0) & (newton >= lower) & (newton <= upper)
     return torch.where(inside, newton, 0.5 * (lower + upper)), lower, upper
 
 
 def finalize_tau(tau: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-    """tau in float32, +inf on rows with no visible key."""
-    return torch.where(empty, torch.full_like(tau, float("inf")), tau).float()
+    """tau (float64), +inf on rows with no visible key."""
+    return torch.where(empty, torch.full_like(tau, float("inf")), tau)

@@ -104,7 +104,7 @@ def nearest_tau_floor(problem: Problem) -> torch.Tensor:
     for _ in range(stats.FLOOR_STEPS):
         f, slope = p.spec.power_and_slope((z - t[..., None]).clamp(min=0))
         t = t + (f.sum(-1) - 1.0) / (p.spec.gamma * slope.sum(-1)).clamp(min=1e-30)
-    return torch.where(has, t - stats.FLOOR_MARGIN, torch.full_like(t, float("-inf"))).float()
+    return torch.where(has, t - stats.FLOOR_MARGIN, torch.full_like(t, float("-inf")))
 
 
 def max_pass(problem: Problem, row_max=None, tau_floor=None) -> Maxima:
@@ -118,16 +118,16 @@ def max_pass(problem: Problem, row_max=None, tau_floor=None) -> Maxima:
     (causal: the diagonal, where a row's max usually is), the running max is close to the final
     one early and the gaps of far tiles are tight."""
     tiles = _KeyTiles(problem, nearest_first=True)
-    device = problem.q.device
+    device, dtype = problem.q.device, _compute_dtype(problem.q)
     if row_max is None:
-        running = torch.full(problem.rows, float("-inf"), device=device)
+        running = torch.full(problem.rows, float("-inf"), device=device, dtype=dtype)
     else:
-        running = row_max.to(device=device, dtype=torch.float32, copy=True)
+        running = row_max.to(device=device, dtype=dtype, copy=True)
     if tau_floor is None:
         tau_floor = nearest_tau_floor(problem)
     tile_gap = torch.full(problem.tiles, float("-inf"), device=device)
     for index, _, z in tiles:
-        row_tile_max = z.float().amax(-1)
+        row_tile_max = z.amax(-1)
         running = torch.maximum(running, row_tile_max)
         reference = stats.gap_reference(running, tau_floor)
         gap = torch.where(torch.isfinite(row_tile_max), row_tile_max - reference, float("-inf"))
@@ -152,7 +152,7 @@ def histogram_pass(problem: Problem, row_max, tau_floor, tile_gap, tiles: BlockM
     ref = stats.bin_reference(row_max)
     bins = stats.kept_bins(row_max, tau_floor)
     for index, _, z in key_tiles:
-        idx = torch.floor(z.float() * (nb - 1))
+        idx = torch.floor(z * (nb - 1))
         local = (ref[..., None] - idx).clamp(min=0)  # a logit equal to its row max is in bin 0
         keep = torch.isfinite(z) & (local < bins[..., None])
         near[..., index] = key_tiles.per_query_tile(keep.any(-1), "any")
@@ -169,11 +169,11 @@ def _add_pair_moments(out, x, near):
     sub = torch.floor(frac).clamp(0, nf - 1)
     v = frac - sub
     where = sub.to(torch.int64)
-    for moment, value in enumerate((in_pair.float(), v, v * v)):
+    for moment, value in enumerate((in_pair.to(x.dtype), v, v * v)):
         out[..., moment, :nf].scatter_add_(-1, where, torch.where(in_pair, value, torch.zeros_like(value)))
     above = x >= 2
     y = torch.where(above, x - 2, torch.zeros_like(x))
-    for moment, value in enumerate((above.float(), y, y * y)):
+    for moment, value in enumerate((above.to(x.dtype), y, y * y)):
         out[..., moment, nf] += value.sum(-1)
 
 
@@ -190,15 +190,16 @@ def fine_histogram_pass(problem: Problem, tiles: BlockMask, bin_index, cutoff=No
     (``stats.fine_tau`` looks for the last edge there). Returns ``(sums, keep)``."""
     key_tiles = _KeyTiles(problem, tiles)
     nb = stats.NUM_BINS
-    out = torch.zeros(*problem.rows, 3, stats.FINE_BINS + 1, device=problem.q.device)
-    target = bin_index.float()[..., None]
+    dtype = _compute_dtype(problem.q)
+    out = torch.zeros(*problem.rows, 3, stats.FINE_BINS + 1, device=problem.q.device, dtype=dtype)
+    target = bin_index.to(dtype)[..., None]
     keep = torch.zeros_like(tiles.tiles)
     if cutoff is None:
         low_x = torch.full_like(target, -1.0)
     else:
-        low_x = (cutoff.float()[..., None] * (nb - 1) - target).clamp(min=-1)
+        low_x = (cutoff.to(dtype)[..., None] * (nb - 1) - target).clamp(min=-1)
     for index, _, z in key_tiles:
-        x = z.float() * (nb - 1) - target  # coarse bins above the lower edge of the pair
+        x = z * (nb - 1) - target  # coarse bins above the lower edge of the pair
         near = x >= low_x
         keep[..., index] = key_tiles.per_query_tile(near.any(-1), "any") & tiles.tiles[..., index]
         _add_pair_moments(out, x, near)

@@ -2,8 +2,8 @@
 
 Each rank keeps its query shard; key (and value) shards travel around the ring, one rotation
 per pass of the forward (``kernels/algorithm.py``): K for the max pass (dense), K for the
-histogram pass, K for the fine histogram pass (alpha 1.5 and 2; other alpha: one per Newton
-step, five) and K+V for the output pass. From the max pass on, every rank knows which key tiles
+histogram pass, K for the fine histogram pass and twice for the exact finish (alpha 1.5 and 2;
+other alpha: one per Newton step, five) and K+V for the output pass. From the max pass on, every rank knows which key tiles
 of every shard a pass needs; one ``all_gather`` of those bitmaps per pass gives every rank the
 same schedule, and a shard's holder sends only the tiles some rank further along still needs.
 The backward rotates K+V once more, with dK/dV accumulators travelling behind them back to their

@@ -1,0 +1,187 @@
+"""Exactness against an oracle we did not write (the ``entmax`` package), on score matrices that
+break threshold algorithms, for alpha from 1.01 to 2; and the edges of the input space.
+
+Scores are made exact: a query (1, 0, ..., 0) and keys (s_j, 0, ..., 0) with ``softmax_scale=1``
+give the score row ``s`` bit for bit in any float dtype, so every family below is the score matrix
+it claims to be. With ``v`` the identity (one key per value dimension) the output row is the
+probability row, compared entry by entry with the oracle's.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ring_adasplash as ra
+from ring_adasplash.reference import entmax_attention_reference
+
+entmax = pytest.importorskip("entmax")
+
+ALPHAS = (1.01, 1.1, 1.25, 1.5, 1.75, 2.0)
+COARSE_BINS_PER_UNIT = 15  # the coarse histogram's bin edges lie at multiples of 1/15 of z
+TOL = {torch.float32: 1e-5, torch.float64: 1e-9}
+
+
+def oracle(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Probability rows (..., Sk) in float64 by the ``entmax`` package."""
+    s = scores.double()
+    if alpha == 1.5:
+        return entmax.entmax15(s, dim=-1)
+    if alpha == 2.0:
+        return entmax.sparsemax(s, dim=-1)
+    return entmax.entmax_bisect(s, alpha=alpha, dim=-1, n_iter=200)
+
+
+def probabilities(scores: torch.Tensor, alpha: float, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Rows (R, Sk) of scores -> our probabilities (R, Sk) on the CPU: one head per row, v = identity."""
+    rows, seqlen_k = scores.shape
+    dim = max(16, 1 << (seqlen_k - 1).bit_length())
+    q = torch.zeros(1, 1, rows, dim, dtype=dtype, device=device)
+    q[..., 0] = 1
+    k = torch.zeros(1, seqlen_k, rows, dim, dtype=dtype, device=device)
+    k[0, :, :, 0] = scores.t().to(device=device, dtype=dtype)
+    v = torch.zeros(1, seqlen_k, rows, dim, dtype=dtype, device=device)
+    v[0, :, :, :seqlen_k] = torch.eye(seqlen_k, dtype=dtype, device=device)[:, None, :]
+    out = ra.adasplash_func(q, k, v, alpha=alpha, causal=False, softmax_scale=1.0)
+    return out[0, 0, :, :seqlen_k].double().cpu()
+
+
+def families(alpha: float, seqlen_k: int = 200, offsets: bool = False) -> dict:
+    """Score rows (R, seqlen_k) that break threshold algorithms. ``offsets``: also rows shifted by
+    +-1e4 (exact in float64)."""
+    g = torch.Generator().manual_seed(0)
+    bin_width = 1.0 / (COARSE_BINS_PER_UNIT * (alpha - 1.0))  # one coarse bin, in score units
+    noise = torch.randn(4, seqlen_k, generator=g)
+    rows = {
+        "zeros": torch.zeros(2, seqlen_k),
+        "ties at the max": torch.cat([torch.full((2, 3), 2.0), noise[:2, 3:].clamp(max=1.0)], 1),
+        "one key holds all the mass": torch.cat([torch.full((2, 1), 5.0 / (alpha - 1)), torch.zeros(2, seqlen_k - 1)], 1),
+        "integers": torch.randint(-3, 4, (3, seqlen_k), generator=g).float(),
+        "every score on a bin edge": torch.randint(-30, 2, (3, seqlen_k), generator=g).float() * bin_width,
+        "tau on a bin edge": torch.cat([torch.full((1, 1), 1.0 / (alpha - 1)), torch.zeros(1, seqlen_k - 1)], 1),
+        "random": noise * 3,
+    }
+    if offsets:
+        rows["offset +1e4"] = noise[:2] + 1e4
+        rows["offset -1e4"] = noise[:2] - 1e4
+    return rows
+
+
+def _worst(alpha, dtype, **kwargs) -> dict:
+    errors = {}
+    for name, scores in families(alpha, **kwargs).items():
+        errors[name] = (probabilities(scores, alpha, dtype) - oracle(scores.to(dtype), alpha)).abs().max().item()
+    return {name: err for name, err in errors.items() if not err <= TOL[dtype]}
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_float32_probabilities_match_the_entmax_package(alpha):
+    assert not _worst(alpha, torch.float32)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_float64_probabilities_match_to_1e9_with_offsets(alpha):
+    """float64 inputs compute in float64 throughout (PyTorch backend), shifted rows included."""
+    assert not _worst(alpha, torch.float64, offsets=True)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("spread", (1.0, 0.01))
+def test_flat_rows_sum_to_one_at_thousands_of_keys(alpha, spread):
+    """Causal rows of up to 4096 keys whose scores are ``spread`` x N(0, 1) (attention at
+    initialisation; at 0.01 dozens of keys share each 1/480-wide sub-bin near tau): rows of p sum
+    to 1 in float32."""
+    g = torch.Generator().manual_seed(1)
+    q, k = (spread * torch.randn(1, 4096, 1, 16, generator=g) for _ in range(2))
+    q[..., 0] = 1
+    out = ra.adasplash_func(q, k, torch.ones_like(k), alpha=alpha, softmax_scale=1.0, causal=True)
+    assert (out - 1).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("alpha", (1.001, 1.01))
+def test_alpha_near_one(alpha):
+    """No overflow as alpha -> 1, and rows still sum to 1 (float32 powers of degree 1/(alpha - 1)
+    round to about 1e-4 at alpha 1.001)."""
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 1, 256, 1, 64, generator=g)
+    out = ra.adasplash_func(q, k, torch.ones_like(k), alpha=alpha, causal=False)
+    assert (out - 1).abs().max().item() < (1e-5 if alpha >= 1.01 else 1e-4)
+    zeros = torch.zeros(1, 1, 1, 16)
+    assert ra.adasplash_func(zeros, zeros, torch.ones_like(zeros), alpha=alpha)[0, 0, 0, 0].item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("alpha", (1.25, 1.5, 2.0))
+def test_gradcheck_float64(alpha):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 20, 2, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: ra.adasplash_func(a, b, c, alpha=alpha), (q, k, v), eps=1e-6,
+                                    atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(alpha=st.sampled_from(ALPHAS), shift=st.floats(-1e3, 1e3), seed=st.integers(0, 2**16))
+def test_properties_float64(alpha, shift, seed):
+    """Shift invariance (a constant added to every score of a row), permutation equivariance (keys
+    permuted, non-causal) and rows of p summing to 1, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 70, 2, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    out = ra.adasplash_func(q, k, v, alpha=alpha, causal=False)
+    ref = entmax_attention_reference(q, k, v, alpha, causal=False)
+    assert (out - ref).abs().max().item() < 1e-9
+    # one more dimension adds ``shift`` to every score of a row (scale 1/4 as for 16 dimensions)
+    shifted_q = torch.cat([q, torch.ones_like(q[..., :1])], -1)
+    shifted_k = torch.cat([k, torch.full_like(k[..., :1], 4 * shift)], -1)
+    padded_v = torch.cat([v, torch.zeros_like(v[..., :1])], -1)
+    out_shifted = ra.adasplash_func(shifted_q, shifted_k, padded_v, alpha=alpha, causal=False, softmax_scale=0.25)
+    assert (out_shifted[..., :16] - out).abs().max().item() < 1e-9 * max(1.0, abs(shift))
+    perm = torch.randperm(70, generator=g)
+    out_perm = ra.adasplash_func(q, k[:, perm], v[:, perm], alpha=alpha, causal=False)
+    assert (out_perm - out).abs().max().item() < 1e-9
+    sums = ra.adasplash_func(q, k, torch.ones_like(v), alpha=alpha, causal=False)
+    assert (sums - 1).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("shapes", [((0, 16, 2, 16), (0, 16, 2, 16)), ((1, 16, 0, 16), (1, 16, 0, 16)),
+                                    ((0, 16, 4, 16), (0, 8, 2, 16))])
+def test_empty_batch_or_heads_give_empty_results(shapes):
+    q, k = (torch.randn(shape, requires_grad=True) for shape in shapes)
+    v = torch.randn(shapes[1], requires_grad=True)
+    out = ra.adasplash_func(q, k, v)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_alpha_tensors():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(TypeError, match="requires_grad"):
+        ra.adasplash_func(q, q, q, alpha=torch.tensor(1.5, requires_grad=True))
+    with pytest.raises(ValueError, match="one number"):
+        ra.adasplash_func(q, q, q, alpha=torch.tensor([1.5, 1.5]))
+    assert torch.equal(ra.adasplash_func(q, q, q, alpha=torch.tensor(1.5)), ra.adasplash_func(q, q, q, alpha=1.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("alpha", (1.1, 1.25, 1.5, 2.0))
+def test_gpu_probabilities_match_the_entmax_package(alpha):
+    """float32 on the GPU: the oracle families within 1e-5; bfloat16: the families whose scores
+    bfloat16 holds exactly (zeros, integers, one-key rows) within bfloat16's output rounding."""
+    for name, scores in families(alpha, seqlen_k=128).items():
+        err = (probabilities(scores, alpha, device="cuda") - oracle(scores, alpha)).abs().max().item()
+        assert err <= 1e-5, (name, err)
+        if name in ("zeros", "integers", "one key holds all the mass"):
+            exact = scores.to(torch.bfloat16)
+            err = (probabilities(exact, alpha, torch.bfloat16, "cuda") - oracle(exact, alpha)).abs().max().item()
+            assert err <= 1e-2, (name, "bf16", err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("alpha", (1.01, 1.25, 1.5, 2.0))
+def test_gpu_flat_rows_sum_to_one(alpha):
+    g = torch.Generator().manual_seed(1)
+    q, k = (0.01 * torch.randn(1, 8192, 2, 64, generator=g) for _ in range(2))
+    q[..., 0] = 1
+    q, k = q.cuda(), k.cuda()
+    out = ra.adasplash_func(q, k, torch.ones_like(k), alpha=alpha, softmax_scale=1.0, causal=True)
+    assert (out - 1).abs().max().item() < 1e-5
