@@ -58,15 +58,17 @@ SHARD = "ring_adasplash.parallel.layouts:shard"
 def parse_args(argv=None):
     """Command line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seqlens", type=common.csv_list(int), default=[65536, 131072])
+    p.add_argument("--seqlens", type=common.csv_list(int), default=[65536, 131072],
+                   help="sequence lengths, comma-separated")
     common.add_input_arguments(p)
-    p.add_argument("--impls", type=common.csv_list(str), default=ALL_IMPLS)
-    p.add_argument("--modes", type=common.csv_list(str), default=["fwd", "fwdbwd"])
+    p.add_argument("--impls", type=common.csv_list(str), default=ALL_IMPLS,
+                   help="implementations to time, comma-separated")
+    p.add_argument("--modes", type=common.csv_list(str), default=["fwd", "fwdbwd"], help="fwd, fwdbwd, comma-separated")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per mode")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per mode")
     p.add_argument("--cp-rotate", choices=["alltoall", "allgather"], default="alltoall",
                    help="torch_cp KV rotation (torch's set_rotate_method)")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the report (.md, .csv, .png)")
     args = p.parse_args(argv)
     unknown = {name for name in args.impls if name not in ALL_IMPLS and not USP.match(name)}
     if unknown:
@@ -317,6 +319,10 @@ def main(argv=None):
     """Run every strategy for every sequence length; rank 0 writes the report."""
     args = parse_args(argv)
     rank, world, device = init_distributed(args)
+    if world < 2:
+        dist.destroy_process_group()
+        raise SystemExit("bench_distributed.py reports strong-scaling efficiency against one GPU: launch it on two or "
+                         "more ranks (torchrun --nproc_per_node P, P >= 2)")
     header = None
     if rank == 0:
         header = common.print_header(device, {

@@ -36,21 +36,26 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=common.csv_list(_row), default=None,
                    help="SEQLEN:HEAD_DIM:AMP,... cases to run, instead of the product of the three lists below")
-    p.add_argument("--seqlens", type=common.csv_list(int), default=[8192, 32768, 65536])
-    p.add_argument("--head-dims", type=common.csv_list(int), default=[64, 128])
-    p.add_argument("--amps", type=common.csv_list(float), default=[1.0, 1.5, 2.0])
-    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--seqlens", type=common.csv_list(int), default=[8192, 32768, 65536],
+                   help="sequence lengths, comma-separated")
+    p.add_argument("--head-dims", type=common.csv_list(int), default=[64, 128], help="head dimensions, comma-separated")
+    p.add_argument("--amps", type=common.csv_list(float), default=[1.0, 1.5, 2.0],
+                   help="amplitudes, comma-separated (higher: sparser)")
+    p.add_argument("--heads", type=int, default=16, help="query heads")
     p.add_argument("--kv-heads", type=int, default=None, help="GQA key/value heads (default: --heads)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", choices=sorted(common.DTYPE_NAMES), default="bf16")
-    p.add_argument("--impls", type=common.csv_list(str), default=["ours", "sdpa", "adasplash"])
-    p.add_argument("--modes", type=common.csv_list(str), default=["fwd", "fwdbwd"])
-    p.add_argument("--family", choices=["structured", "sinkwindow"], default="structured")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1, help="batch size")
+    p.add_argument("--dtype", choices=sorted(common.DTYPE_NAMES), default="bf16", help="input dtype")
+    p.add_argument("--impls", type=common.csv_list(str), default=["ours", "sdpa", "adasplash"],
+                   help="implementations to time, comma-separated")
+    p.add_argument("--modes", type=common.csv_list(str), default=["fwd", "fwdbwd"], help="fwd, fwdbwd, comma-separated")
+    p.add_argument("--family", choices=["structured", "sinkwindow"], default="structured",
+                   help="input family of inputs.py: structured (local, amp sets the sparsity) or sinkwindow")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (wall-clock timer)")
-    p.add_argument("--warmup-ms", type=float, default=100.0)
-    p.add_argument("--rep-ms", type=float, default=500.0)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--warmup-ms", type=float, default=100.0,
+                   help="warm-up time per measurement (ms, triton.testing.do_bench)")
+    p.add_argument("--rep-ms", type=float, default=500.0, help="measured time per measurement (ms)")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the report (.md, .csv, .png)")
     return p.parse_args(argv)
 
 
@@ -200,7 +205,7 @@ def main(argv=None):
         row.update(bench_one(impl, mode, qkv, args))
         row["dense_passes"] = DENSE_QK_PASSES[impl]
         rows.append(row)
-        print("row", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        tqdm.write("row " + str({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     add_derived(rows, args)
     order = {name: i for i, name in enumerate(args.impls)}
     rows.sort(key=lambda r: (r["mode"], r["head_dim"], r["seqlen"], str(r["amp"]), order[r["impl"]]))
@@ -210,7 +215,8 @@ def main(argv=None):
                            panel_of=lambda r: f"{r['mode']}  D={r['head_dim']}",
                            line_of=lambda r: r["impl"] if r["impl"] == "sdpa" else f"{r['impl']} amp={r['amp']}",
                            xlabel="sequence length", ylabel="median time (ms)",
-                           title=f"attention kernels ({args.family}, {args.dtype}, H={args.heads})")
+                           title=f"attention kernels on {common.device_name(args.device)} ({args.family}, "
+                                 f"{args.dtype}, H={args.heads})")
 
     common.write_report(args.out, f"kernels_{common.timestamp()}", header,
                         common.markdown_table(rows, COLUMNS), rows, plot)

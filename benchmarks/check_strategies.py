@@ -27,9 +27,9 @@ from ring_adasplash.config import STRATEGIES, one_group_strategies  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seqlen", type=int, default=65536)
+    p.add_argument("--seqlen", type=int, default=65536, help="global sequence length (tokens)")
     common.add_input_arguments(p)
-    p.add_argument("--alpha", type=float, default=1.5)
+    p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha in (1, 2]")
     p.add_argument("--tol", type=float, default=2e-2, help="largest relative error accepted")
     return p.parse_args(argv)
 

@@ -317,15 +317,18 @@ def parse_args(argv=None):
     p.add_argument("--nvlink-gbs", type=float, default=450.0, help="NVLink GB/s per GPU")
     p.add_argument("--ib-gbs", type=float, default=50.0, help="InfiniBand GB/s per GPU")
     p.add_argument("--tile-tflops", type=float, default=400.0, help="effective attention TFLOP/s")
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (NVLink inside, InfiniBand across)")
     p.add_argument("--latency-us", type=float, default=0.0, help="per-message latency")
-    p.add_argument("--gpus", type=common.csv_list(int), default=[2**e for e in range(1, 11)])
-    p.add_argument("--seqlens", type=common.csv_list(int), default=[131072, 1048576])
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--gpus", type=common.csv_list(int), default=[2**e for e in range(1, 11)],
+                   help="GPU counts to model, comma-separated")
+    p.add_argument("--seqlens", type=common.csv_list(int), default=[131072, 1048576],
+                   help="sequence lengths, comma-separated")
+    p.add_argument("--heads", type=int, default=16, help="query heads")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--elem-bytes", type=int, default=2, help="bytes per element (bf16 = 2)")
-    p.add_argument("--block-sparsity", type=common.csv_list(float), default=[0.0, 0.9])
+    p.add_argument("--block-sparsity", type=common.csv_list(float), default=[0.0, 0.9],
+                   help="block sparsities to model, comma-separated")
     p.add_argument("--remote-block-sparsity", type=float, default=None,
                    help="fraction of remote K,V blocks skipped (default: = block sparsity)")
     p.add_argument("--stats-frac", type=float, default=0.5,
@@ -335,7 +338,7 @@ def parse_args(argv=None):
                    help="comm counts as hidden while exposed comm <= this share of fwd+bwd")
     p.add_argument("--mode", choices=["fwd", "fwdbwd"], default="fwdbwd", help="time shown in the tables")
     p.add_argument("--fit", default=None, help="CSV of measured rows (bench_distributed.py output)")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the report (.md, .csv, .png)")
     return p.parse_args(argv)
 
 

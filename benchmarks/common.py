@@ -21,24 +21,25 @@ DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # ----------------------------------------------------------------------------- CLI parsing
 def add_input_arguments(p):
     """The options every distributed script shares: problem shape, input family and dtype."""
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--amp", type=float, default=1.5)
-    p.add_argument("--family", choices=["structured", "sinkwindow"], default="structured")
-    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout-min", type=float, default=30.0)
+    p.add_argument("--heads", type=int, default=16, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA; default: --heads)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
+    p.add_argument("--amp", type=float, default=1.5, help="amplitude of the positional code (higher: sparser)")
+    p.add_argument("--family", choices=["structured", "sinkwindow"], default="structured",
+                   help="input family of inputs.py: structured (local, amp sets the sparsity) or sinkwindow")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16", help="input dtype")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cuda, or cpu for a smoke test")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
+    p.add_argument("--timeout-min", type=float, default=30.0, help="process-group timeout in minutes")
 
 
 def add_case_arguments(p):
     """One single-GPU case of the structured inputs (``first_call.py``, ``profile_forward.py``)."""
-    p.add_argument("--seqlen", type=int, default=32768)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--amp", type=float, default=1.5)
+    p.add_argument("--seqlen", type=int, default=32768, help="global sequence length (tokens)")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension")
+    p.add_argument("--heads", type=int, default=16, help="query heads")
+    p.add_argument("--amp", type=float, default=1.5, help="amplitude of the positional code (higher: sparser)")
 
 
 def csv_list(kind):

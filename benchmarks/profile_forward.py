@@ -15,8 +15,8 @@ from ring_adasplash import adasplash_func
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_case_arguments(p)
-    p.add_argument("--backward", action="store_true")
-    p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--backward", action="store_true", help="profile forward and backward")
+    p.add_argument("--rows", type=int, default=25, help="rows of the kernel table to print")
     args = p.parse_args()
     q, k, v = structured_qkv(1, args.seqlen, args.heads, args.head_dim, args.amp, torch.bfloat16, "cuda")
     q, k, v = (t.requires_grad_(args.backward) for t in (q, k, v))

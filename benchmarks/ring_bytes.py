@@ -21,11 +21,12 @@ PASSES = ("max", "histogram", "fine-histogram", "newton", "output", "backward", 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seqlen", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--amp", type=float, default=2.0)
-    p.add_argument("--family", default="structured", choices=("structured", "sinkwindow"))
+    p.add_argument("--seqlen", type=int, default=4096, help="global sequence length (tokens)")
+    p.add_argument("--heads", type=int, default=4, help="query heads")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension")
+    p.add_argument("--amp", type=float, default=2.0, help="amplitude of the positional code (higher: sparser)")
+    p.add_argument("--family", default="structured", choices=("structured", "sinkwindow"),
+                   help="input family of inputs.py: structured (local, amp sets the sparsity) or sinkwindow")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")

@@ -1,0 +1,58 @@
+"""What a new user runs first: the README quickstart and ``examples/sequence_parallel.py`` under
+torchrun, each in its own process, on CPU (the example also on two GPUs where there are two)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+
+
+def run(args: list[str], cwd: Path, hide_gpus: bool = False) -> subprocess.CompletedProcess:
+    """Run ``args`` with this checkout first on the import path and one thread per process; on
+    timeout the whole process group goes (torchrun's ranks included)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    if hide_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(args)} still running after {TIMEOUT_S} s:\n{out}")
+    return subprocess.CompletedProcess(args, proc.returncode, out)
+
+
+def quickstart_code() -> str:
+    """The first python block under "## Quickstart" in README.md."""
+    readme = (ROOT / "README.md").read_text()
+    assert "\n## Quickstart\n" in readme, "README.md has no ## Quickstart section"
+    section = readme.split("\n## Quickstart\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert block, "no python block under ## Quickstart in README.md"
+    return block.group(1)
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_example_under_torchrun(tmp_path):
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  str(ROOT / "examples" / "sequence_parallel.py")],
+                 cwd=tmp_path, hide_gpus=torch.cuda.device_count() < 2)
+    assert result.returncode == 0, result.stdout
+    assert "ok" in result.stdout.splitlines(), result.stdout
+
+
+def test_readme_quickstart_runs(tmp_path):
+    result = run([sys.executable, "-c", quickstart_code()], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout
