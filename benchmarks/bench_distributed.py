@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from inputs import make_qkv  # noqa: E402
 from ring_adasplash.config import STRATEGIES, one_group_strategies  # noqa: E402
+from ring_adasplash.comm import shutdown  # noqa: E402
 
 # our strategies on one process group, from the library's one table (function, shard layout)
 OURS = {s.name: s for s in one_group_strategies(include_missing=True) if s.package is None}
@@ -358,7 +359,7 @@ def main(argv=None):
 
         common.write_report(args.out, f"distributed_{common.timestamp()}", header,
                             common.markdown_table(rows, COLUMNS), rows, plot)
-    dist.destroy_process_group()
+    shutdown()  # destroys the process group; see ring_adasplash.comm.shutdown
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from bench_distributed import usp_groups, global_inputs, init_distributed  # noqa: E402
+from ring_adasplash.comm import shutdown  # noqa: E402
 from ring_adasplash.config import STRATEGIES, one_group_strategies  # noqa: E402
 
 
@@ -93,8 +94,7 @@ def main(argv=None):
         print(common.markdown_table(rows, [("strategy", "strategy"), ("out", "out", ".2e"), ("dq", "dq", ".2e"),
                                            ("dk", "dk", ".2e"), ("dv", "dv", ".2e"), ("error", "error")]))
         print("FAILED" if failed else "all strategies agree with one GPU", flush=True)
-    dist.destroy_process_group()
-    sys.exit(1 if failed else 0)
+    shutdown(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from common import print_header
 from inputs import make_qkv
 from ring_adasplash import telemetry
 from ring_adasplash.parallel import layouts, ring_adasplash_func, zigzag_ring_adasplash_func
+from ring_adasplash.comm import shutdown
 
 PASSES = ("max", "histogram", "fine-histogram", "newton", "output", "backward", "backward-grads")
 
@@ -56,7 +57,7 @@ def main():
             sparsity = 1 - c[-1, 0] / c[-1, 1]
             cells = [f"{c[i, 0] / c[i, 1]:.3f}" if c[i, 1] else "-" for i in range(len(PASSES))]
             print(f"| {name} | {sparsity:.3f} | " + " | ".join(cells) + " |")
-    dist.destroy_process_group()
+    shutdown()  # destroys the process group; see ring_adasplash.comm.shutdown
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ring_adasplash import adasplash_func, zigzag_ring_adasplash_func
 from ring_adasplash.parallel import layouts
+from ring_adasplash.comm import shutdown
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,7 +82,7 @@ def main() -> None:
         if max(errors.values()) > tolerance:
             raise SystemExit(f"mismatch: an error is above {tolerance:.0e}")
         print("ok")
-    dist.destroy_process_group()
+    shutdown()  # destroys the process group; see ring_adasplash.comm.shutdown
 
 
 if __name__ == "__main__":

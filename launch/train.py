@@ -36,6 +36,7 @@ from tqdm import tqdm
 from data import IGNORE, RecallTask
 from model import Transformer
 from ring_adasplash import parallel
+from ring_adasplash.comm import shutdown
 from ring_adasplash.config import STRATEGIES, AttentionConfig
 
 CPU_DEFAULTS = dict(seqlen=512, d_model=64, layers=2, heads=2, steps=150, lr=3e-3, batch=8, log_every=10)
@@ -273,7 +274,7 @@ def main() -> None:
         print(f"summary: strategy={args.strategy} engine={engine} world={world} seqlen={args.seqlen} "
               f"first_loss={first_loss:.4f} final_loss={final_loss:.4f} recall={recall:.3f} "
               f"tokens_per_s={tokens_per_s:.0f}", flush=True)
-    dist.destroy_process_group()
+    shutdown()  # destroys the process group; see ring_adasplash.comm.shutdown
 
 
 if __name__ == "__main__":
