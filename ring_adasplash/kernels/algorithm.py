@@ -148,8 +148,9 @@ def _histogram(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduc
 
 
 def _closed_form_tau(backend: Backend, problems, blocks, reduce, spec, bracket, reference, candidates):
-    """Step 4 for alpha 1.5 and 2: one fine histogram pass, tau in closed form, and per block the
-    tiles that may hold p > 0 (the bound from the exact tau, tightened per row by the pass)."""
+    """Step 4 for alpha 1.5 and 2: one fine histogram pass and tau in closed form. Returns tau, the
+    rows where it is exact (``stats.two_point_exact``) and per block the tiles the pass found may
+    hold p > 0 for any tau inside the pair of bins."""
     # rows whose max is their only key near tau have tau = max - 1: read only the query tiles
     # with another row
     refined = stats.per_query_tile(~bracket.single, candidates[0].block_m, "any")[..., None]
@@ -193,7 +194,7 @@ def _polished_tau(backend: Backend, problems, blocks, reduce, spec, bracket, tau
     upper = lower + 2.0 / (stats.NUM_BINS - 1)
     point = _newton_steps(backend, problems, blocks, reduce, spec, tiles, tau.double(), lower, upper,
                           stats.POLISH_STEPS)
-    return torch.where(exact | bracket.empty, tau.double(), point)
+    return torch.where(exact, tau.double(), point)  # exact rows include the empty ones
 
 
 def _needed(blocks: KeyBlocks, masks: list):
