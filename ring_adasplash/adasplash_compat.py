@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_alpha
-from .functional import adasplash_func, adasplash_varlen_func
+from .functional import adasplash_func, adasplash_varlen_func, empty_output
 
 
 def _check_compat_args(q: Tensor, k: Tensor, v: Tensor, varlen: Tensor | None, niter) -> None:
@@ -57,7 +57,7 @@ def adasplash(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, is_causal: bo
     valid = (torch.arange(seqlen, device=q.device)[None, :] < lengths[:, None]).flatten()
     rows = valid.nonzero().flatten()  # packed tokens, batch entry by batch entry
     if rows.numel() == 0:  # no valid token: zeros, still connected to the inputs for autograd
-        return q.new_zeros(q.shape[:3] + (v.shape[-1],)) + 0 * (q.sum() + k.sum() + v.sum())
+        return empty_output(q, k, v)
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     longest = int(lengths.max())
     packed = [t.flatten(0, 1).index_select(0, rows) for t in as_ours]  # (total, heads, head_dim)

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from .checks import check_alpha
+from .kernels.entmax_spec import EntmaxSpec
+from .kernels.stats import newton_update
 
 GENERAL_NEWTON_STEPS = 30  # from max - 1, monotone; far more than rows of attention need
 
@@ -34,16 +36,14 @@ def _sorted_closed_form_tau(z: Tensor, power: int) -> Tensor:
     return torch.gather(tau, -1, support - 1)
 
 
-def _newton_tau(z: Tensor, gamma: float) -> Tensor:
-    """tau of rows ``z`` (max 0) for p = [z - tau]_+ ** gamma: Newton on ||(z - t)_+||_gamma - 1 from
-    t = -1 (tau >= max - 1), which never passes tau."""
-    t = torch.full_like(z[..., :1], -1.0)
+def _newton_tau(z: Tensor, spec: EntmaxSpec) -> Tensor:
+    """tau of rows ``z`` (max 0): ``stats.newton_update`` steps on exact sums from t = -1 (tau >=
+    max - 1), which never pass tau; tau <= 0 bounds them from above."""
+    t, lower, upper = (torch.full_like(z[..., 0], bound) for bound in (-1.0, -1.0, 0.0))
     for _ in range(GENERAL_NEWTON_STEPS):
-        gap = (z - t).clamp(min=0)
-        slope_terms = torch.where(gap > 0, gap ** (gamma - 1.0), torch.zeros_like(gap))
-        f, df = (gap * slope_terms).sum(-1, keepdim=True), slope_terms.sum(-1, keepdim=True)
-        t = t + (1.0 - f.clamp(min=1e-300) ** (-1.0 / gamma)) * f / df.clamp(min=1e-300)
-    return t
+        sums = torch.stack([part.sum(-1) for part in spec.weights((z - t[..., None]).clamp(min=0))], -1)
+        t, lower, upper = newton_update(t, lower, upper, sums, spec)
+    return t[..., None].to(z.dtype)
 
 
 class _Entmax(torch.autograd.Function):
@@ -51,11 +51,9 @@ class _Entmax(torch.autograd.Function):
     def forward(ctx, x: Tensor, alpha: float, dim: int):
         compute = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32).movedim(dim, -1)
         z = (alpha - 1.0) * (compute - compute.amax(-1, keepdim=True))
-        gamma = 1.0 / (alpha - 1.0)
-        power = {1.5: 2, 2.0: 1}.get(alpha)
-        tau = _sorted_closed_form_tau(z, power) if power else _newton_tau(z, gamma)
-        gap = (z - tau).clamp(min=0)
-        p = gap ** gamma if power is None else gap ** power
+        spec = EntmaxSpec(alpha)
+        tau = _sorted_closed_form_tau(z, spec.power) if spec.closed_form else _newton_tau(z, spec)
+        p, _ = spec.weights((z - tau).clamp(min=0))
         p = p / p.sum(-1, keepdim=True)  # removes the last rounding of tau: rows sum to 1
         ctx.save_for_backward(p)
         ctx.alpha, ctx.dim = alpha, dim

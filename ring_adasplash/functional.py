@@ -120,9 +120,9 @@ def _causal_visibility(seqlen_q: int, seqlen_k: int, causal: bool, device: torch
     return causal_visibility(seqlen_q, seqlen_k, causal, device)
 
 
-def _empty_output(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The (empty) output of a call with no batch entry or no head, as SDPA gives it: of q's shape
-    with v's head dim, and differentiable (the gradients are empty too)."""
+def empty_output(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The output of a call with nothing to attend (no batch entry, no head, no valid token), as
+    SDPA gives it: zeros of q's shape with v's head dim, differentiable (zero gradients)."""
     connect = q.sum() + k.sum() + v.sum()  # zero, with a gradient path to every input
     return connect.to(q.dtype) * q.new_zeros((*q.shape[:-1], v.shape[-1]))
 
@@ -145,7 +145,7 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: 
     alpha = check_alpha(alpha)
     _, _, dim = check_qkv(q, k, v, backend=backend_for(q))
     if q.shape[0] == 0 or q.shape[2] == 0:
-        return _empty_output(q, k, v)
+        return empty_output(q, k, v)
     vis = _causal_visibility(q.shape[1], k.shape[1], causal, q.device)
     return _attention(q, k, v, vis, alpha, default_scale(softmax_scale, dim))
 
@@ -174,7 +174,7 @@ def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         if int(given) < longest:
             raise ValueError(f"{name} ({given}) is smaller than the longest sequence ({longest})")
     if q.shape[1] == 0:
-        return _empty_output(q, k, v)
+        return empty_output(q, k, v)
     vis = varlen_visibility(cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device), causal)
     out = _attention(q[None], k[None], v[None], vis, alpha, default_scale(softmax_scale, dim))
     return out[0]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import NamedTuple, Protocol
 
 import torch
@@ -71,13 +70,6 @@ class Problem:
     def tiles(self) -> tuple[int, int, int, int]:
         """Shape of a per-tile result, (B, Hq, nQ, nK)."""
         return (self.batch, self.heads, self.num_q_tiles, self.num_k_tiles)
-
-    @cached_property
-    def visible_tiles(self) -> torch.Tensor:
-        """(nQ, nK) bool: tiles that may hold a visible pair."""
-        from .visibility import tile_visible
-
-        return tile_visible(self.vis, self.block_m, self.block_n).to(self.q.device)
 
     def block_mask(self, tiles: torch.Tensor, visible: torch.Tensor | None = None) -> BlockMask:
         """``tiles`` (B, Hq, nQ, nK) bool as a ``BlockMask`` of this problem's tiling."""
