@@ -29,8 +29,9 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("ring_adasplash::attention_forward", mutates_args=())
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor,
-                      alpha: float, softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out in q's dtype, out_u, u_sum, tau, nonzero tiles); see ``kernels/algorithm.py``."""
+                      alpha: float, softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out in q's dtype, out_u, u_sum, tau, shift, nonzero tiles); see
+    ``kernels/algorithm.py`` (``ForwardResult``)."""
     args = (q, k, v, q_limit, q_doc, k_pos, k_doc, alpha, softmax_scale)
     return cuda_graphs.call("forward", _forward, args, copied=3, work=_work(q, k))
 
@@ -49,7 +50,7 @@ def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha: float, softmax_scale:
     telemetry.log_forward(fwd, "single")
     # contiguous, as the fake impl promises (compiled graphs check strides)
     return (fwd.out.to(q.dtype).contiguous(), fwd.out_u.contiguous(), fwd.u_sum.contiguous(), fwd.tau.contiguous(),
-            fwd.block_masks[0].tiles.contiguous())
+            fwd.shift.contiguous(), fwd.block_masks[0].tiles.contiguous())
 
 
 def _dry_run(q, k, v, vis: Visibility, alpha: float, softmax_scale: float) -> None:
@@ -67,27 +68,28 @@ def _(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha, softmax_scale):
     acc = _compute_dtype(q)
     tiles = (batch, heads, -(-seqlen_q // backend.BLOCK_M), -(-k.shape[1] // backend.BLOCK_N))
     out_shape = (batch, seqlen_q, heads, v.shape[-1])
-    return (q.new_empty(out_shape), q.new_empty(out_shape, dtype=acc), q.new_empty(batch, heads, seqlen_q, dtype=acc),
-            q.new_empty(batch, heads, seqlen_q, dtype=acc), q.new_empty(tiles, dtype=torch.bool))
+    rows = (batch, heads, seqlen_q)
+    return (q.new_empty(out_shape), q.new_empty(out_shape, dtype=acc), q.new_empty(rows, dtype=acc),
+            q.new_empty(rows, dtype=acc), q.new_empty(rows, dtype=acc), q.new_empty(tiles, dtype=torch.bool))
 
 
 @torch.library.custom_op("ring_adasplash::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor,
-                       k_pos: Tensor, k_doc: Tensor, out_u: Tensor, u_sum: Tensor, tau: Tensor, nonzero: Tensor,
-                       alpha: float, softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                       k_pos: Tensor, k_doc: Tensor, out_u: Tensor, u_sum: Tensor, tau: Tensor, shift: Tensor,
+                       nonzero: Tensor, alpha: float, softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     # no CUDA graph here: the backward launches a few large kernels, which hide their launches,
     # and copying its eight inputs into a graph cost more than it saved (cuda_graphs.py)
     vis = Visibility(q_limit, q_doc, k_pos, k_doc)
     backend = backend_for(q)
     mask = BlockMask(nonzero, backend.BLOCK_M, backend.BLOCK_N, q.shape[1], k.shape[1])
-    fwd = ForwardResult(out=None, out_u=out_u, u_sum=u_sum, tau=tau, support=None, block_masks=[mask])
+    fwd = ForwardResult(out=None, out_u=out_u, u_sum=u_sum, tau=tau, shift=shift, support=None, block_masks=[mask])
     dq, dk, dv = entmax_backward(backend, q, grad_out, SingleBlock(k, v, vis), fwd, EntmaxSpec(alpha), softmax_scale,
                                  kv_grad_dtype=k.dtype)
     return dq.to(q.dtype).contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, out_u, u_sum, tau, nonzero, alpha, softmax_scale):
+def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, out_u, u_sum, tau, shift, nonzero, alpha, softmax_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -98,8 +100,9 @@ class _EntmaxAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_limit, q_doc, k_pos, k_doc, alpha: float, softmax_scale: float):
-        out, out_u, u_sum, tau, nonzero = attention_forward(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha, softmax_scale)
-        ctx.save_for_backward(q, k, v, q_limit, q_doc, k_pos, k_doc, out_u, u_sum, tau, nonzero)
+        out, out_u, u_sum, tau, shift, nonzero = attention_forward(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha,
+                                                                   softmax_scale)
+        ctx.save_for_backward(q, k, v, q_limit, q_doc, k_pos, k_doc, out_u, u_sum, tau, shift, nonzero)
         ctx.alpha, ctx.softmax_scale = alpha, softmax_scale
         return out
 

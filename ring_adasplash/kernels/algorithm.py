@@ -4,8 +4,10 @@ A query block meets its keys as one or more *key blocks* (the whole sequence on 
 shard per ring step in a ring). ``KeyBlocks`` hides how blocks arrive; this module says what is
 computed on each and how the pieces combine:
 
-    forward  1. max pass on every block (dense Q.K^T: the only dense pass): row max, tau floor
-                (first block), tile gaps against max(tau floor, row max - 1), a lower bound of tau
+    forward  1. max pass on every block (dense Q.K^T: the only dense pass): the row's largest raw
+                score, tau floor (first block), tile gaps against max(tau floor, row max - 1), a
+                lower bound of tau. Every later pass takes logits relative to that score
+                (``stats.Relative``): nothing depends on a constant added to a row's scores
              2. histogram pass (sparse): coarse counts against the row max over all blocks, on
                 the tiles that reach the bin of that bound; counts add exactly
              3. bracket tau in two adjacent bins; block mask = tiles with a key above them
@@ -35,7 +37,7 @@ from . import stats
 from .backend import Backend
 from .block_mask import BlockMask
 from .entmax_spec import EntmaxSpec
-from .visibility import Visibility
+from .visibility import Visibility, keys_seen_by
 
 
 class KeyBlock(NamedTuple):
@@ -99,11 +101,19 @@ class ForwardResult:
     out: torch.Tensor | None  # (B, Sq, Hq, D) float32 output
     out_u: torch.Tensor  # (B, Sq, Hq, D) float32, sum u v
     u_sum: torch.Tensor  # sum u
-    tau: torch.Tensor  # float32 (float64 for float64 inputs), +inf on rows with no visible key
+    # float32 (float64 for float64 inputs), in z relative to the row's score max (so in [-1, 0]);
+    # +inf on rows with no visible key, NaN on rows that see a score that is not finite
+    tau: torch.Tensor
+    shift: torch.Tensor  # the row's score max (raw q . k), 0 where none: ``Problem.shift``
     support: torch.Tensor | None  # keys with p > 0
     block_masks: list = field(default_factory=list)  # per key block: tiles with p > 0 (``BlockMask``)
     read_masks: list = field(default_factory=list)  # per key block: tiles the output pass read
     dense_passes: int = 1
+
+    def absolute_tau(self, scale_z: float) -> torch.Tensor:
+        """tau (float64) for logits ``scale_z * q . k`` without the shift, as references compute it
+        (for scores far from 0 this has only the precision of the inputs' float format)."""
+        return self.tau.double() + scale_z * self.shift.double()
 
 
 def lower_bound_mask(tile_gap: torch.Tensor, lower: torch.Tensor, reference: torch.Tensor, empty: torch.Tensor,
@@ -119,19 +129,19 @@ def lower_bound_mask(tile_gap: torch.Tensor, lower: torch.Tensor, reference: tor
     return tile_gap > stats.per_query_tile(bound, block_m, "min")[..., None]
 
 
-def _maxima(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce):
-    """Step 1 on every block: the row max (global after ``reduce``), the tau floor (of the first
-    block: one's own keys, the diagonal under causal) and per block the tile gaps and a
-    ``BlockMask`` of the visible tiles."""
-    row_max = tau_floor = None
+def _maxima(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, scale_z: float):
+    """Step 1 on every block: the row's score max (global after ``reduce``) and tau floor (of the
+    first block: one's own keys, the diagonal under causal), as ``stats.Relative``, and per block
+    the tile gaps and a ``BlockMask`` of the visible tiles."""
+    score_max = tau_floor = None
     tile_gaps, visible = {}, {}
     for block in blocks.sweep(with_values=False, pass_name="max"):
         problem = problems(block)
         # the running max carries over from block to block: gaps of later blocks come out tighter
-        row_max, tau_floor, tile_gaps[block.index] = backend.max_pass(problem, row_max, tau_floor)
-        has_pairs = torch.isfinite(tile_gaps[block.index])
+        score_max, tau_floor, tile_gaps[block.index] = backend.max_pass(problem, score_max, tau_floor)
+        has_pairs = tile_gaps[block.index] > float("-inf")
         visible[block.index] = problem.block_mask(has_pairs, visible=has_pairs.flatten(0, -3).any(0))
-    return reduce.row_max(row_max), tau_floor, tile_gaps, visible
+    return stats.relative(reduce.row_max(score_max), tau_floor, scale_z), tile_gaps, visible
 
 
 def _histogram(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, row_max, tau_floor, tile_gaps,
@@ -149,8 +159,8 @@ def _histogram(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduc
 
 def _closed_form_tau(backend: Backend, problems, blocks, reduce, spec, bracket, reference, candidates):
     """Step 4 for alpha 1.5 and 2: one fine histogram pass and tau in closed form. Returns tau, the
-    rows where it is exact (``stats.two_point_exact``) and per block the tiles the pass found may
-    hold p > 0 for any tau inside the pair of bins."""
+    rows where it is exact (``stats.two_point_exact``), per block the tiles the pass found may
+    hold p > 0 for any tau inside the pair of bins, and the tiles it read."""
     # rows whose max is their only key near tau have tau = max - 1: read only the query tiles
     # with another row
     refined = stats.per_query_tile(~bracket.single, candidates[0].block_m, "any")[..., None]
@@ -162,16 +172,19 @@ def _closed_form_tau(backend: Backend, problems, blocks, reduce, spec, bracket, 
         fine = part if fine is None else fine + part
     fine = reduce.sums(fine)
     tau = backend.fine_tau(bracket, fine, spec)
-    return tau, stats.two_point_exact(bracket, fine, tau), [keeps[i] | ~refined for i in range(blocks.num_blocks)]
+    kept = [keeps[i] | ~refined for i in range(blocks.num_blocks)]
+    return tau, stats.two_point_exact(bracket, fine, tau), kept, tiles
 
 
-def _newton_steps(backend: Backend, problems, blocks, reduce, spec, tiles, point, lower, upper, steps: int):
-    """``steps`` safeguarded Newton steps (``stats.newton_update``) on exact sums over ``tiles``."""
+def _newton_steps(backend: Backend, problems, blocks, reduce, spec, tiles, point, lower, upper, steps: int,
+                  rows=None):
+    """``steps`` safeguarded Newton steps (``stats.newton_update``) on exact sums over ``tiles``
+    (only on the query tiles holding one of ``rows`` (B, H, Sq) bool, when given)."""
     needed = _needed(blocks, tiles)
     for _ in range(steps):
         sums = None
         for block in blocks.sweep(with_values=False, needed=needed, pass_name="newton"):
-            part = backend.newton_sums_pass(problems(block), tiles[block.index], point)
+            part = backend.newton_sums_pass(problems(block), tiles[block.index], point, rows)
             sums = part if sums is None else sums + part
         point, lower, upper = stats.newton_update(point, lower, upper, reduce.sums(sums), spec)
     return point
@@ -186,14 +199,15 @@ def _newton_tau(backend: Backend, problems, blocks, reduce, spec, bracket, candi
 
 
 def _polished_tau(backend: Backend, problems, blocks, reduce, spec, bracket, tau, exact, tiles):
-    """After the closed form: Newton steps on the rows it leaves inexact (``two_point_exact``), over
-    the query tiles holding such rows; tau lies in the bracket's pair of bins."""
-    inexact = stats.per_query_tile(~exact, backend.BLOCK_M, "any")[..., None]
-    tiles = [t.with_tiles(t.tiles & inexact) for t in tiles]
+    """After the closed form: Newton steps on the rows it leaves inexact (``two_point_exact``), on
+    the query tiles holding such rows only, over ``tiles`` (the fine histogram pass's, whose tile
+    lists exist already); tau lies in the bracket's pair of bins. Rarely is any row left (many
+    keys within 1/480 of tau, straddling it), so the steps cost about their launches: the other
+    query tiles read nothing, and no mask of their own is built."""
     lower = bracket.lower.double()
     upper = lower + 2.0 / (stats.NUM_BINS - 1)
     point = _newton_steps(backend, problems, blocks, reduce, spec, tiles, tau.double(), lower, upper,
-                          stats.POLISH_STEPS)
+                          stats.POLISH_STEPS, rows=~exact)
     return torch.where(exact, tau.double(), point)  # exact rows include the empty ones
 
 
@@ -205,26 +219,30 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
                    reduce: LocalReduce = LocalReduce()) -> ForwardResult:
     """Exact alpha-entmax attention of ``q`` (B, Sq, Hq, D) against all key blocks."""
 
-    def problems(block: KeyBlock):
+    def raw_problems(block: KeyBlock):
         return backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale)
 
-    row_max, tau_floor, tile_gaps, visible = _maxima(backend, problems, blocks, reduce)
-    row_stats = _histogram(backend, problems, blocks, reduce, row_max, tau_floor, tile_gaps, visible)
+    rel, tile_gaps, visible = _maxima(backend, raw_problems, blocks, reduce, spec.scale_z(softmax_scale))
+
+    def problems(block: KeyBlock):
+        return backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale, rel.shift)
+
+    row_stats = _histogram(backend, problems, blocks, reduce, rel.row_max, rel.tau_floor, tile_gaps, visible)
     bracket = backend.coarse_bracket(row_stats, spec)
-    reference = stats.gap_reference(row_max, tau_floor)
+    reference = stats.gap_reference(rel.row_max, rel.tau_floor)
     block_m = backend.BLOCK_M
     candidates = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], bracket.lower, reference, bracket.empty,
                                                          block_m)) for i in range(blocks.num_blocks)]
     if spec.closed_form:
-        tau, exact, kept = _closed_form_tau(backend, problems, blocks, reduce, spec, bracket, reference, candidates)
-        candidates = [c.with_tiles(c.tiles & kept[i]) for i, c in enumerate(candidates)]
-        tau = _polished_tau(backend, problems, blocks, reduce, spec, bracket, tau, exact, candidates)
+        tau, exact, kept, read = _closed_form_tau(backend, problems, blocks, reduce, spec, bracket, reference,
+                                                  candidates)
+        tau = _polished_tau(backend, problems, blocks, reduce, spec, bracket, tau, exact, read)
         # block mask from the exact tau: a key with p > 0 has z > tau
         candidates = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], tau, reference, bracket.empty, block_m)
                                             & kept[i]) for i in range(blocks.num_blocks)]
     else:
         tau = _newton_tau(backend, problems, blocks, reduce, spec, bracket, candidates)
-    tau = tau.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    tau = torch.where(rel.nonfinite, float("nan"), tau).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     del tile_gaps  # float32 per tile: the bool masks are all the output pass needs
     parts, nonzero = None, {}
     for block in blocks.sweep(with_values=True, needed=_needed(blocks, candidates), pass_name="output"):
@@ -232,7 +250,7 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
         parts = sums if parts is None else [a + b for a, b in zip(parts, sums)]
     out, out_u, u_sum, support = (reduce.sums(p) for p in parts)
     masks = [visible[i].with_tiles(nonzero[i]) for i in range(blocks.num_blocks)]
-    return ForwardResult(out, out_u, u_sum, tau, support, masks, candidates)
+    return ForwardResult(out, out_u, u_sum, tau, rel.shift, support, masks, candidates)
 
 
 def entmax_backward(backend: Backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult, spec: EntmaxSpec,
@@ -245,10 +263,13 @@ def entmax_backward(backend: Backend, q, grad_out, blocks: KeyBlocks, fwd: Forwa
         raise ValueError(f"kv_grad_dtype needs one key block, whose dk and dv are final; got {blocks.num_blocks}")
     dq, delta = None, None  # the row term, computed with the first block's dq (one launch fewer)
     sweep = blocks.backward_sweep(_needed(blocks, fwd.block_masks))
+    nonfinite = torch.isnan(fwd.tau)
     for block in sweep:
-        problem = backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale)
+        problem = backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale, fwd.shift)
+        # the keys a row with a non-finite score sees get NaN gradients, as in dense attention
+        nan_keys = keys_seen_by(nonfinite, block.vis, problem.heads_kv)
         grads = backend.backward_pass(problem, grad_out, fwd.tau, fwd.block_masks[block.index], delta, fwd.out_u,
-                                      fwd.u_sum, kv_grad_dtype)
+                                      fwd.u_sum, kv_grad_dtype, nan_keys)
         dq = grads.dq if dq is None else dq + grads.dq
         delta = grads.delta
         sweep.hand_back(grads.dk, grads.dv)

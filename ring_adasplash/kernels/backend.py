@@ -29,6 +29,9 @@ class Problem:
 
     ``q`` (B, Sq, Hq, D); ``k``, ``v`` (B, Sk, Hkv, D) (``v`` None for the passes that read no
     values); ``vis``: which keys each query sees; ``softmax_scale`` multiplies ``q . k``.
+    ``shift`` (B, Hq, Sq): the raw score ``q . k`` subtracted before scaling, so that the passes
+    after the max pass read ``z = scale_z * (q . k - shift)`` (``stats.Relative``: the row's score
+    max, 0 on rows without one); None for the max pass, which reads raw scores.
     """
 
     q: torch.Tensor
@@ -39,6 +42,7 @@ class Problem:
     softmax_scale: float
     block_m: int
     block_n: int
+    shift: torch.Tensor | None = None
 
     # derived from the shapes once, in __post_init__
     batch: int = field(init=False)
@@ -77,19 +81,23 @@ class Problem:
 
 
 class Maxima(NamedTuple):
-    """What the max pass of one key block gives.
+    """What the max pass of one key block gives. The first two are in raw score units (``q . k``,
+    before any scale), so that nothing depends on a constant added to a row's scores
+    (``stats.Relative`` turns them into z relative to the row max).
 
-    ``row_max``: (B, H, Sq) running max of z over the visible keys of this and earlier blocks.
-    ``tau_floor``: (B, H, Sq) a lower bound of tau: the tau of the row's visible keys in the last
-    two key tiles of its query tile's span (of the first block; under causal, the diagonal and the
-    tile before it), less ``stats.FLOOR_MARGIN``: tau only grows as keys are added, since each adds
-    to ``sum (z - t)_+^gamma``. -inf where those tiles hold no visible key of the row.
-    ``tile_gap``: (B, H, nQ, nK) per tile, max over its rows of (the row's largest z in the tile -
-    ``stats.gap_reference(running max, tau floor)`` just after the tile); -inf where the tile has
-    no visible pair.
+    ``score_max``: (B, H, Sq) running max of the raw score over the visible keys of this and
+    earlier blocks; -inf where none; +inf where one of them is not finite (NaN or inf in q or k).
+    ``tau_floor``: (B, H, Sq) a lower bound of tau as a raw score: the tau of the row's visible keys
+    in the last two key tiles of its query tile's span (of the first block; under causal, the
+    diagonal and the tile before it), less ``stats.FLOOR_MARGIN`` in z and two float ulps of their
+    max: tau only grows as keys are added, since each adds to ``sum (z - t)_+^gamma``. -inf where
+    those tiles hold no visible key of the row.
+    ``tile_gap``: (B, H, nQ, nK) per tile, in z: max over its rows of (the row's largest z in the
+    tile - ``stats.gap_reference(running max, tau floor)`` just after the tile); -inf where the
+    tile has no visible pair.
     """
 
-    row_max: torch.Tensor
+    score_max: torch.Tensor
     tau_floor: torch.Tensor
     tile_gap: torch.Tensor
 
@@ -130,19 +138,22 @@ class Backend(Protocol):
     BLOCK_M: int
     BLOCK_N: int
 
-    def problem(self, q, k, v, vis: Visibility, spec: EntmaxSpec, softmax_scale: float) -> Problem:
+    def problem(self, q, k, v, vis: Visibility, spec: EntmaxSpec, softmax_scale: float,
+                shift: torch.Tensor | None = None) -> Problem:
         """The per-block problem in this backend's form (checked; derived launch data cached)."""
 
-    def max_pass(self, problem: Problem, row_max=None, tau_floor=None) -> Maxima:
-        """The dense pass, nearest key tiles first: running row max from ``row_max`` (the max over
-        earlier key blocks) or from -inf; the tau floor of this block unless ``tau_floor`` is
-        given (every block after the first); tile gaps against ``stats.gap_reference`` of the two."""
+    def max_pass(self, problem: Problem, score_max=None, tau_floor=None) -> Maxima:
+        """The dense pass over raw scores (``problem.shift`` None), nearest key tiles first:
+        running score max from ``score_max`` (the max over earlier key blocks) or from -inf; the
+        tau floor of this block unless ``tau_floor`` is given (every block after the first); tile
+        gaps against ``stats.gap_reference`` of the two."""
 
     def histogram_pass(self, problem: Problem, row_max, tau_floor, tile_gap, tiles: BlockMask):
         """Coarse counts ``hist`` (B, H, Sq, NUM_BINS) of the keys of ``tiles`` in the bins
-        ``stats.kept_bins`` keeps, against ``stats.bin_reference(row_max)`` (``row_max``: the max
-        over every key block, so histograms of all blocks add exactly); returns ``(hist,
-        tile_gap)`` with ``stats.ZERO_TILE`` on the visible tiles where no row has a kept key."""
+        ``stats.kept_bins`` keeps, against ``stats.bin_reference(row_max)`` (``row_max``, ``tau_floor``:
+        ``stats.Relative``, z relative to the max over every key block, so histograms of all
+        blocks add exactly); returns ``(hist, tile_gap)`` with ``stats.ZERO_TILE`` on the visible
+        tiles where no row has a kept key. From here on every pass reads ``problem.shift``."""
 
     def fine_histogram_pass(self, problem: Problem, tiles: BlockMask, bin_index, cutoff):
         """alpha 1.5 and 2: the sums of ``stats.fine_tau`` (B, H, Sq, 3, FINE_BINS + 1) over
@@ -150,18 +161,22 @@ class Backend(Protocol):
         ``keep`` (B, H, nQ, nK) bool: tiles where some row has such a key no lower than one coarse
         bin below the pair starting at ``bin_index``. Returns ``(sums, keep)``."""
 
-    def newton_sums_pass(self, problem: Problem, tiles: BlockMask, point):
-        """Other alpha: (B, H, Sq, 2) float64 ``sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1)`` at
-        ``t = point`` over ``tiles``."""
+    def newton_sums_pass(self, problem: Problem, tiles: BlockMask, point, rows=None):
+        """(B, H, Sq, 2) float64 ``sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1)`` at ``t = point``
+        over ``tiles``; with ``rows`` (B, H, Sq) bool, only the query tiles holding a marked row
+        read their key tiles (zeros elsewhere), without a mask of their own."""
 
     def output_pass(self, problem: Problem, tau, tiles: BlockMask) -> OutputSums:
-        """Partial output for a known ``tau`` over ``tiles``."""
+        """Partial output for a known ``tau`` over ``tiles``; rows whose tau is NaN (they see a
+        score that is not finite) come out NaN."""
 
     def backward_pass(self, problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                      kv_grad_dtype=None) -> Gradients:
-        """Gradients through the ``tiles`` of one key block. ``delta`` None: computed from
-        ``out_u`` and ``u_sum`` (the merged forward row terms). ``kv_grad_dtype``: the dtype of dk
-        and dv where they are final (one key block); default float32."""
+                      kv_grad_dtype=None, nan_keys=None) -> Gradients:
+        """Gradients through the ``tiles`` of one key block; dq is NaN on rows whose tau is NaN,
+        dk and dv on the keys ``nan_keys`` (B, Sk, Hkv) bool marks (those such rows see).
+        ``delta`` None: computed from ``out_u`` and ``u_sum`` (the merged forward row terms).
+        ``kv_grad_dtype``: the dtype of dk and dv where they are final (one key block); default
+        float32."""
 
     def coarse_bracket(self, stats, spec: EntmaxSpec):
         """``stats.coarse_bracket``: where tau lies after the coarse counts."""

@@ -1,9 +1,12 @@
 """Mergeable per-row statistics of entmax logits, and the threshold ``tau`` they determine.
 
-Notation, used in every backend. ``z_ij = (alpha - 1) * softmax_scale * q_i . k_j`` are the entmax
-logits of visible pairs, ``gamma = 1 / (alpha - 1)`` and ``p_ij = [z_ij - tau_i]_+ ** gamma`` with
+Notation, used in every backend. ``z_ij = (alpha - 1) * softmax_scale * (q_i . k_j - m_i)`` are the
+entmax logits of visible pairs, relative to the row's largest raw score ``m_i = max_j q_i . k_j``
+(``Relative``), ``gamma = 1 / (alpha - 1)`` and ``p_ij = [z_ij - tau_i]_+ ** gamma`` with
 ``sum_j p_ij = 1``. Since no ``p`` exceeds 1, ``tau_i >= max_j z_ij - 1``: keys more than one unit
-below the row max never matter.
+below the row max never matter. Relative logits make every pass independent of a constant added
+to a row's scores (entmax is shift invariant, and float32 near 1e4 has ulps of 1e-3): the row max
+is z = 0 and tau lies in [-1, 0]. Only the max pass reads raw scores, to find ``m``.
 
 Coarse histogram (the histogram pass). Bins have width ``w = 1 / (NUM_BINS - 1)`` and absolute
 indices ``idx(z) = floor(z * (NUM_BINS - 1))``, so every shard bins a score the same way. A row keeps
@@ -31,6 +34,7 @@ Newton steps on exact sums ``(sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1))`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -49,12 +53,38 @@ MASK_MARGIN = 1e-4  # slack (in z) when comparing a tile gap with a lower bound 
 ZERO_TILE = torch.finfo(torch.float32).min
 
 
+class Relative(NamedTuple):
+    """The max pass's raw maxima (``backend.Maxima``) as the later passes read them.
+
+    ``shift``: (B, H, Sq) the row's score max, subtracted from every raw score (0 on rows without
+    a finite one, so no pass computes inf - inf). ``row_max``: z of the row max: 0, -inf on rows
+    with no visible key or a non-finite score. ``tau_floor``: the tau floor in z. ``nonfinite``:
+    rows that see a score that is not finite (their output is NaN; the statistics treat them as
+    empty)."""
+
+    shift: torch.Tensor
+    row_max: torch.Tensor
+    tau_floor: torch.Tensor
+    nonfinite: torch.Tensor
+
+
+def relative(score_max: torch.Tensor, tau_floor: torch.Tensor, scale_z: float) -> Relative:
+    """``Relative`` from the merged score max and the tau floor (raw units) of the max pass. The
+    floor's difference to the max is exact in float arithmetic wherever it matters (within a
+    factor two of each other), so z of the floor loses nothing to the size of the scores."""
+    has = torch.isfinite(score_max)
+    shift = torch.where(has, score_max, torch.zeros_like(score_max))
+    row_max = torch.where(has, torch.zeros_like(score_max), torch.full_like(score_max, float("-inf")))
+    floor = torch.where(has, scale_z * (tau_floor.to(score_max.dtype) - shift), row_max)
+    return Relative(shift, row_max, floor, score_max == float("inf"))
+
+
 @dataclass
 class RowStats:
     """Statistics of one query block against the keys seen so far (a shard or the whole sequence).
 
-    ``row_max``: (B, H, Sq) float32 (float64 for float64 inputs), max logit over visible keys (-inf
-    for none).
+    ``row_max``: (B, H, Sq) float32 (float64 for float64 inputs), max logit over visible keys (0, as
+    logits are relative to it; -inf for none; ``merge`` in the tests takes any).
     ``hist``: (B, H, Sq, NUM_BINS) float32: keys per local bin (see module doc).
     """
 
@@ -311,7 +341,8 @@ def two_point_exact(bracket: Bracket, fine_hist: torch.Tensor, tau: torch.Tensor
     counts = fine_hist[..., 0, :nf]
 
     def keys_in_sub_bin(x):
-        index = torch.floor(x).clamp(0, nf - 1).to(torch.int64)
+        # NaN to 0: a compile-ahead dry run (``compile_ahead``) gets here with unset memory
+        index = torch.nan_to_num(torch.floor(x), nan=0.0).clamp(0, nf - 1).to(torch.int64)
         return torch.gather(counts, -1, index[..., None]).squeeze(-1)
 
     few = (keys_in_sub_bin(sub_bins - 0.01) <= 2) & (keys_in_sub_bin(sub_bins + 0.01) <= 2)

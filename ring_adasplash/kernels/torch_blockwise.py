@@ -3,7 +3,8 @@
 Implements ``backend.Backend``. Each pass walks the key block one tile of ``block_n`` keys at a
 time with every query at once, so memory is O(Sq * block_n), never O(Sq * Sk). Tensors come in
 the public layout (batch, seqlen, heads, head_dim); statistics are head-major (batch, heads,
-seqlen, ...). Logits ``z = (alpha - 1) * softmax_scale * q . k``; see ``stats.py`` for the
+seqlen, ...). Logits ``z = (alpha - 1) * softmax_scale * (q . k - shift)``, relative to the row's
+score max (``stats.Relative``); the max pass reads raw scores. See ``stats.py`` for the
 statistics. float64 inputs compute in float64, everything else in float32.
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ coarse_bracket = stats.coarse_bracket  # tau from the statistics: the backend-ne
 fine_tau = stats.fine_tau
 
 
-def problem(q, k, v, vis: Visibility, spec: EntmaxSpec, softmax_scale: float) -> Problem:
-    return Problem(q, k, v, vis, spec, softmax_scale, BLOCK_M, BLOCK_N)
+def problem(q, k, v, vis: Visibility, spec: EntmaxSpec, softmax_scale: float, shift=None) -> Problem:
+    return Problem(q, k, v, vis, spec, softmax_scale, BLOCK_M, BLOCK_N, shift)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -40,13 +41,21 @@ def _head_major_queries(q: torch.Tensor, heads_kv: int) -> torch.Tensor:
 
 
 class _KeyTiles:
-    """Logits of all queries against one key tile at a time, with invisible pairs and pairs outside
-    ``tiles`` at -inf."""
+    """Logits ``scale_z * (q . k - shift)`` of all queries against one key tile at a time, with
+    invisible pairs and pairs outside ``tiles`` at -inf; ``raw``: the raw scores ``q . k`` (the max
+    pass)."""
 
-    def __init__(self, problem: Problem, tiles: BlockMask | None = None, nearest_first: bool = False):
+    def __init__(self, problem: Problem, tiles: BlockMask | None = None, nearest_first: bool = False,
+                 raw: bool = False):
         self.p, self.nearest_first = problem, nearest_first  # last key tile first: the max pass
         self.active = None if tiles is None else tiles.tiles
         self.qh = _head_major_queries(problem.q, problem.heads_kv)
+        if raw:
+            self.shift, self.scale = 0.0, 1.0
+        else:
+            shift = torch.zeros(problem.rows) if problem.shift is None else problem.shift
+            self.shift = shift.to(device=self.qh.device, dtype=self.qh.dtype)[..., None]
+            self.scale = problem.scale_z
 
     def rows_of_tiles(self, per_tile: torch.Tensor) -> torch.Tensor:
         """(..., nQ) -> (..., Sq): every row takes its query tile's value."""
@@ -68,7 +77,7 @@ class _KeyTiles:
             if not bool(allowed.any()):
                 continue
             kt = p.k[:, keys].to(self.qh.dtype).permute(0, 2, 3, 1)[:, :, None]  # (B, Hkv, 1, D, n)
-            z = (self.qh @ kt).reshape(p.batch, p.heads, p.seqlen_q, -1) * p.scale_z
+            z = ((self.qh @ kt).reshape(p.batch, p.heads, p.seqlen_q, -1) - self.shift) * self.scale
             yield index, keys, z.masked_fill(~allowed, float("-inf"))
 
     def per_query_tile(self, rows: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -77,11 +86,13 @@ class _KeyTiles:
 
 
 def nearest_tau_floor(problem: Problem) -> torch.Tensor:
-    """``Maxima.tau_floor`` (B, Hq, Sq): per row, a lower bound of tau from its visible keys in
-    the last two key tiles of its query tile's span (``visibility.key_tile_span``; on a causal
-    diagonal, the nearest keys, where most of a row's mass usually sits). ``FLOOR_STEPS`` Newton
-    steps on ``f(t) = sum (z - t)_+^gamma = 1`` from ``max - 1`` of those keys: f is convex and
-    decreasing, so from below every step lands below their tau, and closer."""
+    """``Maxima.tau_floor`` (B, Hq, Sq), a raw score: per row, a lower bound of tau from its
+    visible keys in the last two key tiles of its query tile's span (``visibility.key_tile_span``;
+    on a causal diagonal, the nearest keys, where most of a row's mass usually sits).
+    ``FLOOR_STEPS`` Newton steps on ``f(t) = sum (z - t)_+^gamma = 1``, z relative to the largest
+    of those scores, from ``-1``: f is convex and decreasing, so from below every step lands below
+    their tau, and closer. Back in raw units it is lowered by two ulps of that score: the rounding
+    of the conversion."""
     p, vis = problem, problem.vis
     block_m, block_n, device = p.block_m, p.block_n, p.q.device
     lo, hi = (t.to(device) for t in key_tile_span(vis, block_m, block_n))
@@ -95,43 +106,52 @@ def nearest_tau_floor(problem: Problem) -> torch.Tensor:
     qh = _head_major_queries(p.q, p.heads_kv)  # (B, Hkv, G, Sq, D)
     qt = qh[..., rows.flatten(), :].unflatten(-2, (p.num_q_tiles, block_m))  # (B, Hkv, G, nQ, bm, D)
     kt = p.k.to(qh.dtype).permute(0, 2, 1, 3)[:, :, keys]  # (B, Hkv, nQ, 2bn, D)
-    z = (qt @ kt[:, :, None].transpose(-1, -2)) * p.scale_z  # (B, Hkv, G, nQ, bm, 2bn)
-    z = z.masked_fill(~pair, float("-inf")).reshape(p.batch, p.heads, p.num_q_tiles * block_m, 2 * block_n)
-    z = z[:, :, :p.seqlen_q]
-    top = z.amax(-1)
+    scores = qt @ kt[:, :, None].transpose(-1, -2)  # (B, Hkv, G, nQ, bm, 2bn)
+    scores = scores.masked_fill(~pair, float("-inf")).reshape(p.batch, p.heads, p.num_q_tiles * block_m, 2 * block_n)
+    scores = scores[:, :, :p.seqlen_q]
+    top = scores.amax(-1)
     has = torch.isfinite(top)
-    t = torch.where(has, top, torch.zeros_like(top)) - 1.0
+    z = (scores - torch.where(has, top, torch.zeros_like(top))[..., None]) * p.scale_z
+    t = torch.full_like(top, -1.0)
     for _ in range(stats.FLOOR_STEPS):
         f, slope = p.spec.power_and_slope((z - t[..., None]).clamp(min=0))
         t = t + (f.sum(-1) - 1.0) / (p.spec.gamma * slope.sum(-1)).clamp(min=1e-30)
-    return torch.where(has, t - stats.FLOOR_MARGIN, torch.full_like(t, float("-inf")))
+    ulps = 2 * torch.finfo(top.dtype).eps * top.abs()
+    floor = top + (t - stats.FLOOR_MARGIN) / p.scale_z - ulps
+    return torch.where(has, floor, torch.full_like(t, float("-inf")))
 
 
-def max_pass(problem: Problem, row_max=None, tau_floor=None) -> Maxima:
-    """The dense pass over this key block, last key tile first (see ``backend.Maxima``): the
-    running row max, starting from ``row_max`` (the max over earlier key blocks) when given; the
-    tau floor (``nearest_tau_floor`` of this block unless given, as it is for every block after
-    the first); and the tile gaps against ``stats.gap_reference`` of the two.
+def max_pass(problem: Problem, score_max=None, tau_floor=None) -> Maxima:
+    """The dense pass over this key block's raw scores, last key tile first (see
+    ``backend.Maxima``): the running score max, starting from ``score_max`` (the max over earlier
+    key blocks) when given; the tau floor (``nearest_tau_floor`` of this block unless given, as it
+    is for every block after the first); and the tile gaps, in z, against ``stats.gap_reference``
+    of the two (both relative to the running max, so the gaps are exact differences).
 
     ``gap_reference`` never exceeds its final value, so a gap bounds from above how far any key of
     the tile rises over it: the tile tests of the later passes rest on this. Taken nearest first
     (causal: the diagonal, where a row's max usually is), the running max is close to the final
-    one early and the gaps of far tiles are tight."""
-    tiles = _KeyTiles(problem, nearest_first=True)
+    one early and the gaps of far tiles are tight. A row that sees a NaN score keeps a NaN
+    running max, stored as +inf (``backend.Maxima``)."""
+    tiles = _KeyTiles(problem, nearest_first=True, raw=True)
     device, dtype = problem.q.device, _compute_dtype(problem.q)
-    if row_max is None:
+    if score_max is None:
         running = torch.full(problem.rows, float("-inf"), device=device, dtype=dtype)
     else:
-        running = row_max.to(device=device, dtype=dtype, copy=True)
+        running = score_max.to(device=device, dtype=dtype, copy=True)
     if tau_floor is None:
         tau_floor = nearest_tau_floor(problem)
+    tau_floor = tau_floor.to(device=device, dtype=dtype)
+    scale_z = problem.scale_z
     tile_gap = torch.full(problem.tiles, float("-inf"), device=device)
-    for index, _, z in tiles:
-        row_tile_max = z.amax(-1)
+    for index, _, scores in tiles:
+        row_tile_max = scores.amax(-1)  # NaN where the row sees a NaN score
         running = torch.maximum(running, row_tile_max)
-        reference = stats.gap_reference(running, tau_floor)
-        gap = torch.where(torch.isfinite(row_tile_max), row_tile_max - reference, float("-inf"))
+        reference = stats.gap_reference(torch.zeros_like(running), scale_z * (tau_floor - running))
+        gap = scale_z * (row_tile_max - running) - reference
+        gap = torch.where(torch.isfinite(row_tile_max) & torch.isfinite(running), gap, float("-inf"))
         tile_gap[..., index] = tiles.per_query_tile(gap, "max")
+    running = torch.where(torch.isnan(running), float("inf"), running)
     return Maxima(running, tau_floor, tile_gap)
 
 
@@ -156,7 +176,8 @@ def histogram_pass(problem: Problem, row_max, tau_floor, tile_gap, tiles: BlockM
         local = (ref[..., None] - idx).clamp(min=0)  # a logit equal to its row max is in bin 0
         keep = torch.isfinite(z) & (local < bins[..., None])
         near[..., index] = key_tiles.per_query_tile(keep.any(-1), "any")
-        hist.scatter_add_(-1, local.clamp(max=nb - 1).to(torch.int64), keep.float())
+        slot = torch.where(keep, local, torch.zeros_like(local)).to(torch.int64)  # NaN is no index
+        hist.scatter_add_(-1, slot, keep.float())
     return hist, tile_gap.masked_fill(~near & torch.isfinite(tile_gap), ZERO_TILE)
 
 
@@ -206,21 +227,39 @@ def fine_histogram_pass(problem: Problem, tiles: BlockMask, bin_index, cutoff=No
     return out, keep
 
 
-def newton_sums_pass(problem: Problem, tiles: BlockMask, point):
-    """Other alpha: (B, H, Sq, 2) float64 ``sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1)`` at
-    ``t = point`` (B, H, Sq) over ``tiles``."""
+def newton_sums_pass(problem: Problem, tiles: BlockMask, point, rows=None):
+    """(B, H, Sq, 2) float64 ``sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1)`` at ``t = point``
+    (B, H, Sq) over ``tiles``; with ``rows`` (B, H, Sq) bool, only on the query tiles holding a
+    marked row (zeros elsewhere)."""
+    if rows is not None:
+        tiles = tiles.with_tiles(tiles.tiles & stats.per_query_tile(rows, problem.block_m, "any")[..., None])
     out = torch.zeros(*problem.rows, 2, device=problem.q.device, dtype=torch.float64)
     t = point.double()[..., None]
     for _, _, z in _KeyTiles(problem, tiles):
-        p, u = problem.spec.weights((z.double() - t).clamp(min=0))
+        p, u = problem.spec.weights(_gap(z.double(), t))
         out[..., 0] += p.sum(-1)
         out[..., 1] += u.sum(-1)
     return out
 
 
+def _gap(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``(z - tau)_+``, 0 where either is NaN (a row with a NaN tau is marked NaN as a whole)."""
+    return torch.where(z > tau, z - tau, torch.zeros_like(z))
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with zeros in place of NaN and inf."""
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _nan_rows(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, Sq, Hq, D) with NaN on the rows whose tau (B, Hq, Sq) is NaN."""
+    return torch.where(torch.isnan(tau).transpose(1, 2)[..., None], float("nan"), x)
+
+
 def output_pass(problem: Problem, tau, tiles: BlockMask) -> OutputSums:
     """Partial output for a known tau over ``tiles`` (``backend.OutputSums``); additive across key
-    blocks."""
+    blocks. Rows whose tau is NaN come out NaN."""
     key_tiles = _KeyTiles(problem, tiles)
     p = problem
     dtype = key_tiles.qh.dtype
@@ -232,7 +271,7 @@ def output_pass(problem: Problem, tau, tiles: BlockMask) -> OutputSums:
     tau_col = tau.to(dtype)[..., None]
     by_group = (p.batch, p.heads_kv, p.group, p.seqlen_q, -1)
     for index, keys, z in key_tiles:
-        gap = (z - tau_col).clamp(min=0)
+        gap = _gap(z, tau_col)
         prob, u = p.spec.weights(gap)
         vt = p.v[:, keys].to(dtype).permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, n, D)
         out += prob.reshape(by_group) @ vt
@@ -241,7 +280,7 @@ def output_pass(problem: Problem, tau, tiles: BlockMask) -> OutputSums:
         support += (gap > 0).sum(-1)
         nonzero[..., index] = key_tiles.per_query_tile((gap > 0).any(-1), "any")
     to_public = lambda x: x.reshape(p.batch, p.heads, p.seqlen_q, -1).permute(0, 2, 1, 3)  # noqa: E731
-    return OutputSums(to_public(out), to_public(out_u), u_sum, support, nonzero)
+    return OutputSums(_nan_rows(to_public(out), tau), to_public(out_u), u_sum, support, nonzero)
 
 
 def row_delta(grad_out, out_u, u_sum):
@@ -252,20 +291,23 @@ def row_delta(grad_out, out_u, u_sum):
 
 
 def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                  kv_grad_dtype=None) -> Gradients:
+                  kv_grad_dtype=None, nan_keys=None) -> Gradients:
     """Gradients through the ``tiles`` of one key block (``backend.Gradients``; float32, float64
-    for float64 inputs, dk and dv in ``kv_grad_dtype`` where given).
+    for float64 inputs, dk and dv in ``kv_grad_dtype`` where given); dq is NaN on rows whose tau
+    is NaN, dk and dv on the keys ``nan_keys`` (B, Sk, Hkv) marks.
 
     ``delta`` (B, Hq, Sq) = (grad_out . out_u) / u_sum, from the merged forward row terms; None:
     computed here from ``out_u`` and ``u_sum`` (``row_delta``). With ``g = grad_out . v`` the
     score gradient is ``ds = u (g - delta)``; ``dq = scale ds k``, ``dk = scale ds^T q``,
-    ``dv = p^T grad_out`` (dk, dv summed over each GQA group).
+    ``dv = p^T grad_out`` (dk, dv summed over each GQA group). Non-finite inputs reach only the
+    rows and keys that see them: the products read them as zeros (a zero weight times NaN would
+    spread NaN over the whole tile).
     """
     if delta is None:
         delta = row_delta(grad_out, out_u, u_sum)
     key_tiles = _KeyTiles(problem, tiles)
     p = problem
-    dtype, qh = key_tiles.qh.dtype, key_tiles.qh
+    dtype, qh = key_tiles.qh.dtype, _finite(key_tiles.qh)
     do_h = _head_major_queries(grad_out, p.heads_kv).to(dtype)  # (B, Hkv, G, Sq, D)
     dq = torch.zeros_like(qh)
     dk = torch.zeros(p.k.shape, device=p.k.device, dtype=dtype)
@@ -274,13 +316,15 @@ def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None,
     by_group = (p.batch, p.heads_kv, p.group, p.seqlen_q, -1)
     delta_col = delta.to(dtype).reshape(*by_group[:-1], 1)
     for _, keys, z in key_tiles:
-        prob, u = p.spec.weights((z - tau_col).clamp(min=0))
+        prob, u = p.spec.weights(_gap(z, tau_col))
         prob, u = prob.reshape(by_group), u.reshape(by_group)
-        kt = p.k[:, keys].to(dtype).permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, n, D)
+        kt = _finite(p.k[:, keys].to(dtype).permute(0, 2, 1, 3)[:, :, None])  # (B, Hkv, 1, n, D)
         vt = p.v[:, keys].to(dtype).permute(0, 2, 1, 3)[:, :, None]
-        ds = u * (do_h @ vt.transpose(-1, -2) - delta_col)  # (B, Hkv, G, Sq, n)
+        ds = torch.where(u > 0, u * (do_h @ vt.transpose(-1, -2) - delta_col), 0.0)  # (B, Hkv, G, Sq, n)
         dq += p.softmax_scale * (ds @ kt)
         dk[:, keys] += p.softmax_scale * (ds.transpose(-1, -2) @ qh).sum(2).permute(0, 2, 1, 3)
         dv[:, keys] += (prob.transpose(-1, -2) @ do_h).sum(2).permute(0, 2, 1, 3)
-    dq = dq.reshape(p.batch, p.heads, p.seqlen_q, -1).permute(0, 2, 1, 3)
+    dq = _nan_rows(dq.reshape(p.batch, p.heads, p.seqlen_q, -1).permute(0, 2, 1, 3), tau)
+    if nan_keys is not None:
+        dk, dv = (x.masked_fill(nan_keys[..., None], float("nan")) for x in (dk, dv))
     return Gradients(dq, dk.to(kv_grad_dtype or dtype), dv.to(kv_grad_dtype or dtype), delta)

@@ -121,12 +121,19 @@ class TritonProblem(Problem):
         """How the kernels raise ``(z - tau)_+`` to p and u (``EntmaxSpec.power``, ``gamma``)."""
         return {"gamma": float(self.spec.gamma), "POWER": self.spec.power}
 
+    @cached_property
+    def shift_rows(self) -> torch.Tensor:
+        """``Problem.shift`` as the kernels read it (``Shift``): per row, float32; zeros if None."""
+        if self.shift is None:
+            return torch.zeros(self.rows, device=self.q.device, dtype=torch.float32)
+        return self.per_row(self.shift)
+
     def listed(self, tiles: BlockMask) -> dict:
-        """``queries`` and, per query tile, the key tiles of ``tiles`` (lists built once per mask)
-        and its run of fully visible ones: the arguments of the sparse passes."""
+        """``queries``, the shift and, per query tile, the key tiles of ``tiles`` (lists built once
+        per mask) and its run of fully visible ones: the arguments of the sparse passes."""
         counts, index = tiles.key_tile_lists()
         return dict(self.queries, K_full_lo=self.ranges["K_full_lo"], K_full_hi=self.ranges["K_full_hi"],
-                    Tile_count=counts, Tile_index=index, num_k_tiles=self.num_k_tiles)
+                    Tile_count=counts, Tile_index=index, num_k_tiles=self.num_k_tiles, Shift=self.shift_rows)
 
     @property
     def query_grid(self) -> tuple[int, int]:
@@ -145,8 +152,8 @@ class TritonProblem(Problem):
         return torch.empty(*self.rows, *tail, device=self.q.device, dtype=torch.float32)
 
 
-def problem(q, k, v, vis: Visibility, spec: EntmaxSpec, softmax_scale: float) -> TritonProblem:
-    return TritonProblem(q, k, v, vis, spec, softmax_scale, BLOCK_M, BLOCK_N)
+def problem(q, k, v, vis: Visibility, spec: EntmaxSpec, softmax_scale: float, shift=None) -> TritonProblem:
+    return TritonProblem(q, k, v, vis, spec, softmax_scale, BLOCK_M, BLOCK_N, shift)
 
 
 _RANGES_CACHE: dict = {}  # where the four visibility vectors live, and their versions -> (vectors, ranges)
@@ -207,18 +214,18 @@ def _tau_floor(problem: TritonProblem) -> torch.Tensor:
     return floor
 
 
-def max_pass(problem: TritonProblem, row_max=None, tau_floor=None) -> Maxima:
-    """Row max, tau floor (``tau_floor_kernel``, unless given) and tile gaps (the dense sweep,
+def max_pass(problem: TritonProblem, score_max=None, tau_floor=None) -> Maxima:
+    """Score max, tau floor (``tau_floor_kernel``, unless given) and tile gaps (the dense sweep,
     ``max_kernel``); see ``torch_blockwise.max_pass``."""
     floor = _tau_floor(problem) if tau_floor is None else problem.per_row(tau_floor)
-    if row_max is None:
+    if score_max is None:
         running = problem.empty_rows()
     else:
-        running = row_max.to(device=problem.q.device, dtype=torch.float32, copy=True).contiguous()
+        running = score_max.to(device=problem.q.device, dtype=torch.float32, copy=True).contiguous()
     tile_gap = torch.full(problem.tiles, float("-inf"), device=problem.q.device)
     launch(triton_maxima.max_kernel, problem.query_grid)(
         **problem.queries, **problem.ranges, Row_max=running, Tau_floor=floor, Tile_gap=tile_gap,
-        num_k_tiles=problem.num_k_tiles, HAS_ROW_MAX=row_max is not None, **problem.config("max"))
+        num_k_tiles=problem.num_k_tiles, HAS_ROW_MAX=score_max is not None, **problem.config("max"))
     return Maxima(running, floor, tile_gap)
 
 
@@ -249,13 +256,15 @@ def fine_histogram_pass(problem: TritonProblem, tiles: BlockMask, bin_index, cut
     return sums, keep.view(torch.bool)
 
 
-def newton_sums_pass(problem: TritonProblem, tiles: BlockMask, point):
-    """Newton sums at ``point`` over ``tiles`` (``triton_refine.newton_sums_kernel``), float64;
-    see ``torch_blockwise.newton_sums_pass``."""
+def newton_sums_pass(problem: TritonProblem, tiles: BlockMask, point, rows=None):
+    """Newton sums at ``point`` over ``tiles`` (``triton_refine.newton_sums_kernel``), float64,
+    on the query tiles with a row in ``rows`` (all when None); see
+    ``torch_blockwise.newton_sums_pass``."""
     sums = problem.empty_rows(2)
+    marked = point if rows is None else rows.to(device=problem.q.device, dtype=torch.int8).contiguous()
     launch(triton_refine.newton_sums_kernel, problem.query_grid)(
-        **problem.listed(tiles), Point=problem.per_row(point), Sums=sums, **problem.weights,
-        **problem.config("sparse"))
+        **problem.listed(tiles), Point=problem.per_row(point), Rows=marked, Sums=sums, **problem.weights,
+        SOME_ROWS=rows is not None, **problem.config("sparse"))
     return sums.double()
 
 
@@ -287,22 +296,25 @@ def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=No
     return dq
 
 
-def _dkdv(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, dtype) -> tuple:
+def _dkdv(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, dtype, nan_keys=None) -> tuple:
     """dk and dv (B, Sk, Hkv, D) in ``dtype`` (``triton_backward.dkdv_kernel``: float32 sums, one
-    cast at the store)."""
+    cast at the store), NaN on the keys ``nan_keys`` (B, Sk, Hkv) bool marks."""
     p = problem
+    if nan_keys is None:
+        nan_keys = torch.zeros(p.batch, p.seqlen_k, p.heads_kv, device=p.k.device, dtype=torch.bool)
     dk = torch.empty(p.k.shape, device=p.k.device, dtype=dtype)
     dv = torch.empty(p.v.shape, device=p.v.device, dtype=dtype)
     counts_t, index_t = tiles.query_tile_lists()
     launch(triton_backward.dkdv_kernel, (p.num_k_tiles, p.batch * p.heads_kv))(
-        **p.queries, V=p.v, DO=grad_out, Tile_count=counts_t, Tile_index=index_t, Tau=tau, Delta=delta, DK=dk, DV=dv,
+        **p.queries, V=p.v, DO=grad_out, Tile_count=counts_t, Tile_index=index_t, Shift=p.shift_rows, Tau=tau,
+        Delta=delta, Nan_keys=nan_keys.to(torch.int8).contiguous(), DK=dk, DV=dv,
         **_strides("v", p.v), **_strides("do", grad_out), **_strides("dk", dk), num_heads_kv=p.heads_kv,
         num_q_tiles=p.num_q_tiles, softmax_scale=float(p.softmax_scale), **p.weights, **p.config("backward"))
     return dk, dv
 
 
 def backward_pass(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                  kv_grad_dtype=None) -> Gradients:
+                  kv_grad_dtype=None, nan_keys=None) -> Gradients:
     """dq (B, Sq, Hq, D) float32, dk and dv (B, Sk, Hkv, D) in ``kv_grad_dtype`` (default
     float32), and delta (B, Hq, Sq), through ``tiles``. ``delta`` None: the dQ kernel computes it
     from ``out_u`` and ``u_sum`` (``torch_blockwise.row_delta``) for its rows, before the dK/dV
@@ -316,7 +328,7 @@ def backward_pass(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta
     else:
         delta = problem.per_row(delta)
         dq = _dq(problem, grad_out, tau, tiles, delta)
-    dk, dv = _dkdv(problem, grad_out, tau, tiles, delta, kv_grad_dtype or torch.float32)
+    dk, dv = _dkdv(problem, grad_out, tau, tiles, delta, kv_grad_dtype or torch.float32, nan_keys)
     return Gradients(dq, dk, dv, delta)
 
 

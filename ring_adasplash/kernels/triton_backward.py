@@ -1,7 +1,10 @@
 """Backward pass over the nonzero tiles: a dK/dV kernel and a dQ kernel, no atomics.
 
-With ``gap = (z - tau)_+``, ``p = gap^gamma``, ``u = gap^(gamma - 1)``, ``g = dO . v`` and the row
-term ``delta``:  ds = u (g - delta),  dq = scale ds k,  dk = scale ds^T q,  dv = p^T dO.
+With ``gap = (z - tau)_+`` (z relative to the row's score max, ``Shift``), ``p = gap^gamma``,
+``u = gap^(gamma - 1)``, ``g = dO . v`` and the row term ``delta``:
+ds = u (g - delta),  dq = scale ds k,  dk = scale ds^T q,  dv = p^T dO.
+Rows whose tau is NaN (they see a score that is not finite) get NaN dq, and the keys they see
+(``Nan_keys``) NaN dk and dv, as in dense attention.
 
 ``dkdv_kernel``: one program per (key tile, batch x key head); it loops over the GROUP query heads
 that share the key head and, for each, over the query tiles listed as nonzero for this key tile.
@@ -15,13 +18,13 @@ import triton
 import triton.language as tl
 
 from .triton_common import (ADD, at_head, dot, entmax_weights, hide_invisible, key_positions,
-                            listed_query_tile, listed_tiles, load_rows, program_tile, query_positions, row_offsets,
-                            tile_ptrs, visible)
+                            listed_query_tile, listed_tiles, load_rows, positive_gap, program_tile, query_positions,
+                            row_offsets, tile_ptrs, visible)
 
 
 @triton.jit
 def dkdv_kernel(
-    Q, K, V, DO, Q_limit, Q_doc, K_pos, K_doc, Tile_count, Tile_index, Tau, Delta, DK, DV,
+    Q, K, V, DO, Q_limit, Q_doc, K_pos, K_doc, Tile_count, Tile_index, Shift, Tau, Delta, Nan_keys, DK, DV,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -52,21 +55,26 @@ def dkdv_kernel(
             q = load_rows(Qh, offs_m, in_q, stride_qs, stride_qd, HEAD_DIM)
             do = load_rows(DOh, offs_m, in_q, stride_dos, stride_dod, HEAD_DIM)
             q_limit, q_doc = query_positions(Q_limit, Q_doc, offs_m, in_q)
+            shift = tl.load(Shift + rows, mask=in_q, other=0.0)
             tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
             delta = tl.load(Delta + rows, mask=in_q, other=0.0)
-            zt = dot(k, tl.trans(q), PRECISION)
+            zt = dot(k, tl.trans(q), PRECISION) - shift[None, :]
             gt = dot(v, tl.trans(do), PRECISION)
             pairs = visible(q_limit[None, :], q_doc[None, :], in_q[None, :], k_pos[:, None], k_doc[:, None],
                             in_k[:, None])
             zt = tl.where(pairs, zt * scale_z, float("-inf"))
-            pt, ut = entmax_weights(tl.maximum(zt - tau[None, :], 0.0), gamma, POWER)
+            pt, ut = entmax_weights(positive_gap(zt, tau[None, :]), gamma, POWER)
             dst = ut * (gt - delta[None, :])
             dv += dot(pt.to(k.dtype), do, PRECISION)
             dk += dot(dst.to(k.dtype), q, PRECISION)
 
+    # keys that a row with a non-finite score sees (Nan_keys (B, Sk, Hkv) int8): NaN, as in dense attention
+    nan_key = tl.load(Nan_keys + (b * seqlen_k + offs_n).to(tl.int64) * num_heads_kv + hk, mask=in_k, other=0) != 0
+    dk = tl.where(nan_key[:, None], float("nan"), dk * softmax_scale)
+    dv = tl.where(nan_key[:, None], float("nan"), dv)
     DK = tile_ptrs(at_head(DK, b, hk, stride_dkb, stride_dkh), offs_n, stride_dks, stride_dkd, HEAD_DIM)
     DV = tile_ptrs(at_head(DV, b, hk, stride_dkb, stride_dkh), offs_n, stride_dks, stride_dkd, HEAD_DIM)
-    tl.store(DK, dk * softmax_scale, mask=in_k[:, None])
+    tl.store(DK, dk, mask=in_k[:, None])
     tl.store(DV, dv, mask=in_k[:, None])
 
 
@@ -82,7 +90,7 @@ def row_delta(Out_u, U_sum, do, b, h, offs_m, in_q, rows, stride_ob, stride_os, 
 
 @triton.jit
 def dq_kernel(
-    Q, K, V, DO, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Tau, Out_u, U_sum,
+    Q, K, V, DO, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift, Tau, Out_u, U_sum,
     Delta, DQ,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -101,6 +109,7 @@ def dq_kernel(
                           HEAD_DIM, BLOCK_M))
     V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
     do = load_rows(at_head(DO, b, h, stride_dob, stride_doh), offs_m, in_q, stride_dos, stride_dod, HEAD_DIM)
+    shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
     if COMPUTE_DELTA:
         delta = row_delta(Out_u, U_sum, do, b, h, offs_m, in_q, rows, stride_ob, stride_os, stride_oh, stride_od,
@@ -116,12 +125,13 @@ def dq_kernel(
         in_k = offs_n < seqlen_k
         k = load_rows(K, offs_n, in_k, stride_ks, stride_kd, HEAD_DIM)
         v = load_rows(V, offs_n, in_k, stride_vs, stride_vd, HEAD_DIM)
-        z = dot(q, tl.trans(k), PRECISION) * scale_z
+        z = (dot(q, tl.trans(k), PRECISION) - shift[:, None]) * scale_z
         g = dot(do, tl.trans(v), PRECISION)
         z = hide_invisible(z, K_pos, K_doc, q_limit, q_doc, in_q, offs_n, in_k,
                            (tile_k >= full_lo) & (tile_k < full_hi))
-        p, u = entmax_weights(tl.maximum(z - tau[:, None], 0.0), gamma, POWER)
+        p, u = entmax_weights(positive_gap(z, tau[:, None]), gamma, POWER)
         dq += dot((u * (g - delta[:, None])).to(q.dtype), k, PRECISION)
 
     DQ = tile_ptrs(at_head(DQ, b, h, stride_dqb, stride_dqh), offs_m, stride_dqs, stride_dqd, HEAD_DIM)
-    tl.store(DQ, dq * softmax_scale, mask=in_q[:, None])
+    dq = tl.where((tau == tau)[:, None], dq * softmax_scale, float("nan"))  # rows that see a non-finite score
+    tl.store(DQ, dq, mask=in_q[:, None])

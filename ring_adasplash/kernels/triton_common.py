@@ -13,6 +13,8 @@ float32 sums), ``"f32"`` for 16-bit inputs under Triton's interpreter, whose ``t
 16-bit operands wrong: there the operands, already rounded to the input dtype, are multiplied in
 float32, which gives what the tensor cores give.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -165,40 +167,73 @@ def hide_invisible(z, K_pos, K_doc, q_limit, q_doc, in_q, offs_n, in_k, full):
 
 @triton.jit
 def masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
-                  stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z,
+                  stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
                   HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """z (BLOCK_M, BLOCK_N) fp32 of one key tile, -inf where a pair is not visible."""
+    """z = (q . k - shift) scale_z (BLOCK_M, BLOCK_N) fp32 of one key tile (``shift`` per row), -inf
+    where a pair is not visible."""
     in_k = offs_n < seqlen_k
-    z = dot(q, load_columns(K, offs_n, in_k, stride_ks, stride_kd, HEAD_DIM), PRECISION) * scale_z
+    scores = dot(q, load_columns(K, offs_n, in_k, stride_ks, stride_kd, HEAD_DIM), PRECISION)
+    z = (scores - shift[:, None]) * scale_z
     return hide_invisible(z, K_pos, K_doc, q_limit, q_doc, offs_m < seqlen_q, offs_n, in_k, False)
 
 
 @triton.jit
 def tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
-                stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, full,
+                stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, full,
                 HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """z (BLOCK_M, BLOCK_N) fp32 of one key tile: ``full`` when every pair of the tile is visible
-    (no position loads, no mask: most tiles of a causal layout), else ``masked_logits``."""
+    """z = (q . k - shift) scale_z (BLOCK_M, BLOCK_N) fp32 of one key tile: ``full`` when every
+    pair of the tile is visible (no position loads, no mask: most tiles of a causal layout), else
+    ``masked_logits``. The shift is subtracted before the scale: both are exact where it matters
+    (scores near the row's max), so z does not depend on the size of the scores."""
     if full:
         K_tile = K + offs_n[None, :] * stride_ks + tl.arange(0, HEAD_DIM)[:, None] * stride_kd
-        z = dot(q, tl.load(K_tile), PRECISION) * scale_z
+        z = (dot(q, tl.load(K_tile), PRECISION) - shift[:, None]) * scale_z
     else:
         z = masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
-                          stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, HEAD_DIM, PRECISION)
+                          stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, PRECISION)
     return z
 
 
 @triton.jit
 def listed_logits(q, K, K_pos, K_doc, Tile_index, i, full_lo, full_hi, q_limit, q_doc, offs_m,
-                  stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z,
+                  stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """The ``i``-th listed key tile of this query tile: ``(tile_k, offs_n, z)``; tiles in
     [full_lo, full_hi) need no mask."""
     tile_k = tl.load(Tile_index + i)
     offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
     z = tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, stride_ks, stride_kd, seqlen_q, seqlen_k,
-                    scale_z, (tile_k >= full_lo) & (tile_k < full_hi), HEAD_DIM, PRECISION)
+                    shift, scale_z, (tile_k >= full_lo) & (tile_k < full_hi), HEAD_DIM, PRECISION)
     return tile_k, offs_n, z
+
+
+@triton.jit
+def positive_gap(z, tau):
+    """``(z - tau)_+``, 0 where either is NaN: ``tl.maximum`` drops a NaN operand (maxnum, compiled
+    and interpreted alike), so a row with a non-finite score (tau NaN) adds nothing; it is marked
+    NaN whole."""
+    return tl.maximum(z - tau, 0.0)
+
+
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def max_with_nan(a, b):
+    """Combine of a NaN-propagating max reduction (the max pass: a NaN score marks its row)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def row_max_with_nan(x):
+    """Max over axis 1, NaN where a row holds one (``MAX`` drops NaN). The interpreter runs a
+    combine function of our own one element at a time, so there NaN is counted instead."""
+    if INTERPRETED:
+        has_nan = tl.reduce((x != x).to(tl.int32), 1, ADD) > 0
+        row_max = tl.where(has_nan, float("nan"), tl.reduce(x, 1, MAX))
+    else:
+        row_max = tl.reduce(x, 1, max_with_nan)
+    return row_max
 
 
 @triton.jit

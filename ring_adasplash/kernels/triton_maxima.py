@@ -4,9 +4,10 @@ One program per (query tile, batch x query head). ``tau_floor_kernel`` first tak
 per row: the tau of the row's keys in the last two key tiles of its span (causal: the diagonal and
 the tile before), by Newton steps from below; any subset of the keys has a smaller tau, so this
 bounds tau from below. ``max_kernel`` then walks every key tile that may hold a visible key,
-nearest first, keeping the running max of ``z = scale_z * q . k`` per row, and per tile writes
-the *gap*: max over the tile's rows of (the row's largest z in the tile - ``stats.gap_reference``,
-max(tau floor, running max - 1)). That reference is a lower bound of tau (no p exceeds 1, so
+nearest first, keeping the running max of the raw scores ``q . k`` per row (the shift of every
+later pass, ``stats.Relative``), and per tile writes the *gap*, in z = scale_z * q . k: max over
+the tile's rows of (the row's largest z in the tile - ``stats.gap_reference``, max(tau floor,
+running max - 1)), computed relative to the running max. That reference is a lower bound of tau (no p exceeds 1, so
 tau >= max - 1) that only grows along the sweep, so a gap bounds from above how far any key of
 the tile rises over the final one: every later tile test (``stats.histogram_mask``,
 ``algorithm.lower_bound_mask``) compares gaps with per-row thresholds relative to it. Where the
@@ -20,37 +21,45 @@ and the dense sweep stays a plain max (why: docs/design.md (kernel choices)).
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, MAX, at_head, masked_logits, power_and_slope, query_tile, row_offsets, tile_logits,
-                            tile_row)
+from .triton_common import (ADD, MAX, at_head, masked_logits, positive_gap, power_and_slope, query_tile,
+                            row_max_with_nan, row_offsets, tile_logits, tile_row)
 
 
 @triton.jit
-def nearest_tau_floor(z_near, z_next, gamma, POWER: tl.constexpr, STEPS: tl.constexpr, MARGIN: tl.constexpr):
-    """Per row, a lower bound of tau from the keys of two tiles (``torch_blockwise.nearest_tau_floor``):
-    Newton steps on ``f(t) = sum (z - t)_+^gamma = 1`` from ``max - 1``; f is convex and decreasing,
-    so each step stays below the root. -inf for rows with no visible key there."""
-    top = tl.maximum(tl.reduce(z_near, 1, MAX), tl.reduce(z_next, 1, MAX))
-    has = top > float("-inf")
-    t = tl.where(has, top, 0.0) - 1.0
+def nearest_tau_floor(s_near, s_next, scale_z, gamma, POWER: tl.constexpr, STEPS: tl.constexpr,
+                      MARGIN: tl.constexpr):
+    """Per row, a lower bound of tau from the raw scores of two tiles, as a raw score
+    (``torch_blockwise.nearest_tau_floor``): Newton steps on ``f(t) = sum (z - t)_+^gamma = 1``,
+    z relative to the largest of them, from -1; f is convex and decreasing, so each step stays
+    below the root. -inf for rows with no visible key there."""
+    top = tl.maximum(row_max_with_nan(s_near), row_max_with_nan(s_next), propagate_nan=tl.PropagateNan.ALL)
+    has = (top > float("-inf")) & (top < float("inf"))  # NaN fails both
+    top = tl.where(has, top, 0.0)
+    z_near = (s_near - top[:, None]) * scale_z
+    z_next = (s_next - top[:, None]) * scale_z
+    t = top * 0.0 - 1.0
     for _ in range(0, STEPS):
-        f_near, slope_near = power_and_slope(tl.maximum(z_near - t[:, None], 0.0), gamma, POWER)
-        f_next, slope_next = power_and_slope(tl.maximum(z_next - t[:, None], 0.0), gamma, POWER)
+        f_near, slope_near = power_and_slope(positive_gap(z_near, t[:, None]), gamma, POWER)
+        f_next, slope_next = power_and_slope(positive_gap(z_next, t[:, None]), gamma, POWER)
         f = tl.reduce(f_near, 1, ADD) + tl.reduce(f_next, 1, ADD)
         slope = tl.reduce(slope_near, 1, ADD) + tl.reduce(slope_next, 1, ADD)
         t += (f - 1.0) / tl.maximum(gamma * slope, 1e-30)
-    return tl.where(has, t - MARGIN, float("-inf"))
+    # back to raw units, lowered by two ulps of the top score for the rounding of the sum
+    floor = top + (t - MARGIN) / scale_z - tl.abs(top) * (2.0 * 1.1920929e-07)
+    return tl.where(has, floor, float("-inf"))
 
 
 @triton.jit
-def span_tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, tile_k, lo,
-                     stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z,
+def span_tile_scores(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, tile_k, lo, no_shift,
+                     stride_ks, stride_kd, seqlen_q, seqlen_k,
                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """``masked_logits`` of key tile ``tile_k``, all -inf when it lies below the span's first
-    tile ``lo`` (a tile outside the span is read at tile 0 and counts as all invisible)."""
+    """Raw scores ``q . k`` of key tile ``tile_k`` with invisible pairs at -inf, all -inf when it
+    lies below the span's first tile ``lo`` (a tile outside the span is read at tile 0 and counts
+    as all invisible)."""
     offs_n = tl.maximum(tile_k, 0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    z = masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
-                      stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, HEAD_DIM, PRECISION)
-    return tl.where(tile_k >= lo, z, float("-inf"))
+    s = masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
+                      stride_ks, stride_kd, seqlen_q, seqlen_k, no_shift, 1.0, HEAD_DIM, PRECISION)
+    return tl.where(tile_k >= lo, s, float("-inf"))
 
 
 @triton.jit
@@ -71,11 +80,12 @@ def tau_floor_kernel(
     K = at_head(K, b, h // GROUP, stride_kb, stride_kh)
     lo = tl.load(K_tile_lo + tile_q)
     hi = tl.load(K_tile_hi + tile_q)
-    z_near = span_tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, hi - 1, lo, stride_ks, stride_kd,
-                              seqlen_q, seqlen_k, scale_z, HEAD_DIM, BLOCK_N, PRECISION)
-    z_next = span_tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, hi - 2, lo, stride_ks, stride_kd,
-                              seqlen_q, seqlen_k, scale_z, HEAD_DIM, BLOCK_N, PRECISION)
-    tau_floor = nearest_tau_floor(z_near, z_next, gamma, POWER, STEPS, MARGIN)
+    no_shift = tl.full([BLOCK_M], 0.0, tl.float32)
+    s_near = span_tile_scores(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, hi - 1, lo, no_shift, stride_ks,
+                              stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, PRECISION)
+    s_next = span_tile_scores(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, hi - 2, lo, no_shift, stride_ks,
+                              stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, PRECISION)
+    tau_floor = nearest_tau_floor(s_near, s_next, scale_z, gamma, POWER, STEPS, MARGIN)
     tl.store(Tau_floor + row_offsets(bh, seqlen_q, offs_m), tau_floor, mask=in_q)
 
 
@@ -88,10 +98,12 @@ def max_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROW_MAX: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Dense sweep, nearest key tiles first: running row max of z over visible keys (starting from
-    ``Row_max`` when ``HAS_ROW_MAX``, updated in place) and the gap of every (query tile, key
-    tile): max over the tile's rows of (the row's largest z in the tile - max(tau floor, running
-    max - 1)) (``backend.Maxima``, ``stats.gap_reference``; ``Tau_floor`` from ``tau_floor_kernel``)."""
+    """Dense sweep, nearest key tiles first: running max of the raw scores over visible keys
+    (starting from ``Row_max`` when ``HAS_ROW_MAX``, updated in place; +inf on rows that see a NaN)
+    and the gap of every (query tile, key tile), in z: max over the tile's rows of (the row's
+    largest z in the tile - max(tau floor, running max - 1)), all relative to the running max
+    (``backend.Maxima``, ``stats.gap_reference``; ``Tau_floor``, a raw score, from
+    ``tau_floor_kernel``)."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
     tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc = query_tile(
@@ -113,14 +125,18 @@ def max_kernel(
     full_hi = tl.load(K_full_hi + tile_q)
     # nearest first (causal: the diagonal), where a row's max usually is: the running max is then
     # close to the final one early, and the gaps of the far tiles come out tight
+    no_shift = tl.full([BLOCK_M], 0.0, tl.float32)
     for step in range(0, hi - lo):
         tile_k = hi - 1 - step
         offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        z = tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, stride_ks, stride_kd,
-                        seqlen_q, seqlen_k, scale_z, (tile_k >= full_lo) & (tile_k < full_hi), HEAD_DIM, PRECISION)
-        z_max = tl.reduce(z, 1, MAX)
-        m_i = tl.maximum(m_i, z_max)
-        gap = tl.where(z_max > float("-inf"), z_max - tl.maximum(tau_floor, m_i - 1.0), float("-inf"))
-        tl.store(Tile_gap + tile_k, tl.reduce(gap, 0, MAX))
+        s = tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, stride_ks, stride_kd, seqlen_q, seqlen_k,
+                        no_shift, 1.0, (tile_k >= full_lo) & (tile_k < full_hi), HEAD_DIM, PRECISION)
+        s_max = row_max_with_nan(s)
+        m_i = tl.maximum(m_i, s_max, propagate_nan=tl.PropagateNan.ALL)
+        # in z, relative to the running max: differences of nearby scores are exact
+        reference = tl.maximum((tau_floor - m_i) * scale_z, -1.0)
+        gap = (s_max - m_i) * scale_z - reference
+        seen = (s_max > float("-inf")) & (m_i < float("inf"))  # NaN fails the second
+        tl.store(Tile_gap + tile_k, tl.reduce(tl.where(seen, gap, float("-inf")), 0, MAX))
 
-    tl.store(Row_max, m_i, mask=in_q)
+    tl.store(Row_max, tl.where(m_i == m_i, m_i, float("inf")), mask=in_q)

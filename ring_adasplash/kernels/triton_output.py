@@ -1,21 +1,22 @@
 """Output pass: for a known tau, sum p v, sum u v, sum u and the support, over the listed key tiles.
 
 One program per (query tile, batch x query head), visiting only its listed key tiles. With
-``gap = (z - tau)_+``: p = gap^gamma, u = gap^(gamma - 1) (0 off the support), by ``POWER``
-(``EntmaxSpec.power``). P and U meet V in V's dtype with fp32 accumulation, as in flash
-attention. ``Nonzero[tile]`` is set for every visited tile that holds a key with p > 0. The sums
-are stored in float32 (why: docs/design.md (kernel choices)).
+``gap = (z - tau)_+`` (z relative to the row's score max, ``Shift``): p = gap^gamma,
+u = gap^(gamma - 1) (0 off the support), by ``POWER`` (``EntmaxSpec.power``). P and U meet V in
+V's dtype with fp32 accumulation, as in flash attention. ``Nonzero[tile]`` is set for every
+visited tile that holds a key with p > 0. Rows whose tau is NaN (they see a score that is not
+finite) come out NaN. The sums are stored in float32 (why: docs/design.md (kernel choices)).
 """
 import triton
 import triton.language as tl
 
 from .triton_common import (ADD, MAX, at_head, dot, entmax_weights, listed_logits, listed_query_tile, load_rows,
-                            tile_ptrs)
+                            positive_gap, tile_ptrs)
 
 
 @triton.jit
 def output_kernel(
-    Q, K, V, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Tau,
+    Q, K, V, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift, Tau,
     Out, Out_u, U_sum, Support, Nonzero,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -31,6 +32,7 @@ def output_kernel(
                           stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP,
                           HEAD_DIM, BLOCK_M))
     V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
+    shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
     Nonzero = Nonzero + tile_row
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
@@ -40,9 +42,9 @@ def output_kernel(
 
     for i in range(0, count):
         tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, Tile_index, i, full_lo, full_hi, q_limit,
-                                          q_doc, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z,
+                                          q_doc, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
                                           HEAD_DIM, BLOCK_N, PRECISION)
-        gap = tl.maximum(z - tau[:, None], 0.0)
+        gap = positive_gap(z, tau[:, None])
         p, u = entmax_weights(gap, gamma, POWER)
         v = load_rows(V, offs_n, offs_n < seqlen_k, stride_vs, stride_vd, HEAD_DIM)
         acc += dot(p.to(v.dtype), v, PRECISION)
@@ -52,6 +54,7 @@ def output_kernel(
         support += n_support
         tl.store(Nonzero + tile_k, (tl.reduce(n_support, 0, MAX) > 0).to(tl.int8))
 
+    acc = tl.where((tau == tau)[:, None], acc, float("nan"))  # rows that see a non-finite score
     tl.store(tile_ptrs(at_head(Out, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od, HEAD_DIM), acc,
              mask=in_q[:, None])
     tl.store(tile_ptrs(at_head(Out_u, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od, HEAD_DIM), acc_u,

@@ -20,7 +20,7 @@ sum (z - t)_+^(gamma - 1) at t = ``Point``.
 import triton
 import triton.language as tl
 
-from .triton_common import ADD, MAX, MIN, entmax_weights, listed_logits, listed_query_tile
+from .triton_common import ADD, MAX, MIN, entmax_weights, listed_logits, listed_query_tile, positive_gap
 
 
 @triton.jit
@@ -62,7 +62,8 @@ def zero_rows(Out, rows, in_q, ROW_SIZE: tl.constexpr, ROW_BLOCK: tl.constexpr, 
 
 @triton.jit
 def fine_histogram_kernel(
-    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Bin_index, Cutoff, Sums, Keep,
+    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift, Bin_index, Cutoff, Sums,
+    Keep,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z,
@@ -76,6 +77,7 @@ def fine_histogram_kernel(
         listed_query_tile(Q, K, Q_limit, Q_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
                           stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP,
                           HEAD_DIM, BLOCK_M))
+    shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     bin_index = tl.load(Bin_index + rows, mask=in_q, other=0.0)
     # keys below the cutoff have p = 0: the fine histogram leaves them out (in bins above the
     # pair's lower edge, at least -1: the slack of the ``Keep`` test)
@@ -86,7 +88,7 @@ def fine_histogram_kernel(
     sum_y2 = tl.full([BLOCK_M], 0.0, tl.float32)
     for i in range(0, count):
         tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, Tile_index, i, full_lo, full_hi, q_limit,
-                                          q_doc, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z,
+                                          q_doc, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
                                           HEAD_DIM, BLOCK_N, PRECISION)
         x = z * (NUM_BINS - 1) - bin_index[:, None]  # coarse bins above the lower edge of the pair
         above = x >= 2.0
@@ -113,27 +115,33 @@ def fine_histogram_kernel(
 
 @triton.jit
 def newton_sums_kernel(
-    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Point, Sums,
+    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift, Point, Rows, Sums,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POWER: tl.constexpr, PRECISION: tl.constexpr,
+    POWER: tl.constexpr, SOME_ROWS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Newton sums at ``Point`` into ``Sums`` (rows, 2); see the module doc."""
+    """Newton sums at ``Point`` into ``Sums`` (rows, 2); see the module doc. ``SOME_ROWS``: only
+    the query tiles with a row marked in ``Rows`` (int8 per row) read their key tiles; the
+    others store zeros (the exact finish after the closed form, where rarely a row needs it)."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, K, count, Tile_index, tile_row, full_lo, full_hi = (
         listed_query_tile(Q, K, Q_limit, Q_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
                           stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP,
                           HEAD_DIM, BLOCK_M))
+    shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     point = tl.load(Point + rows, mask=in_q, other=0.0)
+    if SOME_ROWS:
+        marked = tl.reduce(tl.load(Rows + rows, mask=in_q, other=0).to(tl.int32), 0, MAX)
+        count = tl.where(marked > 0, count, 0)
     f_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     for i in range(0, count):
         tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, Tile_index, i, full_lo, full_hi, q_limit,
-                                          q_doc, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z,
+                                          q_doc, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
                                           HEAD_DIM, BLOCK_N, PRECISION)
-        p, u = entmax_weights(tl.maximum(z - point[:, None], 0.0), gamma, POWER)
+        p, u = entmax_weights(positive_gap(z, point[:, None]), gamma, POWER)
         f_sum += tl.reduce(p, 1, ADD)
         df_sum += tl.reduce(u, 1, ADD)
     tl.store(Sums + rows * 2, f_sum, mask=in_q)

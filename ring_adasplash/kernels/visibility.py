@@ -135,3 +135,20 @@ def key_tile_span(vis: Visibility, block_m: int, block_n: int):
     lo = first_true(visible, num_k_tiles)
     hi = torch.where(visible, pos + 1, 0).amax(1)
     return torch.minimum(lo, hi), hi
+
+
+def keys_seen_by(rows: torch.Tensor, vis: Visibility, heads_kv: int) -> torch.Tensor:
+    """(B, Sk, Hkv) bool: the keys that at least one of ``rows`` (B, Hq, Sq) bool sees (a key head
+    through any query head of its group). O(Sq + Sk) per head, any documents: per document, the
+    largest ``q_limit`` among the rows decides. Document ids are arbitrary integers, so each goes
+    to the slot of its first place in the sorted ids of both sides."""
+    batch, heads, _ = rows.shape
+    docs = torch.cat([vis.q_doc, vis.k_doc]).sort().values
+    q_slot = torch.searchsorted(docs, vis.q_doc.contiguous()).expand_as(rows)
+    k_slot = torch.searchsorted(docs, vis.k_doc.contiguous())
+    never = -(2**40)
+    limits = torch.where(rows, vis.q_limit.to(torch.int64), never)
+    reach = torch.full((batch, heads, docs.numel()), never, dtype=torch.int64, device=rows.device)
+    reach = reach.scatter_reduce(-1, q_slot, limits, "amax")
+    seen = reach[..., k_slot] >= vis.k_pos.to(torch.int64)  # (B, Hq, Sk)
+    return seen.view(batch, heads_kv, heads // heads_kv, -1).any(2).transpose(1, 2)
