@@ -74,6 +74,19 @@ def check_cu_seqlens(cu_seqlens, total: int, name: str) -> torch.Tensor:
     return cu_seqlens
 
 
+def check_key_padding_mask(mask, batch: int, seqlen_k: int, device) -> torch.Tensor:
+    """``key_padding_mask`` as a bool (batch, seqlen_k) tensor on ``device`` (True: the key is kept)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor of shape (batch, seqlen_k) = ({batch}, {seqlen_k}), "
+                        f"True for the keys to keep; got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) != (batch, seqlen_k):
+        raise ValueError(f"key_padding_mask must have shape (batch, seqlen_k) = ({batch}, {seqlen_k}); got "
+                         f"{tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask must be on the device of q ({device}); got {mask.device}")
+    return mask
+
+
 def default_scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return head_dim ** -0.5

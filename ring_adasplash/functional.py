@@ -15,12 +15,12 @@ import torch
 from torch import Tensor
 
 from . import cuda_graphs, telemetry
-from .checks import check_alpha, check_cu_seqlens, check_qkv, default_scale
+from .checks import check_alpha, check_cu_seqlens, check_key_padding_mask, check_qkv, default_scale
 from .kernels import EntmaxSpec, backend_for
 from .kernels.block_mask import BlockMask
 from .kernels.algorithm import ForwardResult, SingleBlock, entmax_backward, entmax_forward
 from .kernels.compile_ahead import compile_ahead
-from .kernels.visibility import Visibility, causal_visibility, varlen_visibility
+from .kernels.visibility import Visibility, causal_visibility, padded_visibility, varlen_visibility
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -131,7 +131,7 @@ def empty_output(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: bool = True,
-                   softmax_scale: float | None = None) -> Tensor:
+                   softmax_scale: float | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
     """Exact alpha-entmax attention on one device.
 
     Args:
@@ -141,16 +141,28 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: 
         alpha: in (1, 2]; 1.5 (entmax-1.5) and 2 (sparsemax) have closed-form fast paths.
         causal: bottom-right aligned, as in flash-attn: query ``i`` sees keys ``j <= i + Sk - Sq``.
         softmax_scale: multiplies ``q k^T``; default ``1 / sqrt(head_dim)``.
+        key_padding_mask: optional (batch, seqlen_k) bool, True for the keys to keep (left or right
+            padding, any pattern). Positions keep their place (causal alignment counts the padding),
+            key tiles made only of padding are never read, and a query that sees no kept key gets
+            a zero row.
     Returns:
         (batch, seqlen_q, heads_q, head_dim) in q's dtype. Differentiable in q, k and v; partial
         sums in float32. CUDA tensors run the Triton kernels, CPU tensors the PyTorch path.
     """
     alpha = check_alpha(alpha)
     _, _, dim = check_qkv(q, k, v, backend=backend_for(q))
+    if key_padding_mask is not None:
+        check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[1], q.device)
     if q.shape[0] == 0 or q.shape[2] == 0:
         return empty_output(q, k, v)
-    vis = _causal_visibility(q.shape[1], k.shape[1], causal, q.device)
-    return _attention(q, k, v, vis, alpha, default_scale(softmax_scale, dim))
+    scale = default_scale(softmax_scale, dim)
+    if key_padding_mask is None:
+        return _attention(q, k, v, _causal_visibility(q.shape[1], k.shape[1], causal, q.device), alpha, scale)
+    # the batch entries side by side as documents of one sequence: padding is a document of its own
+    batch, seqlen_q = q.shape[:2]
+    vis = padded_visibility(key_padding_mask, seqlen_q, causal)
+    flat = [x.reshape(1, -1, *x.shape[2:]) for x in (q, k, v)]
+    return _attention(*flat, vis, alpha, scale).view(batch, seqlen_q, *q.shape[2:3], v.shape[-1])
 
 
 def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -184,14 +196,15 @@ def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
 
 
 class AdaSplashAttention(torch.nn.Module):
-    """``nn.Module`` form of :func:`adasplash_func`: forward(q, k, v) with (B, S, H, D) tensors."""
+    """``nn.Module`` form of :func:`adasplash_func`: forward(q, k, v, key_padding_mask=None) with
+    (B, S, H, D) tensors."""
 
     def __init__(self, alpha: float = 1.5, causal: bool = True, softmax_scale: float | None = None):
         super().__init__()
         self.alpha, self.causal, self.softmax_scale = check_alpha(alpha), causal, softmax_scale
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return adasplash_func(q, k, v, self.alpha, self.causal, self.softmax_scale)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        return adasplash_func(q, k, v, self.alpha, self.causal, self.softmax_scale, key_padding_mask)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, causal={self.causal}, softmax_scale={self.softmax_scale}"

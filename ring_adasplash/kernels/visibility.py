@@ -68,6 +68,26 @@ def causal_visibility(seqlen_q: int, seqlen_k: int, causal: bool, device) -> Vis
     return positional_visibility(q_pos, k_pos, causal, diagonal=seqlen_k - seqlen_q)
 
 
+def padded_visibility(key_padding_mask: torch.Tensor, seqlen_q: int, causal: bool) -> Visibility:
+    """A batch with padded keys as one sequence of ``batch * seqlen_q`` queries and ``batch * seqlen_k``
+    keys (the batch entries side by side, each a document): query ``i`` of entry ``b`` sees key ``j``
+    of entry ``b`` when ``key_padding_mask[b, j]`` (True: kept) and, under causal, ``j <= i + Sk - Sq``
+    (bottom-right aligned, in the entry's own positions, padding included). A padded key belongs
+    to no document, so tiles made only of padding hold no visible pair and are never read."""
+    batch, seqlen_k = key_padding_mask.shape
+    device = key_padding_mask.device
+    entry = torch.arange(batch, dtype=torch.int32, device=device)
+    q_pos = torch.arange(seqlen_q, dtype=torch.int64, device=device)
+    if causal:
+        q_limit = (q_pos + seqlen_k - seqlen_q).clamp(-1, NO_LIMIT)
+    else:
+        q_limit = torch.full_like(q_pos, NO_LIMIT)
+    k_doc = torch.where(key_padding_mask, entry[:, None], -1)
+    return Visibility(q_limit.to(torch.int32).repeat(batch), entry.repeat_interleave(seqlen_q),
+                      torch.arange(seqlen_k, dtype=torch.int32, device=device).repeat(batch),
+                      k_doc.to(torch.int32).flatten())
+
+
 def _doc_ids_and_offsets(cu_seqlens: torch.Tensor, total: int):
     cu = cu_seqlens.to(torch.int64)
     lengths = cu[1:] - cu[:-1]
