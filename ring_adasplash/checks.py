@@ -87,6 +87,18 @@ def check_key_padding_mask(mask, batch: int, seqlen_k: int, device) -> torch.Ten
     return mask
 
 
+def check_window(window_size, sink_tokens) -> tuple[tuple[int, int], int]:
+    """``window_size`` as (left, right) ints >= -1 (-1: unbounded) and ``sink_tokens`` as an int >= 0."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be (left, right), two ints >= -1 (-1: unbounded; query i sees keys "
+                         f"i - left to i + right); got {window_size!r}")
+    if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be an int >= 0 (the first keys of each sequence that every query "
+                         f"sees); got {sink_tokens!r}")
+    return (int(window_size[0]), int(window_size[1])), int(sink_tokens)
+
+
 def default_scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return head_dim ** -0.5

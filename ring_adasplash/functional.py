@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_graphs, telemetry
-from .checks import check_alpha, check_cu_seqlens, check_key_padding_mask, check_qkv, default_scale
+from .checks import check_alpha, check_cu_seqlens, check_key_padding_mask, check_qkv, check_window, default_scale
 from .kernels import EntmaxSpec, backend_for
 from .kernels.block_mask import BlockMask
 from .kernels.algorithm import ForwardResult, SingleBlock, entmax_backward, entmax_forward
@@ -29,10 +29,11 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("ring_adasplash::attention_forward", mutates_args=())
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor,
-                      alpha: float, softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      q_first: Tensor, k_win_pos: Tensor, alpha: float,
+                      softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out in q's dtype, out_u, u_sum, tau, shift, nonzero tiles); see
     ``kernels/algorithm.py`` (``ForwardResult``)."""
-    args = (q, k, v, q_limit, q_doc, k_pos, k_doc, alpha, softmax_scale)
+    args = (q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha, softmax_scale)
     return cuda_graphs.call("forward", _forward, args, copied=3, work=_work(q, k))
 
 
@@ -41,8 +42,8 @@ def _work(q: Tensor, k: Tensor) -> int:
     return q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
 
 
-def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha: float, softmax_scale: float):
-    vis = Visibility(q_limit, q_doc, k_pos, k_doc)
+def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha: float, softmax_scale: float):
+    vis = Visibility(q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
     if q.dtype != torch.float64:  # float64 runs no Triton kernel
         compile_ahead((q.device, q.dtype, q.shape[-1], q.shape[2] // k.shape[2], alpha),
                       functools.partial(_dry_run, q, k, v, vis, alpha, softmax_scale), q.device)
@@ -62,7 +63,7 @@ def _dry_run(q, k, v, vis: Visibility, alpha: float, softmax_scale: float) -> No
 
 
 @attention_forward.register_fake
-def _(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha, softmax_scale):
+def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha, softmax_scale):
     backend = backend_for(q)
     batch, seqlen_q, heads, _ = q.shape
     acc = _compute_dtype(q)
@@ -75,11 +76,12 @@ def _(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha, softmax_scale):
 
 @torch.library.custom_op("ring_adasplash::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor,
-                       k_pos: Tensor, k_doc: Tensor, out_u: Tensor, u_sum: Tensor, tau: Tensor, shift: Tensor,
-                       nonzero: Tensor, alpha: float, softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                       k_pos: Tensor, k_doc: Tensor, q_first: Tensor, k_win_pos: Tensor, out_u: Tensor, u_sum: Tensor,
+                       tau: Tensor, shift: Tensor, nonzero: Tensor, alpha: float,
+                       softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     # no CUDA graph here: the backward launches a few large kernels, which hide their launches,
     # and copying its eight inputs into a graph cost more than it saved (cuda_graphs.py)
-    vis = Visibility(q_limit, q_doc, k_pos, k_doc)
+    vis = Visibility(q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
     backend = backend_for(q)
     mask = BlockMask(nonzero, backend.BLOCK_M, backend.BLOCK_N, q.shape[1], k.shape[1])
     fwd = ForwardResult(out=None, out_u=out_u, u_sum=u_sum, tau=tau, shift=shift, support=None, block_masks=[mask])
@@ -89,7 +91,8 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limi
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, out_u, u_sum, tau, shift, nonzero, alpha, softmax_scale):
+def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, out_u, u_sum, tau, shift, nonzero, alpha,
+      softmax_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -99,28 +102,29 @@ class _EntmaxAttention(torch.autograd.Function):
     around an op (docs/design.md: host time per step)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_limit, q_doc, k_pos, k_doc, alpha: float, softmax_scale: float):
-        out, out_u, u_sum, tau, shift, nonzero = attention_forward(q, k, v, q_limit, q_doc, k_pos, k_doc, alpha,
-                                                                   softmax_scale)
-        ctx.save_for_backward(q, k, v, q_limit, q_doc, k_pos, k_doc, out_u, u_sum, tau, shift, nonzero)
+    def forward(ctx, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha: float, softmax_scale: float):
+        vectors = (q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
+        out, out_u, u_sum, tau, shift, nonzero = attention_forward(q, k, v, *vectors, alpha, softmax_scale)
+        ctx.save_for_backward(q, k, v, *vectors, out_u, u_sum, tau, shift, nonzero)
         ctx.alpha, ctx.softmax_scale = alpha, softmax_scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         dq, dk, dv = attention_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.alpha, ctx.softmax_scale)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _attention(q, k, v, vis: Visibility, alpha: float, softmax_scale: float) -> Tensor:
-    return _EntmaxAttention.apply(q, k, v, vis.q_limit, vis.q_doc, vis.k_pos, vis.k_doc, alpha, softmax_scale)
+    return _EntmaxAttention.apply(q, k, v, *vis.vectors(), alpha, softmax_scale)
 
 
 @functools.lru_cache(maxsize=16)
-def _causal_visibility(seqlen_q: int, seqlen_k: int, causal: bool, device: torch.device) -> Visibility:
+def _causal_visibility(seqlen_q: int, seqlen_k: int, causal: bool, device: torch.device, window_size: tuple,
+                       sink_tokens: int) -> Visibility:
     """``causal_visibility``, built once per shape: a training step calls attention with the same
     shapes every layer, and the kernels remember what they derive from the vectors' identity."""
-    return causal_visibility(seqlen_q, seqlen_k, causal, device)
+    return causal_visibility(seqlen_q, seqlen_k, causal, device, window_size, sink_tokens)
 
 
 def empty_output(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -131,7 +135,8 @@ def empty_output(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: bool = True,
-                   softmax_scale: float | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+                   softmax_scale: float | None = None, key_padding_mask: Tensor | None = None,
+                   window_size: tuple[int, int] = (-1, -1), sink_tokens: int = 0) -> Tensor:
     """Exact alpha-entmax attention on one device.
 
     Args:
@@ -145,29 +150,38 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: 
             padding, any pattern). Positions keep their place (causal alignment counts the padding),
             key tiles made only of padding are never read, and a query that sees no kept key gets
             a zero row.
+        window_size: (left, right), as flash-attn: query ``i`` sees keys ``j`` with
+            ``i + Sk - Sq - left <= j <= i + Sk - Sq + right`` (-1: unbounded), with causal too.
+            Key tiles outside every window are never read.
+        sink_tokens: the first ``sink_tokens`` keys (of each batch entry; the first kept ones with
+            padding) stay visible to every query past its window's start (StreamingLLM's
+            attention sinks); causal still applies.
     Returns:
         (batch, seqlen_q, heads_q, head_dim) in q's dtype. Differentiable in q, k and v; partial
         sums in float32. CUDA tensors run the Triton kernels, CPU tensors the PyTorch path.
     """
     alpha = check_alpha(alpha)
     _, _, dim = check_qkv(q, k, v, backend=backend_for(q))
+    window_size, sink_tokens = check_window(window_size, sink_tokens)
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[1], q.device)
     if q.shape[0] == 0 or q.shape[2] == 0:
         return empty_output(q, k, v)
     scale = default_scale(softmax_scale, dim)
     if key_padding_mask is None:
-        return _attention(q, k, v, _causal_visibility(q.shape[1], k.shape[1], causal, q.device), alpha, scale)
+        vis = _causal_visibility(q.shape[1], k.shape[1], causal, q.device, window_size, sink_tokens)
+        return _attention(q, k, v, vis, alpha, scale)
     # the batch entries side by side as documents of one sequence: padding is a document of its own
     batch, seqlen_q = q.shape[:2]
-    vis = padded_visibility(key_padding_mask, seqlen_q, causal)
+    vis = padded_visibility(key_padding_mask, seqlen_q, causal, window_size, sink_tokens)
     flat = [x.reshape(1, -1, *x.shape[2:]) for x in (q, k, v)]
     return _attention(*flat, vis, alpha, scale).view(batch, seqlen_q, *q.shape[2:3], v.shape[-1])
 
 
 def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                           max_seqlen_q: int, max_seqlen_k: int, alpha: float = 1.5, causal: bool = True,
-                          softmax_scale: float | None = None) -> Tensor:
+                          softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                          sink_tokens: int = 0) -> Tensor:
     """Entmax attention over packed sequences, as flash-attn's varlen interface.
 
     Args:
@@ -175,9 +189,11 @@ def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         cu_seqlens_q, cu_seqlens_k: (num_seqs + 1,) int32/int64 offsets, from 0 to total.
         max_seqlen_q, max_seqlen_k: longest sequence (checked; kernels do not need them).
         causal: bottom-right aligned within each sequence.
+        window_size, sink_tokens: as in :func:`adasplash_func`, within each sequence.
     Returns: (total_q, heads_q, head_dim).
     """
     alpha = check_alpha(alpha)
+    window_size, sink_tokens = check_window(window_size, sink_tokens)
     _, _, dim = check_qkv(q, k, v, varlen=True, backend=backend_for(q))
     check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
     check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
@@ -190,7 +206,7 @@ def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
             raise ValueError(f"{name} ({given}) is smaller than the longest sequence ({longest})")
     if q.shape[1] == 0:
         return empty_output(q, k, v)
-    vis = varlen_visibility(cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device), causal)
+    vis = varlen_visibility(cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device), causal, window_size, sink_tokens)
     out = _attention(q[None], k[None], v[None], vis, alpha, default_scale(softmax_scale, dim))
     return out[0]
 
@@ -199,12 +215,16 @@ class AdaSplashAttention(torch.nn.Module):
     """``nn.Module`` form of :func:`adasplash_func`: forward(q, k, v, key_padding_mask=None) with
     (B, S, H, D) tensors."""
 
-    def __init__(self, alpha: float = 1.5, causal: bool = True, softmax_scale: float | None = None):
+    def __init__(self, alpha: float = 1.5, causal: bool = True, softmax_scale: float | None = None,
+                 window_size: tuple[int, int] = (-1, -1), sink_tokens: int = 0):
         super().__init__()
         self.alpha, self.causal, self.softmax_scale = check_alpha(alpha), causal, softmax_scale
+        self.window_size, self.sink_tokens = check_window(window_size, sink_tokens)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        return adasplash_func(q, k, v, self.alpha, self.causal, self.softmax_scale, key_padding_mask)
+        return adasplash_func(q, k, v, self.alpha, self.causal, self.softmax_scale, key_padding_mask,
+                              self.window_size, self.sink_tokens)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, causal={self.causal}, softmax_scale={self.softmax_scale}"
+        return (f"alpha={self.alpha}, causal={self.causal}, softmax_scale={self.softmax_scale}, "
+                f"window_size={self.window_size}, sink_tokens={self.sink_tokens}")

@@ -37,18 +37,19 @@ def entmax_bisect(z: torch.Tensor, alpha: float, visible: torch.Tensor, iters: i
 
 
 def entmax_attention_reference(q, k, v, alpha=1.5, causal=True, softmax_scale=None, visibility: Visibility = None,
-                               return_tau=False):
+                               return_tau=False, mask=None):
     """float64 entmax attention. q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D) -> (B, Sq, Hq, D).
 
     Differentiable (autograd through the bisection's final ``p``, which is exact given tau).
-    ``visibility`` overrides ``causal`` (varlen and sharded layouts).
+    ``visibility`` overrides ``causal`` (varlen and sharded layouts); ``mask`` (Sq, Sk) bool, True
+    = visible, overrides both.
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
     if visibility is None:
         visibility = causal_visibility(seqlen_q, seqlen_k, causal, q.device)
-    visible = visibility.dense().to(q.device)
+    visible = (visibility.dense() if mask is None else mask).to(q.device)
     group = heads_q // heads_kv
     qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
     kd = kd.repeat_interleave(group, dim=1)

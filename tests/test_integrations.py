@@ -57,17 +57,26 @@ def test_deepspeed_distributed_attention_matches_float64():
 
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """float64 reference in the transformers calling convention: (b, h, s, d) in, (b, s, h, d) out."""
+    """float64 reference in the transformers calling convention: (b, h, s, d) in, (b, s, h, d) out,
+    with the 4D mask transformers builds for SDPA (padding, windows) where there is one."""
     from ring_adasplash.reference import entmax_attention_reference
 
     q, k, v = (x.transpose(1, 2).double() for x in (query, key, value))
     alpha = getattr(module.config, "entmax_alpha", 1.5)
-    return entmax_attention_reference(q, k, v, alpha, module.is_causal, scaling).to(query.dtype), None
+    if attention_mask is None:
+        return entmax_attention_reference(q, k, v, alpha, module.is_causal, scaling).to(query.dtype), None
+    keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    keep = keep[..., :k.shape[1]].expand(q.shape[0], 1, q.shape[1], k.shape[1])
+    rows = [entmax_attention_reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], alpha, softmax_scale=scaling,
+                                       mask=keep[b, 0]) for b in range(q.shape[0])]
+    return torch.cat(rows).to(query.dtype), None
 
 
-def _tiny_llamas(implementations, seed=0):
-    """The same randomly initialised tiny Llama (GQA, alpha 1.3) once per attention implementation."""
-    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+def _tiny_llamas(implementations, seed=0, family="llama", **extra):
+    """The same randomly initialised tiny Llama (GQA, alpha 1.3) once per attention implementation;
+    ``family="mistral"``: a tiny Mistral (``extra``: e.g. its sliding_window)."""
+    from transformers import (AttentionInterface, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM)
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     from ring_adasplash.integrations import register_transformers
@@ -75,13 +84,16 @@ def _tiny_llamas(implementations, seed=0):
     register_transformers()
     AttentionInterface.register("entmax_reference", _reference_attention)
     AttentionMaskInterface.register("entmax_reference", sdpa_mask)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, entmax_alpha=1.3)
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                 "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    config = config_class(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          entmax_alpha=1.3, **extra)
     torch.manual_seed(seed)
-    first = LlamaForCausalLM(copy.deepcopy(config))
+    first = model_class(copy.deepcopy(config))
     models = []
     for name in implementations:
-        model = LlamaForCausalLM(copy.deepcopy(config))
+        model = model_class(copy.deepcopy(config))
         model.load_state_dict(first.state_dict())
         model.set_attn_implementation(name)
         models.append(model)
@@ -94,18 +106,89 @@ def _logits_and_grads(model, **inputs):
     return out.logits, {name: p.grad for name, p in model.named_parameters()}
 
 
-def test_transformers_llama_matches_reference():
-    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
-    ours, reference = _tiny_llamas(["adasplash", "entmax_reference"])
-    ids = torch.randint(0, 97, (2, 80))
-    weights = torch.randn(2, 80, 97)
+def _matches_reference(ours, reference, seqlen: int):
+    """Logits and parameter gradients of ``ours`` within TOL of ``reference`` on random ids; returns
+    our logits."""
+    ids = torch.randint(0, 97, (2, seqlen))
+    weights = torch.randn(2, seqlen, 97)
     logits, grads = _logits_and_grads(ours, input_ids=ids, weights=weights)
     ref_logits, ref_grads = _logits_and_grads(reference, input_ids=ids, weights=weights)
     assert rel_err(logits, ref_logits) < TOL
     assert max(rel_err(grads[name], ref_grads[name]) for name in grads) < TOL
-    with pytest.raises(ValueError, match="not plain causal"):
-        ours(input_ids=ids, attention_mask=torch.tensor([[1] * 80, [0] * 5 + [1] * 75]))
-    ours(input_ids=ids, attention_mask=torch.ones(2, 80, dtype=torch.long))  # no padding: fine
+    return ids, logits
+
+
+def test_transformers_llama_matches_reference():
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    ours, reference = _tiny_llamas(["adasplash", "entmax_reference"])
+    ids, _ = _matches_reference(ours, reference, 80)
+    with pytest.raises(ValueError, match="output_attentions"):
+        ours(input_ids=ids, output_attentions=True)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_transformers_padded_training_matches_the_masked_reference(side):
+    """A padded batch: logits of the real tokens and parameter gradients of a loss over them equal
+    the float64 reference with transformers' own mask (padding and causal)."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    ours, reference = _tiny_llamas(["adasplash", "entmax_reference"])
+    ids = torch.randint(0, 97, (3, 70))
+    mask = torch.ones(3, 70, dtype=torch.long)
+    pad = [0, 9, 30]
+    for b, n in enumerate(pad):
+        if n:
+            mask[b, :n] = 0 if side == "left" else 1
+            mask[b, -n:] = 1 if side == "left" else 0
+    real = mask.bool()[..., None]
+    weights = torch.randn(3, 70, 97) * real
+    logits, grads = _logits_and_grads(ours, input_ids=ids, attention_mask=mask, weights=weights)
+    ref_logits, ref_grads = _logits_and_grads(reference, input_ids=ids, attention_mask=mask, weights=weights)
+    assert rel_err(logits * real, ref_logits * real) < TOL
+    assert max(rel_err(grads[name], ref_grads[name]) for name in grads) < TOL
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_transformers_batched_left_padded_generate(cache):
+    """Greedy generate on a left-padded batch gives each prompt's tokens alone (dynamic and static
+    caches)."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    (model,) = _tiny_llamas(["adasplash"])
+    prompts = [torch.randint(1, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (12, 7, 3)]
+    ids = torch.zeros(3, 12, dtype=torch.long)
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, -len(p):], mask[b, -len(p):] = p, 1
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation=cache)
+    batched = model.generate(input_ids=ids, attention_mask=mask, **options)[:, 12:]
+    for b, p in enumerate(prompts):
+        alone = model.generate(input_ids=p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               **options)[0, len(p):]
+        assert torch.equal(batched[b], alone), (b, batched[b], alone)
+
+
+def test_transformers_sliding_window_mistral_matches_reference():
+    """A Mistral with sliding_window 16 at 60 tokens: the window maps to window_size."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    ours, reference = _tiny_llamas(["adasplash", "entmax_reference"], family="mistral", sliding_window=16)
+    ids, logits = _matches_reference(ours, reference, 60)
+    (full,) = _tiny_llamas(["adasplash"], family="mistral", sliding_window=None)
+    assert rel_err(full(input_ids=ids).logits, logits) > 10 * TOL  # the window matters at this length
+
+
+def test_transformers_compile_fullgraph_with_padding():
+    """torch.compile(fullgraph=True) of a tiny Llama with a padding mask: no graph break, and the
+    logits of the eager model."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    (model,) = _tiny_llamas(["adasplash"])
+    ids = torch.randint(0, 97, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :7] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    real = mask.bool()[..., None]
+    with torch.no_grad():
+        assert rel_err(compiled(input_ids=ids, attention_mask=mask).logits * real,
+                       model(input_ids=ids, attention_mask=mask).logits * real) < 1e-6
 
 
 def _transformers_sequence_parallel(rank, world):

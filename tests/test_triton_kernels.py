@@ -562,3 +562,18 @@ def test_interpreted_key_padding(interpreted):
     ref = _reference(q.detach(), k.detach(), v.detach(), grad_out, mask, 1.5, True)
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), ref):
         assert _rel(got, want) < 1e-4, (name, _rel(got, want))
+
+
+@pytest.mark.parametrize("window_size,sink_tokens,causal", [((20, 0), 3, True), ((15, 30), 0, False)])
+def test_interpreted_window_and_sinks(interpreted, window_size, sink_tokens, causal):
+    """``window_size`` and ``sink_tokens`` through the Triton kernels against the explicit mask's
+    float64 reference (full tiles inside the window, masked ones at its edges, a sink tile)."""
+    from test_masks import _close, _masked_reference, explicit_mask
+
+    q, k, v, grad_out = random_qkv(1, 200, 200, 2, 2, 16, seed=15, grad_out=True, requires_grad=True)
+    out = adasplash_func(q, k, v, causal=causal, window_size=window_size, sink_tokens=sink_tokens)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    mask = explicit_mask(200, 200, causal, window_size, sink_tokens)
+    ref = _masked_reference(q.detach(), k.detach(), v.detach(), grad_out, [mask], 1.5)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), ref):
+        assert _close(got, want), (name, _rel(got, want))

@@ -14,9 +14,12 @@ world). Each rank feeds its shard of the tokens and passes their global ``positi
 the model's loss over the local tokens must then be combined across ranks as in ``launch/train.py``.
 
 alpha: ``module.config.entmax_alpha`` when the config has it, else 1.5. causal: ``module.is_causal``
-(an ``is_causal`` keyword wins). Scale: the ``scaling`` transformers passes. Padding masks, packed
-sequences, sliding windows and attention dropout are not supported: they raise a ValueError (pack
-documents and call ``adasplash_varlen_func`` / ``ring_adasplash_varlen_func`` instead).
+(an ``is_causal`` keyword wins). Scale: the ``scaling`` transformers passes. "adasplash" takes
+padding (left or right, in training and in batched ``generate``, static caches included) as
+``key_padding_mask`` and a layer's ``sliding_window`` as ``window_size``; its mask builder returns
+the 2D padding mask, as flash attention's does, so the mask handling traces without a graph
+break. Attention dropout is not supported, nor padding in the sequence-parallel names: they raise
+a ValueError (pack documents and call ``ring_adasplash_varlen_func`` instead).
 """
 from __future__ import annotations
 
@@ -34,39 +37,77 @@ def set_sequence_parallel_group(group) -> None:
     _sequence_parallel_group = group
 
 
-def _check_plain(module, attention_mask, dropout: float, causal: bool, seqlen_q: int, seqlen_k: int) -> None:
-    """Accept no mask or a mask equal to plain (bottom-right) causal or full attention."""
+def _check_options(dropout: float, kwargs: dict) -> None:
     if dropout:
         raise ValueError(f"entmax attention has no attention dropout; got dropout={dropout} (set "
                          "config.attention_dropout=0)")
-    if getattr(module, "sliding_window", None) is not None:
-        raise ValueError(f"sliding-window attention is not supported; got sliding_window={module.sliding_window}")
+    if kwargs.get("output_attentions"):
+        raise ValueError("entmax attention implementations return no attention weights (output_attentions=True); "
+                         "use attn_implementation='eager' with an entmax attention function for them")
+
+
+def _sliding_window(module, kwargs: dict):
+    """The layer's window: the ``sliding_window`` keyword (Mistral passes it) or attribute (Qwen2's
+    sliding layers), None for full attention."""
+    window = kwargs.get("sliding_window")
+    return getattr(module, "sliding_window", None) if window is None else window
+
+
+def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+                  **kwargs):
+    """Mask builder of "adasplash": the 2D padding mask (batch, seen tokens) as bool, cut to the last
+    ``kv_length`` (a sliding-window cache), or None. Eager calls drop a mask with no padding (one
+    read on the host); compiled ones keep it, which traces. A static cache holds more key slots
+    than the ``q_offset + q_length`` tokens written so far: then a mask of the written ones is
+    returned even without padding, so that the attention cuts the keys to them."""
     if attention_mask is None:
-        return
-    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    if allowed.shape[-2:] == (seqlen_q, seqlen_k):
-        rows = torch.arange(seqlen_q, device=allowed.device)[:, None] + (seqlen_k - seqlen_q)
-        plain = rows >= torch.arange(seqlen_k, device=allowed.device) if causal else torch.ones_like(allowed[0, 0])
-        if bool((allowed == plain).all()):
-            return
-    raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} is not plain "
-                     f"{'causal' if causal else 'full'} attention (padding or packed sequences): entmax attention "
-                     "implementations take no masks; pack the documents and use adasplash_varlen_func")
+        written = int(q_offset) + q_length
+        if written >= kv_length:
+            return None
+        return torch.ones(batch_size, written, dtype=torch.bool, device=kwargs.get("device"))
+    keep = attention_mask[:, -kv_length:].bool()
+    if not torch.compiler.is_compiling() and keep.shape[1] == kv_length and bool(keep.all()):
+        return None
+    return keep
 
 
-def _make_forward(attend, sequence_parallel: bool):
-    """A transformers attention function: (module, query, key, value, attention_mask, scaling, dropout)
-    with query (b, heads_q, s, d), key and value (b, heads_kv, s_k, d) -> ((b, s, heads_q, d), None)."""
+def _single_device_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """"adasplash": query (b, heads_q, s, d), key and value (b, heads_kv, s_k, d) -> ((b, s, heads_q, d), None).
+    ``attention_mask``: None or ``_padding_mask``'s (b, seen) bool. A static cache holds more key
+    slots than tokens seen: the keys are cut to the mask's length, so that causal alignment stays
+    bottom-right."""
+    _check_options(dropout, kwargs)
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    alpha = getattr(getattr(module, "config", None), "entmax_alpha", DEFAULT_ALPHA)
+    sliding_window = _sliding_window(module, kwargs)
+    window = (-1, -1) if sliding_window is None else (int(sliding_window) - 1, -1)  # keys j > i - sliding_window
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
+            raise ValueError(f"the 'adasplash' attention takes the 2D padding mask its own mask builder gives; got "
+                             f"{attention_mask.dtype} of shape {tuple(attention_mask.shape)}")
+        key, value = key[:, :, :attention_mask.shape[1]], value[:, :, :attention_mask.shape[1]]
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    out = adasplash_func(q, k, v, alpha=alpha, causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask,
+                         window_size=window)
+    return out, None
+
+
+def _make_forward(attend):
+    """A sequence-parallel transformers attention function: (module, query, key, value,
+    attention_mask, scaling, dropout) with query (b, heads_q, s, d), key and value (b, heads_kv,
+    s_k, d) -> ((b, s, heads_q, d), None)."""
 
     def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        _check_options(dropout, kwargs)
+        if _sliding_window(module, kwargs) is not None:
+            raise ValueError(f"sliding-window attention is not supported by the sequence-parallel entmax attention; "
+                             f"got sliding_window={_sliding_window(module, kwargs)}")
         causal = kwargs.get("is_causal")
         causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
-        _check_plain(module, None if sequence_parallel else attention_mask, dropout, causal, query.shape[2],
-                     key.shape[2])
         alpha = getattr(getattr(module, "config", None), "entmax_alpha", DEFAULT_ALPHA)
         q, k, v = (x.transpose(1, 2).contiguous() for x in (query, key, value))
-        extra = {"group": _sequence_parallel_group} if sequence_parallel else {}
-        return attend(q, k, v, alpha=alpha, causal=causal, softmax_scale=scaling, **extra), None
+        return attend(q, k, v, alpha=alpha, causal=causal, softmax_scale=scaling, group=_sequence_parallel_group), None
 
     return forward
 
@@ -83,21 +124,18 @@ def _sequence_parallel_mask(batch_size, q_length, kv_length, q_offset=0, kv_offs
 
 def implementations() -> dict:
     """Name -> (attention function, mask builder) for every implementation ``register`` adds."""
-    from transformers.masking_utils import sdpa_mask
-
     from ..parallel import ring_adasplash_func, ulysses_adasplash_func, zigzag_ring_adasplash_func
 
     parallel = {"adasplash_ring": ring_adasplash_func, "adasplash_zigzag": zigzag_ring_adasplash_func,
                 "adasplash_ulysses": ulysses_adasplash_func}
-    found = {"adasplash": (_make_forward(adasplash_func, False), sdpa_mask)}
-    found.update({name: (_make_forward(fn, True), _sequence_parallel_mask) for name, fn in parallel.items()})
+    found = {"adasplash": (_single_device_forward, _padding_mask)}
+    found.update({name: (_make_forward(fn), _sequence_parallel_mask) for name, fn in parallel.items()})
     return found
 
 
 def register() -> list[str]:
     """Add the implementations to transformers' ``AttentionInterface`` and ``AttentionMaskInterface``;
-    returns their names. "adasplash" builds masks as "sdpa" does: None for plain causal or full
-    attention, so only real padding/packing reaches the check (and raises)."""
+    returns their names."""
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface

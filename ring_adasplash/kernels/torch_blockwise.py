@@ -70,7 +70,8 @@ class _KeyTiles:
         order = range(p.num_k_tiles)
         for index in reversed(order) if self.nearest_first else order:
             keys = self.tile_keys(index)
-            allowed = (vis.k_pos[None, keys] <= vis.q_limit[:, None]) & (vis.q_doc[:, None] == vis.k_doc[None, keys])
+            rows = torch.arange(p.seqlen_q, device=vis.q_limit.device)
+            allowed = vis.pairs(rows[:, None], torch.arange(keys.start, keys.stop, device=rows.device)[None, :])
             allowed = allowed[None, None]
             if self.active is not None:
                 allowed = allowed & self.rows_of_tiles(self.active[..., index])[..., None]
@@ -101,8 +102,7 @@ def nearest_tau_floor(problem: Problem) -> torch.Tensor:
     valid = (keys >= lo[:, None] * block_n) & (keys < hi[:, None] * block_n) & (keys < p.seqlen_k)
     keys = torch.where(valid, keys, 0)
     rows = torch.arange(p.num_q_tiles * block_m, device=device).clamp(max=p.seqlen_q - 1).view(-1, block_m)
-    pair = (vis.k_pos[keys][:, None, :] <= vis.q_limit[rows][:, :, None]) & (
-        vis.q_doc[rows][:, :, None] == vis.k_doc[keys][:, None, :]) & valid[:, None, :]  # (nQ, bm, 2bn)
+    pair = vis.pairs(rows[:, :, None], keys[:, None, :]) & valid[:, None, :]  # (nQ, bm, 2bn)
     qh = _head_major_queries(p.q, p.heads_kv)  # (B, Hkv, G, Sq, D)
     qt = qh[..., rows.flatten(), :].unflatten(-2, (p.num_q_tiles, block_m))  # (B, Hkv, G, nQ, bm, D)
     kt = p.k.to(qh.dtype).permute(0, 2, 1, 3)[:, :, keys]  # (B, Hkv, nQ, 2bn, D)

@@ -96,9 +96,9 @@ class TritonProblem(Problem):
 
     @cached_property
     def visibility(self) -> dict:
-        """The four visibility vectors as int32 device tensors, by kernel parameter name."""
-        vectors = {"Q_limit": self.vis.q_limit, "Q_doc": self.vis.q_doc, "K_pos": self.vis.k_pos,
-                   "K_doc": self.vis.k_doc}
+        """The six visibility vectors as int32 device tensors, by kernel parameter name."""
+        names = ("Q_limit", "Q_doc", "K_pos", "K_doc", "Q_first", "K_win_pos")
+        vectors = dict(zip(names, self.vis.vectors()))
         return {name: t.to(device=self.q.device, dtype=torch.int32).contiguous() for name, t in vectors.items()}
 
     @cached_property
@@ -165,7 +165,7 @@ def _key_tile_ranges(vis: Visibility, device):
     ops that would otherwise run on every call. The key is each vector's memory, layout and
     version counter; the entry holds the vectors, so that memory cannot be handed to other
     tensors while it lives, and an in-place change misses."""
-    tensors = (vis.q_limit, vis.q_doc, vis.k_pos, vis.k_doc)
+    tensors = vis.vectors()
     key = (str(device),) + tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t._version) for t in tensors)
     hit = _RANGES_CACHE.get(key)
     if hit is None:
@@ -196,9 +196,12 @@ def _compute_key_tile_ranges(vis: Visibility, device):
     big = 2**40
     q_limit, q_doc = tiles(vis.q_limit, BLOCK_M, -big), tiles(vis.q_doc, BLOCK_M, -big)
     k_pos, k_doc = tiles(vis.k_pos, BLOCK_N, big), tiles(vis.k_doc, BLOCK_N, big)
+    q_first, k_win_pos = tiles(vis.q_first, BLOCK_M, big), tiles(vis.k_win_pos, BLOCK_N, -big)
     one_q_doc = q_doc.amin(1) == q_doc.amax(1)
     one_k_doc = k_doc.amin(1) == k_doc.amax(1)
-    full = ((k_pos.amax(1)[None, :] <= q_limit.amin(1)[:, None]) & one_q_doc[:, None] & one_k_doc[None, :]
+    full = ((k_pos.amax(1)[None, :] <= q_limit.amin(1)[:, None])
+            & (k_win_pos.amin(1)[None, :] >= q_first.amax(1)[:, None])
+            & one_q_doc[:, None] & one_k_doc[None, :]
             & (q_doc.amin(1)[:, None] == k_doc.amin(1)[None, :]))
     full_lo = first_true(full, num_k_tiles)
     full_hi = first_true(~full & (pos[None, :] >= full_lo[:, None]), num_k_tiles)

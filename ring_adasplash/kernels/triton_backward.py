@@ -24,7 +24,8 @@ from .triton_common import (ADD, at_head, dot, entmax_weights, hide_invisible, k
 
 @triton.jit
 def dkdv_kernel(
-    Q, K, V, DO, Q_limit, Q_doc, K_pos, K_doc, Tile_count, Tile_index, Shift, Tau, Delta, Nan_keys, DK, DV,
+    Q, K, V, DO, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, Tile_count, Tile_index, Shift, Tau, Delta,
+    Nan_keys, DK, DV,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -38,7 +39,7 @@ def dkdv_kernel(
     tile_k, bhk, b, hk, offs_n, in_k = program_tile(num_heads_kv, seqlen_k, BLOCK_N)
     k = load_rows(at_head(K, b, hk, stride_kb, stride_kh), offs_n, in_k, stride_ks, stride_kd, HEAD_DIM)
     v = load_rows(at_head(V, b, hk, stride_vb, stride_vh), offs_n, in_k, stride_vs, stride_vd, HEAD_DIM)
-    k_pos, k_doc = key_positions(K_pos, K_doc, offs_n, in_k)
+    k_pos, k_doc, k_win_pos = key_positions(K_pos, K_doc, K_win_pos, offs_n, in_k)
 
     dk = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
@@ -54,14 +55,14 @@ def dkdv_kernel(
             rows = row_offsets(bh, seqlen_q, offs_m)
             q = load_rows(Qh, offs_m, in_q, stride_qs, stride_qd, HEAD_DIM)
             do = load_rows(DOh, offs_m, in_q, stride_dos, stride_dod, HEAD_DIM)
-            q_limit, q_doc = query_positions(Q_limit, Q_doc, offs_m, in_q)
+            q_limit, q_doc, q_first = query_positions(Q_limit, Q_doc, Q_first, offs_m, in_q)
             shift = tl.load(Shift + rows, mask=in_q, other=0.0)
             tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
             delta = tl.load(Delta + rows, mask=in_q, other=0.0)
             zt = dot(k, tl.trans(q), PRECISION) - shift[None, :]
             gt = dot(v, tl.trans(do), PRECISION)
-            pairs = visible(q_limit[None, :], q_doc[None, :], in_q[None, :], k_pos[:, None], k_doc[:, None],
-                            in_k[:, None])
+            pairs = visible(q_limit[None, :], q_doc[None, :], q_first[None, :], in_q[None, :], k_pos[:, None],
+                            k_doc[:, None], k_win_pos[:, None], in_k[:, None])
             zt = tl.where(pairs, zt * scale_z, float("-inf"))
             pt, ut = entmax_weights(positive_gap(zt, tau[None, :]), gamma, POWER)
             dst = ut * (gt - delta[None, :])
@@ -90,7 +91,8 @@ def row_delta(Out_u, U_sum, do, b, h, offs_m, in_q, rows, stride_ob, stride_os, 
 
 @triton.jit
 def dq_kernel(
-    Q, K, V, DO, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift, Tau, Out_u, U_sum,
+    Q, K, V, DO, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
+    Tau, Out_u, U_sum,
     Delta, DQ,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -103,10 +105,10 @@ def dq_kernel(
     POWER: tl.constexpr, COMPUTE_DELTA: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, K, count, Tile_index, _, full_lo, full_hi = (
-        listed_query_tile(Q, K, Q_limit, Q_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-                          stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP,
-                          HEAD_DIM, BLOCK_M))
+    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, _, full_lo,
+     full_hi) = listed_query_tile(
+        Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
+        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
     V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
     do = load_rows(at_head(DO, b, h, stride_dob, stride_doh), offs_m, in_q, stride_dos, stride_dod, HEAD_DIM)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
@@ -127,7 +129,7 @@ def dq_kernel(
         v = load_rows(V, offs_n, in_k, stride_vs, stride_vd, HEAD_DIM)
         z = (dot(q, tl.trans(k), PRECISION) - shift[:, None]) * scale_z
         g = dot(do, tl.trans(v), PRECISION)
-        z = hide_invisible(z, K_pos, K_doc, q_limit, q_doc, in_q, offs_n, in_k,
+        z = hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, in_q, offs_n, in_k,
                            (tile_k >= full_lo) & (tile_k < full_hi))
         p, u = entmax_weights(positive_gap(z, tau[:, None]), gamma, POWER)
         dq += dot((u * (g - delta[:, None])).to(q.dtype), k, PRECISION)

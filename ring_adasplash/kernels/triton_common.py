@@ -4,8 +4,8 @@ Conventions, as in Triton's fused-attention tutorial: pointers are Capitalised (
 tiles and scalars lowercase, constexpr ALL_CAPS. Tensors come in the public layout (B, S, H, D)
 with a stride per axis (``stride_qb, stride_qs, stride_qh, stride_qd``); per-row results are
 head-major (B, H, S) and contiguous, so row ``offs_m`` of program ``bh`` is ``bh * seqlen + offs_m``.
-The visibility rule is four int32 vectors: query ``i`` sees key ``j`` when ``K_pos[j] <=
-Q_limit[i]`` and ``Q_doc[i] == K_doc[j]`` (``visibility.Visibility``).
+The visibility rule is six int32 vectors: query ``i`` sees key ``j`` when ``K_pos[j] <=
+Q_limit[i]``, ``K_win_pos[j] >= Q_first[i]`` and ``Q_doc[i] == K_doc[j]`` (``visibility.Visibility``).
 
 ``PRECISION`` (constexpr) of every product ``dot(a, b, PRECISION)``: ``"ieee"`` for float32 inputs
 (IEEE float32, no TF32), ``"native"`` for 16-bit inputs on the GPU (tensor cores: exact products,
@@ -68,22 +68,24 @@ def load_columns(X, offs, in_range, stride_s, stride_d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def query_positions(Q_limit, Q_doc, offs_m, in_q):
-    """The visibility vectors of the queries ``offs_m``."""
-    return tl.load(Q_limit + offs_m, mask=in_q, other=-1), tl.load(Q_doc + offs_m, mask=in_q, other=-1)
+def query_positions(Q_limit, Q_doc, Q_first, offs_m, in_q):
+    """The visibility vectors of the queries ``offs_m``: last and first key position seen, document."""
+    return (tl.load(Q_limit + offs_m, mask=in_q, other=-1), tl.load(Q_doc + offs_m, mask=in_q, other=-1),
+            tl.load(Q_first + offs_m, mask=in_q, other=0))
 
 
 @triton.jit
-def key_positions(K_pos, K_doc, offs_n, in_k):
-    """The visibility vectors of the keys ``offs_n``."""
-    return tl.load(K_pos + offs_n, mask=in_k, other=0), tl.load(K_doc + offs_n, mask=in_k, other=0)
+def key_positions(K_pos, K_doc, K_win_pos, offs_n, in_k):
+    """The visibility vectors of the keys ``offs_n``: position, document, position for the window."""
+    return (tl.load(K_pos + offs_n, mask=in_k, other=0), tl.load(K_doc + offs_n, mask=in_k, other=0),
+            tl.load(K_win_pos + offs_n, mask=in_k, other=0))
 
 
 @triton.jit
-def visible(q_limit, q_doc, in_q, k_pos, k_doc, in_k):
+def visible(q_limit, q_doc, q_first, in_q, k_pos, k_doc, k_win_pos, in_k):
     """Which (query, key) pairs are visible, from query and key vectors already broadcast against
     each other (queries down, keys across, or the transpose)."""
-    return (k_pos <= q_limit) & (q_doc == k_doc) & in_k & in_q
+    return (k_pos <= q_limit) & (k_win_pos >= q_first) & (q_doc == k_doc) & in_k & in_q
 
 
 @triton.jit
@@ -97,14 +99,14 @@ def program_tile(num_heads, seqlen, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def query_tile(Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads,
+def query_tile(Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's query tile, for the kernels with one program per (query tile, batch x query
-    head): ``(tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc)``."""
+    head): ``(tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first)``."""
     tile_q, bh, b, h, offs_m, in_q = program_tile(num_heads, seqlen_q, BLOCK_M)
     q = load_rows(at_head(Q, b, h, stride_qb, stride_qh), offs_m, in_q, stride_qs, stride_qd, HEAD_DIM)
-    q_limit, q_doc = query_positions(Q_limit, Q_doc, offs_m, in_q)
-    return tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc
+    q_limit, q_doc, q_first = query_positions(Q_limit, Q_doc, Q_first, offs_m, in_q)
+    return tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first
 
 
 @triton.jit
@@ -132,41 +134,42 @@ def listed_tiles(Tile_count, Tile_index, line, bh, length):
 
 
 @triton.jit
-def listed_query_tile(Q, K, Q_limit, Q_doc, K_full_lo, K_full_hi, Tile_count, Tile_index,
+def listed_query_tile(Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index,
                       stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_kh,
                       seqlen_q, num_heads, num_k_tiles,
                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """``query_tile`` for the sparse passes, which visit the key tiles listed for it: also
     ``rows`` (the offsets of its rows in per-row results), ``K`` at its key head and
     ``listed_tiles`` and the run [full_lo, full_hi) of key tiles whose every pair is visible
-    (no per-element mask): ``(tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, K, count,
+    (no per-element mask): ``(tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count,
     Tile_index, tile_row, full_lo, full_hi)``."""
-    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc = query_tile(
-        Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
+    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first = query_tile(
+        Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
     rows = row_offsets(bh, seqlen_q, offs_m)
     K = at_head(K, b, h // GROUP, stride_kb, stride_kh)
     count, Tile_index, tile_row = listed_tiles(Tile_count, Tile_index, tile_q, bh, num_k_tiles)
     full_lo = tl.load(K_full_lo + tile_q)
     full_hi = tl.load(K_full_hi + tile_q)
-    return tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, K, count, Tile_index, tile_row, full_lo, full_hi
+    return (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_lo,
+            full_hi)
 
 
 @triton.jit
-def hide_invisible(z, K_pos, K_doc, q_limit, q_doc, in_q, offs_n, in_k, full):
+def hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, in_q, offs_n, in_k, full):
     """``z`` (BLOCK_M, BLOCK_N) with -inf where a pair is not visible; as it is when ``full``
     (every pair of the tile visible: no position loads)."""
     if full:
         hidden = z
     else:
-        k_pos, k_doc = key_positions(K_pos, K_doc, offs_n, in_k)
-        pairs = visible(q_limit[:, None], q_doc[:, None], in_q[:, None], k_pos[None, :], k_doc[None, :],
-                        in_k[None, :])
+        k_pos, k_doc, k_win_pos = key_positions(K_pos, K_doc, K_win_pos, offs_n, in_k)
+        pairs = visible(q_limit[:, None], q_doc[:, None], q_first[:, None], in_q[:, None], k_pos[None, :],
+                        k_doc[None, :], k_win_pos[None, :], in_k[None, :])
         hidden = tl.where(pairs, z, float("-inf"))
     return hidden
 
 
 @triton.jit
-def masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
+def masked_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n,
                   stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
                   HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """z = (q . k - shift) scale_z (BLOCK_M, BLOCK_N) fp32 of one key tile (``shift`` per row), -inf
@@ -174,11 +177,11 @@ def masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
     in_k = offs_n < seqlen_k
     scores = dot(q, load_columns(K, offs_n, in_k, stride_ks, stride_kd, HEAD_DIM), PRECISION)
     z = (scores - shift[:, None]) * scale_z
-    return hide_invisible(z, K_pos, K_doc, q_limit, q_doc, offs_m < seqlen_q, offs_n, in_k, False)
+    return hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m < seqlen_q, offs_n, in_k, False)
 
 
 @triton.jit
-def tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
+def tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n,
                 stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, full,
                 HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """z = (q . k - shift) scale_z (BLOCK_M, BLOCK_N) fp32 of one key tile: ``full`` when every
@@ -189,21 +192,21 @@ def tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
         K_tile = K + offs_n[None, :] * stride_ks + tl.arange(0, HEAD_DIM)[:, None] * stride_kd
         z = (dot(q, tl.load(K_tile), PRECISION) - shift[:, None]) * scale_z
     else:
-        z = masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
+        z = masked_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n,
                           stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, PRECISION)
     return z
 
 
 @triton.jit
-def listed_logits(q, K, K_pos, K_doc, Tile_index, i, full_lo, full_hi, q_limit, q_doc, offs_m,
+def listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, full_lo, full_hi, q_limit, q_doc, q_first, offs_m,
                   stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """The ``i``-th listed key tile of this query tile: ``(tile_k, offs_n, z)``; tiles in
     [full_lo, full_hi) need no mask."""
     tile_k = tl.load(Tile_index + i)
     offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    z = tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, stride_ks, stride_kd, seqlen_q, seqlen_k,
-                    shift, scale_z, (tile_k >= full_lo) & (tile_k < full_hi), HEAD_DIM, PRECISION)
+    z = tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n, stride_ks, stride_kd,
+                    seqlen_q, seqlen_k, shift, scale_z, (tile_k >= full_lo) & (tile_k < full_hi), HEAD_DIM, PRECISION)
     return tile_k, offs_n, z
 
 

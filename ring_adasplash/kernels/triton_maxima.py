@@ -50,21 +50,21 @@ def nearest_tau_floor(s_near, s_next, scale_z, gamma, POWER: tl.constexpr, STEPS
 
 
 @triton.jit
-def span_tile_scores(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, tile_k, lo, no_shift,
+def span_tile_scores(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, tile_k, lo, no_shift,
                      stride_ks, stride_kd, seqlen_q, seqlen_k,
                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Raw scores ``q . k`` of key tile ``tile_k`` with invisible pairs at -inf, all -inf when it
     lies below the span's first tile ``lo`` (a tile outside the span is read at tile 0 and counts
     as all invisible)."""
     offs_n = tl.maximum(tile_k, 0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    s = masked_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n,
+    s = masked_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n,
                       stride_ks, stride_kd, seqlen_q, seqlen_k, no_shift, 1.0, HEAD_DIM, PRECISION)
     return tl.where(tile_k >= lo, s, float("-inf"))
 
 
 @triton.jit
 def tau_floor_kernel(
-    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_tile_lo, K_tile_hi, Tau_floor,
+    Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_tile_lo, K_tile_hi, Tau_floor,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, scale_z, gamma,
@@ -75,23 +75,24 @@ def tau_floor_kernel(
     span (causal: the diagonal and the tile before). Its own launch, not a prologue of
     ``max_kernel`` (why: docs/design.md (kernel choices))."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc = query_tile(
-        Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
+    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first = query_tile(
+        Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
     K = at_head(K, b, h // GROUP, stride_kb, stride_kh)
     lo = tl.load(K_tile_lo + tile_q)
     hi = tl.load(K_tile_hi + tile_q)
     no_shift = tl.full([BLOCK_M], 0.0, tl.float32)
-    s_near = span_tile_scores(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, hi - 1, lo, no_shift, stride_ks,
-                              stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, PRECISION)
-    s_next = span_tile_scores(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, hi - 2, lo, no_shift, stride_ks,
-                              stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, PRECISION)
+    s_near = span_tile_scores(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, hi - 1, lo, no_shift,
+                              stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, PRECISION)
+    s_next = span_tile_scores(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, hi - 2, lo, no_shift,
+                              stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, PRECISION)
     tau_floor = nearest_tau_floor(s_near, s_next, scale_z, gamma, POWER, STEPS, MARGIN)
     tl.store(Tau_floor + row_offsets(bh, seqlen_q, offs_m), tau_floor, mask=in_q)
 
 
 @triton.jit
 def max_kernel(
-    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_tile_lo, K_tile_hi, K_full_lo, K_full_hi, Row_max, Tau_floor, Tile_gap,
+    Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_tile_lo, K_tile_hi, K_full_lo, K_full_hi, Row_max,
+    Tau_floor, Tile_gap,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z,
@@ -106,8 +107,8 @@ def max_kernel(
     ``tau_floor_kernel``)."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
-    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc = query_tile(
-        Q, Q_limit, Q_doc, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
+    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first = query_tile(
+        Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
     K = at_head(K, b, h // GROUP, stride_kb, stride_kh)
     Tile_gap = Tile_gap + tile_row(tile_q, bh, num_k_tiles)
     rows = row_offsets(bh, seqlen_q, offs_m)
@@ -129,8 +130,9 @@ def max_kernel(
     for step in range(0, hi - lo):
         tile_k = hi - 1 - step
         offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        s = tile_logits(q, K, K_pos, K_doc, q_limit, q_doc, offs_m, offs_n, stride_ks, stride_kd, seqlen_q, seqlen_k,
-                        no_shift, 1.0, (tile_k >= full_lo) & (tile_k < full_hi), HEAD_DIM, PRECISION)
+        s = tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n, stride_ks, stride_kd,
+                        seqlen_q, seqlen_k, no_shift, 1.0, (tile_k >= full_lo) & (tile_k < full_hi), HEAD_DIM,
+                        PRECISION)
         s_max = row_max_with_nan(s)
         m_i = tl.maximum(m_i, s_max, propagate_nan=tl.PropagateNan.ALL)
         # in z, relative to the running max: differences of nearby scores are exact

@@ -16,7 +16,7 @@ from .triton_common import (ADD, MAX, at_head, dot, entmax_weights, listed_logit
 
 @triton.jit
 def output_kernel(
-    Q, K, V, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift, Tau,
+    Q, K, V, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift, Tau,
     Out, Out_u, U_sum, Support, Nonzero,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -27,10 +27,10 @@ def output_kernel(
     POWER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, K, count, Tile_index, tile_row, full_lo, full_hi = (
-        listed_query_tile(Q, K, Q_limit, Q_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-                          stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP,
-                          HEAD_DIM, BLOCK_M))
+    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_lo,
+     full_hi) = listed_query_tile(
+        Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
+        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
     V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
@@ -41,9 +41,9 @@ def output_kernel(
     support = tl.full([BLOCK_M], 0.0, tl.float32)
 
     for i in range(0, count):
-        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, Tile_index, i, full_lo, full_hi, q_limit,
-                                          q_doc, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
-                                          HEAD_DIM, BLOCK_N, PRECISION)
+        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, full_lo, full_hi, q_limit,
+                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
+                                          scale_z, HEAD_DIM, BLOCK_N, PRECISION)
         gap = positive_gap(z, tau[:, None])
         p, u = entmax_weights(gap, gamma, POWER)
         v = load_rows(V, offs_n, offs_n < seqlen_k, stride_vs, stride_vd, HEAD_DIM)

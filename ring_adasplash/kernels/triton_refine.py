@@ -62,8 +62,8 @@ def zero_rows(Out, rows, in_q, ROW_SIZE: tl.constexpr, ROW_BLOCK: tl.constexpr, 
 
 @triton.jit
 def fine_histogram_kernel(
-    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift, Bin_index, Cutoff, Sums,
-    Keep,
+    Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
+    Bin_index, Cutoff, Sums, Keep,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z,
@@ -73,10 +73,10 @@ def fine_histogram_kernel(
     """Fine histogram of the pair of bins from ``Bin_index`` and the moments above it, into
     ``Sums`` (rows, 3, FINE_BINS + 1), and ``Keep``; see the module doc."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, K, count, Tile_index, tile_row, full_lo, full_hi = (
-        listed_query_tile(Q, K, Q_limit, Q_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-                          stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP,
-                          HEAD_DIM, BLOCK_M))
+    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_lo,
+     full_hi) = listed_query_tile(
+        Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
+        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     bin_index = tl.load(Bin_index + rows, mask=in_q, other=0.0)
     # keys below the cutoff have p = 0: the fine histogram leaves them out (in bins above the
@@ -87,9 +87,9 @@ def fine_histogram_kernel(
     sum_y = tl.full([BLOCK_M], 0.0, tl.float32)
     sum_y2 = tl.full([BLOCK_M], 0.0, tl.float32)
     for i in range(0, count):
-        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, Tile_index, i, full_lo, full_hi, q_limit,
-                                          q_doc, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
-                                          HEAD_DIM, BLOCK_N, PRECISION)
+        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, full_lo, full_hi, q_limit,
+                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
+                                          scale_z, HEAD_DIM, BLOCK_N, PRECISION)
         x = z * (NUM_BINS - 1) - bin_index[:, None]  # coarse bins above the lower edge of the pair
         above = x >= 2.0
         y = tl.where(above, x - 2.0, 0.0)
@@ -115,7 +115,8 @@ def fine_histogram_kernel(
 
 @triton.jit
 def newton_sums_kernel(
-    Q, K, Q_limit, Q_doc, K_pos, K_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift, Point, Rows, Sums,
+    Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
+    Point, Rows, Sums,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma,
@@ -126,10 +127,10 @@ def newton_sums_kernel(
     the query tiles with a row marked in ``Rows`` (int8 per row) read their key tiles; the
     others store zeros (the exact finish after the closed form, where rarely a row needs it)."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, K, count, Tile_index, tile_row, full_lo, full_hi = (
-        listed_query_tile(Q, K, Q_limit, Q_doc, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-                          stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP,
-                          HEAD_DIM, BLOCK_M))
+    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_lo,
+     full_hi) = listed_query_tile(
+        Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
+        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     point = tl.load(Point + rows, mask=in_q, other=0.0)
     if SOME_ROWS:
@@ -138,9 +139,9 @@ def newton_sums_kernel(
     f_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     for i in range(0, count):
-        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, Tile_index, i, full_lo, full_hi, q_limit,
-                                          q_doc, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
-                                          HEAD_DIM, BLOCK_N, PRECISION)
+        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, full_lo, full_hi, q_limit,
+                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
+                                          scale_z, HEAD_DIM, BLOCK_N, PRECISION)
         p, u = entmax_weights(positive_gap(z, point[:, None]), gamma, POWER)
         f_sum += tl.reduce(p, 1, ADD)
         df_sum += tl.reduce(u, 1, ADD)

@@ -1,9 +1,11 @@
-"""Which keys each query may see, as four small integer vectors.
+"""Which keys each query may see, as six small integer vectors.
 
-Key ``j`` is visible to query ``i`` iff ``q_doc[i] == k_doc[j]`` and ``k_pos[j] <= q_limit[i]``.
-One rule covers every layout the library needs: bottom-right causal on one device, global
-positions of a ring shard or a zigzag shard, and packed documents (varlen). The vectors are
-O(sequence) and shared by the batch, so kernels never materialise an (Sq, Sk) mask.
+Key ``j`` is visible to query ``i`` iff ``q_doc[i] == k_doc[j]``, ``k_pos[j] <= q_limit[i]`` and
+``k_win_pos[j] >= q_first[i]``. One rule covers every layout the library needs: bottom-right causal
+on one device, global positions of a ring shard or a zigzag shard, packed documents (varlen),
+padded keys (a document of their own), sliding windows (``q_first``) and attention sinks (keys
+whose ``k_win_pos`` is past every window's start). The vectors are O(sequence) and shared by the
+batch, so kernels never materialise an (Sq, Sk) mask.
 """
 from __future__ import annotations
 
@@ -16,12 +18,23 @@ NO_LIMIT = 2**30  # q_limit of a non-causal query: every key position is below i
 
 @dataclass(frozen=True)
 class Visibility:
-    """Visibility rule of one query block against one key block (all int32, 1-D)."""
+    """Visibility rule of one query block against one key block (all int32, 1-D).
+
+    ``q_first`` defaults to no window (every key position is at or above it) and ``k_win_pos`` to
+    ``k_pos``."""
 
     q_limit: torch.Tensor  # (Sq,) largest key position the query sees
     q_doc: torch.Tensor  # (Sq,) document id of the query
     k_pos: torch.Tensor  # (Sk,) position of the key (global, or within its document)
     k_doc: torch.Tensor  # (Sk,) document id of the key
+    q_first: torch.Tensor | None = None  # (Sq,) smallest key position the query sees (a window)
+    k_win_pos: torch.Tensor | None = None  # (Sk,) the position the window test reads: NO_LIMIT for a sink
+
+    def __post_init__(self):
+        if self.q_first is None:
+            object.__setattr__(self, "q_first", torch.full_like(self.q_limit, -NO_LIMIT))
+        if self.k_win_pos is None:  # a tensor of its own: autograd.Function inputs must not repeat under compile
+            object.__setattr__(self, "k_win_pos", self.k_pos.clone())
 
     @property
     def seqlen_q(self) -> int:
@@ -31,18 +44,56 @@ class Visibility:
     def seqlen_k(self) -> int:
         return self.k_pos.shape[0]
 
-    def with_keys(self, k_pos: torch.Tensor, k_doc: torch.Tensor | None = None) -> "Visibility":
+    def vectors(self) -> tuple:
+        """The six vectors, in the order of the fields (what custom ops and caches take)."""
+        return (self.q_limit, self.q_doc, self.k_pos, self.k_doc, self.q_first, self.k_win_pos)
+
+    def with_keys(self, k_pos: torch.Tensor, k_doc: torch.Tensor | None = None,
+                  k_win_pos: torch.Tensor | None = None) -> "Visibility":
         """The same queries against another key block (a ring shard arriving)."""
         if k_doc is None:
             k_doc = torch.zeros_like(k_pos)
-        return Visibility(self.q_limit, self.q_doc, k_pos.to(torch.int32), k_doc.to(torch.int32))
+        k_win_pos = None if k_win_pos is None else k_win_pos.to(torch.int32)
+        return Visibility(self.q_limit, self.q_doc, k_pos.to(torch.int32), k_doc.to(torch.int32), self.q_first,
+                          k_win_pos)
 
     def dense(self) -> torch.Tensor:
         """(Sq, Sk) bool matrix; for tests and small inputs only."""
-        return (self.k_pos[None, :] <= self.q_limit[:, None]) & (self.q_doc[:, None] == self.k_doc[None, :])
+        return ((self.k_pos[None, :] <= self.q_limit[:, None]) & (self.k_win_pos[None, :] >= self.q_first[:, None])
+                & (self.q_doc[:, None] == self.k_doc[None, :]))
+
+    def pairs(self, rows, keys) -> torch.Tensor:
+        """Whether query ``rows`` sees key ``keys`` (index tensors that broadcast against each other)."""
+        return ((self.k_pos[keys] <= self.q_limit[rows]) & (self.k_win_pos[keys] >= self.q_first[rows])
+                & (self.q_doc[rows] == self.k_doc[keys]))
 
     def to(self, device) -> "Visibility":
-        return Visibility(*(t.to(device) for t in (self.q_limit, self.q_doc, self.k_pos, self.k_doc)))
+        return Visibility(*(t.to(device) for t in self.vectors()))
+
+
+def windowed(vis: Visibility, centre: torch.Tensor, window_size: tuple, sink_tokens: int,
+              k_in_doc: torch.Tensor | None = None) -> Visibility:
+    """``vis`` with flash-attn's ``window_size = (left, right)`` (-1: unbounded): the query whose
+    aligned key position is ``centre`` (its own position, bottom-right aligned) sees keys from
+    ``centre - left`` to ``centre + right``, within what ``vis`` allows; the first ``sink_tokens``
+    keys of each sequence or document (``k_in_doc``: their rank there; default ``k_pos``) stay
+    visible past the window's start."""
+    left, right = window_size
+    if left < 0 and right < 0 and sink_tokens == 0:
+        return vis
+    centre = centre.to(torch.int64)
+    q_limit, q_first = vis.q_limit.to(torch.int64), torch.full_like(centre, -NO_LIMIT)
+    if right >= 0:
+        q_limit = torch.minimum(q_limit, centre + right)
+    if left >= 0:
+        q_first = centre - left
+    k_in_doc = vis.k_pos if k_in_doc is None else k_in_doc
+    k_win_pos = torch.where(k_in_doc < sink_tokens, NO_LIMIT, vis.k_pos)
+    return Visibility(q_limit.clamp(-1, NO_LIMIT).to(torch.int32), vis.q_doc, vis.k_pos, vis.k_doc,
+                      q_first.clamp(-NO_LIMIT, NO_LIMIT).to(torch.int32), k_win_pos.to(torch.int32))
+
+
+NO_WINDOW = (-1, -1)
 
 
 def positional_visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, diagonal: int = 0) -> Visibility:
@@ -61,19 +112,24 @@ def positional_visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool
     )
 
 
-def causal_visibility(seqlen_q: int, seqlen_k: int, causal: bool, device) -> Visibility:
-    """One device, bottom-right aligned: query ``i`` sees keys ``j <= i + Sk - Sq``."""
+def causal_visibility(seqlen_q: int, seqlen_k: int, causal: bool, device, window_size: tuple = NO_WINDOW,
+                      sink_tokens: int = 0) -> Visibility:
+    """One device, bottom-right aligned: query ``i`` sees keys ``j <= i + Sk - Sq`` (causal), within
+    ``window_size`` of ``i + Sk - Sq``, or among the first ``sink_tokens`` (``windowed``)."""
     q_pos = torch.arange(seqlen_q, dtype=torch.int32, device=device)
     k_pos = torch.arange(seqlen_k, dtype=torch.int32, device=device)
-    return positional_visibility(q_pos, k_pos, causal, diagonal=seqlen_k - seqlen_q)
+    vis = positional_visibility(q_pos, k_pos, causal, diagonal=seqlen_k - seqlen_q)
+    return windowed(vis, q_pos.to(torch.int64) + seqlen_k - seqlen_q, window_size, sink_tokens)
 
 
-def padded_visibility(key_padding_mask: torch.Tensor, seqlen_q: int, causal: bool) -> Visibility:
+def padded_visibility(key_padding_mask: torch.Tensor, seqlen_q: int, causal: bool, window_size: tuple = NO_WINDOW,
+                      sink_tokens: int = 0) -> Visibility:
     """A batch with padded keys as one sequence of ``batch * seqlen_q`` queries and ``batch * seqlen_k``
     keys (the batch entries side by side, each a document): query ``i`` of entry ``b`` sees key ``j``
     of entry ``b`` when ``key_padding_mask[b, j]`` (True: kept) and, under causal, ``j <= i + Sk - Sq``
     (bottom-right aligned, in the entry's own positions, padding included). A padded key belongs
-    to no document, so tiles made only of padding hold no visible pair and are never read."""
+    to no document, so tiles made only of padding hold no visible pair and are never read. Windows
+    count positions with the padding; sinks are the first ``sink_tokens`` kept keys."""
     batch, seqlen_k = key_padding_mask.shape
     device = key_padding_mask.device
     entry = torch.arange(batch, dtype=torch.int32, device=device)
@@ -83,9 +139,11 @@ def padded_visibility(key_padding_mask: torch.Tensor, seqlen_q: int, causal: boo
     else:
         q_limit = torch.full_like(q_pos, NO_LIMIT)
     k_doc = torch.where(key_padding_mask, entry[:, None], -1)
-    return Visibility(q_limit.to(torch.int32).repeat(batch), entry.repeat_interleave(seqlen_q),
-                      torch.arange(seqlen_k, dtype=torch.int32, device=device).repeat(batch),
-                      k_doc.to(torch.int32).flatten())
+    vis = Visibility(q_limit.to(torch.int32).repeat(batch), entry.repeat_interleave(seqlen_q),
+                     torch.arange(seqlen_k, dtype=torch.int32, device=device).repeat(batch),
+                     k_doc.to(torch.int32).flatten())
+    kept_rank = key_padding_mask.to(torch.int64).cumsum(1) - 1
+    return windowed(vis, (q_pos + seqlen_k - seqlen_q).repeat(batch), window_size, sink_tokens, kept_rank.flatten())
 
 
 def _doc_ids_and_offsets(cu_seqlens: torch.Tensor, total: int):
@@ -96,24 +154,26 @@ def _doc_ids_and_offsets(cu_seqlens: torch.Tensor, total: int):
     return doc, pos, lengths
 
 
-def varlen_visibility(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool) -> Visibility:
-    """Packed documents: a query sees keys of its own document, bottom-right aligned per document."""
+def varlen_visibility(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool,
+                      window_size: tuple = NO_WINDOW, sink_tokens: int = 0) -> Visibility:
+    """Packed documents: a query sees keys of its own document, bottom-right aligned per document
+    (causal and ``window_size``); sinks are the first ``sink_tokens`` keys of each document."""
     total_q, total_k = int(cu_seqlens_q[-1]), int(cu_seqlens_k[-1])
     q_doc, q_pos, len_q = _doc_ids_and_offsets(cu_seqlens_q, total_q)
     k_doc, k_pos, len_k = _doc_ids_and_offsets(cu_seqlens_k, total_k)
-    if causal:
-        q_limit = (q_pos + (len_k - len_q)[q_doc]).clamp(-1, NO_LIMIT)
-    else:
-        q_limit = torch.full_like(q_pos, NO_LIMIT)
-    return Visibility(q_limit.to(torch.int32), q_doc.to(torch.int32), k_pos.to(torch.int32), k_doc.to(torch.int32))
+    centre = q_pos + (len_k - len_q)[q_doc]
+    q_limit = centre.clamp(-1, NO_LIMIT) if causal else torch.full_like(q_pos, NO_LIMIT)
+    vis = Visibility(q_limit.to(torch.int32), q_doc.to(torch.int32), k_pos.to(torch.int32), k_doc.to(torch.int32))
+    return windowed(vis, centre, window_size, sink_tokens)
 
 
 def tile_bounds(vis: Visibility, block_m: int, block_n: int):
     """Per-tile summaries that let a kernel skip a (query tile, key tile) with no visible pair.
 
-    Returns ``q_tiles`` (nQ, 3) = (max q_limit, min q_doc, max q_doc) and ``k_tiles`` (nK, 3) =
-    (min k_pos, min k_doc, max k_doc). A pair with ``min k_pos > max q_limit`` or disjoint document
-    ranges has no visible key. Padding rows repeat the last row, so bounds stay tight.
+    Returns ``q_tiles`` (nQ, 4) = (max q_limit, min q_doc, max q_doc, min q_first) and ``k_tiles``
+    (nK, 4) = (min k_pos, min k_doc, max k_doc, max k_win_pos). A pair with
+    ``min k_pos > max q_limit``, ``max k_win_pos < min q_first`` or disjoint document ranges has no
+    visible key. Padding rows repeat the last row, so bounds stay tight.
     """
 
     def pad_to(x, block):
@@ -123,10 +183,12 @@ def tile_bounds(vis: Visibility, block_m: int, block_n: int):
 
     ql = pad_to(vis.q_limit, block_m).view(-1, block_m)
     qd = pad_to(vis.q_doc, block_m).view(-1, block_m)
+    qf = pad_to(vis.q_first, block_m).view(-1, block_m)
     kp = pad_to(vis.k_pos, block_n).view(-1, block_n)
     kd = pad_to(vis.k_doc, block_n).view(-1, block_n)
-    q_tiles = torch.stack([ql.amax(1), qd.amin(1), qd.amax(1)], 1).to(torch.int32).contiguous()
-    k_tiles = torch.stack([kp.amin(1), kd.amin(1), kd.amax(1)], 1).to(torch.int32).contiguous()
+    kw = pad_to(vis.k_win_pos, block_n).view(-1, block_n)
+    q_tiles = torch.stack([ql.amax(1), qd.amin(1), qd.amax(1), qf.amin(1)], 1).to(torch.int32).contiguous()
+    k_tiles = torch.stack([kp.amin(1), kd.amin(1), kd.amax(1), kw.amax(1)], 1).to(torch.int32).contiguous()
     return q_tiles, k_tiles
 
 
@@ -137,6 +199,7 @@ def tile_visible(vis: Visibility, block_m: int, block_n: int) -> torch.Tensor:
         (k_tiles[None, :, 0] <= q_tiles[:, None, 0])
         & (k_tiles[None, :, 1] <= q_tiles[:, None, 2])
         & (q_tiles[:, None, 1] <= k_tiles[None, :, 2])
+        & (k_tiles[None, :, 3] >= q_tiles[:, None, 3])
     )
 
 
@@ -161,14 +224,19 @@ def keys_seen_by(rows: torch.Tensor, vis: Visibility, heads_kv: int) -> torch.Te
     """(B, Sk, Hkv) bool: the keys that at least one of ``rows`` (B, Hq, Sq) bool sees (a key head
     through any query head of its group). O(Sq + Sk) per head, any documents: per document, the
     largest ``q_limit`` among the rows decides. Document ids are arbitrary integers, so each goes
-    to the slot of its first place in the sorted ids of both sides."""
+    to the slot of its first place in the sorted ids of both sides. Under a window, the keys
+    between two such rows' windows are marked too."""
     batch, heads, _ = rows.shape
     docs = torch.cat([vis.q_doc, vis.k_doc]).sort().values
     q_slot = torch.searchsorted(docs, vis.q_doc.contiguous()).expand_as(rows)
     k_slot = torch.searchsorted(docs, vis.k_doc.contiguous())
-    never = -(2**40)
-    limits = torch.where(rows, vis.q_limit.to(torch.int64), never)
-    reach = torch.full((batch, heads, docs.numel()), never, dtype=torch.int64, device=rows.device)
+    never = 2**40
+    limits = torch.where(rows, vis.q_limit.to(torch.int64), -never)
+    firsts = torch.where(rows, vis.q_first.to(torch.int64), never)
+    reach = torch.full((batch, heads, docs.numel()), -never, dtype=torch.int64, device=rows.device)
     reach = reach.scatter_reduce(-1, q_slot, limits, "amax")
-    seen = reach[..., k_slot] >= vis.k_pos.to(torch.int64)  # (B, Hq, Sk)
+    start = torch.full((batch, heads, docs.numel()), never, dtype=torch.int64, device=rows.device)
+    start = start.scatter_reduce(-1, q_slot, firsts, "amin")
+    # (B, Hq, Sk); under a window, the keys between the rows' windows too (a superset)
+    seen = (reach[..., k_slot] >= vis.k_pos.to(torch.int64)) & (start[..., k_slot] <= vis.k_win_pos.to(torch.int64))
     return seen.view(batch, heads_kv, heads // heads_kv, -1).any(2).transpose(1, 2)

@@ -13,7 +13,7 @@ from .. import telemetry
 from ..comm.collectives import all_gather_seq, reduce_scatter_seq
 from ..kernels import EntmaxSpec, backend_for
 from ..kernels.algorithm import SingleBlock, entmax_backward, entmax_forward
-from ..kernels.visibility import NO_LIMIT, Visibility
+from ..kernels.visibility import NO_LIMIT, Visibility, windowed
 from . import layouts
 from .ring import _validated
 
@@ -56,17 +56,20 @@ class AllGatherAttention(torch.autograd.Function):
 
 @torch.compiler.disable  # collectives run eagerly; compiled callers graph-break here
 def allgather_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, softmax_scale: float | None = None,
-                             group=None, layout: str = "contiguous", heads_per_step: int | None = None):
+                             group=None, layout: str = "contiguous", heads_per_step: int | None = None,
+                             window_size: tuple[int, int] = (-1, -1), sink_tokens: int = 0):
     """Entmax attention of sequence shards by all-gathering K/V (a head group at a time).
 
     Args:
         q: (batch, seqlen_local, heads_q, head_dim); k, v: (batch, seqlen_local, heads_kv, head_dim),
             sharded with ``layout`` ("contiguous" or "zigzag", see ``parallel.layouts``).
         heads_per_step: key/value heads gathered at once (default: all); lower it to bound memory.
+        window_size, sink_tokens: as in :func:`ring_adasplash.adasplash_func`, over global positions.
     Returns: (batch, seqlen_local, heads_q, head_dim), this rank's rows.
     """
     comm, checked = _validated(q, k, v, alpha, softmax_scale, group, layout, causal,
-                               extra={"heads_per_step": heads_per_step})
+                               extra={"heads_per_step": heads_per_step}, window_size=window_size,
+                               sink_tokens=sink_tokens)
     world, seqlen = comm.world_size, q.shape[1] * comm.world_size
     heads_kv = k.shape[2]
     step = heads_kv if heads_per_step is None else int(heads_per_step)
@@ -77,4 +80,5 @@ def allgather_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, s
     q_pos = layouts.positions(layout, seqlen, comm.rank, world, q.device).to(torch.int32)
     q_limit = q_pos if causal else torch.full_like(q_pos, NO_LIMIT)
     vis = Visibility(q_limit, torch.zeros_like(q_pos), k_pos, torch.zeros_like(k_pos))
+    vis = windowed(vis, q_pos, checked.window_size, checked.sink_tokens)
     return AllGatherAttention.apply(q, k, v, checked.alpha, checked.softmax_scale, vis, chunks, group)

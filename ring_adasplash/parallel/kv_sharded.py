@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 
 from .. import telemetry
-from ..checks import check_alpha, check_qkv, default_scale
+from ..checks import check_alpha, check_qkv, check_window, default_scale
 from ..kernels import EntmaxSpec, backend_for
 from ..kernels.algorithm import LocalReduce, SingleBlock, entmax_backward, entmax_forward
-from ..kernels.visibility import positional_visibility
+from ..kernels.visibility import positional_visibility, windowed
 from .validation import checked_on_groups
 
 
@@ -58,7 +58,8 @@ class KVShardedAttention(torch.autograd.Function):
 
 @torch.compiler.disable  # collectives run eagerly; compiled callers graph-break here
 def kv_sharded_adasplash_func(q, k_local, v_local, alpha: float = 1.5, causal: bool = True,
-                              softmax_scale: float | None = None, group=None):
+                              softmax_scale: float | None = None, group=None, window_size: tuple[int, int] = (-1, -1),
+                              sink_tokens: int = 0):
     """Entmax attention of replicated queries against keys/values sharded over ``group``.
 
     Args:
@@ -66,6 +67,7 @@ def kv_sharded_adasplash_func(q, k_local, v_local, alpha: float = 1.5, causal: b
         k_local, v_local: (batch, seqlen_k_local, heads_kv, head_dim): rank r holds keys
             ``[r * Sk_local, (r + 1) * Sk_local)`` of the global key sequence (Sk = P * Sk_local).
         causal: bottom-right aligned over the global keys: query i sees keys ``j <= i + Sk - Sq``.
+        window_size, sink_tokens: as in :func:`ring_adasplash.adasplash_func`, over the global keys.
     Returns:
         (batch, seqlen_q, heads_q, head_dim), identical on every rank. The gradient of q is the
         full gradient (summed over ranks); k_local and v_local get their own shard's gradients.
@@ -76,13 +78,15 @@ def kv_sharded_adasplash_func(q, k_local, v_local, alpha: float = 1.5, causal: b
         checked_alpha = check_alpha(alpha)
         _, _, dim = check_qkv(q, k_local, v_local, backend=backend_for(q))
         scale = default_scale(softmax_scale, dim)
+        window = check_window(window_size, sink_tokens)
         description = {"q": tuple(q.shape), "k": tuple(k_local.shape), "dtype": str(q.dtype), "alpha": checked_alpha,
-                       "causal": bool(causal), "softmax_scale": scale}
-        return description, (checked_alpha, scale)
+                       "causal": bool(causal), "softmax_scale": scale, "window": window}
+        return description, (checked_alpha, scale, window)
 
-    alpha, scale = checked_on_groups(local_checks, [group])
+    alpha, scale, (window, sinks) = checked_on_groups(local_checks, [group])
     seqlen_q, local_k = q.shape[1], k_local.shape[1]
     q_pos = torch.arange(seqlen_q, device=q.device)
     k_pos = torch.arange(rank * local_k, (rank + 1) * local_k, device=q.device)
-    vis = positional_visibility(q_pos, k_pos, causal, diagonal=world * local_k - seqlen_q)
+    diagonal = world * local_k - seqlen_q
+    vis = windowed(positional_visibility(q_pos, k_pos, causal, diagonal=diagonal), q_pos + diagonal, window, sinks)
     return KVShardedAttention.apply(q, k_local, v_local, alpha, scale, vis, group)

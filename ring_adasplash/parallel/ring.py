@@ -25,7 +25,7 @@ from ..checks import check_cu_seqlens
 from ..comm import RingComm
 from ..kernels import EntmaxSpec, backend_for
 from ..kernels.algorithm import KeyBlock, entmax_backward, entmax_forward
-from ..kernels.visibility import NO_LIMIT, Visibility
+from ..kernels.visibility import NO_LIMIT, Visibility, windowed
 from . import layouts
 from .validation import validated_self_attention
 
@@ -36,7 +36,7 @@ class ShardPlan:
 
     comm: RingComm
     query_vis: Visibility  # q side of this rank; k side filled per shard
-    key_side: Callable[[int], tuple]  # shard index -> (k_pos, k_doc), int32 on the device
+    key_side: Callable[[int], tuple]  # shard index -> (k_pos, k_doc, k_win_pos), int32 on the device
     name: str
 
     def visibility(self, shard: int) -> Visibility:
@@ -202,7 +202,8 @@ class RingAttention(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------
 
 
-def _validated(q, k, v, alpha, softmax_scale, group, layout: str, causal: bool, varlen: bool = False, extra=None):
+def _validated(q, k, v, alpha, softmax_scale, group, layout: str, causal: bool, varlen: bool = False, extra=None,
+               window_size=(-1, -1), sink_tokens=0):
     """Local checks, then one collective so that bad or mismatched input raises on every rank.
     Returns the ring's ``RingComm`` and the ``CheckedOptions``."""
     comm = RingComm(group)
@@ -212,72 +213,86 @@ def _validated(q, k, v, alpha, softmax_scale, group, layout: str, causal: bool, 
         layouts.positions(layout, seqlen_local * comm.world_size, comm.rank, comm.world_size)
         return {"layout": layout, **(extra or {})}, None
 
-    return comm, validated_self_attention(q, k, v, alpha, softmax_scale, causal, [group], layout_checks, varlen)
+    return comm, validated_self_attention(q, k, v, alpha, softmax_scale, causal, [group], layout_checks, varlen,
+                                          window_size, sink_tokens)
 
 
-def _positional_plan(comm: RingComm, layout: str, seqlen: int, causal: bool, device, doc_of=None, name="ring"):
+def _positional_plan(comm: RingComm, layout: str, seqlen: int, causal: bool, device, doc_of=None, name="ring",
+                     window_size=(-1, -1), sink_tokens: int = 0, doc_start=None):
+    """Global positions of every shard; ``doc_of`` (global position -> document) and ``doc_start``
+    (document -> its first position) for packed documents; the window and sinks over global
+    positions (sinks: the first keys of each document)."""
     p, r = comm.world_size, comm.rank
 
     def key_side(shard):
         pos = layouts.positions(layout, seqlen, shard, p, device)
         doc = doc_of[pos] if doc_of is not None else torch.zeros_like(pos)
-        return pos.to(torch.int32), doc.to(torch.int32)
+        in_doc = pos - doc_start[doc] if doc_start is not None else pos
+        win_pos = torch.where(in_doc < sink_tokens, NO_LIMIT, pos)
+        return pos.to(torch.int32), doc.to(torch.int32), win_pos.to(torch.int32)
 
-    q_pos, q_doc = key_side(r)
+    q_pos, q_doc, _ = key_side(r)
     q_limit = q_pos if causal else torch.full_like(q_pos, NO_LIMIT)
-    query_vis = Visibility(q_limit, q_doc, q_pos, q_doc)
+    query_vis = windowed(Visibility(q_limit, q_doc, q_pos, q_doc), q_pos, window_size, 0)
     return ShardPlan(comm, query_vis, key_side, name)
 
 
-def _ring(q, k, v, alpha, causal, softmax_scale, group, layout):
-    comm, checked = _validated(q, k, v, alpha, softmax_scale, group, layout, causal)
-    plan = _positional_plan(comm, layout, q.shape[1] * comm.world_size, causal, q.device, name=f"ring-{layout}")
+def _ring(q, k, v, alpha, causal, softmax_scale, group, layout, window_size, sink_tokens):
+    comm, checked = _validated(q, k, v, alpha, softmax_scale, group, layout, causal, window_size=window_size,
+                               sink_tokens=sink_tokens)
+    plan = _positional_plan(comm, layout, q.shape[1] * comm.world_size, causal, q.device, name=f"ring-{layout}",
+                            window_size=checked.window_size, sink_tokens=checked.sink_tokens)
     return RingAttention.apply(q, k, v, checked.alpha, checked.softmax_scale, plan)
 
 
 @torch.compiler.disable  # exchanges run eagerly; compiled callers graph-break here
 def ring_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, softmax_scale: float | None = None,
-                        group=None):
+                        group=None, window_size: tuple[int, int] = (-1, -1), sink_tokens: int = 0):
     """Entmax attention over a sequence sharded contiguously across ``group`` (default: world).
 
     Args:
         q: (batch, seqlen_local, heads_q, head_dim): rank r holds tokens ``[r*S/P, (r+1)*S/P)``.
         k, v: (batch, seqlen_local, heads_kv, head_dim), the same tokens; ``heads_q % heads_kv == 0``.
-        alpha, causal, softmax_scale: as in :func:`ring_adasplash.adasplash_func` (causal over
-            global positions; all ranks must pass the same values).
+        alpha, causal, softmax_scale, window_size, sink_tokens: as in
+            :func:`ring_adasplash.adasplash_func` (over global positions; all ranks must pass the
+            same values).
     Returns:
         (batch, seqlen_local, heads_q, head_dim): this rank's rows of the full-sequence result.
     """
-    return _ring(q, k, v, alpha, causal, softmax_scale, group, "contiguous")
+    return _ring(q, k, v, alpha, causal, softmax_scale, group, "contiguous", window_size, sink_tokens)
 
 
 @torch.compiler.disable  # exchanges run eagerly; compiled callers graph-break here
 def zigzag_ring_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, softmax_scale: float | None = None,
-                               group=None):
+                               group=None, window_size: tuple[int, int] = (-1, -1), sink_tokens: int = 0):
     """As :func:`ring_adasplash_func`, with the zigzag layout: the sequence is cut into 2P chunks
     and rank r holds chunk r followed by chunk 2P - 1 - r (``parallel.layouts.shard``), which
     balances causal work. Shapes: (batch, seqlen_local, heads, head_dim)."""
-    return _ring(q, k, v, alpha, causal, softmax_scale, group, "zigzag")
+    return _ring(q, k, v, alpha, causal, softmax_scale, group, "zigzag", window_size, sink_tokens)
 
 
 @torch.compiler.disable  # exchanges run eagerly; compiled callers graph-break here
 def ring_adasplash_varlen_func(q, k, v, cu_seqlens, alpha: float = 1.5, causal: bool = True,
-                               softmax_scale: float | None = None, group=None):
+                               softmax_scale: float | None = None, group=None, window_size: tuple[int, int] = (-1, -1),
+                               sink_tokens: int = 0):
     """Packed documents spread contiguously across the ring.
 
     Args:
         q: (total_local, heads_q, head_dim); k, v: (total_local, heads_kv, head_dim): rank r holds
             packed tokens ``[r*T/P, (r+1)*T/P)`` of the global packed sequence of length T.
         cu_seqlens: (num_docs + 1,) GLOBAL offsets of the documents, from 0 to T, same on all ranks.
-    A token attends only to tokens of its own document (causally when ``causal``).
+    A token attends only to tokens of its own document (causally when ``causal``; within
+    ``window_size`` and to the first ``sink_tokens`` of its document, as in ``adasplash_func``).
     Returns: (total_local, heads_q, head_dim).
     """
     comm, checked = _validated(q, k, v, alpha, softmax_scale, group, "contiguous", causal, varlen=True,
-                               extra={"cu_seqlens": tuple(int(x) for x in cu_seqlens.tolist())})
+                               extra={"cu_seqlens": tuple(int(x) for x in cu_seqlens.tolist())},
+                               window_size=window_size, sink_tokens=sink_tokens)
     total = q.shape[0] * comm.world_size
     check_cu_seqlens(cu_seqlens, total, "cu_seqlens")
     cu = cu_seqlens.to(q.device, torch.int64)
     doc_of = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device), cu[1:] - cu[:-1],
                                      output_size=total)
-    plan = _positional_plan(comm, "contiguous", total, causal, q.device, doc_of=doc_of, name="ring-varlen")
+    plan = _positional_plan(comm, "contiguous", total, causal, q.device, doc_of=doc_of, name="ring-varlen",
+                            window_size=checked.window_size, sink_tokens=checked.sink_tokens, doc_start=cu[:-1])
     return RingAttention.apply(q[None], k[None], v[None], checked.alpha, checked.softmax_scale, plan)[0]

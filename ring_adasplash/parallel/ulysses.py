@@ -56,7 +56,8 @@ def gather_heads(out, group):
 
 
 def ulysses_adasplash_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float = 1.5,
-                           causal: bool = True, softmax_scale: float | None = None, group=None) -> torch.Tensor:
+                           causal: bool = True, softmax_scale: float | None = None, group=None,
+                           window_size: tuple[int, int] = (-1, -1), sink_tokens: int = 0) -> torch.Tensor:
     """Entmax attention over a sequence sharded contiguously across ``group`` (default: world).
 
     Args:
@@ -64,8 +65,9 @@ def ulysses_adasplash_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, al
             ``heads_q % P == 0``.
         k, v: (batch, seqlen_local, heads_kv, head_dim), the same tokens; ``heads_kv % P == 0`` or
             ``P % heads_kv == 0`` (see the module docstring).
-        alpha, causal, softmax_scale: as in :func:`ring_adasplash.adasplash_func` (causal over
-            global positions; every rank must pass the same values).
+        alpha, causal, softmax_scale, window_size, sink_tokens: as in
+            :func:`ring_adasplash.adasplash_func` (over global positions; every rank must pass the
+            same values).
     Returns:
         (batch, seqlen_local, heads_q, head_dim): this rank's rows of the full-sequence result.
     """
@@ -74,6 +76,9 @@ def ulysses_adasplash_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, al
     def head_checks():
         return {"ulysses_degree": degree}, kv_copies(q.shape[2], k.shape[2], degree)
 
-    checked = validated_self_attention(q, k, v, alpha, softmax_scale, causal, [group], head_checks)
+    checked = validated_self_attention(q, k, v, alpha, softmax_scale, causal, [group], head_checks,
+                                       window_size=window_size, sink_tokens=sink_tokens)
     q_h, k_h, v_h = scatter_heads(q, k, v, group, copies=checked.extra)
-    return gather_heads(adasplash_func(q_h, k_h, v_h, checked.alpha, causal, checked.softmax_scale), group)
+    out = adasplash_func(q_h, k_h, v_h, checked.alpha, causal, checked.softmax_scale, window_size=checked.window_size,
+                         sink_tokens=checked.sink_tokens)
+    return gather_heads(out, group)

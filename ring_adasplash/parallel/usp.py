@@ -112,16 +112,18 @@ def usp_unshard(shards, mesh: UspMesh, ring_layout: str = "zigzag", dim: int = 1
 
 
 @torch.compiler.disable  # point-to-point exchanges inside: compiled graphs break here
-def _ring_attention(q, k, v, alpha: float, causal: bool, scale: float, ring_group, ring_layout: str):
+def _ring_attention(q, k, v, alpha: float, causal: bool, scale: float, ring_group, ring_layout: str,
+                    window_size: tuple, sink_tokens: int):
     """Ring attention over ``ring_group`` of whole ring shards (batch, S / R, heads_share, dim)."""
     plan = _positional_plan(RingComm(ring_group), ring_layout, q.shape[1] * dist.get_world_size(ring_group), causal,
-                            q.device, name=f"usp-{ring_layout}")
+                            q.device, name=f"usp-{ring_layout}", window_size=window_size, sink_tokens=sink_tokens)
     return RingAttention.apply(q, k, v, alpha, scale, plan)
 
 
 def usp_adasplash_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float = 1.5, causal: bool = True,
                        softmax_scale: float | None = None, ulysses_group=None, ring_group=None,
-                       ring_layout: str = "zigzag") -> torch.Tensor:
+                       ring_layout: str = "zigzag", window_size: tuple[int, int] = (-1, -1),
+                       sink_tokens: int = 0) -> torch.Tensor:
     """Entmax attention over a sequence sharded across a Ulysses x ring mesh.
 
     Args:
@@ -132,7 +134,8 @@ def usp_adasplash_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha:
         ulysses_group, ring_group: from :func:`build_usp_groups`. None means degree 1 on that axis
             (None, None is one device), unlike ``group=None`` of the 1D strategies (the world).
         ring_layout: "zigzag" (balanced causal work) or "contiguous", across the ring groups.
-        alpha, causal, softmax_scale: as in :func:`ring_adasplash.adasplash_func`; the same on every rank.
+        alpha, causal, softmax_scale, window_size, sink_tokens: as in
+            :func:`ring_adasplash.adasplash_func` (over global positions); the same on every rank.
     Returns:
         (batch, seqlen_local, heads_q, head_dim): this rank's rows of the full-sequence result.
     """
@@ -146,12 +149,14 @@ def usp_adasplash_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha:
         return description, copies
 
     groups = [g for g in (ulysses_group, ring_group) if g is not None]
-    checked = validated_self_attention(q, k, v, alpha, softmax_scale, causal, groups, mesh_checks)
+    checked = validated_self_attention(q, k, v, alpha, softmax_scale, causal, groups, mesh_checks,
+                                       window_size=window_size, sink_tokens=sink_tokens)
+    window = {"window_size": checked.window_size, "sink_tokens": checked.sink_tokens}
     alpha, scale = checked.alpha, checked.softmax_scale
     if mesh.ulysses_degree > 1:
         q, k, v = scatter_heads(q, k, v, ulysses_group, checked.extra)
     if mesh.ring_degree > 1:
-        out = _ring_attention(q, k, v, alpha, causal, scale, ring_group, ring_layout)
+        out = _ring_attention(q, k, v, alpha, causal, scale, ring_group, ring_layout, **window)
     else:  # one ring shard: the whole sequence, in order for either layout
-        out = adasplash_func(q, k, v, alpha, causal, scale)
+        out = adasplash_func(q, k, v, alpha, causal, scale, **window)
     return gather_heads(out, ulysses_group) if mesh.ulysses_degree > 1 else out

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..checks import check_alpha, check_qkv, default_scale
+from ..checks import check_alpha, check_qkv, check_window, default_scale
 from ..comm import check_same_on_all_ranks
 from ..kernels import backend_for
 
@@ -52,17 +52,20 @@ class CheckedOptions:
     alpha: float
     softmax_scale: float
     extra: Any = None
+    window_size: tuple = (-1, -1)
+    sink_tokens: int = 0
 
 
 def validated_self_attention(q, k, v, alpha, softmax_scale, causal: bool, groups: Sequence,
                              extra_checks: Callable[[], tuple[dict, Any]] | None = None,
-                             varlen: bool = False) -> CheckedOptions:
+                             varlen: bool = False, window_size=(-1, -1), sink_tokens=0) -> CheckedOptions:
     """Checks of sharded self-attention inputs q (batch, seqlen_local, heads_q, head_dim) and
     k, v (batch, seqlen_local, heads_kv, head_dim) (varlen: (total_local, heads, head_dim)) plus
     the options, agreed over ``groups``.
 
     ``extra_checks()``: strategy-specific checks (head counts, layouts); returns ``(more
     description, what they computed)``, which comes back as ``CheckedOptions.extra``.
+    ``window_size`` and ``sink_tokens``: as in ``adasplash_func``, over global positions.
     """
 
     def local_checks():
@@ -74,12 +77,13 @@ def validated_self_attention(q, k, v, alpha, softmax_scale, causal: bool, groups
                              f"{k.shape[seq_axis]}): "
                              "sequence-parallel attention here is self-attention over one sequence")
         scale = default_scale(softmax_scale, dim)
+        window, sinks = check_window(window_size, sink_tokens)
         description = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "alpha": checked_alpha,
-                       "causal": bool(causal), "softmax_scale": scale}
+                       "causal": bool(causal), "softmax_scale": scale, "window_size": window, "sink_tokens": sinks}
         extra = None
         if extra_checks is not None:
             more, extra = extra_checks()
             description.update(more)
-        return description, CheckedOptions(checked_alpha, scale, extra)
+        return description, CheckedOptions(checked_alpha, scale, extra, window, sinks)
 
     return checked_on_groups(local_checks, groups)
