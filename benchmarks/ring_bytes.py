@@ -1,6 +1,7 @@
 """Bytes each ring pass sends against a dense ring, per rank (any backend; bytes do not depend on it).
 
     torchrun --nproc_per_node 4 benchmarks/ring_bytes.py --seqlen 4096 --amp 2.0
+    torchrun --nproc_per_node 4 benchmarks/ring_bytes.py --seqlen 4096 --amp 0.5 --window 512 --sinks 4
 
 Runs one forward and backward of ring and zigzag entmax attention on the structured inputs of
 the kernel benchmark and prints, per pass, the bytes sent over the bytes a dense ring sends for
@@ -28,6 +29,9 @@ def main():
     p.add_argument("--amp", type=float, default=2.0, help="amplitude of the positional code (higher: sparser)")
     p.add_argument("--family", default="structured", choices=("structured", "sinkwindow"),
                    help="input family of inputs.py: structured (local, amp sets the sparsity) or sinkwindow")
+    p.add_argument("--window", type=int, default=-1,
+                   help="sliding window: each query sees this many keys before it (-1: none)")
+    p.add_argument("--sinks", type=int, default=0, help="attention sinks: the first keys every query sees")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -44,7 +48,7 @@ def main():
     for name, layout, fn in (("ring", "contiguous", ring_adasplash_func), ("zigzag", "zigzag", zigzag_ring_adasplash_func)):
         local = [layouts.shard(t, layout, rank, world).detach().requires_grad_() for t in (q, k, v)]
         with telemetry.record() as t:
-            out = fn(*local, alpha=1.5, causal=True)
+            out = fn(*local, alpha=1.5, causal=True, window_size=(args.window, -1), sink_tokens=args.sinks)
             out.backward(torch.ones_like(out))
         counts = torch.tensor([[*t.bytes_by_pass.get(p, (0, 0))] for p in PASSES] +
                               [[t.nonzero_tiles, t.visible_tiles]], dtype=torch.float64, device=device)

@@ -37,7 +37,7 @@ from . import stats
 from .backend import Backend
 from .block_mask import BlockMask
 from .entmax_spec import EntmaxSpec
-from .visibility import Visibility, keys_seen_by
+from .visibility import Visibility, keys_seen_by, tile_visible
 
 
 class KeyBlock(NamedTuple):
@@ -66,6 +66,10 @@ class KeyBlocks(Protocol):
     def sweep(self, with_values: bool, needed: list | None = None, pass_name: str = "") -> Iterator[KeyBlock]: ...
 
     def backward_sweep(self, needed: list) -> "GradientSweep": ...
+
+    def visible(self, block_m: int, block_n: int) -> list:
+        """Per block, a ``BlockMask`` of the tiles that hold a visible pair, from the visibility
+        rule alone (known before any score): what the max pass needs."""
 
 
 class GradientSweep(Protocol):
@@ -129,13 +133,22 @@ def lower_bound_mask(tile_gap: torch.Tensor, lower: torch.Tensor, reference: tor
     return tile_gap > stats.per_query_tile(bound, block_m, "min")[..., None]
 
 
+def visible_tiles(vis: Visibility, block_m: int, block_n: int) -> BlockMask:
+    """The tiles of ``vis`` that may hold a visible pair (``visibility.tile_visible``), as a
+    ``BlockMask`` over one batch entry and head (the rule is shared by all)."""
+    tiles = tile_visible(vis, block_m, block_n)
+    return BlockMask(tiles[None, None], block_m, block_n, vis.seqlen_q, vis.seqlen_k, tiles)
+
+
 def _maxima(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, scale_z: float):
     """Step 1 on every block: the row's score max (global after ``reduce``) and tau floor (of the
     first block: one's own keys, the diagonal under causal), as ``stats.Relative``, and per block
     the tile gaps and a ``BlockMask`` of the visible tiles."""
     score_max = tau_floor = None
     tile_gaps, visible = {}, {}
-    for block in blocks.sweep(with_values=False, pass_name="max"):
+    # tiles no query sees (outside every window, other documents) need not travel, even here
+    needed = blocks.visible(backend.BLOCK_M, backend.BLOCK_N) if blocks.reads_needed else None
+    for block in blocks.sweep(with_values=False, needed=needed, pass_name="max"):
         problem = problems(block)
         # the running max carries over from block to block: gaps of later blocks come out tighter
         score_max, tau_floor, tile_gaps[block.index] = backend.max_pass(problem, score_max, tau_floor)
@@ -179,8 +192,13 @@ def _closed_form_tau(backend: Backend, problems, blocks, reduce, spec, bracket, 
 def _newton_steps(backend: Backend, problems, blocks, reduce, spec, tiles, point, lower, upper, steps: int,
                   rows=None):
     """``steps`` safeguarded Newton steps (``stats.newton_update``) on exact sums over ``tiles``
-    (only on the query tiles holding one of ``rows`` (B, H, Sq) bool, when given)."""
-    needed = _needed(blocks, tiles)
+    (only on the query tiles holding one of ``rows`` (B, H, Sq) bool, when given: in a ring only
+    their key tiles travel)."""
+    if rows is not None and blocks.reads_needed:
+        marked = stats.per_query_tile(rows, backend.BLOCK_M, "any")[..., None]
+        needed = [t.with_tiles(t.tiles & marked) for t in tiles]
+    else:
+        needed = _needed(blocks, tiles)
     for _ in range(steps):
         sums = None
         for block in blocks.sweep(with_values=False, needed=needed, pass_name="newton"):
@@ -293,6 +311,9 @@ class SingleBlock:
 
     def backward_sweep(self, needed) -> "SingleBlock":
         return self
+
+    def visible(self, block_m: int, block_n: int) -> list:
+        return [visible_tiles(self.vis, block_m, block_n)]
 
     def __iter__(self) -> Iterator[KeyBlock]:
         yield KeyBlock(0, self.k, self.v, self.vis)

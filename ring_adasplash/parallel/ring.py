@@ -1,7 +1,8 @@
 """Ring context parallelism for entmax attention: contiguous and zigzag layouts, packed documents.
 
 Each rank keeps its query shard; key (and value) shards travel around the ring, one rotation
-per pass of the forward (``kernels/algorithm.py``): K for the max pass (dense), K for the
+per pass of the forward (``kernels/algorithm.py``): K for the max pass (only the tiles some
+query sees: under causal or a window, a shard skips the ranks that read none of it), K for the
 histogram pass, K for the fine histogram pass and twice for the exact finish (alpha 1.5 and 2;
 other alpha: one per Newton step, five) and K+V for the output pass. From the max pass on, every rank knows which key tiles
 of every shard a pass needs; one ``all_gather`` of those bitmaps per pass gives every rank the
@@ -24,7 +25,7 @@ from .. import telemetry
 from ..checks import check_cu_seqlens
 from ..comm import RingComm
 from ..kernels import EntmaxSpec, backend_for
-from ..kernels.algorithm import KeyBlock, entmax_backward, entmax_forward
+from ..kernels.algorithm import KeyBlock, entmax_backward, entmax_forward, visible_tiles
 from ..kernels.visibility import NO_LIMIT, Visibility, windowed
 from . import layouts
 from .validation import validated_self_attention
@@ -130,6 +131,9 @@ class RingKeyBlocks:
 
     def backward_sweep(self, needed: list) -> "RingGradients":
         return RingGradients(self, self._all_needs(needed))
+
+    def visible(self, block_m: int, block_n: int) -> list:
+        return [visible_tiles(self.plan.visibility(shard), block_m, block_n) for shard in range(self.num_blocks)]
 
 
 class RingGradients:
