@@ -213,6 +213,33 @@ def _transformers_sequence_parallel(rank, world):
     return errors
 
 
+def _transformers_sequence_parallel_refusals(rank, world):
+    """Missing position_ids on every rank, then padding on rank 0 only: each raises on every rank."""
+    from ring_adasplash.integrations.transformers import set_sequence_parallel_group
+    from ring_adasplash.parallel import layouts
+
+    (model,) = _tiny_llamas(["adasplash_zigzag"])
+    set_sequence_parallel_group(dist.group.WORLD)
+    ids = torch.randint(0, 97, (1, 64))
+    messages = []
+    for options in ({}, {"position_ids": layouts.positions("zigzag", 128, rank, world)[None],
+                         "attention_mask": torch.ones(1, 64, dtype=torch.long).index_fill(1, torch.tensor([0]),
+                                                                                       int(rank != 0))}):
+        try:
+            model(input_ids=ids, **options)
+            messages.append("no error")
+        except ValueError as error:
+            messages.append(str(error))
+    return messages
+
+
+@pytest.mark.distributed
+def test_transformers_sequence_parallel_refusals_reach_every_rank():
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    for missing, padded in run_distributed(_transformers_sequence_parallel_refusals, 2, timeout=120):
+        assert "position_ids" in missing and "padding" in padded, (missing, padded)
+
+
 @pytest.mark.distributed
 def test_transformers_sequence_parallel_matches_one_device():
     pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")

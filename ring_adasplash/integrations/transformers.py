@@ -18,14 +18,20 @@ alpha: ``module.config.entmax_alpha`` when the config has it, else 1.5. causal: 
 padding (left or right, in training and in batched ``generate``, static caches included) as
 ``key_padding_mask`` and a layer's ``sliding_window`` as ``window_size``; its mask builder returns
 the 2D padding mask, as flash attention's does, so the mask handling traces without a graph
-break. Attention dropout is not supported, nor padding in the sequence-parallel names: they raise
-a ValueError (pack documents and call ``ring_adasplash_varlen_func`` instead).
+break. Attention dropout is not supported, nor padding or sliding windows in the sequence-parallel
+names, which also need the global ``position_ids`` of each rank's tokens: they raise a ValueError,
+on every rank at once (pack documents and call ``ring_adasplash_varlen_func`` instead). Packed
+sequences marked only by ``position_ids`` that restart at 0 are not detected: pass them as a
+padded batch, or call ``adasplash_varlen_func``.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..functional import adasplash_func
+from ..parallel import layouts
+from ..parallel.validation import checked_on_groups
 
 DEFAULT_ALPHA = 1.5
 _sequence_parallel_group = None
@@ -93,16 +99,36 @@ def _single_device_forward(module, query, key, value, attention_mask, scaling=No
     return out, None
 
 
-def _make_forward(attend):
+def _make_forward(attend, layout: str):
     """A sequence-parallel transformers attention function: (module, query, key, value,
     attention_mask, scaling, dropout) with query (b, heads_q, s, d), key and value (b, heads_kv,
-    s_k, d) -> ((b, s, heads_q, d), None)."""
+    s_k, d) -> ((b, s, heads_q, d), None); the tokens of each rank are its ``layout`` shard."""
 
     def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        _check_options(dropout, kwargs)
-        if _sliding_window(module, kwargs) is not None:
-            raise ValueError(f"sliding-window attention is not supported by the sequence-parallel entmax attention; "
-                             f"got sliding_window={_sliding_window(module, kwargs)}")
+        def check_positions(position_ids):
+            world = dist.get_world_size(_sequence_parallel_group)
+            expected = layouts.positions(layout, query.shape[2] * world, dist.get_rank(_sequence_parallel_group),
+                                         world, query.device)
+            if position_ids is None or not bool((position_ids == expected).all()):
+                given = "none" if position_ids is None else position_ids.flatten()[:4].tolist()
+                raise ValueError(f"sequence-parallel entmax attention needs position_ids: the global positions of this "
+                                 f"rank's tokens in the {layout} layout, {expected[:4].tolist()}... "
+                                 f"(parallel.layouts.positions), so that RoPE sees them; got {given}... (transformers "
+                                 "numbers the local tokens from 0 when none are given)")
+
+        def local_checks():
+            _check_options(dropout, kwargs)
+            if _sliding_window(module, kwargs) is not None:
+                raise ValueError(f"sliding-window layers are not supported by the sequence-parallel entmax "
+                                 f"attention; got sliding_window={_sliding_window(module, kwargs)}")
+            check_positions(kwargs.get("position_ids"))
+            if attention_mask is not None:
+                raise ValueError("padding masks are not supported by sequence-parallel entmax attention; pack the "
+                                 "documents and use ring_adasplash_varlen_func")
+            return {}, None
+
+        # every rank checks, then all agree: a rank that raised alone would leave its peers waiting
+        checked_on_groups(local_checks, [_sequence_parallel_group])
         causal = kwargs.get("is_causal")
         causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
         alpha = getattr(getattr(module, "config", None), "entmax_alpha", DEFAULT_ALPHA)
@@ -115,21 +141,22 @@ def _make_forward(attend):
 def _sequence_parallel_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                             attention_mask=None, **kwargs):
     """Mask builder of the sequence-parallel names: shapes are local there, so no causal mask is
-    built (the attention knows the global positions); a 2D padding mask with zeros raises."""
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("padding masks are not supported by sequence-parallel entmax attention; pack the documents "
-                         "and use ring_adasplash_varlen_func")
-    return None
+    built (the attention knows the global positions); a 2D mask with padding is passed on, and the
+    attention refuses it on every rank at once."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()
 
 
 def implementations() -> dict:
     """Name -> (attention function, mask builder) for every implementation ``register`` adds."""
     from ..parallel import ring_adasplash_func, ulysses_adasplash_func, zigzag_ring_adasplash_func
 
-    parallel = {"adasplash_ring": ring_adasplash_func, "adasplash_zigzag": zigzag_ring_adasplash_func,
-                "adasplash_ulysses": ulysses_adasplash_func}
+    parallel = {"adasplash_ring": (ring_adasplash_func, "contiguous"),
+                "adasplash_zigzag": (zigzag_ring_adasplash_func, "zigzag"),
+                "adasplash_ulysses": (ulysses_adasplash_func, "contiguous")}
     found = {"adasplash": (_single_device_forward, _padding_mask)}
-    found.update({name: (_make_forward(fn), _sequence_parallel_mask) for name, fn in parallel.items()})
+    found.update({name: (_make_forward(fn, layout), _sequence_parallel_mask) for name, (fn, layout) in parallel.items()})
     return found
 
 
