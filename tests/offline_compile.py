@@ -1,0 +1,106 @@
+"""Compile the Triton kernels for a GPU that is not there: ``capture`` runs calls under Triton's
+interpreter and records every launch's arguments; ``compile_all`` (in a process without
+``TRITON_INTERPRET``) compiles each recorded specialization for ``cuda`` sm_90 with Triton's own
+ptxas. Run by ``test_triton_compile.py`` as two subprocesses:
+
+    TRITON_INTERPRET=1 python3 tests/offline_compile.py capture PATH
+    python3 tests/offline_compile.py compile PATH
+"""
+import importlib
+import inspect
+import os
+import pickle
+import sys
+
+TYPES = {"torch.bfloat16": "*bf16", "torch.float32": "*fp32", "torch.float16": "*fp16", "torch.int32": "*i32",
+         "torch.int8": "*i8", "torch.uint8": "*u8", "torch.float64": "*fp64", "torch.bool": "*i1",
+         "torch.int64": "*i64"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def capture(path: str) -> None:
+    """Forward and backward at alpha 1.5, 2 and 1.3, bf16 and fp32, causal with a window and sinks
+    and with key padding; writes {(kernel module, name): [arguments by name, as (kind, value)]}."""
+    import torch
+
+    import ring_adasplash as ra
+    from ring_adasplash.kernels import triton_backend
+
+    launched = {}
+    launch = triton_backend.launch
+
+    def recording(kernel, grid):
+        run = launch(kernel, grid)
+
+        def call(**kwargs):
+            described = {}
+            for name, value in kwargs.items():
+                if torch.is_tensor(value):
+                    described[name] = ("tensor", str(value.dtype))
+                elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                    described[name] = ("const", value)
+                else:
+                    described[name] = ("int" if isinstance(value, int) else "float", value)
+            launched.setdefault((kernel.fn.__module__, kernel.fn.__name__), []).append(described)
+            return run(**kwargs)
+
+        return call
+
+    triton_backend.launch = recording
+    for dtype in (torch.bfloat16, torch.float32):
+        for alpha in (1.5, 2.0, 1.3):
+            q, k, v = (torch.randn(2, 130, 2, 64).to(dtype).requires_grad_() for _ in range(3))
+            keep = torch.ones(2, 130, dtype=torch.bool)
+            keep[1, :20] = False
+            out = ra.adasplash_func(q, k, v, alpha=alpha, window_size=(40, 0), sink_tokens=2, key_padding_mask=keep)
+            out.float().sum().backward()
+    with open(path, "wb") as f:
+        pickle.dump(launched, f)
+
+
+def compile_all(path: str) -> tuple[int, list]:
+    """Compiles every distinct recorded specialization; returns (compiled, failures)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    with open(path, "rb") as f:
+        launched = pickle.load(f)
+    compiled, failures, done = 0, [], set()
+    for (module, name), calls in launched.items():
+        kernel = getattr(importlib.import_module(module), name)
+        params = list(inspect.signature(kernel.fn).parameters)
+        for arguments in calls:
+            options = {key: arguments[key][1] for key in LAUNCH_OPTIONS if key in arguments}
+            signature, constexprs = {}, {}
+            for index, param in enumerate(params):
+                kind, value = arguments[param]
+                if kernel.params[index].is_constexpr or kind == "const":
+                    signature[param], constexprs[(index,)] = "constexpr", value
+                elif kind == "tensor":
+                    signature[param] = TYPES[value]
+                else:
+                    signature[param] = ("i32" if abs(value) < 2**31 else "i64") if kind == "int" else "fp32"
+            key = (name, str(sorted(signature.items())), str(sorted(constexprs.items())))
+            if key in done:
+                continue
+            done.add(key)
+            try:
+                triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                               target=GPUTarget("cuda", 90, 32), options=options)
+                compiled += 1
+            except Exception as error:  # noqa: BLE001 - every failure is reported by the test
+                failures.append(f"{name}: {type(error).__name__}: {str(error)[:500]}")
+    return compiled, failures
+
+
+if __name__ == "__main__":
+    step, target = sys.argv[1], sys.argv[2]
+    if step == "capture":
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+        capture(target)
+    else:
+        compiled, failures = compile_all(target)
+        print(f"compiled {compiled}")
+        for failure in failures:
+            print("FAILED", failure)
