@@ -87,6 +87,23 @@ def check_key_padding_mask(mask, batch: int, seqlen_k: int, device) -> torch.Ten
     return mask
 
 
+def check_position_ids(position_ids, batch: int, seqlen_q: int, seqlen_k: int, padded: bool, device) -> torch.Tensor:
+    """``position_ids`` as an integer (batch, seqlen) tensor for self-attention without a padding mask."""
+    if padded:
+        raise ValueError("position_ids (packed documents) and key_padding_mask cannot be given together; give one")
+    if seqlen_q != seqlen_k:
+        raise ValueError(f"position_ids mark documents of self-attention: seqlen_q must equal seqlen_k; got "
+                         f"{seqlen_q} and {seqlen_k}")
+    if (not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int32, torch.int64)
+            or tuple(position_ids.shape) != (batch, seqlen_q)):
+        raise ValueError(f"position_ids must be an int32 or int64 tensor of shape (batch, seqlen) = ({batch}, "
+                         f"{seqlen_q}); got {getattr(position_ids, 'dtype', type(position_ids).__name__)} of shape "
+                         f"{tuple(getattr(position_ids, 'shape', ()))}")
+    if position_ids.device != device:
+        raise ValueError(f"position_ids must be on the device of q ({device}); got {position_ids.device}")
+    return position_ids
+
+
 def check_window(window_size, sink_tokens) -> tuple[tuple[int, int], int]:
     """``window_size`` as (left, right) ints >= -1 (-1: unbounded) and ``sink_tokens`` as an int >= 0."""
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2

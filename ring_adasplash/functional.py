@@ -15,12 +15,14 @@ import torch
 from torch import Tensor
 
 from . import cuda_graphs, telemetry
-from .checks import check_alpha, check_cu_seqlens, check_key_padding_mask, check_qkv, check_window, default_scale
+from .checks import (check_alpha, check_cu_seqlens, check_key_padding_mask, check_position_ids, check_qkv, check_window,
+                     default_scale)
 from .kernels import EntmaxSpec, backend_for
 from .kernels.block_mask import BlockMask
 from .kernels.algorithm import ForwardResult, SingleBlock, entmax_backward, entmax_forward
 from .kernels.compile_ahead import compile_ahead
-from .kernels.visibility import Visibility, causal_visibility, padded_visibility, varlen_visibility
+from .kernels.visibility import (Visibility, causal_visibility, packed_visibility, padded_visibility,
+                                 varlen_visibility)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -136,7 +138,8 @@ def empty_output(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: bool = True,
                    softmax_scale: float | None = None, key_padding_mask: Tensor | None = None,
-                   window_size: tuple[int, int] = (-1, -1), sink_tokens: int = 0) -> Tensor:
+                   window_size: tuple[int, int] = (-1, -1), sink_tokens: int = 0,
+                   position_ids: Tensor | None = None) -> Tensor:
     """Exact alpha-entmax attention on one device.
 
     Args:
@@ -156,6 +159,10 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: 
         sink_tokens: the first ``sink_tokens`` keys (of each batch entry; the first kept ones with
             padding) stay visible to every query past its window's start (StreamingLLM's
             attention sinks); causal still applies.
+        position_ids: optional (batch, seqlen) int for self-attention (``Sq == Sk``, no padding
+            mask): documents packed into each row, a new one wherever the positions restart at 0
+            (as transformers marks packed sequences); a token sees only its own document. Sinks
+            are then the first tokens of each document.
     Returns:
         (batch, seqlen_q, heads_q, head_dim) in q's dtype. Differentiable in q, k and v; partial
         sums in float32. CUDA tensors run the Triton kernels, CPU tensors the PyTorch path.
@@ -165,15 +172,20 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: 
     window_size, sink_tokens = check_window(window_size, sink_tokens)
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[1], q.device)
+    if position_ids is not None:
+        check_position_ids(position_ids, q.shape[0], q.shape[1], k.shape[1], key_padding_mask is not None, q.device)
     if q.shape[0] == 0 or q.shape[2] == 0:
         return empty_output(q, k, v)
     scale = default_scale(softmax_scale, dim)
-    if key_padding_mask is None:
+    if key_padding_mask is None and position_ids is None:
         vis = _causal_visibility(q.shape[1], k.shape[1], causal, q.device, window_size, sink_tokens)
         return _attention(q, k, v, vis, alpha, scale)
-    # the batch entries side by side as documents of one sequence: padding is a document of its own
+    # the batch entries side by side as one sequence of documents (padding belongs to none)
     batch, seqlen_q = q.shape[:2]
-    vis = padded_visibility(key_padding_mask, seqlen_q, causal, window_size, sink_tokens)
+    if position_ids is not None:
+        vis = packed_visibility(position_ids, causal, window_size, sink_tokens)
+    else:
+        vis = padded_visibility(key_padding_mask, seqlen_q, causal, window_size, sink_tokens)
     flat = [x.reshape(1, -1, *x.shape[2:]) for x in (q, k, v)]
     return _attention(*flat, vis, alpha, scale).view(batch, seqlen_q, *q.shape[2:3], v.shape[-1])
 

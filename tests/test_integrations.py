@@ -166,6 +166,19 @@ def test_transformers_batched_left_padded_generate(cache):
         assert torch.equal(batched[b], alone), (b, batched[b], alone)
 
 
+def test_transformers_packing_by_position_ids():
+    """Two documents packed into one row, marked only by position_ids that restart at 0 (as
+    transformers' flash attention takes them): each document's logits equal its logits alone."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    (model,) = _tiny_llamas(["adasplash"])
+    first, second = torch.randint(0, 97, (1, 30)), torch.randint(0, 97, (1, 45))
+    position_ids = torch.cat([torch.arange(30), torch.arange(45)])[None]
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([first, second], 1), position_ids=position_ids).logits
+        alone = [model(input_ids=ids).logits for ids in (first, second)]
+    assert rel_err(packed[:, :30], alone[0]) < TOL and rel_err(packed[:, 30:], alone[1]) < TOL
+
+
 def test_transformers_sliding_window_mistral_matches_reference():
     """A Mistral with sliding_window 16 at 60 tokens: the window maps to window_size."""
     pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")

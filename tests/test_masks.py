@@ -177,3 +177,22 @@ def test_window_errors():
         ra.adasplash_func(q, q, q, window_size=4)
     with pytest.raises(ValueError, match="sink_tokens must be"):
         ra.adasplash_func(q, q, q, sink_tokens=-1)
+
+
+def test_position_ids_mark_packed_documents():
+    """Rows of packed documents marked by positions that restart at 0: the same as the documents
+    through ``adasplash_varlen_func``, window and sinks per document included."""
+    q, k, v, grad_out = random_qkv(2, 90, 90, 2, 2, 16, seed=16, grad_out=True, requires_grad=True)
+    lengths = [[30, 50, 10], [90]]
+    position_ids = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in lengths])
+    options = dict(window_size=(12, 0), sink_tokens=2)
+    out = ra.adasplash_func(q, k, v, position_ids=position_ids, **options)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    cu = torch.tensor([0, 30, 80, 90, 180], dtype=torch.int32)
+    flat = [t.detach().reshape(180, 2, 16).requires_grad_() for t in (q, k, v)]
+    ref = ra.adasplash_varlen_func(*flat, cu, cu, 90, 90, **options)
+    ref_grads = torch.autograd.grad(ref, flat, grad_out.reshape(180, 2, 16))
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        assert (got.reshape(want.shape) - want).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="position_ids must be"):
+        ra.adasplash_func(q, k, v, position_ids=position_ids[:, :50])

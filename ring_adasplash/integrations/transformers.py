@@ -21,8 +21,8 @@ the 2D padding mask, as flash attention's does, so the mask handling traces with
 break. Attention dropout is not supported, nor padding or sliding windows in the sequence-parallel
 names, which also need the global ``position_ids`` of each rank's tokens: they raise a ValueError,
 on every rank at once (pack documents and call ``ring_adasplash_varlen_func`` instead). Packed
-sequences marked only by ``position_ids`` that restart at 0 are not detected: pass them as a
-padded batch, or call ``adasplash_varlen_func``.
+sequences marked by ``position_ids`` that restart at 0 (no mask, as transformers' flash attention
+takes them) attend within their own document.
 """
 from __future__ import annotations
 
@@ -93,10 +93,31 @@ def _single_device_forward(module, query, key, value, attention_mask, scaling=No
             raise ValueError(f"the 'adasplash' attention takes the 2D padding mask its own mask builder gives; got "
                              f"{attention_mask.dtype} of shape {tuple(attention_mask.shape)}")
         key, value = key[:, :, :attention_mask.shape[1]], value[:, :, :attention_mask.shape[1]]
+    position_ids = kwargs.get("position_ids")
+    packed = attention_mask is None and query.shape[2] == key.shape[2] and _restarts(position_ids)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     out = adasplash_func(q, k, v, alpha=alpha, causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask,
-                         window_size=window)
+                         window_size=window, position_ids=position_ids.expand(q.shape[0], -1) if packed else None)
     return out, None
+
+
+# the position_ids every layer of one forward shares, its version, and whether it restarts (held, so
+# that its memory cannot pass to another tensor while it is remembered)
+_restart_memo: list = [None, None, False]
+
+
+def _restarts(position_ids) -> bool:
+    """Whether ``position_ids`` mark packed sequences (a row's positions restart at 0), as
+    transformers' flash attention detects them. Eager calls read it on the host once per tensor
+    (every layer of a forward passes the same one); compiled calls take the packed path whenever
+    positions are given, which is right in both cases and traces."""
+    if position_ids is None:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    if _restart_memo[0] is not position_ids or _restart_memo[1] != position_ids._version:
+        _restart_memo[:] = [position_ids, position_ids._version, bool((position_ids[:, 1:] == 0).any())]
+    return _restart_memo[2]
 
 
 def _make_forward(attend, layout: str):

@@ -146,6 +146,24 @@ def padded_visibility(key_padding_mask: torch.Tensor, seqlen_q: int, causal: boo
     return windowed(vis, (q_pos + seqlen_k - seqlen_q).repeat(batch), window_size, sink_tokens, kept_rank.flatten())
 
 
+def packed_visibility(position_ids: torch.Tensor, causal: bool, window_size: tuple = NO_WINDOW,
+                      sink_tokens: int = 0) -> Visibility:
+    """Documents packed into the rows of a batch and marked by ``position_ids`` (batch, seqlen)
+    that restart at 0, as transformers marks them: the rows side by side as one sequence, and a
+    new document wherever a row's positions restart (or a new row begins). A token sees the
+    earlier tokens (causal) of its own document, within ``window_size``; the first
+    ``sink_tokens`` of each document are its sinks. Tensor ops only (no host read), so it traces."""
+    batch, seqlen = position_ids.shape
+    device = position_ids.device
+    starts = (position_ids == 0).to(torch.int64)
+    starts[:, 0] = 1
+    doc = (starts.cumsum(1) + torch.arange(batch, device=device)[:, None] * seqlen).flatten().to(torch.int32)
+    index = torch.arange(batch * seqlen, device=device, dtype=torch.int64)
+    q_limit = index if causal else torch.full_like(index, NO_LIMIT)
+    vis = Visibility(q_limit.to(torch.int32), doc, index.to(torch.int32), doc)
+    return windowed(vis, index, window_size, sink_tokens, position_ids.flatten().to(torch.int64))
+
+
 def _doc_ids_and_offsets(cu_seqlens: torch.Tensor, total: int):
     cu = cu_seqlens.to(torch.int64)
     lengths = cu[1:] - cu[:-1]
