@@ -84,8 +84,11 @@ def _tiny_llamas(implementations, seed=0, family="llama", **extra):
     register_transformers()
     AttentionInterface.register("entmax_reference", _reference_attention)
     AttentionMaskInterface.register("entmax_reference", sdpa_mask)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
-                                 "mistral": (MistralConfig, MistralForCausalLM)}[family]
+                                 "mistral": (MistralConfig, MistralForCausalLM),
+                                 "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
     config = config_class(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                           entmax_alpha=1.3, **extra)
@@ -179,12 +182,19 @@ def test_transformers_packing_by_position_ids():
     assert rel_err(packed[:, :30], alone[0]) < TOL and rel_err(packed[:, 30:], alone[1]) < TOL
 
 
-def test_transformers_sliding_window_mistral_matches_reference():
-    """A Mistral with sliding_window 16 at 60 tokens: the window maps to window_size."""
+@pytest.mark.parametrize("family,options,without", [
+    ("mistral", {"sliding_window": 16}, {"sliding_window": None}),
+    ("qwen2", {"sliding_window": 16, "use_sliding_window": True, "layer_types": ["full_attention",
+                                                                                 "sliding_attention"]},
+     {"use_sliding_window": False, "layer_types": ["full_attention", "full_attention"]}),
+])
+def test_transformers_sliding_window_models_match_reference(family, options, without):
+    """A Mistral (every layer) and a Qwen2 (its sliding layer only) with sliding_window 16 at 60
+    tokens: the window maps to window_size."""
     pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
-    ours, reference = _tiny_llamas(["adasplash", "entmax_reference"], family="mistral", sliding_window=16)
+    ours, reference = _tiny_llamas(["adasplash", "entmax_reference"], family=family, **options)
     ids, logits = _matches_reference(ours, reference, 60)
-    (full,) = _tiny_llamas(["adasplash"], family="mistral", sliding_window=None)
+    (full,) = _tiny_llamas(["adasplash"], family=family, **(options | without))
     assert rel_err(full(input_ids=ids).logits, logits) > 10 * TOL  # the window matters at this length
 
 
