@@ -9,7 +9,7 @@ from . import parallel, telemetry
 from .adasplash_compat import adasplash
 from .config import AttentionConfig
 from .entmax_function import entmax, entmax15, sparsemax
-from .functional import AdaSplashAttention, adasplash_func, adasplash_varlen_func
+from .functional import AdaSplashAttention, AttentionStats, adasplash_func, adasplash_varlen_func
 from .kernels.block_mask import BlockMask
 from .parallel import (
     allgather_adasplash_func,
@@ -24,6 +24,7 @@ from .parallel import (
 
 __all__ = [
     "AdaSplashAttention",
+    "AttentionStats",
     "AttentionConfig",
     "BlockMask",
     "adasplash",

@@ -10,6 +10,7 @@ Semantics: ``p = entmax_alpha(softmax_scale * q k^T)`` over the visible keys, wi
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,8 +33,8 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 @torch.library.custom_op("ring_adasplash::attention_forward", mutates_args=())
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor,
                       q_first: Tensor, k_win_pos: Tensor, alpha: float,
-                      softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out in q's dtype, out_u, u_sum, tau, shift, nonzero tiles); see
+                      softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out in q's dtype, out_u, u_sum, tau, shift, support, nonzero tiles); see
     ``kernels/algorithm.py`` (``ForwardResult``)."""
     args = (q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha, softmax_scale)
     return cuda_graphs.call("forward", _forward, args, copied=3, work=_work(q, k))
@@ -53,7 +54,7 @@ def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha: f
     telemetry.log_forward(fwd, "single")
     # contiguous, as the fake impl promises (compiled graphs check strides)
     return (fwd.out.to(q.dtype).contiguous(), fwd.out_u.contiguous(), fwd.u_sum.contiguous(), fwd.tau.contiguous(),
-            fwd.shift.contiguous(), fwd.block_masks[0].tiles.contiguous())
+            fwd.shift.contiguous(), fwd.support.to(fwd.tau.dtype).contiguous(), fwd.block_masks[0].tiles.contiguous())
 
 
 def _dry_run(q, k, v, vis: Visibility, alpha: float, softmax_scale: float) -> None:
@@ -73,7 +74,8 @@ def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha, softmax_
     out_shape = (batch, seqlen_q, heads, v.shape[-1])
     rows = (batch, heads, seqlen_q)
     return (q.new_empty(out_shape), q.new_empty(out_shape, dtype=acc), q.new_empty(rows, dtype=acc),
-            q.new_empty(rows, dtype=acc), q.new_empty(rows, dtype=acc), q.new_empty(tiles, dtype=torch.bool))
+            q.new_empty(rows, dtype=acc), q.new_empty(rows, dtype=acc), q.new_empty(rows, dtype=acc),
+            q.new_empty(tiles, dtype=torch.bool))
 
 
 @torch.library.custom_op("ring_adasplash::attention_backward", mutates_args=())
@@ -106,19 +108,38 @@ class _EntmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha: float, softmax_scale: float):
         vectors = (q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
-        out, out_u, u_sum, tau, shift, nonzero = attention_forward(q, k, v, *vectors, alpha, softmax_scale)
+        out, out_u, u_sum, tau, shift, support, nonzero = attention_forward(q, k, v, *vectors, alpha, softmax_scale)
         ctx.save_for_backward(q, k, v, *vectors, out_u, u_sum, tau, shift, nonzero)
         ctx.alpha, ctx.softmax_scale = alpha, softmax_scale
-        return out
+        ctx.mark_non_differentiable(tau, shift, support)
+        return out, tau, shift, support
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):
         dq, dk, dv = attention_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.alpha, ctx.softmax_scale)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def _attention(q, k, v, vis: Visibility, alpha: float, softmax_scale: float) -> Tensor:
-    return _EntmaxAttention.apply(q, k, v, *vis.vectors(), alpha, softmax_scale)
+class AttentionStats(NamedTuple):
+    """Per-row statistics of a call (``return_stats=True``), each (batch, heads_q, seqlen_q)
+    (varlen: (heads_q, total_q)), float32 (float64 for float64 inputs), not differentiable.
+
+    ``score_max``: the row's largest raw score ``q . k`` over its visible keys (0 for none).
+    ``tau``: the threshold relative to it, in [-1, 0]: ``p_j = [(alpha - 1) softmax_scale
+    (q . k_j - score_max) - tau]_+ ** (1 / (alpha - 1))``; +inf for a row with no visible key,
+    NaN for a row that sees a score that is not finite. The absolute threshold of
+    ``(alpha - 1) softmax_scale q . k`` is ``tau + (alpha - 1) softmax_scale score_max``.
+    ``support``: how many keys have ``p > 0``.
+    """
+
+    tau: Tensor
+    score_max: Tensor
+    support: Tensor
+
+
+def _attention(q, k, v, vis: Visibility, alpha: float, softmax_scale: float) -> tuple[Tensor, AttentionStats]:
+    out, tau, shift, support = _EntmaxAttention.apply(q, k, v, *vis.vectors(), alpha, softmax_scale)
+    return out, AttentionStats(tau, shift, support)
 
 
 @functools.lru_cache(maxsize=16)
@@ -127,6 +148,12 @@ def _causal_visibility(seqlen_q: int, seqlen_k: int, causal: bool, device: torch
     """``causal_visibility``, built once per shape: a training step calls attention with the same
     shapes every layer, and the kernels remember what they derive from the vectors' identity."""
     return causal_visibility(seqlen_q, seqlen_k, causal, device, window_size, sink_tokens)
+
+
+def _empty_stats(q: Tensor, shape: tuple) -> AttentionStats:
+    """``AttentionStats`` of a call with nothing to attend."""
+    empty = q.new_zeros(shape, dtype=_compute_dtype(q))
+    return AttentionStats(empty.clone(), empty.clone(), empty)
 
 
 def empty_output(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -139,7 +166,7 @@ def empty_output(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: bool = True,
                    softmax_scale: float | None = None, key_padding_mask: Tensor | None = None,
                    window_size: tuple[int, int] = (-1, -1), sink_tokens: int = 0,
-                   position_ids: Tensor | None = None) -> Tensor:
+                   position_ids: Tensor | None = None, return_stats: bool = False):
     """Exact alpha-entmax attention on one device.
 
     Args:
@@ -163,9 +190,12 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: 
             mask): documents packed into each row, a new one wherever the positions restart at 0
             (as transformers marks packed sequences); a token sees only its own document. Sinks
             are then the first tokens of each document.
+        return_stats: also return the rows' ``AttentionStats`` (tau, score max, support size),
+            as flash-attn returns the log-sum-exp.
     Returns:
-        (batch, seqlen_q, heads_q, head_dim) in q's dtype. Differentiable in q, k and v; partial
-        sums in float32. CUDA tensors run the Triton kernels, CPU tensors the PyTorch path.
+        (batch, seqlen_q, heads_q, head_dim) in q's dtype, and with ``return_stats`` an
+        ``AttentionStats`` of (batch, heads_q, seqlen_q) tensors. Differentiable in q, k and v;
+        partial sums in float32. CUDA tensors run the Triton kernels, CPU tensors the PyTorch path.
     """
     alpha = check_alpha(alpha)
     _, _, dim = check_qkv(q, k, v, backend=backend_for(q))
@@ -175,25 +205,31 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: 
     if position_ids is not None:
         check_position_ids(position_ids, q.shape[0], q.shape[1], k.shape[1], key_padding_mask is not None, q.device)
     if q.shape[0] == 0 or q.shape[2] == 0:
-        return empty_output(q, k, v)
+        out = empty_output(q, k, v)
+        return (out, _empty_stats(q, (q.shape[0], q.shape[2], q.shape[1]))) if return_stats else out
     scale = default_scale(softmax_scale, dim)
     if key_padding_mask is None and position_ids is None:
         vis = _causal_visibility(q.shape[1], k.shape[1], causal, q.device, window_size, sink_tokens)
-        return _attention(q, k, v, vis, alpha, scale)
+        out, stats = _attention(q, k, v, vis, alpha, scale)
+        return (out, stats) if return_stats else out
     # the batch entries side by side as one sequence of documents (padding belongs to none)
-    batch, seqlen_q = q.shape[:2]
+    batch, seqlen_q, heads = q.shape[:3]
     if position_ids is not None:
         vis = packed_visibility(position_ids, causal, window_size, sink_tokens)
     else:
         vis = padded_visibility(key_padding_mask, seqlen_q, causal, window_size, sink_tokens)
     flat = [x.reshape(1, -1, *x.shape[2:]) for x in (q, k, v)]
-    return _attention(*flat, vis, alpha, scale).view(batch, seqlen_q, *q.shape[2:3], v.shape[-1])
+    out, stats = _attention(*flat, vis, alpha, scale)
+    out = out.view(batch, seqlen_q, heads, v.shape[-1])
+    if not return_stats:
+        return out
+    return out, AttentionStats(*(t.view(heads, batch, seqlen_q).transpose(0, 1) for t in stats))
 
 
 def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                           max_seqlen_q: int, max_seqlen_k: int, alpha: float = 1.5, causal: bool = True,
                           softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
-                          sink_tokens: int = 0) -> Tensor:
+                          sink_tokens: int = 0, return_stats: bool = False):
     """Entmax attention over packed sequences, as flash-attn's varlen interface.
 
     Args:
@@ -202,7 +238,8 @@ def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         max_seqlen_q, max_seqlen_k: longest sequence (checked; kernels do not need them).
         causal: bottom-right aligned within each sequence.
         window_size, sink_tokens: as in :func:`adasplash_func`, within each sequence.
-    Returns: (total_q, heads_q, head_dim).
+        return_stats: also return ``AttentionStats`` of (heads_q, total_q) tensors.
+    Returns: (total_q, heads_q, head_dim) (and the stats).
     """
     alpha = check_alpha(alpha)
     window_size, sink_tokens = check_window(window_size, sink_tokens)
@@ -217,10 +254,11 @@ def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         if int(given) < longest:
             raise ValueError(f"{name} ({given}) is smaller than the longest sequence ({longest})")
     if q.shape[1] == 0:
-        return empty_output(q, k, v)
+        out = empty_output(q, k, v)
+        return (out, _empty_stats(q, (0, q.shape[0]))) if return_stats else out
     vis = varlen_visibility(cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device), causal, window_size, sink_tokens)
-    out = _attention(q[None], k[None], v[None], vis, alpha, default_scale(softmax_scale, dim))
-    return out[0]
+    out, stats = _attention(q[None], k[None], v[None], vis, alpha, default_scale(softmax_scale, dim))
+    return (out[0], AttentionStats(*(t[0] for t in stats))) if return_stats else out[0]
 
 
 class AdaSplashAttention(torch.nn.Module):

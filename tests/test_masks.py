@@ -196,3 +196,25 @@ def test_position_ids_mark_packed_documents():
         assert (got.reshape(want.shape) - want).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="position_ids must be"):
         ra.adasplash_func(q, k, v, position_ids=position_ids[:, :50])
+
+
+def test_return_stats():
+    """tau (relative to the score max), the score max and the support size per row, as the
+    float64 reference has them; the padded path's stats come back per batch entry."""
+    from ring_adasplash.reference import entmax_attention_reference
+
+    q, k, v = random_qkv(2, 70, 70, 4, 2, 16, seed=17, dtype=torch.float64)
+    out, stats = ra.adasplash_func(q, k, v, return_stats=True)
+    assert isinstance(stats, ra.AttentionStats) and stats.tau.shape == (2, 4, 70)
+    scale_z = 0.5 * 16 ** -0.5
+    _, ref_tau = entmax_attention_reference(q, k, v, 1.5, True, return_tau=True)
+    assert (stats.tau + scale_z * stats.score_max - ref_tau).abs().max().item() < 1e-9
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, 2))
+    causal = torch.ones(70, 70, dtype=torch.bool).tril()
+    assert torch.equal(stats.score_max, scores.masked_fill(~causal, float("-inf")).amax(-1))
+    z = scale_z * (scores - stats.score_max[..., None])
+    assert torch.equal(stats.support, ((z > stats.tau[..., None]) & causal).sum(-1).double())
+    keep = torch.ones(2, 70, dtype=torch.bool)
+    keep[1, :10] = False
+    _, padded = ra.adasplash_func(q, k, v, key_padding_mask=keep, return_stats=True)
+    assert torch.equal(padded.support[0], stats.support[0]) and torch.isinf(padded.tau[1, :, :10]).all()
