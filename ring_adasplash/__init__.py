@@ -7,7 +7,7 @@ Every public function is exported here: the single-device ones (``adasplash_func
 """
 from . import parallel, telemetry
 from .adasplash_compat import adasplash
-from .config import AttentionConfig
+from .config import AttentionConfig, ParallelAttention
 from .entmax_function import entmax, entmax15, sparsemax
 from .functional import AdaSplashAttention, AttentionStats, adasplash_func, adasplash_varlen_func
 from .kernels.block_mask import BlockMask
@@ -26,6 +26,7 @@ __all__ = [
     "AdaSplashAttention",
     "AttentionStats",
     "AttentionConfig",
+    "ParallelAttention",
     "BlockMask",
     "adasplash",
     "adasplash_func",

@@ -8,7 +8,9 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
-from .checks import check_alpha
+import torch
+
+from .checks import check_alpha, check_window
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,22 @@ class AttentionConfig:
     Ulysses x ring: pass both groups to ``attention``), deepspeed (DeepSpeed's
     DistributedAttention around our kernels)."""
 
+    window_size: tuple[int, int] = (-1, -1)
+    """Sliding window (left, right) over global positions, as flash-attn's; -1 is unbounded. Not
+    with the deepspeed strategy."""
+
+    sink_tokens: int = 0
+    """The first keys of the sequence that every query sees past its window's start."""
+
     def __post_init__(self):
         check_alpha(self.alpha)
         resolve(self.strategy)
         if self.softmax_scale is not None and not self.softmax_scale > 0:
             raise ValueError(f"softmax_scale must be positive or None; got {self.softmax_scale}")
+        window = check_window(self.window_size, self.sink_tokens)
+        if self.strategy == "deepspeed" and window != ((-1, -1), 0):
+            raise ValueError("window_size and sink_tokens are not supported by the deepspeed strategy; use ulysses, "
+                             "which exchanges the same way")
 
     @property
     def layout(self) -> str | None:
@@ -109,8 +122,32 @@ class AttentionConfig:
         takes ``ulysses_group`` and ``ring_group`` (``parallel.build_usp_groups``) instead."""
         strategy = STRATEGIES[self.strategy]
         options = dict(alpha=self.alpha, causal=self.causal, softmax_scale=self.softmax_scale)
+        if self.strategy != "deepspeed":
+            options.update(window_size=tuple(self.window_size), sink_tokens=self.sink_tokens)
         if strategy.two_groups:
             options.update(ulysses_group=ulysses_group, ring_group=ring_group, ring_layout=strategy.layout)
         elif strategy.layout is not None:
             options["group"] = group
         return functools.partial(strategy.load(), **options)
+
+
+class ParallelAttention(torch.nn.Module):
+    """Module form of ``AttentionConfig.attention`` (as yunchang's ``LongContextAttention``):
+    ``forward(q, k, v)`` on this rank's shards (batch, seqlen_local, heads, head_dim), sharded as
+    ``config.layout`` says, returns this rank's rows (batch, seqlen_local, heads_q, head_dim).
+
+        attention = ParallelAttention(AttentionConfig(strategy="zigzag", window_size=(4096, 0)), group)
+    """
+
+    def __init__(self, config: AttentionConfig, group=None, *, ulysses_group=None, ring_group=None):
+        super().__init__()
+        self.config = config
+        self.attend = config.attention(group, ulysses_group=ulysses_group, ring_group=ring_group)
+
+    def forward(self, q, k, v):
+        return self.attend(q, k, v)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"strategy={c.strategy}, alpha={c.alpha}, causal={c.causal}, window_size={c.window_size}, "
+                f"sink_tokens={c.sink_tokens}")

@@ -69,6 +69,16 @@ def _kv_sharded(rank, world):
     return [rel_err(a, b) for a, b in zip((out, dq, dk, dv), expected)]
 
 
+def _module_attention(strategy: str):
+    """``fn(q, k, v, alpha=, causal=, window_size=, sink_tokens=)`` through ``ParallelAttention``."""
+    from ring_adasplash import AttentionConfig, ParallelAttention
+
+    def attend(q, k, v, **options):
+        return ParallelAttention(AttentionConfig(strategy=strategy, **options))(q, k, v)
+
+    return attend
+
+
 def _every_strategy(rank, world):
     from ring_adasplash import parallel as P
 
@@ -80,6 +90,7 @@ def _every_strategy(rank, world):
         "allgather zigzag": lambda: _sharded(rank, world, P.allgather_adasplash_func, "zigzag", True, layout="zigzag",
                                              **WINDOW),
         "ulysses": lambda: _sharded(rank, world, P.ulysses_adasplash_func, "contiguous", True, **WINDOW),
+        "zigzag module": lambda: _sharded(rank, world, _module_attention("zigzag"), "zigzag", True, **WINDOW),
         "varlen ring": lambda: _varlen(rank, world),
         "kv-sharded": lambda: _kv_sharded(rank, world),
     }
@@ -112,3 +123,12 @@ def _mismatched_window(rank, world):
 def test_a_window_that_differs_between_ranks_raises_on_every_rank():
     for message in run_distributed(_mismatched_window, 2, timeout=120):
         assert "window_size" in message, message
+
+
+def test_config_checks_the_window():
+    from ring_adasplash import AttentionConfig
+
+    with pytest.raises(ValueError, match="window_size must be"):
+        AttentionConfig(window_size=(-3, 0))
+    with pytest.raises(ValueError, match="not supported by the deepspeed strategy"):
+        AttentionConfig(strategy="deepspeed", sink_tokens=4)
