@@ -5,7 +5,8 @@
 
 Runs one forward and backward of ring and zigzag entmax attention on the structured inputs of
 the kernel benchmark and prints, per pass, the bytes sent over the bytes a dense ring sends for
-the same exchange, with the block sparsity the block mask measured.
+the same exchange, with the block sparsity the block mask measured and how the work (visible
+tiles) spreads over the ranks.
 """
 import argparse
 
@@ -52,15 +53,20 @@ def main():
             out.backward(torch.ones_like(out))
         counts = torch.tensor([[*t.bytes_by_pass.get(p, (0, 0))] for p in PASSES] +
                               [[t.nonzero_tiles, t.visible_tiles]], dtype=torch.float64, device=device)
+        # the work of each rank: the tiles its queries see (what the max pass computes)
+        work = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
+        dist.all_gather(work, counts[-1, 1:].clone())
         dist.all_reduce(counts)
-        rows.append((name, counts.cpu()))
+        work = torch.cat(work).cpu()
+        rows.append((name, counts.cpu(), float(work.max() / work.mean())))
     if rank == 0:
-        print("\n| strategy | block sparsity | " + " | ".join(f"{p} sent / dense" for p in PASSES) + " |")
-        print("|---|---|" + "---|" * len(PASSES))
-        for name, c in rows:
+        print("\n| strategy | block sparsity | visible tiles, busiest rank / mean | "
+              + " | ".join(f"{p} sent / dense" for p in PASSES) + " |")
+        print("|---|---|---|" + "---|" * len(PASSES))
+        for name, c, imbalance in rows:
             sparsity = 1 - c[-1, 0] / c[-1, 1]
             cells = [f"{c[i, 0] / c[i, 1]:.3f}" if c[i, 1] else "-" for i in range(len(PASSES))]
-            print(f"| {name} | {sparsity:.3f} | " + " | ".join(cells) + " |")
+            print(f"| {name} | {sparsity:.3f} | {imbalance:.2f} | " + " | ".join(cells) + " |")
     shutdown()  # destroys the process group; see ring_adasplash.comm.shutdown
 
 
