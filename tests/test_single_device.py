@@ -1,4 +1,4 @@
-"""One device, CPU path: forward and gradients against the float64 reference, merge exactness,
+"""One device, CPU path: forward and gradients against the float64 reference, shard statistics adding up,
 the block mask, and input errors."""
 import functools
 import itertools

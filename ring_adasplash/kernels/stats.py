@@ -8,14 +8,13 @@ below the row max never matter. Relative logits make every pass independent of a
 to a row's scores (entmax is shift invariant, and float32 near 1e4 has ulps of 1e-3): the row max
 is z = 0 and tau lies in [-1, 0]. Only the max pass reads raw scores, to find ``m``.
 
-Coarse histogram (the histogram pass). Bins have width ``w = 1 / (NUM_BINS - 1)`` and absolute
-indices ``idx(z) = floor(z * (NUM_BINS - 1))``, so every shard bins a score the same way. A row keeps
-the ``NUM_BINS`` bins below its reference ``K = idx(row max)``: local bin ``b = K - idx(z)``, covering
+Coarse histogram (the histogram pass). Bins have width ``w = 1 / (NUM_BINS - 1)`` and indices
+``idx(z) = floor(z * (NUM_BINS - 1))`` of the relative logit. A row keeps the ``NUM_BINS`` bins below
+its reference ``K = idx(row max)`` (0 for relative logits): local bin ``b = K - idx(z)``, covering
 ``[(K - b) w, (K - b + 1) w)``, and counts the keys in each. Bins further down hold only
-``z < max - 1`` and are dropped. The forward takes every key block's histogram against the row max
-over all blocks, so histograms of key shards add exactly (an all-reduce sums them); histograms
-taken against different maxima would merge exactly too, by shifting the one with the lower
-reference down by the (integer) difference of references (the tests check this).
+``z < max - 1`` and are dropped. The forward takes every key block's histogram against the score
+max over all blocks (the same shift on every shard), so every shard bins a score the same way and
+histograms of key shards add exactly (an all-reduce sums them; the tests check it).
 
 Counts bound the sum at every bin edge from both sides (a key of a bin lies between its edges), and
 the upper bound at one edge is the lower bound at the next, so they place tau in one of two
@@ -84,7 +83,7 @@ class RowStats:
     """Statistics of one query block against the keys seen so far (a shard or the whole sequence).
 
     ``row_max``: (B, H, Sq) float32 (float64 for float64 inputs), max logit over visible keys (0, as
-    logits are relative to it; -inf for none; ``merge`` in the tests takes any).
+    logits are relative to it; -inf for none).
     ``hist``: (B, H, Sq, NUM_BINS) float32: keys per local bin (see module doc).
     """
 

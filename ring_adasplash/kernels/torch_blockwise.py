@@ -50,6 +50,7 @@ class _KeyTiles:
         self.p, self.nearest_first = problem, nearest_first  # last key tile first: the max pass
         self.active = None if tiles is None else tiles.tiles
         self.qh = _head_major_queries(problem.q, problem.heads_kv)
+        self.rows = torch.arange(problem.seqlen_q, device=problem.vis.q_limit.device)[:, None]  # for ``vis.pairs``
         if raw:
             self.shift, self.scale = 0.0, 1.0
         else:
@@ -70,8 +71,7 @@ class _KeyTiles:
         order = range(p.num_k_tiles)
         for index in reversed(order) if self.nearest_first else order:
             keys = self.tile_keys(index)
-            rows = torch.arange(p.seqlen_q, device=vis.q_limit.device)
-            allowed = vis.pairs(rows[:, None], torch.arange(keys.start, keys.stop, device=rows.device)[None, :])
+            allowed = vis.pairs(self.rows, torch.arange(keys.start, keys.stop, device=self.rows.device)[None, :])
             allowed = allowed[None, None]
             if self.active is not None:
                 allowed = allowed & self.rows_of_tiles(self.active[..., index])[..., None]

@@ -59,8 +59,8 @@ class Visibility:
 
     def dense(self) -> torch.Tensor:
         """(Sq, Sk) bool matrix; for tests and small inputs only."""
-        return ((self.k_pos[None, :] <= self.q_limit[:, None]) & (self.k_win_pos[None, :] >= self.q_first[:, None])
-                & (self.q_doc[:, None] == self.k_doc[None, :]))
+        rows = torch.arange(self.seqlen_q, device=self.q_limit.device)[:, None]
+        return self.pairs(rows, torch.arange(self.seqlen_k, device=self.k_pos.device)[None, :])
 
     def pairs(self, rows, keys) -> torch.Tensor:
         """Whether query ``rows`` sees key ``keys`` (index tensors that broadcast against each other)."""
@@ -69,6 +69,12 @@ class Visibility:
 
     def to(self, device) -> "Visibility":
         return Visibility(*(t.to(device) for t in self.vectors()))
+
+
+def window_positions(k_pos: torch.Tensor, k_in_doc: torch.Tensor, sink_tokens: int) -> torch.Tensor:
+    """``Visibility.k_win_pos``: each key's position, or ``NO_LIMIT`` for the first ``sink_tokens``
+    of its document (``k_in_doc``: the key's rank there), which stay visible past any window."""
+    return torch.where(k_in_doc < sink_tokens, NO_LIMIT, k_pos).to(torch.int32)
 
 
 def windowed(vis: Visibility, centre: torch.Tensor, window_size: tuple, sink_tokens: int,
@@ -87,10 +93,9 @@ def windowed(vis: Visibility, centre: torch.Tensor, window_size: tuple, sink_tok
         q_limit = torch.minimum(q_limit, centre + right)
     if left >= 0:
         q_first = centre - left
-    k_in_doc = vis.k_pos if k_in_doc is None else k_in_doc
-    k_win_pos = torch.where(k_in_doc < sink_tokens, NO_LIMIT, vis.k_pos)
+    k_win_pos = window_positions(vis.k_pos, vis.k_pos if k_in_doc is None else k_in_doc, sink_tokens)
     return Visibility(q_limit.clamp(-1, NO_LIMIT).to(torch.int32), vis.q_doc, vis.k_pos, vis.k_doc,
-                      q_first.clamp(-NO_LIMIT, NO_LIMIT).to(torch.int32), k_win_pos.to(torch.int32))
+                      q_first.clamp(-NO_LIMIT, NO_LIMIT).to(torch.int32), k_win_pos)
 
 
 NO_WINDOW = (-1, -1)

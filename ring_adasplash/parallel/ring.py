@@ -26,7 +26,7 @@ from ..checks import check_cu_seqlens
 from ..comm import RingComm
 from ..kernels import EntmaxSpec, backend_for
 from ..kernels.algorithm import KeyBlock, entmax_backward, entmax_forward, visible_tiles
-from ..kernels.visibility import NO_LIMIT, Visibility, windowed
+from ..kernels.visibility import NO_LIMIT, Visibility, window_positions, windowed
 from . import layouts
 from .validation import validated_self_attention
 
@@ -232,8 +232,7 @@ def _positional_plan(comm: RingComm, layout: str, seqlen: int, causal: bool, dev
         pos = layouts.positions(layout, seqlen, shard, p, device)
         doc = doc_of[pos] if doc_of is not None else torch.zeros_like(pos)
         in_doc = pos - doc_start[doc] if doc_start is not None else pos
-        win_pos = torch.where(in_doc < sink_tokens, NO_LIMIT, pos)
-        return pos.to(torch.int32), doc.to(torch.int32), win_pos.to(torch.int32)
+        return pos.to(torch.int32), doc.to(torch.int32), window_positions(pos, in_doc, sink_tokens)
 
     q_pos, q_doc, _ = key_side(r)
     q_limit = q_pos if causal else torch.full_like(q_pos, NO_LIMIT)
