@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from inputs import make_qkv  # noqa: E402
+from inputs import FAMILIES, make_qkv  # noqa: E402
 
 ALPHA = common.ALPHA
 
@@ -48,8 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--impls", type=common.csv_list(str), default=["ours", "sdpa", "adasplash"],
                    help="implementations to time, comma-separated")
     p.add_argument("--modes", type=common.csv_list(str), default=["fwd", "fwdbwd"], help="fwd, fwdbwd, comma-separated")
-    p.add_argument("--family", choices=["structured", "sinkwindow"], default="structured",
-                   help="input family of inputs.py: structured (local, amp sets the sparsity) or sinkwindow")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="structured",
+                   help="input family of inputs.py: structured (local, amp sets the sparsity), sinkwindow, "
+                        "scattered (content clusters, no locality) or mixed (half the heads of each)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (wall-clock timer)")
     p.add_argument("--warmup-ms", type=float, default=100.0,

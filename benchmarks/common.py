@@ -13,6 +13,8 @@ import os
 import shlex
 import sys
 
+from inputs import FAMILIES  # benchmarks/ is on the path of every script that imports this
+
 ALPHA = 1.5  # entmax alpha used by every benchmark
 TILE = 64  # block-mask tile size (rows and columns) used for the flop counts
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -26,8 +28,9 @@ def add_input_arguments(p):
     p.add_argument("--head-dim", type=int, default=128, help="head dimension")
     p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--amp", type=float, default=1.5, help="amplitude of the positional code (higher: sparser)")
-    p.add_argument("--family", choices=["structured", "sinkwindow"], default="structured",
-                   help="input family of inputs.py: structured (local, amp sets the sparsity) or sinkwindow")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="structured",
+                   help="input family of inputs.py: structured (local, amp sets the sparsity), sinkwindow, "
+                        "scattered (content clusters, no locality) or mixed (half the heads of each)")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16", help="input dtype")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cuda, or cpu for a smoke test")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")

@@ -14,6 +14,14 @@ sinkwindow: unit Gaussian q, k plus (a) a common direction shared by all queries
     the first ``n_sinks`` keys (attention sinks) and (b) a slowly varying random
     component shared by q_i and k_i, so that tokens within about ``window`` positions
     score high (local window).
+scattered: content-based attention with no locality (retrieval heads; every head at
+    initialisation once ``amp`` is small): every key and every query joins one of ``clusters``
+    random content clusters; a query's high-scoring keys are the keys of its cluster, at random
+    positions, about one key in ``clusters``, so in nearly every key tile. Larger ``amp``
+    gives sparser rows, not sparser tiles.
+mixed: one call in which the first half of the heads are ``structured`` at amp 2.0 (local,
+    >= 0.99 block-sparse) and the other half ``scattered`` at ``amp``, as a real layer mixes
+    local and content heads.
 """
 
 import math
@@ -87,7 +95,37 @@ def sink_window_qkv(batch, seqlen, heads, head_dim, amp, dtype, device, kv_heads
     return q, k, v
 
 
-FAMILIES = {"structured": structured_qkv, "sinkwindow": sink_window_qkv}
+def scattered_qkv(batch, seqlen, heads, head_dim, amp, dtype, device, kv_heads=None, seed=0, clusters=64):
+    """q, k = amp * (the centroid of a random cluster, norm sqrt(D)) + N(0, 1), clusters drawn per
+    token and head; v = N(0, 1). A query scores about amp^2 sqrt(D) higher on the keys of its
+    own cluster, wherever they are."""
+    kv_heads = kv_heads or heads
+    gen = _generator(device, seed)
+    q = _gaussian((batch, seqlen, heads, head_dim), gen, dtype, device)
+    k = _gaussian((batch, seqlen, kv_heads, head_dim), gen, dtype, device)
+    v = _gaussian((batch, seqlen, kv_heads, head_dim), gen, dtype, device)
+    centroids = _gaussian((kv_heads, clusters, head_dim), gen, torch.float32, device)
+    centroids = amp * math.sqrt(head_dim) * centroids / centroids.norm(dim=-1, keepdim=True)
+    kv_of_query_head = torch.arange(heads, device=device) // (heads // kv_heads)
+    for x, head_of in ((q, kv_of_query_head), (k, torch.arange(kv_heads, device=device))):
+        cluster = torch.randint(0, clusters, x.shape[:3], generator=gen, device=device)
+        x.add_(centroids[head_of[None, None, :], cluster].to(dtype))
+    return q, k, v
+
+
+def mixed_qkv(batch, seqlen, heads, head_dim, amp, dtype, device, kv_heads=None, seed=0):
+    """The first half of the (query and key) heads ``structured`` at amp 2.0, the rest
+    ``scattered`` at ``amp``."""
+    kv_heads = kv_heads or heads
+    if heads % 2 or kv_heads % 2:
+        raise ValueError(f"mixed needs an even number of heads and kv heads; got {heads} and {kv_heads}")
+    local = structured_qkv(batch, seqlen, heads // 2, head_dim, 2.0, dtype, device, kv_heads // 2, seed)
+    content = scattered_qkv(batch, seqlen, heads // 2, head_dim, amp, dtype, device, kv_heads // 2, seed + 1)
+    return tuple(torch.cat(pair, dim=2) for pair in zip(local, content))
+
+
+FAMILIES = {"structured": structured_qkv, "sinkwindow": sink_window_qkv, "scattered": scattered_qkv,
+            "mixed": mixed_qkv}
 
 
 def make_qkv(family, *args, **kwargs):

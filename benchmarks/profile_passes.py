@@ -2,11 +2,14 @@
 
     python benchmarks/profile_passes.py --seqlens 8192,32768 --head-dim 64 --amps 1.5,2.0
     python benchmarks/profile_passes.py --family sinkwindow --seqlens 8192 --head-dim 64 --amps 0.5,1.0
+    python benchmarks/profile_passes.py --family scattered --schedules newton,histogram --amps 1.0
 
 Runs the real single-device forward (``kernels/algorithm.entmax_forward``, one key block) through
 the Triton backend wrapped so that every backend call is timed with CUDA events (median ms over
-the repeats; the call's small PyTorch ops and launches included). Tile shares are of the visible
-(query tile, key tile) pairs, read off the ``BlockMask`` each pass receives.
+the repeats of each pass's total per forward; the call's small PyTorch ops and launches
+included), and the whole forward. Tile shares are of the visible (query tile, key tile) pairs,
+read off the ``BlockMask`` each pass receives (its last call). ``--schedules``: the ways of
+finding tau (``algorithm.SCHEDULES``) to compare, each on the same inputs.
 """
 import argparse
 import collections
@@ -20,13 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from inputs import FAMILIES, make_qkv  # noqa: E402
 from ring_adasplash.kernels import EntmaxSpec, triton_backend  # noqa: E402
-from ring_adasplash.kernels.algorithm import SingleBlock, entmax_forward  # noqa: E402
+from ring_adasplash.kernels.algorithm import SCHEDULES, SingleBlock, entmax_forward  # noqa: E402
 from ring_adasplash.kernels.block_mask import BlockMask  # noqa: E402
 from ring_adasplash.kernels.visibility import causal_visibility  # noqa: E402
 
-ALPHA = 1.5
-TIMED = ("max_pass", "histogram_pass", "coarse_bracket", "fine_histogram_pass", "newton_sums_pass", "fine_tau",
-         "output_pass")
+TIMED = ("max_pass", "histogram_pass", "coarse_bracket", "fine_histogram_pass", "newton_sums_pass",
+         "newton_moments_pass", "newton_step", "fine_tau", "output_pass")
 
 
 class TimedBackend:
@@ -55,20 +57,34 @@ class TimedBackend:
 
         return timed
 
-    def medians(self) -> dict:
+    def medians(self, repeats: int) -> dict:
+        """Per pass, the median over the forwards of its total time in one forward (ms)."""
         torch.cuda.synchronize()
-        return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) for name, pairs in self.events.items()}
+        medians = {}
+        for name, pairs in self.events.items():
+            per_forward = len(pairs) // repeats
+            totals = [sum(s.elapsed_time(e) for s, e in pairs[i * per_forward:(i + 1) * per_forward])
+                      for i in range(repeats)]
+            medians[name] = statistics.median(totals)
+        return medians
 
 
-def profile(seqlen, head_dim, heads, amp, family="structured", repeats=20):
+def profile(seqlen, head_dim, heads, amp, family="structured", repeats=20, alpha=1.5, schedule=None):
     q, k, v = make_qkv(family, 1, seqlen, heads, head_dim, amp, torch.bfloat16, "cuda")
     vis = causal_visibility(seqlen, seqlen, True, "cuda")
-    blocks, spec, scale = SingleBlock(k, v, vis), EntmaxSpec(ALPHA), head_dim ** -0.5
-    entmax_forward(triton_backend, q, blocks, spec, scale)  # compile
+    blocks, spec, scale = SingleBlock(k, v, vis), EntmaxSpec(alpha), head_dim ** -0.5
+    entmax_forward(triton_backend, q, blocks, spec, scale, schedule=schedule)  # compile
     timed = TimedBackend(triton_backend)
+    whole = []
     for _ in range(repeats):
-        fwd = entmax_forward(timed, q, blocks, spec, scale)
-    return timed.medians(), timed.share, fwd.block_masks[0].sparsity()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fwd = entmax_forward(timed, q, blocks, spec, scale, schedule=schedule)
+        end.record()
+        whole.append((start, end))
+    medians = timed.medians(repeats)
+    medians["forward"] = statistics.median(s.elapsed_time(e) for s, e in whole)
+    return medians, timed.share, fwd.block_masks[0].sparsity()
 
 
 def main():
@@ -79,17 +95,22 @@ def main():
     p.add_argument("--amps", type=common.csv_list(float), default=[1.5, 2.0], help="input amplitudes (sparsity)")
     p.add_argument("--family", choices=sorted(FAMILIES), default="structured", help="input family (inputs.py)")
     p.add_argument("--repeats", type=int, default=20, help="forwards timed per row")
+    p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha")
+    p.add_argument("--schedules", type=common.csv_list(str), default=["default"],
+                   help=f"ways of finding tau, comma-separated: default, {', '.join(SCHEDULES)}")
     args = p.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, causal, batch 1, "
-          f"{args.heads} heads, D {args.head_dim}, alpha {ALPHA}, {args.family} inputs")
+          f"{args.heads} heads, D {args.head_dim}, alpha {args.alpha}, {args.family} inputs")
     for seqlen in args.seqlens:
         for amp in args.amps:
-            times, share, sparsity = profile(seqlen, args.head_dim, args.heads, amp, args.family, args.repeats)
-            print(f"\nS {seqlen}, amp {amp}: block sparsity {sparsity:.3f}")
-            print("| step | median ms | visible tiles read |\n|---|---|---|")
-            for name, ms in times.items():
-                print(f"| {name} | {ms:.3f} | " + (f"{share[name]:.3f} |" if name in share else "- |"))
-            torch.cuda.empty_cache()
+            for schedule in args.schedules:
+                times, share, sparsity = profile(seqlen, args.head_dim, args.heads, amp, args.family, args.repeats,
+                                                 args.alpha, None if schedule == "default" else schedule)
+                print(f"\nS {seqlen}, amp {amp}, schedule {schedule}: block sparsity {sparsity:.3f}")
+                print("| step | median ms per forward | visible tiles read |\n|---|---|---|")
+                for name, ms in times.items():
+                    print(f"| {name} | {ms:.3f} | " + (f"{share[name]:.3f} |" if name in share else "- |"))
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

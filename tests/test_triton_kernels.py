@@ -577,3 +577,39 @@ def test_interpreted_window_and_sinks(interpreted, window_size, sink_tokens, cau
     ref = _masked_reference(q.detach(), k.detach(), v.detach(), grad_out, [mask], 1.5)
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), ref):
         assert _close(got, want), (name, _rel(got, want))
+
+
+@pytest.mark.parametrize("alpha", (1.25, 1.5))
+def test_newton_schedule_agrees_with_the_histogram_schedule(interpreted, alpha):
+    """Both schedules through the interpreted Triton kernels, float32, causal, 2 heads of 300
+    tokens at three spreads: the same tau (to float32 rounding), output and tiles with p > 0."""
+    for spread in (0.3, 1.0, 3.0):
+        g = torch.Generator().manual_seed(int(spread * 10))
+        q, k, v = (spread * torch.randn(1, 300, 2, 32, generator=g) for _ in range(3))
+        vis = causal_visibility(300, 300, True, "cpu")
+        runs = {schedule: A.entmax_forward(interpreted, q, A.SingleBlock(k, v, vis), EntmaxSpec(alpha), 32 ** -0.5,
+                                           schedule=schedule) for schedule in ("newton", "histogram")}
+        newton_run, histogram_run = runs["newton"], runs["histogram"]
+        torch.testing.assert_close(newton_run.tau, histogram_run.tau, rtol=0, atol=2e-6)
+        torch.testing.assert_close(newton_run.out, histogram_run.out, rtol=1e-5, atol=1e-5)
+        assert torch.equal(newton_run.block_masks[0].tiles, histogram_run.block_masks[0].tiles)
+        # every tile with p > 0 was read by the Newton schedule's output pass
+        assert not (histogram_run.block_masks[0].tiles & ~newton_run.read_masks[0].tiles).any()
+
+
+def test_newton_step_kernel_matches_the_pytorch_step(interpreted):
+    """``triton_tau.newton_step_kernel`` (interpreted) and ``S.newton_step`` on the same
+    state and sums, rows below, at and above tau, alpha 1.5 and 1.25."""
+    g = torch.Generator().manual_seed(3)
+    for alpha in (1.5, 1.25):
+        point = -torch.rand(4, 50, generator=g, dtype=torch.float64)
+        sums = torch.stack((0.5 + 2 * torch.rand(4, 50, generator=g, dtype=torch.float64),
+                            0.5 + torch.rand(4, 50, generator=g, dtype=torch.float64),
+                            torch.randint(1, 20, (4, 50), generator=g).double()), -1)
+        start = S.NewtonState(point, point - 0.5, torch.zeros_like(point), torch.rand(4, 50, generator=g) < 0.2)
+        expected = S.newton_step(start, sums, EntmaxSpec(alpha), 2e-6, 1e-6)
+        copy = S.NewtonState(*(t.clone() for t in start))
+        got = interpreted.newton_step(copy, sums, EntmaxSpec(alpha), 2e-6, 1e-6)
+        for name, a, b in zip(S.NewtonState._fields, got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+        assert (got.point != start.point).any() and torch.equal(got.point[start.done], start.point[start.done])

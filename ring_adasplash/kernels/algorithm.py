@@ -28,6 +28,7 @@ No autograd and no communication here: callers bring both (``KeyBlocks``, ``Loca
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Protocol
 
@@ -96,7 +97,6 @@ class LocalReduce:
 
     def sums(self, t: torch.Tensor) -> torch.Tensor:
         return t
-
 
 @dataclass
 class ForwardResult:
@@ -229,13 +229,76 @@ def _polished_tau(backend: Backend, problems, blocks, reduce, spec, bracket, tau
     return torch.where(exact, tau.double(), point)  # exact rows include the empty ones
 
 
+def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, tile_gaps, visible, dtype):
+    """tau by Newton steps alone, the schedule for alpha up to ``stats.NEWTON_SCHEDULE_MAX_ALPHA``:
+    from the max pass's lower bound ``gap_reference``, ``stats.newton_step`` on exact sums over the
+    tiles that reach above it (``newton_moments_pass``), until every row is done or
+    ``stats.NEWTON_SCHEDULE_STEPS``. Each pass costs about a dense Q.K^T sweep of its tiles (no
+    bins, no atomics), and rows converge quadratically, so a handful of passes replace the
+    histogram passes, whose per-key bin work costs several sweeps where many tiles are active.
+    Query tiles whose rows are all done read nothing (in a ring their key tiles do not travel);
+    after ``stats.NEWTON_NARROW_STEP`` steps the tiles below every row's lower bound are dropped.
+    Returns tau (float64, +inf on empty rows) and per block the tiles that may hold p > 0 (what
+    the last pass to read each query tile found)."""
+    block_m = backend.BLOCK_M
+    reference = stats.gap_reference(rel.row_max, rel.tau_floor)
+    empty = ~torch.isfinite(rel.row_max)
+    tiles = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], reference, reference, empty, block_m))
+             for i in range(blocks.num_blocks)]
+    keep = [t.tiles for t in tiles]
+    state = stats.NewtonState.start(reference, rel.row_max)
+    tolerances = stats.NEWTON_TOLERANCE[dtype], stats.NEWTON_STEP_TOLERANCE[dtype]
+    for step in range(stats.NEWTON_SCHEDULE_STEPS):
+        if step == stats.NEWTON_NARROW_STEP:
+            lower = torch.where(state.done, state.point, state.lower).to(reference.dtype)
+            tiles = [t.with_tiles(t.tiles & lower_bound_mask(tile_gaps[i], lower, reference, empty, block_m))
+                     for i, t in enumerate(tiles)]
+        rows = ~state.done
+        marked = stats.per_query_tile(rows, block_m, "any")[..., None]
+        needed = [t.with_tiles(t.tiles & marked) for t in tiles] if blocks.reads_needed else None
+        # which tiles may hold p > 0, from the passes whose points are close to tau: the test costs
+        # about a tenth of a pass, and the early passes' points are far below
+        with_keep = step >= stats.NEWTON_NARROW_STEP
+        sums = None
+        for block in blocks.sweep(with_values=False, needed=needed, pass_name="newton"):
+            part, near = backend.newton_moments_pass(problems(block), tiles[block.index], state.point, rows, with_keep)
+            sums = part if sums is None else sums + part
+            if with_keep:  # query tiles read now replace what an earlier, lower point found
+                keep[block.index] = torch.where(marked, near, keep[block.index])
+        state = backend.newton_step(state, reduce.sums(sums), spec, *tolerances)
+    kept = [t.with_tiles(t.tiles & k) for t, k in zip(tiles, keep)]
+    return stats.finalize_tau(state.point, empty), kept
+
+
+SCHEDULES = ("newton", "histogram")
+SCHEDULE_ENV = "RING_ADASPLASH_SCHEDULE"  # "auto" (default), or one of SCHEDULES
+
+
+def default_schedule(spec: EntmaxSpec) -> str:
+    """How tau is found, from ``RING_ADASPLASH_SCHEDULE``: ``"histogram"`` (counts, then a fine
+    histogram or Newton steps from the bracket) unless it says ``"newton"`` (Newton steps alone,
+    ``_newton_schedule_tau``) and alpha is at most ``stats.NEWTON_SCHEDULE_MAX_ALPHA``: above
+    it, flat rows make Newton steps slow (at alpha 2 they are the sort-free sparsemax iteration,
+    about a key a step). ``"auto"`` is the histogram for now: on one H200 the Newton schedule
+    cut the forward by 5-14% where most tiles are active and cost up to 1.8x where few are
+    (benchmarks/RESULTS.md); a choice per query tile is to come."""
+    choice = os.environ.get(SCHEDULE_ENV, "auto")
+    if choice not in ("auto",) + SCHEDULES:
+        raise ValueError(f"{SCHEDULE_ENV} must be one of auto, {', '.join(SCHEDULES)}; got {choice!r}")
+    return "newton" if choice == "newton" and spec.alpha <= stats.NEWTON_SCHEDULE_MAX_ALPHA else "histogram"
+
+
 def _needed(blocks: KeyBlocks, masks: list):
     return masks if blocks.reads_needed else None
 
 
 def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: EntmaxSpec, softmax_scale: float,
-                   reduce: LocalReduce = LocalReduce()) -> ForwardResult:
-    """Exact alpha-entmax attention of ``q`` (B, Sq, Hq, D) against all key blocks."""
+                   reduce: LocalReduce = LocalReduce(), schedule: str | None = None) -> ForwardResult:
+    """Exact alpha-entmax attention of ``q`` (B, Sq, Hq, D) against all key blocks; ``schedule``:
+    one of ``SCHEDULES``, default ``default_schedule(spec)``."""
+    schedule = schedule or default_schedule(spec)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
 
     def raw_problems(block: KeyBlock):
         return backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale)
@@ -245,10 +308,17 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
     def problems(block: KeyBlock):
         return backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale, rel.shift)
 
-    row_stats = _histogram(backend, problems, blocks, reduce, rel.row_max, rel.tau_floor, tile_gaps, visible)
-    bracket = backend.coarse_bracket(row_stats, spec)
     reference = stats.gap_reference(rel.row_max, rel.tau_floor)
     block_m = backend.BLOCK_M
+    if schedule == "newton":
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        tau, read = _newton_schedule_tau(backend, problems, blocks, reduce, spec, rel, tile_gaps, visible, dtype)
+        empty = ~torch.isfinite(rel.row_max)
+        candidates = [r.with_tiles(r.tiles & lower_bound_mask(tile_gaps[i], tau.to(reference.dtype), reference, empty,
+                                                               block_m)) for i, r in enumerate(read)]
+        return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype)
+    row_stats = _histogram(backend, problems, blocks, reduce, rel.row_max, rel.tau_floor, tile_gaps, visible)
+    bracket = backend.coarse_bracket(row_stats, spec)
     candidates = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], bracket.lower, reference, bracket.empty,
                                                          block_m)) for i in range(blocks.num_blocks)]
     if spec.closed_form:
@@ -260,8 +330,14 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
                                             & kept[i]) for i in range(blocks.num_blocks)]
     else:
         tau = _newton_tau(backend, problems, blocks, reduce, spec, bracket, candidates)
-    tau = torch.where(rel.nonfinite, float("nan"), tau).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     del tile_gaps  # float32 per tile: the bool masks are all the output pass needs
+    return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype)
+
+
+def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, visible, dtype) -> ForwardResult:
+    """Step 5 for a known tau (NaN on rows that see a score that is not finite), over the
+    ``candidates`` tiles."""
+    tau = torch.where(rel.nonfinite, float("nan"), tau).to(torch.float64 if dtype == torch.float64 else torch.float32)
     parts, nonzero = None, {}
     for block in blocks.sweep(with_values=True, needed=_needed(blocks, candidates), pass_name="output"):
         *sums, nonzero[block.index] = backend.output_pass(problems(block), tau, candidates[block.index])

@@ -166,6 +166,10 @@ class Backend(Protocol):
         over ``tiles``; with ``rows`` (B, H, Sq) bool, only the query tiles holding a marked row
         read their key tiles (zeros elsewhere), without a mask of their own."""
 
+    def newton_step(self, state, sums, spec: EntmaxSpec, tolerance: float):
+        """``stats.newton_step`` on a ``stats.NewtonState`` with the merged Newton sums (the
+        Triton backend in one launch, updating the state's tensors in place)."""
+
     def output_pass(self, problem: Problem, tau, tiles: BlockMask) -> OutputSums:
         """Partial output for a known ``tau`` over ``tiles``; rows whose tau is NaN (they see a
         score that is not finite) come out NaN."""

@@ -46,6 +46,18 @@ NEWTON_STEPS = 5
 # Newton sums passes after the closed form (alpha 1.5 and 2) on the rows it leaves inexact
 # (``two_point_exact``), from within a sub-bin of tau
 POLISH_STEPS = 2
+# The Newton schedule (``algorithm``, alpha up to NEWTON_SCHEDULE_MAX_ALPHA): at most this many
+# Newton sums passes from the max pass's lower bound of tau; a row stops once a step moves its tau
+# by at most NEWTON_STEP_TOLERANCE (the steps converge quadratically: the error left is about the
+# square of the step; a bound on the step itself would sit below the float32 noise of the sums on
+# rows of many keys), or once tau is bracketed within NEWTON_TOLERANCE of the sum of p (the width
+# times the slope gamma sum (z - t)_+^(gamma - 1): a flat row of n keys moves sqrt(n) times more
+# mass per unit of tau than a row of one key)
+NEWTON_SCHEDULE_STEPS = 10
+NEWTON_SCHEDULE_MAX_ALPHA = 1.5
+NEWTON_NARROW_STEP = 2  # after this many steps, the tiles below every row's lower bound are dropped
+NEWTON_STEP_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-10}
+NEWTON_TOLERANCE = {torch.float32: 2e-6, torch.float64: 1e-12}
 MASK_MARGIN = 1e-4  # slack (in z) when comparing a tile gap with a lower bound of tau
 # tile gap of a tile that has visible pairs but provably no p > 0 (see ``histogram_mask``): finite,
 # so the tile still counts as visible, and below any threshold, so no block mask keeps it
@@ -368,8 +380,57 @@ def newton_update(t: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sum
     upper = torch.where(below, upper, torch.minimum(upper, t))
     norm = f.clamp(min=1e-300) ** (1.0 / spec.gamma)
     newton = t + (1.0 - 1.0 / norm) * f / df.clamp(min=1e-300)
-    inside = (f > 0) & (df > 0) & (newton >= lower) & (newton <= upper)
+    # past the upper bound only by rounding (the bound is tau itself once a closed form found the
+    # support): the bound is the better point; below the lower bound, bisect
+    newton = torch.minimum(newton, upper)
+    inside = (f > 0) & (df > 0) & (newton >= lower)
     return torch.where(inside, newton, 0.5 * (lower + upper)), lower, upper
+
+
+class NewtonState(NamedTuple):
+    """Per row (B, H, Sq) of the Newton schedule: the current point (float64, a lower bound of tau
+    up to rounding), the bracket ``[lower, upper]`` of tau (float64) and ``done`` (bool: rows with
+    no visible key, and rows whose last step moved them by at most the tolerance)."""
+
+    point: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
+    done: torch.Tensor
+
+    @classmethod
+    def start(cls, reference: torch.Tensor, row_max: torch.Tensor) -> "NewtonState":
+        """From the max pass: ``gap_reference`` (a lower bound of tau) and the row max (an upper
+        bound); rows with no visible key start done."""
+        lower = reference.to(torch.float64, copy=True)
+        return cls(lower.clone(), lower, row_max.to(torch.float64, copy=True), ~torch.isfinite(row_max))
+
+
+def newton_step(state: NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tolerance: float,
+                step_tolerance: float) -> NewtonState:
+    """One step of the Newton schedule on the rows not done, from the merged sums of
+    ``newton_moments_pass`` at ``t = state.point``: ``newton_update``, whose point stays below tau
+    (up to rounding), and for alpha 1.5 an upper bound of tau from the same sums. A row is done
+    once its step is at most ``step_tolerance``, or once the sum of p changes by at most
+    ``tolerance`` between its point and the upper bound: their distance times the slope
+    ``gamma f'`` at t, which bounds the slope beyond (keys only leave as t rises).
+
+    Upper bound (gamma 2): the count n0, sum n1 and sum of squares n2 of the gaps above t fix
+    ``Q(s) = sum_{z > t} (z - s)^2``, which is at least ``F(s) = sum (z - s)_+^2`` for s >= t (it
+    keeps the keys that s passes); at its smaller root ``t + x`` with ``Q = 1``, ``F <= 1``: so
+    tau <= t + x, with equality when no key lies between."""
+    f, df = sums[..., 0].double(), sums[..., 1].double()
+    point, lower, upper = newton_update(state.point, state.lower, state.upper, sums[..., :2], spec)
+    done = (point - state.point).abs() <= step_tolerance
+    if spec.power == 2:
+        count = sums[..., 2].double()
+        disc = df * df - count * (f - 1.0)
+        x = (f - 1.0) / (df + disc.clamp(min=0).sqrt()).clamp(min=1e-300)
+        valid = (f >= 1.0) & (disc >= 0) & (count > 0)
+        upper = torch.where(valid, torch.minimum(upper, state.point + x), upper)
+        done = done | ((upper - point) * spec.gamma * df <= tolerance)
+    keep = state.done
+    return NewtonState(torch.where(keep, state.point, point), torch.where(keep, state.lower, lower),
+                       torch.where(keep, state.upper, upper), keep | done)
 
 
 def finalize_tau(tau: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:

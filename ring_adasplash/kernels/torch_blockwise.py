@@ -242,6 +242,32 @@ def newton_sums_pass(problem: Problem, tiles: BlockMask, point, rows=None):
     return out
 
 
+def newton_moments_pass(problem: Problem, tiles: BlockMask, point, rows=None, keep: bool = False):
+    """The Newton schedule's pass at ``t = point`` over ``tiles`` (only the query tiles holding a
+    row of ``rows``, when given): ``sums`` (B, H, Sq, 3) float64, ``sum (z - t)_+^gamma``,
+    ``sum (z - t)_+^(gamma - 1)`` and the count of keys above t; with ``keep``, also (B, H, nQ,
+    nK) bool, the tiles read that hold a key above ``t - MASK_MARGIN`` (no other tile read holds
+    p > 0 for a tau >= t), else None."""
+    if rows is not None:
+        tiles = tiles.with_tiles(tiles.tiles & stats.per_query_tile(rows, problem.block_m, "any")[..., None])
+    sums = torch.zeros(*problem.rows, 3, device=problem.q.device, dtype=torch.float64)
+    near = torch.zeros(problem.tiles, device=problem.q.device, dtype=torch.bool)
+    t = point.double()[..., None]
+    key_tiles = _KeyTiles(problem, tiles)
+    for index, _, z in key_tiles:
+        gap = _gap(z.double(), t)
+        p, u = problem.spec.weights(gap)
+        sums += torch.stack((p.sum(-1), u.sum(-1), (gap > 0).sum(-1).double()), -1)
+        near[..., index] = key_tiles.per_query_tile((z.double() > t - stats.MASK_MARGIN).any(-1), "any")
+    return sums, (near & tiles.tiles) if keep else None
+
+
+def newton_step(state: stats.NewtonState, sums: torch.Tensor, spec, tolerance: float,
+                step_tolerance: float) -> stats.NewtonState:
+    """``stats.newton_step``."""
+    return stats.newton_step(state, sums, spec, tolerance, step_tolerance)
+
+
 def _gap(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """``(z - tau)_+``, 0 where either is NaN (a row with a NaN tau is marked NaN as a whole)."""
     return torch.where(z > tau, z - tau, torch.zeros_like(z))

@@ -259,16 +259,41 @@ def fine_histogram_pass(problem: TritonProblem, tiles: BlockMask, bin_index, cut
     return sums, keep.view(torch.bool)
 
 
+def _newton_sums(problem: TritonProblem, tiles: BlockMask, point, rows, count: bool, keep: bool):
+    sums = problem.empty_rows(3 if count else 2)
+    kept = torch.zeros(problem.tiles if keep else (1,), device=problem.q.device, dtype=torch.int8)
+    marked = point if rows is None else rows.to(device=problem.q.device, dtype=torch.int8).contiguous()
+    launch(triton_refine.newton_sums_kernel, problem.query_grid)(
+        **problem.listed(tiles), Point=problem.per_row(point), Rows=marked, Sums=sums, Keep=kept,
+        keep_margin=S.MASK_MARGIN, **problem.weights, SOME_ROWS=rows is not None, COUNT=count, KEEP=keep,
+        **problem.config("sparse"))
+    return sums.double(), kept.view(torch.bool) if keep else None
+
+
 def newton_sums_pass(problem: TritonProblem, tiles: BlockMask, point, rows=None):
     """Newton sums at ``point`` over ``tiles`` (``triton_refine.newton_sums_kernel``), float64,
     on the query tiles with a row in ``rows`` (all when None); see
     ``torch_blockwise.newton_sums_pass``."""
-    sums = problem.empty_rows(2)
-    marked = point if rows is None else rows.to(device=problem.q.device, dtype=torch.int8).contiguous()
-    launch(triton_refine.newton_sums_kernel, problem.query_grid)(
-        **problem.listed(tiles), Point=problem.per_row(point), Rows=marked, Sums=sums, **problem.weights,
-        SOME_ROWS=rows is not None, **problem.config("sparse"))
-    return sums.double()
+    return _newton_sums(problem, tiles, point, rows, False, False)[0]
+
+
+def newton_moments_pass(problem: TritonProblem, tiles: BlockMask, point, rows=None, keep: bool = False):
+    """``torch_blockwise.newton_moments_pass`` (``triton_refine.newton_sums_kernel`` with
+    ``COUNT``, and ``KEEP`` when ``keep``)."""
+    return _newton_sums(problem, tiles, point, rows, True, keep)
+
+
+def newton_step(state: S.NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tolerance: float,
+                step_tolerance: float) -> S.NewtonState:
+    """``stats.newton_step`` in one launch (``triton_tau.newton_step_kernel``), in place."""
+    point, lower, upper = (x.to(torch.float64).contiguous() for x in state[:3])
+    done = state.done.contiguous().view(torch.int8)
+    launch(triton_tau.newton_step_kernel, (_cdiv(point.numel(), TAU_ROWS),))(
+        Sums=sums.to(torch.float64).contiguous(), Point=point, Lower=lower, Upper=upper,
+        Done=done, num_rows=point.numel(), gamma=float(spec.gamma), tolerance=float(tolerance),
+        step_tolerance=float(step_tolerance), POWER=spec.power,
+        BLOCK_R=TAU_ROWS, num_warps=TAU_WARPS)
+    return S.NewtonState(point, lower, upper, done.view(torch.bool))
 
 
 def output_pass(problem: TritonProblem, tau, tiles: BlockMask) -> OutputSums:

@@ -14,13 +14,14 @@ belongs to one program, so nothing contends across programs) by ``add_moments_by
 distinct sub-bin of every row at a time, row sums, then 3 atomics per row. The sums above the
 pair are row sums kept in registers and stored once (why: docs/design.md (kernel choices)).
 
-``newton_sums_kernel`` (``torch_blockwise.newton_sums_pass``): sum (z - t)_+^gamma and
-sum (z - t)_+^(gamma - 1) at t = ``Point``.
+``newton_sums_kernel`` (``torch_blockwise.newton_sums_pass``, ``newton_moments_pass``):
+sum (z - t)_+^gamma and sum (z - t)_+^(gamma - 1) at t = ``Point``; for the Newton schedule also
+the count of keys above t and per tile whether it may hold p > 0.
 """
 import triton
 import triton.language as tl
 
-from .triton_common import ADD, MAX, MIN, entmax_weights, listed_logits, listed_query_tile, positive_gap
+from .triton_common import ADD, MAX, MIN, dot, entmax_weights, listed_logits, listed_query_tile, positive_gap
 
 
 @triton.jit
@@ -116,16 +117,24 @@ def fine_histogram_kernel(
 @triton.jit
 def newton_sums_kernel(
     Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
-    Point, Rows, Sums,
+    Point, Rows, Sums, Keep,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
-    seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma,
+    seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma, keep_margin,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POWER: tl.constexpr, SOME_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    POWER: tl.constexpr, SOME_ROWS: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """Newton sums at ``Point`` into ``Sums`` (rows, 2); see the module doc. ``SOME_ROWS``: only
-    the query tiles with a row marked in ``Rows`` (int8 per row) read their key tiles; the
-    others store zeros (the exact finish after the closed form, where rarely a row needs it)."""
+    """Newton sums at ``Point`` into ``Sums`` (rows, 2, or 3 with ``COUNT``); see the module doc.
+    ``SOME_ROWS``: only the query tiles with a row marked in ``Rows`` (int8 per row) read their
+    key tiles; the others store zeros (the exact finish after the closed form, and the Newton
+    schedule, where rows that are done drop out). ``COUNT`` (the Newton schedule): the third
+    column counts the keys above the point. ``KEEP``: ``Keep[tile]`` is set for every tile read,
+    to whether a key of one of its rows lies above ``point - keep_margin``.
+
+    Each row reduction of a tile costs about as much as the tile's product, so the count is a
+    product with a tile of ones on the tensor cores (0 and 1 are exact in any dtype, the sums
+    float32), accumulated across tiles and reduced once (why: docs/design.md (kernel choices))."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_lo,
      full_hi) = listed_query_tile(
@@ -138,12 +147,24 @@ def newton_sums_kernel(
         count = tl.where(marked > 0, count, 0)
     f_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+    ONES_WIDTH: tl.constexpr = 16  # the narrowest product the tensor cores take
+    ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
+    above = tl.full([BLOCK_M, ONES_WIDTH], 0.0, tl.float32)  # every column: the row's count
     for i in range(0, count):
         tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, full_lo, full_hi, q_limit,
                                           q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
                                           scale_z, HEAD_DIM, BLOCK_N, PRECISION)
-        p, u = entmax_weights(positive_gap(z, point[:, None]), gamma, POWER)
+        gap = positive_gap(z, point[:, None])
+        p, u = entmax_weights(gap, gamma, POWER)
         f_sum += tl.reduce(p, 1, ADD)
         df_sum += tl.reduce(u, 1, ADD)
-    tl.store(Sums + rows * 2, f_sum, mask=in_q)
-    tl.store(Sums + rows * 2 + 1, df_sum, mask=in_q)
+        if COUNT:
+            above += dot(tl.where(gap > 0, 1.0, 0.0).to(q.dtype), ones, PRECISION)
+        if KEEP:
+            near = tl.reduce(tl.reduce(z - point[:, None], 1, MAX), 0, MAX) > -keep_margin
+            tl.store(Keep + tile_row + tile_k, near.to(tl.int8))
+    WIDTH: tl.constexpr = 3 if COUNT else 2
+    tl.store(Sums + rows * WIDTH, f_sum, mask=in_q)
+    tl.store(Sums + rows * WIDTH + 1, df_sum, mask=in_q)
+    if COUNT:
+        tl.store(Sums + rows * WIDTH + 2, tl.reduce(above, 1, MAX), mask=in_q)

@@ -166,3 +166,52 @@ def fine_tau_kernel(Bin_index, Empty, Single, Lower, Fine, Tau, num_rows,
     tau = ((bin_index + tau_rel) / (NUM_BINS - 1)).to(tl.float32)
     tau = tl.where(single, tl.load(Lower + rows, mask=in_rows, other=0.0), tau)
     tl.store(Tau + rows, tl.where(empty, float("inf"), tau), mask=in_rows)
+
+
+@triton.jit
+def _one_minus_root(f, gamma, POWER: tl.constexpr):
+    """``1 - f^(-1 / gamma)`` (float64) without the cancellation of ``f`` near 1, where the last
+    Newton steps are: the step's size is this times ``f / f'``."""
+    if POWER == 2:
+        root = tl.sqrt(f)
+        value = (f - 1.0) / (root * (root + 1.0))
+    elif POWER == 1:
+        value = (f - 1.0) / f
+    else:
+        y = tl.log(f) / gamma  # 1 - exp(-y), a series where y is small
+        value = tl.where(tl.abs(y) < 1e-3, y * (1.0 - y * (0.5 - y * (1.0 / 6.0 - y / 24.0))), 1.0 - tl.exp(-y))
+    return value
+
+
+@triton.jit
+def newton_step_kernel(Sums, Point, Lower, Upper, Done, num_rows, gamma, tolerance, step_tolerance,
+                       POWER: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``stats.newton_step`` in place on the rows not done: ``Sums`` (rows, 3) float64, the exact
+    ``sum (z - t)_+^gamma``, ``sum (z - t)_+^(gamma - 1)`` and count of keys above ``t = Point``
+    (float64), the bracket ``Lower``, ``Upper`` (float64) and ``Done`` (int8)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = (rows < num_rows) & (tl.load(Done + rows, mask=rows < num_rows, other=1) == 0)
+    f = tl.load(Sums + rows * 3, mask=live, other=0.0)
+    df = tl.load(Sums + rows * 3 + 1, mask=live, other=0.0)
+    t = tl.load(Point + rows, mask=live, other=0.0)
+    below = f >= 1.0
+    lower = tl.load(Lower + rows, mask=live, other=0.0)
+    upper = tl.load(Upper + rows, mask=live, other=0.0)
+    lower = tl.where(below, tl.maximum(lower, t), lower)
+    upper = tl.where(below, upper, tl.minimum(upper, t))
+    newton = t + _one_minus_root(tl.maximum(f, 1e-300), gamma, POWER) * f / tl.maximum(df, 1e-300)
+    newton = tl.minimum(newton, upper)  # past the upper bound only by rounding (stats.newton_update)
+    inside = (f > 0) & (df > 0) & (newton >= lower)
+    point = tl.where(inside, newton, 0.5 * (lower + upper))
+    done = tl.abs(point - t) <= step_tolerance
+    if POWER == 2:  # the upper bound (stats.newton_step)
+        count = tl.load(Sums + rows * 3 + 2, mask=live, other=0.0)
+        disc = df * df - count * (f - 1.0)
+        x = (f - 1.0) / tl.maximum(df + tl.sqrt(tl.maximum(disc, 0.0)), 1e-300)
+        valid = below & (disc >= 0) & (count > 0)
+        upper = tl.where(valid, tl.minimum(upper, t + x), upper)
+        done = done | ((upper - point) * gamma * df <= tolerance)
+    tl.store(Point + rows, point, mask=live)
+    tl.store(Lower + rows, lower, mask=live)
+    tl.store(Upper + rows, upper, mask=live)
+    tl.store(Done + rows, done.to(tl.int8), mask=live)

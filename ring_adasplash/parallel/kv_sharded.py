@@ -12,7 +12,7 @@ import torch.distributed as dist
 from .. import telemetry
 from ..checks import check_alpha, check_qkv, check_window, default_scale
 from ..kernels import EntmaxSpec, backend_for
-from ..kernels.algorithm import LocalReduce, SingleBlock, entmax_backward, entmax_forward
+from ..kernels.algorithm import LocalReduce, SingleBlock, default_schedule, entmax_backward, entmax_forward
 from ..kernels.visibility import positional_visibility, windowed
 from .validation import checked_on_groups
 
@@ -80,7 +80,8 @@ def kv_sharded_adasplash_func(q, k_local, v_local, alpha: float = 1.5, causal: b
         scale = default_scale(softmax_scale, dim)
         window = check_window(window_size, sink_tokens)
         description = {"q": tuple(q.shape), "k": tuple(k_local.shape), "dtype": str(q.dtype), "alpha": checked_alpha,
-                       "causal": bool(causal), "softmax_scale": scale, "window": window}
+                       "causal": bool(causal), "softmax_scale": scale, "window": window,
+                       "schedule": default_schedule(EntmaxSpec(checked_alpha))}  # the number of all-reduces
         return description, (checked_alpha, scale, window)
 
     alpha, scale, (window, sinks) = checked_on_groups(local_checks, [group])

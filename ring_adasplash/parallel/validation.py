@@ -15,7 +15,8 @@ import torch
 
 from ..checks import check_alpha, check_qkv, check_window, default_scale
 from ..comm import check_same_on_all_ranks
-from ..kernels import backend_for
+from ..kernels import EntmaxSpec, backend_for
+from ..kernels.algorithm import default_schedule
 
 
 def checked_on_groups(local_checks: Callable[[], tuple[dict, Any]], groups: Sequence) -> Any:
@@ -79,7 +80,9 @@ def validated_self_attention(q, k, v, alpha, softmax_scale, causal: bool, groups
         scale = default_scale(softmax_scale, dim)
         window, sinks = check_window(window_size, sink_tokens)
         description = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "alpha": checked_alpha,
-                       "causal": bool(causal), "softmax_scale": scale, "window_size": window, "sink_tokens": sinks}
+                       "causal": bool(causal), "softmax_scale": scale, "window_size": window, "sink_tokens": sinks,
+                       # the schedule sets how many key sweeps the forward makes: ranks must agree
+                       "schedule": default_schedule(EntmaxSpec(checked_alpha))}
         extra = None
         if extra_checks is not None:
             more, extra = extra_checks()

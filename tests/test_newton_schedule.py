@@ -1,0 +1,121 @@
+"""The Newton schedule (``RING_ADASPLASH_SCHEDULE=newton``, alpha up to 1.5): tau by Newton steps
+alone. The oracle families of ``test_exactness`` against the ``entmax`` package, on the PyTorch
+path (the interpreted Triton kernels: ``test_triton_kernels``); a ring over gloo; and ranks that
+disagree on the schedule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ring_adasplash as ra
+from distributed_utils import run_distributed
+from helpers import random_qkv, reference_with_grads, rel_err
+from ring_adasplash.kernels import EntmaxSpec, stats
+from ring_adasplash.kernels import torch_blockwise as TB
+from ring_adasplash.kernels.algorithm import SCHEDULE_ENV, SingleBlock, default_schedule, entmax_forward
+from ring_adasplash.kernels.visibility import causal_visibility
+from test_exactness import TOL, _worst
+
+NEWTON_ALPHAS = (1.01, 1.1, 1.25, 1.5)
+
+
+@pytest.fixture
+def newton(monkeypatch):
+    monkeypatch.setenv(SCHEDULE_ENV, "newton")
+
+
+def test_the_variable_picks_the_schedule(monkeypatch):
+    assert default_schedule(EntmaxSpec(1.5)) == "histogram"  # auto
+    monkeypatch.setenv(SCHEDULE_ENV, "newton")
+    assert default_schedule(EntmaxSpec(1.5)) == "newton" and default_schedule(EntmaxSpec(1.25)) == "newton"
+    assert default_schedule(EntmaxSpec(1.75)) == "histogram"  # above NEWTON_SCHEDULE_MAX_ALPHA
+    monkeypatch.setenv(SCHEDULE_ENV, "fast")
+    with pytest.raises(ValueError, match="RING_ADASPLASH_SCHEDULE must be one of auto, newton, histogram"):
+        default_schedule(EntmaxSpec(1.5))
+
+
+@pytest.mark.parametrize("alpha", NEWTON_ALPHAS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_oracle_families_with_offsets(newton, alpha, dtype):
+    assert not _worst(alpha, dtype, offsets=True)
+
+
+@pytest.mark.parametrize("alpha", NEWTON_ALPHAS)
+@pytest.mark.parametrize("spread", (1.0, 0.01))
+def test_flat_rows_sum_to_one(newton, alpha, spread):
+    """As ``test_exactness.test_flat_rows_sum_to_one_at_thousands_of_keys``: a flat row moves
+    sqrt(n) times more mass per unit of tau, which the stopping rule must account for."""
+    g = torch.Generator().manual_seed(1)
+    q, k = (spread * torch.randn(1, 4096, 1, 16, generator=g) for _ in range(2))
+    q[..., 0] = 1
+    out = ra.adasplash_func(q, k, torch.ones_like(k), alpha=alpha, softmax_scale=1.0, causal=True)
+    assert (out - 1).abs().max().item() < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("alpha", (1.25, 1.5))
+def test_gradcheck_float64(newton, alpha):
+    q, k, v = (torch.randn(1, 12, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda *t: ra.adasplash_func(*t, alpha=alpha, causal=True), (q, k, v))
+
+
+def test_rows_converge_in_a_few_passes_on_attention_like_rows():
+    """Causal rows of structured attention at 2048 tokens: every row is done after five passes
+    (the schedule allows NEWTON_SCHEDULE_STEPS); counted through the PyTorch path's state."""
+    log = []
+    step = TB.newton_step
+
+    def counting(state, *args):
+        new = step(state, *args)
+        log.append(int((~new.done).sum()))
+        return new
+
+    q, k, v = random_qkv(1, 2048, 2048, 2, 2, 32, seed=4)[:3]
+    vis = causal_visibility(2048, 2048, True, "cpu")
+    TB.newton_step = counting
+    try:
+        entmax_forward(TB, q, SingleBlock(k, v, vis), EntmaxSpec(1.5), 32 ** -0.5, schedule="newton")
+    finally:
+        TB.newton_step = step
+    assert len(log) == stats.NEWTON_SCHEDULE_STEPS and log[0] > 0 and log[4] == 0, log
+
+
+def _ring_with_newton(rank, world):
+    import os
+
+    from helpers import gather_sequence
+    from ring_adasplash.parallel import layouts, zigzag_ring_adasplash_func
+
+    os.environ[SCHEDULE_ENV] = "newton"
+    seqlen = world * 96
+    q, k, v, grad_out = random_qkv(1, seqlen, seqlen, 4, 2, 16, seed=5, grad_out=True)
+    local = [layouts.shard(t, "zigzag", rank, world).requires_grad_() for t in (q, k, v)]
+    out = zigzag_ring_adasplash_func(*local, alpha=1.5, causal=True)
+    grads = torch.autograd.grad(out, local, layouts.shard(grad_out, "zigzag", rank, world))
+    got = [gather_sequence(t, "zigzag", world) for t in (out, *grads)]
+    return [rel_err(a, b) for a, b in zip(got, reference_with_grads(q, k, v, grad_out, 1.5, True))]
+
+
+def test_zigzag_ring_with_the_newton_schedule():
+    from test_distributed_attention import TOL as DIST_TOL
+
+    for errors in run_distributed(_ring_with_newton, 2, timeout=300):
+        assert max(errors) < DIST_TOL, errors
+
+
+def _mismatched_schedule(rank, world):
+    import os
+
+    from ring_adasplash.parallel import ring_adasplash_func
+
+    os.environ[SCHEDULE_ENV] = "newton" if rank == 0 else "histogram"
+    q = torch.randn(1, 32, 2, 16)
+    try:
+        ring_adasplash_func(q, q, q)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_schedule_that_differs_between_ranks_raises_on_every_rank():
+    for message in run_distributed(_mismatched_schedule, 2, timeout=120):
+        assert "schedule" in message, message
