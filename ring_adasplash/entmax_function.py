@@ -1,5 +1,6 @@
-"""alpha-entmax over any tensor, along any dim: exact and differentiable (the PyTorch path; it runs
-on any device).
+"""alpha-entmax over any tensor, along any dim: exact and differentiable; the forward runs as one
+Triton program per row on CUDA tensors (``kernels.triton_entmax``: Newton steps on the row held in
+registers), and as PyTorch elsewhere and for float64.
 
     p = entmax(x, alpha=1.5, dim=-1)   # p = [(alpha - 1) x - tau]_+ ** (1 / (alpha - 1)), sum p = 1
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_alpha
+from .kernels import backend_for
 from .kernels.entmax_spec import EntmaxSpec
 from .kernels.stats import newton_update
 
@@ -50,11 +52,22 @@ class _Entmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, alpha: float, dim: int):
         compute = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32).movedim(dim, -1)
-        z = (alpha - 1.0) * (compute - compute.amax(-1, keepdim=True))
-        spec = EntmaxSpec(alpha)
-        tau = _sorted_closed_form_tau(z, spec.power) if spec.closed_form else _newton_tau(z, spec)
-        p, _ = spec.weights((z - tau).clamp(min=0))
-        p = p / p.sum(-1, keepdim=True)  # removes the last rounding of tau: rows sum to 1
+        backend = backend_for(x)
+        if backend.NAME == "triton":  # CUDA tensors (or the interpreter), never float64
+            rows = compute.reshape(-1, compute.shape[-1]).contiguous()
+            p = backend.entmax_rows(rows, alpha).view(compute.shape)
+        else:
+            top = compute.amax(-1, keepdim=True)
+            # rows with a NaN, an inf, or nothing but -inf come out NaN (as softmax gives)
+            invalid = ~torch.isfinite(top) | torch.isnan(compute).any(-1, keepdim=True)
+            # below max - 1 nothing has p > 0 (p <= 1): -2 stands for -inf (masked entries) there
+            z = ((alpha - 1.0) * (compute - top)).clamp(min=-2.0)
+            z = torch.where(invalid, torch.zeros_like(z), z)
+            spec = EntmaxSpec(alpha)
+            tau = _sorted_closed_form_tau(z, spec.power) if spec.closed_form else _newton_tau(z, spec)
+            p, _ = spec.weights((z - tau).clamp(min=0))
+            p = p / p.sum(-1, keepdim=True)  # removes the last rounding of tau: rows sum to 1
+            p = torch.where(invalid, float("nan"), p)
         ctx.save_for_backward(p)
         ctx.alpha, ctx.dim = alpha, dim
         return p.movedim(-1, dim).to(x.dtype)

@@ -20,7 +20,7 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 def capture(path: str) -> None:
     """Forward and backward at alpha 1.5, 2 and 1.3, bf16 and fp32, causal with a window and sinks
-    and with key padding; writes {(kernel module, name): [arguments by name, as (kind, value)]}."""
+    and with key padding; the Newton schedule's forward; entmax over tensors; writes {(kernel module, name): [arguments by name, as (kind, value)]}."""
     import torch
 
     import ring_adasplash as ra
@@ -54,6 +54,18 @@ def capture(path: str) -> None:
             keep[1, :20] = False
             out = ra.adasplash_func(q, k, v, alpha=alpha, window_size=(40, 0), sink_tokens=2, key_padding_mask=keep)
             out.float().sum().backward()
+    # the Newton schedule (alpha 1.5 and another), and entmax over tensors (rows in registers and
+    # rows read block by block)
+    os.environ["RING_ADASPLASH_SCHEDULE"] = "newton"
+    for dtype in (torch.bfloat16, torch.float32):
+        for alpha in (1.5, 1.3):
+            q, k, v = (torch.randn(1, 130, 2, 64).to(dtype) for _ in range(3))
+            ra.adasplash_func(q, k, v, alpha=alpha)
+    del os.environ["RING_ADASPLASH_SCHEDULE"]
+    for alpha in (1.5, 2.0, 1.3):
+        for dtype in (torch.bfloat16, torch.float32):
+            ra.entmax(torch.randn(3, 100).to(dtype), alpha)
+        triton_backend.entmax_rows(torch.randn(2, 100), alpha, row_block=32)
     with open(path, "wb") as f:
         pickle.dump(launched, f)
 

@@ -66,3 +66,44 @@ def test_named_forms_and_bad_input():
         entmax(x, 1.5, dim=2)
     with pytest.raises(TypeError, match="floating"):
         entmax(torch.ones(3, dtype=torch.int64))
+
+
+def special_rows():
+    """A row with a NaN, a row of -inf (nothing to attend to), a row with masked (-inf) entries."""
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(2))
+    x[0, 3] = float("nan")
+    x[1] = float("-inf")
+    x[2, :4] = float("-inf")
+    return x
+
+
+def check_special_rows(x, alpha):
+    """NaN and all -inf rows come out NaN (as softmax gives); masked entries get p = 0 and the
+    rest match the package on the entries left."""
+    p = entmax(x, alpha).cpu()
+    x = x.cpu()
+    assert p[:2].isnan().all()
+    assert torch.equal(p[2, :4], torch.zeros(4))
+    want = _oracle(x[2:, 4:].double(), alpha, -1)
+    assert (p[2:, 4:].double() - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("alpha", (1.25, 1.5, 2.0))
+def test_nan_and_masked_rows(alpha):
+    check_special_rows(special_rows(), alpha)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("alpha", (1.01, 1.25, 1.5, 2.0))
+def test_gpu_row_kernel_matches_the_entmax_package(alpha):
+    """The Triton row kernel on the GPU: rows kept in registers and rows longer than
+    ``ENTMAX_ROW_BLOCK``, float32 and bf16 inputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    for name, x in (*_rows(0).items(), ("long", torch.randn(3, 20000, generator=torch.Generator().manual_seed(4)))):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            xd = x.to("cuda", dtype)
+            got = entmax(xd, alpha)
+            assert got.dtype == dtype and got.is_cuda
+            assert (got.double().cpu() - _oracle(xd.double().cpu(), alpha, -1)).abs().max().item() <= tol, (name, dtype)
+    check_special_rows(special_rows().cuda(), alpha)

@@ -613,3 +613,37 @@ def test_newton_step_kernel_matches_the_pytorch_step(interpreted):
         for name, a, b in zip(S.NewtonState._fields, got, expected):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
         assert (got.point != start.point).any() and torch.equal(got.point[start.done], start.point[start.done])
+
+
+@pytest.mark.parametrize("alpha", (1.01, 1.25, 1.5, 2.0))
+def test_entmax_over_tensors_runs_the_row_kernel(interpreted, alpha, monkeypatch):
+    """``ring_adasplash.entmax`` on CPU tensors with the Triton backend selected: the row kernel
+    (``triton_entmax``) against the ``entmax`` package on the families of
+    ``test_entmax_function``; rows read block by block (``row_block`` below their
+    length) give the same; NaN, -inf and masked rows; gradients as the PyTorch path's."""
+    from test_entmax_function import _oracle, _rows, check_special_rows, special_rows
+
+    from ring_adasplash import entmax
+
+    calls = []
+    rows_kernel = interpreted.entmax_rows
+    monkeypatch.setattr(interpreted, "entmax_rows", lambda *a, **k: calls.append(1) or rows_kernel(*a, **k))
+    for name, x in _rows(0).items():
+        # along the last dim, and along dim 0 of a short leading axis (every program runs
+        # interpreted, one row at a time)
+        for dim in (-1, 0) if x.numel() <= 1000 else (-1,):
+            got = entmax(x, alpha, dim)
+            assert got.shape == x.shape and got.dtype == x.dtype
+            assert (got.double() - _oracle(x.double(), alpha, dim)).abs().max().item() <= 1e-5, (name, dim)
+        flat = x.reshape(-1, x.shape[-1])
+        blocked = rows_kernel(flat, alpha, row_block=16 if flat.shape[-1] <= 64 else 1024)
+        assert (blocked.double() - _oracle(flat.double(), alpha, -1)).abs().max().item() <= 1e-5, name
+    assert calls
+    check_special_rows(special_rows(), alpha)
+    x = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(5))
+    grad = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(6))
+    a, b = x.clone().requires_grad_(), x.double().requires_grad_()
+    (entmax(a, alpha, 1) * grad).sum().backward()
+    monkeypatch.setenv("RING_ADASPLASH_BACKEND", "torch")
+    (entmax(b, alpha, 1) * grad.double()).sum().backward()
+    torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)

@@ -5,7 +5,8 @@ per-row results are head-major (B, H, Sq, ...) and contiguous. GQA: query head `
 head ``h // (Hq // Hkv)``. The kernels live in ``triton_maxima`` (the max pass),
 ``triton_histogram``, ``triton_refine`` (fine histogram, Newton sums), ``triton_output``,
 ``triton_backward`` and ``triton_tau`` (tau from the statistics, in place of the float64 PyTorch
-math of ``stats`` for alpha 1.5 and 2), their shared helpers in ``triton_common``.
+math of ``stats`` for alpha 1.5 and 2, and the Newton schedule's step), their shared helpers in
+``triton_common``; ``triton_entmax`` is entmax over the rows of any tensor (``entmax_rows``).
 ``TritonProblem`` derives once per key block what every launch reads (visibility vectors, per
 query tile the range of key tiles with visible pairs, strides, constants); each pass below is
 one launch or two, with its arguments by name. Launch configurations are a fixed table: nothing
@@ -25,7 +26,7 @@ import torch
 import triton
 
 from . import stats as S
-from . import triton_backward, triton_histogram, triton_maxima, triton_output, triton_refine, triton_tau
+from . import triton_backward, triton_entmax, triton_histogram, triton_maxima, triton_output, triton_refine, triton_tau
 from .backend import Gradients, Maxima, OutputSums, Problem
 from .block_mask import BlockMask
 from .compile_ahead import launch
@@ -385,3 +386,24 @@ def fine_tau(bracket: S.Bracket, fine: torch.Tensor, spec: EntmaxSpec) -> torch.
         Fine=fine.contiguous(), Tau=tau, num_rows=tau.numel(), NUM_BINS=S.NUM_BINS, FINE_BINS=S.FINE_BINS,
         POWER=spec.power, BLOCK_R=FINE_TAU_ROWS, num_warps=FINE_TAU_WARPS)
     return tau
+
+
+ENTMAX_ROW_BLOCK = 8192  # rows up to this length stay in registers (``triton_entmax``)
+ENTMAX_MAX_STEPS = {1: 64, 2: 32, 0: 32}  # by POWER: the sparsemax iteration gains a key a step on flat rows
+ENTMAX_TOLERANCE = 1e-7  # in z: a step this small leaves an error of about its square
+
+
+def entmax_rows(x: torch.Tensor, alpha: float, row_block: int = ENTMAX_ROW_BLOCK) -> torch.Tensor:
+    """alpha-entmax of every row of ``x`` (rows, n), float32 out (``triton_entmax.entmax_rows_kernel``);
+    ``row_block``: the longest row kept in registers (longer ones are read block by block)."""
+    rows, num_cols = x.shape
+    spec = EntmaxSpec(alpha)
+    p = torch.empty(rows, num_cols, device=x.device, dtype=torch.float32)
+    if p.numel() == 0:
+        return p
+    block = min(triton.next_power_of_2(num_cols), row_block)
+    launch(triton_entmax.entmax_rows_kernel, (rows,))(
+        X=x, P=p, num_cols=num_cols, stride_x=x.stride(0), stride_p=p.stride(0), scale_z=alpha - 1.0,
+        gamma=float(spec.gamma), tolerance=ENTMAX_TOLERANCE, POWER=spec.power, BLOCK=block,
+        ONE_BLOCK=num_cols <= block, MAX_STEPS=ENTMAX_MAX_STEPS[spec.power], num_warps=min(16, max(1, block // 256)))
+    return p

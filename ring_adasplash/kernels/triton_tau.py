@@ -169,7 +169,7 @@ def fine_tau_kernel(Bin_index, Empty, Single, Lower, Fine, Tau, num_rows,
 
 
 @triton.jit
-def _one_minus_root(f, gamma, POWER: tl.constexpr):
+def one_minus_root(f, gamma, POWER: tl.constexpr):
     """``1 - f^(-1 / gamma)`` (float64) without the cancellation of ``f`` near 1, where the last
     Newton steps are: the step's size is this times ``f / f'``."""
     if POWER == 2:
@@ -199,7 +199,7 @@ def newton_step_kernel(Sums, Point, Lower, Upper, Done, num_rows, gamma, toleran
     upper = tl.load(Upper + rows, mask=live, other=0.0)
     lower = tl.where(below, tl.maximum(lower, t), lower)
     upper = tl.where(below, upper, tl.minimum(upper, t))
-    newton = t + _one_minus_root(tl.maximum(f, 1e-300), gamma, POWER) * f / tl.maximum(df, 1e-300)
+    newton = t + one_minus_root(tl.maximum(f, 1e-300), gamma, POWER) * f / tl.maximum(df, 1e-300)
     newton = tl.minimum(newton, upper)  # past the upper bound only by rounding (stats.newton_update)
     inside = (f > 0) & (df > 0) & (newton >= lower)
     point = tl.where(inside, newton, 0.5 * (lower + upper))
