@@ -21,6 +21,9 @@ computed on each and how the pieces combine:
                 hold p > 0 become the forward's block mask
     backward one pass on nonzero tiles: dq here, dk and dv of each block handed back to the block
 
+The Newton schedule (``RING_ADASPLASH_SCHEDULE=newton``, alpha up to 1.5) replaces steps 2-4 by
+Newton steps alone from the max pass's lower bound (``_newton_schedule_tau``).
+
 Total: one dense Q.K^T pass in the forward (AdaSplash-2 runs four), every other pass sparse.
 Taking the histogram after the global row max is known, rather than per block against each
 block's own max, keeps it sparse in a ring too: a far block's own max says nothing about tau.
@@ -97,6 +100,7 @@ class LocalReduce:
 
     def sums(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
 
 @dataclass
 class ForwardResult:

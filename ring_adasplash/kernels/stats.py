@@ -49,8 +49,8 @@ POLISH_STEPS = 2
 # The Newton schedule (``algorithm``, alpha up to NEWTON_SCHEDULE_MAX_ALPHA): at most this many
 # Newton sums passes from the max pass's lower bound of tau; a row stops once a step moves its tau
 # by at most NEWTON_STEP_TOLERANCE (the steps converge quadratically: the error left is about the
-# square of the step; a bound on the step itself would sit below the float32 noise of the sums on
-# rows of many keys), or once tau is bracketed within NEWTON_TOLERANCE of the sum of p (the width
+# square of the step; a bound on the mass the step moves would sit below the float32 noise of the
+# sums on rows of many keys), or once tau is bracketed within NEWTON_TOLERANCE of the sum of p (the width
 # times the slope gamma sum (z - t)_+^(gamma - 1): a flat row of n keys moves sqrt(n) times more
 # mass per unit of tau than a row of one key)
 NEWTON_SCHEDULE_STEPS = 10
@@ -390,7 +390,7 @@ def newton_update(t: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sum
 class NewtonState(NamedTuple):
     """Per row (B, H, Sq) of the Newton schedule: the current point (float64, a lower bound of tau
     up to rounding), the bracket ``[lower, upper]`` of tau (float64) and ``done`` (bool: rows with
-    no visible key, and rows whose last step moved them by at most the tolerance)."""
+    no visible key, and rows that met a stopping rule of ``newton_step``)."""
 
     point: torch.Tensor
     lower: torch.Tensor
