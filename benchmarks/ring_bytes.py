@@ -5,8 +5,9 @@
 
 Runs one forward and backward of ring and zigzag entmax attention on the structured inputs of
 the kernel benchmark and prints, per pass, the bytes sent over the bytes a dense ring sends for
-the same exchange, with the block sparsity the block mask measured and how the work (visible
-tiles) spreads over the ranks.
+the same exchange (over all its sweeps), with the block sparsity the block mask measured, how
+the work (visible tiles) spreads over the ranks, and the bytes of every pass that finds tau in
+units of one dense K sweep (``RING_ADASPLASH_SCHEDULE`` picks the schedule, as everywhere).
 """
 import argparse
 
@@ -61,12 +62,16 @@ def main():
         rows.append((name, counts.cpu(), float(work.max() / work.mean())))
     if rank == 0:
         print("\n| strategy | block sparsity | visible tiles, busiest rank / mean | "
-              + " | ".join(f"{p} sent / dense" for p in PASSES) + " |")
-        print("|---|---|---|" + "---|" * len(PASSES))
+              + " | ".join(f"{p} sent / dense" for p in PASSES) + " | passes finding tau, sent / one dense K sweep |")
+        print("|---|---|---|" + "---|" * (len(PASSES) + 1))
+        finding_tau = [PASSES.index(p) for p in ("histogram", "fine-histogram", "newton")]
         for name, c, imbalance in rows:
             sparsity = 1 - c[-1, 0] / c[-1, 1]
             cells = [f"{c[i, 0] / c[i, 1]:.3f}" if c[i, 1] else "-" for i in range(len(PASSES))]
-            print(f"| {name} | {sparsity:.3f} | {imbalance:.2f} | " + " | ".join(cells) + " |")
+            # every sweep of the passes that find tau (the Newton schedule makes several), in units
+            # of what the dense max pass would send: the tau-finding traffic of either schedule
+            sweeps = sum(c[i, 0] for i in finding_tau) / c[PASSES.index("max"), 1]
+            print(f"| {name} | {sparsity:.3f} | {imbalance:.2f} | " + " | ".join(cells) + f" | {sweeps:.2f} |")
     shutdown()  # destroys the process group; see ring_adasplash.comm.shutdown
 
 
