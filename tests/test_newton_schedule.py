@@ -119,3 +119,24 @@ def _mismatched_schedule(rank, world):
 def test_a_schedule_that_differs_between_ranks_raises_on_every_rank():
     for message in run_distributed(_mismatched_schedule, 2, timeout=120):
         assert "schedule" in message, message
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("alpha", (1.1, 1.25, 1.5))
+def test_gpu_oracle_families_and_flat_rows(newton, alpha):
+    """The compiled kernels with the Newton schedule: the oracle families with offsets in float32
+    within 1e-5, and flat causal rows of 8192 keys summing to 1 (float32 sums on the GPU: the
+    stopping rules must hold above their noise)."""
+    from test_exactness import families, oracle, probabilities
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    for name, scores in families(alpha, seqlen_k=128, offsets=True).items():
+        err = (probabilities(scores, alpha, device="cuda") - oracle(scores, alpha)).abs().max().item()
+        assert err <= 1e-5, (name, err)
+    g = torch.Generator().manual_seed(1)
+    q, k = (0.01 * torch.randn(1, 8192, 2, 64, generator=g) for _ in range(2))
+    q[..., 0] = 1
+    q, k = q.cuda(), k.cuda()
+    out = ra.adasplash_func(q, k, torch.ones_like(k), alpha=alpha, softmax_scale=1.0, causal=True)
+    assert (out - 1).abs().max().item() < 1e-5
