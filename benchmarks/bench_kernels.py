@@ -13,6 +13,8 @@ Impls (all causal, alpha = 1.5 for the entmax ones, default scale 1/sqrt(D)):
 Times are medians of triton.testing.do_bench. TFLOP/s counts nonzero tiles only (see
 common.attention_flops); the block sparsity measured by our kernel is used for both
 entmax impls, 0 for SDPA. "vs sdpa" = t_sdpa / t_impl (> 1 means faster than SDPA).
+"peak GiB" (CUDA): ``torch.cuda.max_memory_allocated`` over the timed steps, everything alive
+then included (the inputs of the row, their gradients, buffers a CUDA graph keeps).
 """
 
 import argparse
@@ -123,7 +125,13 @@ def bench_one(impl, mode, qkv, args):
         if impl == "ours":  # the first call compiles our kernels (nothing is autotuned)
             row["first_call_ms"] = common.wall_ms(step, args.device)
             row["block_sparsity"] = measured_sparsity(step, args.device)
+        cuda = str(args.device).startswith("cuda")
+        if cuda:  # the peak of the timed steps, inputs (and their gradients) included
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         row["ms"] = median_ms(step, args.device, args.warmup_ms, args.rep_ms)
+        if cuda:
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     except Exception as exc:  # missing package, OOM, unsupported shape...
         row["error"] = common.short_error(exc)
     finally:
@@ -185,7 +193,7 @@ COLUMNS = [("impl", "impl"), ("mode", "mode"), ("seqlen", "S"), ("head_dim", "D"
            ("dense_passes", "dense QK passes"),
            ("ms", "median ms", ".4g"), ("first_call_ms", "first call ms", ".4g"),
            ("block_sparsity", "block sparsity", ".3f"), ("tflops", "TFLOP/s (nnz)", ".3g"),
-           ("vs_sdpa", "vs sdpa", ".2f"), ("error", "error")]
+           ("vs_sdpa", "vs sdpa", ".2f"), ("peak_gib", "peak GiB", ".3g"), ("error", "error")]
 
 
 def main(argv=None):
