@@ -3,6 +3,8 @@
     torchrun --standalone --nproc_per_node 2 launch/train.py              # CPU (gloo), a minute or two
     torchrun --standalone --nproc_per_node 8 launch/train.py --strategy zigzag   # GPUs (NCCL)
     NPROC=2 bash launch/deepspeed.sh                     # DeepSpeed engine (--deepspeed_config)
+    torchrun --standalone --nproc_per_node 1 launch/train.py --seqlen 8192 --capture qkv.pt
+        # after training: every layer's q, k, v of one batch saved, block sparsity per layer and head
 
 Every rank draws the same global batch (same seed) and keeps its shard of the sequence in
 the layout its strategy expects; the attention callable exchanges keys and values between
@@ -90,6 +92,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="batch size")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     p.add_argument("--log-every", type=int, help="log every N steps (default: about ten lines per run)")
+    p.add_argument("--capture", metavar="PATH",
+                   help="after training, save every layer's q, k, v (after RoPE, in sequence order) on one batch "
+                        "to PATH (torch.save) and print the block sparsity of each layer and head")
     p.add_argument("--deepspeed_config", metavar="PATH",
                    help="train with a DeepSpeed engine configured by this JSON (optimizer, precision, ZeRO)")
     # the deepspeed launcher passes --local_rank unless told --no_local_rank; LOCAL_RANK says the same
@@ -201,6 +206,47 @@ def global_block_sparsity(telemetry, device) -> float:
     return 1.0 - nonzero / visible if visible else float("nan")
 
 
+def capture_attention(model, tokens, positions, layout: str, autocast, device):
+    """Every layer's (q, k, v) (batch, seqlen, heads, head_dim) of one forward on ``tokens`` (this
+    rank's shard), gathered from all ranks into sequence order (rank 0 gets them, others None),
+    and per layer the block sparsity of each head (one single-device call per layer)."""
+    from ring_adasplash import adasplash_func, telemetry
+
+    captured = []
+    originals = [block.attn.attend for block in model.blocks]
+    for block, attend in zip(model.blocks, originals):
+        def capturing(q, k, v, alpha, group, attend=attend):
+            captured.append((q.detach(), k.detach(), v.detach()))
+            return attend(q, k, v, alpha, group)
+
+        block.attn.attend = capturing
+    try:
+        with torch.no_grad(), autocast:
+            model(tokens, positions)
+    finally:
+        for block, attend in zip(model.blocks, originals):
+            block.attn.attend = attend
+    world = dist.get_world_size()
+    layers = []
+    for tensors in captured:
+        whole = []
+        for x in tensors:
+            shards = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(shards, x.contiguous())
+            whole.append(parallel.layouts.unshard(shards, layout, world))
+        layers.append(whole)
+    if dist.get_rank() != 0:
+        return None, None
+    sparsity = []
+    for q, k, v in layers:
+        with torch.no_grad(), telemetry.record() as record:
+            adasplash_func(q, k, v, alpha=model.blocks[0].attn.alpha, causal=True)
+        mask = record.block_masks[0]
+        visible = mask.visible.sum() * mask.tiles.shape[0]  # the visibility rule is shared by all heads
+        sparsity.append((1 - mask.tiles.sum((0, 2, 3)).double() / visible).tolist())
+    return [[x.cpu() for x in layer] for layer in layers], sparsity
+
+
 def main() -> None:
     args = parse_args()
     use_cuda = torch.cuda.is_available()
@@ -211,6 +257,8 @@ def main() -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if args.capture and STRATEGIES[args.strategy].two_groups:
+        raise SystemExit(f"--capture gathers the sequence of one group of ranks; --strategy {args.strategy} has two")
     shard, positions, attend = resolve_strategy(args)
     positions = positions.to(device)
     task = RecallTask.for_seqlen(args.seqlen)
@@ -274,6 +322,18 @@ def main() -> None:
         print(f"summary: strategy={args.strategy} engine={engine} world={world} seqlen={args.seqlen} "
               f"first_loss={first_loss:.4f} final_loss={final_loss:.4f} recall={recall:.3f} "
               f"tokens_per_s={tokens_per_s:.0f}", flush=True)
+    if args.capture:
+        tokens, _ = task.sample(args.batch, data_rng)
+        layers, sparsity = capture_attention(model, shard(tokens).to(device), positions,
+                                             AttentionConfig(strategy=args.strategy).layout, autocast, device)
+        if rank == 0:
+            torch.save({"layers": [dict(zip("qkv", layer)) for layer in layers], "alpha": args.alpha,
+                        "seqlen": args.seqlen, "strategy": args.strategy, "steps": args.steps, "recall": recall},
+                       args.capture)
+            for i, heads in enumerate(sparsity):
+                print(f"capture: layer {i} block sparsity per head " + " ".join(f"{s:.3f}" for s in heads),
+                      flush=True)
+            print(f"capture: saved q, k, v of {len(layers)} layers to {args.capture}", flush=True)
     shutdown()  # destroys the process group; see ring_adasplash.comm.shutdown
 
 

@@ -56,3 +56,24 @@ def test_sequence_parallel_example_under_torchrun(tmp_path):
 def test_readme_quickstart_runs(tmp_path):
     result = run([sys.executable, "-c", quickstart_code()], cwd=tmp_path)
     assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.distributed
+def test_training_example_captures_attention_inputs_in_sequence_order(tmp_path):
+    """``launch/train.py --capture``: every layer's q, k, v in sequence order, the same from two
+    zigzag ranks as from one (after two steps: up to the rounding of the all-reduced gradients),
+    and a block sparsity per layer and head."""
+    captures = {}
+    for world in (1, 2):
+        path = tmp_path / f"capture{world}.pt"
+        result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+                      str(ROOT / "launch" / "train.py"), "--strategy", "zigzag", "--steps", "2", "--capture",
+                      str(path)], cwd=ROOT / "launch", hide_gpus=True)
+        assert result.returncode == 0, result.stdout
+        assert len(re.findall(r"capture: layer \d block sparsity per head( \d\.\d{3}){2}\n", result.stdout)) == 2
+        captures[world] = torch.load(path)
+    one, two = (captures[w]["layers"] for w in (1, 2))
+    assert len(one) == len(two) == 2 and one[0]["q"].shape == (8, 512, 2, 32)
+    for layer_one, layer_two in zip(one, two):
+        for name in "qkv":
+            torch.testing.assert_close(layer_two[name], layer_one[name], rtol=1e-3, atol=1e-3)
