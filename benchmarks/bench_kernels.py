@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import inputs  # noqa: E402
 from inputs import FAMILIES, make_qkv  # noqa: E402
 
 ALPHA = common.ALPHA
@@ -55,6 +56,8 @@ def parse_args(argv=None):
                         "scattered (content clusters, no locality) or mixed (half the heads of each)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (wall-clock timer)")
+    p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture for --family captured "
+                                                     "(amp is then the layer)")
     p.add_argument("--warmup-ms", type=float, default=100.0,
                    help="warm-up time per measurement (ms, triton.testing.do_bench)")
     p.add_argument("--rep-ms", type=float, default=500.0, help="measured time per measurement (ms)")
@@ -199,6 +202,7 @@ COLUMNS = [("impl", "impl"), ("mode", "mode"), ("seqlen", "S"), ("head_dim", "D"
 def main(argv=None):
     """Run all configurations and write the report."""
     args = parse_args(argv)
+    inputs.CAPTURED_PATH = args.captured
     header = common.print_header(args.device, {
         "family": args.family, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
         "kv_heads": args.kv_heads or args.heads, "alpha": ALPHA})

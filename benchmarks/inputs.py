@@ -22,6 +22,9 @@ scattered: content-based attention with no locality (retrieval heads; every head
 mixed: one call in which the first half of the heads are ``structured`` at amp 2.0 (local,
     >= 0.99 block-sparse) and the other half ``scattered`` at ``amp``, as a real layer mixes
     local and content heads.
+captured: q, k, v of a trained model, saved by ``launch/train.py --capture PATH`` (the scripts'
+    ``--captured PATH`` sets ``CAPTURED_PATH``); ``amp`` is the layer's index, and the first
+    ``seqlen`` tokens of the first ``batch`` sequences are taken (heads and head_dim as saved).
 """
 
 import math
@@ -124,8 +127,29 @@ def mixed_qkv(batch, seqlen, heads, head_dim, amp, dtype, device, kv_heads=None,
     return tuple(torch.cat(pair, dim=2) for pair in zip(local, content))
 
 
+CAPTURED_PATH = None  # the file of the ``captured`` family
+
+
+def captured_qkv(batch, seqlen, heads, head_dim, amp, dtype, device, kv_heads=None, seed=0):
+    """Layer ``int(amp)`` of the capture at ``CAPTURED_PATH``, cut to ``batch`` x ``seqlen``."""
+    if CAPTURED_PATH is None:
+        raise ValueError("the captured family needs --captured PATH (a file of launch/train.py --capture)")
+    layers = torch.load(CAPTURED_PATH, map_location="cpu")["layers"]
+    layer = int(amp)
+    if not 0 <= layer < len(layers) or layer != amp:
+        raise ValueError(f"amp picks the layer of a capture: an integer in [0, {len(layers)}); got {amp}")
+    q, k, v = (layers[layer][name] for name in "qkv")
+    want = {"batch": (batch, q.shape[0]), "seqlen": (seqlen, q.shape[1]), "heads": (heads, q.shape[2]),
+            "head_dim": (head_dim, q.shape[3]), "kv_heads": (kv_heads or heads, k.shape[2])}
+    if any(asked > have for asked, have in (want["batch"], want["seqlen"])) or any(
+            asked != have for asked, have in (want["heads"], want["head_dim"], want["kv_heads"])):
+        raise ValueError(f"the capture holds batch {q.shape[0]}, seqlen {q.shape[1]}, heads {q.shape[2]}, "
+                         f"kv heads {k.shape[2]}, head_dim {q.shape[3]}; asked for {({n: a for n, (a, _) in want.items()})}")
+    return tuple(x[:batch, :seqlen].to(device=device, dtype=dtype).contiguous() for x in (q, k, v))
+
+
 FAMILIES = {"structured": structured_qkv, "sinkwindow": sink_window_qkv, "scattered": scattered_qkv,
-            "mixed": mixed_qkv}
+            "mixed": mixed_qkv, "captured": captured_qkv}
 
 
 def make_qkv(family, *args, **kwargs):

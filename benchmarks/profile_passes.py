@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import inputs  # noqa: E402
 from inputs import FAMILIES, make_qkv  # noqa: E402
 from ring_adasplash.kernels import EntmaxSpec, triton_backend  # noqa: E402
 from ring_adasplash.kernels.algorithm import SCHEDULES, SingleBlock, entmax_forward  # noqa: E402
@@ -95,10 +96,13 @@ def main():
     p.add_argument("--amps", type=common.csv_list(float), default=[1.5, 2.0], help="input amplitudes (sparsity)")
     p.add_argument("--family", choices=sorted(FAMILIES), default="structured", help="input family (inputs.py)")
     p.add_argument("--repeats", type=int, default=20, help="forwards timed per row")
+    p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture for --family captured "
+                                                     "(amp is then the layer)")
     p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha")
     p.add_argument("--schedules", type=common.csv_list(str), default=["default"],
                    help=f"ways of finding tau, comma-separated: default, {', '.join(SCHEDULES)}")
     args = p.parse_args()
+    inputs.CAPTURED_PATH = args.captured
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, causal, batch 1, "
           f"{args.heads} heads, D {args.head_dim}, alpha {args.alpha}, {args.family} inputs")
     for seqlen in args.seqlens:
