@@ -215,15 +215,20 @@ def test_gpu_probabilities_match_the_entmax_package(alpha):
             assert err <= 1e-2, (name, "bf16", err)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("alpha", (1.01, 1.25, 1.5, 2.0))
-def test_gpu_flat_rows_sum_to_one(alpha):
+def gpu_flat_rows_error(alpha) -> float:
+    """How far from 1 the rows of p sum, on causal flat rows of up to 8192 keys on the GPU."""
     g = torch.Generator().manual_seed(1)
     q, k = (0.01 * torch.randn(1, 8192, 2, 64, generator=g) for _ in range(2))
     q[..., 0] = 1
     q, k = q.cuda(), k.cuda()
     out = ra.adasplash_func(q, k, torch.ones_like(k), alpha=alpha, softmax_scale=1.0, causal=True)
-    assert (out - 1).abs().max().item() < 1e-5
+    return (out - 1).abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("alpha", (1.01, 1.25, 1.5, 2.0))
+def test_gpu_flat_rows_sum_to_one(alpha):
+    assert gpu_flat_rows_error(alpha) < 1e-5
 
 
 @pytest.mark.gpu
