@@ -206,7 +206,7 @@ def global_block_sparsity(telemetry, device) -> float:
     return 1.0 - nonzero / visible if visible else float("nan")
 
 
-def capture_attention(model, tokens, positions, layout: str, autocast, device):
+def capture_attention(model, tokens, positions, layout: str, autocast):
     """Every layer's (q, k, v) (batch, seqlen, heads, head_dim) of one forward on ``tokens`` (this
     rank's shard), gathered from all ranks into sequence order (rank 0 gets them, others None),
     and per layer the block sparsity of each head (one single-device call per layer)."""
@@ -325,7 +325,7 @@ def main() -> None:
     if args.capture:
         tokens, _ = task.sample(args.batch, data_rng)
         layers, sparsity = capture_attention(model, shard(tokens).to(device), positions,
-                                             AttentionConfig(strategy=args.strategy).layout, autocast, device)
+                                             AttentionConfig(strategy=args.strategy).layout, autocast)
         if rank == 0:
             torch.save({"layers": [dict(zip("qkv", layer)) for layer in layers], "alpha": args.alpha,
                         "seqlen": args.seqlen, "strategy": args.strategy, "steps": args.steps, "recall": recall},
