@@ -396,6 +396,7 @@ ENTMAX_TOLERANCE = 1e-7  # in z: a step this small leaves an error of about its 
 def entmax_rows(x: torch.Tensor, alpha: float, row_block: int = ENTMAX_ROW_BLOCK) -> torch.Tensor:
     """alpha-entmax of every row of ``x`` (rows, n), float32 out (``triton_entmax.entmax_rows_kernel``);
     ``row_block``: the longest row kept in registers (longer ones are read block by block)."""
+    x = x if x.stride(1) == 1 else x.contiguous()  # the kernel walks a row's entries one after another
     rows, num_cols = x.shape
     spec = EntmaxSpec(alpha)
     p = torch.empty(rows, num_cols, device=x.device, dtype=torch.float32)
