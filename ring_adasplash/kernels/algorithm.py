@@ -237,8 +237,8 @@ def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, 
     """tau by Newton steps alone, the schedule for alpha up to ``stats.NEWTON_SCHEDULE_MAX_ALPHA``:
     from the max pass's lower bound ``gap_reference``, ``stats.newton_step`` on exact sums over the
     tiles that reach above it (``newton_moments_pass``), until every row is done or
-    ``stats.NEWTON_SCHEDULE_STEPS``. Each pass costs about a dense Q.K^T sweep of its tiles (no
-    bins, no atomics), and rows converge quadratically, so a handful of passes replace the
+    ``stats.NEWTON_SCHEDULE_STEPS``. Each pass is a Q.K^T sweep of its tiles with two row sums
+    (no bins, no atomics), and rows converge quadratically, so a handful of passes replace the
     histogram passes, whose per-key bin work costs several sweeps where many tiles are active.
     Query tiles whose rows are all done read nothing (in a ring their key tiles do not travel);
     after ``stats.NEWTON_NARROW_STEP`` steps the tiles below every row's lower bound are dropped.
