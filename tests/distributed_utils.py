@@ -172,3 +172,13 @@ def run_distributed(
         codes = {r: exitcodes[r] for r in missing}
         raise RuntimeError(f"ranks {missing} of {world_size} died without a result (exit codes {codes})")
     return [o[1] for o in outcomes]
+
+
+def value_error_message(call) -> str:
+    """What ``call()`` raises as a ``ValueError`` on this rank, or "no error" (the bad-input cases,
+    whose every rank must raise)."""
+    try:
+        call()
+    except ValueError as exc:
+        return str(exc)
+    return "no error"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed_utils import run_distributed
+from distributed_utils import run_distributed, value_error_message
 from helpers import gather_sequence, positional_code, random_qkv, reference_with_grads, rel_err
 
 TOL = 1e-4
@@ -124,33 +124,21 @@ def _mismatched_shapes(rank, world):
 
     seqlen = 64 if rank == 0 else 32
     q = torch.randn(1, seqlen, 2, 16)
-    try:
-        ring_adasplash_func(q, q, q)
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
+    return value_error_message(lambda: ring_adasplash_func(q, q, q))
 
 
 def _bad_alpha_on_one_rank(rank, world):
     from ring_adasplash.parallel import zigzag_ring_adasplash_func
 
     q = torch.randn(1, 32, 2, 16)
-    try:
-        zigzag_ring_adasplash_func(q, q, q, alpha=3.0 if rank == 1 else 1.5)
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
+    return value_error_message(lambda: zigzag_ring_adasplash_func(q, q, q, alpha=3.0 if rank == 1 else 1.5))
 
 
 def _odd_zigzag(rank, world):
     from ring_adasplash.parallel import zigzag_ring_adasplash_func
 
     q = torch.randn(1, 33, 2, 16)
-    try:
-        zigzag_ring_adasplash_func(q, q, q)
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
+    return value_error_message(lambda: zigzag_ring_adasplash_func(q, q, q))
 
 
 @pytest.mark.parametrize("case, expected", [

@@ -6,9 +6,8 @@ import itertools
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from distributed_utils import run_distributed
+from distributed_utils import run_distributed, value_error_message
 from helpers import gather_sequence, random_qkv, reference_with_grads, rel_err
 from test_distributed_attention import TOL
 from test_masks import explicit_mask
@@ -113,11 +112,7 @@ def _mismatched_window(rank, world):
     from ring_adasplash.parallel import ring_adasplash_func
 
     q = torch.randn(1, 32, 2, 16)
-    try:
-        ring_adasplash_func(q, q, q, window_size=(16, 0) if rank == 0 else (8, 0))
-    except ValueError as error:
-        return str(error)
-    return "no error"
+    return value_error_message(lambda: ring_adasplash_func(q, q, q, window_size=(16, 0) if rank == 0 else (8, 0)))
 
 
 def test_a_window_that_differs_between_ranks_raises_on_every_rank():

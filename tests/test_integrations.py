@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed_utils import run_distributed
+from distributed_utils import run_distributed, value_error_message
 from helpers import gather_sequence, random_qkv, reference_with_grads, rel_err
 from test_distributed_attention import TOL
 
@@ -248,11 +248,7 @@ def _transformers_sequence_parallel_refusals(rank, world):
     for options in ({}, {"position_ids": layouts.positions("zigzag", 128, rank, world)[None],
                          "attention_mask": torch.ones(1, 64, dtype=torch.long).index_fill(1, torch.tensor([0]),
                                                                                        int(rank != 0))}):
-        try:
-            model(input_ids=ids, **options)
-            messages.append("no error")
-        except ValueError as error:
-            messages.append(str(error))
+        messages.append(value_error_message(lambda: model(input_ids=ids, **options)))
     return messages
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed_utils import run_distributed
+from distributed_utils import run_distributed, value_error_message
 from helpers import gather_sequence, random_qkv, reference_with_grads, rel_err
 from test_distributed_attention import TOL
 
@@ -87,11 +87,7 @@ def _errors_on_every_rank(rank, world):
 
     def message(fn, heads_q, heads_kv, seqlen=16, **kwargs):
         q, kv = torch.randn(1, seqlen, heads_q, 16), torch.randn(1, seqlen, heads_kv, 16)
-        try:
-            fn(q, kv, kv, **kwargs)
-        except ValueError as exc:
-            return str(exc)
-        return "no error"
+        return value_error_message(lambda: fn(q, kv, kv, **kwargs))
 
     usp = dict(ulysses_group=ulysses_group, ring_group=ring_group)
     return {

@@ -230,16 +230,8 @@ def fine_histogram_pass(problem: Problem, tiles: BlockMask, bin_index, cutoff=No
 def newton_sums_pass(problem: Problem, tiles: BlockMask, point, rows=None):
     """(B, H, Sq, 2) float64 ``sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1)`` at ``t = point``
     (B, H, Sq) over ``tiles``; with ``rows`` (B, H, Sq) bool, only on the query tiles holding a
-    marked row (zeros elsewhere)."""
-    if rows is not None:
-        tiles = tiles.with_tiles(tiles.tiles & stats.per_query_tile(rows, problem.block_m, "any")[..., None])
-    out = torch.zeros(*problem.rows, 2, device=problem.q.device, dtype=torch.float64)
-    t = point.double()[..., None]
-    for _, _, z in _KeyTiles(problem, tiles):
-        p, u = problem.spec.weights(_gap(z.double(), t))
-        out[..., 0] += p.sum(-1)
-        out[..., 1] += u.sum(-1)
-    return out
+    marked row (zeros elsewhere): the first two sums of ``newton_moments_pass``."""
+    return newton_moments_pass(problem, tiles, point, rows)[0][..., :2]
 
 
 def newton_moments_pass(problem: Problem, tiles: BlockMask, point, rows=None, keep: bool = False):
@@ -251,14 +243,16 @@ def newton_moments_pass(problem: Problem, tiles: BlockMask, point, rows=None, ke
     if rows is not None:
         tiles = tiles.with_tiles(tiles.tiles & stats.per_query_tile(rows, problem.block_m, "any")[..., None])
     sums = torch.zeros(*problem.rows, 3, device=problem.q.device, dtype=torch.float64)
-    near = torch.zeros(problem.tiles, device=problem.q.device, dtype=torch.bool)
+    near = torch.zeros(problem.tiles, device=problem.q.device, dtype=torch.bool) if keep else None
     t = point.double()[..., None]
     key_tiles = _KeyTiles(problem, tiles)
     for index, _, z in key_tiles:
-        gap = _gap(z.double(), t)
+        z = z.double()
+        gap = _gap(z, t)
         p, u = problem.spec.weights(gap)
         sums += torch.stack((p.sum(-1), u.sum(-1), (gap > 0).sum(-1).double()), -1)
-        near[..., index] = key_tiles.per_query_tile((z.double() > t - stats.MASK_MARGIN).any(-1), "any")
+        if keep:
+            near[..., index] = key_tiles.per_query_tile((z > t - stats.MASK_MARGIN).any(-1), "any")
     return sums, (near & tiles.tiles) if keep else None
 
 
