@@ -25,7 +25,13 @@ def newton(monkeypatch):
 
 
 def test_the_variable_picks_the_schedule(monkeypatch):
-    assert default_schedule(EntmaxSpec(1.5)) == "histogram"  # auto
+    # auto: Newton where a query block holds all its keys, up to alpha 1.5
+    assert default_schedule(EntmaxSpec(1.5)) == "histogram"
+    assert default_schedule(EntmaxSpec(1.5), one_block=True) == "newton"
+    assert default_schedule(EntmaxSpec(1.25), one_block=True) == "newton"
+    assert default_schedule(EntmaxSpec(2.0), one_block=True) == "histogram"
+    monkeypatch.setenv(SCHEDULE_ENV, "histogram")
+    assert default_schedule(EntmaxSpec(1.5), one_block=True) == "histogram"
     monkeypatch.setenv(SCHEDULE_ENV, "newton")
     assert default_schedule(EntmaxSpec(1.5)) == "newton" and default_schedule(EntmaxSpec(1.25)) == "newton"
     assert default_schedule(EntmaxSpec(1.75)) == "histogram"  # above NEWTON_SCHEDULE_MAX_ALPHA
@@ -59,8 +65,9 @@ def test_gradcheck_float64(newton, alpha):
 
 
 def test_rows_converge_in_a_few_passes_on_attention_like_rows():
-    """Causal rows of structured attention at 2048 tokens: every row is done after five passes
-    (the schedule allows NEWTON_SCHEDULE_STEPS); counted through the PyTorch path's state."""
+    """Causal rows of structured attention at 2048 tokens: every row is done after at most five
+    passes (the schedule allows NEWTON_SCHEDULE_STEPS), and no pass runs after; counted through the
+    PyTorch path's state."""
     log = []
     step = TB.newton_step
 
@@ -76,7 +83,7 @@ def test_rows_converge_in_a_few_passes_on_attention_like_rows():
         entmax_forward(TB, q, SingleBlock(k, v, vis), EntmaxSpec(1.5), 32 ** -0.5, schedule="newton")
     finally:
         TB.newton_step = step
-    assert len(log) == stats.NEWTON_SCHEDULE_STEPS and log[0] > 0 and log[4] == 0, log
+    assert 2 <= len(log) <= 5 and log[0] > 0 and log[-1] == 0 and 0 not in log[:-1], log
 
 
 def _ring_with_newton(rank, world):

@@ -30,14 +30,14 @@ from ring_adasplash.kernels import EntmaxSpec  # noqa: E402
 from ring_adasplash.kernels import algorithm as A  # noqa: E402
 from ring_adasplash.kernels import stats as S  # noqa: E402
 from ring_adasplash.kernels import torch_blockwise as TB  # noqa: E402
-from ring_adasplash.kernels.visibility import causal_visibility, varlen_visibility  # noqa: E402
+from ring_adasplash.kernels.visibility import causal_visibility, padded_visibility, varlen_visibility  # noqa: E402
 from ring_adasplash.reference import entmax_attention_reference  # noqa: E402
 
 # numpy warns on inf - inf of masked logits inside the interpreter; the kernels select those away
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 KERNEL_MODULES = ("triton_common", "triton_maxima", "triton_histogram", "triton_refine", "triton_output",
-                  "triton_backward", "triton_tau", "triton_tiles", "triton_backend")  # dependency order
+                  "triton_backward", "triton_tau", "triton_newton", "triton_tiles", "triton_backend")  # dependency order
 
 
 def _reload_kernels():
@@ -204,7 +204,7 @@ def test_passes_match_spec(interpreted, shape, alpha):
     ref_problem = problem(TB, q, k, vis, scale_z, alpha, v=v, shift=rel.shift)
     got_problem = problem(interpreted, q, k, vis, scale_z, alpha, v=v, shift=rel.shift)
     bracket = S.coarse_bracket(st, spec)
-    active = A.lower_bound_mask(tile_gap, bracket.lower, S.gap_reference(st.row_max), bracket.empty, bm)
+    active = S.lower_bound_mask(tile_gap, bracket.lower, S.gap_reference(st.row_max), bracket.empty, bm)
     ref_tiles, got_tiles = ref_problem.block_mask(active), got_problem.block_mask(active)
     if spec.closed_form:
         full, _ = TB.fine_histogram_pass(ref_problem, ref_tiles, bracket.bin_index)
@@ -270,7 +270,7 @@ def test_tau_kernels_match_spec(interpreted, shape, alpha):
     assert torch.equal(got.empty, ref.empty) and got.bin_index.dtype == torch.float64
     assert torch.equal(got.bin_index[~ref.empty], ref.bin_index[~ref.empty])
     assert torch.equal(got.lower[~ref.empty], ref.lower[~ref.empty])
-    active = A.lower_bound_mask(tile_gap, ref.lower, S.gap_reference(st.row_max), ref.empty, bm)
+    active = S.lower_bound_mask(tile_gap, ref.lower, S.gap_reference(st.row_max), ref.empty, bm)
     ref_problem = problem(TB, q, k, vis, scale_z, alpha, shift=rel.shift)
     fine, _ = TB.fine_histogram_pass(ref_problem, ref_problem.block_mask(active), ref.bin_index)
     assert fine[..., 0, :].sum() > 0
@@ -595,6 +595,59 @@ def test_newton_schedule_agrees_with_the_histogram_schedule(interpreted, alpha):
         assert torch.equal(newton_run.block_masks[0].tiles, histogram_run.block_masks[0].tiles)
         # every tile with p > 0 was read by the Newton schedule's output pass
         assert not (histogram_run.block_masks[0].tiles & ~newton_run.read_masks[0].tiles).any()
+
+
+@pytest.mark.parametrize("alpha", (1.25, 1.5))
+def test_newton_schedule_kernel_matches_the_pytorch_schedule(interpreted, alpha):
+    """The whole Newton schedule in one launch (``triton_newton``, interpreted) against
+    ``torch_blockwise.newton_schedule`` in the same forward, float32: a batch of two entries with
+    padded keys (rows with no visible key) and a window of 90 keys with 2 sinks, and causal rows of
+    up to 400 keys, a NaN score in one row; flat rows, spread rows (several steps, narrowed tiles)
+    and peaked rows (done before the tiles are narrowed):
+    the same tau (to float32 rounding), NaN and inf on the same rows, the same output, the same
+    tiles with p > 0, and the output pass read every one of them."""
+    keep = torch.ones(2, 200, dtype=torch.bool)
+    keep[0, :70] = False  # left padding: the first 70 queries of entry 0 see no key
+    keep[1, 150:] = False
+    windowed = padded_visibility(keep, 200, True, window_size=(89, 0), sink_tokens=2)
+    causal = causal_visibility(400, 400, True, "cpu")  # rows of up to 400 keys: tiles are narrowed
+    cases = [(windowed, spread) for spread in (0.02, 4.0)] + [(causal, spread) for spread in (0.02, 0.3, 1.0)]
+    for vis, spread in cases + [(causal, None)]:
+        g = torch.Generator().manual_seed(int((spread or 7) * 100))
+        q, k, v = (torch.randn(1, 400, 2, 32, generator=g) for _ in range(3))
+        if spread is None:  # key tile 0 holds the support; tile 1 lies between max - 1 and tau: dropped
+            q, k = torch.zeros_like(q), torch.zeros_like(k)  # once narrowed; tiles 2-6 lie below max - 1
+            q[..., 0] = 1.0
+            k[0, :, :, 0] = 2.0 * torch.cat((-0.01 * torch.rand(64, 2, generator=g), torch.full((64, 2), -0.5),
+                                              torch.full((272, 2), -2.0)))
+        else:
+            q, k, v = spread * q, spread * k, spread * v
+        q[0, 333, 1, 0] = float("nan")
+        scale = 32 ** -0.5 if spread else 1.0
+        runs = [A.entmax_forward(backend, q, A.SingleBlock(k, v, vis), EntmaxSpec(alpha), scale, schedule="newton")
+                for backend in (TB, interpreted)]
+        want, got = runs
+        assert torch.equal(torch.isnan(got.tau), torch.isnan(want.tau))
+        assert torch.equal(torch.isinf(got.tau), torch.isinf(want.tau))
+        finite = torch.isfinite(want.tau)
+        torch.testing.assert_close(got.tau[finite], want.tau[finite].to(got.tau.dtype), rtol=0, atol=2e-6)
+        torch.testing.assert_close(got.out, want.out.to(got.out.dtype), rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert torch.equal(got.block_masks[0].tiles, want.block_masks[0].tiles)
+        assert not (want.block_masks[0].tiles & ~got.read_masks[0].tiles).any()
+
+
+def test_newton_schedule_flat_rows_sum_to_one_with_float32_sums(interpreted, monkeypatch):
+    """Flat causal rows of up to 2048 keys, alpha 1.5, through the interpreted kernels (float32
+    sums, as on the GPU): rows sum to 1 within 1e-5. Far below tau the quadratic's upper bound
+    cancels (``stats.newton_step``); taken there, it fell 3e-7 below tau and the rows summed to
+    1 - 2.3e-5."""
+    monkeypatch.setenv(A.SCHEDULE_ENV, "newton")
+    g = torch.Generator().manual_seed(1)
+    q, k = (0.01 * torch.randn(1, 2048, 2, 64, generator=g) for _ in range(2))
+    q[..., 0] = 1
+    vis = causal_visibility(2048, 2048, True, "cpu")
+    run = A.entmax_forward(interpreted, q, A.SingleBlock(k, torch.ones_like(k), vis), EntmaxSpec(1.5), 1.0)
+    assert (run.out - 1).abs().max().item() < 1e-5
 
 
 def test_newton_step_kernel_matches_the_pytorch_step(interpreted):

@@ -21,8 +21,10 @@ computed on each and how the pieces combine:
                 hold p > 0 become the forward's block mask
     backward one pass on nonzero tiles: dq here, dk and dv of each block handed back to the block
 
-The Newton schedule (``RING_ADASPLASH_SCHEDULE=newton``, alpha up to 1.5) replaces steps 2-4 by
-Newton steps alone from the max pass's lower bound (``_newton_schedule_tau``).
+The Newton schedule (``default_schedule``: alpha up to 1.5, by default where a query block holds
+all its keys) replaces steps 2-4 by Newton steps alone from the max pass's lower bound
+(``_newton_schedule_tau``); with one key block and nothing to merge, every step runs in one launch
+(``backend.newton_schedule``).
 
 Total: one dense Q.K^T pass in the forward (AdaSplash-2 runs four), every other pass sparse.
 Taking the histogram after the global row max is known, rather than per block against each
@@ -41,6 +43,7 @@ from . import stats
 from .backend import Backend
 from .block_mask import BlockMask
 from .entmax_spec import EntmaxSpec
+from .stats import lower_bound_mask
 from .visibility import Visibility, keys_seen_by, tile_visible
 
 
@@ -95,6 +98,8 @@ class LocalReduce:
     these with all-reduces; each is called the same number of times on every rank.
     """
 
+    complete = True  # the sums over this rank's key blocks are the row's: ``sums`` is the identity
+
     def row_max(self, row_max: torch.Tensor) -> torch.Tensor:
         return row_max
 
@@ -122,19 +127,6 @@ class ForwardResult:
         """tau (float64) for logits ``scale_z * q . k`` without the shift, as references compute it
         (for scores far from 0 this has only the precision of the inputs' float format)."""
         return self.tau.double() + scale_z * self.shift.double()
-
-
-def lower_bound_mask(tile_gap: torch.Tensor, lower: torch.Tensor, reference: torch.Tensor, empty: torch.Tensor,
-                     block_m: int) -> torch.Tensor:
-    """(B, H, nQ, nK) bool: a tile is kept when its gap (``backend.Maxima``) exceeds the smallest
-    ``lower - reference`` among its rows (``lower``: a lower bound of tau; ``reference``:
-    ``stats.gap_reference`` of the final row max and tau floor, which bounds tau from below too,
-    so the larger of the two bounds is taken). A key with p > 0 has z > tau >= max(lower,
-    reference), so its tile's gap is at least ``z - reference > max(lower - reference, 0)``: no
-    nonzero tile is dropped."""
-    above = (lower - reference).clamp(min=0)
-    bound = torch.where(empty, torch.full_like(lower, float("inf")), above - stats.MASK_MARGIN)
-    return tile_gap > stats.per_query_tile(bound, block_m, "min")[..., None]
 
 
 def visible_tiles(vis: Visibility, block_m: int, block_n: int) -> BlockMask:
@@ -249,9 +241,15 @@ def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, 
     empty = ~torch.isfinite(rel.row_max)
     tiles = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], reference, reference, empty, block_m))
              for i in range(blocks.num_blocks)]
+    tolerances = stats.NEWTON_TOLERANCE[dtype], stats.NEWTON_STEP_TOLERANCE[dtype]
+    if blocks.num_blocks == 1 and reduce.complete:
+        # every key at hand and nothing to merge: all steps in one launch (``backend.newton_schedule``)
+        for block in blocks.sweep(with_values=False, needed=_needed(blocks, tiles), pass_name="newton"):
+            point, keep = backend.newton_schedule(problems(block), tiles[0], tile_gaps[0], reference, rel.row_max,
+                                                  *tolerances)
+        return stats.finalize_tau(point, empty), [tiles[0].with_tiles(tiles[0].tiles & keep)]
     keep = [t.tiles for t in tiles]
     state = stats.NewtonState.start(reference, rel.row_max)
-    tolerances = stats.NEWTON_TOLERANCE[dtype], stats.NEWTON_STEP_TOLERANCE[dtype]
     for step in range(stats.NEWTON_SCHEDULE_STEPS):
         if step == stats.NEWTON_NARROW_STEP:
             lower = torch.where(state.done, state.point, state.lower).to(reference.dtype)
@@ -278,18 +276,21 @@ SCHEDULES = ("newton", "histogram")
 SCHEDULE_ENV = "RING_ADASPLASH_SCHEDULE"  # "auto" (default), or one of SCHEDULES
 
 
-def default_schedule(spec: EntmaxSpec) -> str:
-    """How tau is found, from ``RING_ADASPLASH_SCHEDULE``: ``"histogram"`` (counts, then a fine
-    histogram or Newton steps from the bracket) unless it says ``"newton"`` (Newton steps alone,
-    ``_newton_schedule_tau``) and alpha is at most ``stats.NEWTON_SCHEDULE_MAX_ALPHA``: above
-    it, flat rows make Newton steps slow (at alpha 2 they are the sort-free sparsemax iteration,
-    about a key a step). ``"auto"`` is the histogram for now: on one H200 the Newton schedule
-    cut the forward by 5-14% where most tiles are active and cost up to 1.8x where few are
-    (benchmarks/RESULTS.md); a choice per query tile is to come."""
+def default_schedule(spec: EntmaxSpec, one_block: bool = False) -> str:
+    """How tau is found, from ``RING_ADASPLASH_SCHEDULE``: ``"newton"`` (Newton steps alone,
+    ``_newton_schedule_tau``) or ``"histogram"`` (counts, then a fine histogram or Newton steps from
+    the bracket); Newton only where alpha is at most ``stats.NEWTON_SCHEDULE_MAX_ALPHA``: above it,
+    flat rows make Newton steps slow (at alpha 2 they are the sort-free sparsemax iteration, about
+    a key a step). ``"auto"`` (default) is Newton where a query block holds all its keys and
+    nothing is merged (``one_block``: one device, Ulysses), where the whole schedule runs in one
+    launch: on one H200 that forward was faster at every block sparsity measured (0.01 to 0.99);
+    the histogram elsewhere (a ring, keys sharded), where each Newton step is a pass and a step
+    launch per block and cost up to 1.8x where few tiles are active (benchmarks/RESULTS.md)."""
     choice = os.environ.get(SCHEDULE_ENV, "auto")
     if choice not in ("auto",) + SCHEDULES:
         raise ValueError(f"{SCHEDULE_ENV} must be one of auto, {', '.join(SCHEDULES)}; got {choice!r}")
-    return "newton" if choice == "newton" and spec.alpha <= stats.NEWTON_SCHEDULE_MAX_ALPHA else "histogram"
+    newton = choice == "newton" or (choice == "auto" and one_block)
+    return "newton" if newton and spec.alpha <= stats.NEWTON_SCHEDULE_MAX_ALPHA else "histogram"
 
 
 def _needed(blocks: KeyBlocks, masks: list):
@@ -299,8 +300,8 @@ def _needed(blocks: KeyBlocks, masks: list):
 def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: EntmaxSpec, softmax_scale: float,
                    reduce: LocalReduce = LocalReduce(), schedule: str | None = None) -> ForwardResult:
     """Exact alpha-entmax attention of ``q`` (B, Sq, Hq, D) against all key blocks; ``schedule``:
-    one of ``SCHEDULES``, default ``default_schedule(spec)``."""
-    schedule = schedule or default_schedule(spec)
+    one of ``SCHEDULES``, default ``default_schedule`` (``one_block``: one key block, nothing to merge)."""
+    schedule = schedule or default_schedule(spec, blocks.num_blocks == 1 and reduce.complete)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
 

@@ -5,7 +5,8 @@ per-row results are head-major (B, H, Sq, ...) and contiguous. GQA: query head `
 head ``h // (Hq // Hkv)``. The kernels live in ``triton_maxima`` (the max pass),
 ``triton_histogram``, ``triton_refine`` (fine histogram, Newton sums), ``triton_output``,
 ``triton_backward`` and ``triton_tau`` (tau from the statistics, in place of the float64 PyTorch
-math of ``stats`` for alpha 1.5 and 2, and the Newton schedule's step), their shared helpers in
+math of ``stats`` for alpha 1.5 and 2, and the Newton schedule's step), ``triton_newton`` (the
+whole Newton schedule in one launch, for one key block), their shared helpers in
 ``triton_common``; ``triton_entmax`` is entmax over the rows of any tensor (``entmax_rows``).
 ``TritonProblem`` derives once per key block what every launch reads (visibility vectors, per
 query tile the range of key tiles with visible pairs, strides, constants); each pass below is
@@ -26,7 +27,8 @@ import torch
 import triton
 
 from . import stats as S
-from . import triton_backward, triton_entmax, triton_histogram, triton_maxima, triton_output, triton_refine, triton_tau
+from . import (triton_backward, triton_entmax, triton_histogram, triton_maxima, triton_newton, triton_output,
+               triton_refine, triton_tau)
 from .backend import Gradients, Maxima, OutputSums, Problem
 from .block_mask import BlockMask
 from .compile_ahead import launch
@@ -295,6 +297,20 @@ def newton_step(state: S.NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tole
         step_tolerance=float(step_tolerance), POWER=spec.power,
         BLOCK_R=TAU_ROWS, num_warps=TAU_WARPS)
     return S.NewtonState(point, lower, upper, done.view(torch.bool))
+
+
+def newton_schedule(problem: TritonProblem, tiles: BlockMask, tile_gap, reference, row_max, tolerance: float,
+                    step_tolerance: float):
+    """``torch_blockwise.newton_schedule`` in one launch (``triton_newton.newton_schedule_kernel``)."""
+    p = problem
+    tau = torch.empty(p.rows, device=p.q.device, dtype=torch.float64)
+    keep = torch.zeros(p.tiles, device=p.q.device, dtype=torch.int8)
+    launch(triton_newton.newton_schedule_kernel, p.query_grid)(
+        **p.listed(tiles), Tile_gap=tile_gap.to(torch.float32).contiguous(), Reference=p.per_row(reference),
+        Row_max=p.per_row(row_max), Tau=tau, Keep=keep, margin=S.MASK_MARGIN, tolerance=float(tolerance),
+        step_tolerance=float(step_tolerance), **p.weights, MAX_STEPS=S.NEWTON_SCHEDULE_STEPS,
+        NARROW_STEP=S.NEWTON_NARROW_STEP, **p.config("sparse"))
+    return tau, keep.view(torch.bool)
 
 
 def output_pass(problem: TritonProblem, tau, tiles: BlockMask) -> OutputSums:

@@ -10,7 +10,7 @@ the tile's rows of (the row's largest z in the tile - ``stats.gap_reference``, m
 running max - 1)), computed relative to the running max. That reference is a lower bound of tau (no p exceeds 1, so
 tau >= max - 1) that only grows along the sweep, so a gap bounds from above how far any key of
 the tile rises over the final one: every later tile test (``stats.histogram_mask``,
-``algorithm.lower_bound_mask``) compares gaps with per-row thresholds relative to it. Where the
+``stats.lower_bound_mask``) compares gaps with per-row thresholds relative to it. Where the
 probability mass sits near the diagonal (tau well above max - 1), the floor keeps the histogram
 off the tiles whose keys only reach within one of the max.
 

@@ -184,6 +184,28 @@ def one_minus_root(f, gamma, POWER: tl.constexpr):
 
 
 @triton.jit
+def newton_row_step(f, df, count, t, lower, upper, gamma, tolerance, step_tolerance, POWER: tl.constexpr):
+    """``stats.newton_step`` on rows in registers (float64): from the sums ``f``, ``df`` and
+    ``count`` at ``t`` and the bracket ``[lower, upper]``, the next ``(point, lower, upper, done)``."""
+    below = f >= 1.0
+    lower = tl.where(below, tl.maximum(lower, t), lower)
+    upper = tl.where(below, upper, tl.minimum(upper, t))
+    newton = t + one_minus_root(tl.maximum(f, 1e-300), gamma, POWER) * f / tl.maximum(df, 1e-300)
+    newton = tl.minimum(newton, upper)  # past the upper bound only by rounding (stats.newton_update)
+    inside = (f > 0) & (df > 0) & (newton >= lower)
+    point = tl.where(inside, newton, 0.5 * (lower + upper))
+    done = tl.abs(point - t) <= step_tolerance
+    if POWER == 2:  # the upper bound (stats.newton_step)
+        disc = df * df - count * (f - 1.0)
+        x = (f - 1.0) / tl.maximum(df + tl.sqrt(tl.maximum(disc, 0.0)), 1e-300)
+        # only where the discriminant keeps at least half of df^2 (stats.newton_step)
+        valid = below & (2.0 * disc >= df * df) & (count > 0)
+        upper = tl.where(valid, tl.minimum(upper, t + x), upper)
+        done = done | ((upper - point) * gamma * df <= tolerance)
+    return point, lower, upper, done
+
+
+@triton.jit
 def newton_step_kernel(Sums, Point, Lower, Upper, Done, num_rows, gamma, tolerance, step_tolerance,
                        POWER: tl.constexpr, BLOCK_R: tl.constexpr):
     """``stats.newton_step`` in place on the rows not done: ``Sums`` (rows, 3) float64, the exact
@@ -193,24 +215,12 @@ def newton_step_kernel(Sums, Point, Lower, Upper, Done, num_rows, gamma, toleran
     live = (rows < num_rows) & (tl.load(Done + rows, mask=rows < num_rows, other=1) == 0)
     f = tl.load(Sums + rows * 3, mask=live, other=0.0)
     df = tl.load(Sums + rows * 3 + 1, mask=live, other=0.0)
+    count = tl.load(Sums + rows * 3 + 2, mask=live, other=0.0)
     t = tl.load(Point + rows, mask=live, other=0.0)
-    below = f >= 1.0
     lower = tl.load(Lower + rows, mask=live, other=0.0)
     upper = tl.load(Upper + rows, mask=live, other=0.0)
-    lower = tl.where(below, tl.maximum(lower, t), lower)
-    upper = tl.where(below, upper, tl.minimum(upper, t))
-    newton = t + one_minus_root(tl.maximum(f, 1e-300), gamma, POWER) * f / tl.maximum(df, 1e-300)
-    newton = tl.minimum(newton, upper)  # past the upper bound only by rounding (stats.newton_update)
-    inside = (f > 0) & (df > 0) & (newton >= lower)
-    point = tl.where(inside, newton, 0.5 * (lower + upper))
-    done = tl.abs(point - t) <= step_tolerance
-    if POWER == 2:  # the upper bound (stats.newton_step)
-        count = tl.load(Sums + rows * 3 + 2, mask=live, other=0.0)
-        disc = df * df - count * (f - 1.0)
-        x = (f - 1.0) / tl.maximum(df + tl.sqrt(tl.maximum(disc, 0.0)), 1e-300)
-        valid = below & (disc >= 0) & (count > 0)
-        upper = tl.where(valid, tl.minimum(upper, t + x), upper)
-        done = done | ((upper - point) * gamma * df <= tolerance)
+    point, lower, upper, done = newton_row_step(f, df, count, t, lower, upper, gamma, tolerance, step_tolerance,
+                                                POWER)
     tl.store(Point + rows, point, mask=live)
     tl.store(Lower + rows, lower, mask=live)
     tl.store(Upper + rows, upper, mask=live)

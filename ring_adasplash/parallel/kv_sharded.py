@@ -22,6 +22,8 @@ class AllReduceMerge(LocalReduce):
     an all-reduce max; everything else (histograms, all taken against the global row max, fine
     sums, partial outputs, dq) by all-reduce sums."""
 
+    complete = False
+
     def __init__(self, group):
         self.group = group
 
