@@ -4,7 +4,7 @@ Example:
     python benchmarks/bench_kernels.py --seqlens 8192,32768,65536 --head-dims 64,128 \
         --amps 1.0,1.5,2.0 --impls ours,sdpa,adasplash --modes fwd,fwdbwd
 
-Impls (all causal, alpha = 1.5 for the entmax ones, default scale 1/sqrt(D)):
+Impls (all causal, alpha = --alpha (default 1.5) for the entmax ones, default scale 1/sqrt(D)):
     ours       ring_adasplash.adasplash_func, layout (B, S, H, D); CUDA graphs as configured
                (default: at short sequences, see ring_adasplash/cuda_graphs.py)
     ours-eager the same with CUDA graphs off
@@ -55,6 +55,8 @@ def parse_args(argv=None):
                    help="input family of inputs.py: structured (local, amp sets the sparsity), sinkwindow, "
                         "scattered (content clusters, no locality) or mixed (half the heads of each)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
+    p.add_argument("--alpha", type=float, default=common.ALPHA,
+                   help="entmax alpha of ours and AdaSplash (AdaSplash takes its AdaSplash-1 path unless 1.5)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (wall-clock timer)")
     p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture for --family captured "
                                                      "(amp is then the layer)")
@@ -201,8 +203,10 @@ COLUMNS = [("impl", "impl"), ("mode", "mode"), ("seqlen", "S"), ("head_dim", "D"
 
 def main(argv=None):
     """Run all configurations and write the report."""
+    global ALPHA
     args = parse_args(argv)
     inputs.CAPTURED_PATH = args.captured
+    ALPHA = common.ALPHA = args.alpha  # read by common.ours_attention and _adasplash at each call
     header = common.print_header(args.device, {
         "family": args.family, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
         "kv_heads": args.kv_heads or args.heads, "alpha": ALPHA})

@@ -29,7 +29,7 @@ from ring_adasplash.kernels.block_mask import BlockMask  # noqa: E402
 from ring_adasplash.kernels.visibility import causal_visibility  # noqa: E402
 
 TIMED = ("max_pass", "histogram_pass", "coarse_bracket", "fine_histogram_pass", "newton_sums_pass",
-         "newton_moments_pass", "newton_step", "fine_tau", "output_pass")
+         "newton_moments_pass", "newton_step", "newton_schedule", "fine_tau", "output_pass")
 
 
 class TimedBackend:
