@@ -602,21 +602,22 @@ def test_newton_schedule_kernel_matches_the_pytorch_schedule(interpreted, alpha)
     """The whole Newton schedule in one launch (``triton_newton``, interpreted) against
     ``torch_blockwise.newton_schedule`` in the same forward, float32: a batch of two entries with
     padded keys (rows with no visible key) and a window of 90 keys with 2 sinks, and causal rows of
-    up to 400 keys, a NaN score in one row; flat rows, spread rows (several steps, narrowed tiles)
-    and peaked rows (done before the tiles are narrowed):
-    the same tau (to float32 rounding), NaN and inf on the same rows, the same output, the same
-    tiles with p > 0, and the output pass read every one of them."""
+    up to 400 keys, a NaN score in one row; flat rows, spread rows (several steps, tiles marked),
+    peaked rows (done before the tiles are marked) and rows whose support is one key tile, with
+    the next between max - 1 and tau (marked out): the same tau (to float32 rounding), NaN and inf
+    on the same rows, the same output, the same tiles read by the output pass and with p > 0, and
+    the output pass read every one of them."""
     keep = torch.ones(2, 200, dtype=torch.bool)
     keep[0, :70] = False  # left padding: the first 70 queries of entry 0 see no key
     keep[1, 150:] = False
     windowed = padded_visibility(keep, 200, True, window_size=(89, 0), sink_tokens=2)
-    causal = causal_visibility(400, 400, True, "cpu")  # rows of up to 400 keys: tiles are narrowed
+    causal = causal_visibility(400, 400, True, "cpu")
     cases = [(windowed, spread) for spread in (0.02, 4.0)] + [(causal, spread) for spread in (0.02, 0.3, 1.0)]
     for vis, spread in cases + [(causal, None)]:
         g = torch.Generator().manual_seed(int((spread or 7) * 100))
         q, k, v = (torch.randn(1, 400, 2, 32, generator=g) for _ in range(3))
-        if spread is None:  # key tile 0 holds the support; tile 1 lies between max - 1 and tau: dropped
-            q, k = torch.zeros_like(q), torch.zeros_like(k)  # once narrowed; tiles 2-6 lie below max - 1
+        if spread is None:  # key tile 0 holds the support, tile 1 lies between max - 1 and tau, tiles
+            q, k = torch.zeros_like(q), torch.zeros_like(k)  # 2-6 below max - 1
             q[..., 0] = 1.0
             k[0, :, :, 0] = 2.0 * torch.cat((-0.01 * torch.rand(64, 2, generator=g), torch.full((64, 2), -0.5),
                                               torch.full((272, 2), -2.0)))
@@ -632,6 +633,7 @@ def test_newton_schedule_kernel_matches_the_pytorch_schedule(interpreted, alpha)
         finite = torch.isfinite(want.tau)
         torch.testing.assert_close(got.tau[finite], want.tau[finite].to(got.tau.dtype), rtol=0, atol=2e-6)
         torch.testing.assert_close(got.out, want.out.to(got.out.dtype), rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert torch.equal(got.read_masks[0].tiles, want.read_masks[0].tiles)
         assert torch.equal(got.block_masks[0].tiles, want.block_masks[0].tiles)
         assert not (want.block_masks[0].tiles & ~got.read_masks[0].tiles).any()
 

@@ -170,13 +170,12 @@ class Backend(Protocol):
         """``stats.newton_step`` on a ``stats.NewtonState`` with the merged Newton sums (the
         Triton backend in one launch, updating the state's tensors in place)."""
 
-    def newton_schedule(self, problem: Problem, tiles: BlockMask, tile_gap, reference, row_max, tolerance: float,
+    def newton_schedule(self, problem: Problem, tiles: BlockMask, reference, row_max, tolerance: float,
                         step_tolerance: float):
         """Every step of the Newton schedule for a query block that holds all its keys, from the
-        max pass's ``tile_gap``, ``reference`` (``stats.gap_reference``) and relative ``row_max``,
-        over ``tiles``: ``(tau, keep)``, tau (B, H, Sq) float64 and (B, H, nQ, nK) bool, the tiles
-        that may hold p > 0 (``torch_blockwise.newton_schedule``; the Triton backend in one
-        launch)."""
+        max pass's ``reference`` (``stats.gap_reference``) and relative ``row_max``, over ``tiles``:
+        ``(tau, keep)``, tau (B, H, Sq) float64 and (B, H, nQ, nK) bool, the tiles that may hold
+        p > 0 (``torch_blockwise.newton_schedule``; the Triton backend in one launch)."""
 
     def output_pass(self, problem: Problem, tau, tiles: BlockMask) -> OutputSums:
         """Partial output for a known ``tau`` over ``tiles``; rows whose tau is NaN (they see a

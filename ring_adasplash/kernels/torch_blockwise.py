@@ -262,32 +262,24 @@ def newton_step(state: stats.NewtonState, sums: torch.Tensor, spec, tolerance: f
     return stats.newton_step(state, sums, spec, tolerance, step_tolerance)
 
 
-def newton_schedule(problem: Problem, tiles: BlockMask, tile_gap, reference, row_max, tolerance: float,
-                    step_tolerance: float):
+def newton_schedule(problem: Problem, tiles: BlockMask, reference, row_max, tolerance: float, step_tolerance: float):
     """The Newton schedule of a query block that holds all its keys (``algorithm``'s, for one key
     block and nothing to merge), step for step as ``triton_newton.newton_schedule_kernel`` runs it:
-    from ``stats.NewtonState.start(reference, row_max)``, ``newton_moments_pass`` and
+    from ``stats.NewtonState.start(reference, row_max)``, ``newton_moments_pass`` over ``tiles`` and
     ``newton_step`` on the query tiles with a row not done, up to ``NEWTON_SCHEDULE_STEPS``; from
-    step ``NEWTON_NARROW_STEP`` on, each pass reads only the tiles of ``tiles`` above every row's
-    current lower bound (``stats.lower_bound_mask`` of ``tile_gap``) and marks which may hold
-    p > 0. Returns tau (B, H, Sq) float64 (the last point; the start on rows with no visible key)
-    and (B, H, nQ, nK) bool, the tiles of ``tiles`` the last marking pass of their query tile
-    kept (all of them where none marked)."""
+    step ``NEWTON_NARROW_STEP`` on, each pass marks the tiles that may hold p > 0. Returns tau
+    (B, H, Sq) float64 (the last point; the start on rows with no visible key) and (B, H, nQ, nK)
+    bool, the tiles of ``tiles`` the last marking pass of their query tile kept (all of them where
+    none marked)."""
     state = stats.NewtonState.start(reference, row_max)
-    empty = ~torch.isfinite(row_max)
     kept = tiles.tiles
     for step in range(stats.NEWTON_SCHEDULE_STEPS):
         rows = ~state.done
         if not rows.any():
             break
-        narrow = step >= stats.NEWTON_NARROW_STEP
-        read = tiles
-        if narrow:
-            lower = torch.where(state.done, state.point, state.lower).to(reference.dtype)
-            read = tiles.with_tiles(tiles.tiles & stats.lower_bound_mask(tile_gap, lower, reference, empty,
-                                                                         problem.block_m))
-        sums, near = newton_moments_pass(problem, read, state.point, rows, keep=narrow)
-        if narrow:
+        mark = step >= stats.NEWTON_NARROW_STEP
+        sums, near = newton_moments_pass(problem, tiles, state.point, rows, keep=mark)
+        if mark:
             kept = torch.where(stats.per_query_tile(rows, problem.block_m, "any")[..., None], near, kept)
         state = newton_step(state, sums, problem.spec, tolerance, step_tolerance)
     return state.point, kept

@@ -299,14 +299,14 @@ def newton_step(state: S.NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tole
     return S.NewtonState(point, lower, upper, done.view(torch.bool))
 
 
-def newton_schedule(problem: TritonProblem, tiles: BlockMask, tile_gap, reference, row_max, tolerance: float,
+def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max, tolerance: float,
                     step_tolerance: float):
     """``torch_blockwise.newton_schedule`` in one launch (``triton_newton.newton_schedule_kernel``)."""
     p = problem
     tau = torch.empty(p.rows, device=p.q.device, dtype=torch.float64)
     keep = torch.zeros(p.tiles, device=p.q.device, dtype=torch.int8)
     launch(triton_newton.newton_schedule_kernel, p.query_grid)(
-        **p.listed(tiles), Tile_gap=tile_gap.to(torch.float32).contiguous(), Reference=p.per_row(reference),
+        **p.listed(tiles), Reference=p.per_row(reference),
         Row_max=p.per_row(row_max), Tau=tau, Keep=keep, margin=S.MASK_MARGIN, tolerance=float(tolerance),
         step_tolerance=float(step_tolerance), **p.weights, MAX_STEPS=S.NEWTON_SCHEDULE_STEPS,
         NARROW_STEP=S.NEWTON_NARROW_STEP, **p.config("sparse"))

@@ -9,22 +9,53 @@ t)_+^(gamma - 1)`` and the count of keys above t at its rows' points, then
 nothing goes back to the host between steps (a launch, the tile lists and a few small ops per step
 cost more than the sweep itself where few tiles are active).
 
-From step ``NARROW_STEP`` on, a sweep skips the key tiles whose gap (``Tile_gap``, the max pass's)
-lies below every row's lower bound of tau (``stats.lower_bound_mask`` per query tile), and
-``Keep[tile]`` records whether a key of the tile lies above ``point - keep_margin`` (0 for a
-skipped tile); a query tile whose rows were all done before that step keeps 1 on its listed tiles.
+From step ``NARROW_STEP`` on, each sweep records in ``Keep[tile]`` whether a key of the tile lies
+above ``point - margin`` (the tiles that may hold p > 0 for any tau at or above the point); a
+query tile whose rows were all done before that step keeps 1 on its listed tiles. A sweep reads
+every listed tile: with no branch in its loop, the loads of the next tiles are issued while this
+one is computed (a sweep that skipped the tiles below every row's lower bound, as the pass-by-pass
+schedule does once, saved little: on attention rows few tiles lie between the max pass's bound
+and tau).
 """
 import triton
 import triton.language as tl
 
-from .triton_common import ADD, MAX, MIN, dot, entmax_weights, listed_logits, listed_query_tile, positive_gap
+from .triton_common import ADD, MAX, dot, entmax_weights, listed_logits, listed_query_tile, positive_gap
 from .triton_tau import newton_row_step
+
+ONES_WIDTH = tl.constexpr(16)  # the count as a product with ones (triton_refine.newton_sums_kernel)
+
+
+@triton.jit
+def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc, q_first, offs_m,
+                 Keep, tile_row, t, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POWER: tl.constexpr,
+                 KEEP: tl.constexpr, PRECISION: tl.constexpr):
+    """One sweep of the listed key tiles at ``t`` (float32 per row): ``(f, f', count)`` per row, and
+    with ``KEEP`` the tiles' marks. No branch in the loop, so its loads are pipelined."""
+    f_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+    df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+    above = tl.full([BLOCK_M, ONES_WIDTH], 0.0, tl.float32)
+    for i in range(0, count):
+        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, full_lo, full_hi, q_limit,
+                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
+                                          scale_z, HEAD_DIM, BLOCK_N, PRECISION)
+        gap = positive_gap(z, t[:, None])
+        p, u = entmax_weights(gap, gamma, POWER)
+        f_sum += tl.reduce(p, 1, ADD)
+        df_sum += tl.reduce(u, 1, ADD)
+        if POWER == 2:
+            above += dot(tl.where(gap > 0, 1.0, 0.0).to(q.dtype), ones, PRECISION)
+        if KEEP:
+            near = tl.reduce(tl.reduce(z - t[:, None], 1, MAX), 0, MAX) > -margin
+            tl.store(Keep + tile_row + tile_k, near.to(tl.int8))
+    return f_sum.to(tl.float64), df_sum.to(tl.float64), tl.reduce(above, 1, MAX).to(tl.float64)
 
 
 @triton.jit
 def newton_schedule_kernel(
     Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
-    Tile_gap, Reference, Row_max, Tau, Keep,
+    Reference, Row_max, Tau, Keep,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma, margin, tolerance, step_tolerance,
@@ -36,59 +67,48 @@ def newton_schedule_kernel(
     relative: 0, or not finite on rows with no visible key or a non-finite score) start the
     bracket, as ``stats.NewtonState.start``. See the module doc."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
+    tl.static_assert(NARROW_STEP < MAX_STEPS)  # the second loop marks the tiles
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_lo,
      full_hi) = listed_query_tile(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
         stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
-    reference = tl.load(Reference + rows, mask=in_q, other=0.0)
     row_max = tl.load(Row_max + rows, mask=in_q, other=float("inf"))
-    empty = ~((row_max == row_max) & (tl.abs(row_max) < float("inf")))
-    point = reference.to(tl.float64)
+    point = tl.load(Reference + rows, mask=in_q, other=0.0).to(tl.float64)
     lower = point
     upper = row_max.to(tl.float64)
-    done = empty | ~in_q
-    ONES_WIDTH: tl.constexpr = 16  # the count as a product with ones (triton_refine.newton_sums_kernel)
+    done = ~((row_max == row_max) & (tl.abs(row_max) < float("inf"))) | ~in_q
     ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
     step = 0
     live = tl.reduce((~done).to(tl.int32), 0, ADD)
-    while (step < MAX_STEPS) & (live > 0):
-        narrow = step >= NARROW_STEP
-        # the smallest lower bound of tau over the rows, above the reference (lower_bound_mask)
-        floor = tl.where(done, point, lower).to(tl.float32)
-        bound = tl.where(empty | ~in_q, float("inf"), tl.maximum(floor - reference, 0.0) - margin)
-        bound = tl.where(narrow, tl.reduce(bound, 0, MIN), float("-inf"))
-        t = point.to(tl.float32)
-        f_sum = tl.full([BLOCK_M], 0.0, tl.float32)
-        df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
-        above = tl.full([BLOCK_M, ONES_WIDTH], 0.0, tl.float32)
-        for i in range(0, count):
-            tile_k = tl.load(Tile_index + i)
-            if tl.load(Tile_gap + tile_row + tile_k) > bound:
-                tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, full_lo, full_hi,
-                                                  q_limit, q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q,
-                                                  seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N, PRECISION)
-                gap = positive_gap(z, t[:, None])
-                p, u = entmax_weights(gap, gamma, POWER)
-                f_sum += tl.reduce(p, 1, ADD)
-                df_sum += tl.reduce(u, 1, ADD)
-                if POWER == 2:
-                    above += dot(tl.where(gap > 0, 1.0, 0.0).to(q.dtype), ones, PRECISION)
-                if narrow:
-                    near = tl.reduce(tl.reduce(z - t[:, None], 1, MAX), 0, MAX) > -margin
-                    tl.store(Keep + tile_row + tile_k, near.to(tl.int8))
-            elif narrow:
-                tl.store(Keep + tile_row + tile_k, tl.full([], 0, tl.int8))
-        next_point, next_lower, next_upper, converged = newton_row_step(
-            f_sum.to(tl.float64), df_sum.to(tl.float64), tl.reduce(above, 1, MAX).to(tl.float64), point, lower, upper,
-            gamma, tolerance, step_tolerance, POWER)
+    # two loops of the same step, the second marking the tiles: no branch inside a sweep
+    while (step < NARROW_STEP) & (live > 0):
+        f, df, n = newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc,
+                                q_first, offs_m, Keep, tile_row, point.to(tl.float32), ones, stride_ks, stride_kd,
+                                seqlen_q, seqlen_k, shift, scale_z, gamma, margin, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
+                                False, PRECISION)
+        next_point, next_lower, next_upper, converged = newton_row_step(f, df, n, point, lower, upper, gamma,
+                                                                        tolerance, step_tolerance, POWER)
         point = tl.where(done, point, next_point)
         lower = tl.where(done, lower, next_lower)
         upper = tl.where(done, upper, next_upper)
         done = done | converged
         step += 1
         live = tl.reduce((~done).to(tl.int32), 0, ADD)
-    if step <= NARROW_STEP:  # no sweep marked the tiles: every listed tile may hold p > 0
+    if live == 0:  # no sweep will mark the tiles: every listed tile may hold p > 0
         for i in range(0, count):
             tl.store(Keep + tile_row + tl.load(Tile_index + i), tl.full([], 1, tl.int8))
+    while (step < MAX_STEPS) & (live > 0):
+        f, df, n = newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc,
+                                q_first, offs_m, Keep, tile_row, point.to(tl.float32), ones, stride_ks, stride_kd,
+                                seqlen_q, seqlen_k, shift, scale_z, gamma, margin, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
+                                True, PRECISION)
+        next_point, next_lower, next_upper, converged = newton_row_step(f, df, n, point, lower, upper, gamma,
+                                                                        tolerance, step_tolerance, POWER)
+        point = tl.where(done, point, next_point)
+        lower = tl.where(done, lower, next_lower)
+        upper = tl.where(done, upper, next_upper)
+        done = done | converged
+        step += 1
+        live = tl.reduce((~done).to(tl.int32), 0, ADD)
     tl.store(Tau + rows, point, mask=in_q)
