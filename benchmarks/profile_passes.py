@@ -101,10 +101,20 @@ def main():
     p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha")
     p.add_argument("--schedules", type=common.csv_list(str), default=["default"],
                    help=f"ways of finding tau, comma-separated: default, {', '.join(SCHEDULES)}")
+    p.add_argument("--launch", type=common.csv_list(str), default=[], metavar="KIND=WARPS:STAGES",
+                   help="try other launch settings than the fixed table (triton_backend._CONFIGS) for a "
+                        f"kind of pass ({', '.join(triton_backend._CONFIGS)}), e.g. sparse=8:3,max=8:2")
     args = p.parse_args()
+    for setting in args.launch:
+        kind, _, value = setting.partition("=")
+        warps, stages = (int(x) for x in value.split(":"))
+        if kind not in triton_backend._CONFIGS:
+            p.error(f"--launch: kind must be one of {', '.join(triton_backend._CONFIGS)}; got {kind!r}")
+        triton_backend._CONFIGS[kind] = lambda d, w=warps, n=stages: {"num_warps": w, "num_stages": n}
     inputs.CAPTURED_PATH = args.captured
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, causal, batch 1, "
-          f"{args.heads} heads, D {args.head_dim}, alpha {args.alpha}, {args.family} inputs")
+          f"{args.heads} heads, D {args.head_dim}, alpha {args.alpha}, {args.family} inputs"
+          + (f", launch {','.join(args.launch)}" if args.launch else ""))
     for seqlen in args.seqlens:
         for amp in args.amps:
             for schedule in args.schedules:
