@@ -53,6 +53,31 @@ def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full
 
 
 @triton.jit
+def newton_steps(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc, q_first, offs_m,
+                 Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin,
+                 tolerance, step_tolerance, point, lower, upper, done, step, live, LAST: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POWER: tl.constexpr,
+                 KEEP: tl.constexpr, PRECISION: tl.constexpr):
+    """Steps ``step``, ``step + 1``, ... up to ``LAST`` (excluded) while a row is live: a sweep at
+    the rows' points, then ``newton_row_step`` on the rows not done. Returns ``(point, lower,
+    upper, done, step, live)``."""
+    while (step < LAST) & (live > 0):
+        f, df, n = newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc,
+                                q_first, offs_m, Keep, tile_row, point.to(tl.float32), ones, stride_ks, stride_kd,
+                                seqlen_q, seqlen_k, shift, scale_z, gamma, margin, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
+                                KEEP, PRECISION)
+        next_point, next_lower, next_upper, converged = newton_row_step(f, df, n, point, lower, upper, gamma,
+                                                                        tolerance, step_tolerance, POWER)
+        point = tl.where(done, point, next_point)
+        lower = tl.where(done, lower, next_lower)
+        upper = tl.where(done, upper, next_upper)
+        done = done | converged
+        step += 1
+        live = tl.reduce((~done).to(tl.int32), 0, ADD)
+    return point, lower, upper, done, step, live
+
+
+@triton.jit
 def newton_schedule_kernel(
     Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
     Reference, Row_max, Tau, Keep,
@@ -79,36 +104,19 @@ def newton_schedule_kernel(
     upper = row_max.to(tl.float64)
     done = ~((row_max == row_max) & (tl.abs(row_max) < float("inf"))) | ~in_q
     ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
-    step = 0
     live = tl.reduce((~done).to(tl.int32), 0, ADD)
-    # two loops of the same step, the second marking the tiles: no branch inside a sweep
-    while (step < NARROW_STEP) & (live > 0):
-        f, df, n = newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc,
-                                q_first, offs_m, Keep, tile_row, point.to(tl.float32), ones, stride_ks, stride_kd,
-                                seqlen_q, seqlen_k, shift, scale_z, gamma, margin, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
-                                False, PRECISION)
-        next_point, next_lower, next_upper, converged = newton_row_step(f, df, n, point, lower, upper, gamma,
-                                                                        tolerance, step_tolerance, POWER)
-        point = tl.where(done, point, next_point)
-        lower = tl.where(done, lower, next_lower)
-        upper = tl.where(done, upper, next_upper)
-        done = done | converged
-        step += 1
-        live = tl.reduce((~done).to(tl.int32), 0, ADD)
+    # the same steps in two loops, the second marking the tiles: no branch inside a sweep
+    point, lower, upper, done, step, live = newton_steps(
+        q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc, q_first, offs_m, Keep,
+        tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
+        step_tolerance, point, lower, upper, done, 0, live, NARROW_STEP, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, False,
+        PRECISION)
     if live == 0:  # no sweep will mark the tiles: every listed tile may hold p > 0
         for i in range(0, count):
             tl.store(Keep + tile_row + tl.load(Tile_index + i), tl.full([], 1, tl.int8))
-    while (step < MAX_STEPS) & (live > 0):
-        f, df, n = newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc,
-                                q_first, offs_m, Keep, tile_row, point.to(tl.float32), ones, stride_ks, stride_kd,
-                                seqlen_q, seqlen_k, shift, scale_z, gamma, margin, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
-                                True, PRECISION)
-        next_point, next_lower, next_upper, converged = newton_row_step(f, df, n, point, lower, upper, gamma,
-                                                                        tolerance, step_tolerance, POWER)
-        point = tl.where(done, point, next_point)
-        lower = tl.where(done, lower, next_lower)
-        upper = tl.where(done, upper, next_upper)
-        done = done | converged
-        step += 1
-        live = tl.reduce((~done).to(tl.int32), 0, ADD)
+    point, lower, upper, done, step, live = newton_steps(
+        q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc, q_first, offs_m, Keep,
+        tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
+        step_tolerance, point, lower, upper, done, step, live, MAX_STEPS, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, True,
+        PRECISION)
     tl.store(Tau + rows, point, mask=in_q)
