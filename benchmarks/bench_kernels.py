@@ -116,6 +116,17 @@ def median_ms(fn, device, warmup_ms, rep_ms):
     return times[len(times) // 2]
 
 
+def median_and_peak(fn, device, warmup_ms, rep_ms):
+    """``median_ms`` of ``fn`` and, on CUDA, the peak memory in GiB over the timed calls (everything
+    alive then included: inputs, gradients, buffers a CUDA graph keeps); None on CPU."""
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    ms = median_ms(fn, device, warmup_ms, rep_ms)
+    return ms, torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+
 def measured_sparsity(step, device):
     """Block sparsity (fraction of visible tiles all zero) of one extra, untimed call inside our
     telemetry recorder (``ring_adasplash.telemetry``)."""
@@ -130,13 +141,7 @@ def bench_one(impl, mode, qkv, args):
         if impl == "ours":  # the first call compiles our kernels (nothing is autotuned)
             row["first_call_ms"] = common.wall_ms(step, args.device)
             row["block_sparsity"] = measured_sparsity(step, args.device)
-        cuda = str(args.device).startswith("cuda")
-        if cuda:  # the peak of the timed steps, inputs (and their gradients) included
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        row["ms"] = median_ms(step, args.device, args.warmup_ms, args.rep_ms)
-        if cuda:
-            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        row["ms"], row["peak_gib"] = median_and_peak(step, args.device, args.warmup_ms, args.rep_ms)
     except Exception as exc:  # missing package, OOM, unsupported shape...
         row["error"] = common.short_error(exc)
     finally:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from bench_kernels import median_ms  # noqa: E402
+from bench_kernels import median_and_peak  # noqa: E402
 from inputs import structured_qkv  # noqa: E402
 
 import ring_adasplash  # noqa: E402
@@ -181,12 +181,7 @@ def bench_one(prepare, mode, qkv, args):
         attn, tensors = prepare(*qkv)
         step = common.make_step(attn, mode, tensors)
         row["first_call_ms"] = common.wall_ms(step, args.device)
-        if cuda:  # the peak of the timed steps, inputs (and their gradients) included
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        row["ms"] = median_ms(step, args.device, args.warmup_ms, args.rep_ms)
-        if cuda:
-            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        row["ms"], row["peak_gib"] = median_and_peak(step, args.device, args.warmup_ms, args.rep_ms)
     except Exception as exc:  # missing package or feature, OOM, unsupported shape...
         row["error"] = common.short_error(exc)
     finally:
