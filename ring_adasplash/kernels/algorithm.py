@@ -244,8 +244,8 @@ def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, 
     tolerances = stats.NEWTON_TOLERANCE[dtype], stats.NEWTON_STEP_TOLERANCE[dtype]
     if blocks.num_blocks == 1 and reduce.complete:
         # every key at hand and nothing to merge: all steps in one launch (``backend.newton_schedule``)
-        for block in blocks.sweep(with_values=False, needed=_needed(blocks, tiles), pass_name="newton"):
-            point, keep = backend.newton_schedule(problems(block), tiles[0], reference, rel.row_max, *tolerances)
+        (block,) = blocks.sweep(with_values=False, needed=_needed(blocks, tiles), pass_name="newton")
+        point, keep = backend.newton_schedule(problems(block), tiles[0], reference, rel.row_max, *tolerances)
         return stats.finalize_tau(point, empty), [tiles[0].with_tiles(tiles[0].tiles & keep)]
     keep = [t.tiles for t in tiles]
     state = stats.NewtonState.start(reference, rel.row_max)

@@ -55,7 +55,9 @@ POLISH_STEPS = 2
 # mass per unit of tau than a row of one key)
 NEWTON_SCHEDULE_STEPS = 10
 NEWTON_SCHEDULE_MAX_ALPHA = 1.5
-NEWTON_NARROW_STEP = 2  # after this many steps, the tiles below every row's lower bound are dropped
+# from this step on, the passes mark the tiles that may hold p > 0 (and, pass by pass, drop the
+# tiles below every row's lower bound)
+NEWTON_NARROW_STEP = 2
 NEWTON_STEP_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-10}
 NEWTON_TOLERANCE = {torch.float32: 2e-6, torch.float64: 1e-12}
 MASK_MARGIN = 1e-4  # slack (in z) when comparing a tile gap with a lower bound of tau
@@ -433,7 +435,7 @@ def newton_step(state: NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tolera
     tau <= t + x, with equality when no key lies between. The bound is taken only where the
     discriminant ``f'^2 - n0 (f - 1)`` keeps at least half of ``f'^2``: far below tau (f >> 1) the
     two nearly cancel, and the float32 rounding of the sums (the kernels' sums) would move the
-    root below tau (by 3e-7 on flat rows of 2048 keys, 7e-5 of the sum of p)."""
+    root below tau (by 3e-7 on flat rows of 2048 keys, whose p then summed to 1 - 2.3e-5)."""
     f, df = sums[..., 0].double(), sums[..., 1].double()
     point, lower, upper = newton_update(state.point, state.lower, state.upper, sums[..., :2], spec)
     done = (point - state.point).abs() <= step_tolerance
