@@ -4,6 +4,7 @@
         out = ring_adasplash_func(q, k, v)
     print(t.block_sparsity, t.bytes_sent, t.dense_ring_bytes)
     print(t.block_masks[0])  # the last call's tiles with p > 0, as a BlockMask
+    print(t.tile_state_bytes, t.saved_tile_bytes)  # per-tile state a forward held, and kept
 
 Nothing is counted (and no device sync happens) outside a ``record()`` block.
 """
@@ -13,6 +14,8 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+
+from .kernels.algorithm import held_bytes
 
 _recorders: list = []
 
@@ -33,6 +36,10 @@ class Telemetry:
     events: list = field(default_factory=list)  # strategy of each attention call
     bytes_by_pass: dict = field(default_factory=dict)  # pass name -> [bytes sent, dense-ring bytes]
     block_masks: list = field(default_factory=list)  # the last call's ``BlockMask`` per key block (p > 0)
+    # the largest over the calls, on this rank: bytes of per-tile state (tile gaps, masks, tile lists
+    # of every key block) held at once in a forward, and of the masks a forward keeps for its backward
+    tile_state_bytes: int = 0
+    saved_tile_bytes: int = 0
 
     @property
     def block_sparsity(self) -> float:
@@ -98,6 +105,9 @@ def log_forward(fwd, strategy: str, local_block: int | None = None) -> None:
     add(visible_tiles=sum(visible), nonzero_tiles=sum(nonzero), support_sum=float(fwd.support[has_keys].sum()),
         rows=int(has_keys.sum()), calls=1, remote_visible_tiles=sum(visible[i] for i in remote),
         remote_nonzero_tiles=sum(nonzero[i] for i in remote))
+    saved = held_bytes([t for mask in (*fwd.block_masks, *fwd.read_masks) for t in mask.held_tensors()])
     for t in _recorders:
         t.events.append(strategy)
         t.block_masks = list(fwd.block_masks)
+        t.tile_state_bytes = max(t.tile_state_bytes, fwd.tile_state_bytes)
+        t.saved_tile_bytes = max(t.saved_tile_bytes, saved)

@@ -311,3 +311,20 @@ def test_settings_are_checked(monkeypatch, env, bad, message, good):
         for a, b in zip(results[0], per_value):
             assert torch.equal(a, b)
     assert not cuda_graphs._graphs
+
+
+@pytest.mark.parametrize("seqlen", (640, 1024))
+def test_telemetry_counts_the_per_tile_state(seqlen):
+    """``tile_state_bytes`` and ``saved_tile_bytes`` are the storages a forward holds (PyTorch
+    backend, one device, causal, the Newton schedule): per (query tile, key tile, head) a float32
+    tile gap and three bool masks (the max pass's tiles with visible pairs, the tiles the schedule
+    read, the output pass's candidates) plus the visible tiles once; kept for the backward: the
+    tiles with p > 0 and the candidates, plus the visible tiles."""
+    from ring_adasplash import telemetry
+
+    q, k, v = (torch.randn(2, seqlen, 3, 16) for _ in range(3))
+    with telemetry.record() as t:
+        ra.adasplash_func(q, k, v, causal=True)
+    n_tiles = -(-seqlen // 64)
+    per_head, once = 2 * 3 * n_tiles * n_tiles, n_tiles * n_tiles
+    assert (t.tile_state_bytes, t.saved_tile_bytes) == (7 * per_head + once, 2 * per_head + once)

@@ -122,11 +122,29 @@ class ForwardResult:
     block_masks: list = field(default_factory=list)  # per key block: tiles with p > 0 (``BlockMask``)
     read_masks: list = field(default_factory=list)  # per key block: tiles the output pass read
     dense_passes: int = 1
+    # bytes of per-tile state held at once before the output pass: tile gaps, masks and tile lists
+    # of every key block (``held_bytes``), the part of memory that grows with Sq x Sk
+    tile_state_bytes: int = 0
 
     def absolute_tau(self, scale_z: float) -> torch.Tensor:
         """tau (float64) for logits ``scale_z * q . k`` without the shift, as references compute it
         (for scores far from 0 this has only the precision of the inputs' float format)."""
         return self.tau.double() + scale_z * self.shift.double()
+
+
+def held_bytes(tensors) -> int:
+    """Bytes of the distinct storages under ``tensors`` (a view or an expanded tensor counts its
+    storage, once)."""
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _tile_state(tile_gaps: dict, *mask_lists) -> int:
+    """``held_bytes`` of the tile gaps and of every mask in ``mask_lists`` (lists of ``BlockMask``)."""
+    return held_bytes([*tile_gaps.values(), *(t for masks in mask_lists for m in masks for t in m.held_tensors())])
 
 
 def visible_tiles(vis: Visibility, block_m: int, block_n: int) -> BlockMask:
@@ -320,7 +338,8 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
         empty = ~torch.isfinite(rel.row_max)
         candidates = [r.with_tiles(r.tiles & lower_bound_mask(tile_gaps[i], tau.to(reference.dtype), reference, empty,
                                                                block_m)) for i, r in enumerate(read)]
-        return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype)
+        held = _tile_state(tile_gaps, visible.values(), read, candidates)
+        return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held)
     row_stats = _histogram(backend, problems, blocks, reduce, rel.row_max, rel.tau_floor, tile_gaps, visible)
     bracket = backend.coarse_bracket(row_stats, spec)
     candidates = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], bracket.lower, reference, bracket.empty,
@@ -334,11 +353,13 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
                                             & kept[i]) for i in range(blocks.num_blocks)]
     else:
         tau = _newton_tau(backend, problems, blocks, reduce, spec, bracket, candidates)
+    held = _tile_state(tile_gaps, visible.values(), candidates)
     del tile_gaps  # float32 per tile: the bool masks are all the output pass needs
-    return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype)
+    return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held)
 
 
-def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, visible, dtype) -> ForwardResult:
+def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, visible, dtype,
+            tile_state_bytes: int) -> ForwardResult:
     """Step 5 for a known tau (NaN on rows that see a score that is not finite), over the
     ``candidates`` tiles."""
     tau = torch.where(rel.nonfinite, float("nan"), tau).to(torch.float64 if dtype == torch.float64 else torch.float32)
@@ -348,7 +369,8 @@ def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, vi
         parts = sums if parts is None else [a + b for a, b in zip(parts, sums)]
     out, out_u, u_sum, support = (reduce.sums(p) for p in parts)
     masks = [visible[i].with_tiles(nonzero[i]) for i in range(blocks.num_blocks)]
-    return ForwardResult(out, out_u, u_sum, tau, rel.shift, support, masks, candidates)
+    return ForwardResult(out, out_u, u_sum, tau, rel.shift, support, masks, candidates,
+                         tile_state_bytes=tile_state_bytes)
 
 
 def entmax_backward(backend: Backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult, spec: EntmaxSpec,

@@ -79,6 +79,12 @@ class BlockMask:
             self._lists["queries"] = (counts_t, index_t)
         return self._lists["queries"]
 
+    def held_tensors(self) -> list:
+        """The tensors this mask holds: its tiles, visible tiles and the tile lists built so far
+        (for counting the memory of per-tile state)."""
+        held = [self.tiles] + ([] if self.visible is None else [self.visible])
+        return held + [t for lists in self._lists.values() for t in lists]
+
     def __repr__(self) -> str:
         b, h, nq, nk = self.tiles.shape
         return (f"BlockMask(shape={self.shape}, tiles={nq}x{nk} of {self.block_m}x{self.block_n}, "
