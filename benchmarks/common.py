@@ -45,6 +45,22 @@ def add_case_arguments(p):
     p.add_argument("--amp", type=float, default=1.5, help="amplitude of the positional code (higher: sparser)")
 
 
+def init_ranks():
+    """Joins the torchrun group (NCCL with a GPU per rank, else gloo on CPU, one thread per rank);
+    returns ``(rank, world, device)``."""
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(1)
+    return rank, world, device
+
+
 def csv_list(kind):
     """Return an argparse ``type`` that parses ``"a,b,c"`` into a list of ``kind``."""
 

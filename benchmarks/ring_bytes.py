@@ -14,7 +14,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from common import print_header
+from common import init_ranks, print_header
 from inputs import make_qkv
 from ring_adasplash import telemetry
 from ring_adasplash.parallel import layouts, ring_adasplash_func, zigzag_ring_adasplash_func
@@ -35,13 +35,8 @@ def main():
                    help="sliding window: each query sees this many keys before it (-1: none)")
     p.add_argument("--sinks", type=int, default=0, help="attention sinks: the first keys every query sees")
     args = p.parse_args()
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    torch.set_num_threads(1)
+    rank, world, device = init_ranks()
+    cuda = device.type == "cuda"
     if rank == 0:
         print_header(str(device), vars(args) | {"world_size": world})
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -17,7 +17,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from common import print_header
+from common import init_ranks, print_header
 from inputs import make_qkv
 from ring_adasplash import telemetry
 from ring_adasplash.comm import shutdown
@@ -33,13 +33,8 @@ def main():
     p.add_argument("--head-dim", type=int, default=64, help="head dimension")
     p.add_argument("--amp", type=float, default=1.5, help="amplitude of the positional code (higher: sparser)")
     args = p.parse_args()
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    torch.set_num_threads(1)
+    rank, world, device = init_ranks()
+    cuda = device.type == "cuda"
     seqlen = args.local_seqlen * world
     if rank == 0:
         print_header(str(device), vars(args) | {"world_size": world, "seqlen": seqlen})
