@@ -105,11 +105,12 @@ def newton_schedule_kernel(
     done = ~((row_max == row_max) & (tl.abs(row_max) < float("inf"))) | ~in_q
     ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
     live = tl.reduce((~done).to(tl.int32), 0, ADD)
+    step = tl.full([], 0, tl.int32)  # a tensor, not the constant 0: the helper's loop reassigns it
     # the same steps in two loops, the second marking the tiles: no branch inside a sweep
     point, lower, upper, done, step, live = newton_steps(
         q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc, q_first, offs_m, Keep,
         tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
-        step_tolerance, point, lower, upper, done, 0, live, NARROW_STEP, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, False,
+        step_tolerance, point, lower, upper, done, step, live, NARROW_STEP, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, False,
         PRECISION)
     if live == 0:  # no sweep will mark the tiles: every listed tile may hold p > 0
         for i in range(0, count):
