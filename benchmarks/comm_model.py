@@ -20,6 +20,8 @@ Entmax forward = a statistics pass (threshold search, K only travels) + the main
 travel with K, V (2x the bytes). Compute of nonzero work: (1 - block sparsity); with
 zero-block skipping, ring transfers are multiplied by (1 - remote block sparsity).
 Flops follow common.attention_flops (4 * B * H * D per query-key pair of nonzero tiles).
+Memory: tokens per GPU whose attention fits in --memory-gib (``tokens_that_fit``), with the
+per-tile state of every key block (today) or of one key block (streamed).
 """
 
 import argparse
@@ -242,6 +244,45 @@ def frontier_tables(hw, args):
     return out
 
 
+# ----------------------------------------------------------------------------- memory
+TILE = 64  # query and key tile of the block mask
+# bytes per (token, head, head-dim element) that grow with the local sequence alone: q, k, v, out,
+# grad out, dq, dk, dv in the input dtype, two K,V blocks in flight in a ring (4 more), and the
+# float32 out, sum u v and dq sums
+LINEAR_ELEMS, LINEAR_FP32 = 12, 3
+
+
+def tokens_that_fit(args, gpus, streamed):
+    """Largest local sequence whose attention memory fits in --memory-gib: linear bytes plus
+    --tile-bytes per (local query tile, key tile, head) over every key block of the sequence
+    (today), or over one local-sized key block (streamed, a ring step keeping its own block's
+    maps); the root of a quadratic in S_local."""
+    per_token = (LINEAR_ELEMS * args.elem_bytes + LINEAR_FP32 * 4) * args.batch * args.heads * args.head_dim
+    per_token2 = args.tile_bytes * args.batch * args.heads / TILE**2 * (1 if streamed else gpus)
+    budget = args.memory_gib * 2**30
+    return int((-per_token + math.sqrt(per_token**2 + 4 * per_token2 * budget)) / (2 * per_token2))
+
+
+def memory_tables(args):
+    """Per P: tokens per GPU (and in all) whose attention fits in --memory-gib, with per-tile state
+    kept for every key block (as today) and streamed one key block at a time."""
+    table = []
+    for gpus in args.gpus:
+        today, streamed = tokens_that_fit(args, gpus, False), tokens_that_fit(args, gpus, True)
+        table.append({"P": gpus, "today": human_tokens(today), "today_total": human_tokens(today * gpus),
+                      "streamed": human_tokens(streamed), "streamed_total": human_tokens(streamed * gpus)})
+    cols = [("P", "P"), ("today", "tokens per GPU, state of every key block"), ("today_total", "in all"),
+            ("streamed", "tokens per GPU, state of one key block"), ("streamed_total", "in all")]
+    return [f"### tokens that fit: attention memory <= {args.memory_gib:g} GiB per GPU, {args.tile_bytes:g} bytes "
+            f"per (query tile, key tile, head), B={args.batch} H={args.heads} D={args.head_dim}\n\n"
+            + common.markdown_table(table, cols)]
+
+
+def human_tokens(tokens):
+    """Tokens rounded down to a power of two, as '512K' or '2M'."""
+    return human(2 ** int(math.log2(max(tokens, 1024))))
+
+
 def human(seqlen):
     """1024 -> '1K', 1048576 -> '1M'."""
     return f"{seqlen // 2**20}M" if seqlen >= 2**20 else f"{seqlen // 2**10}K"
@@ -337,6 +378,11 @@ def parse_args(argv=None):
     p.add_argument("--hidden-threshold", type=float, default=0.1,
                    help="comm counts as hidden while exposed comm <= this share of fwd+bwd")
     p.add_argument("--mode", choices=["fwd", "fwdbwd"], default="fwdbwd", help="time shown in the tables")
+    p.add_argument("--memory-gib", type=float, default=64.0,
+                   help="GPU memory attention may use (GiB), for the tokens-that-fit table")
+    p.add_argument("--tile-bytes", type=float, default=6.25,
+                   help="bytes of per-tile state per (query tile, key tile, head) (benchmarks/tile_state.py "
+                        "measures them: 6.25 in a forward on the PyTorch backend; the GPU's tile lists add more)")
     p.add_argument("--fit", default=None, help="CSV of measured rows (bench_distributed.py output)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the report (.md, .csv, .png)")
     return p.parse_args(argv)
@@ -353,7 +399,7 @@ def main(argv=None):
     header = "\n".join(f"- {k}: {v}" for k, v in vars(args).items())
     print(header)
     rows = sweep(hw, args)
-    text = "\n\n".join(time_tables(rows, args) + frontier_tables(hw, args))
+    text = "\n\n".join(time_tables(rows, args) + frontier_tables(hw, args) + memory_tables(args))
     text += "\n\n[C] compute-bound, [N] NVLink-bound, [I] IB-bound (largest of compute and exposed comm)"
 
     def plot(path):
