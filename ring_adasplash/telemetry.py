@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .kernels import algorithm
 from .kernels.algorithm import held_bytes
 
 _recorders: list = []
@@ -71,10 +72,12 @@ def record():
     """Count inside this block; yields the ``Telemetry`` being filled."""
     t = Telemetry()
     _recorders.append(t)
+    algorithm.count_tile_state = True
     try:
         yield t
     finally:
         _recorders.remove(t)
+        algorithm.count_tile_state = bool(_recorders)
 
 
 def add(**counts) -> None:

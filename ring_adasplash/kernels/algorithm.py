@@ -123,7 +123,8 @@ class ForwardResult:
     read_masks: list = field(default_factory=list)  # per key block: tiles the output pass read
     dense_passes: int = 1
     # bytes of per-tile state held at once before the output pass: tile gaps, masks and tile lists
-    # of every key block (``held_bytes``), the part of memory that grows with Sq x Sk
+    # of every key block (``held_bytes``), the part of memory that grows with Sq x Sk; counted only
+    # while ``count_tile_state`` is set (0 otherwise)
     tile_state_bytes: int = 0
 
     def absolute_tau(self, scale_z: float) -> torch.Tensor:
@@ -142,8 +143,14 @@ def held_bytes(tensors) -> int:
     return sum(storages.values())
 
 
+count_tile_state = False  # set by ``telemetry.record()``: only then does a forward count its tile state
+
+
 def _tile_state(tile_gaps: dict, *mask_lists) -> int:
-    """``held_bytes`` of the tile gaps and of every mask in ``mask_lists`` (lists of ``BlockMask``)."""
+    """``held_bytes`` of the tile gaps and of every mask in ``mask_lists`` (lists of ``BlockMask``),
+    or 0 outside ``count_tile_state``: a forward does no counting work unless asked."""
+    if not count_tile_state:
+        return 0
     return held_bytes([*tile_gaps.values(), *(t for masks in mask_lists for m in masks for t in m.held_tensors())])
 
 
