@@ -307,9 +307,8 @@ def default_schedule(spec: EntmaxSpec, one_block: bool = False) -> str:
     flat rows make Newton steps slow (at alpha 2 they are the sort-free sparsemax iteration, about
     a key a step). ``"auto"`` (default) is Newton where a query block holds all its keys and
     nothing is merged (``one_block``: one device, Ulysses), where the whole schedule runs in one
-    launch: on one H200 that forward was faster at every block sparsity measured (0.01 to 0.99);
-    the histogram elsewhere (a ring, keys sharded), where each Newton step is a pass and a step
-    launch per block and cost up to 1.8x where few tiles are active (benchmarks/RESULTS.md)."""
+    launch; the histogram elsewhere (a ring, keys sharded), where each Newton step is a pass and a
+    step launch per key block (why: docs/design.md, section 2, item 5')."""
     choice = os.environ.get(SCHEDULE_ENV, "auto")
     if choice not in ("auto",) + SCHEDULES:
         raise ValueError(f"{SCHEDULE_ENV} must be one of auto, {', '.join(SCHEDULES)}; got {choice!r}")
