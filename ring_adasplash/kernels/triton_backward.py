@@ -17,7 +17,7 @@ Operands meet in the input dtype (P and dS cast, as flash attention does) with f
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, at_head, dot, entmax_weights, hide_invisible, key_positions,
+from .triton_common import (ADD, at_head, dot, entmax_weights, hide_invisible, key_positions, list_slot, list_slots,
                             listed_query_tile, listed_tiles, load_rows, positive_gap, program_tile, query_positions,
                             row_offsets, tile_ptrs, visible)
 
@@ -90,6 +90,27 @@ def row_delta(Out_u, U_sum, do, b, h, offs_m, in_q, rows, stride_ob, stride_os, 
 
 
 @triton.jit
+def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, in_q,
+             do, shift, tau, delta, dq, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k, scale_z, gamma,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, POWER: tl.constexpr, FULL: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """``dq`` plus the sum over one of the two loops of listed key tiles (``list_slots``)."""
+    start, stop = list_slots(count, full_first, full_end, FULL)
+    for j in range(start, stop):
+        tile_k = tl.load(Tile_index + list_slot(j, full_first, full_end, FULL))
+        offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_k = offs_n < seqlen_k
+        k = load_rows(K, offs_n, in_k, stride_ks, stride_kd, HEAD_DIM)
+        v = load_rows(V, offs_n, in_k, stride_vs, stride_vd, HEAD_DIM)
+        z = (dot(q, tl.trans(k), PRECISION) - shift[:, None]) * scale_z
+        g = dot(do, tl.trans(v), PRECISION)
+        z = hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, in_q, offs_n, in_k, FULL)
+        p, u = entmax_weights(positive_gap(z, tau[:, None]), gamma, POWER)
+        dq += dot((u * (g - delta[:, None])).to(q.dtype), k, PRECISION)
+    return dq
+
+
+@triton.jit
 def dq_kernel(
     Q, K, V, DO, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
     Tau, Out_u, U_sum,
@@ -105,8 +126,8 @@ def dq_kernel(
     POWER: tl.constexpr, COMPUTE_DELTA: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, _, full_lo,
-     full_hi) = listed_query_tile(
+    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, _, full_first,
+     full_end) = listed_query_tile(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
         stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
     V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
@@ -121,18 +142,10 @@ def dq_kernel(
         delta = tl.load(Delta + rows, mask=in_q, other=0.0)
 
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
-    for i in range(0, count):
-        tile_k = tl.load(Tile_index + i)
-        offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_k = offs_n < seqlen_k
-        k = load_rows(K, offs_n, in_k, stride_ks, stride_kd, HEAD_DIM)
-        v = load_rows(V, offs_n, in_k, stride_vs, stride_vd, HEAD_DIM)
-        z = (dot(q, tl.trans(k), PRECISION) - shift[:, None]) * scale_z
-        g = dot(do, tl.trans(v), PRECISION)
-        z = hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, in_q, offs_n, in_k,
-                           (tile_k >= full_lo) & (tile_k < full_hi))
-        p, u = entmax_weights(positive_gap(z, tau[:, None]), gamma, POWER)
-        dq += dot((u * (g - delta[:, None])).to(q.dtype), k, PRECISION)
+    for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
+        dq = dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
+                      in_q, do, shift, tau, delta, dq, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k, scale_z,
+                      gamma, BLOCK_N, HEAD_DIM, POWER, FULL == 1, PRECISION)
 
     DQ = tile_ptrs(at_head(DQ, b, h, stride_dqb, stride_dqh), offs_m, stride_dqs, stride_dqd, HEAD_DIM)
     dq = tl.where((tau == tau)[:, None], dq * softmax_scale, float("nan"))  # rows that see a non-finite score

@@ -134,31 +134,70 @@ def listed_tiles(Tile_count, Tile_index, line, bh, length):
 
 
 @triton.jit
+def first_slot_at_least(Tile_index, count, tile):
+    """The first slot of an ascending tile list ``Tile_index[:count]`` whose tile is at least
+    ``tile`` (``count`` when none is), by bisection."""
+    lo = tl.full([], 0, tl.int32)
+    hi = lo + count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(Tile_index + mid) < tile
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
+
+
+@triton.jit
 def listed_query_tile(Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index,
                       stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_kh,
                       seqlen_q, num_heads, num_k_tiles,
                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """``query_tile`` for the sparse passes, which visit the key tiles listed for it: also
-    ``rows`` (the offsets of its rows in per-row results), ``K`` at its key head and
-    ``listed_tiles`` and the run [full_lo, full_hi) of key tiles whose every pair is visible
-    (no per-element mask): ``(tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count,
-    Tile_index, tile_row, full_lo, full_hi)``."""
+    ``rows`` (the offsets of its rows in per-row results), ``K`` at its key head,
+    ``listed_tiles`` and the slots [full_first, full_end) of the list that hold its tiles in the
+    run [K_full_lo, K_full_hi) of key tiles whose every pair is visible (no per-element mask; the
+    list is ascending, so they are consecutive): ``(tile_q, bh, b, h, offs_m, in_q, rows, q,
+    q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_first, full_end)``. The passes
+    visit them in two loops (``list_slots``)."""
     tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first = query_tile(
         Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
     rows = row_offsets(bh, seqlen_q, offs_m)
     K = at_head(K, b, h // GROUP, stride_kb, stride_kh)
     count, Tile_index, tile_row = listed_tiles(Tile_count, Tile_index, tile_q, bh, num_k_tiles)
-    full_lo = tl.load(K_full_lo + tile_q)
-    full_hi = tl.load(K_full_hi + tile_q)
-    return (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_lo,
-            full_hi)
+    full_first = first_slot_at_least(Tile_index, count, tl.load(K_full_lo + tile_q))
+    full_end = tl.maximum(first_slot_at_least(Tile_index, count, tl.load(K_full_hi + tile_q)), full_first)
+    return (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
+            full_first, full_end)
 
 
 @triton.jit
-def hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, in_q, offs_n, in_k, full):
-    """``z`` (BLOCK_M, BLOCK_N) with -inf where a pair is not visible; as it is when ``full``
+def list_slots(count, full_first, full_end, FULL: tl.constexpr):
+    """The loop of a sparse pass over its listed tiles, in two: with ``FULL`` the slots
+    [full_first, full_end) (tiles with every pair visible), else the others (the diagonal, a
+    window's edges, document boundaries), for ``j`` in ``range(*list_slots(...))`` at slot
+    ``list_slot(j, full_first, full_end, FULL)``. A branch on the tile's kind inside one loop
+    would put its loads under a condition, and the compiler pipelines no load under a condition:
+    every tile would wait for its own loads."""
+    if FULL:
+        return full_first, full_end
+    else:
+        return full_first * 0, count - (full_end - full_first)
+
+
+@triton.jit
+def list_slot(j, full_first, full_end, FULL: tl.constexpr):
+    """The slot of the ``j``-th step of a ``list_slots`` loop."""
+    if FULL:
+        return j
+    else:
+        return j + tl.where(j >= full_first, full_end - full_first, 0)
+
+
+@triton.jit
+def hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, in_q, offs_n, in_k, FULL: tl.constexpr):
+    """``z`` (BLOCK_M, BLOCK_N) with -inf where a pair is not visible; as it is with ``FULL``
     (every pair of the tile visible: no position loads)."""
-    if full:
+    if FULL:
         hidden = z
     else:
         k_pos, k_doc, k_win_pos = key_positions(K_pos, K_doc, K_win_pos, offs_n, in_k)
@@ -182,13 +221,13 @@ def masked_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m
 
 @triton.jit
 def tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n,
-                stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, full,
-                HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """z = (q . k - shift) scale_z (BLOCK_M, BLOCK_N) fp32 of one key tile: ``full`` when every
+                stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
+                HEAD_DIM: tl.constexpr, FULL: tl.constexpr, PRECISION: tl.constexpr):
+    """z = (q . k - shift) scale_z (BLOCK_M, BLOCK_N) fp32 of one key tile: with ``FULL`` every
     pair of the tile is visible (no position loads, no mask: most tiles of a causal layout), else
     ``masked_logits``. The shift is subtracted before the scale: both are exact where it matters
     (scores near the row's max), so z does not depend on the size of the scores."""
-    if full:
+    if FULL:
         K_tile = K + offs_n[None, :] * stride_ks + tl.arange(0, HEAD_DIM)[:, None] * stride_kd
         z = (dot(q, tl.load(K_tile), PRECISION) - shift[:, None]) * scale_z
     else:
@@ -198,15 +237,14 @@ def tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, 
 
 
 @triton.jit
-def listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, full_lo, full_hi, q_limit, q_doc, q_first, offs_m,
+def listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, q_limit, q_doc, q_first, offs_m,
                   stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """The ``i``-th listed key tile of this query tile: ``(tile_k, offs_n, z)``; tiles in
-    [full_lo, full_hi) need no mask."""
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr, PRECISION: tl.constexpr):
+    """The key tile at slot ``i`` of the list: ``(tile_k, offs_n, z)`` (``tile_logits``)."""
     tile_k = tl.load(Tile_index + i)
     offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
     z = tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n, stride_ks, stride_kd,
-                    seqlen_q, seqlen_k, shift, scale_z, (tile_k >= full_lo) & (tile_k < full_hi), HEAD_DIM, PRECISION)
+                    seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, FULL, PRECISION)
     return tile_k, offs_n, z
 
 
@@ -219,6 +257,11 @@ def positive_gap(z, tau):
 
 
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# The loop over the tiles that need no mask (list_slots) runs two tiles per trip, up to head dim
+# 128: above it two trips' tiles exceed an sm_90 block's shared memory (why: docs/design.md
+# (kernel choices))
+LIST_UNROLL = tl.constexpr(2)
+LIST_UNROLL_MAX_HEAD_DIM = tl.constexpr(128)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ z < gap_reference <= tau.
 import triton
 import triton.language as tl
 
-from .triton_common import ADD, MAX, MIN, listed_logits, listed_query_tile
+from .triton_common import ADD, MAX, MIN, list_slot, list_slots, listed_logits, listed_query_tile
 
 
 @triton.jit
@@ -43,6 +43,28 @@ def add_packed_counts(counts, local, top, words, NUM_BINS: tl.constexpr):
 
 
 @triton.jit
+def histogram_tiles(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
+                    offs_m, Keep, tile_row, shift, ref, bins, words, counts, stride_ks, stride_kd, seqlen_q, seqlen_k,
+                    scale_z, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_BINS: tl.constexpr,
+                    FULL: tl.constexpr, PRECISION: tl.constexpr):
+    """``counts`` plus the counts of one of the two loops of listed tiles (``list_slots``)."""
+    start, stop = list_slots(count, full_first, full_end, FULL)
+    for j in range(start, stop):
+        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index,
+                                          list_slot(j, full_first, full_end, FULL), q_limit, q_doc, q_first, offs_m,
+                                          stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N,
+                                          FULL, PRECISION)
+        # local bin, at least 0 (should a recomputed logit round above its row max); invisible: +inf
+        local = tl.maximum(ref[:, None] - tl.floor(z * (NUM_BINS - 1)), 0.0)
+        local = tl.where(local < bins[:, None], local, NUM_BINS).to(tl.int32)
+        top = tl.reduce(tl.reduce(local, 1, MIN), 0, MIN)  # the highest bin any key of the tile reaches
+        if top < NUM_BINS:
+            tl.store(Keep + tile_row + tile_k, 1)
+            counts = add_packed_counts(counts, local, top, words, NUM_BINS)
+    return counts
+
+
+@triton.jit
 def histogram_kernel(
     Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
     Row_max, Tau_floor, Hist, Keep,
@@ -56,24 +78,17 @@ def histogram_kernel(
     module doc."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(NUM_BINS % 4 == 0 and BLOCK_N < 256)  # 4 bins of 8 bits to a word
-    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_lo,
-     full_hi) = listed_query_tile(
+    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
+     full_first, full_end) = listed_query_tile(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
         stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     ref, bins = kept_bins(Row_max, Tau_floor, rows, in_q, floor_margin, NUM_BINS)
     words = (tl.reduce(bins, 0, MAX).to(tl.int32) + 3) // 4  # words any row of this query tile fills
     counts = tl.full([BLOCK_M, NUM_BINS], 0, tl.int32)
-    for i in range(0, count):
-        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, full_lo, full_hi, q_limit,
-                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
-                                          scale_z, HEAD_DIM, BLOCK_N, PRECISION)
-        # local bin, at least 0 (should a recomputed logit round above its row max); invisible: +inf
-        local = tl.maximum(ref[:, None] - tl.floor(z * (NUM_BINS - 1)), 0.0)
-        local = tl.where(local < bins[:, None], local, NUM_BINS).to(tl.int32)
-        top = tl.reduce(tl.reduce(local, 1, MIN), 0, MIN)  # the highest bin any key of the tile reaches
-        if top < NUM_BINS:
-            tl.store(Keep + tile_row + tile_k, 1)
-            counts = add_packed_counts(counts, local, top, words, NUM_BINS)
+    for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
+        counts = histogram_tiles(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
+                                 q_first, offs_m, Keep, tile_row, shift, ref, bins, words, counts, stride_ks, stride_kd,
+                                 seqlen_q, seqlen_k, scale_z, HEAD_DIM, BLOCK_N, NUM_BINS, FULL == 1, PRECISION)
     cols = tl.arange(0, NUM_BINS)
     tl.store(Hist + rows[:, None] * NUM_BINS + cols[None, :], counts.to(tl.float32), mask=in_q[:, None])

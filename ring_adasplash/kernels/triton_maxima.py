@@ -90,6 +90,28 @@ def tau_floor_kernel(
 
 
 @triton.jit
+def max_tiles(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, Tile_gap, tau_floor, m_i, first, end,
+              stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              FULL: tl.constexpr, PRECISION: tl.constexpr):
+    """The running max ``m_i`` over key tiles ``end - 1`` down to ``first`` (``FULL``: all of them
+    with every pair visible), and their gaps into ``Tile_gap``."""
+    no_shift = tl.full(m_i.shape, 0.0, tl.float32)
+    for step in range(0, end - first):
+        tile_k = end - 1 - step
+        offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        s = tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n, stride_ks, stride_kd,
+                        seqlen_q, seqlen_k, no_shift, 1.0, HEAD_DIM, FULL, PRECISION)
+        s_max = row_max_with_nan(s)
+        m_i = tl.maximum(m_i, s_max, propagate_nan=tl.PropagateNan.ALL)
+        # in z, relative to the running max: differences of nearby scores are exact
+        reference = tl.maximum((tau_floor - m_i) * scale_z, -1.0)
+        gap = (s_max - m_i) * scale_z - reference
+        seen = (s_max > float("-inf")) & (m_i < float("inf"))  # NaN fails the second
+        tl.store(Tile_gap + tile_k, tl.reduce(tl.where(seen, gap, float("-inf")), 0, MAX))
+    return m_i
+
+
+@triton.jit
 def max_kernel(
     Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_tile_lo, K_tile_hi, K_full_lo, K_full_hi, Row_max,
     Tau_floor, Tile_gap,
@@ -125,20 +147,14 @@ def max_kernel(
     full_lo = tl.load(K_full_lo + tile_q)
     full_hi = tl.load(K_full_hi + tile_q)
     # nearest first (causal: the diagonal), where a row's max usually is: the running max is then
-    # close to the final one early, and the gaps of the far tiles come out tight
-    no_shift = tl.full([BLOCK_M], 0.0, tl.float32)
-    for step in range(0, hi - lo):
-        tile_k = hi - 1 - step
-        offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        s = tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n, stride_ks, stride_kd,
-                        seqlen_q, seqlen_k, no_shift, 1.0, (tile_k >= full_lo) & (tile_k < full_hi), HEAD_DIM,
-                        PRECISION)
-        s_max = row_max_with_nan(s)
-        m_i = tl.maximum(m_i, s_max, propagate_nan=tl.PropagateNan.ALL)
-        # in z, relative to the running max: differences of nearby scores are exact
-        reference = tl.maximum((tau_floor - m_i) * scale_z, -1.0)
-        gap = (s_max - m_i) * scale_z - reference
-        seen = (s_max > float("-inf")) & (m_i < float("inf"))  # NaN fails the second
-        tl.store(Tile_gap + tile_k, tl.reduce(tl.where(seen, gap, float("-inf")), 0, MAX))
-
+    # close to the final one early, and the gaps of the far tiles come out tight. Three loops, the
+    # middle one over the tiles that need no mask: no branch inside a loop (triton_common.list_slots)
+    full_hi = tl.minimum(tl.maximum(full_hi, lo), hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), full_hi)
+    m_i = max_tiles(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, Tile_gap, tau_floor, m_i, full_hi,
+                    hi, stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, HEAD_DIM, BLOCK_N, False, PRECISION)
+    m_i = max_tiles(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, Tile_gap, tau_floor, m_i, full_lo,
+                    full_hi, stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, HEAD_DIM, BLOCK_N, True, PRECISION)
+    m_i = max_tiles(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, Tile_gap, tau_floor, m_i, lo,
+                    full_lo, stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, HEAD_DIM, BLOCK_N, False, PRECISION)
     tl.store(Row_max, tl.where(m_i == m_i, m_i, float("inf")), mask=in_q)

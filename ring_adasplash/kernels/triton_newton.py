@@ -10,51 +10,44 @@ nothing goes back to the host between steps (a launch, the tile lists and a few 
 cost more than the sweep itself where few tiles are active).
 
 From step ``NARROW_STEP`` on, each sweep records in ``Keep[tile]`` whether a key of the tile lies
-above ``point - margin`` (the tiles that may hold p > 0 for any tau at or above the point); a
-query tile whose rows were all done before that step keeps 1 on its listed tiles. A sweep reads
-every listed tile: with no branch in its loop, the loads of the next tiles are issued while this
-one is computed (a sweep that skipped the tiles below every row's lower bound, as the pass-by-pass
-schedule does once, saved little: on attention rows few tiles lie between the max pass's bound
-and tau).
+above ``point - margin`` (the tiles that may hold p > 0 for any tau at or above the point): every
+row with such a key stores 1 + the step itself, with no reduction across the program's warps
+(which would hold them all at a barrier on every tile), and at the end the tiles of the last
+sweep become 1, the others 0. A query tile whose rows were all done before that step keeps 1 on
+its listed tiles. A sweep reads
+every listed tile, in two loops with no branch inside (``list_slots``): the loads of the next
+tiles are issued while this one is computed (a sweep that skipped the tiles below every row's
+lower bound, as the pass-by-pass schedule does once, saved little: on attention rows few tiles
+lie between the max pass's bound and tau).
 """
 import triton
 import triton.language as tl
 
-from .triton_common import ADD, MAX, dot, entmax_weights, listed_logits, listed_query_tile, positive_gap
+from .triton_common import ADD, MAX, listed_query_tile
+from .triton_refine import ONES_WIDTH, newton_tiles
 from .triton_tau import newton_row_step
 
-ONES_WIDTH = tl.constexpr(16)  # the count as a product with ones (triton_refine.newton_sums_kernel)
-
-
 @triton.jit
-def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc, q_first, offs_m,
-                 Keep, tile_row, t, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POWER: tl.constexpr,
-                 KEEP: tl.constexpr, PRECISION: tl.constexpr):
+def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
+                 offs_m, Keep, tile_row, t, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma,
+                 margin, mark, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 POWER: tl.constexpr, KEEP: tl.constexpr, PRECISION: tl.constexpr):
     """One sweep of the listed key tiles at ``t`` (float32 per row): ``(f, f', count)`` per row, and
-    with ``KEEP`` the tiles' marks. No branch in the loop, so its loads are pipelined."""
+    with ``KEEP`` ``mark`` on the tiles that may hold p > 0 (``newton_tiles``)."""
     f_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     above = tl.full([BLOCK_M, ONES_WIDTH], 0.0, tl.float32)
-    for i in range(0, count):
-        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, full_lo, full_hi, q_limit,
-                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
-                                          scale_z, HEAD_DIM, BLOCK_N, PRECISION)
-        gap = positive_gap(z, t[:, None])
-        p, u = entmax_weights(gap, gamma, POWER)
-        f_sum += tl.reduce(p, 1, ADD)
-        df_sum += tl.reduce(u, 1, ADD)
-        if POWER == 2:
-            above += dot(tl.where(gap > 0, 1.0, 0.0).to(q.dtype), ones, PRECISION)
-        if KEEP:
-            near = tl.reduce(tl.reduce(z - t[:, None], 1, MAX), 0, MAX) > -margin
-            tl.store(Keep + tile_row + tile_k, near.to(tl.int8))
+    for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
+        f_sum, df_sum, above = newton_tiles(
+            q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
+            Keep, tile_row, t, ones, f_sum, df_sum, above, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
+            gamma, margin, mark, HEAD_DIM, BLOCK_N, POWER, POWER == 2, KEEP, FULL == 1, PRECISION)
     return f_sum.to(tl.float64), df_sum.to(tl.float64), tl.reduce(above, 1, MAX).to(tl.float64)
 
 
 @triton.jit
-def newton_steps(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc, q_first, offs_m,
-                 Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin,
+def newton_steps(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
+                 offs_m, Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin,
                  tolerance, step_tolerance, point, lower, upper, done, step, live, LAST: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POWER: tl.constexpr,
                  KEEP: tl.constexpr, PRECISION: tl.constexpr):
@@ -62,10 +55,10 @@ def newton_steps(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full
     the rows' points, then ``newton_row_step`` on the rows not done. Returns ``(point, lower,
     upper, done, step, live)``."""
     while (step < LAST) & (live > 0):
-        f, df, n = newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc,
+        f, df, n = newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
                                 q_first, offs_m, Keep, tile_row, point.to(tl.float32), ones, stride_ks, stride_kd,
-                                seqlen_q, seqlen_k, shift, scale_z, gamma, margin, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
-                                KEEP, PRECISION)
+                                seqlen_q, seqlen_k, shift, scale_z, gamma, margin, (step + 1).to(tl.int8), HEAD_DIM,
+                                BLOCK_M, BLOCK_N, POWER, KEEP, PRECISION)
         next_point, next_lower, next_upper, converged = newton_row_step(f, df, n, point, lower, upper, gamma,
                                                                         tolerance, step_tolerance, POWER)
         point = tl.where(done, point, next_point)
@@ -93,8 +86,8 @@ def newton_schedule_kernel(
     bracket, as ``stats.NewtonState.start``. See the module doc."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(NARROW_STEP < MAX_STEPS)  # the second loop marks the tiles
-    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_lo,
-     full_hi) = listed_query_tile(
+    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
+     full_first, full_end) = listed_query_tile(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
         stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
@@ -108,16 +101,22 @@ def newton_schedule_kernel(
     step = tl.full([], 0, tl.int32)  # a tensor, not the constant 0: the helper's loop reassigns it
     # the same steps in two loops, the second marking the tiles: no branch inside a sweep
     point, lower, upper, done, step, live = newton_steps(
-        q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc, q_first, offs_m, Keep,
+        q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m, Keep,
         tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
         step_tolerance, point, lower, upper, done, step, live, NARROW_STEP, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, False,
         PRECISION)
-    if live == 0:  # no sweep will mark the tiles: every listed tile may hold p > 0
-        for i in range(0, count):
-            tl.store(Keep + tile_row + tl.load(Tile_index + i), tl.full([], 1, tl.int8))
     point, lower, upper, done, step, live = newton_steps(
-        q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_lo, full_hi, q_limit, q_doc, q_first, offs_m, Keep,
+        q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m, Keep,
         tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
         step_tolerance, point, lower, upper, done, step, live, MAX_STEPS, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, True,
         PRECISION)
+    # Keep now holds, per tile, 1 + the last step whose sweep found a key of it near; the last
+    # sweep's tiles become 1, the others 0; where no sweep marked, every listed tile is 1
+    marked = step > NARROW_STEP
+    for start in range(0, count, BLOCK_N):
+        slots = start + tl.arange(0, BLOCK_N)
+        in_list = slots < count
+        At = Keep + tile_row + tl.load(Tile_index + slots, mask=in_list, other=0)
+        last = tl.load(At, mask=in_list, other=0) == step
+        tl.store(At, tl.where(last | ~marked, 1, 0).to(tl.int8), mask=in_list)
     tl.store(Tau + rows, point, mask=in_q)

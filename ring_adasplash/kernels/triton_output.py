@@ -3,15 +3,43 @@
 One program per (query tile, batch x query head), visiting only its listed key tiles. With
 ``gap = (z - tau)_+`` (z relative to the row's score max, ``Shift``): p = gap^gamma,
 u = gap^(gamma - 1) (0 off the support), by ``POWER`` (``EntmaxSpec.power``). P and U meet V in
-V's dtype with fp32 accumulation, as in flash attention. ``Nonzero[tile]`` is set for every
-visited tile that holds a key with p > 0. Rows whose tau is NaN (they see a score that is not
-finite) come out NaN. The sums are stored in float32 (why: docs/design.md (kernel choices)).
+V's dtype with fp32 accumulation, as in flash attention. ``Nonzero[tile]`` (zeros from the
+caller) is set for every visited tile that holds a key with p > 0. Rows whose tau is NaN (they
+see a score that is not finite) come out NaN. The sums are stored in float32 (why: docs/design.md (kernel choices)).
 """
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, MAX, at_head, dot, entmax_weights, listed_logits, listed_query_tile, load_rows,
-                            positive_gap, tile_ptrs)
+from .triton_common import (ADD, LIST_UNROLL, LIST_UNROLL_MAX_HEAD_DIM, MAX, at_head, dot, entmax_weights, list_slot,
+                            list_slots, listed_logits, listed_query_tile, load_rows, positive_gap, tile_ptrs)
+
+
+@triton.jit
+def output_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
+                 offs_m, Nonzero, shift, tau, acc, acc_u, u_sum, support, stride_ks, stride_kd, stride_vs, stride_vd,
+                 seqlen_q, seqlen_k, scale_z, gamma, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 POWER: tl.constexpr, FULL: tl.constexpr, PRECISION: tl.constexpr):
+    """The sums over one of the two loops of listed tiles (``list_slots``)."""
+    start, stop = list_slots(count, full_first, full_end, FULL)
+    # two tiles per trip where every pair is visible and the head dim allows (LIST_UNROLL)
+    for j in tl.range(start, stop,
+                      loop_unroll_factor=(LIST_UNROLL if HEAD_DIM <= LIST_UNROLL_MAX_HEAD_DIM else 1) if FULL else 1):
+        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index,
+                                          list_slot(j, full_first, full_end, FULL), q_limit, q_doc, q_first, offs_m,
+                                          stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N,
+                                          FULL, PRECISION)
+        gap = positive_gap(z, tau[:, None])
+        p, u = entmax_weights(gap, gamma, POWER)
+        v = load_rows(V, offs_n, offs_n < seqlen_k, stride_vs, stride_vd, HEAD_DIM)
+        acc += dot(p.to(v.dtype), v, PRECISION)
+        acc_u += dot(u.to(v.dtype), v, PRECISION)
+        u_sum += tl.reduce(u, 1, ADD)
+        n_support = tl.reduce((gap > 0).to(tl.float32), 1, ADD)
+        support += n_support
+        # rows with p > 0 store the flag themselves (Nonzero starts at zero): no reduction across
+        # the program's warps, which would hold every warp at a barrier on every tile
+        tl.store(Nonzero + tile_k + tl.full(n_support.shape, 0, tl.int32), tl.full([], 1, tl.int8), mask=n_support > 0)
+    return acc, acc_u, u_sum, support
 
 
 @triton.jit
@@ -27,8 +55,8 @@ def output_kernel(
     POWER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_lo,
-     full_hi) = listed_query_tile(
+    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_first,
+     full_end) = listed_query_tile(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
         stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
     V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
@@ -39,20 +67,11 @@ def output_kernel(
     acc_u = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     u_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     support = tl.full([BLOCK_M], 0.0, tl.float32)
-
-    for i in range(0, count):
-        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, full_lo, full_hi, q_limit,
-                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
-                                          scale_z, HEAD_DIM, BLOCK_N, PRECISION)
-        gap = positive_gap(z, tau[:, None])
-        p, u = entmax_weights(gap, gamma, POWER)
-        v = load_rows(V, offs_n, offs_n < seqlen_k, stride_vs, stride_vd, HEAD_DIM)
-        acc += dot(p.to(v.dtype), v, PRECISION)
-        acc_u += dot(u.to(v.dtype), v, PRECISION)
-        u_sum += tl.reduce(u, 1, ADD)
-        n_support = tl.reduce((gap > 0).to(tl.float32), 1, ADD)
-        support += n_support
-        tl.store(Nonzero + tile_k, (tl.reduce(n_support, 0, MAX) > 0).to(tl.int8))
+    for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
+        acc, acc_u, u_sum, support = output_tiles(
+            q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
+            offs_m, Nonzero, shift, tau, acc, acc_u, u_sum, support, stride_ks, stride_kd, stride_vs, stride_vd,
+            seqlen_q, seqlen_k, scale_z, gamma, HEAD_DIM, BLOCK_N, POWER, FULL == 1, PRECISION)
 
     acc = tl.where((tau == tau)[:, None], acc, float("nan"))  # rows that see a non-finite score
     tl.store(tile_ptrs(at_head(Out, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od, HEAD_DIM), acc,

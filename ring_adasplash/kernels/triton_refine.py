@@ -21,7 +21,10 @@ the count of keys above t and per tile whether it may hold p > 0.
 import triton
 import triton.language as tl
 
-from .triton_common import ADD, MAX, MIN, dot, entmax_weights, listed_logits, listed_query_tile, positive_gap
+from .triton_common import (ADD, LIST_UNROLL, LIST_UNROLL_MAX_HEAD_DIM, MAX, MIN, dot, entmax_weights, list_slot,
+                            list_slots, listed_logits, listed_query_tile, positive_gap)
+
+ONES_WIDTH = tl.constexpr(16)  # the narrowest product the tensor cores take (newton_sums_kernel)
 
 
 @triton.jit
@@ -62,35 +65,19 @@ def zero_rows(Out, rows, in_q, ROW_SIZE: tl.constexpr, ROW_BLOCK: tl.constexpr, 
 
 
 @triton.jit
-def fine_histogram_kernel(
-    Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
-    Bin_index, Cutoff, Sums, Keep,
-    stride_qb, stride_qs, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, ROW_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Fine histogram of the pair of bins from ``Bin_index`` and the moments above it, into
-    ``Sums`` (rows, 3, FINE_BINS + 1), and ``Keep``; see the module doc."""
-    tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_lo,
-     full_hi) = listed_query_tile(
-        Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
-    shift = tl.load(Shift + rows, mask=in_q, other=0.0)
-    bin_index = tl.load(Bin_index + rows, mask=in_q, other=0.0)
-    # keys below the cutoff have p = 0: the fine histogram leaves them out (in bins above the
-    # pair's lower edge, at least -1: the slack of the ``Keep`` test)
-    cutoff = tl.maximum(tl.load(Cutoff + rows, mask=in_q, other=0.0) * (NUM_BINS - 1) - bin_index, -1.0)
-    zero_rows(Sums, rows, in_q, 3 * (FINE_BINS + 1), ROW_BLOCK, BLOCK_M)
-    count_above = tl.full([BLOCK_M], 0.0, tl.float32)  # the keys above the pair
-    sum_y = tl.full([BLOCK_M], 0.0, tl.float32)
-    sum_y2 = tl.full([BLOCK_M], 0.0, tl.float32)
-    for i in range(0, count):
-        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, full_lo, full_hi, q_limit,
-                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
-                                          scale_z, HEAD_DIM, BLOCK_N, PRECISION)
+def fine_histogram_tiles(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
+                         q_first, offs_m, Keep, tile_row, Sums, rows, shift, bin_index, cutoff, count_above, sum_y,
+                         sum_y2, stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, HEAD_DIM: tl.constexpr,
+                         BLOCK_N: tl.constexpr, NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, FULL: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """The fine histogram's sums over one of the two loops of listed tiles (``list_slots``): the
+    sub-bins into ``Sums``, the moments above the pair returned."""
+    start, stop = list_slots(count, full_first, full_end, FULL)
+    for j in range(start, stop):
+        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index,
+                                          list_slot(j, full_first, full_end, FULL), q_limit, q_doc, q_first, offs_m,
+                                          stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N,
+                                          FULL, PRECISION)
         x = z * (NUM_BINS - 1) - bin_index[:, None]  # coarse bins above the lower edge of the pair
         above = x >= 2.0
         y = tl.where(above, x - 2.0, 0.0)
@@ -107,11 +94,77 @@ def fine_histogram_kernel(
             frac = tl.where(in_pair, x * (FINE_BINS // 2), 0.0)
             sub = tl.minimum(tl.maximum(tl.floor(frac), 0.0), FINE_BINS - 1)
             add_moments_by_row(Sums, rows, sub, frac - sub, in_pair, FINE_BINS + 1)
+    return count_above, sum_y, sum_y2
+
+
+@triton.jit
+def fine_histogram_kernel(
+    Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
+    Bin_index, Cutoff, Sums, Keep,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, ROW_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fine histogram of the pair of bins from ``Bin_index`` and the moments above it, into
+    ``Sums`` (rows, 3, FINE_BINS + 1), and ``Keep``; see the module doc."""
+    tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
+    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
+     full_first, full_end) = listed_query_tile(
+        Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
+        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
+    shift = tl.load(Shift + rows, mask=in_q, other=0.0)
+    bin_index = tl.load(Bin_index + rows, mask=in_q, other=0.0)
+    # keys below the cutoff have p = 0: the fine histogram leaves them out (in bins above the
+    # pair's lower edge, at least -1: the slack of the ``Keep`` test)
+    cutoff = tl.maximum(tl.load(Cutoff + rows, mask=in_q, other=0.0) * (NUM_BINS - 1) - bin_index, -1.0)
+    zero_rows(Sums, rows, in_q, 3 * (FINE_BINS + 1), ROW_BLOCK, BLOCK_M)
+    count_above = tl.full([BLOCK_M], 0.0, tl.float32)  # the keys above the pair
+    sum_y = tl.full([BLOCK_M], 0.0, tl.float32)
+    sum_y2 = tl.full([BLOCK_M], 0.0, tl.float32)
+    for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
+        count_above, sum_y, sum_y2 = fine_histogram_tiles(
+            q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
+            Keep, tile_row, Sums, rows, shift, bin_index, cutoff, count_above, sum_y, sum_y2, stride_ks, stride_kd,
+            seqlen_q, seqlen_k, scale_z, HEAD_DIM, BLOCK_N, NUM_BINS, FINE_BINS, FULL == 1, PRECISION)
     # column FINE_BINS, which the sub-bins' atomics never reach
     Above = Sums + rows * (3 * (FINE_BINS + 1)) + FINE_BINS
     tl.store(Above, count_above, mask=in_q)
     tl.store(Above + (FINE_BINS + 1), sum_y, mask=in_q)
     tl.store(Above + 2 * (FINE_BINS + 1), sum_y2, mask=in_q)
+
+
+@triton.jit
+def newton_tiles(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
+                 offs_m, Keep, tile_row, t, ones, f_sum, df_sum, above, stride_ks, stride_kd, seqlen_q, seqlen_k,
+                 shift, scale_z, gamma, margin, mark, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 POWER: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr, FULL: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """``f_sum``, ``df_sum`` and ``above`` plus, over one of the two loops of listed tiles
+    (``list_slots``), sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1) and with ``COUNT`` the count
+    of keys above t (every column of ``above``); with ``KEEP``, ``mark`` (int8) into ``Keep[tile]``
+    where a key of the tile lies above ``t - margin`` (the rest left as they are)."""
+    start, stop = list_slots(count, full_first, full_end, FULL)
+    # two tiles per trip where every pair is visible and the head dim allows (LIST_UNROLL)
+    for j in tl.range(start, stop,
+                      loop_unroll_factor=(LIST_UNROLL if HEAD_DIM <= LIST_UNROLL_MAX_HEAD_DIM else 1) if FULL else 1):
+        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index,
+                                          list_slot(j, full_first, full_end, FULL), q_limit, q_doc, q_first, offs_m,
+                                          stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N,
+                                          FULL, PRECISION)
+        gap = positive_gap(z, t[:, None])
+        p, u = entmax_weights(gap, gamma, POWER)
+        f_sum += tl.reduce(p, 1, ADD)
+        df_sum += tl.reduce(u, 1, ADD)
+        if COUNT:
+            above += dot(tl.where(gap > 0, 1.0, 0.0).to(q.dtype), ones, PRECISION)
+        if KEEP:
+            # each row near the tile stores the mark itself (the same value): no reduction across
+            # the program's warps, which would hold every warp at a barrier on every tile
+            near = tl.reduce(z - t[:, None], 1, MAX) > -margin
+            tl.store(Keep + tile_row + tile_k + tl.full(near.shape, 0, tl.int32), mark, mask=near)
+    return f_sum, df_sum, above
 
 
 @triton.jit
@@ -129,15 +182,15 @@ def newton_sums_kernel(
     ``SOME_ROWS``: only the query tiles with a row marked in ``Rows`` (int8 per row) read their
     key tiles; the others store zeros (the exact finish after the closed form, and the Newton
     schedule, where rows that are done drop out). ``COUNT`` (the Newton schedule): the third
-    column counts the keys above the point. ``KEEP``: ``Keep[tile]`` is set for every tile read,
-    to whether a key of one of its rows lies above ``point - keep_margin``.
+    column counts the keys above the point. ``KEEP``: ``Keep[tile]`` (zeros from the caller) is set
+    to 1 on every tile read where a key of one of its rows lies above ``point - keep_margin``.
 
     Each row reduction of a tile costs about as much as the tile's product, so the count is a
     product with a tile of ones on the tensor cores (0 and 1 are exact in any dtype, the sums
     float32), accumulated across tiles and reduced once (why: docs/design.md (kernel choices))."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_lo,
-     full_hi) = listed_query_tile(
+    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
+     full_first, full_end) = listed_query_tile(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
         stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
@@ -145,24 +198,17 @@ def newton_sums_kernel(
     if SOME_ROWS:
         marked = tl.reduce(tl.load(Rows + rows, mask=in_q, other=0).to(tl.int32), 0, MAX)
         count = tl.where(marked > 0, count, 0)
+        full_first = tl.where(marked > 0, full_first, 0)
+        full_end = tl.where(marked > 0, full_end, 0)
     f_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
-    ONES_WIDTH: tl.constexpr = 16  # the narrowest product the tensor cores take
     ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
     above = tl.full([BLOCK_M, ONES_WIDTH], 0.0, tl.float32)  # every column: the row's count
-    for i in range(0, count):
-        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, full_lo, full_hi, q_limit,
-                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
-                                          scale_z, HEAD_DIM, BLOCK_N, PRECISION)
-        gap = positive_gap(z, point[:, None])
-        p, u = entmax_weights(gap, gamma, POWER)
-        f_sum += tl.reduce(p, 1, ADD)
-        df_sum += tl.reduce(u, 1, ADD)
-        if COUNT:
-            above += dot(tl.where(gap > 0, 1.0, 0.0).to(q.dtype), ones, PRECISION)
-        if KEEP:
-            near = tl.reduce(tl.reduce(z - point[:, None], 1, MAX), 0, MAX) > -keep_margin
-            tl.store(Keep + tile_row + tile_k, near.to(tl.int8))
+    for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
+        f_sum, df_sum, above = newton_tiles(
+            q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
+            Keep, tile_row, point, ones, f_sum, df_sum, above, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
+            gamma, keep_margin, tl.full([], 1, tl.int8), HEAD_DIM, BLOCK_N, POWER, COUNT, KEEP, FULL == 1, PRECISION)
     WIDTH: tl.constexpr = 3 if COUNT else 2
     tl.store(Sums + rows * WIDTH, f_sum, mask=in_q)
     tl.store(Sums + rows * WIDTH + 1, df_sum, mask=in_q)
