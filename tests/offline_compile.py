@@ -16,11 +16,14 @@ TYPES = {"torch.bfloat16": "*bf16", "torch.float32": "*fp32", "torch.float16": "
          "torch.int8": "*i8", "torch.uint8": "*u8", "torch.float64": "*fp64", "torch.bool": "*i1",
          "torch.int64": "*i64"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
+SM90_SHARED_BYTES = 232448  # shared memory one block may use on an H100 or H200
 
 
 def capture(path: str) -> None:
     """Forward and backward at alpha 1.5, 2 and 1.3, bf16 and fp32, causal with a window and sinks
-    and with key padding; the Newton schedule's forward; entmax over tensors; writes {(kernel module, name): [arguments by name, as (kind, value)]}."""
+    and with key padding; the Newton schedule's forward; head dim 256; entmax over tensors; writes
+    {(kernel module, name): [arguments by name, as (kind, value)]} (a tensor's value: its dtype and
+    whether its address is a multiple of 16)."""
     import torch
 
     import ring_adasplash as ra
@@ -36,7 +39,7 @@ def capture(path: str) -> None:
             described = {}
             for name, value in kwargs.items():
                 if torch.is_tensor(value):
-                    described[name] = ("tensor", str(value.dtype))
+                    described[name] = ("tensor", (str(value.dtype), value.data_ptr() % 16 == 0))
                 elif isinstance(value, bool) or not isinstance(value, (int, float)):
                     described[name] = ("const", value)
                 else:
@@ -62,6 +65,9 @@ def capture(path: str) -> None:
             q, k, v = (torch.randn(1, 130, 2, 64).to(dtype) for _ in range(3))
             ra.adasplash_func(q, k, v, alpha=alpha)
     del os.environ["RING_ADASPLASH_SCHEDULE"]
+    # the largest head dim, whose tiles fill the most shared memory (forward and backward)
+    q, k, v = (torch.randn(1, 130, 1, 256).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    ra.adasplash_func(q, k, v, alpha=1.5).float().sum().backward()
     for alpha in (1.5, 2.0, 1.3):
         for dtype in (torch.bfloat16, torch.float32):
             ra.entmax(torch.randn(3, 100).to(dtype), alpha)
@@ -84,25 +90,40 @@ def compile_all(path: str) -> tuple[int, list]:
         params = list(inspect.signature(kernel.fn).parameters)
         for arguments in calls:
             options = {key: arguments[key][1] for key in LAUNCH_OPTIONS if key in arguments}
-            signature, constexprs = {}, {}
+            # specialized as Triton's launcher does on the GPU: integers equal to 1 are constants,
+            # addresses and integers that are multiples of 16 are marked so (vector loads, and
+            # with them the pipelined copies that fill shared memory)
+            signature, constexprs, attrs = {}, {}, {}
             for index, param in enumerate(params):
                 kind, value = arguments[param]
+                if param == "PRECISION" and value == "f32":
+                    value = "native"  # the interpreter's stand-in for 16-bit products (triton_common)
                 if kernel.params[index].is_constexpr or kind == "const":
                     signature[param], constexprs[(index,)] = "constexpr", value
                 elif kind == "tensor":
-                    signature[param] = TYPES[value]
+                    signature[param] = TYPES[value[0]]
+                    if value[1]:
+                        attrs[(index,)] = [["tt.divisibility", 16]]
+                elif kind == "int" and value == 1:
+                    signature[param], constexprs[(index,)] = "constexpr", 1
                 else:
                     signature[param] = ("i32" if abs(value) < 2**31 else "i64") if kind == "int" else "fp32"
-            key = (name, str(sorted(signature.items())), str(sorted(constexprs.items())))
+                    if kind == "int" and value % 16 == 0:
+                        attrs[(index,)] = [["tt.divisibility", 16]]
+            key = (name, str(sorted(signature.items())), str(sorted(constexprs.items())), str(sorted(attrs.items())))
             if key in done:
                 continue
             done.add(key)
             try:
-                triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                               target=GPUTarget("cuda", 90, 32), options=options)
+                binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                                        target=GPUTarget("cuda", 90, 32), options=options)
                 compiled += 1
             except Exception as error:  # noqa: BLE001 - every failure is reported by the test
-                failures.append(f"{name}: {type(error).__name__}: {str(error)[:500]}")
+                failures.append(f"{name}: {type(error).__name__}: {str(error)[-1500:]}")
+                continue
+            if binary.metadata.shared > SM90_SHARED_BYTES:  # the launch would fail on the GPU
+                failures.append(f"{name}: {binary.metadata.shared} bytes of shared memory, more than an sm_90 "
+                                f"block may use ({SM90_SHARED_BYTES}); constexprs {constexprs}")
     return compiled, failures
 
 
