@@ -1,0 +1,77 @@
+"""How many sweeps the Newton schedule runs, per query tile and per row, on the input families.
+
+    python3 benchmarks/newton_sweeps.py --family scattered --seqlen 8192 --heads 2
+    python3 benchmarks/newton_sweeps.py --family structured --seqlen 8192 --amps 1.0,2.0
+
+Runs one forward of ``adasplash_func`` on the PyTorch backend (any device; a CPU is enough) with
+``RING_ADASPLASH_SCHEDULE=newton`` and records, at every sweep of the schedule
+(``torch_blockwise.newton_moments_pass``, the step-for-step spec of the one-launch kernel), which
+rows were still live. A query tile's kernel program sweeps all its listed tiles while any of its
+rows is live, so the sweeps per query tile, not per row, are what a forward pays on the GPU; the
+spread between the two is what a per-row exact finish could save at most.
+"""
+import argparse
+import os
+
+import torch
+
+from common import csv_list, print_header, torch_dtype
+from inputs import FAMILIES, make_qkv
+from ring_adasplash import adasplash_func, telemetry
+from ring_adasplash.kernels import torch_blockwise
+from ring_adasplash.kernels.algorithm import SCHEDULE_ENV
+from ring_adasplash.kernels.backend import BACKEND_ENV
+
+TILE = 64  # query rows per tile of the kernels
+
+
+def sweeps(family, seqlen, heads, head_dim, amp, dtype, device, seed):
+    """(per query tile: sweeps (B, H, nQ); per row: sweeps (B, H, Sq); block sparsity)."""
+    q, k, v = make_qkv(family, 1, seqlen, heads, head_dim, amp, dtype, device, seed=seed)
+    live_rows = []
+    moments_pass = torch_blockwise.newton_moments_pass
+
+    def recording(problem, tiles, point, rows=None, keep=False):
+        live_rows.append(rows.clone())
+        return moments_pass(problem, tiles, point, rows, keep=keep)
+
+    torch_blockwise.newton_moments_pass = recording
+    try:
+        with torch.no_grad(), telemetry.record() as t:
+            adasplash_func(q, k, v, alpha=1.5, causal=True)
+    finally:
+        torch_blockwise.newton_moments_pass = moments_pass
+    live = torch.stack(live_rows)  # (sweeps, B, H, Sq)
+    padded = torch.nn.functional.pad(live, (0, -seqlen % TILE))
+    per_tile = padded.unflatten(-1, (-1, TILE)).any(-1).sum(0)
+    return per_tile, live.sum(0), t.block_sparsity
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=sorted(f for f in FAMILIES if f != "captured"), default="scattered",
+                   help="input family of inputs.py")
+    p.add_argument("--seqlen", type=int, default=8192, help="sequence length (tokens)")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension")
+    p.add_argument("--heads", type=int, default=2, help="query heads")
+    p.add_argument("--amps", type=csv_list(float), default=[1.0], help="amplitudes, comma-separated (higher: sparser)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="input dtype")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs")
+    p.add_argument("--device", default="cpu", help="device (the PyTorch backend runs on any)")
+    args = p.parse_args()
+    os.environ[SCHEDULE_ENV] = "newton"
+    os.environ[BACKEND_ENV] = "torch"
+    device = torch.device(args.device)
+    print_header(str(device), vars(args))
+    print("| family | S | D | amp | block sparsity | sweeps per query tile: mean | max | sweeps per row: mean | max |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for amp in args.amps:
+        per_tile, per_row, sparsity = sweeps(args.family, args.seqlen, args.heads, args.head_dim, amp,
+                                             torch_dtype(args.dtype), device, args.seed)
+        print(f"| {args.family} | {args.seqlen} | {args.head_dim} | {amp:g} | {sparsity:.3f} | "
+              f"{per_tile.float().mean():.2f} | {int(per_tile.max())} | {per_row.float().mean():.2f} | "
+              f"{int(per_row.max())} |")
+
+
+if __name__ == "__main__":
+    main()
