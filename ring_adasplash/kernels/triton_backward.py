@@ -143,9 +143,9 @@ def dq_kernel(
 
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-        dq = dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
-                      in_q, do, shift, tau, delta, dq, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k, scale_z,
-                      gamma, BLOCK_N, HEAD_DIM, POWER, FULL == 1, PRECISION)
+        dq = dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
+                      q_first, in_q, do, shift, tau, delta, dq, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k,
+                      scale_z, gamma, BLOCK_N, HEAD_DIM, POWER, FULL == 1, PRECISION)
 
     DQ = tile_ptrs(at_head(DQ, b, h, stride_dqb, stride_dqh), offs_m, stride_dqs, stride_dqd, HEAD_DIM)
     dq = tl.where((tau == tau)[:, None], dq * softmax_scale, float("nan"))  # rows that see a non-finite score

@@ -237,11 +237,12 @@ def tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, 
 
 
 @triton.jit
-def listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, i, q_limit, q_doc, q_first, offs_m,
+def listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit, q_doc, q_first, offs_m,
                   stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr, PRECISION: tl.constexpr):
-    """The key tile at slot ``i`` of the list: ``(tile_k, offs_n, z)`` (``tile_logits``)."""
-    tile_k = tl.load(Tile_index + i)
+    """The key tile of step ``j`` of a ``list_slots`` loop: ``(tile_k, offs_n, z)``
+    (``tile_logits``)."""
+    tile_k = tl.load(Tile_index + list_slot(j, full_first, full_end, FULL))
     offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
     z = tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n, stride_ks, stride_kd,
                     seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, FULL, PRECISION)

@@ -14,7 +14,7 @@ z < gap_reference <= tau.
 import triton
 import triton.language as tl
 
-from .triton_common import ADD, MAX, MIN, list_slot, list_slots, listed_logits, listed_query_tile
+from .triton_common import ADD, MAX, MIN, list_slots, listed_logits, listed_query_tile
 
 
 @triton.jit
@@ -50,10 +50,9 @@ def histogram_tiles(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first
     """``counts`` plus the counts of one of the two loops of listed tiles (``list_slots``)."""
     start, stop = list_slots(count, full_first, full_end, FULL)
     for j in range(start, stop):
-        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index,
-                                          list_slot(j, full_first, full_end, FULL), q_limit, q_doc, q_first, offs_m,
-                                          stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N,
-                                          FULL, PRECISION)
+        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
+                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
+                                          scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
         # local bin, at least 0 (should a recomputed logit round above its row max); invisible: +inf
         local = tl.maximum(ref[:, None] - tl.floor(z * (NUM_BINS - 1)), 0.0)
         local = tl.where(local < bins[:, None], local, NUM_BINS).to(tl.int32)

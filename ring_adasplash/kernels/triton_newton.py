@@ -14,11 +14,10 @@ above ``point - margin`` (the tiles that may hold p > 0 for any tau at or above 
 row with such a key stores 1 + the step itself, with no reduction across the program's warps
 (which would hold them all at a barrier on every tile), and at the end the tiles of the last
 sweep become 1, the others 0. A query tile whose rows were all done before that step keeps 1 on
-its listed tiles. A sweep reads
-every listed tile, in two loops with no branch inside (``list_slots``): the loads of the next
-tiles are issued while this one is computed (a sweep that skipped the tiles below every row's
-lower bound, as the pass-by-pass schedule does once, saved little: on attention rows few tiles
-lie between the max pass's bound and tau).
+its listed tiles. A sweep reads every listed tile, in two loops with no branch inside
+(``list_slots``): the loads of the next tiles are issued while this one is computed (a sweep
+that skipped the tiles below every row's lower bound, as the pass-by-pass schedule does once,
+saved little: on attention rows few tiles lie between the max pass's bound and tau).
 """
 import triton
 import triton.language as tl
@@ -26,6 +25,7 @@ import triton.language as tl
 from .triton_common import ADD, MAX, listed_query_tile
 from .triton_refine import ONES_WIDTH, newton_tiles
 from .triton_tau import newton_row_step
+
 
 @triton.jit
 def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,

@@ -5,13 +5,14 @@ One program per (query tile, batch x query head), visiting only its listed key t
 u = gap^(gamma - 1) (0 off the support), by ``POWER`` (``EntmaxSpec.power``). P and U meet V in
 V's dtype with fp32 accumulation, as in flash attention. ``Nonzero[tile]`` (zeros from the
 caller) is set for every visited tile that holds a key with p > 0. Rows whose tau is NaN (they
-see a score that is not finite) come out NaN. The sums are stored in float32 (why: docs/design.md (kernel choices)).
+see a score that is not finite) come out NaN. The sums are stored in float32 (why:
+docs/design.md (kernel choices)).
 """
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, LIST_UNROLL, LIST_UNROLL_MAX_HEAD_DIM, MAX, at_head, dot, entmax_weights, list_slot,
-                            list_slots, listed_logits, listed_query_tile, load_rows, positive_gap, tile_ptrs)
+from .triton_common import (ADD, LIST_UNROLL, LIST_UNROLL_MAX_HEAD_DIM, at_head, dot, entmax_weights, list_slots,
+                            listed_logits, listed_query_tile, load_rows, positive_gap, tile_ptrs)
 
 
 @triton.jit
@@ -24,10 +25,9 @@ def output_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first
     # two tiles per trip where every pair is visible and the head dim allows (LIST_UNROLL)
     for j in tl.range(start, stop,
                       loop_unroll_factor=(LIST_UNROLL if HEAD_DIM <= LIST_UNROLL_MAX_HEAD_DIM else 1) if FULL else 1):
-        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index,
-                                          list_slot(j, full_first, full_end, FULL), q_limit, q_doc, q_first, offs_m,
-                                          stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N,
-                                          FULL, PRECISION)
+        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
+                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
+                                          scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
         gap = positive_gap(z, tau[:, None])
         p, u = entmax_weights(gap, gamma, POWER)
         v = load_rows(V, offs_n, offs_n < seqlen_k, stride_vs, stride_vd, HEAD_DIM)

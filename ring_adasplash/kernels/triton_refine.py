@@ -21,8 +21,8 @@ the count of keys above t and per tile whether it may hold p > 0.
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, LIST_UNROLL, LIST_UNROLL_MAX_HEAD_DIM, MAX, MIN, dot, entmax_weights, list_slot,
-                            list_slots, listed_logits, listed_query_tile, positive_gap)
+from .triton_common import (ADD, LIST_UNROLL, LIST_UNROLL_MAX_HEAD_DIM, MAX, MIN, dot, entmax_weights, list_slots,
+                            listed_logits, listed_query_tile, positive_gap)
 
 ONES_WIDTH = tl.constexpr(16)  # the narrowest product the tensor cores take (newton_sums_kernel)
 
@@ -74,10 +74,9 @@ def fine_histogram_tiles(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_
     sub-bins into ``Sums``, the moments above the pair returned."""
     start, stop = list_slots(count, full_first, full_end, FULL)
     for j in range(start, stop):
-        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index,
-                                          list_slot(j, full_first, full_end, FULL), q_limit, q_doc, q_first, offs_m,
-                                          stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N,
-                                          FULL, PRECISION)
+        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
+                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
+                                          scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
         x = z * (NUM_BINS - 1) - bin_index[:, None]  # coarse bins above the lower edge of the pair
         above = x >= 2.0
         y = tl.where(above, x - 2.0, 0.0)
@@ -149,10 +148,9 @@ def newton_tiles(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
     # two tiles per trip where every pair is visible and the head dim allows (LIST_UNROLL)
     for j in tl.range(start, stop,
                       loop_unroll_factor=(LIST_UNROLL if HEAD_DIM <= LIST_UNROLL_MAX_HEAD_DIM else 1) if FULL else 1):
-        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index,
-                                          list_slot(j, full_first, full_end, FULL), q_limit, q_doc, q_first, offs_m,
-                                          stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N,
-                                          FULL, PRECISION)
+        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
+                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
+                                          scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
         gap = positive_gap(z, t[:, None])
         p, u = entmax_weights(gap, gamma, POWER)
         f_sum += tl.reduce(p, 1, ADD)
