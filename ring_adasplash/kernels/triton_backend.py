@@ -107,8 +107,9 @@ class TritonProblem(Problem):
     @cached_property
     def ranges(self) -> dict:
         """Per query tile, key tiles [K_tile_lo, K_tile_hi) with visible pairs and [K_full_lo,
-        K_full_hi) with only visible pairs (``_key_tile_ranges``)."""
-        names = ("K_tile_lo", "K_tile_hi", "K_full_lo", "K_full_hi")
+        K_full_hi) with only visible pairs; per key tile, query tiles [Q_full_lo, Q_full_hi) with
+        only visible pairs (``_key_tile_ranges``)."""
+        names = ("K_tile_lo", "K_tile_hi", "K_full_lo", "K_full_hi", "Q_full_lo", "Q_full_hi")
         return dict(zip(names, _key_tile_ranges(self.vis, self.q.device)))
 
     @cached_property
@@ -187,10 +188,9 @@ def remembered() -> list:
 def _compute_key_tile_ranges(vis: Visibility, device):
     """Per query tile (int32, (nQ,) each): key tiles [lo, hi) spanning every tile that may hold a
     visible pair (``visibility.tile_visible``; tiles in between with none come out -inf), and a run
-    [full_lo, full_hi) of tiles whose every pair is visible (no per-element mask needed)."""
+    [full_lo, full_hi) of tiles whose every pair is visible (no per-element mask needed); per key
+    tile (int32, (nK,) each), the run [q_full_lo, q_full_hi) of query tiles that see it whole."""
     lo, hi = (t.to(device) for t in key_tile_span(vis, BLOCK_M, BLOCK_N))
-    num_k_tiles = -(-vis.seqlen_k // BLOCK_N)
-    pos = torch.arange(num_k_tiles, device=device)
 
     def tiles(x, block, fill):
         pad = (-x.shape[0]) % block
@@ -206,9 +206,17 @@ def _compute_key_tile_ranges(vis: Visibility, device):
             & (k_win_pos.amin(1)[None, :] >= q_first.amax(1)[:, None])
             & one_q_doc[:, None] & one_k_doc[None, :]
             & (q_doc.amin(1)[:, None] == k_doc.amin(1)[None, :]))
-    full_lo = first_true(full, num_k_tiles)
-    full_hi = first_true(~full & (pos[None, :] >= full_lo[:, None]), num_k_tiles)
-    return [t.to(torch.int32).contiguous() for t in (lo, hi, full_lo, full_hi)]
+    full_lo, full_hi = first_run(full)
+    q_full_lo, q_full_hi = first_run(full.T)
+    return [t.to(torch.int32).contiguous() for t in (lo, hi, full_lo, full_hi, q_full_lo, q_full_hi)]
+
+
+def first_run(mask: torch.Tensor):
+    """Per row of ``mask`` (rows, n), the first run [lo, hi) of True (lo == hi == n where none)."""
+    n = mask.shape[1]
+    lo = first_true(mask, n)
+    pos = torch.arange(n, device=mask.device)
+    return lo, first_true(~mask & (pos[None, :] >= lo[:, None]), n)
 
 
 def _tau_floor(problem: TritonProblem) -> torch.Tensor:
@@ -351,7 +359,8 @@ def _dkdv(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, dtype,
     dv = torch.empty(p.v.shape, device=p.v.device, dtype=dtype)
     counts_t, index_t = tiles.query_tile_lists()
     launch(triton_backward.dkdv_kernel, (p.num_k_tiles, p.batch * p.heads_kv))(
-        **p.queries, V=p.v, DO=grad_out, Tile_count=counts_t, Tile_index=index_t, Shift=p.shift_rows, Tau=tau,
+        **p.queries, Q_full_lo=p.ranges["Q_full_lo"], Q_full_hi=p.ranges["Q_full_hi"], V=p.v, DO=grad_out,
+        Tile_count=counts_t, Tile_index=index_t, Shift=p.shift_rows, Tau=tau,
         Delta=delta, Nan_keys=nan_keys.to(torch.int8).contiguous(), DK=dk, DV=dv,
         **_strides("v", p.v), **_strides("do", grad_out), **_strides("dk", dk), num_heads_kv=p.heads_kv,
         num_q_tiles=p.num_q_tiles, softmax_scale=float(p.softmax_scale), **p.weights, **p.config("backward"))

@@ -17,15 +17,46 @@ Operands meet in the input dtype (P and dS cast, as flash attention does) with f
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, at_head, dot, entmax_weights, hide_invisible, key_positions, list_slot, list_slots,
-                            listed_query_tile, listed_tiles, load_rows, positive_gap, program_tile, query_positions,
-                            row_offsets, tile_ptrs, visible)
+from .triton_common import (ADD, at_head, dot, entmax_weights, first_slot_at_least, hide_invisible, key_positions,
+                            list_slot, list_slots, listed_query_tile, listed_tiles, load_rows, positive_gap,
+                            program_tile, query_positions, row_offsets, tile_ptrs, visible)
+
+
+@triton.jit
+def dkdv_tiles(k, v, Qh, DOh, Q_limit, Q_doc, Q_first, k_pos, k_doc, k_win_pos, in_k, Index, count, full_first,
+               full_end, Shift, Tau, Delta, bh, dk, dv, stride_qs, stride_qd, stride_dos, stride_dod, seqlen_q,
+               scale_z, gamma, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, POWER: tl.constexpr,
+               FULL: tl.constexpr, PRECISION: tl.constexpr):
+    """``dk`` and ``dv`` plus the sums over one of the two loops of listed query tiles
+    (``list_slots``; with ``FULL``, the query tiles that see every key of this tile)."""
+    start, stop = list_slots(count, full_first, full_end, FULL)
+    for i in range(start, stop):
+        offs_m = tl.load(Index + list_slot(i, full_first, full_end, FULL)) * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_q = offs_m < seqlen_q
+        rows = row_offsets(bh, seqlen_q, offs_m)
+        q = load_rows(Qh, offs_m, in_q, stride_qs, stride_qd, HEAD_DIM)
+        do = load_rows(DOh, offs_m, in_q, stride_dos, stride_dod, HEAD_DIM)
+        shift = tl.load(Shift + rows, mask=in_q, other=0.0)
+        tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
+        delta = tl.load(Delta + rows, mask=in_q, other=0.0)
+        zt = (dot(k, tl.trans(q), PRECISION) - shift[None, :]) * scale_z
+        gt = dot(v, tl.trans(do), PRECISION)
+        if not FULL:
+            q_limit, q_doc, q_first = query_positions(Q_limit, Q_doc, Q_first, offs_m, in_q)
+            pairs = visible(q_limit[None, :], q_doc[None, :], q_first[None, :], in_q[None, :], k_pos[:, None],
+                            k_doc[:, None], k_win_pos[:, None], in_k[:, None])
+            zt = tl.where(pairs, zt, float("-inf"))
+        pt, ut = entmax_weights(positive_gap(zt, tau[None, :]), gamma, POWER)
+        dst = ut * (gt - delta[None, :])
+        dv += dot(pt.to(k.dtype), do, PRECISION)
+        dk += dot(dst.to(k.dtype), q, PRECISION)
+    return dk, dv
 
 
 @triton.jit
 def dkdv_kernel(
-    Q, K, V, DO, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, Tile_count, Tile_index, Shift, Tau, Delta,
-    Nan_keys, DK, DV,
+    Q, K, V, DO, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, Q_full_lo, Q_full_hi, Tile_count, Tile_index,
+    Shift, Tau, Delta, Nan_keys, DK, DV,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -40,6 +71,8 @@ def dkdv_kernel(
     k = load_rows(at_head(K, b, hk, stride_kb, stride_kh), offs_n, in_k, stride_ks, stride_kd, HEAD_DIM)
     v = load_rows(at_head(V, b, hk, stride_vb, stride_vh), offs_n, in_k, stride_vs, stride_vd, HEAD_DIM)
     k_pos, k_doc, k_win_pos = key_positions(K_pos, K_doc, K_win_pos, offs_n, in_k)
+    q_full_lo = tl.load(Q_full_lo + tile_k)
+    q_full_hi = tl.load(Q_full_hi + tile_k)
 
     dk = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
@@ -49,25 +82,14 @@ def dkdv_kernel(
         Qh = at_head(Q, b, h, stride_qb, stride_qh)
         DOh = at_head(DO, b, h, stride_dob, stride_doh)
         count, Index, _ = listed_tiles(Tile_count, Tile_index, tile_k, bh, num_q_tiles)
-        for i in range(0, count):
-            offs_m = tl.load(Index + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-            in_q = offs_m < seqlen_q
-            rows = row_offsets(bh, seqlen_q, offs_m)
-            q = load_rows(Qh, offs_m, in_q, stride_qs, stride_qd, HEAD_DIM)
-            do = load_rows(DOh, offs_m, in_q, stride_dos, stride_dod, HEAD_DIM)
-            q_limit, q_doc, q_first = query_positions(Q_limit, Q_doc, Q_first, offs_m, in_q)
-            shift = tl.load(Shift + rows, mask=in_q, other=0.0)
-            tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
-            delta = tl.load(Delta + rows, mask=in_q, other=0.0)
-            zt = dot(k, tl.trans(q), PRECISION) - shift[None, :]
-            gt = dot(v, tl.trans(do), PRECISION)
-            pairs = visible(q_limit[None, :], q_doc[None, :], q_first[None, :], in_q[None, :], k_pos[:, None],
-                            k_doc[:, None], k_win_pos[:, None], in_k[:, None])
-            zt = tl.where(pairs, zt * scale_z, float("-inf"))
-            pt, ut = entmax_weights(positive_gap(zt, tau[None, :]), gamma, POWER)
-            dst = ut * (gt - delta[None, :])
-            dv += dot(pt.to(k.dtype), do, PRECISION)
-            dk += dot(dst.to(k.dtype), q, PRECISION)
+        # the list is ascending, so the query tiles that see this key tile whole are consecutive
+        full_first = first_slot_at_least(Index, count, q_full_lo)
+        full_end = tl.maximum(first_slot_at_least(Index, count, q_full_hi), full_first)
+        for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
+            dk, dv = dkdv_tiles(k, v, Qh, DOh, Q_limit, Q_doc, Q_first, k_pos, k_doc, k_win_pos, in_k, Index, count,
+                                full_first, full_end, Shift, Tau, Delta, bh, dk, dv, stride_qs, stride_qd,
+                                stride_dos, stride_dod, seqlen_q, scale_z, gamma, BLOCK_M, HEAD_DIM, POWER, FULL,
+                                PRECISION)
 
     # keys that a row with a non-finite score sees (Nan_keys (B, Sk, Hkv) int8): NaN, as in dense attention
     nan_key = tl.load(Nan_keys + (b * seqlen_k + offs_n).to(tl.int64) * num_heads_kv + hk, mask=in_k, other=0) != 0
