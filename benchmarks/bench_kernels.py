@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     p.add_argument("--alpha", type=float, default=common.ALPHA,
                    help="entmax alpha of ours and AdaSplash (AdaSplash takes its AdaSplash-1 path unless 1.5)")
+    p.add_argument("--head-alphas", default="none",
+                   help="ours only: none (alpha a float), same (a learnable per-head tensor of --alpha), "
+                        "or LO:HI (a learnable per-head tensor, evenly spaced)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (wall-clock timer)")
     p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture for --family captured "
                                                      "(amp is then the layer)")
@@ -212,9 +215,11 @@ def main(argv=None):
     args = parse_args(argv)
     inputs.CAPTURED_PATH = args.captured
     ALPHA = common.ALPHA = args.alpha  # read by common.ours_attention and _adasplash at each call
+    common.HEAD_ALPHAS = common.head_alphas(args.head_alphas, args.alpha, args.heads)
     header = common.print_header(args.device, {
         "family": args.family, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
-        "kv_heads": args.kv_heads or args.heads, "alpha": ALPHA})
+        "kv_heads": args.kv_heads or args.heads, "alpha": ALPHA,
+        "head alphas (ours)": common.HEAD_ALPHAS or "none"})
     dtype = common.torch_dtype(args.dtype)
     rows, cached_key, qkv = [], None, None
     for seqlen, head_dim, amp, impl, mode in tqdm(tasks(args), desc="kernels", file=sys.stderr):

@@ -200,11 +200,33 @@ def make_step(attn, mode, tensors):
     return step
 
 
-def ours_attention(q, k, v):
-    """Our single-GPU entry point (causal, alpha = ALPHA); layout (B, S, H, D)."""
-    import ring_adasplash
+HEAD_ALPHAS = None  # None: alpha = ALPHA, a float; else one alpha per query head, learnable (bench_kernels --head-alphas)
+_alpha_parameters: dict = {}
 
-    return ring_adasplash.adasplash_func(q, k, v, alpha=ALPHA, causal=True)
+
+def ours_attention(q, k, v):
+    """Our single-GPU entry point (causal, alpha = ALPHA, or HEAD_ALPHAS as a learnable per-head
+    tensor, made once per device like a model's parameter); layout (B, S, H, D)."""
+    import ring_adasplash
+    import torch
+
+    if HEAD_ALPHAS is None:
+        return ring_adasplash.adasplash_func(q, k, v, alpha=ALPHA, causal=True)
+    key = (q.device, tuple(HEAD_ALPHAS))
+    if key not in _alpha_parameters:
+        _alpha_parameters[key] = torch.tensor(HEAD_ALPHAS, device=q.device, requires_grad=True)
+    return ring_adasplash.adasplash_func(q, k, v, alpha=_alpha_parameters[key], causal=True)
+
+
+def head_alphas(spec: str, alpha: float, heads: int):
+    """``--head-alphas``: "none" (None), "same" (``alpha`` on every head) or "LO:HI" (evenly
+    spaced over the heads)."""
+    if spec == "none":
+        return None
+    if spec == "same":
+        return [alpha] * heads
+    lo, hi = (float(x) for x in spec.split(":"))
+    return [lo + (hi - lo) * h / max(1, heads - 1) for h in range(heads)]
 
 
 def without_cuda_graphs(step):

@@ -1,6 +1,8 @@
 """Input checks shared by every public function: clear errors that name the argument."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -8,18 +10,57 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_alpha(alpha) -> float:
     """alpha as a float in (1, 2]. As alpha -> 1 entmax tends to softmax: its support grows to the
-    whole row and no tile is zero (alpha 1.001 is supported: no power overflows); 2 is sparsemax."""
+    whole row and no tile is zero (alpha 1.001 is supported: no power overflows); 2 is sparsemax.
+    Where one alpha per head or a learnable alpha is accepted, see ``check_head_alpha``."""
     if isinstance(alpha, torch.Tensor):
         if alpha.requires_grad:
-            raise TypeError("alpha must be a float or a tensor without requires_grad: a learnable alpha is not "
-                            "supported (its gradient would be dropped)")
+            raise TypeError("alpha must be a float or a tensor without requires_grad here (a learnable alpha is "
+                            "taken by the attention functions, not by this argument)")
         if alpha.numel() != 1:
-            raise ValueError(f"alpha must be one number in (1, 2]; got a tensor of shape {tuple(alpha.shape)} "
-                             "(one alpha per head is not supported)")
+            raise ValueError(f"alpha must be one number in (1, 2]; got a tensor of shape {tuple(alpha.shape)}")
     alpha = float(alpha)
     if not (1.0 < alpha <= 2.0):
         raise ValueError(f"alpha must be in (1, 2] (1.5: entmax-1.5, 2: sparsemax); got {alpha}")
     return alpha
+
+
+class HeadAlpha(NamedTuple):
+    """alpha after ``check_head_alpha``: ``values``, one float or one per query head, each in
+    (1, 2]; ``tensor``, the tensor given where its gradient is wanted (``requires_grad``), else
+    None."""
+
+    values: tuple[float, ...]
+    tensor: torch.Tensor | None = None
+
+    def for_heads(self, start: int, stop: int) -> "HeadAlpha":
+        """The alpha of query heads [start, stop) (a shared alpha stays shared)."""
+        if len(self.values) == 1:
+            return self
+        return HeadAlpha(self.values[start:stop], None if self.tensor is None else self.tensor.reshape(-1)[start:stop])
+
+
+def check_head_alpha(alpha, heads: int) -> HeadAlpha:
+    """alpha as a float, a one-element tensor or a tensor of shape (heads,) (one per query head),
+    each value in (1, 2]; a tensor with ``requires_grad`` gets its gradient. Reading a CUDA
+    tensor's values waits for the device (one small copy per call). A ``HeadAlpha`` (checked
+    already, as the strategies pass it on) is returned as it is."""
+    if isinstance(alpha, HeadAlpha):
+        if len(alpha.values) not in (1, heads):
+            raise ValueError(f"alpha must give one value or one per query head ({heads}); got {len(alpha.values)}")
+        return alpha
+    if not isinstance(alpha, torch.Tensor):
+        return HeadAlpha((check_alpha(alpha),))
+    if alpha.dim() > 1 or alpha.numel() not in (1, heads):
+        raise ValueError(f"alpha must be a float, a one-element tensor or a tensor of shape ({heads},) (one per "
+                         f"query head); got a tensor of shape {tuple(alpha.shape)}")
+    if not alpha.is_floating_point():
+        raise TypeError(f"alpha must be a floating-point tensor; got {alpha.dtype}")
+    values = tuple(alpha.detach().double().cpu().reshape(-1).tolist())
+    bad = [(h, a) for h, a in enumerate(values) if not 1.0 < a <= 2.0]
+    if bad:
+        raise ValueError("alpha must be in (1, 2] on every head (1.5: entmax-1.5, 2: sparsemax); got "
+                         + ", ".join(f"{a} at head {h}" for h, a in bad[:4]))
+    return HeadAlpha(values, alpha if alpha.requires_grad else None)
 
 
 def check_qkv(q, k, v, *, varlen: bool = False, backend=None):

@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from . import cuda_graphs, telemetry
-from .checks import (check_alpha, check_cu_seqlens, check_key_padding_mask, check_position_ids, check_qkv, check_window,
-                     default_scale)
+from .checks import (HeadAlpha, check_alpha, check_cu_seqlens, check_head_alpha, check_key_padding_mask,
+                     check_position_ids, check_qkv, check_window, default_scale)
 from .kernels import EntmaxSpec, backend_for
 from .kernels.block_mask import BlockMask
-from .kernels.algorithm import ForwardResult, SingleBlock, entmax_backward, entmax_forward
+from .kernels.algorithm import ForwardResult, SingleBlock, default_schedule, entmax_backward, entmax_forward
 from .kernels.compile_ahead import compile_ahead
+from .kernels.head_groups import backward_by_group, forward_by_group, head_groups, join_heads, to_alpha_shape
 from .kernels.visibility import (Visibility, causal_visibility, packed_visibility, padded_visibility,
                                  varlen_visibility)
 
@@ -32,11 +33,11 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("ring_adasplash::attention_forward", mutates_args=())
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor,
-                      q_first: Tensor, k_win_pos: Tensor, alpha: float,
+                      q_first: Tensor, k_win_pos: Tensor, alphas: list[float],
                       softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out in q's dtype, out_u, u_sum, tau, shift, support, nonzero tiles); see
-    ``kernels/algorithm.py`` (``ForwardResult``)."""
-    args = (q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha, softmax_scale)
+    ``kernels/algorithm.py`` (``ForwardResult``). ``alphas``: one alpha, or one per query head."""
+    args = (q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, tuple(alphas), softmax_scale)
     return cuda_graphs.call("forward", _forward, args, copied=3, work=_work(q, k))
 
 
@@ -45,28 +46,54 @@ def _work(q: Tensor, k: Tensor) -> int:
     return q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
 
 
-def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha: float, softmax_scale: float):
+def _kernel_key(q: Tensor, k: Tensor, alphas) -> tuple:
+    """What decides which kernels a call compiles: per alpha its powers and schedule, not its
+    value (a learnable alpha changes every step)."""
+    specs = sorted({(EntmaxSpec(a).power, EntmaxSpec(a).closed_form, default_schedule(EntmaxSpec(a), True))
+                    for a in alphas})
+    split = len(set(alphas)) > 1  # the groups read one key head per query head
+    return (q.device, q.dtype, q.shape[-1], 1 if split else q.shape[2] // k.shape[2], tuple(specs))
+
+
+def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float) -> list:
+    """``(group, ForwardResult)`` per group of heads of equal alpha (``head_groups``)."""
+    backend = backend_for(q)
+    groups = head_groups(alphas, q.shape[2], k.shape[2], q.device)
+    return list(zip(groups, forward_by_group(groups, lambda g: entmax_forward(
+        backend, g.queries(q), SingleBlock(g.keys(k), g.keys(v), vis), EntmaxSpec(g.alpha), softmax_scale))))
+
+
+def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: tuple, softmax_scale: float):
     vis = Visibility(q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
     if q.dtype != torch.float64:  # float64 runs no Triton kernel
-        compile_ahead((q.device, q.dtype, q.shape[-1], q.shape[2] // k.shape[2], alpha),
-                      functools.partial(_dry_run, q, k, v, vis, alpha, softmax_scale), q.device)
-    fwd = entmax_forward(backend_for(q), q, SingleBlock(k, v, vis), EntmaxSpec(alpha), softmax_scale)
-    telemetry.log_forward(fwd, "single")
+        compile_ahead(_kernel_key(q, k, alphas), functools.partial(_dry_run, q, k, v, vis, alphas, softmax_scale),
+                      q.device)
+    results = _group_forward(q, k, v, vis, alphas, softmax_scale)
+    for _, fwd in results:
+        telemetry.log_forward(fwd, "single")
+    groups, heads = [g for g, _ in results], q.shape[2]
+
+    def joined(field, dim):
+        return join_heads([getattr(fwd, field) for _, fwd in results], groups, dim, heads)
+
     # contiguous, as the fake impl promises (compiled graphs check strides)
-    return (fwd.out.to(q.dtype).contiguous(), fwd.out_u.contiguous(), fwd.u_sum.contiguous(), fwd.tau.contiguous(),
-            fwd.shift.contiguous(), fwd.support.to(fwd.tau.dtype).contiguous(), fwd.block_masks[0].tiles.contiguous())
+    masks = join_heads([fwd.block_masks[0].tiles for _, fwd in results], groups, 1, heads)
+    return (joined("out", 2).to(q.dtype).contiguous(), joined("out_u", 2).contiguous(), joined("u_sum", 1).contiguous(),
+            joined("tau", 1).contiguous(), joined("shift", 1).contiguous(),
+            joined("support", 1).to(results[0][1].tau.dtype).contiguous(), masks.contiguous())
 
 
-def _dry_run(q, k, v, vis: Visibility, alpha: float, softmax_scale: float) -> None:
+def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float) -> None:
     """The forward and the backward of a call, for ``compile_ahead``: every kernel that either
     launches on this configuration."""
-    backend, blocks, spec = backend_for(q), SingleBlock(k, v, vis), EntmaxSpec(alpha)
-    fwd = entmax_forward(backend, q, blocks, spec, softmax_scale)
-    entmax_backward(backend, q, torch.empty_like(q), blocks, fwd, spec, softmax_scale, kv_grad_dtype=k.dtype)
+    backend = backend_for(q)
+    for g, fwd in _group_forward(q, k, v, vis, alphas, softmax_scale):
+        entmax_backward(backend, g.queries(q), torch.empty_like(g.queries(q)), SingleBlock(g.keys(k), g.keys(v), vis),
+                        fwd, EntmaxSpec(g.alpha), softmax_scale, kv_grad_dtype=k.dtype)
 
 
 @attention_forward.register_fake
-def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha, softmax_scale):
+def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas, softmax_scale):
     backend = backend_for(q)
     batch, seqlen_q, heads, _ = q.shape
     acc = _compute_dtype(q)
@@ -81,43 +108,63 @@ def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha, softmax_
 @torch.library.custom_op("ring_adasplash::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor,
                        k_pos: Tensor, k_doc: Tensor, q_first: Tensor, k_win_pos: Tensor, out_u: Tensor, u_sum: Tensor,
-                       tau: Tensor, shift: Tensor, nonzero: Tensor, alpha: float,
-                       softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                       tau: Tensor, shift: Tensor, nonzero: Tensor, alphas: list[float], softmax_scale: float,
+                       alpha_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns dq, dk, dv and, with ``alpha_grad``, dL/dalpha per query head (Hq,) in the compute
+    dtype (else an empty tensor)."""
     # no CUDA graph here: the backward launches a few large kernels, which hide their launches,
     # and copying its eight inputs into a graph cost more than it saved (cuda_graphs.py)
     vis = Visibility(q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
     backend = backend_for(q)
-    mask = BlockMask(nonzero, backend.BLOCK_M, backend.BLOCK_N, q.shape[1], k.shape[1])
-    fwd = ForwardResult(out=None, out_u=out_u, u_sum=u_sum, tau=tau, shift=shift, support=None, block_masks=[mask])
-    dq, dk, dv = entmax_backward(backend, q, grad_out, SingleBlock(k, v, vis), fwd, EntmaxSpec(alpha), softmax_scale,
-                                 kv_grad_dtype=k.dtype)
-    return dq.to(q.dtype).contiguous(), dk.contiguous(), dv.contiguous()
+    heads, heads_kv = q.shape[2], k.shape[2]
+    groups = head_groups(alphas, heads, heads_kv, q.device)
+
+    def group_backward(g, _):
+        rows = lambda x: g.queries(x, 1)  # noqa: E731  (B, H, S) row tensors
+        mask = BlockMask(rows(nonzero), backend.BLOCK_M, backend.BLOCK_N, q.shape[1], k.shape[1])
+        fwd = ForwardResult(out=None, out_u=g.queries(out_u), u_sum=rows(u_sum), tau=rows(tau), shift=rows(shift),
+                            support=None, block_masks=[mask])
+        return entmax_backward(backend, g.queries(q), g.queries(grad_out), SingleBlock(g.keys(k), g.keys(v), vis),
+                               fwd, EntmaxSpec(g.alpha), softmax_scale, kv_grad_dtype=k.dtype, alpha_grad=alpha_grad)
+
+    dq, dk, dv, d_alpha = backward_by_group(groups, groups, group_backward, heads, heads_kv, alpha_grad)
+    return (dq.to(q.dtype).contiguous(), dk.contiguous(), dv.contiguous(),
+            d_alpha if alpha_grad else tau.new_empty(0))
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, out_u, u_sum, tau, shift, nonzero, alpha,
-      softmax_scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, out_u, u_sum, tau, shift, nonzero, alphas,
+      softmax_scale, alpha_grad):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            tau.new_empty(q.shape[2] if alpha_grad else 0))
 
 
 class _EntmaxAttention(torch.autograd.Function):
     """Autograd over the two custom ops, as flash-attn does: torch.compile sees the ops (and their
     fake impls) inside, and eager calls skip the Python layer that ``register_autograd`` adds
-    around an op (docs/design.md: host time per step)."""
+    around an op (docs/design.md: host time per step). ``alpha_tensor``: the learnable alpha
+    (one value or one per query head) whose gradient is wanted, else None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha: float, softmax_scale: float):
+    def forward(ctx, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha_tensor, alphas: tuple,
+                softmax_scale: float):
         vectors = (q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
-        out, out_u, u_sum, tau, shift, support, nonzero = attention_forward(q, k, v, *vectors, alpha, softmax_scale)
+        out, out_u, u_sum, tau, shift, support, nonzero = attention_forward(q, k, v, *vectors, list(alphas),
+                                                                            softmax_scale)
         ctx.save_for_backward(q, k, v, *vectors, out_u, u_sum, tau, shift, nonzero)
-        ctx.alpha, ctx.softmax_scale = alpha, softmax_scale
+        ctx.alphas, ctx.softmax_scale = alphas, softmax_scale
+        # the alpha tensor's shape and dtype, for its gradient (not the tensor: nothing to keep alive)
+        ctx.alpha_like = None if alpha_tensor is None else alpha_tensor.new_empty(alpha_tensor.shape)
         ctx.mark_non_differentiable(tau, shift, support)
         return out, tau, shift, support
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        dq, dk, dv = attention_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.alpha, ctx.softmax_scale)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        alpha_grad = ctx.alpha_like is not None and ctx.needs_input_grad[9]
+        dq, dk, dv, d_alpha = attention_backward(grad_out.contiguous(), *ctx.saved_tensors, list(ctx.alphas),
+                                                 ctx.softmax_scale, alpha_grad)
+        d_alpha = to_alpha_shape(d_alpha, ctx.alpha_like) if alpha_grad else None
+        return dq, dk, dv, None, None, None, None, None, None, d_alpha, None, None
 
 
 class AttentionStats(NamedTuple):
@@ -137,8 +184,9 @@ class AttentionStats(NamedTuple):
     support: Tensor
 
 
-def _attention(q, k, v, vis: Visibility, alpha: float, softmax_scale: float) -> tuple[Tensor, AttentionStats]:
-    out, tau, shift, support = _EntmaxAttention.apply(q, k, v, *vis.vectors(), alpha, softmax_scale)
+def _attention(q, k, v, vis: Visibility, alpha: HeadAlpha, softmax_scale: float) -> tuple[Tensor, AttentionStats]:
+    out, tau, shift, support = _EntmaxAttention.apply(q, k, v, *vis.vectors(), alpha.tensor, alpha.values,
+                                                      softmax_scale)
     return out, AttentionStats(tau, shift, support)
 
 
@@ -163,7 +211,7 @@ def empty_output(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return connect.to(q.dtype) * q.new_zeros((*q.shape[:-1], v.shape[-1]))
 
 
-def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: bool = True,
+def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor = 1.5, causal: bool = True,
                    softmax_scale: float | None = None, key_padding_mask: Tensor | None = None,
                    window_size: tuple[int, int] = (-1, -1), sink_tokens: int = 0,
                    position_ids: Tensor | None = None, return_stats: bool = False):
@@ -173,7 +221,12 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: 
         q: (batch, seqlen_q, heads_q, head_dim).
         k, v: (batch, seqlen_k, heads_kv, head_dim); ``heads_q % heads_kv == 0`` (GQA/MQA: each
             key/value head serves ``heads_q // heads_kv`` query heads, without copies).
-        alpha: in (1, 2]; 1.5 (entmax-1.5) and 2 (sparsemax) have closed-form fast paths.
+        alpha: in (1, 2]; 1.5 (entmax-1.5) and 2 (sparsemax) have closed-form fast paths. A
+            float, a one-element tensor or a tensor of shape (heads_q,), one alpha per query head
+            (the heads of a GQA group may differ); a tensor with ``requires_grad`` gets its exact
+            gradient (learnable alpha, as in adaptively sparse transformers), summed over the
+            batch and the rows. Heads of equal alpha run together: a per-head tensor with one
+            value costs what a float costs.
         causal: bottom-right aligned, as in flash-attn: query ``i`` sees keys ``j <= i + Sk - Sq``.
         softmax_scale: multiplies ``q k^T``; default ``1 / sqrt(head_dim)``.
         key_padding_mask: optional (batch, seqlen_k) bool, True for the keys to keep (left or right
@@ -197,8 +250,8 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: 
         ``AttentionStats`` of (batch, heads_q, seqlen_q) tensors. Differentiable in q, k and v;
         partial sums in float32. CUDA tensors run the Triton kernels, CPU tensors the PyTorch path.
     """
-    alpha = check_alpha(alpha)
-    _, _, dim = check_qkv(q, k, v, backend=backend_for(q))
+    heads, _, dim = check_qkv(q, k, v, backend=backend_for(q))
+    alpha = check_head_alpha(alpha, heads)
     window_size, sink_tokens = check_window(window_size, sink_tokens)
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[1], q.device)
@@ -227,7 +280,7 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float = 1.5, causal: 
 
 
 def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                          max_seqlen_q: int, max_seqlen_k: int, alpha: float = 1.5, causal: bool = True,
+                          max_seqlen_q: int, max_seqlen_k: int, alpha: float | Tensor = 1.5, causal: bool = True,
                           softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
                           sink_tokens: int = 0, return_stats: bool = False):
     """Entmax attention over packed sequences, as flash-attn's varlen interface.
@@ -236,14 +289,15 @@ def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         q: (total_q, heads_q, head_dim); k, v: (total_k, heads_kv, head_dim).
         cu_seqlens_q, cu_seqlens_k: (num_seqs + 1,) int32/int64 offsets, from 0 to total.
         max_seqlen_q, max_seqlen_k: longest sequence (checked; kernels do not need them).
+        alpha: as in :func:`adasplash_func` (one float, or one per query head, learnable).
         causal: bottom-right aligned within each sequence.
         window_size, sink_tokens: as in :func:`adasplash_func`, within each sequence.
         return_stats: also return ``AttentionStats`` of (heads_q, total_q) tensors.
     Returns: (total_q, heads_q, head_dim) (and the stats).
     """
-    alpha = check_alpha(alpha)
     window_size, sink_tokens = check_window(window_size, sink_tokens)
-    _, _, dim = check_qkv(q, k, v, varlen=True, backend=backend_for(q))
+    heads, _, dim = check_qkv(q, k, v, varlen=True, backend=backend_for(q))
+    alpha = check_head_alpha(alpha, heads)
     check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
     check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():

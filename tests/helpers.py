@@ -74,3 +74,21 @@ def gather_sequence(x: torch.Tensor, layout: str, world: int, mesh=None) -> torc
     if mesh is not None:
         return parallel.usp_unshard(parts, mesh, layout)
     return parallel.layouts.unshard(parts, layout, world)
+
+
+def bisect_attention(q, k, v, alpha, causal=True, softmax_scale=None):
+    """out (B, S, H, D) of ``entmax_bisect`` over dense scores, alpha per query head (H,) or one
+    value; differentiable in q, k, v and alpha by the package's own backward."""
+    from entmax import entmax_bisect
+
+    batch, seqlen_q, heads, dim = q.shape
+    seqlen_k, group = k.shape[1], heads // k.shape[2]
+    k, v = (x.repeat_interleave(group, 2) for x in (k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * (dim ** -0.5 if softmax_scale is None else softmax_scale)
+    if causal:
+        hidden = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool).tril(seqlen_k - seqlen_q).logical_not()
+        scores = scores.masked_fill(hidden, -1e4)  # p = 0 there for every alpha >= 1.1 at these scales
+    alpha = torch.as_tensor(alpha, dtype=scores.dtype).reshape(-1)
+    alpha = alpha.view(1, -1, 1, 1).expand(batch, heads, seqlen_q, 1)
+    p = entmax_bisect(scores, alpha, dim=-1, n_iter=200)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)

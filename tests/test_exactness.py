@@ -209,12 +209,15 @@ def test_empty_batch_or_heads_give_empty_results(shapes):
 
 
 def test_alpha_tensors():
+    """A one-element tensor is the float call; a learnable one gets its gradient (the learnable
+    alpha's own tests: test_learnable_alpha.py); a tensor of the wrong shape is named."""
     q = torch.randn(1, 8, 2, 16)
-    with pytest.raises(TypeError, match="requires_grad"):
-        ra.adasplash_func(q, q, q, alpha=torch.tensor(1.5, requires_grad=True))
-    with pytest.raises(ValueError, match="one number"):
-        ra.adasplash_func(q, q, q, alpha=torch.tensor([1.5, 1.5]))
     assert torch.equal(ra.adasplash_func(q, q, q, alpha=torch.tensor(1.5)), ra.adasplash_func(q, q, q, alpha=1.5))
+    learnable = torch.tensor(1.5, requires_grad=True)
+    ra.adasplash_func(q, q, q, alpha=learnable).sum().backward()
+    assert learnable.grad is not None and torch.isfinite(learnable.grad)
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        ra.adasplash_func(q, q, q, alpha=torch.tensor([1.5, 1.5, 1.5]))
 
 
 @pytest.mark.gpu

@@ -381,12 +381,14 @@ def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, vi
 
 def entmax_backward(backend: Backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult, spec: EntmaxSpec,
                     softmax_scale: float, reduce: LocalReduce = LocalReduce(),
-                    kv_grad_dtype: torch.dtype | None = None):
-    """Returns dq (B, Sq, Hq, D) and the local block's dk, dv, in the compute dtype (fp32/fp64);
-    ``kv_grad_dtype``: the dtype of dk and dv where the caller takes them as final (one key block:
-    the kernel then stores them once, with no cast after)."""
+                    kv_grad_dtype: torch.dtype | None = None, alpha_grad: bool = False):
+    """Returns dq (B, Sq, Hq, D) and the local block's dk, dv, in the compute dtype (fp32/fp64),
+    and with ``alpha_grad`` dL/dalpha per row (B, Hq, Sq) (``EntmaxSpec.alpha_gradient``), else
+    None; ``kv_grad_dtype``: the dtype of dk and dv where the caller takes them as final (one key
+    block: the kernel then stores them once, with no cast after)."""
     if kv_grad_dtype is not None and blocks.num_blocks != 1:
         raise ValueError(f"kv_grad_dtype needs one key block, whose dk and dv are final; got {blocks.num_blocks}")
+    alpha_sums = None
     dq, delta = None, None  # the row term, computed with the first block's dq (one launch fewer)
     sweep = blocks.backward_sweep(_needed(blocks, fwd.block_masks))
     nonfinite = torch.isnan(fwd.tau)
@@ -395,12 +397,15 @@ def entmax_backward(backend: Backend, q, grad_out, blocks: KeyBlocks, fwd: Forwa
         # the keys a row with a non-finite score sees get NaN gradients, as in dense attention
         nan_keys = keys_seen_by(nonfinite, block.vis, problem.heads_kv)
         grads = backend.backward_pass(problem, grad_out, fwd.tau, fwd.block_masks[block.index], delta, fwd.out_u,
-                                      fwd.u_sum, kv_grad_dtype, nan_keys)
+                                      fwd.u_sum, kv_grad_dtype, nan_keys, alpha_grad)
         dq = grads.dq if dq is None else dq + grads.dq
+        if alpha_grad:
+            alpha_sums = grads.alpha_sums if alpha_sums is None else alpha_sums + grads.alpha_sums
         delta = grads.delta
         sweep.hand_back(grads.dk, grads.dv)
     dk, dv = sweep.result()
-    return reduce.sums(dq), dk, dv
+    d_alpha = spec.alpha_gradient(reduce.sums(alpha_sums), delta) if alpha_grad else None
+    return reduce.sums(dq), dk, dv, d_alpha
 
 
 class SingleBlock:

@@ -119,12 +119,15 @@ class OutputSums(NamedTuple):
 
 class Gradients(NamedTuple):
     """What the backward pass of one key block gives: dq (B, Sq, Hq, D) of this block's keys,
-    dk and dv (B, Sk, Hkv, D), and delta (B, Hq, Sq), the row term (given or computed)."""
+    dk and dv (B, Sk, Hkv, D), delta (B, Hq, Sq), the row term (given or computed), and where
+    asked (``alpha_sums``) the row sums of ``EntmaxSpec.alpha_gradient`` over this block's keys
+    (B, Hq, Sq, 3), else None."""
 
     dq: torch.Tensor
     dk: torch.Tensor
     dv: torch.Tensor
     delta: torch.Tensor
+    alpha_sums: torch.Tensor | None = None
 
 
 class Backend(Protocol):
@@ -182,12 +185,13 @@ class Backend(Protocol):
         score that is not finite) come out NaN."""
 
     def backward_pass(self, problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                      kv_grad_dtype=None, nan_keys=None) -> Gradients:
+                      kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False) -> Gradients:
         """Gradients through the ``tiles`` of one key block; dq is NaN on rows whose tau is NaN,
         dk and dv on the keys ``nan_keys`` (B, Sk, Hkv) bool marks (those such rows see).
         ``delta`` None: computed from ``out_u`` and ``u_sum`` (the merged forward row terms).
         ``kv_grad_dtype``: the dtype of dk and dv where they are final (one key block); default
-        float32."""
+        float32. ``alpha_sums``: also the row sums the gradient with respect to alpha needs
+        (``Gradients.alpha_sums``)."""
 
     def coarse_bracket(self, stats, spec: EntmaxSpec):
         """``stats.coarse_bracket``: where tau lies after the coarse counts."""

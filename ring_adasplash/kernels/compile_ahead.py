@@ -32,11 +32,25 @@ _dry_run = contextvars.ContextVar("ring_adasplash_dry_run", default=False)
 _done: set = set()  # configurations whose kernels were compiled ahead
 
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def launch(kernel, grid):
-    """``kernel[grid]``; inside a dry run, a compile-only ``kernel.warmup`` with the same arguments."""
+    """``kernel[grid]``; inside a dry run, a compile-only ``kernel.warmup`` with the same arguments.
+    Interpreted, the arguments are checked against the kernel's parameters first: the interpreter
+    ignores an unknown keyword, which the compiled launch rejects."""
     if _dry_run.get():
         return functools.partial(kernel.warmup, grid=grid)
+    if _INTERPRETED:
+        return functools.partial(_checked_launch, kernel, grid)
     return kernel[grid]
+
+
+def _checked_launch(kernel, grid, *args, **kwargs):
+    unknown = sorted(set(kwargs) - set(kernel.arg_names) - {"num_warps", "num_stages"})
+    if unknown:
+        raise TypeError(f"{kernel.fn.__name__} has no parameter {', '.join(unknown)}")
+    return kernel[grid](*args, **kwargs)
 
 
 class _CompileAndLoad(concurrent.futures.ThreadPoolExecutor):

@@ -2,6 +2,15 @@
 
 ``p_j = [z_j - tau]_+ ** gamma`` with ``gamma = 1 / (alpha - 1)`` and ``z = (alpha - 1) * scale * q.k``;
 the backward weight is ``u_j = p_j ** (2 - alpha) = [z_j - tau]_+ ** (gamma - 1)``.
+
+The gradient with respect to alpha at fixed scores ``s = scale * q.k`` (Peters, Niculae and
+Martins, 2019; ``entmax_bisect``'s backward), per row, with ``g_j = dO . v_j`` the gradient
+with respect to ``p_j`` and ``delta = sum_j g_j u_j / sum_j u_j`` the backward's row term:
+
+    dL/dalpha = (sum g p - delta) / (alpha - 1)^2 - (sum g p log p - delta sum p log p) / (alpha - 1)
+
+Its three sums run over the support like the backward's own, and add across key blocks, so it
+costs no O(S^2) tensor: ``alpha_gradient`` takes them (``Gradients.alpha_sums``).
 """
 from __future__ import annotations
 
@@ -45,6 +54,19 @@ class EntmaxSpec:
         if self.power == 1:
             return gap, (gap > 0).to(gap.dtype)
         return gap ** self.gamma, torch.where(gap > 0, gap ** (self.gamma - 1), torch.zeros_like(gap))
+
+    def entropy_terms(self, gap: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """``p log p`` (0 off the support) as ``gamma p log gap``: no underflow of ``p`` itself."""
+        positive = gap > 0
+        return torch.where(positive, self.gamma * p * torch.log(torch.where(positive, gap, 1.0)), 0.0)
+
+    def alpha_gradient(self, alpha_sums: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """dL/dalpha per row (module doc) from ``alpha_sums`` (..., 3): ``sum g p``, ``sum p log p``
+        and ``sum g p log p``, and the row term ``delta`` (...)."""
+        gp, plogp, gplogp = alpha_sums.unbind(-1)
+        delta = delta.to(alpha_sums.dtype)
+        a1 = self.alpha - 1.0
+        return (gp - delta) / (a1 * a1) - (gplogp - delta * plogp) / a1
 
     def power_and_slope(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(d ** gamma, d ** (gamma - 1))`` for ``d >= 0`` as the kernels take them (the Newton

@@ -334,7 +334,7 @@ def row_delta(grad_out, out_u, u_sum):
 
 
 def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                  kv_grad_dtype=None, nan_keys=None) -> Gradients:
+                  kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False) -> Gradients:
     """Gradients through the ``tiles`` of one key block (``backend.Gradients``; float32, float64
     for float64 inputs, dk and dv in ``kv_grad_dtype`` where given); dq is NaN on rows whose tau
     is NaN, dk and dv on the keys ``nan_keys`` (B, Sk, Hkv) marks.
@@ -344,7 +344,7 @@ def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None,
     score gradient is ``ds = u (g - delta)``; ``dq = scale ds k``, ``dk = scale ds^T q``,
     ``dv = p^T grad_out`` (dk, dv summed over each GQA group). Non-finite inputs reach only the
     rows and keys that see them: the products read them as zeros (a zero weight times NaN would
-    spread NaN over the whole tile).
+    spread NaN over the whole tile). ``alpha_sums``: also ``Gradients.alpha_sums``.
     """
     if delta is None:
         delta = row_delta(grad_out, out_u, u_sum)
@@ -358,16 +358,25 @@ def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None,
     tau_col = tau.to(dtype)[..., None]
     by_group = (p.batch, p.heads_kv, p.group, p.seqlen_q, -1)
     delta_col = delta.to(dtype).reshape(*by_group[:-1], 1)
+    sums = torch.zeros(*by_group[:-1], 3, device=p.q.device, dtype=dtype) if alpha_sums else None
     for _, keys, z in key_tiles:
-        prob, u = p.spec.weights(_gap(z, tau_col))
+        gap = _gap(z, tau_col)
+        prob, u = p.spec.weights(gap)
         prob, u = prob.reshape(by_group), u.reshape(by_group)
         kt = _finite(p.k[:, keys].to(dtype).permute(0, 2, 1, 3)[:, :, None])  # (B, Hkv, 1, n, D)
         vt = p.v[:, keys].to(dtype).permute(0, 2, 1, 3)[:, :, None]
-        ds = torch.where(u > 0, u * (do_h @ vt.transpose(-1, -2) - delta_col), 0.0)  # (B, Hkv, G, Sq, n)
+        g = do_h @ vt.transpose(-1, -2)  # (B, Hkv, G, Sq, n)
+        ds = torch.where(u > 0, u * (g - delta_col), 0.0)
+        if alpha_sums:
+            plogp = p.spec.entropy_terms(gap.reshape(by_group), prob)
+            g = torch.where(prob > 0, g, 0.0)  # as ds: a NaN value off the support reaches no sum
+            sums += torch.stack([(g * prob).sum(-1), plogp.sum(-1), (g * plogp).sum(-1)], -1)
         dq += p.softmax_scale * (ds @ kt)
         dk[:, keys] += p.softmax_scale * (ds.transpose(-1, -2) @ qh).sum(2).permute(0, 2, 1, 3)
         dv[:, keys] += (prob.transpose(-1, -2) @ do_h).sum(2).permute(0, 2, 1, 3)
     dq = _nan_rows(dq.reshape(p.batch, p.heads, p.seqlen_q, -1).permute(0, 2, 1, 3), tau)
     if nan_keys is not None:
         dk, dv = (x.masked_fill(nan_keys[..., None], float("nan")) for x in (dk, dv))
-    return Gradients(dq, dk.to(kv_grad_dtype or dtype), dv.to(kv_grad_dtype or dtype), delta)
+    if alpha_sums:
+        sums = torch.where(torch.isnan(tau)[..., None], float("nan"), sums.reshape(*p.rows, 3))
+    return Gradients(dq, dk.to(kv_grad_dtype or dtype), dv.to(kv_grad_dtype or dtype), delta, sums)

@@ -107,10 +107,15 @@ class TritonProblem(Problem):
     @cached_property
     def ranges(self) -> dict:
         """Per query tile, key tiles [K_tile_lo, K_tile_hi) with visible pairs and [K_full_lo,
-        K_full_hi) with only visible pairs; per key tile, query tiles [Q_full_lo, Q_full_hi) with
-        only visible pairs (``_key_tile_ranges``)."""
-        names = ("K_tile_lo", "K_tile_hi", "K_full_lo", "K_full_hi", "Q_full_lo", "Q_full_hi")
+        K_full_hi) with only visible pairs (``_key_tile_ranges``): the max pass's arguments."""
+        names = ("K_tile_lo", "K_tile_hi", "K_full_lo", "K_full_hi")
         return dict(zip(names, _key_tile_ranges(self.vis, self.q.device)))
+
+    @cached_property
+    def query_ranges(self) -> dict:
+        """Per key tile, query tiles [Q_full_lo, Q_full_hi) with only visible pairs
+        (``_key_tile_ranges``): the dK/dV kernel's arguments."""
+        return dict(zip(("Q_full_lo", "Q_full_hi"), _key_tile_ranges(self.vis, self.q.device)[4:]))
 
     @cached_property
     def queries(self) -> dict:
@@ -335,17 +340,20 @@ def output_pass(problem: TritonProblem, tau, tiles: BlockMask) -> OutputSums:
     return OutputSums(out, out_u, u_sum, support, nonzero.view(torch.bool))
 
 
-def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=None, u_sum=None) -> torch.Tensor:
+def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=None, u_sum=None,
+        alpha_sums=None) -> torch.Tensor:
     """dq (B, Sq, Hq, D) float32 (``triton_backward.dq_kernel``); with ``out_u`` and ``u_sum``, it
-    also computes ``delta`` into ``delta``. float32 (why: docs/design.md (kernel choices))."""
+    also computes ``delta`` into ``delta``; with ``alpha_sums`` (B, H, Sq, 3) float32, the sums of
+    ``Gradients.alpha_sums`` into it. float32 (why: docs/design.md (kernel choices))."""
     p, compute_delta = problem, out_u is not None
     dq = torch.empty(p.batch, p.seqlen_q, p.heads, p.head_dim, device=p.q.device, dtype=torch.float32)
     out_u_strides = _strides("o", out_u) if compute_delta else {f"stride_o{axis}": 0 for axis in "bshd"}
     launch(triton_backward.dq_kernel, p.query_grid)(
         **p.listed(tiles), V=p.v, DO=grad_out, Tau=tau, Out_u=out_u if compute_delta else delta,
-        U_sum=u_sum if compute_delta else delta, Delta=delta, DQ=dq, **_strides("v", p.v), **_strides("do", grad_out),
-        **out_u_strides, **_strides("dq", dq), softmax_scale=float(p.softmax_scale), **p.weights,
-        COMPUTE_DELTA=compute_delta, **p.config("backward"))
+        U_sum=u_sum if compute_delta else delta, Delta=delta, DQ=dq, Alpha_sums=dq if alpha_sums is None else alpha_sums,
+        **_strides("v", p.v), **_strides("do", grad_out), **out_u_strides, **_strides("dq", dq),
+        softmax_scale=float(p.softmax_scale), **p.weights, COMPUTE_DELTA=compute_delta,
+        ALPHA_SUMS=alpha_sums is not None, **p.config("backward"))
     return dq
 
 
@@ -359,7 +367,7 @@ def _dkdv(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, dtype,
     dv = torch.empty(p.v.shape, device=p.v.device, dtype=dtype)
     counts_t, index_t = tiles.query_tile_lists()
     launch(triton_backward.dkdv_kernel, (p.num_k_tiles, p.batch * p.heads_kv))(
-        **p.queries, Q_full_lo=p.ranges["Q_full_lo"], Q_full_hi=p.ranges["Q_full_hi"], V=p.v, DO=grad_out,
+        **p.queries, **p.query_ranges, V=p.v, DO=grad_out,
         Tile_count=counts_t, Tile_index=index_t, Shift=p.shift_rows, Tau=tau,
         Delta=delta, Nan_keys=nan_keys.to(torch.int8).contiguous(), DK=dk, DV=dv,
         **_strides("v", p.v), **_strides("do", grad_out), **_strides("dk", dk), num_heads_kv=p.heads_kv,
@@ -368,22 +376,24 @@ def _dkdv(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, dtype,
 
 
 def backward_pass(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                  kv_grad_dtype=None, nan_keys=None) -> Gradients:
+                  kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False) -> Gradients:
     """dq (B, Sq, Hq, D) float32, dk and dv (B, Sk, Hkv, D) in ``kv_grad_dtype`` (default
     float32), and delta (B, Hq, Sq), through ``tiles``. ``delta`` None: the dQ kernel computes it
     from ``out_u`` and ``u_sum`` (``torch_blockwise.row_delta``) for its rows, before the dK/dV
-    kernel reads it."""
+    kernel reads it. ``alpha_sums``: the dQ kernel also sums ``Gradients.alpha_sums``."""
     grad_out = grad_out.to(problem.q.dtype)
     tau = problem.per_row(tau)
     tiles.query_tile_lists()  # both directions of the tile lists from one launch
+    sums = problem.empty_rows(3) if alpha_sums else None
     if delta is None:
         delta = problem.empty_rows()
-        dq = _dq(problem, grad_out, tau, tiles, delta, out_u.to(torch.float32), u_sum.to(torch.float32).contiguous())
+        dq = _dq(problem, grad_out, tau, tiles, delta, out_u.to(torch.float32), u_sum.to(torch.float32).contiguous(),
+                 sums)
     else:
         delta = problem.per_row(delta)
-        dq = _dq(problem, grad_out, tau, tiles, delta)
+        dq = _dq(problem, grad_out, tau, tiles, delta, alpha_sums=sums)
     dk, dv = _dkdv(problem, grad_out, tau, tiles, delta, kv_grad_dtype or torch.float32, nan_keys)
-    return Gradients(dq, dk, dv, delta)
+    return Gradients(dq, dk, dv, delta, sums)
 
 
 def coarse_bracket(stats: S.RowStats, spec: EntmaxSpec) -> S.Bracket:

@@ -14,12 +14,16 @@ sum u = 0) from the dO tile it loads anyway, and stores it for the dK/dV kernel 
 (why: docs/design.md (kernel choices)).
 Operands meet in the input dtype (P and dS cast, as flash attention does) with fp32 accumulation.
 """
+import math
+
 import triton
 import triton.language as tl
 
 from .triton_common import (ADD, at_head, dot, entmax_weights, first_slot_at_least, hide_invisible, key_positions,
                             list_slot, list_slots, listed_query_tile, listed_tiles, load_rows, positive_gap,
                             program_tile, query_positions, row_offsets, tile_ptrs, visible)
+
+LN2 = tl.constexpr(math.log(2.0))
 
 
 @triton.jit
@@ -113,10 +117,11 @@ def row_delta(Out_u, U_sum, do, b, h, offs_m, in_q, rows, stride_ob, stride_os, 
 
 @triton.jit
 def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, in_q,
-             do, shift, tau, delta, dq, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k, scale_z, gamma,
-             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, POWER: tl.constexpr, FULL: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """``dq`` plus the sum over one of the two loops of listed key tiles (``list_slots``)."""
+             do, shift, tau, delta, dq, gp, plogp, gplogp, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k,
+             scale_z, gamma, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, POWER: tl.constexpr, FULL: tl.constexpr,
+             ALPHA_SUMS: tl.constexpr, PRECISION: tl.constexpr):
+    """``dq`` plus the sum over one of the two loops of listed key tiles (``list_slots``); with
+    ``ALPHA_SUMS``, the row sums ``gp``, ``plogp``, ``gplogp`` too (``EntmaxSpec.alpha_gradient``)."""
     start, stop = list_slots(count, full_first, full_end, FULL)
     for j in range(start, stop):
         tile_k = tl.load(Tile_index + list_slot(j, full_first, full_end, FULL))
@@ -127,16 +132,25 @@ def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, fu
         z = (dot(q, tl.trans(k), PRECISION) - shift[:, None]) * scale_z
         g = dot(do, tl.trans(v), PRECISION)
         z = hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, in_q, offs_n, in_k, FULL)
-        p, u = entmax_weights(positive_gap(z, tau[:, None]), gamma, POWER)
+        gap = positive_gap(z, tau[:, None])
+        p, u = entmax_weights(gap, gamma, POWER)
         dq += dot((u * (g - delta[:, None])).to(q.dtype), k, PRECISION)
-    return dq
+        if ALPHA_SUMS:
+            on = gap > 0
+            # p log p = gamma p log(gap); off the support 0, and g too (a NaN value reaches no sum)
+            entropy = tl.where(on, (gamma * LN2) * p * tl.log2(tl.where(on, gap, 1.0)), 0.0)
+            g = tl.where(on, g, 0.0)
+            gp += tl.reduce(g * p, 1, ADD)
+            plogp += tl.reduce(entropy, 1, ADD)
+            gplogp += tl.reduce(g * entropy, 1, ADD)
+    return dq, gp, plogp, gplogp
 
 
 @triton.jit
 def dq_kernel(
     Q, K, V, DO, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
     Tau, Out_u, U_sum,
-    Delta, DQ,
+    Delta, DQ, Alpha_sums,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -145,7 +159,7 @@ def dq_kernel(
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, softmax_scale, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POWER: tl.constexpr, COMPUTE_DELTA: tl.constexpr, PRECISION: tl.constexpr,
+    POWER: tl.constexpr, COMPUTE_DELTA: tl.constexpr, ALPHA_SUMS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, _, full_first,
@@ -164,10 +178,19 @@ def dq_kernel(
         delta = tl.load(Delta + rows, mask=in_q, other=0.0)
 
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
+    gp = tl.full([BLOCK_M], 0.0, tl.float32)
+    plogp = tl.full([BLOCK_M], 0.0, tl.float32)
+    gplogp = tl.full([BLOCK_M], 0.0, tl.float32)
     for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-        dq = dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
-                      q_first, in_q, do, shift, tau, delta, dq, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k,
-                      scale_z, gamma, BLOCK_N, HEAD_DIM, POWER, FULL == 1, PRECISION)
+        dq, gp, plogp, gplogp = dq_tiles(
+            q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, in_q,
+            do, shift, tau, delta, dq, gp, plogp, gplogp, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k,
+            scale_z, gamma, BLOCK_N, HEAD_DIM, POWER, FULL == 1, ALPHA_SUMS, PRECISION)
+    if ALPHA_SUMS:  # (B, H, Sq, 3), NaN on rows that see a non-finite score
+        nan_row = tau != tau
+        tl.store(Alpha_sums + rows * 3, tl.where(nan_row, float("nan"), gp), mask=in_q)
+        tl.store(Alpha_sums + rows * 3 + 1, tl.where(nan_row, float("nan"), plogp), mask=in_q)
+        tl.store(Alpha_sums + rows * 3 + 2, tl.where(nan_row, float("nan"), gplogp), mask=in_q)
 
     DQ = tile_ptrs(at_head(DQ, b, h, stride_dqb, stride_dqh), offs_m, stride_dqs, stride_dqd, HEAD_DIM)
     dq = tl.where((tau == tau)[:, None], dq * softmax_scale, float("nan"))  # rows that see a non-finite score

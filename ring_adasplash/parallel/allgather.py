@@ -11,7 +11,9 @@ import torch
 
 from .. import telemetry
 from ..comm.collectives import all_gather_seq, reduce_scatter_seq
+from ..checks import HeadAlpha
 from ..kernels import EntmaxSpec, backend_for
+from ..kernels.head_groups import backward_by_group, forward_by_group, head_groups, join_heads, to_alpha_shape
 from ..kernels.algorithm import SingleBlock, entmax_backward, entmax_forward
 from ..kernels.visibility import NO_LIMIT, Visibility, windowed
 from . import layouts
@@ -19,39 +21,59 @@ from .ring import _validated
 
 
 class AllGatherAttention(torch.autograd.Function):
+    """Per chunk of key/value heads: gather them, then one device's schedule for each group of the
+    chunk's query heads of equal alpha (``head_groups``)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, alpha: float, softmax_scale: float, vis, head_chunks, group):
+    def forward(ctx, q, k, v, alpha: HeadAlpha, alpha_tensor, softmax_scale: float, vis, head_chunks, group):
         backend = backend_for(q)
-        group_size = q.shape[2] // k.shape[2]
+        per_kv = q.shape[2] // k.shape[2]
         outs, results = [], []
         for start, stop in head_chunks:
             k_all, v_all = (all_gather_seq(x[:, :, start:stop], group) for x in (k, v))
-            fwd = entmax_forward(backend, q[:, :, start * group_size:stop * group_size], SingleBlock(k_all, v_all, vis),
-                                 EntmaxSpec(alpha), softmax_scale)
-            telemetry.log_forward(fwd, "allgather")
-            outs.append(fwd.out.to(q.dtype))
-            fwd.out = None
-            results.append(fwd)
+            q_chunk = q[:, :, start * per_kv:stop * per_kv]
+            groups = head_groups(alpha.for_heads(start * per_kv, stop * per_kv).values, q_chunk.shape[2],
+                                 stop - start, q.device)
+            chunk = forward_by_group(groups, lambda g: entmax_forward(
+                backend, g.queries(q_chunk), SingleBlock(g.keys(k_all), g.keys(v_all), vis), EntmaxSpec(g.alpha),
+                softmax_scale))
+            for fwd in chunk:
+                telemetry.log_forward(fwd, "allgather")
+            outs.append(join_heads([fwd.out.to(q.dtype) for fwd in chunk], groups, 2, q_chunk.shape[2]))
+            for fwd in chunk:
+                fwd.out = None
+            results.append((groups, chunk))
         ctx.save_for_backward(q, k, v)
-        ctx.meta = (alpha, softmax_scale, vis, head_chunks, group, results)
+        ctx.meta = (softmax_scale, vis, head_chunks, group, results)
+        ctx.alpha_like = None if alpha_tensor is None else alpha_tensor.new_empty(alpha_tensor.shape)
         return torch.cat(outs, 2)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
-        alpha, softmax_scale, vis, head_chunks, group, results = ctx.meta
-        backend, group_size = backend_for(q), q.shape[2] // k.shape[2]
+        softmax_scale, vis, head_chunks, group, results = ctx.meta
+        alpha_grad = ctx.alpha_like is not None and ctx.needs_input_grad[4]
+        backend, per_kv = backend_for(q), q.shape[2] // k.shape[2]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for (start, stop), fwd in zip(head_chunks, results):
-            qs = slice(start * group_size, stop * group_size)
+        d_alpha = []
+        for (start, stop), (groups, chunk) in zip(head_chunks, results):
+            qs = slice(start * per_kv, stop * per_kv)
             k_all, v_all = (all_gather_seq(x[:, :, start:stop], group) for x in (k, v))
-            dq_h, dk_all, dv_all = entmax_backward(backend, q[:, :, qs], grad_out[:, :, qs].contiguous(),
-                                                   SingleBlock(k_all, v_all, vis), fwd, EntmaxSpec(alpha),
-                                                   softmax_scale)
+            q_chunk, do_chunk = q[:, :, qs], grad_out[:, :, qs].contiguous()
+
+            def group_backward(g, fwd):
+                return entmax_backward(backend, g.queries(q_chunk), g.queries(do_chunk),
+                                       SingleBlock(g.keys(k_all), g.keys(v_all), vis), fwd, EntmaxSpec(g.alpha),
+                                       softmax_scale, alpha_grad=alpha_grad)
+
+            dq_h, dk_all, dv_all, d_alpha_h = backward_by_group(groups, chunk, group_backward, q_chunk.shape[2],
+                                                                stop - start, alpha_grad)
             dq[:, :, qs] = dq_h
             dk[:, :, start:stop] = reduce_scatter_seq(dk_all, group)
             dv[:, :, start:stop] = reduce_scatter_seq(dv_all, group)
-        return dq, dk, dv, None, None, None, None, None
+            d_alpha.append(d_alpha_h)
+        d_alpha = to_alpha_shape(torch.cat(d_alpha), ctx.alpha_like) if alpha_grad else None
+        return dq, dk, dv, None, d_alpha, None, None, None, None
 
 
 @torch.compiler.disable  # collectives run eagerly; compiled callers graph-break here
@@ -81,4 +103,5 @@ def allgather_adasplash_func(q, k, v, alpha: float = 1.5, causal: bool = True, s
     q_limit = q_pos if causal else torch.full_like(q_pos, NO_LIMIT)
     vis = Visibility(q_limit, torch.zeros_like(q_pos), k_pos, torch.zeros_like(k_pos))
     vis = windowed(vis, q_pos, checked.window_size, checked.sink_tokens)
-    return AllGatherAttention.apply(q, k, v, checked.alpha, checked.softmax_scale, vis, chunks, group)
+    return AllGatherAttention.apply(q, k, v, checked.alpha, checked.alpha.tensor, checked.softmax_scale, vis, chunks,
+                                    group)

@@ -10,11 +10,12 @@ import torch
 import torch.distributed as dist
 
 from .. import telemetry
-from ..checks import check_alpha, check_qkv, check_window, default_scale
+from ..checks import HeadAlpha, check_head_alpha, check_qkv, check_window, default_scale
 from ..kernels import EntmaxSpec, backend_for
-from ..kernels.algorithm import LocalReduce, SingleBlock, default_schedule, entmax_backward, entmax_forward
+from ..kernels.algorithm import LocalReduce, SingleBlock, entmax_backward, entmax_forward
+from ..kernels.head_groups import backward_by_group, forward_by_group, head_groups, join_heads, to_alpha_shape
 from ..kernels.visibility import positional_visibility, windowed
-from .validation import checked_on_groups
+from .validation import checked_on_groups, schedules
 
 
 class AllReduceMerge(LocalReduce):
@@ -40,22 +41,36 @@ class AllReduceMerge(LocalReduce):
 
 class KVShardedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, alpha: float, softmax_scale: float, vis, group):
+    def forward(ctx, q, k, v, alpha: HeadAlpha, alpha_tensor, softmax_scale: float, vis, group):
         backend, merge = backend_for(q), AllReduceMerge(group)
-        fwd = entmax_forward(backend, q, SingleBlock(k, v, vis), EntmaxSpec(alpha), softmax_scale, merge)
-        telemetry.log_forward(fwd, "kv-sharded")
-        out = fwd.out.to(q.dtype)
-        fwd.out = None
+        groups = head_groups(alpha.values, q.shape[2], k.shape[2], q.device)
+        results = forward_by_group(groups, lambda g: entmax_forward(
+            backend, g.queries(q), SingleBlock(g.keys(k), g.keys(v), vis), EntmaxSpec(g.alpha), softmax_scale, merge))
+        for fwd in results:
+            telemetry.log_forward(fwd, "kv-sharded")
+        out = join_heads([fwd.out.to(q.dtype) for fwd in results], groups, 2, q.shape[2])
+        for fwd in results:
+            fwd.out = None
         ctx.save_for_backward(q, k, v)
-        ctx.fwd, ctx.alpha, ctx.softmax_scale, ctx.vis, ctx.group = fwd, alpha, softmax_scale, vis, group
+        ctx.groups, ctx.results, ctx.softmax_scale, ctx.vis, ctx.group = groups, results, softmax_scale, vis, group
+        ctx.alpha_like = None if alpha_tensor is None else alpha_tensor.new_empty(alpha_tensor.shape)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
-        dq, dk, dv = entmax_backward(backend_for(q), q, grad_out.contiguous(), SingleBlock(k, v, ctx.vis), ctx.fwd,
-                                     EntmaxSpec(ctx.alpha), ctx.softmax_scale, AllReduceMerge(ctx.group))
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        alpha_grad = ctx.alpha_like is not None and ctx.needs_input_grad[4]
+        grad_out = grad_out.contiguous()
+
+        def group_backward(g, fwd):
+            return entmax_backward(backend_for(q), g.queries(q), g.queries(grad_out),
+                                   SingleBlock(g.keys(k), g.keys(v), ctx.vis), fwd, EntmaxSpec(g.alpha),
+                                   ctx.softmax_scale, AllReduceMerge(ctx.group), alpha_grad=alpha_grad)
+
+        dq, dk, dv, d_alpha = backward_by_group(ctx.groups, ctx.results, group_backward, q.shape[2], k.shape[2],
+                                                alpha_grad)
+        d_alpha = to_alpha_shape(d_alpha, ctx.alpha_like) if alpha_grad else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, d_alpha, None, None, None
 
 
 @torch.compiler.disable  # collectives run eagerly; compiled callers graph-break here
@@ -77,13 +92,13 @@ def kv_sharded_adasplash_func(q, k_local, v_local, alpha: float = 1.5, causal: b
     world, rank = dist.get_world_size(group), dist.get_rank(group)
 
     def local_checks():
-        checked_alpha = check_alpha(alpha)
-        _, _, dim = check_qkv(q, k_local, v_local, backend=backend_for(q))
+        heads, _, dim = check_qkv(q, k_local, v_local, backend=backend_for(q))
+        checked_alpha = check_head_alpha(alpha, heads)
         scale = default_scale(softmax_scale, dim)
         window = check_window(window_size, sink_tokens)
-        description = {"q": tuple(q.shape), "k": tuple(k_local.shape), "dtype": str(q.dtype), "alpha": checked_alpha,
+        description = {"q": tuple(q.shape), "k": tuple(k_local.shape), "dtype": str(q.dtype), "alpha": checked_alpha.values,
                        "causal": bool(causal), "softmax_scale": scale, "window": window,
-                       "schedule": default_schedule(EntmaxSpec(checked_alpha))}  # the number of all-reduces
+                       "schedule": schedules(checked_alpha)}  # the number of all-reduces
         return description, (checked_alpha, scale, window)
 
     alpha, scale, (window, sinks) = checked_on_groups(local_checks, [group])
@@ -92,4 +107,4 @@ def kv_sharded_adasplash_func(q, k_local, v_local, alpha: float = 1.5, causal: b
     k_pos = torch.arange(rank * local_k, (rank + 1) * local_k, device=q.device)
     diagonal = world * local_k - seqlen_q
     vis = windowed(positional_visibility(q_pos, k_pos, causal, diagonal=diagonal), q_pos + diagonal, window, sinks)
-    return KVShardedAttention.apply(q, k_local, v_local, alpha, scale, vis, group)
+    return KVShardedAttention.apply(q, k_local, v_local, alpha, alpha.tensor, scale, vis, group)

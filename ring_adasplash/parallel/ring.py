@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 
 from .. import telemetry
-from ..checks import check_cu_seqlens
+from ..checks import HeadAlpha, check_cu_seqlens
 from ..comm import RingComm
 from ..kernels import EntmaxSpec, backend_for
 from ..kernels.algorithm import KeyBlock, entmax_backward, entmax_forward, visible_tiles
+from ..kernels.head_groups import backward_by_group, forward_by_group, head_groups, join_heads, to_alpha_shape
 from ..kernels.visibility import NO_LIMIT, Visibility, window_positions, windowed
 from . import layouts
 from .validation import validated_self_attention
@@ -181,24 +182,40 @@ class RingAttention(torch.autograd.Function):
     """Entmax attention of local query shards against the key/value shards of every rank."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha: float, softmax_scale: float, plan: ShardPlan):
+    def forward(ctx, q, k, v, alpha: HeadAlpha, alpha_tensor, softmax_scale: float, plan: ShardPlan):
+        """``alpha_tensor``: ``alpha.tensor``, an input of its own so that autograd gives it a
+        gradient. Each group of heads of equal alpha makes its own ring sweeps (``head_groups``)."""
         backend = backend_for(q)
-        fwd = entmax_forward(backend, q, RingKeyBlocks(k, v, plan, backend.BLOCK_N), EntmaxSpec(alpha), softmax_scale)
-        telemetry.log_forward(fwd, plan.name, local_block=plan.comm.rank)
-        out = fwd.out.to(q.dtype)
-        fwd.out = None  # the backward needs only the row terms
+        groups = head_groups(alpha.values, q.shape[2], k.shape[2], q.device)
+        results = forward_by_group(groups, lambda g: entmax_forward(
+            backend, g.queries(q), RingKeyBlocks(g.keys(k), g.keys(v), plan, backend.BLOCK_N), EntmaxSpec(g.alpha),
+            softmax_scale))
+        for fwd in results:
+            telemetry.log_forward(fwd, plan.name, local_block=plan.comm.rank)
+        out = join_heads([fwd.out.to(q.dtype) for fwd in results], groups, 2, q.shape[2])
+        for fwd in results:
+            fwd.out = None  # the backward needs only the row terms
         ctx.save_for_backward(q, k, v)
-        ctx.fwd, ctx.alpha, ctx.softmax_scale, ctx.plan = fwd, alpha, softmax_scale, plan
+        ctx.groups, ctx.results, ctx.softmax_scale, ctx.plan = groups, results, softmax_scale, plan
+        ctx.alpha_like = None if alpha_tensor is None else alpha_tensor.new_empty(alpha_tensor.shape)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
         backend = backend_for(q)
-        blocks = RingKeyBlocks(k, v, ctx.plan, backend.BLOCK_N)
-        dq, dk, dv = entmax_backward(backend, q, grad_out.contiguous(), blocks, ctx.fwd, EntmaxSpec(ctx.alpha),
-                                     ctx.softmax_scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        alpha_grad = ctx.alpha_like is not None and ctx.needs_input_grad[4]
+        grad_out = grad_out.contiguous()
+
+        def group_backward(g, fwd):
+            blocks = RingKeyBlocks(g.keys(k), g.keys(v), ctx.plan, backend.BLOCK_N)
+            return entmax_backward(backend, g.queries(q), g.queries(grad_out), blocks, fwd, EntmaxSpec(g.alpha),
+                                   ctx.softmax_scale, alpha_grad=alpha_grad)
+
+        dq, dk, dv, d_alpha = backward_by_group(ctx.groups, ctx.results, group_backward, q.shape[2], k.shape[2],
+                                                alpha_grad)
+        d_alpha = to_alpha_shape(d_alpha, ctx.alpha_like) if alpha_grad else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, d_alpha, None, None
 
 
 # ------------------------------------------------------------------------------------------
@@ -245,7 +262,7 @@ def _ring(q, k, v, alpha, causal, softmax_scale, group, layout, window_size, sin
                                sink_tokens=sink_tokens)
     plan = _positional_plan(comm, layout, q.shape[1] * comm.world_size, causal, q.device, name=f"ring-{layout}",
                             window_size=checked.window_size, sink_tokens=checked.sink_tokens)
-    return RingAttention.apply(q, k, v, checked.alpha, checked.softmax_scale, plan)
+    return RingAttention.apply(q, k, v, checked.alpha, checked.alpha.tensor, checked.softmax_scale, plan)
 
 
 @torch.compiler.disable  # exchanges run eagerly; compiled callers graph-break here
@@ -298,4 +315,5 @@ def ring_adasplash_varlen_func(q, k, v, cu_seqlens, alpha: float = 1.5, causal: 
                                      output_size=total)
     plan = _positional_plan(comm, "contiguous", total, causal, q.device, doc_of=doc_of, name="ring-varlen",
                             window_size=checked.window_size, sink_tokens=checked.sink_tokens, doc_start=cu[:-1])
-    return RingAttention.apply(q[None], k[None], v[None], checked.alpha, checked.softmax_scale, plan)[0]
+    return RingAttention.apply(q[None], k[None], v[None], checked.alpha, checked.alpha.tensor, checked.softmax_scale,
+                               plan)[0]

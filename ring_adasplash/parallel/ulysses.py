@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..checks import HeadAlpha
 from ..comm.all_to_all import heads_to_seq, seq_to_heads
 from ..functional import adasplash_func
 from .validation import validated_self_attention
@@ -50,6 +51,13 @@ def scatter_heads(q, k, v, group, copies: int):
     return seq_to_heads(q, group), seq_to_heads(k, group), seq_to_heads(v, group)
 
 
+def local_heads_alpha(alpha: HeadAlpha, local_heads: int, group) -> HeadAlpha:
+    """The alpha of this rank's share of the query heads after ``scatter_heads`` (rank r holds
+    heads [r * local_heads, (r + 1) * local_heads)); its gradient reaches only those heads."""
+    start = dist.get_rank(group) * local_heads
+    return alpha.for_heads(start, start + local_heads)
+
+
 def gather_heads(out, group):
     """(batch, seqlen_local * P, heads_q / P, dim) -> (batch, seqlen_local, heads_q, dim)."""
     return heads_to_seq(out, group)
@@ -79,6 +87,6 @@ def ulysses_adasplash_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, al
     checked = validated_self_attention(q, k, v, alpha, softmax_scale, causal, [group], head_checks,
                                        window_size=window_size, sink_tokens=sink_tokens)
     q_h, k_h, v_h = scatter_heads(q, k, v, group, copies=checked.extra)
-    out = adasplash_func(q_h, k_h, v_h, checked.alpha, causal, checked.softmax_scale, window_size=checked.window_size,
-                         sink_tokens=checked.sink_tokens)
+    out = adasplash_func(q_h, k_h, v_h, local_heads_alpha(checked.alpha, q_h.shape[2], group), causal,
+                         checked.softmax_scale, window_size=checked.window_size, sink_tokens=checked.sink_tokens)
     return gather_heads(out, group)

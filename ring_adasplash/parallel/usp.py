@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..checks import HeadAlpha
 from ..comm import RingComm
 from ..functional import adasplash_func
 from . import layouts
 from .ring import RingAttention, _positional_plan
-from .ulysses import gather_heads, kv_copies, scatter_heads
+from .ulysses import gather_heads, kv_copies, local_heads_alpha, scatter_heads
 from .validation import validated_self_attention
 
 
@@ -112,12 +113,12 @@ def usp_unshard(shards, mesh: UspMesh, ring_layout: str = "zigzag", dim: int = 1
 
 
 @torch.compiler.disable  # point-to-point exchanges inside: compiled graphs break here
-def _ring_attention(q, k, v, alpha: float, causal: bool, scale: float, ring_group, ring_layout: str,
+def _ring_attention(q, k, v, alpha: HeadAlpha, causal: bool, scale: float, ring_group, ring_layout: str,
                     window_size: tuple, sink_tokens: int):
     """Ring attention over ``ring_group`` of whole ring shards (batch, S / R, heads_share, dim)."""
     plan = _positional_plan(RingComm(ring_group), ring_layout, q.shape[1] * dist.get_world_size(ring_group), causal,
                             q.device, name=f"usp-{ring_layout}", window_size=window_size, sink_tokens=sink_tokens)
-    return RingAttention.apply(q, k, v, alpha, scale, plan)
+    return RingAttention.apply(q, k, v, alpha, alpha.tensor, scale, plan)
 
 
 def usp_adasplash_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float = 1.5, causal: bool = True,
@@ -155,6 +156,7 @@ def usp_adasplash_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha:
     alpha, scale = checked.alpha, checked.softmax_scale
     if mesh.ulysses_degree > 1:
         q, k, v = scatter_heads(q, k, v, ulysses_group, checked.extra)
+        alpha = local_heads_alpha(alpha, q.shape[2], ulysses_group)
     if mesh.ring_degree > 1:
         out = _ring_attention(q, k, v, alpha, causal, scale, ring_group, ring_layout, **window)
     else:  # one ring shard: the whole sequence, in order for either layout

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..checks import check_alpha, check_qkv, check_window, default_scale
+from ..checks import HeadAlpha, check_head_alpha, check_qkv, check_window, default_scale
 from ..comm import check_same_on_all_ranks
 from ..kernels import EntmaxSpec, backend_for
 from ..kernels.algorithm import default_schedule
@@ -50,11 +50,16 @@ class CheckedOptions:
     """Options of a sequence-parallel call after the checks: alpha, the softmax scale with its
     default filled in, and what the strategy's own checks returned."""
 
-    alpha: float
+    alpha: HeadAlpha
     softmax_scale: float
     extra: Any = None
     window_size: tuple = (-1, -1)
     sink_tokens: int = 0
+
+
+def schedules(alpha: HeadAlpha) -> tuple:
+    """How tau is found for each distinct alpha (``default_schedule``), in order of first appearance."""
+    return tuple(default_schedule(EntmaxSpec(a)) for a in dict.fromkeys(alpha.values))
 
 
 def validated_self_attention(q, k, v, alpha, softmax_scale, causal: bool, groups: Sequence,
@@ -70,8 +75,8 @@ def validated_self_attention(q, k, v, alpha, softmax_scale, causal: bool, groups
     """
 
     def local_checks():
-        checked_alpha = check_alpha(alpha)
-        _, _, dim = check_qkv(q, k, v, varlen=varlen, backend=backend_for(q))
+        heads, _, dim = check_qkv(q, k, v, varlen=varlen, backend=backend_for(q))
+        checked_alpha = check_head_alpha(alpha, heads)
         seq_axis = 0 if varlen else 1
         if q.shape[seq_axis] != k.shape[seq_axis]:
             raise ValueError(f"q and k must hold the same tokens (local seqlen {q.shape[seq_axis]} vs "
@@ -79,10 +84,10 @@ def validated_self_attention(q, k, v, alpha, softmax_scale, causal: bool, groups
                              "sequence-parallel attention here is self-attention over one sequence")
         scale = default_scale(softmax_scale, dim)
         window, sinks = check_window(window_size, sink_tokens)
-        description = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "alpha": checked_alpha,
+        description = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "alpha": checked_alpha.values,
                        "causal": bool(causal), "softmax_scale": scale, "window_size": window, "sink_tokens": sinks,
                        # the schedule sets how many key sweeps the forward makes: ranks must agree
-                       "schedule": default_schedule(EntmaxSpec(checked_alpha))}
+                       "schedule": schedules(checked_alpha)}
         extra = None
         if extra_checks is not None:
             more, extra = extra_checks()

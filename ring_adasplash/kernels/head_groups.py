@@ -1,0 +1,108 @@
+"""Per-head alpha: the query heads split by the value of their alpha, each group run as one call
+of the one-alpha schedule (every launch takes one alpha).
+
+Heads that share an alpha run together, so an alpha given per head that is the same on every head
+costs what one float alpha costs: one group, with nothing selected or copied. Where the heads
+differ, each group reads its own query heads and, for each of them, its key/value head
+(``kv_heads``: GQA groups may be split between alphas, so a group's keys are one per query head);
+the gradients of a key head shared by several groups add up (``add_heads``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """One alpha and its query heads; ``q_heads`` None: every head (nothing to select)."""
+
+    alpha: float
+    q_heads: torch.Tensor | None = None
+    kv_heads: torch.Tensor | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.q_heads is None
+
+    def queries(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """The group's query heads of ``x`` along ``dim`` (2: (B, S, H, D); 1: (B, H, S) rows)."""
+        return x if self.whole else x.index_select(dim, self.q_heads)
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """The key/value head of each of the group's query heads, of ``x`` (B, S, Hkv, D)."""
+        return x if self.whole else x.index_select(2, self.kv_heads)
+
+
+def head_groups(alphas: Sequence[float], heads_q: int, heads_kv: int, device) -> list[HeadGroup]:
+    """The groups of equal alpha, in order of first appearance; ``alphas``: one value, or one per
+    query head."""
+    if len(alphas) not in (1, heads_q):
+        raise ValueError(f"alpha must give one value or one per query head ({heads_q}); got {len(alphas)}")
+    if len(set(alphas)) == 1:
+        return [HeadGroup(float(alphas[0]))]
+    per_kv = heads_q // heads_kv
+    groups = []
+    for value in dict.fromkeys(alphas):
+        heads = [h for h, a in enumerate(alphas) if a == value]
+        q_heads = torch.tensor(heads, dtype=torch.int64, device=device)
+        groups.append(HeadGroup(float(value), q_heads, q_heads // per_kv))
+    return groups
+
+
+def join_heads(parts: Sequence[torch.Tensor], groups: Sequence[HeadGroup], dim: int, heads: int) -> torch.Tensor:
+    """The groups' per-head results side by side again: ``parts[i]`` holds group i's heads along
+    ``dim``; the result has all ``heads`` there, in their original order."""
+    if len(groups) == 1 and groups[0].whole:
+        return parts[0]
+    shape = list(parts[0].shape)
+    shape[dim] = heads
+    joined = parts[0].new_empty(shape)
+    for part, group in zip(parts, groups):
+        joined.index_copy_(dim, group.q_heads, part)
+    return joined
+
+
+def add_heads(parts: Sequence[torch.Tensor], groups: Sequence[HeadGroup], heads_kv: int) -> torch.Tensor:
+    """dk or dv (B, Sk, Hkv, D) from the groups' (B, Sk, len(group), D), one per query head: a key
+    head's gradient is the sum over the query heads that read it."""
+    if len(groups) == 1 and groups[0].whole:
+        return parts[0]
+    shape = list(parts[0].shape)
+    shape[2] = heads_kv
+    total = parts[0].new_zeros(shape)
+    for part, group in zip(parts, groups):
+        total.index_add_(2, group.kv_heads, part)
+    return total
+
+
+def alpha_gradient_per_head(rows: Sequence[torch.Tensor], groups: Sequence[HeadGroup], heads: int) -> torch.Tensor:
+    """dL/dalpha per query head (heads,) from each group's per-row gradients (B, len(group), S)."""
+    per_group = [r.sum(dim=(0, 2)) for r in rows]
+    return join_heads(per_group, groups, 0, heads)
+
+
+def forward_by_group(groups: Sequence[HeadGroup], run: Callable) -> list:
+    """``run(group)`` (a ``ForwardResult`` of the group's heads) for every group."""
+    return [run(g) for g in groups]
+
+
+def backward_by_group(groups: Sequence[HeadGroup], results: Sequence, run: Callable, heads: int, heads_kv: int,
+                      alpha_grad: bool) -> tuple:
+    """dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D) and, with ``alpha_grad``, dL/dalpha per query
+    head (Hq,) (else None), from ``run(group, result)`` per group: its ``entmax_backward``
+    ``(dq, dk, dv, dL/dalpha per row)``."""
+    grads = [run(g, r) for g, r in zip(groups, results)]
+    dq = join_heads([d[0] for d in grads], groups, 2, heads)
+    dk, dv = (add_heads([d[i] for d in grads], groups, heads_kv) for i in (1, 2))
+    d_alpha = alpha_gradient_per_head([d[3] for d in grads], groups, heads) if alpha_grad else None
+    return dq, dk, dv, d_alpha
+
+
+def to_alpha_shape(per_head: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """dL/dalpha per query head in the shape and dtype of the alpha tensor given: one value
+    shared by every head (their sum), or one per head."""
+    grad = per_head if per_head.numel() == alpha.numel() else per_head.sum()
+    return grad.reshape(alpha.shape).to(alpha.dtype)

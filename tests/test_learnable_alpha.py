@@ -1,0 +1,185 @@
+"""alpha per head and learnable: forward and every gradient, alpha's included, against the
+``entmax`` package's ``entmax_bisect`` (its own autograd in float64) and float64 finite
+differences, on one device and on every distributed strategy (gloo, 2-4 ranks)."""
+import pytest
+import torch
+
+import ring_adasplash as ra
+from distributed_utils import run_distributed
+from helpers import bisect_attention, gather_sequence, rel_err, shard_sequence
+
+pytest.importorskip("entmax")
+
+
+def _inputs(batch=2, seqlen=45, heads=4, heads_kv=2, dim=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seqlen, heads, dim, generator=g, dtype=dtype)
+    k = torch.randn(batch, seqlen, heads_kv, dim, generator=g, dtype=dtype)
+    v = torch.randn(batch, seqlen, heads_kv, dim, generator=g, dtype=dtype)
+    return q, k, v, torch.randn(batch, seqlen, heads, dim, generator=g, dtype=dtype)
+
+
+ALPHAS = {
+    "mixed": [1.5, 1.25, 2.0, 1.5],  # closed forms and the general finish, a GQA group split between them
+    "learned": [1.37, 1.81, 1.12, 1.64],
+    "one per head, all 1.5": [1.5, 1.5, 1.5, 1.5],
+}
+
+
+@pytest.mark.parametrize("name", list(ALPHAS))
+@pytest.mark.parametrize("causal", [True, False])
+def test_forward_and_gradients_match_entmax_bisect(name, causal):
+    q, k, v, grad_out = _inputs()
+    alpha = torch.tensor(ALPHAS[name], dtype=torch.float64)
+    ours_in = [t.clone().requires_grad_() for t in (q, k, v, alpha)]
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v, alpha)]
+    out = ra.adasplash_func(*ours_in[:3], alpha=ours_in[3], causal=causal)
+    ref = bisect_attention(*ref_in[:3], ref_in[3], causal)
+    assert rel_err(out, ref) < 1e-9
+    got = torch.autograd.grad(out, ours_in, grad_out)
+    expected = torch.autograd.grad(ref, ref_in, grad_out)
+    for what, a, b in zip(("dq", "dk", "dv", "dalpha"), got, expected):
+        assert rel_err(a, b) < 1e-8, what
+    assert got[3].shape == alpha.shape
+
+
+def test_alpha_gradient_matches_finite_differences():
+    """float64, relative 1e-6, every head: central differences (at alpha 2, one-sided of second
+    order: the range ends there)."""
+    q, k, v, grad_out = _inputs(seed=3)
+    alpha = torch.tensor([1.5, 1.25, 2.0, 1.7], dtype=torch.float64, requires_grad=True)
+    (d_alpha,) = torch.autograd.grad(ra.adasplash_func(q, k, v, alpha=alpha), alpha, grad_out)
+
+    def loss(h, step):
+        a = alpha.detach().clone()
+        a[h] += step
+        return (ra.adasplash_func(q, k, v, alpha=a) * grad_out).sum().item()
+
+    eps = 1e-6
+    for h in range(alpha.numel()):
+        if alpha[h] < 2:
+            numeric = (loss(h, eps) - loss(h, -eps)) / (2 * eps)
+        else:
+            numeric = (3 * loss(h, 0.0) - 4 * loss(h, -eps) + loss(h, -2 * eps)) / (2 * eps)
+        assert abs(numeric - d_alpha[h].item()) <= 1e-6 * max(1.0, abs(numeric)), (h, numeric, d_alpha[h].item())
+
+
+def test_one_learnable_alpha_shared_by_every_head():
+    q, k, v, grad_out = _inputs(seed=4)
+    alpha = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    ref_alpha = alpha.detach().clone().requires_grad_()
+    (got,) = torch.autograd.grad(ra.adasplash_func(q, k, v, alpha=alpha), alpha, grad_out)
+    (expected,) = torch.autograd.grad(bisect_attention(q, k, v, ref_alpha.expand(4)), ref_alpha, grad_out)
+    assert got.shape == () and rel_err(got, expected) < 1e-8
+
+
+def test_a_per_head_tensor_of_one_value_is_the_float_call():
+    q, k, v, _ = _inputs(dtype=torch.float32, seed=5)
+    per_head = ra.adasplash_func(q, k, v, alpha=torch.full((4,), 1.5))
+    assert torch.equal(per_head, ra.adasplash_func(q, k, v, alpha=1.5))
+
+
+def test_varlen_and_padding_take_per_head_alpha():
+    q, k, v, _ = _inputs(batch=1, seqlen=60, seed=6)
+    alpha = torch.tensor([1.5, 2.0, 1.2, 1.5], dtype=torch.float64)
+    cu = torch.tensor([0, 25, 60], dtype=torch.int32)
+    out = ra.adasplash_varlen_func(q[0], k[0], v[0], cu, cu, 35, 35, alpha=alpha)
+    for start, stop in ((0, 25), (25, 60)):
+        piece = (x[:, start:stop] for x in (q, k, v))
+        assert rel_err(out[start:stop], bisect_attention(*piece, alpha)[0]) < 1e-9
+
+
+@pytest.mark.parametrize("alpha,match", [
+    (torch.tensor([1.5, 1.5]), r"shape \(4,\)"),
+    (torch.ones(4, 1) * 1.5, r"shape \(4,\)"),
+    (torch.tensor([1.5, 2.5, 1.5, 1.0]), "2.5 at head 1, 1.0 at head 3"),
+    (torch.tensor([1, 2, 1, 2]), "floating-point"),
+])
+def test_bad_alpha_tensors_are_named(alpha, match):
+    q = torch.randn(1, 8, 4, 16)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ra.adasplash_func(q, q, q, alpha=alpha)
+
+
+# ------------------------------------------------------------------------------------------
+# every distributed strategy, 2-4 ranks
+# ------------------------------------------------------------------------------------------
+
+SEQ_ALPHA = [1.5, 1.25, 2.0, 1.5]
+
+
+def _strategy_case(rank, world, name):
+    """Relative errors of out, dq, dk, dv and dalpha of strategy ``name`` against
+    ``bisect_attention`` on the whole sequence. Every rank's alpha gradient is its own part
+    (its rows, or its heads under Ulysses): their sum is the whole, as for any other parameter
+    that a data-parallel all-reduce sums. The kv-sharded strategy replicates the queries, and
+    each rank holds the whole (as it holds the whole dq)."""
+    import torch.distributed as dist
+
+    from ring_adasplash import parallel
+
+    seqlen = 2 * world * 24
+    q, k, v, grad_out = _inputs(batch=1, seqlen=seqlen, heads=4, heads_kv=2, seed=11)
+    alpha = torch.tensor(SEQ_ALPHA, dtype=torch.float64, requires_grad=True)
+    layout, kwargs = "contiguous", {}
+    if name == "kv-sharded":
+        k_local, v_local = (t.chunk(world, 1)[rank].clone().requires_grad_() for t in (k, v))
+        q_local = q.clone().requires_grad_()
+        out = parallel.kv_sharded_adasplash_func(q_local, k_local, v_local, alpha=alpha)
+        grads = torch.autograd.grad(out, (q_local, k_local, v_local, alpha), grad_out)
+        got = [out, grads[0], *(gather_sequence(t, "contiguous", world) for t in grads[1:3]), grads[3]]
+    else:
+        fn = {"ring": parallel.ring_adasplash_func, "zigzag": parallel.zigzag_ring_adasplash_func,
+              "allgather": parallel.allgather_adasplash_func, "ulysses": parallel.ulysses_adasplash_func}[name]
+        if name == "zigzag":
+            layout = "zigzag"
+        if name == "allgather":
+            kwargs = {"heads_per_step": 1}
+        local = [shard_sequence(t, layout, rank, world).requires_grad_() for t in (q, k, v)]
+        out = fn(*local, alpha=alpha, **kwargs)
+        grads = torch.autograd.grad(out, (*local, alpha), shard_sequence(grad_out, layout, rank, world))
+        d_alpha = grads[3].clone()
+        dist.all_reduce(d_alpha)
+        got = [gather_sequence(t, layout, world) for t in (out, *grads[:3])] + [d_alpha]
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v, alpha.detach())]
+    ref = bisect_attention(*ref_in[:3], ref_in[3])
+    expected = [ref, *torch.autograd.grad(ref, ref_in, grad_out)]
+    return [rel_err(a, b) for a, b in zip(got, expected)]
+
+
+def _usp_case(rank, world):
+    import torch.distributed as dist
+
+    from ring_adasplash import parallel
+
+    ulysses_group, ring_group = parallel.build_usp_groups(2, world // 2)
+    mesh = parallel.UspMesh.from_groups(ulysses_group, ring_group)
+    seqlen = 2 * world * 24
+    q, k, v, grad_out = _inputs(batch=1, seqlen=seqlen, heads=4, heads_kv=2, seed=12)
+    alpha = torch.tensor(SEQ_ALPHA, dtype=torch.float64, requires_grad=True)
+    local = [shard_sequence(t, "zigzag", rank, world, mesh).requires_grad_() for t in (q, k, v)]
+    out = parallel.usp_adasplash_func(*local, alpha=alpha, ulysses_group=ulysses_group, ring_group=ring_group)
+    grads = torch.autograd.grad(out, (*local, alpha), shard_sequence(grad_out, "zigzag", rank, world, mesh))
+    d_alpha = grads[3].clone()
+    dist.all_reduce(d_alpha)
+    got = [gather_sequence(t, "zigzag", world, mesh) for t in (out, *grads[:3])] + [d_alpha]
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v, alpha.detach())]
+    ref = bisect_attention(*ref_in[:3], ref_in[3])
+    expected = [ref, *torch.autograd.grad(ref, ref_in, grad_out)]
+    return [rel_err(a, b) for a, b in zip(got, expected)]
+
+
+def _every_strategy(rank, world):
+    cases = {name: _strategy_case(rank, world, name) for name in ("ring", "zigzag", "allgather", "kv-sharded")}
+    if world % 2 == 0:
+        cases["ulysses"] = _strategy_case(rank, world, "ulysses")
+        cases["usp"] = _usp_case(rank, world) if world == 4 else cases["ulysses"]
+    return cases
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_strategy_learns_alpha_per_head(world):
+    errors = run_distributed(_every_strategy, world, timeout=400)
+    for rank_errors in errors:
+        bad = {name: errs for name, errs in rank_errors.items() if max(errs) >= 1e-8}
+        assert not bad, f"relative errors (out, dq, dk, dv, dalpha) above 1e-8: {bad}"
