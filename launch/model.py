@@ -7,6 +7,7 @@ sees the whole sequence through communication. Everything else is per token.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -29,12 +30,16 @@ def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> tor
 class Attention(nn.Module):
     """Causal alpha-entmax attention with grouped key/value heads."""
 
-    def __init__(self, d_model: int, heads: int, kv_heads: int, alpha: float, attend: Attend, group=None):
+    def __init__(self, d_model: int, heads: int, kv_heads: int, alpha: float, attend: Attend, group=None,
+                 learn_alpha: bool = False):
         super().__init__()
         if d_model % heads or heads % kv_heads:
             raise ValueError("need d_model % heads == 0 and heads % kv_heads == 0")
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d_model // heads
-        self.alpha, self.attend, self.group = alpha, attend, group
+        self.fixed_alpha, self.attend, self.group = alpha, attend, group
+        # learnable: alpha = 1 + sigmoid(logit) per head, in (1, 2), starting at ``alpha``
+        self.alpha_logit = nn.Parameter(torch.full((heads,), math.log((alpha - 1) / (2 - alpha)))) if learn_alpha \
+            else None
         self.qkv = nn.Linear(d_model, (heads + 2 * kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
@@ -46,6 +51,12 @@ class Attention(nn.Module):
         q, k = rope(q, positions), rope(k, positions)
         y = self.attend(q, k, v.contiguous(), self.alpha, self.group)
         return self.out(y.reshape(batch, seqlen, -1))
+
+
+    @property
+    def alpha(self):
+        """The float alpha, or the learnable per-head tensor (heads,)."""
+        return self.fixed_alpha if self.alpha_logit is None else 1 + torch.sigmoid(self.alpha_logit)
 
 
 class SwiGLU(nn.Module):
@@ -61,10 +72,11 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, heads: int, kv_heads: int, alpha: float, attend: Attend, group=None):
+    def __init__(self, d_model: int, heads: int, kv_heads: int, alpha: float, attend: Attend, group=None,
+                 learn_alpha: bool = False):
         super().__init__()
         self.attn_norm, self.mlp_norm = nn.RMSNorm(d_model), nn.RMSNorm(d_model)
-        self.attn = Attention(d_model, heads, kv_heads, alpha, attend, group)
+        self.attn = Attention(d_model, heads, kv_heads, alpha, attend, group, learn_alpha)
         self.mlp = SwiGLU(d_model)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -76,10 +88,11 @@ class Transformer(nn.Module):
     """Pre-norm decoder: embedding, ``layers`` blocks, final RMSNorm, output head tied to the embedding."""
 
     def __init__(self, vocab_size: int, d_model: int, layers: int, heads: int, kv_heads: int,
-                 alpha: float, attend: Attend, group=None):
+                 alpha: float, attend: Attend, group=None, learn_alpha: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, heads, kv_heads, alpha, attend, group) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d_model, heads, kv_heads, alpha, attend, group, learn_alpha)
+                                    for _ in range(layers))
         self.norm = nn.RMSNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         # Tied: a token copied through attention already scores itself, so recall is learned sooner.

@@ -75,7 +75,7 @@ def resolve_strategy(args):
         attention = config.attention()
         shard = functools.partial(parallel.layouts.shard, layout=config.layout, rank=rank, world_size=world)
         positions = parallel.layouts.positions(config.layout, args.seqlen, rank, world)
-    return shard, positions, lambda q, k, v, alpha, group: attention(q, k, v)
+    return shard, positions, lambda q, k, v, alpha, group: attention(q, k, v, alpha=alpha)
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,6 +87,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--heads", type=int, help="query heads")
     p.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
     p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha (> 1; 2 is sparsemax)")
+    p.add_argument("--learn-alpha", action="store_true",
+                   help="learn alpha per head and layer (starting at --alpha, kept in (1, 2)); prints them at the end")
     p.add_argument("--steps", type=int, help="training steps")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--batch", type=int, help="batch size")
@@ -264,7 +266,7 @@ def main() -> None:
     task = RecallTask.for_seqlen(args.seqlen)
     torch.manual_seed(args.seed)  # same initial parameters on every rank
     model = Transformer(task.vocab_size, args.d_model, args.layers, args.heads, args.kv_heads,
-                        args.alpha, attend).to(device)
+                        args.alpha, attend, learn_alpha=args.learn_alpha).to(device)
     trainer = DeepSpeedTrainer(model, args, use_cuda) if args.deepspeed_config else PlainTrainer(model, args)
     engine = "deepspeed" if args.deepspeed_config else "plain"
     data_rng = torch.Generator().manual_seed(args.seed + 1)  # same global batches on every rank
@@ -322,6 +324,10 @@ def main() -> None:
         print(f"summary: strategy={args.strategy} engine={engine} world={world} seqlen={args.seqlen} "
               f"first_loss={first_loss:.4f} final_loss={final_loss:.4f} recall={recall:.3f} "
               f"tokens_per_s={tokens_per_s:.0f}", flush=True)
+        if args.learn_alpha:
+            for i, block in enumerate(model.blocks):
+                learned = " ".join(f"{a:.3f}" for a in block.attn.alpha.detach().float().cpu().tolist())
+                print(f"learned alpha: layer {i} per head {learned}", flush=True)
     if args.capture:
         tokens, _ = task.sample(args.batch, data_rng)
         layers, sparsity = capture_attention(model, shard(tokens).to(device), positions,

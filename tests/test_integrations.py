@@ -325,3 +325,40 @@ def test_compile_ulysses_fullgraph_and_usp():
     exchange is left out of the graph (a graph break), the rest compiles."""
     for ulysses, usp in run_distributed(_compile_ulysses_and_usp, 2, timeout=300):
         assert max(ulysses) < 1e-6 and max(usp) < 1e-6, (ulysses, usp)
+
+
+def _bisect_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """``entmax_bisect`` with the module's alpha (``module_alpha``: per head, learnable), causal,
+    no mask: (b, h, s, d) in, (b, s, h, d) out."""
+    from helpers import bisect_attention
+
+    from ring_adasplash.integrations.transformers import module_alpha
+
+    q, k, v = (x.transpose(1, 2).double() for x in (query, key, value))
+    alpha = module_alpha(module)
+    alpha = alpha.double() if isinstance(alpha, torch.Tensor) else alpha
+    return bisect_attention(q, k, v, alpha, causal=True, softmax_scale=scaling).to(query.dtype), None
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_transformers_alpha_per_head_and_learnable(learnable):
+    """``config.entmax_alpha`` as a list per query head, or a learnable ``entmax_alpha`` parameter
+    on each attention module: logits and every gradient (alpha's too) against ``entmax_bisect``."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("entmax_bisect_reference", _bisect_reference_attention)
+    AttentionMaskInterface.register("entmax_bisect_reference", sdpa_mask)
+    per_head = [1.3, 1.5, 2.0, 1.25]
+    ours, reference = _tiny_llamas(["adasplash", "entmax_bisect_reference"])
+    for model in (ours, reference):
+        model.config.entmax_alpha = per_head
+        for layer in model.model.layers:
+            layer.self_attn.config.entmax_alpha = per_head
+            if learnable:
+                layer.self_attn.entmax_alpha = torch.nn.Parameter(torch.tensor([1.4, 1.5, 1.75, 1.2]))
+    _, logits = _matches_reference(ours, reference, 40)
+    if learnable:
+        grads = [layer.self_attn.entmax_alpha.grad for layer in ours.model.layers]
+        assert all(g is not None and g.shape == (4,) and g.abs().sum() > 0 for g in grads)

@@ -13,7 +13,9 @@ The sequence-parallel ones use the group given to :func:`set_sequence_parallel_g
 world). Each rank feeds its shard of the tokens and passes their global ``position_ids`` (RoPE);
 the model's loss over the local tokens must then be combined across ranks as in ``launch/train.py``.
 
-alpha: ``module.config.entmax_alpha`` when the config has it, else 1.5. causal: ``module.is_causal``
+alpha (``module_alpha``): the attention module's own ``entmax_alpha`` (a learnable tensor of shape
+(heads_q,) or (), set by the user) when it has one, else ``module.config.entmax_alpha`` (a float,
+or a list of one per query head), else 1.5. causal: ``module.is_causal``
 (an ``is_causal`` keyword wins). Scale: the ``scaling`` transformers passes. "adasplash" takes
 padding (left or right, in training and in batched ``generate``, static caches included) as
 ``key_padding_mask`` and a layer's ``sliding_window`` as ``window_size``; its mask builder returns
@@ -77,6 +79,16 @@ def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     return keep
 
 
+def module_alpha(module):
+    """The alpha of an attention module (module doc): its own ``entmax_alpha`` tensor (learnable),
+    else its config's ``entmax_alpha`` (a float or one per query head), else 1.5."""
+    own = getattr(module, "entmax_alpha", None)
+    if isinstance(own, torch.Tensor):
+        return own
+    alpha = getattr(getattr(module, "config", None), "entmax_alpha", DEFAULT_ALPHA)
+    return torch.tensor(alpha, dtype=torch.float64) if isinstance(alpha, (list, tuple)) else alpha
+
+
 def _single_device_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """"adasplash": query (b, heads_q, s, d), key and value (b, heads_kv, s_k, d) -> ((b, s, heads_q, d), None).
     ``attention_mask``: None or ``_padding_mask``'s (b, seen) bool. A static cache holds more key
@@ -85,7 +97,7 @@ def _single_device_forward(module, query, key, value, attention_mask, scaling=No
     _check_options(dropout, kwargs)
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
-    alpha = getattr(getattr(module, "config", None), "entmax_alpha", DEFAULT_ALPHA)
+    alpha = module_alpha(module)
     sliding_window = _sliding_window(module, kwargs)
     window = (-1, -1) if sliding_window is None else (int(sliding_window) - 1, -1)  # keys j > i - sliding_window
     if attention_mask is not None:
@@ -152,7 +164,7 @@ def _make_forward(attend, layout: str):
         checked_on_groups(local_checks, [_sequence_parallel_group])
         causal = kwargs.get("is_causal")
         causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
-        alpha = getattr(getattr(module, "config", None), "entmax_alpha", DEFAULT_ALPHA)
+        alpha = module_alpha(module)
         q, k, v = (x.transpose(1, 2).contiguous() for x in (query, key, value))
         return attend(q, k, v, alpha=alpha, causal=causal, softmax_scale=scaling, group=_sequence_parallel_group), None
 
