@@ -46,18 +46,26 @@ def oracle(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     return entmax.entmax_bisect(s, alpha=alpha, dim=-1, n_iter=200)
 
 
+# every family runs the same compiled kernels: on the GPU one head would be a specialization of its
+# own (Triton makes integer arguments equal to 1 constants), and float32 kernels compile slowly
+MIN_HEADS = 4
+
+
 def probabilities(scores: torch.Tensor, alpha: float, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """Rows (R, Sk) of scores -> our probabilities (R, Sk) on the CPU: one head per row, v = identity."""
-    rows, seqlen_k = scores.shape
+    """Rows (R, Sk) of scores -> our probabilities (R, Sk): one head per row (repeated up to
+    ``MIN_HEADS`` heads), v = identity."""
+    rows = scores.shape[0]
+    scores = scores.repeat((MIN_HEADS + rows - 1) // rows, 1)
+    heads, seqlen_k = scores.shape
     dim = max(16, 1 << (seqlen_k - 1).bit_length())
-    q = torch.zeros(1, 1, rows, dim, dtype=dtype, device=device)
+    q = torch.zeros(1, 1, heads, dim, dtype=dtype, device=device)
     q[..., 0] = 1
-    k = torch.zeros(1, seqlen_k, rows, dim, dtype=dtype, device=device)
+    k = torch.zeros(1, seqlen_k, heads, dim, dtype=dtype, device=device)
     k[0, :, :, 0] = scores.t().to(device=device, dtype=dtype)
-    v = torch.zeros(1, seqlen_k, rows, dim, dtype=dtype, device=device)
+    v = torch.zeros(1, seqlen_k, heads, dim, dtype=dtype, device=device)
     v[0, :, :, :seqlen_k] = torch.eye(seqlen_k, dtype=dtype, device=device)[:, None, :]
     out = ra.adasplash_func(q, k, v, alpha=alpha, causal=False, softmax_scale=1.0)
-    return out[0, 0, :, :seqlen_k].double().cpu()
+    return out[0, 0, :rows, :seqlen_k].double().cpu()
 
 
 def families(alpha: float, seqlen_k: int = 200, offsets: bool = False) -> dict:

@@ -260,7 +260,9 @@ def positive_gap(z, tau):
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 # The loop over the tiles that need no mask (list_slots) runs two tiles per trip, up to head dim
 # 128: above it two trips' tiles exceed an sm_90 block's shared memory (why: docs/design.md
-# (kernel choices))
+# (kernel choices)). Not for float32 inputs ("ieee" products): their products are unrolled
+# multiply-adds, not tensor-core instructions, and two tiles per trip tripled the compile time
+# of the output kernel at head dim 128, for no speed that float32 is used for
 LIST_UNROLL = tl.constexpr(2)
 LIST_UNROLL_MAX_HEAD_DIM = tl.constexpr(128)
 

@@ -22,9 +22,10 @@ def output_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first
                  POWER: tl.constexpr, FULL: tl.constexpr, PRECISION: tl.constexpr):
     """The sums over one of the two loops of listed tiles (``list_slots``)."""
     start, stop = list_slots(count, full_first, full_end, FULL)
-    # two tiles per trip where every pair is visible and the head dim allows (LIST_UNROLL)
+    # two tiles per trip where every pair is visible, where the head dim and precision allow
     for j in tl.range(start, stop,
-                      loop_unroll_factor=(LIST_UNROLL if HEAD_DIM <= LIST_UNROLL_MAX_HEAD_DIM else 1) if FULL else 1):
+                      loop_unroll_factor=(1 if PRECISION == "ieee" or HEAD_DIM > LIST_UNROLL_MAX_HEAD_DIM
+                                         else LIST_UNROLL) if FULL else 1):
         tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
                                           q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
                                           scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
