@@ -275,15 +275,22 @@ def test_tau_kernels_match_spec(interpreted, shape, alpha):
     fine, _ = TB.fine_histogram_pass(ref_problem, ref_problem.block_mask(active), ref.bin_index)
     assert fine[..., 0, :].sum() > 0
     tau_ref = S.fine_tau(ref, fine, spec)
-    tau_got = interpreted.fine_tau(got, fine, spec)
+    tau_got, exact_got = interpreted.fine_tau(got, fine, spec)
     assert torch.equal(torch.isinf(tau_got), torch.isinf(tau_ref)) and tau_got.dtype == torch.float32
+    assert torch.equal(exact_got, S.two_point_exact(ref, fine, tau_got))
+    # every other row with three more keys in every sub-bin: those rows are not exact
+    crowded = fine.clone()
+    crowded[..., 0, :-1] += 3.0 * (torch.arange(crowded.shape[-3]) % 2)[:, None]
+    tau_crowded, exact_crowded = interpreted.fine_tau(got, crowded, spec)
+    assert torch.equal(exact_crowded, S.two_point_exact(ref, crowded, tau_crowded))
+    assert exact_crowded.any() and not exact_crowded[~ref.empty & ~ref.single].all()
     finite = torch.isfinite(tau_ref)
     assert (tau_got[finite] - tau_ref[finite]).abs().max() <= 1e-6
     # rows whose max is the only key at or above the pair (under causal, the first query row at
     # least): tau = max - 1 whatever the fine histogram pass read
     assert torch.equal(got.single, ref.single) and not ref.single.all()
     assert (ref.single & ~ref.empty).any() or not causal
-    unread = interpreted.fine_tau(got, torch.zeros_like(fine), spec)
+    unread, _ = interpreted.fine_tau(got, torch.zeros_like(fine), spec)
     assert torch.equal(unread[ref.single], tau_got[ref.single])
     torch.testing.assert_close(tau_ref[ref.single & ~ref.empty], st.row_max[ref.single & ~ref.empty] - 1.0)
     # tau lies in the pair of bins the counts gave

@@ -205,16 +205,20 @@ def _closed_form_tau(backend: Backend, problems, blocks, reduce, spec, bracket, 
                                                                bracket.bin_index, reference - stats.MASK_MARGIN)
         fine = part if fine is None else fine + part
     fine = reduce.sums(fine)
-    tau = backend.fine_tau(bracket, fine, spec)
+    tau, exact = backend.fine_tau(bracket, fine, spec)
     kept = [keeps[i] | ~refined for i in range(blocks.num_blocks)]
-    return tau, stats.two_point_exact(bracket, fine, tau), kept, tiles
+    return tau, exact, kept, tiles
 
 
-def _newton_steps(backend: Backend, problems, blocks, reduce, spec, tiles, point, lower, upper, steps: int,
+NO_STOP = -1.0  # tolerances of ``newton_step`` that stop no row: a fixed number of steps
+
+
+def _newton_steps(backend: Backend, problems, blocks, reduce, spec, tiles, state: stats.NewtonState, steps: int,
                   rows=None):
-    """``steps`` safeguarded Newton steps (``stats.newton_update``) on exact sums over ``tiles``
-    (only on the query tiles holding one of ``rows`` (B, H, Sq) bool, when given: in a ring only
-    their key tiles travel)."""
+    """``steps`` safeguarded Newton steps (``stats.newton_update``, through ``backend.newton_step``:
+    one launch a step) on exact sums over ``tiles`` for the rows of ``state`` not done (reading
+    only the query tiles holding one of ``rows`` (B, H, Sq) bool, when given: in a ring only their
+    key tiles travel). Returns the last point (float64)."""
     if rows is not None and blocks.reads_needed:
         marked = stats.per_query_tile(rows, backend.BLOCK_M, "any")[..., None]
         needed = [t.with_tiles(t.tiles & marked) for t in tiles]
@@ -223,17 +227,17 @@ def _newton_steps(backend: Backend, problems, blocks, reduce, spec, tiles, point
     for _ in range(steps):
         sums = None
         for block in blocks.sweep(with_values=False, needed=needed, pass_name="newton"):
-            part = backend.newton_sums_pass(problems(block), tiles[block.index], point, rows)
+            part = backend.newton_sums_pass(problems(block), tiles[block.index], state.point, rows)
             sums = part if sums is None else sums + part
-        point, lower, upper = stats.newton_update(point, lower, upper, reduce.sums(sums), spec)
-    return point
+        state = backend.newton_step(state, reduce.sums(sums), spec, NO_STOP, NO_STOP)
+    return state.point
 
 
 def _newton_tau(backend: Backend, problems, blocks, reduce, spec, bracket, candidates):
     """Step 4 for other alpha: safeguarded Newton steps on exact sums over the candidate tiles,
     from the counts' lower bound (float64)."""
-    point = _newton_steps(backend, problems, blocks, reduce, spec, candidates, bracket.estimate, bracket.estimate,
-                          bracket.upper, stats.NEWTON_STEPS)
+    start = stats.NewtonState.of(bracket.estimate, bracket.estimate, bracket.upper, bracket.empty)
+    point = _newton_steps(backend, problems, blocks, reduce, spec, candidates, start, stats.NEWTON_STEPS)
     return stats.finalize_tau(point, bracket.empty)
 
 
@@ -244,10 +248,9 @@ def _polished_tau(backend: Backend, problems, blocks, reduce, spec, bracket, tau
     keys within 1/480 of tau, straddling it), so the steps cost about their launches: the other
     query tiles read nothing, and no mask of their own is built."""
     lower = bracket.lower.double()
-    upper = lower + 2.0 / (stats.NUM_BINS - 1)
-    point = _newton_steps(backend, problems, blocks, reduce, spec, tiles, tau.double(), lower, upper,
-                          stats.POLISH_STEPS, rows=~exact)
-    return torch.where(exact, tau.double(), point)  # exact rows include the empty ones
+    # exact rows (the empty ones among them) start done: they keep tau
+    start = stats.NewtonState.of(tau, lower, lower + 2.0 / (stats.NUM_BINS - 1), exact)
+    return _newton_steps(backend, problems, blocks, reduce, spec, tiles, start, stats.POLISH_STEPS, rows=~exact)
 
 
 def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, tile_gaps, visible, dtype):

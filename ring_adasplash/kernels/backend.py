@@ -169,7 +169,7 @@ class Backend(Protocol):
         over ``tiles``; with ``rows`` (B, H, Sq) bool, only the query tiles holding a marked row
         read their key tiles (zeros elsewhere), without a mask of their own."""
 
-    def newton_step(self, state, sums, spec: EntmaxSpec, tolerance: float):
+    def newton_step(self, state, sums, spec: EntmaxSpec, tolerance: float, step_tolerance: float):
         """``stats.newton_step`` on a ``stats.NewtonState`` with the merged Newton sums (the
         Triton backend in one launch, updating the state's tensors in place)."""
 
@@ -196,8 +196,9 @@ class Backend(Protocol):
     def coarse_bracket(self, stats, spec: EntmaxSpec):
         """``stats.coarse_bracket``: where tau lies after the coarse counts."""
 
-    def fine_tau(self, bracket, fine, spec: EntmaxSpec) -> torch.Tensor:
-        """``stats.fine_tau``: tau (B, H, Sq) float32 from the fine sums (alpha 1.5 and 2)."""
+    def fine_tau(self, bracket, fine, spec: EntmaxSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """``stats.fine_tau``: tau (B, H, Sq) float32 from the fine sums (alpha 1.5 and 2), and
+        the rows where it is exact (``stats.two_point_exact``, bool)."""
 
 
 def backend_for(x: torch.Tensor) -> Backend:

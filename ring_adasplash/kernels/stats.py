@@ -413,18 +413,23 @@ class NewtonState(NamedTuple):
     done: torch.Tensor
 
     @classmethod
+    def of(cls, point, lower, upper, done) -> "NewtonState":
+        """A state of copies (float64; ``done`` bool): steps update a state in place."""
+        return cls(*(x.to(torch.float64, copy=True) for x in (point, lower, upper)), done.to(torch.bool, copy=True))
+
+    @classmethod
     def start(cls, reference: torch.Tensor, row_max: torch.Tensor) -> "NewtonState":
         """From the max pass: ``gap_reference`` (a lower bound of tau) and the row max (an upper
         bound); rows with no visible key start done."""
-        lower = reference.to(torch.float64, copy=True)
-        return cls(lower.clone(), lower, row_max.to(torch.float64, copy=True), ~torch.isfinite(row_max))
+        return cls.of(reference, reference, row_max, ~torch.isfinite(row_max))
 
 
 def newton_step(state: NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tolerance: float,
                 step_tolerance: float) -> NewtonState:
     """One step of the Newton schedule on the rows not done, from the merged sums of
     ``newton_moments_pass`` at ``t = state.point``: ``newton_update``, whose point stays below tau
-    (up to rounding), and for alpha 1.5 an upper bound of tau from the same sums. A row is done
+    (up to rounding), and for alpha 1.5 an upper bound of tau from the same sums (when ``sums``
+    holds the count: (..., 3); ``newton_sums_pass`` gives (..., 2)). A row is done
     once its step is at most ``step_tolerance``, or once the sum of p changes by at most
     ``tolerance`` between its point and the upper bound: their distance times the slope
     ``gamma f'`` at t, which bounds the slope beyond (keys only leave as t rises).
@@ -439,7 +444,7 @@ def newton_step(state: NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tolera
     f, df = sums[..., 0].double(), sums[..., 1].double()
     point, lower, upper = newton_update(state.point, state.lower, state.upper, sums[..., :2], spec)
     done = (point - state.point).abs() <= step_tolerance
-    if spec.power == 2:
+    if spec.power == 2 and sums.shape[-1] == 3:
         count = sums[..., 2].double()
         disc = df * df - count * (f - 1.0)
         x = (f - 1.0) / (df + disc.clamp(min=0).sqrt()).clamp(min=1e-300)

@@ -23,7 +23,6 @@ BLOCK_M = 64  # query rows per tile of the block mask
 BLOCK_N = 64  # keys per tile
 SUPPORTED_HEAD_DIMS = None  # any head dim
 coarse_bracket = stats.coarse_bracket  # tau from the statistics: the backend-neutral float64 math
-fine_tau = stats.fine_tau
 
 
 def problem(q, k, v, vis: Visibility, spec: EntmaxSpec, softmax_scale: float, shift=None) -> Problem:
@@ -225,6 +224,12 @@ def fine_histogram_pass(problem: Problem, tiles: BlockMask, bin_index, cutoff=No
         keep[..., index] = key_tiles.per_query_tile(near.any(-1), "any") & tiles.tiles[..., index]
         _add_pair_moments(out, x, near)
     return out, keep
+
+
+def fine_tau(bracket: stats.Bracket, fine: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stats.fine_tau`` and the rows where it is exact (``stats.two_point_exact``)."""
+    tau = stats.fine_tau(bracket, fine, spec)
+    return tau, stats.two_point_exact(bracket, fine, tau)
 
 
 def newton_sums_pass(problem: Problem, tiles: BlockMask, point, rows=None):

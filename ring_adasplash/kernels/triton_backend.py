@@ -301,13 +301,14 @@ def newton_moments_pass(problem: TritonProblem, tiles: BlockMask, point, rows=No
 
 def newton_step(state: S.NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tolerance: float,
                 step_tolerance: float) -> S.NewtonState:
-    """``stats.newton_step`` in one launch (``triton_tau.newton_step_kernel``), in place."""
+    """``stats.newton_step`` in one launch (``triton_tau.newton_step_kernel``), in place (the
+    state's point, lower and upper must not share memory)."""
     point, lower, upper = (x.to(torch.float64).contiguous() for x in state[:3])
     done = state.done.contiguous().view(torch.int8)
     launch(triton_tau.newton_step_kernel, (_cdiv(point.numel(), TAU_ROWS),))(
         Sums=sums.to(torch.float64).contiguous(), Point=point, Lower=lower, Upper=upper,
         Done=done, num_rows=point.numel(), gamma=float(spec.gamma), tolerance=float(tolerance),
-        step_tolerance=float(step_tolerance), POWER=spec.power,
+        step_tolerance=float(step_tolerance), POWER=spec.power, SUMS=sums.shape[-1],
         BLOCK_R=TAU_ROWS, num_warps=TAU_WARPS)
     return S.NewtonState(point, lower, upper, done.view(torch.bool))
 
@@ -412,15 +413,16 @@ def coarse_bracket(stats: S.RowStats, spec: EntmaxSpec) -> S.Bracket:
     return S.Bracket(lower, bin_index, None, None, torch.isneginf(row_max), single.view(torch.bool))
 
 
-def fine_tau(bracket: S.Bracket, fine: torch.Tensor, spec: EntmaxSpec) -> torch.Tensor:
-    """``stats.fine_tau`` in one launch (``triton_tau.fine_tau_kernel``)."""
+def fine_tau(bracket: S.Bracket, fine: torch.Tensor, spec: EntmaxSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch_blockwise.fine_tau`` in one launch (``triton_tau.fine_tau_kernel``)."""
     tau = torch.empty(bracket.bin_index.shape, device=fine.device, dtype=torch.float32)
+    exact = torch.empty(tau.shape, device=fine.device, dtype=torch.int8)
     launch(triton_tau.fine_tau_kernel, (_cdiv(tau.numel(), FINE_TAU_ROWS),))(
         Bin_index=bracket.bin_index.to(torch.float64).contiguous(), Empty=bracket.empty.contiguous(),
         Single=bracket.single.contiguous(), Lower=bracket.lower.to(torch.float32).contiguous(),
-        Fine=fine.contiguous(), Tau=tau, num_rows=tau.numel(), NUM_BINS=S.NUM_BINS, FINE_BINS=S.FINE_BINS,
-        POWER=spec.power, BLOCK_R=FINE_TAU_ROWS, num_warps=FINE_TAU_WARPS)
-    return tau
+        Fine=fine.contiguous(), Tau=tau, Exact=exact, num_rows=tau.numel(), NUM_BINS=S.NUM_BINS,
+        FINE_BINS=S.FINE_BINS, POWER=spec.power, BLOCK_R=FINE_TAU_ROWS, num_warps=FINE_TAU_WARPS)
+    return tau, exact.view(torch.bool)
 
 
 ENTMAX_ROW_BLOCK = 8192  # rows up to this length stay in registers (``triton_entmax``)

@@ -90,7 +90,7 @@ def _f_at(t, m0, m1, m2, POWER: tl.constexpr):
 
 
 @triton.jit
-def fine_tau_kernel(Bin_index, Empty, Single, Lower, Fine, Tau, num_rows,
+def fine_tau_kernel(Bin_index, Empty, Single, Lower, Fine, Tau, Exact, num_rows,
                     NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, POWER: tl.constexpr, BLOCK_R: tl.constexpr):
     """tau from the fine histogram sums (``stats.fine_tau``): closed form on the exact sums above the
     sub-bin holding tau plus a two-point model of that sub-bin. Lengths in coarse bins above the
@@ -101,7 +101,8 @@ def fine_tau_kernel(Bin_index, Empty, Single, Lower, Fine, Tau, num_rows,
     reaches the target: that is the last such edge (the sum falls as t rises), as in
     ``stats.fine_tau``. Nothing crosses threads (why: docs/design.md (kernel choices)).
     ``Single`` rows take their tau from ``Lower`` (``stats.Bracket.single``) and read nothing:
-    the fine histogram pass may not have read them."""
+    the fine histogram pass may not have read them. ``Exact`` (int8): the rows whose tau is exact
+    (``stats.two_point_exact``)."""
     tl.static_assert(POWER == 1 or POWER == 2)
     ROW_SIZE: tl.constexpr = 3 * (FINE_BINS + 1)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -166,6 +167,15 @@ def fine_tau_kernel(Bin_index, Empty, Single, Lower, Fine, Tau, num_rows,
     tau = ((bin_index + tau_rel) / (NUM_BINS - 1)).to(tl.float32)
     tau = tl.where(single, tl.load(Lower + rows, mask=in_rows, other=0.0), tau)
     tl.store(Tau + rows, tl.where(empty, float("inf"), tau), mask=in_rows)
+    # stats.two_point_exact on the stored tau: at most two keys in its sub-bin, looked up a
+    # hundredth of a sub-bin on either side
+    sub_bins = (tau.to(tl.float64) * (NUM_BINS - 1) - bin_index) * (FINE_BINS / 2)
+    sub_bins = tl.where(solved & (sub_bins == sub_bins), sub_bins, 0.0)  # NaN: a compile-ahead dry run
+    few = solved
+    for SIDE in tl.static_range(2):
+        index = tl.minimum(tl.maximum(tl.floor(sub_bins + (0.01 if SIDE == 1 else -0.01)), 0.0), FINE_BINS - 1.0)
+        few = few & (tl.load(Count + index.to(tl.int32), mask=solved, other=0.0) <= 2.0)
+    tl.store(Exact + rows, (few | ~solved).to(tl.int8), mask=in_rows)
 
 
 @triton.jit
@@ -207,15 +217,17 @@ def newton_row_step(f, df, count, t, lower, upper, gamma, tolerance, step_tolera
 
 @triton.jit
 def newton_step_kernel(Sums, Point, Lower, Upper, Done, num_rows, gamma, tolerance, step_tolerance,
-                       POWER: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``stats.newton_step`` in place on the rows not done: ``Sums`` (rows, 3) float64, the exact
-    ``sum (z - t)_+^gamma``, ``sum (z - t)_+^(gamma - 1)`` and count of keys above ``t = Point``
-    (float64), the bracket ``Lower``, ``Upper`` (float64) and ``Done`` (int8)."""
+                       POWER: tl.constexpr, SUMS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``stats.newton_step`` in place on the rows not done: ``Sums`` (rows, SUMS) float64, the exact
+    ``sum (z - t)_+^gamma``, ``sum (z - t)_+^(gamma - 1)`` and (SUMS 3) the count of keys above
+    ``t = Point`` (float64), the bracket ``Lower``, ``Upper`` (float64) and ``Done`` (int8). With
+    SUMS 2 (no count) the upper bound of gamma 2 is not taken."""
+    tl.static_assert(SUMS == 2 or SUMS == 3)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = (rows < num_rows) & (tl.load(Done + rows, mask=rows < num_rows, other=1) == 0)
-    f = tl.load(Sums + rows * 3, mask=live, other=0.0)
-    df = tl.load(Sums + rows * 3 + 1, mask=live, other=0.0)
-    count = tl.load(Sums + rows * 3 + 2, mask=live, other=0.0)
+    f = tl.load(Sums + rows * SUMS, mask=live, other=0.0)
+    df = tl.load(Sums + rows * SUMS + 1, mask=live, other=0.0)
+    count = tl.load(Sums + rows * SUMS + 2, mask=live & (SUMS == 3), other=0.0)
     t = tl.load(Point + rows, mask=live, other=0.0)
     lower = tl.load(Lower + rows, mask=live, other=0.0)
     upper = tl.load(Upper + rows, mask=live, other=0.0)
