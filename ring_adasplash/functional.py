@@ -22,7 +22,7 @@ from .kernels import EntmaxSpec, backend_for
 from .kernels.block_mask import BlockMask
 from .kernels.algorithm import ForwardResult, SingleBlock, default_schedule, entmax_backward, entmax_forward
 from .kernels.compile_ahead import compile_ahead
-from .kernels.head_groups import backward_by_group, forward_by_group, head_groups, join_heads, to_alpha_shape
+from .kernels.head_groups import backward_by_group, head_groups, join_heads, to_alpha_shape
 from .kernels.visibility import (Visibility, causal_visibility, packed_visibility, padded_visibility,
                                  varlen_visibility)
 
@@ -59,8 +59,8 @@ def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float) -> li
     """``(group, ForwardResult)`` per group of heads of equal alpha (``head_groups``)."""
     backend = backend_for(q)
     groups = head_groups(alphas, q.shape[2], k.shape[2], q.device)
-    return list(zip(groups, forward_by_group(groups, lambda g: entmax_forward(
-        backend, g.queries(q), SingleBlock(g.keys(k), g.keys(v), vis), EntmaxSpec(g.alpha), softmax_scale))))
+    return [(g, entmax_forward(backend, g.queries(q), SingleBlock(g.keys(k), g.keys(v), vis), EntmaxSpec(g.alpha),
+                               softmax_scale)) for g in groups]
 
 
 def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: tuple, softmax_scale: float):

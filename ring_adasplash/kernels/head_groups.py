@@ -84,11 +84,6 @@ def alpha_gradient_per_head(rows: Sequence[torch.Tensor], groups: Sequence[HeadG
     return join_heads(per_group, groups, 0, heads)
 
 
-def forward_by_group(groups: Sequence[HeadGroup], run: Callable) -> list:
-    """``run(group)`` (a ``ForwardResult`` of the group's heads) for every group."""
-    return [run(g) for g in groups]
-
-
 def backward_by_group(groups: Sequence[HeadGroup], results: Sequence, run: Callable, heads: int, heads_kv: int,
                       alpha_grad: bool) -> tuple:
     """dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D) and, with ``alpha_grad``, dL/dalpha per query

@@ -13,7 +13,7 @@ from .. import telemetry
 from ..comm.collectives import all_gather_seq, reduce_scatter_seq
 from ..checks import HeadAlpha
 from ..kernels import EntmaxSpec, backend_for
-from ..kernels.head_groups import backward_by_group, forward_by_group, head_groups, join_heads, to_alpha_shape
+from ..kernels.head_groups import backward_by_group, head_groups, join_heads, to_alpha_shape
 from ..kernels.algorithm import SingleBlock, entmax_backward, entmax_forward
 from ..kernels.visibility import NO_LIMIT, Visibility, windowed
 from . import layouts
@@ -34,9 +34,8 @@ class AllGatherAttention(torch.autograd.Function):
             q_chunk = q[:, :, start * per_kv:stop * per_kv]
             groups = head_groups(alpha.for_heads(start * per_kv, stop * per_kv).values, q_chunk.shape[2],
                                  stop - start, q.device)
-            chunk = forward_by_group(groups, lambda g: entmax_forward(
-                backend, g.queries(q_chunk), SingleBlock(g.keys(k_all), g.keys(v_all), vis), EntmaxSpec(g.alpha),
-                softmax_scale))
+            chunk = [entmax_forward(backend, g.queries(q_chunk), SingleBlock(g.keys(k_all), g.keys(v_all), vis),
+                                    EntmaxSpec(g.alpha), softmax_scale) for g in groups]
             for fwd in chunk:
                 telemetry.log_forward(fwd, "allgather")
             outs.append(join_heads([fwd.out.to(q.dtype) for fwd in chunk], groups, 2, q_chunk.shape[2]))

@@ -13,7 +13,7 @@ from .. import telemetry
 from ..checks import HeadAlpha, check_head_alpha, check_qkv, check_window, default_scale
 from ..kernels import EntmaxSpec, backend_for
 from ..kernels.algorithm import LocalReduce, SingleBlock, entmax_backward, entmax_forward
-from ..kernels.head_groups import backward_by_group, forward_by_group, head_groups, join_heads, to_alpha_shape
+from ..kernels.head_groups import backward_by_group, head_groups, join_heads, to_alpha_shape
 from ..kernels.visibility import positional_visibility, windowed
 from .validation import checked_on_groups, schedules
 
@@ -44,8 +44,8 @@ class KVShardedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, alpha: HeadAlpha, alpha_tensor, softmax_scale: float, vis, group):
         backend, merge = backend_for(q), AllReduceMerge(group)
         groups = head_groups(alpha.values, q.shape[2], k.shape[2], q.device)
-        results = forward_by_group(groups, lambda g: entmax_forward(
-            backend, g.queries(q), SingleBlock(g.keys(k), g.keys(v), vis), EntmaxSpec(g.alpha), softmax_scale, merge))
+        results = [entmax_forward(backend, g.queries(q), SingleBlock(g.keys(k), g.keys(v), vis), EntmaxSpec(g.alpha),
+                                  softmax_scale, merge) for g in groups]
         for fwd in results:
             telemetry.log_forward(fwd, "kv-sharded")
         out = join_heads([fwd.out.to(q.dtype) for fwd in results], groups, 2, q.shape[2])

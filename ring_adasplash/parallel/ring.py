@@ -26,7 +26,7 @@ from ..checks import HeadAlpha, check_cu_seqlens
 from ..comm import RingComm
 from ..kernels import EntmaxSpec, backend_for
 from ..kernels.algorithm import KeyBlock, entmax_backward, entmax_forward, visible_tiles
-from ..kernels.head_groups import backward_by_group, forward_by_group, head_groups, join_heads, to_alpha_shape
+from ..kernels.head_groups import backward_by_group, head_groups, join_heads, to_alpha_shape
 from ..kernels.visibility import NO_LIMIT, Visibility, window_positions, windowed
 from . import layouts
 from .validation import validated_self_attention
@@ -187,9 +187,8 @@ class RingAttention(torch.autograd.Function):
         gradient. Each group of heads of equal alpha makes its own ring sweeps (``head_groups``)."""
         backend = backend_for(q)
         groups = head_groups(alpha.values, q.shape[2], k.shape[2], q.device)
-        results = forward_by_group(groups, lambda g: entmax_forward(
-            backend, g.queries(q), RingKeyBlocks(g.keys(k), g.keys(v), plan, backend.BLOCK_N), EntmaxSpec(g.alpha),
-            softmax_scale))
+        results = [entmax_forward(backend, g.queries(q), RingKeyBlocks(g.keys(k), g.keys(v), plan, backend.BLOCK_N),
+                                  EntmaxSpec(g.alpha), softmax_scale) for g in groups]
         for fwd in results:
             telemetry.log_forward(fwd, plan.name, local_block=plan.comm.rank)
         out = join_heads([fwd.out.to(q.dtype) for fwd in results], groups, 2, q.shape[2])
