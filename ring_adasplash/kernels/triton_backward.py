@@ -19,9 +19,9 @@ import math
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, at_head, dot, entmax_weights, first_slot_at_least, hide_invisible, key_positions,
-                            list_slot, list_slots, listed_query_tile, listed_tiles, load_rows, positive_gap,
-                            program_tile, query_positions, row_offsets, tile_ptrs, visible)
+from .triton_common import (ADD, approx_log2, at_head, dot, entmax_weights, first_slot_at_least, hide_invisible,
+                            key_positions, list_slot, list_slots, listed_query_tile, listed_tiles, load_rows,
+                            positive_gap, program_tile, query_positions, row_offsets, tile_ptrs, visible)
 
 LN2 = tl.constexpr(math.log(2.0))
 
@@ -138,7 +138,7 @@ def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, fu
         if ALPHA_SUMS:
             on = gap > 0
             # p log p = gamma p log(gap); off the support 0, and g too (a NaN value reaches no sum)
-            entropy = tl.where(on, (gamma * LN2) * p * tl.log2(tl.where(on, gap, 1.0)), 0.0)
+            entropy = tl.where(on, (gamma * LN2) * p * approx_log2(tl.where(on, gap, 1.0)), 0.0)
             g = tl.where(on, g, 0.0)
             gp += tl.reduce(g * p, 1, ADD)
             plogp += tl.reduce(entropy, 1, ADD)

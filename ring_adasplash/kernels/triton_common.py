@@ -286,6 +286,20 @@ def row_max_with_nan(x):
 
 
 @triton.jit
+def approx_log2(x):
+    """log2 of float32 ``x > 0`` by the GPU's approximate instruction (``lg2.approx.f32``, relative
+    error about 2^-22): ``tl.log2`` compiles to libdevice's correctly rounded log2, many
+    instructions per element, which made the sums of dL/dalpha cost three times the rest of the
+    dQ kernel. For terms where that error is far below the result's tolerance (the alpha
+    gradient), not for tau. The interpreter takes ``tl.log2``."""
+    if INTERPRETED:
+        return tl.log2(x)
+    else:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
 def power_and_slope(d, gamma, POWER: tl.constexpr):
     """(d ** gamma, d ** (gamma - 1)) for d >= 0 (``EntmaxSpec.power_and_slope``): ``POWER`` is
     gamma when gamma is 1 or 2 (alpha 2 or 1.5), else 0 (any gamma, through exp2 / log2)."""
