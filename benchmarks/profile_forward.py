@@ -1,33 +1,73 @@
 """Where one forward (and backward) of adasplash_func spends its time, by kernel and by op.
 
     python benchmarks/profile_forward.py --seqlen 32768 --head-dim 64 --amp 1.5
+    python benchmarks/profile_forward.py --seqlen 8192 --head-dim 128 --amp 1.0 --alpha 2.0 --summary
+    python benchmarks/profile_forward.py --seqlen 8192 --family scattered --amp 1.0 --backward --head-alphas same
+
+``--summary``: the wall time per call (mean of ``--calls`` calls after warm-up) and each kernel's
+device time per call (``torch.profiler`` over ``--calls`` more calls), instead of PyTorch's tables
+of one call. Runs on the working tree or on any ``PYTHONPATH`` that provides ``ring_adasplash``.
 """
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import common
-from inputs import structured_qkv
-from ring_adasplash import adasplash_func
+from inputs import FAMILIES, make_qkv
+
+
+def summary(step, calls: int, rows: int) -> None:
+    """Wall ms per call, then the device ms per call of the ``rows`` costliest kernels."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / calls * 1000
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us > 0:
+            kernels[event.key] = (device_us / calls / 1000, event.count / calls)
+    print(f"wall {wall:.3f} ms per call, kernels {sum(ms for ms, _ in kernels.values()):.3f} ms per call")
+    for name, (ms, launches) in sorted(kernels.items(), key=lambda item: -item[1][0])[:rows]:
+        print(f"  {ms:8.3f} ms  x{launches:5.1f}  {name[:90]}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_case_arguments(p)
+    p.add_argument("--family", choices=sorted(FAMILIES), default="structured", help="input family (inputs.py)")
+    p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha")
+    p.add_argument("--head-alphas", default="none", metavar="none|same|LO:HI",
+                   help="alpha as a learnable per-head tensor (common.head_alphas) instead of a float")
     p.add_argument("--backward", action="store_true", help="profile forward and backward")
+    p.add_argument("--summary", action="store_true", help="wall time and device time per kernel per call")
+    p.add_argument("--calls", type=int, default=20, help="calls timed and profiled with --summary")
     p.add_argument("--rows", type=int, default=25, help="rows of the kernel table to print")
     args = p.parse_args()
-    q, k, v = structured_qkv(1, args.seqlen, args.heads, args.head_dim, args.amp, torch.bfloat16, "cuda")
+    common.ALPHA = args.alpha
+    common.HEAD_ALPHAS = common.head_alphas(args.head_alphas, args.alpha, args.heads)
+    q, k, v = make_qkv(args.family, 1, args.seqlen, args.heads, args.head_dim, args.amp, torch.bfloat16, "cuda")
     q, k, v = (t.requires_grad_(args.backward) for t in (q, k, v))
+    grad_out = torch.randn_like(q)
 
     def step():
-        out = adasplash_func(q, k, v, alpha=1.5, causal=True)
+        out = common.ours_attention(q, k, v)
         if args.backward:
-            out.backward(torch.ones_like(out))
+            out.backward(grad_out)
 
-    for _ in range(3):
+    for _ in range(5):
         step()
+    if args.summary:
+        summary(step, args.calls, args.rows)
+        return
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
