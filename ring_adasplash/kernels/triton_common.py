@@ -261,8 +261,8 @@ INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 # The loop over the tiles that need no mask (list_slots) runs two tiles per trip, up to head dim
 # 128: above it two trips' tiles exceed an sm_90 block's shared memory (why: docs/design.md
 # (kernel choices)). Not for float32 inputs ("ieee" products): their products are unrolled
-# multiply-adds, not tensor-core instructions, and two tiles per trip tripled the compile time
-# of the output kernel at head dim 128, for no speed that float32 is used for
+# multiply-adds, not tensor-core instructions, and two tiles per trip multiplied the compile
+# time of the output kernel at head dim 128, for no speed that float32 is used for
 LIST_UNROLL = tl.constexpr(2)
 LIST_UNROLL_MAX_HEAD_DIM = tl.constexpr(128)
 
@@ -289,9 +289,9 @@ def row_max_with_nan(x):
 def approx_log2(x):
     """log2 of float32 ``x > 0`` by the GPU's approximate instruction (``lg2.approx.f32``, relative
     error about 2^-22): ``tl.log2`` compiles to libdevice's correctly rounded log2, many
-    instructions per element, which made the sums of dL/dalpha cost three times the rest of the
-    dQ kernel. For terms where that error is far below the result's tolerance (the alpha
-    gradient), not for tau. The interpreter takes ``tl.log2``."""
+    instructions per element, which made the sums of dL/dalpha most of the dQ kernel's time
+    (benchmarks/RESULTS.md). For terms where that error is far below the result's tolerance (the
+    alpha gradient), not for tau. The interpreter takes ``tl.log2``."""
     if INTERPRETED:
         return tl.log2(x)
     else:
