@@ -10,6 +10,7 @@ Semantics: ``p = entmax_alpha(softmax_scale * q k^T)`` over the visible keys, wi
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -20,7 +21,8 @@ from .checks import (HeadAlpha, check_alpha, check_cu_seqlens, check_head_alpha,
                      check_position_ids, check_qkv, check_window, default_scale)
 from .kernels import EntmaxSpec, backend_for
 from .kernels.block_mask import BlockMask
-from .kernels.algorithm import ForwardResult, SingleBlock, default_schedule, entmax_backward, entmax_forward
+from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, default_schedule, entmax_backward,
+                                entmax_forward)
 from .kernels.compile_ahead import compile_ahead
 from .kernels.head_groups import backward_by_group, head_groups, join_heads, to_alpha_shape
 from .kernels.visibility import (Visibility, causal_visibility, packed_visibility, padded_visibility,
@@ -38,7 +40,10 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: T
     """Returns (out in q's dtype, out_u, u_sum, tau, shift, support, nonzero tiles); see
     ``kernels/algorithm.py`` (``ForwardResult``). ``alphas``: one alpha, or one per query head."""
     args = (q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, tuple(alphas), softmax_scale)
-    return cuda_graphs.call("forward", _forward, args, copied=3, work=_work(q, k))
+    # the schedule setting decides which kernels run, so each setting has graphs of its own (a
+    # graph captured under another would meet kernels not yet compiled, which no capture allows)
+    name = f"forward ({os.environ.get(SCHEDULE_ENV, 'auto')} schedule)"
+    return cuda_graphs.call(name, _forward, args, copied=3, work=_work(q, k))
 
 
 def _work(q: Tensor, k: Tensor) -> int:
