@@ -21,7 +21,8 @@ SM90_SHARED_BYTES = 232448  # shared memory one block may use on an H100 or H200
 
 def capture(path: str) -> None:
     """Forward and backward at alpha 1.5, 2 and 1.3, bf16 and fp32, causal with a window and sinks
-    and with key padding; the Newton schedule's forward; head dim 256; entmax over tensors; writes
+    and with key padding; the Newton schedule's forward; a learnable alpha's backward; head dim
+    256; entmax over tensors; writes
     {(kernel module, name): [arguments by name, as (kind, value)]} (a tensor's value: its dtype and
     whether its address is a multiple of 16)."""
     import torch
@@ -65,6 +66,9 @@ def capture(path: str) -> None:
             q, k, v = (torch.randn(1, 130, 2, 64).to(dtype) for _ in range(3))
             ra.adasplash_func(q, k, v, alpha=alpha)
     del os.environ["RING_ADASPLASH_SCHEDULE"]
+    # a learnable alpha: the dQ kernel's sums of dL/dalpha (their log is inline PTX on the GPU)
+    q, k, v = (torch.randn(1, 130, 2, 64).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    ra.adasplash_func(q, k, v, alpha=torch.full((2,), 1.5, requires_grad=True)).float().sum().backward()
     # the largest head dim, whose tiles fill the most shared memory (forward and backward)
     q, k, v = (torch.randn(1, 130, 1, 256).to(torch.bfloat16).requires_grad_() for _ in range(3))
     ra.adasplash_func(q, k, v, alpha=1.5).float().sum().backward()
