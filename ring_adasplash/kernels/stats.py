@@ -414,7 +414,8 @@ class NewtonState(NamedTuple):
 
     @classmethod
     def of(cls, point, lower, upper, done) -> "NewtonState":
-        """A state of copies (float64; ``done`` bool): steps update a state in place."""
+        """A state of copies (float64; ``done`` bool): the Triton backend's ``newton_step`` updates
+        a state's tensors in place, so none may share memory with the caller's or with another."""
         return cls(*(x.to(torch.float64, copy=True) for x in (point, lower, upper)), done.to(torch.bool, copy=True))
 
     @classmethod
