@@ -678,6 +678,48 @@ def test_newton_step_kernel_matches_the_pytorch_step(interpreted):
         assert (got.point != start.point).any() and torch.equal(got.point[start.done], start.point[start.done])
 
 
+@pytest.mark.parametrize("alpha", (1.5, 2.0))
+def test_newton_polish_kernel_matches_the_steps_pass_by_pass(interpreted, alpha, monkeypatch):
+    """The closed form's exact finish in one launch (``triton_newton.newton_polish_kernel``,
+    interpreted) against ``torch_blockwise.newton_polish`` on the same state, in a forward of flat
+    causal rows (dozens of keys in the fine sub-bin near tau, so that some rows are not exact) of
+    two heads, one of them spread: the rows not done move, the same points (to float32 rounding),
+    done rows and the query tiles with none keep their point; and the forward's tau as
+    the pass-by-pass schedule's."""
+    calls = []
+    kernel_polish = interpreted.newton_polish
+
+    def checked_polish(problem, tiles, state, steps):
+        start = S.NewtonState(*(t.clone() for t in state))
+        cpu_problem = TB.problem(problem.q, problem.k, problem.v, problem.vis, problem.spec, problem.softmax_scale,
+                                 problem.shift)
+        want = TB.newton_polish(cpu_problem, tiles, S.NewtonState(*(t.clone() for t in state)), steps)
+        got = kernel_polish(problem, tiles, state, steps)
+        calls.append((start, got, want))
+        return got
+
+    monkeypatch.setattr(interpreted, "newton_polish", checked_polish)
+    g = torch.Generator().manual_seed(5)
+    q, k = (0.01 * torch.randn(1, 400, 2, 16, generator=g) for _ in range(2))
+    q[..., 0] = 1
+    q[:, :, 1] *= 30  # the second head: spread rows, most of them exact
+    vis = causal_visibility(400, 400, True, "cpu")
+    run = A.entmax_forward(interpreted, q, A.SingleBlock(k, k, vis), EntmaxSpec(alpha), 1.0, schedule="histogram")
+    (start, got, want), = calls
+    live = ~start.done
+    assert live.any() and start.done.any()
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    assert (got[live] != start.point[live]).any()
+    assert torch.equal(got[start.done], start.point[start.done])
+    # pass by pass, as where sums are merged between steps: the same tau
+    monkeypatch.setattr(interpreted, "newton_polish", lambda *a: pytest.fail("the polish ran in one launch"))
+    merged = A.LocalReduce()
+    merged.complete = False
+    by_pass = A.entmax_forward(interpreted, q, A.SingleBlock(k, k, vis), EntmaxSpec(alpha), 1.0, merged,
+                               schedule="histogram")
+    torch.testing.assert_close(by_pass.tau, run.tau, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("alpha", (1.01, 1.25, 1.5, 2.0))
 def test_entmax_over_tensors_runs_the_row_kernel(interpreted, alpha, monkeypatch):
     """``ring_adasplash.entmax`` on CPU tensors with the Triton backend selected: the row kernel

@@ -14,7 +14,8 @@ computed on each and how the pieces combine:
              4. alpha 1.5 and 2: fine histogram pass on those tiles (sparse): fine histogram of
                 the two bins and exact moments above them; tau in closed form, exact where the
                 sub-bin holding tau has at most two keys; POLISH_STEPS Newton sums passes on the
-                query tiles of the other rows; the block mask rebuilt from the exact tau and
+                query tiles of the other rows (one launch for them all with one key block,
+                ``backend.newton_polish``); the block mask rebuilt from the exact tau and
                 tightened per row.
                 Other alpha: NEWTON_STEPS Newton sums passes (sparse) on exact sums
              5. output pass on the block mask (sparse): sum p v, sum u v, sum u; the tiles that
@@ -210,9 +211,6 @@ def _closed_form_tau(backend: Backend, problems, blocks, reduce, spec, bracket, 
     return tau, exact, kept, tiles
 
 
-NO_STOP = -1.0  # tolerances of ``newton_step`` that stop no row: a fixed number of steps
-
-
 def _newton_steps(backend: Backend, problems, blocks, reduce, spec, tiles, state: stats.NewtonState, steps: int,
                   rows=None):
     """``steps`` safeguarded Newton steps (``stats.newton_update``, through ``backend.newton_step``:
@@ -229,7 +227,7 @@ def _newton_steps(backend: Backend, problems, blocks, reduce, spec, tiles, state
         for block in blocks.sweep(with_values=False, needed=needed, pass_name="newton"):
             part = backend.newton_sums_pass(problems(block), tiles[block.index], state.point, rows)
             sums = part if sums is None else sums + part
-        state = backend.newton_step(state, reduce.sums(sums), spec, NO_STOP, NO_STOP)
+        state = backend.newton_step(state, reduce.sums(sums), spec, stats.NO_STOP, stats.NO_STOP)
     return state.point
 
 
@@ -250,6 +248,11 @@ def _polished_tau(backend: Backend, problems, blocks, reduce, spec, bracket, tau
     lower = bracket.lower.double()
     # exact rows (the empty ones among them) start done: they keep tau
     start = stats.NewtonState.of(tau, lower, lower + 2.0 / (stats.NUM_BINS - 1), exact)
+    if blocks.num_blocks == 1 and reduce.complete:
+        # nothing to merge between steps: all of them in one launch (``backend.newton_polish``), in
+        # which the query tiles with no such row read nothing
+        (block,) = blocks.sweep(with_values=False, needed=_needed(blocks, tiles), pass_name="newton")
+        return backend.newton_polish(problems(block), tiles[0], start, stats.POLISH_STEPS)
     return _newton_steps(backend, problems, blocks, reduce, spec, tiles, start, stats.POLISH_STEPS, rows=~exact)
 
 

@@ -173,6 +173,11 @@ class Backend(Protocol):
         """``stats.newton_step`` on a ``stats.NewtonState`` with the merged Newton sums (the
         Triton backend in one launch, updating the state's tensors in place)."""
 
+    def newton_polish(self, problem: Problem, tiles: BlockMask, state, steps: int) -> torch.Tensor:
+        """``steps`` Newton steps (``newton_sums_pass`` and ``newton_step``, no stopping rule) on the
+        rows of a ``stats.NewtonState`` not done, for a query block that holds all its keys: the
+        last point (B, H, Sq) float64 (the Triton backend in one launch, in place)."""
+
     def newton_schedule(self, problem: Problem, tiles: BlockMask, reference, row_max, tolerance: float,
                         step_tolerance: float):
         """Every step of the Newton schedule for a query block that holds all its keys, from the

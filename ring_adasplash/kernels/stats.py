@@ -46,6 +46,7 @@ NEWTON_STEPS = 5
 # Newton sums passes after the closed form (alpha 1.5 and 2) on the rows it leaves inexact
 # (``two_point_exact``), from within a sub-bin of tau
 POLISH_STEPS = 2
+NO_STOP = -1.0  # tolerances of ``newton_step`` that stop no row: a fixed number of steps
 # The Newton schedule (``algorithm``, alpha up to NEWTON_SCHEDULE_MAX_ALPHA): at most this many
 # Newton sums passes from the max pass's lower bound of tau; a row stops once a step moves its tau
 # by at most NEWTON_STEP_TOLERANCE (the steps converge quadratically: the error left is about the

@@ -267,6 +267,18 @@ def newton_step(state: stats.NewtonState, sums: torch.Tensor, spec, tolerance: f
     return stats.newton_step(state, sums, spec, tolerance, step_tolerance)
 
 
+def newton_polish(problem: Problem, tiles: BlockMask, state: stats.NewtonState, steps: int) -> torch.Tensor:
+    """``steps`` Newton steps with no stopping rule (``newton_sums_pass`` over ``tiles`` on the
+    query tiles holding a row not done, then ``newton_step``) for a query block that holds all its
+    keys, step for step as ``triton_newton.newton_polish_kernel`` runs them in one launch: the
+    exact finish after the closed form. Returns the last point (B, H, Sq) float64."""
+    rows = ~state.done
+    for _ in range(steps):
+        state = newton_step(state, newton_sums_pass(problem, tiles, state.point, rows), problem.spec, stats.NO_STOP,
+                            stats.NO_STOP)
+    return state.point
+
+
 def newton_schedule(problem: Problem, tiles: BlockMask, reference, row_max, tolerance: float, step_tolerance: float):
     """The Newton schedule of a query block that holds all its keys (``algorithm``'s, for one key
     block and nothing to merge), step for step as ``triton_newton.newton_schedule_kernel`` runs it:

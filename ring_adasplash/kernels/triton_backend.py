@@ -313,6 +313,17 @@ def newton_step(state: S.NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tole
     return S.NewtonState(point, lower, upper, done.view(torch.bool))
 
 
+def newton_polish(problem: TritonProblem, tiles: BlockMask, state: S.NewtonState, steps: int) -> torch.Tensor:
+    """``torch_blockwise.newton_polish`` in one launch (``triton_newton.newton_polish_kernel``),
+    updating the state's point, lower and upper in place."""
+    p = problem
+    point, lower, upper = (x.to(torch.float64).contiguous() for x in state[:3])
+    launch(triton_newton.newton_polish_kernel, p.query_grid)(
+        **p.listed(tiles), Point=point, Lower=lower, Upper=upper,
+        Done=state.done.contiguous().view(torch.int8), **p.weights, no_stop=S.NO_STOP, STEPS=steps, **p.config("sparse"))
+    return point
+
+
 def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max, tolerance: float,
                     step_tolerance: float):
     """``torch_blockwise.newton_schedule`` in one launch (``triton_newton.newton_schedule_kernel``)."""

@@ -1,4 +1,5 @@
-"""The Newton schedule in one launch, for a query block that holds all its keys (one device).
+"""The Newton schedule, and the exact finish after the closed form, in one launch each, for a
+query block that holds all its keys (one device).
 
 ``newton_schedule_kernel`` (``torch_blockwise.newton_schedule``): one program per (query tile,
 batch x query head) loads its queries once and runs every step of ``algorithm``'s Newton
@@ -18,11 +19,16 @@ its listed tiles. A sweep reads every listed tile, in two loops with no branch i
 (``list_slots``): the loads of the next tiles are issued while this one is computed (a sweep
 that skipped the tiles below every row's lower bound, as the pass-by-pass schedule does once,
 saved little: on attention rows few tiles lie between the max pass's bound and tau).
+
+``newton_polish_kernel`` runs the histogram schedule's exact finish (``stats.POLISH_STEPS`` steps
+after the closed form, on the few rows it leaves inexact) the same way, in one launch: a query
+tile with no such row reads nothing. Pass by pass it cost two sums launches and two step launches
+on every call, though almost no row needs them.
 """
 import triton
 import triton.language as tl
 
-from .triton_common import ADD, MAX, listed_query_tile
+from .triton_common import ADD, MAX, listed_query_tile, program_tile, row_offsets
 from .triton_refine import ONES_WIDTH, newton_tiles
 from .triton_tau import newton_row_step
 
@@ -31,9 +37,10 @@ from .triton_tau import newton_row_step
 def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
                  offs_m, Keep, tile_row, t, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma,
                  margin, mark, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 POWER: tl.constexpr, KEEP: tl.constexpr, PRECISION: tl.constexpr):
-    """One sweep of the listed key tiles at ``t`` (float32 per row): ``(f, f', count)`` per row, and
-    with ``KEEP`` ``mark`` on the tiles that may hold p > 0 (``newton_tiles``)."""
+                 POWER: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr, PRECISION: tl.constexpr):
+    """One sweep of the listed key tiles at ``t`` (float32 per row): ``(f, f', count)`` per row (the
+    count 0 without ``COUNT``), and with ``KEEP`` ``mark`` on the tiles that may hold p > 0
+    (``newton_tiles``)."""
     f_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     above = tl.full([BLOCK_M, ONES_WIDTH], 0.0, tl.float32)
@@ -41,7 +48,7 @@ def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
         f_sum, df_sum, above = newton_tiles(
             q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
             Keep, tile_row, t, ones, f_sum, df_sum, above, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
-            gamma, margin, mark, HEAD_DIM, BLOCK_N, POWER, POWER == 2, KEEP, FULL == 1, PRECISION)
+            gamma, margin, mark, HEAD_DIM, BLOCK_N, POWER, COUNT, KEEP, FULL == 1, PRECISION)
     return f_sum.to(tl.float64), df_sum.to(tl.float64), tl.reduce(above, 1, MAX).to(tl.float64)
 
 
@@ -50,15 +57,16 @@ def newton_steps(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
                  offs_m, Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin,
                  tolerance, step_tolerance, point, lower, upper, done, step, live, LAST: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POWER: tl.constexpr,
-                 KEEP: tl.constexpr, PRECISION: tl.constexpr):
+                 COUNT: tl.constexpr, KEEP: tl.constexpr, PRECISION: tl.constexpr):
     """Steps ``step``, ``step + 1``, ... up to ``LAST`` (excluded) while a row is live: a sweep at
-    the rows' points, then ``newton_row_step`` on the rows not done. Returns ``(point, lower,
-    upper, done, step, live)``."""
+    the rows' points, then ``newton_row_step`` on the rows not done (with ``COUNT`` the sweep
+    counts the keys above each point, and at gamma 2 the step takes the upper bound they give).
+    Returns ``(point, lower, upper, done, step, live)``."""
     while (step < LAST) & (live > 0):
         f, df, n = newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
                                 q_first, offs_m, Keep, tile_row, point.to(tl.float32), ones, stride_ks, stride_kd,
                                 seqlen_q, seqlen_k, shift, scale_z, gamma, margin, (step + 1).to(tl.int8), HEAD_DIM,
-                                BLOCK_M, BLOCK_N, POWER, KEEP, PRECISION)
+                                BLOCK_M, BLOCK_N, POWER, COUNT, KEEP, PRECISION)
         next_point, next_lower, next_upper, converged = newton_row_step(f, df, n, point, lower, upper, gamma,
                                                                         tolerance, step_tolerance, POWER)
         point = tl.where(done, point, next_point)
@@ -103,13 +111,13 @@ def newton_schedule_kernel(
     point, lower, upper, done, step, live = newton_steps(
         q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m, Keep,
         tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
-        step_tolerance, point, lower, upper, done, step, live, NARROW_STEP, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, False,
-        PRECISION)
+        step_tolerance, point, lower, upper, done, step, live, NARROW_STEP, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
+        POWER == 2, False, PRECISION)
     point, lower, upper, done, step, live = newton_steps(
         q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m, Keep,
         tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
-        step_tolerance, point, lower, upper, done, step, live, MAX_STEPS, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, True,
-        PRECISION)
+        step_tolerance, point, lower, upper, done, step, live, MAX_STEPS, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
+        POWER == 2, True, PRECISION)
     # Keep now holds, per tile, 1 + the last step whose sweep found a key of it near; the last
     # sweep's tiles become 1, the others 0; where no sweep marked, every listed tile is 1
     marked = step > NARROW_STEP
@@ -120,3 +128,44 @@ def newton_schedule_kernel(
         last = tl.load(At, mask=in_list, other=0) == step
         tl.store(At, tl.where(last | ~marked, 1, 0).to(tl.int8), mask=in_list)
     tl.store(Tau + rows, point, mask=in_q)
+
+
+@triton.jit
+def newton_polish_kernel(
+    Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
+    Point, Lower, Upper, Done,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma, no_stop,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    POWER: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``STEPS`` Newton steps on the rows not ``Done`` (int8), from ``Point`` in the bracket
+    [``Lower``, ``Upper``] (float64, updated in place), with sums without the count and tolerances
+    ``no_stop`` (``stats.NO_STOP``: no row stops early): the exact finish after the closed form
+    (``torch_blockwise.newton_polish``). Rarely is a row not done, so a query tile whose rows are
+    all done reads nothing more, not even its queries."""
+    tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
+    tile_q, bh, b, h, offs_m, in_q = program_tile(num_heads, seqlen_q, BLOCK_M)
+    rows = row_offsets(bh, seqlen_q, offs_m)
+    done = (tl.load(Done + rows, mask=in_q, other=1) != 0) | ~in_q
+    live = tl.reduce((~done).to(tl.int32), 0, ADD)
+    if live > 0:
+        (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
+         full_first, full_end) = listed_query_tile(
+            Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
+            stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
+        shift = tl.load(Shift + rows, mask=in_q, other=0.0)
+        point = tl.load(Point + rows, mask=in_q, other=0.0)
+        lower = tl.load(Lower + rows, mask=in_q, other=0.0)
+        upper = tl.load(Upper + rows, mask=in_q, other=0.0)
+        ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
+        step = tl.full([], 0, tl.int32)
+        point, lower, upper, done, step, live = newton_steps(
+            q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
+            Tile_count, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, 0.0, no_stop,
+            no_stop, point, lower, upper, done, step, live, STEPS, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, False, False,
+            PRECISION)
+        tl.store(Point + rows, point, mask=in_q)
+        tl.store(Lower + rows, lower, mask=in_q)
+        tl.store(Upper + rows, upper, mask=in_q)
