@@ -35,11 +35,13 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("ring_adasplash::attention_forward", mutates_args=())
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor,
-                      q_first: Tensor, k_win_pos: Tensor, alphas: list[float],
-                      softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      q_first: Tensor, k_win_pos: Tensor, alphas: list[float], softmax_scale: float,
+                      backward_sums: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out in q's dtype, out_u, u_sum, tau, shift, support, nonzero tiles); see
-    ``kernels/algorithm.py`` (``ForwardResult``). ``alphas``: one alpha, or one per query head."""
-    args = (q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, tuple(alphas), softmax_scale)
+    ``kernels/algorithm.py`` (``ForwardResult``). ``alphas``: one alpha, or one per query head.
+    ``backward_sums`` False (no backward to come): out_u and u_sum are empty, (0,), and not
+    computed."""
+    args = (q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, tuple(alphas), softmax_scale, backward_sums)
     # the schedule setting decides which kernels run, so each setting has graphs of its own (a
     # graph captured under another would meet kernels not yet compiled, which no capture allows)
     name = f"forward ({os.environ.get(SCHEDULE_ENV, 'auto')} schedule)"
@@ -51,29 +53,30 @@ def _work(q: Tensor, k: Tensor) -> int:
     return q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
 
 
-def _kernel_key(q: Tensor, k: Tensor, alphas) -> tuple:
+def _kernel_key(q: Tensor, k: Tensor, alphas, backward_sums: bool) -> tuple:
     """What decides which kernels a call compiles: per alpha its powers and schedule, not its
-    value (a learnable alpha changes every step)."""
+    value (a learnable alpha changes every step); and whether a backward is to come."""
     specs = sorted({(EntmaxSpec(a).power, EntmaxSpec(a).closed_form, default_schedule(EntmaxSpec(a), True))
                     for a in alphas})
     split = len(set(alphas)) > 1  # the groups read one key head per query head
-    return (q.device, q.dtype, q.shape[-1], 1 if split else q.shape[2] // k.shape[2], tuple(specs))
+    return (q.device, q.dtype, q.shape[-1], 1 if split else q.shape[2] // k.shape[2], tuple(specs), backward_sums)
 
 
-def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float) -> list:
+def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool = True) -> list:
     """``(group, ForwardResult)`` per group of heads of equal alpha (``head_groups``)."""
     backend = backend_for(q)
     groups = head_groups(alphas, q.shape[2], k.shape[2], q.device)
     return [(g, entmax_forward(backend, g.queries(q), SingleBlock(g.keys(k), g.keys(v), vis), EntmaxSpec(g.alpha),
-                               softmax_scale)) for g in groups]
+                               softmax_scale, backward_sums=backward_sums)) for g in groups]
 
 
-def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: tuple, softmax_scale: float):
+def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: tuple, softmax_scale: float,
+             backward_sums: bool):
     vis = Visibility(q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
     if q.dtype != torch.float64:  # float64 runs no Triton kernel
-        compile_ahead(_kernel_key(q, k, alphas), functools.partial(_dry_run, q, k, v, vis, alphas, softmax_scale),
-                      q.device)
-    results = _group_forward(q, k, v, vis, alphas, softmax_scale)
+        compile_ahead(_kernel_key(q, k, alphas, backward_sums),
+                      functools.partial(_dry_run, q, k, v, vis, alphas, softmax_scale, backward_sums), q.device)
+    results = _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums)
     for _, fwd in results:
         telemetry.log_forward(fwd, "single")
     groups, heads = [g for g, _ in results], q.shape[2]
@@ -83,29 +86,36 @@ def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: 
 
     # contiguous, as the fake impl promises (compiled graphs check strides)
     masks = join_heads([fwd.block_masks[0].tiles for _, fwd in results], groups, 1, heads)
-    return (joined("out", 2).to(q.dtype).contiguous(), joined("out_u", 2).contiguous(), joined("u_sum", 1).contiguous(),
-            joined("tau", 1).contiguous(), joined("shift", 1).contiguous(),
-            joined("support", 1).to(results[0][1].tau.dtype).contiguous(), masks.contiguous())
+    acc = results[0][1].tau.dtype
+    if backward_sums:
+        out_u, u_sum = joined("out_u", 2).contiguous(), joined("u_sum", 1).contiguous()
+    else:
+        out_u, u_sum = q.new_empty((0,), dtype=acc), q.new_empty((0,), dtype=acc)
+    return (joined("out", 2).to(q.dtype).contiguous(), out_u, u_sum, joined("tau", 1).contiguous(),
+            joined("shift", 1).contiguous(), joined("support", 1).to(acc).contiguous(), masks.contiguous())
 
 
-def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float) -> None:
-    """The forward and the backward of a call, for ``compile_ahead``: every kernel that either
-    launches on this configuration."""
+def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool) -> None:
+    """The forward (and with ``backward_sums`` the backward) of a call, for ``compile_ahead``:
+    every kernel that either launches on this configuration."""
     backend = backend_for(q)
-    for g, fwd in _group_forward(q, k, v, vis, alphas, softmax_scale):
-        entmax_backward(backend, g.queries(q), torch.empty_like(g.queries(q)), SingleBlock(g.keys(k), g.keys(v), vis),
-                        fwd, EntmaxSpec(g.alpha), softmax_scale, kv_grad_dtype=k.dtype)
+    for g, fwd in _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums):
+        if backward_sums:
+            entmax_backward(backend, g.queries(q), torch.empty_like(g.queries(q)),
+                            SingleBlock(g.keys(k), g.keys(v), vis), fwd, EntmaxSpec(g.alpha), softmax_scale,
+                            kv_grad_dtype=k.dtype)
 
 
 @attention_forward.register_fake
-def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas, softmax_scale):
+def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas, softmax_scale, backward_sums=True):
     backend = backend_for(q)
     batch, seqlen_q, heads, _ = q.shape
     acc = _compute_dtype(q)
     tiles = (batch, heads, -(-seqlen_q // backend.BLOCK_M), -(-k.shape[1] // backend.BLOCK_N))
     out_shape = (batch, seqlen_q, heads, v.shape[-1])
     rows = (batch, heads, seqlen_q)
-    return (q.new_empty(out_shape), q.new_empty(out_shape, dtype=acc), q.new_empty(rows, dtype=acc),
+    out_u_shape, u_sum_shape = (out_shape, rows) if backward_sums else ((0,), (0,))
+    return (q.new_empty(out_shape), q.new_empty(out_u_shape, dtype=acc), q.new_empty(u_sum_shape, dtype=acc),
             q.new_empty(rows, dtype=acc), q.new_empty(rows, dtype=acc), q.new_empty(rows, dtype=acc),
             q.new_empty(tiles, dtype=torch.bool))
 
@@ -190,6 +200,12 @@ class AttentionStats(NamedTuple):
 
 
 def _attention(q, k, v, vis: Visibility, alpha: HeadAlpha, softmax_scale: float) -> tuple[Tensor, AttentionStats]:
+    learnable = alpha.tensor is not None and alpha.tensor.requires_grad
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or learnable)):
+        # no backward to come: the forward alone, without the row terms only the backward reads
+        out, _, _, tau, shift, support, _ = attention_forward(q, k, v, *vis.vectors(), list(alpha.values),
+                                                              softmax_scale, False)
+        return out, AttentionStats(tau, shift, support)
     out, tau, shift, support = _EntmaxAttention.apply(q, k, v, *vis.vectors(), alpha.tensor, alpha.values,
                                                       softmax_scale)
     return out, AttentionStats(tau, shift, support)

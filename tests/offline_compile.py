@@ -58,7 +58,8 @@ def capture(path: str) -> None:
             keep[1, :20] = False
             out = ra.adasplash_func(q, k, v, alpha=alpha, window_size=(40, 0), sink_tokens=2, key_padding_mask=keep)
             out.float().sum().backward()
-    # the Newton schedule (alpha 1.5 and another), and entmax over tensors (rows in registers and
+    # the Newton schedule (alpha 1.5 and another), as forwards alone (nothing requires grad: the
+    # output kernel without the backward's sums), and entmax over tensors (rows in registers and
     # rows read block by block)
     os.environ["RING_ADASPLASH_SCHEDULE"] = "newton"
     for dtype in (torch.bfloat16, torch.float32):

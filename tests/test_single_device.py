@@ -328,3 +328,39 @@ def test_telemetry_counts_the_per_tile_state(seqlen):
     n_tiles = -(-seqlen // 64)
     per_head, once = 2 * 3 * n_tiles * n_tiles, n_tiles * n_tiles
     assert (t.tile_state_bytes, t.saved_tile_bytes) == (7 * per_head + once, 2 * per_head + once)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+def test_forward_without_backward_leaves_out_the_backward_sums(alpha, monkeypatch):
+    """Under ``no_grad``, or with no input that requires grad, the forward computes no ``out_u``
+    or ``u_sum`` (the output pass's product ``u v``, read only by the backward); with one that
+    requires grad (alpha included) it does. The output and the row statistics are the same."""
+    q, k, v = random_qkv(2, 150, 150, 4, 2, 16, seed=11, requires_grad=False)
+    backend = ra.kernels.backend_for(q)  # the PyTorch backend, or the Triton kernels where selected
+    seen = []
+    output_pass = backend.output_pass
+
+    def spy(problem, tau, tiles, backward_sums=True):
+        sums = output_pass(problem, tau, tiles, backward_sums)
+        seen.append(sums.out_u is not None)
+        assert (sums.out_u is None) == (sums.u_sum is None) == (not backward_sums)
+        return sums
+
+    monkeypatch.setattr(backend, "output_pass", spy)
+    with torch.no_grad():
+        no_grad, stats = ra.adasplash_func(q, k, v, alpha=alpha, return_stats=True)
+    plain = ra.adasplash_func(q, k, v, alpha=alpha)  # grad enabled, nothing requires it
+    assert seen == [False, False]
+    leaf = torch.tensor(alpha, requires_grad=True)
+    learnable, _ = ra.adasplash_func(q, k, v, alpha=leaf, return_stats=True)
+    qg = q.clone().requires_grad_()
+    trained, trained_stats = ra.adasplash_func(qg, k, v, alpha=alpha, return_stats=True)
+    assert seen == [False, False, True, True]
+    for out in (plain, trained):
+        assert torch.equal(no_grad, out.detach())
+    # alpha read back from a float32 tensor (1.3 is not one)
+    torch.testing.assert_close(learnable.detach(), no_grad, rtol=1e-5, atol=1e-5)
+    for got, want in zip(stats, trained_stats):
+        assert torch.equal(got, want)
+    trained.sum().backward()
+    assert torch.isfinite(qg.grad).all()

@@ -720,6 +720,24 @@ def test_newton_polish_kernel_matches_the_steps_pass_by_pass(interpreted, alpha,
     torch.testing.assert_close(by_pass.tau, run.tau, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("alpha", (1.5, 2.0))
+def test_output_kernel_without_backward_sums(interpreted, alpha):
+    """The output kernel with ``BACKWARD_SUMS`` off (a forward with no backward to come),
+    interpreted: no ``out_u`` or ``u_sum``, and the output, support and nonzero tiles exactly as
+    with them; those sums as ``torch_blockwise``'s."""
+    q, k, v = random_qkv(1, 200, 200, 4, 2, 32, seed=21)
+    vis = causal_visibility(200, 200, True, "cpu")
+    runs = [A.entmax_forward(interpreted, q, A.SingleBlock(k, v, vis), EntmaxSpec(alpha), 32 ** -0.5,
+                             backward_sums=sums) for sums in (True, False)]
+    with_sums, without = runs
+    assert without.out_u is None and without.u_sum is None
+    assert torch.equal(without.out, with_sums.out) and torch.equal(without.support, with_sums.support)
+    assert torch.equal(without.block_masks[0].tiles, with_sums.block_masks[0].tiles)
+    want = A.entmax_forward(TB, q, A.SingleBlock(k, v, vis), EntmaxSpec(alpha), 32 ** -0.5)
+    torch.testing.assert_close(with_sums.out_u, want.out_u.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(with_sums.u_sum, want.u_sum.float(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("alpha", (1.01, 1.25, 1.5, 2.0))
 def test_entmax_over_tensors_runs_the_row_kernel(interpreted, alpha, monkeypatch):
     """``ring_adasplash.entmax`` on CPU tensors with the Triton backend selected: the row kernel

@@ -113,8 +113,8 @@ class ForwardResult:
     """Everything the backward and the telemetry need, per query row (B, Hq, Sq) unless noted."""
 
     out: torch.Tensor | None  # (B, Sq, Hq, D) float32 output
-    out_u: torch.Tensor  # (B, Sq, Hq, D) float32, sum u v
-    u_sum: torch.Tensor  # sum u
+    out_u: torch.Tensor | None  # (B, Sq, Hq, D) float32, sum u v (None: a forward with no backward)
+    u_sum: torch.Tensor | None  # sum u (likewise)
     # float32 (float64 for float64 inputs), in z relative to the row's score max (so in [-1, 0]);
     # +inf on rows with no visible key, NaN on rows that see a score that is not finite
     tau: torch.Tensor
@@ -327,9 +327,12 @@ def _needed(blocks: KeyBlocks, masks: list):
 
 
 def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: EntmaxSpec, softmax_scale: float,
-                   reduce: LocalReduce = LocalReduce(), schedule: str | None = None) -> ForwardResult:
+                   reduce: LocalReduce = LocalReduce(), schedule: str | None = None,
+                   backward_sums: bool = True) -> ForwardResult:
     """Exact alpha-entmax attention of ``q`` (B, Sq, Hq, D) against all key blocks; ``schedule``:
-    one of ``SCHEDULES``, default ``default_schedule`` (``one_block``: one key block, nothing to merge)."""
+    one of ``SCHEDULES``, default ``default_schedule`` (``one_block``: one key block, nothing to merge).
+    ``backward_sums``: also the row terms the backward needs (``out_u``, ``u_sum``); without
+    them (no backward to come) the output pass does a product with V fewer per tile."""
     schedule = schedule or default_schedule(spec, blocks.num_blocks == 1 and reduce.complete)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
@@ -351,7 +354,7 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
         candidates = [r.with_tiles(r.tiles & lower_bound_mask(tile_gaps[i], tau.to(reference.dtype), reference, empty,
                                                                block_m)) for i, r in enumerate(read)]
         held = _tile_state(tile_gaps, visible.values(), read, candidates)
-        return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held)
+        return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums)
     row_stats = _histogram(backend, problems, blocks, reduce, rel.row_max, rel.tau_floor, tile_gaps, visible)
     bracket = backend.coarse_bracket(row_stats, spec)
     candidates = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], bracket.lower, reference, bracket.empty,
@@ -367,19 +370,20 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
         tau = _newton_tau(backend, problems, blocks, reduce, spec, bracket, candidates)
     held = _tile_state(tile_gaps, visible.values(), candidates)
     del tile_gaps  # float32 per tile: the bool masks are all the output pass needs
-    return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held)
+    return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums)
 
 
 def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, visible, dtype,
-            tile_state_bytes: int) -> ForwardResult:
+            tile_state_bytes: int, backward_sums: bool) -> ForwardResult:
     """Step 5 for a known tau (NaN on rows that see a score that is not finite), over the
-    ``candidates`` tiles."""
+    ``candidates`` tiles; ``out_u`` and ``u_sum`` only with ``backward_sums``."""
     tau = torch.where(rel.nonfinite, float("nan"), tau).to(torch.float64 if dtype == torch.float64 else torch.float32)
     parts, nonzero = None, {}
     for block in blocks.sweep(with_values=True, needed=_needed(blocks, candidates), pass_name="output"):
-        *sums, nonzero[block.index] = backend.output_pass(problems(block), tau, candidates[block.index])
-        parts = sums if parts is None else [a + b for a, b in zip(parts, sums)]
-    out, out_u, u_sum, support = (reduce.sums(p) for p in parts)
+        *sums, nonzero[block.index] = backend.output_pass(problems(block), tau, candidates[block.index],
+                                                          backward_sums)
+        parts = sums if parts is None else [None if a is None else a + b for a, b in zip(parts, sums)]
+    out, out_u, u_sum, support = (None if p is None else reduce.sums(p) for p in parts)
     masks = [visible[i].with_tiles(nonzero[i]) for i in range(blocks.num_blocks)]
     return ForwardResult(out, out_u, u_sum, tau, rel.shift, support, masks, candidates,
                          tile_state_bytes=tile_state_bytes)

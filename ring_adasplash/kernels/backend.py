@@ -107,12 +107,13 @@ class OutputSums(NamedTuple):
 
     ``out`` (B, Sq, Hq, D) = sum p v; ``out_u`` (B, Sq, Hq, D) = sum u v; ``u_sum`` (B, Hq, Sq) =
     sum u; ``support`` (B, Hq, Sq) = number of keys with p > 0 (float32; float64 for float64
-    inputs); ``nonzero`` (B, Hq, nQ, nK) bool: tiles holding any p > 0.
+    inputs); ``nonzero`` (B, Hq, nQ, nK) bool: tiles holding any p > 0. ``out_u`` and ``u_sum``
+    are what the backward needs: None where the pass was asked for the output alone.
     """
 
     out: torch.Tensor
-    out_u: torch.Tensor
-    u_sum: torch.Tensor
+    out_u: torch.Tensor | None
+    u_sum: torch.Tensor | None
     support: torch.Tensor
     nonzero: torch.Tensor
 
@@ -185,9 +186,10 @@ class Backend(Protocol):
         ``(tau, keep)``, tau (B, H, Sq) float64 and (B, H, nQ, nK) bool, the tiles that may hold
         p > 0 (``torch_blockwise.newton_schedule``; the Triton backend in one launch)."""
 
-    def output_pass(self, problem: Problem, tau, tiles: BlockMask) -> OutputSums:
+    def output_pass(self, problem: Problem, tau, tiles: BlockMask, backward_sums: bool = True) -> OutputSums:
         """Partial output for a known ``tau`` over ``tiles``; rows whose tau is NaN (they see a
-        score that is not finite) come out NaN."""
+        score that is not finite) come out NaN. ``backward_sums``: also ``out_u`` and ``u_sum``
+        (a call with no backward to come leaves out their product with V)."""
 
     def backward_pass(self, problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
                       kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False) -> Gradients:

@@ -317,9 +317,10 @@ def _nan_rows(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(tau).transpose(1, 2)[..., None], float("nan"), x)
 
 
-def output_pass(problem: Problem, tau, tiles: BlockMask) -> OutputSums:
-    """Partial output for a known tau over ``tiles`` (``backend.OutputSums``); additive across key
-    blocks. Rows whose tau is NaN come out NaN."""
+def output_pass(problem: Problem, tau, tiles: BlockMask, backward_sums: bool = True) -> OutputSums:
+    """Partial output for a known tau over ``tiles`` (``backend.OutputSums``; ``out_u`` and
+    ``u_sum`` only with ``backward_sums``); additive across key blocks. Rows whose tau is NaN come
+    out NaN."""
     key_tiles = _KeyTiles(problem, tiles)
     p = problem
     dtype = key_tiles.qh.dtype
@@ -335,11 +336,14 @@ def output_pass(problem: Problem, tau, tiles: BlockMask) -> OutputSums:
         prob, u = p.spec.weights(gap)
         vt = p.v[:, keys].to(dtype).permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, n, D)
         out += prob.reshape(by_group) @ vt
-        out_u += u.reshape(by_group) @ vt
-        u_sum += u.sum(-1)
+        if backward_sums:
+            out_u += u.reshape(by_group) @ vt
+            u_sum += u.sum(-1)
         support += (gap > 0).sum(-1)
         nonzero[..., index] = key_tiles.per_query_tile((gap > 0).any(-1), "any")
     to_public = lambda x: x.reshape(p.batch, p.heads, p.seqlen_q, -1).permute(0, 2, 1, 3)  # noqa: E731
+    if not backward_sums:
+        return OutputSums(_nan_rows(to_public(out), tau), None, None, support, nonzero)
     return OutputSums(_nan_rows(to_public(out), tau), to_public(out_u), u_sum, support, nonzero)
 
 

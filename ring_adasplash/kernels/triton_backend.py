@@ -338,17 +338,21 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
     return tau, keep.view(torch.bool)
 
 
-def output_pass(problem: TritonProblem, tau, tiles: BlockMask) -> OutputSums:
-    """sum p v, sum u v, sum u, support and nonzero tiles over ``tiles``
+def output_pass(problem: TritonProblem, tau, tiles: BlockMask, backward_sums: bool = True) -> OutputSums:
+    """sum p v, with ``backward_sums`` sum u v and sum u, support and nonzero tiles over ``tiles``
     (``triton_output.output_kernel``), all float32 (why: docs/design.md (kernel choices))."""
     p = problem
     out = torch.empty(p.batch, p.seqlen_q, p.heads, p.v.shape[-1], device=p.q.device, dtype=torch.float32)
-    out_u = torch.empty_like(out)
-    u_sum, support = p.empty_rows(), p.empty_rows()
+    support = p.empty_rows()
+    # without them the kernel stores nothing there (the pointers are never read)
+    out_u, u_sum = (torch.empty_like(out), p.empty_rows()) if backward_sums else (out, support)
     nonzero = torch.zeros(p.tiles, device=p.q.device, dtype=torch.uint8)
     launch(triton_output.output_kernel, p.query_grid)(
         **p.listed(tiles), V=p.v, **_strides("v", p.v), Tau=p.per_row(tau), Out=out, Out_u=out_u, U_sum=u_sum,
-        Support=support, Nonzero=nonzero, **_strides("o", out), **p.weights, **p.config("output"))
+        Support=support, Nonzero=nonzero, **_strides("o", out), **p.weights, BACKWARD_SUMS=backward_sums,
+        **p.config("output"))
+    if not backward_sums:
+        return OutputSums(out, None, None, support, nonzero.view(torch.bool))
     return OutputSums(out, out_u, u_sum, support, nonzero.view(torch.bool))
 
 

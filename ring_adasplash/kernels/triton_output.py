@@ -1,4 +1,6 @@
 """Output pass: for a known tau, sum p v, sum u v, sum u and the support, over the listed key tiles.
+Sum u v and sum u serve the backward alone: with ``BACKWARD_SUMS`` off (a call with no backward
+to come) their product and sum are left out.
 
 One program per (query tile, batch x query head), visiting only its listed key tiles. With
 ``gap = (z - tau)_+`` (z relative to the row's score max, ``Shift``): p = gap^gamma,
@@ -19,7 +21,7 @@ from .triton_common import (ADD, LIST_UNROLL, LIST_UNROLL_MAX_HEAD_DIM, at_head,
 def output_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
                  offs_m, Nonzero, shift, tau, acc, acc_u, u_sum, support, stride_ks, stride_kd, stride_vs, stride_vd,
                  seqlen_q, seqlen_k, scale_z, gamma, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                 POWER: tl.constexpr, FULL: tl.constexpr, PRECISION: tl.constexpr):
+                 POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, FULL: tl.constexpr, PRECISION: tl.constexpr):
     """The sums over one of the two loops of listed tiles (``list_slots``)."""
     start, stop = list_slots(count, full_first, full_end, FULL)
     # two tiles per trip where every pair is visible, where the head dim and precision allow
@@ -33,8 +35,9 @@ def output_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first
         p, u = entmax_weights(gap, gamma, POWER)
         v = load_rows(V, offs_n, offs_n < seqlen_k, stride_vs, stride_vd, HEAD_DIM)
         acc += dot(p.to(v.dtype), v, PRECISION)
-        acc_u += dot(u.to(v.dtype), v, PRECISION)
-        u_sum += tl.reduce(u, 1, ADD)
+        if BACKWARD_SUMS:
+            acc_u += dot(u.to(v.dtype), v, PRECISION)
+            u_sum += tl.reduce(u, 1, ADD)
         n_support = tl.reduce((gap > 0).to(tl.float32), 1, ADD)
         support += n_support
         # rows with p > 0 store the flag themselves (Nonzero starts at zero): no reduction across
@@ -53,7 +56,7 @@ def output_kernel(
     stride_ob, stride_os, stride_oh, stride_od,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POWER: tl.constexpr, PRECISION: tl.constexpr,
+    POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_first,
@@ -72,12 +75,13 @@ def output_kernel(
         acc, acc_u, u_sum, support = output_tiles(
             q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
             offs_m, Nonzero, shift, tau, acc, acc_u, u_sum, support, stride_ks, stride_kd, stride_vs, stride_vd,
-            seqlen_q, seqlen_k, scale_z, gamma, HEAD_DIM, BLOCK_N, POWER, FULL == 1, PRECISION)
+            seqlen_q, seqlen_k, scale_z, gamma, HEAD_DIM, BLOCK_N, POWER, BACKWARD_SUMS, FULL == 1, PRECISION)
 
     acc = tl.where((tau == tau)[:, None], acc, float("nan"))  # rows that see a non-finite score
     tl.store(tile_ptrs(at_head(Out, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od, HEAD_DIM), acc,
              mask=in_q[:, None])
-    tl.store(tile_ptrs(at_head(Out_u, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od, HEAD_DIM), acc_u,
-             mask=in_q[:, None])
-    tl.store(U_sum + rows, u_sum, mask=in_q)
+    if BACKWARD_SUMS:
+        tl.store(tile_ptrs(at_head(Out_u, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od, HEAD_DIM),
+                 acc_u, mask=in_q[:, None])
+        tl.store(U_sum + rows, u_sum, mask=in_q)
     tl.store(Support + rows, support, mask=in_q)
