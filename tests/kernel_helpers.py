@@ -25,13 +25,14 @@ def no_floor(problem_) -> torch.Tensor:
 
 
 def statistics_pass(backend, q, k, vis, scale_z: float, score_max=None):
-    """Statistics of q against one key block alone, ``(RowStats, tile_gap, Relative)``: the max
+    """Statistics of q against one key block alone, ``(RowStats, gap_codes, Relative)``: the max
     pass with no tau floor, then the histogram pass against ``score_max`` (default: this block's
     own), on every tile that may hold a kept key (so every kept bin is complete)."""
     raw = problem(backend, q, k, vis, scale_z)
     maxima = backend.max_pass(raw, tau_floor=no_floor(raw))
     rel = S.relative(maxima.score_max if score_max is None else score_max, maxima.tau_floor, scale_z)
     shifted = problem(backend, q, k, vis, scale_z, shift=rel.shift)
-    tiles = shifted.block_mask(S.histogram_mask(maxima.tile_gap))
-    hist, tile_gap = backend.histogram_pass(shifted, rel.row_max, None, maxima.tile_gap, tiles)
-    return S.RowStats(rel.row_max, hist), tile_gap, rel
+    codes = S.encode_gaps(maxima.tile_gap)
+    tiles = shifted.block_mask(S.histogram_mask(codes))
+    hist, codes = backend.histogram_pass(shifted, rel.row_max, None, codes, tiles)
+    return S.RowStats(rel.row_max, hist), codes, rel

@@ -154,8 +154,8 @@ def test_tau_floor_narrows_the_histogram():
     q, k, v = _position_coded_qkv(seqlen, dim)
     vis = causal_visibility(seqlen, seqlen, True, "cpu")
     prob = problem(tb, q, k, vis, 0.5 * dim ** -0.5)
-    by_max = S.histogram_mask(tb.max_pass(prob, tau_floor=no_floor(prob)).tile_gap)  # no floor
-    by_floor = S.histogram_mask(tb.max_pass(prob).tile_gap)
+    by_max = S.histogram_mask(S.encode_gaps(tb.max_pass(prob, tau_floor=no_floor(prob)).tile_gap))  # no floor
+    by_floor = S.histogram_mask(S.encode_gaps(tb.max_pass(prob).tile_gap))
     assert not (by_floor & ~by_max).any() and by_floor.sum() < 0.9 * by_max.sum()
     fwd = entmax_forward(tb, q, SingleBlock(k, v, vis), EntmaxSpec(1.5), dim ** -0.5)
     _, tau = entmax_attention_reference(q, k, v, 1.5, True, return_tau=True)
@@ -170,10 +170,10 @@ def test_histogram_above_the_tau_floor_is_complete():
     scale_z = 0.5 * 64 ** -0.5
     maxima = tb.max_pass(problem(tb, q, k, vis, scale_z))
     row_max, tau_floor = S.relative(maxima.score_max, maxima.tau_floor, scale_z)[1:3]
-    prob, tile_gap = problem(tb, q, k, vis, scale_z, shift=maxima.score_max), maxima.tile_gap
-    every = torch.isfinite(tile_gap)
-    full, _ = tb.histogram_pass(prob, row_max, None, tile_gap, prob.block_mask(every))
-    cut, _ = tb.histogram_pass(prob, row_max, tau_floor, tile_gap, prob.block_mask(S.histogram_mask(tile_gap)))
+    prob, codes = problem(tb, q, k, vis, scale_z, shift=maxima.score_max), S.encode_gaps(maxima.tile_gap)
+    every = codes != S.GAP_NONE
+    full, _ = tb.histogram_pass(prob, row_max, None, codes, prob.block_mask(every))
+    cut, _ = tb.histogram_pass(prob, row_max, tau_floor, codes, prob.block_mask(S.histogram_mask(codes)))
     kept = torch.arange(S.NUM_BINS) < S.kept_bins(row_max, tau_floor)[..., None]
     assert (~kept).any(-1).float().mean() > 0.4  # many rows need fewer than all bins
     assert torch.equal(cut[kept], full[kept]) and full[kept].sum() > 0
@@ -316,8 +316,8 @@ def test_settings_are_checked(monkeypatch, env, bad, message, good):
 @pytest.mark.parametrize("seqlen", (640, 1024))
 def test_telemetry_counts_the_per_tile_state(seqlen):
     """``tile_state_bytes`` and ``saved_tile_bytes`` are the storages a forward holds (PyTorch
-    backend, one device, causal, the Newton schedule): per (query tile, key tile, head) a float32
-    tile gap and three bool masks (the max pass's tiles with visible pairs, the tiles the schedule
+    backend, one device, causal, the Newton schedule): per (query tile, key tile, head) a tile
+    gap's one-byte code (``stats.encode_gaps``) and three bool masks (the max pass's tiles with visible pairs, the tiles the schedule
     read, the output pass's candidates) plus the visible tiles once; kept for the backward: the
     tiles with p > 0 and the candidates, plus the visible tiles."""
     from ring_adasplash import telemetry
@@ -327,7 +327,7 @@ def test_telemetry_counts_the_per_tile_state(seqlen):
         ra.adasplash_func(q, k, v, causal=True)
     n_tiles = -(-seqlen // 64)
     per_head, once = 2 * 3 * n_tiles * n_tiles, n_tiles * n_tiles
-    assert (t.tile_state_bytes, t.saved_tile_bytes) == (7 * per_head + once, 2 * per_head + once)
+    assert (t.tile_state_bytes, t.saved_tile_bytes) == (4 * per_head + once, 2 * per_head + once)
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])

@@ -147,12 +147,12 @@ def held_bytes(tensors) -> int:
 count_tile_state = False  # set by ``telemetry.record()``: only then does a forward count its tile state
 
 
-def _tile_state(tile_gaps: dict, *mask_lists) -> int:
+def _tile_state(gap_codes: dict, *mask_lists) -> int:
     """``held_bytes`` of the tile gaps and of every mask in ``mask_lists`` (lists of ``BlockMask``),
     or 0 outside ``count_tile_state``: a forward does no counting work unless asked."""
     if not count_tile_state:
         return 0
-    return held_bytes([*tile_gaps.values(), *(t for masks in mask_lists for m in masks for t in m.held_tensors())])
+    return held_bytes([*gap_codes.values(), *(t for masks in mask_lists for m in masks for t in m.held_tensors())])
 
 
 def visible_tiles(vis: Visibility, block_m: int, block_n: int) -> BlockMask:
@@ -165,29 +165,33 @@ def visible_tiles(vis: Visibility, block_m: int, block_n: int) -> BlockMask:
 def _maxima(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, scale_z: float):
     """Step 1 on every block: the row's score max (global after ``reduce``) and tau floor (of the
     first block: one's own keys, the diagonal under causal), as ``stats.Relative``, and per block
-    the tile gaps and a ``BlockMask`` of the visible tiles."""
+    the tile gaps as one byte per tile (``stats.encode_gaps``) and a ``BlockMask`` of the visible
+    tiles."""
     score_max = tau_floor = None
-    tile_gaps, visible = {}, {}
+    gap_codes, visible = {}, {}
     # tiles no query sees (outside every window, other documents) need not travel, even here
     needed = blocks.visible(backend.BLOCK_M, backend.BLOCK_N) if blocks.reads_needed else None
     for block in blocks.sweep(with_values=False, needed=needed, pass_name="max"):
         problem = problems(block)
         # the running max carries over from block to block: gaps of later blocks come out tighter
-        score_max, tau_floor, tile_gaps[block.index] = backend.max_pass(problem, score_max, tau_floor)
-        has_pairs = tile_gaps[block.index] > float("-inf")
+        score_max, tau_floor, tile_gap = backend.max_pass(problem, score_max, tau_floor)
+        # one byte per tile from here on (the float gaps of one block at a time)
+        gap_codes[block.index] = stats.encode_gaps(tile_gap)
+        del tile_gap
+        has_pairs = gap_codes[block.index] != stats.GAP_NONE
         visible[block.index] = problem.block_mask(has_pairs, visible=has_pairs.flatten(0, -3).any(0))
-    return stats.relative(reduce.row_max(score_max), tau_floor, scale_z), tile_gaps, visible
+    return stats.relative(reduce.row_max(score_max), tau_floor, scale_z), gap_codes, visible
 
 
-def _histogram(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, row_max, tau_floor, tile_gaps,
+def _histogram(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, row_max, tau_floor, gap_codes,
                visible):
     """Step 2: the coarse counts, added over blocks; marks the tiles that provably hold no p > 0."""
     # only these tiles can hold a key the bracket reads; histogram_pass marks the rest zero
-    tiles = [visible[i].with_tiles(stats.histogram_mask(tile_gaps[i])) for i in range(blocks.num_blocks)]
+    tiles = [visible[i].with_tiles(stats.histogram_mask(gap_codes[i])) for i in range(blocks.num_blocks)]
     hist = None
     for block in blocks.sweep(with_values=False, needed=_needed(blocks, tiles), pass_name="histogram"):
-        part, tile_gaps[block.index] = backend.histogram_pass(problems(block), row_max, tau_floor,
-                                                              tile_gaps[block.index], tiles[block.index])
+        part, gap_codes[block.index] = backend.histogram_pass(problems(block), row_max, tau_floor,
+                                                              gap_codes[block.index], tiles[block.index])
         hist = part if hist is None else hist + part
     return stats.RowStats(row_max, reduce.sums(hist))
 
@@ -256,7 +260,7 @@ def _polished_tau(backend: Backend, problems, blocks, reduce, spec, bracket, tau
     return _newton_steps(backend, problems, blocks, reduce, spec, tiles, start, stats.POLISH_STEPS, rows=~exact)
 
 
-def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, tile_gaps, visible, dtype):
+def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, gap_codes, visible, dtype):
     """tau by Newton steps alone, the schedule for alpha up to ``stats.NEWTON_SCHEDULE_MAX_ALPHA``:
     from the max pass's lower bound ``gap_reference``, ``stats.newton_step`` on exact sums over the
     tiles that reach above it (``newton_moments_pass``), until every row is done or
@@ -270,7 +274,7 @@ def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, 
     block_m = backend.BLOCK_M
     reference = stats.gap_reference(rel.row_max, rel.tau_floor)
     empty = ~torch.isfinite(rel.row_max)
-    tiles = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], reference, reference, empty, block_m))
+    tiles = [visible[i].with_tiles(lower_bound_mask(gap_codes[i], reference, reference, empty, block_m))
              for i in range(blocks.num_blocks)]
     tolerances = stats.NEWTON_TOLERANCE[dtype], stats.NEWTON_STEP_TOLERANCE[dtype]
     if blocks.num_blocks == 1 and reduce.complete:
@@ -283,7 +287,7 @@ def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, 
     for step in range(stats.NEWTON_SCHEDULE_STEPS):
         if step == stats.NEWTON_NARROW_STEP:
             lower = torch.where(state.done, state.point, state.lower).to(reference.dtype)
-            tiles = [t.with_tiles(t.tiles & lower_bound_mask(tile_gaps[i], lower, reference, empty, block_m))
+            tiles = [t.with_tiles(t.tiles & lower_bound_mask(gap_codes[i], lower, reference, empty, block_m))
                      for i, t in enumerate(tiles)]
         rows = ~state.done
         marked = stats.per_query_tile(rows, block_m, "any")[..., None]
@@ -340,7 +344,7 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
     def raw_problems(block: KeyBlock):
         return backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale)
 
-    rel, tile_gaps, visible = _maxima(backend, raw_problems, blocks, reduce, spec.scale_z(softmax_scale))
+    rel, gap_codes, visible = _maxima(backend, raw_problems, blocks, reduce, spec.scale_z(softmax_scale))
 
     def problems(block: KeyBlock):
         return backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale, rel.shift)
@@ -349,27 +353,27 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
     block_m = backend.BLOCK_M
     if schedule == "newton":
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        tau, read = _newton_schedule_tau(backend, problems, blocks, reduce, spec, rel, tile_gaps, visible, dtype)
+        tau, read = _newton_schedule_tau(backend, problems, blocks, reduce, spec, rel, gap_codes, visible, dtype)
         empty = ~torch.isfinite(rel.row_max)
-        candidates = [r.with_tiles(r.tiles & lower_bound_mask(tile_gaps[i], tau.to(reference.dtype), reference, empty,
+        candidates = [r.with_tiles(r.tiles & lower_bound_mask(gap_codes[i], tau.to(reference.dtype), reference, empty,
                                                                block_m)) for i, r in enumerate(read)]
-        held = _tile_state(tile_gaps, visible.values(), read, candidates)
+        held = _tile_state(gap_codes, visible.values(), read, candidates)
         return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums)
-    row_stats = _histogram(backend, problems, blocks, reduce, rel.row_max, rel.tau_floor, tile_gaps, visible)
+    row_stats = _histogram(backend, problems, blocks, reduce, rel.row_max, rel.tau_floor, gap_codes, visible)
     bracket = backend.coarse_bracket(row_stats, spec)
-    candidates = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], bracket.lower, reference, bracket.empty,
+    candidates = [visible[i].with_tiles(lower_bound_mask(gap_codes[i], bracket.lower, reference, bracket.empty,
                                                          block_m)) for i in range(blocks.num_blocks)]
     if spec.closed_form:
         tau, exact, kept, read = _closed_form_tau(backend, problems, blocks, reduce, spec, bracket, reference,
                                                   candidates)
         tau = _polished_tau(backend, problems, blocks, reduce, spec, bracket, tau, exact, read)
         # block mask from the exact tau: a key with p > 0 has z > tau
-        candidates = [visible[i].with_tiles(lower_bound_mask(tile_gaps[i], tau, reference, bracket.empty, block_m)
+        candidates = [visible[i].with_tiles(lower_bound_mask(gap_codes[i], tau, reference, bracket.empty, block_m)
                                             & kept[i]) for i in range(blocks.num_blocks)]
     else:
         tau = _newton_tau(backend, problems, blocks, reduce, spec, bracket, candidates)
-    held = _tile_state(tile_gaps, visible.values(), candidates)
-    del tile_gaps  # float32 per tile: the bool masks are all the output pass needs
+    held = _tile_state(gap_codes, visible.values(), candidates)
+    del gap_codes  # the bool masks are all the output pass needs
     return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums)
 
 

@@ -152,12 +152,13 @@ class Backend(Protocol):
         tau floor of this block unless ``tau_floor`` is given (every block after the first); tile
         gaps against ``stats.gap_reference`` of the two."""
 
-    def histogram_pass(self, problem: Problem, row_max, tau_floor, tile_gap, tiles: BlockMask):
+    def histogram_pass(self, problem: Problem, row_max, tau_floor, gap_codes, tiles: BlockMask):
         """Coarse counts ``hist`` (B, H, Sq, NUM_BINS) of the keys of ``tiles`` in the bins
         ``stats.kept_bins`` keeps, against ``stats.bin_reference(row_max)`` (``row_max``, ``tau_floor``:
         ``stats.Relative``, z relative to the max over every key block, so histograms of all
-        blocks add exactly); returns ``(hist, tile_gap)`` with ``stats.ZERO_TILE`` on the visible
-        tiles where no row has a kept key. From here on every pass reads ``problem.shift``."""
+        blocks add exactly); returns ``(hist, gap_codes)``: the tile gaps' codes
+        (``stats.encode_gaps``) with ``stats.GAP_ZERO`` on the visible tiles where no row has a kept
+        key. From here on every pass reads ``problem.shift``."""
 
     def fine_histogram_pass(self, problem: Problem, tiles: BlockMask, bin_index, cutoff):
         """alpha 1.5 and 2: the sums of ``stats.fine_tau`` (B, H, Sq, 3, FINE_BINS + 1) over

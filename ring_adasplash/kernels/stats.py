@@ -62,9 +62,6 @@ NEWTON_NARROW_STEP = 2
 NEWTON_STEP_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-10}
 NEWTON_TOLERANCE = {torch.float32: 2e-6, torch.float64: 1e-12}
 MASK_MARGIN = 1e-4  # slack (in z) when comparing a tile gap with a lower bound of tau
-# tile gap of a tile that has visible pairs but provably no p > 0 (see ``histogram_mask``): finite,
-# so the tile still counts as visible, and below any threshold, so no block mask keeps it
-ZERO_TILE = torch.finfo(torch.float32).min
 
 
 class Relative(NamedTuple):
@@ -123,22 +120,57 @@ def per_query_tile(rows: torch.Tensor, block_m: int, reduce: str) -> torch.Tenso
     return tiles.amax(-1) if reduce == "max" else tiles.amin(-1) if reduce == "min" else tiles.any(-1)
 
 
-def lower_bound_mask(tile_gap: torch.Tensor, lower: torch.Tensor, reference: torch.Tensor, empty: torch.Tensor,
+def lower_bound_mask(gap_codes: torch.Tensor, lower: torch.Tensor, reference: torch.Tensor, empty: torch.Tensor,
                      block_m: int) -> torch.Tensor:
-    """(B, H, nQ, nK) bool: a tile is kept when its gap (``backend.Maxima``) exceeds the smallest
-    ``lower - reference`` among its rows (``lower``: a lower bound of tau; ``reference``:
-    ``gap_reference`` of the final row max and tau floor, which bounds tau from below too,
-    so the larger of the two bounds is taken). A key with p > 0 has z > tau >= max(lower,
-    reference), so its tile's gap is at least ``z - reference > max(lower - reference, 0)``: no
-    nonzero tile is dropped."""
+    """(B, H, nQ, nK) bool: a tile is kept when its gap (``backend.Maxima``, as ``encode_gaps``
+    keeps it: rounded up) exceeds the smallest ``lower - reference`` among its rows (``lower``: a
+    lower bound of tau; ``reference``: ``gap_reference`` of the final row max and tau floor, which
+    bounds tau from below too, so the larger of the two bounds is taken). A key with p > 0 has
+    z > tau >= max(lower, reference), so its tile's gap is at least ``z - reference >
+    max(lower - reference, 0)``: no nonzero tile is dropped."""
     above = (lower - reference).clamp(min=0)
     bound = torch.where(empty, torch.full_like(lower, float("inf")), above - MASK_MARGIN)
-    return tile_gap > per_query_tile(bound, block_m, "min")[..., None]
+    return gap_codes > code_threshold(per_query_tile(bound, block_m, "min"))[..., None]
 
 
 HISTOGRAM_MARGIN = 1e-3  # slack (in z) of ``histogram_mask`` for logits recomputed by another kernel
 FLOOR_STEPS = 3  # Newton steps of the tau floor: within a few hundredths of the tau of the nearest keys
 FLOOR_MARGIN = 1e-4  # the tau floor is lowered by this much: float32 rounding of the sums it tests
+
+# Tile gaps are kept between passes as one byte per tile (``encode_gaps``), not a float32: the
+# per-tile state is what grows with Sq x Sk (the memory issue). Every test of a gap compares it
+# with a threshold in [GAP_LOW, GAP_HIGH]: ``histogram_mask``'s, the lowest, and
+# ``lower_bound_mask``'s, at most 1 (tau - (max - 1)) less MASK_MARGIN. Codes: GAP_NONE, no visible
+# pair; GAP_ZERO, a visible tile whose gap lies below every threshold (or that holds provably no
+# p > 0, ``histogram_pass``); 2-254, a gap in (GAP_LOW + (c - 2) GAP_STEP, GAP_LOW + (c - 1)
+# GAP_STEP], read as the upper end; 255, a gap above GAP_HIGH (or NaN), kept by every test.
+# Rounding up only adds tiles to a mask: a tile whose gap lies within GAP_STEP (about 1/250 in z)
+# above a threshold is read where the float gap would have dropped it.
+GAP_NONE, GAP_ZERO, GAP_ABOVE = 0, 1, 255
+GAP_LOW = -1.0 / (NUM_BINS - 1) - HISTOGRAM_MARGIN - 1e-6
+GAP_HIGH = 1.0
+GAP_STEP = (GAP_HIGH - GAP_LOW) / 253
+
+
+GAP_ROUNDING = 1e-3  # in steps: far above the float32 rounding of (gap - GAP_LOW) / GAP_STEP
+
+
+def encode_gaps(tile_gap: torch.Tensor) -> torch.Tensor:
+    """The tile gaps (float32, -inf where a tile has no visible pair) as uint8 codes (see above),
+    rounded up by GAP_ROUNDING more, so that float32 arithmetic never rounds a gap down. One float32
+    temporary per tile: codes are made per key block, as its gaps arrive."""
+    codes = (tile_gap - GAP_LOW).div_(GAP_STEP).add_(GAP_ROUNDING).ceil_().clamp_(max=254).add_(1)
+    codes.masked_fill_(~(tile_gap > GAP_LOW), GAP_ZERO)
+    codes.masked_fill_(tile_gap == float("-inf"), GAP_NONE)
+    return codes.masked_fill_(torch.isnan(tile_gap), GAP_ABOVE).to(torch.uint8)
+
+
+def code_threshold(bound: torch.Tensor) -> torch.Tensor:
+    """int16 thresholds for gap codes: ``code > code_threshold(bound)`` keeps every tile whose gap
+    may exceed ``bound`` (a code's gap is at most GAP_LOW + (code - 1) GAP_STEP); 255 (nothing
+    kept) where ``bound`` is +inf, GAP_ZERO where it lies below GAP_LOW."""
+    steps = torch.floor((bound.double() - GAP_LOW) / GAP_STEP - GAP_ROUNDING).clamp(min=0, max=254)
+    return torch.where(bound == float("inf"), 255.0, steps + 1).to(torch.int16)
 
 
 def gap_reference(row_max: torch.Tensor, tau_floor: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,7 +193,7 @@ def kept_bins(row_max: torch.Tensor, tau_floor: torch.Tensor | None = None) -> t
     return bins.float().contiguous()
 
 
-def histogram_mask(tile_gap: torch.Tensor) -> torch.Tensor:
+def histogram_mask(gap_codes: torch.Tensor) -> torch.Tensor:
     """(B, H, nQ, nK) bool: tiles that may hold a key the coarse bracket reads: a key at or above
     the bin holding ``gap_reference`` (bins of width ``w = 1 / (NB - 1)``), so ``z > gap_reference - w``, so its
     tile's gap exceeds ``-w``.
@@ -171,8 +203,10 @@ def histogram_mask(tile_gap: torch.Tensor) -> torch.Tensor:
     miss keys (none when gap_reference = max - 1), which the bracket never notices: the counts its edge
     bounds read are complete down to that bin, and there the bounds already reach 1 since
     tau >= gap_reference (``coarse_bracket``). Gaps come from the max pass of one key block, against a
-    running max that may include earlier blocks, and against the tau floor of the first."""
-    return tile_gap >= -1.0 / (NUM_BINS - 1) - HISTOGRAM_MARGIN
+    running max that may include earlier blocks, and against the tau floor of the first; the test
+    reads their codes (``encode_gaps``), whose lowest threshold GAP_LOW lies just below ``-w``
+    less HISTOGRAM_MARGIN."""
+    return gap_codes > GAP_ZERO
 
 
 # ----------------------------------------------------------------------------------------------

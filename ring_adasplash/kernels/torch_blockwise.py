@@ -15,7 +15,6 @@ from . import stats
 from .backend import Gradients, Maxima, OutputSums, Problem
 from .block_mask import BlockMask
 from .entmax_spec import EntmaxSpec
-from .stats import ZERO_TILE
 from .visibility import Visibility, key_tile_span
 
 NAME = "torch"
@@ -154,15 +153,15 @@ def max_pass(problem: Problem, score_max=None, tau_floor=None) -> Maxima:
     return Maxima(running, tau_floor, tile_gap)
 
 
-def histogram_pass(problem: Problem, row_max, tau_floor, tile_gap, tiles: BlockMask):
+def histogram_pass(problem: Problem, row_max, tau_floor, gap_codes, tiles: BlockMask):
     """Coarse histogram of this key block against the reference ``K = bin_reference(row_max)``.
 
     ``row_max`` (B, Hq, Sq) is the max over every key block (so histograms of all blocks share one
-    reference and add exactly); ``tiles`` = ``stats.histogram_mask(tile_gap)``: only those tiles
+    reference and add exactly); ``tiles`` = ``stats.histogram_mask(gap_codes)``: only those tiles
     are read. Returns ``hist`` (B, Hq, Sq, NB): the number of keys in local bin
     ``K - floor(z (NB - 1)) < stats.kept_bins(row_max, tau_floor)`` (no bin below the bin of the
-    floor), and ``tile_gap`` with ``ZERO_TILE`` on the visible tiles where no row has a key in its
-    own kept bins (all of them outside ``tiles``).
+    floor), and the tile gaps' codes (``stats.encode_gaps``) with ``GAP_ZERO`` on the visible
+    tiles where no row has a key in its own kept bins (all of them outside ``tiles``).
     """
     nb = stats.NUM_BINS
     key_tiles = _KeyTiles(problem, tiles)
@@ -177,7 +176,7 @@ def histogram_pass(problem: Problem, row_max, tau_floor, tile_gap, tiles: BlockM
         near[..., index] = key_tiles.per_query_tile(keep.any(-1), "any")
         slot = torch.where(keep, local, torch.zeros_like(local)).to(torch.int64)  # NaN is no index
         hist.scatter_add_(-1, slot, keep.float())
-    return hist, tile_gap.masked_fill(~near & torch.isfinite(tile_gap), ZERO_TILE)
+    return hist, gap_codes.masked_fill(~near & (gap_codes != stats.GAP_NONE), stats.GAP_ZERO)
 
 
 def _add_pair_moments(out, x, near):

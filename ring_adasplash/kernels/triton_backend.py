@@ -248,18 +248,18 @@ def max_pass(problem: TritonProblem, score_max=None, tau_floor=None) -> Maxima:
     return Maxima(running, floor, tile_gap)
 
 
-def histogram_pass(problem: TritonProblem, row_max, tau_floor, tile_gap, tiles: BlockMask):
+def histogram_pass(problem: TritonProblem, row_max, tau_floor, gap_codes, tiles: BlockMask):
     """Coarse counts over ``tiles`` (``triton_histogram.histogram_kernel``), which also marks the
     tiles where some row has a key in its own kept bins; every other visible tile gets
-    ``ZERO_TILE`` (``tile_gap`` is updated in place). ``tau_floor`` None: every bin kept. See
-    ``torch_blockwise.histogram_pass``."""
+    ``GAP_ZERO`` (``gap_codes``, ``stats.encode_gaps``, updated in place). ``tau_floor`` None: every
+    bin kept. See ``torch_blockwise.histogram_pass``."""
     hist = problem.empty_rows(S.NUM_BINS)
-    near = torch.zeros(tile_gap.shape, device=problem.q.device, dtype=torch.int8)
+    near = torch.zeros(gap_codes.shape, device=problem.q.device, dtype=torch.int8)
     floor = torch.full(problem.rows, float("-inf"), device=problem.q.device) if tau_floor is None else tau_floor
     launch(triton_histogram.histogram_kernel, problem.query_grid)(
         **problem.listed(tiles), Row_max=problem.per_row(row_max), Tau_floor=problem.per_row(floor), Hist=hist,
         Keep=near, floor_margin=S.HISTOGRAM_MARGIN, NUM_BINS=S.NUM_BINS, **problem.config("sparse"))
-    return hist, tile_gap.masked_fill_((near == 0) & torch.isfinite(tile_gap), S.ZERO_TILE)
+    return hist, gap_codes.masked_fill_((near == 0) & (gap_codes != S.GAP_NONE), S.GAP_ZERO)
 
 
 def fine_histogram_pass(problem: TritonProblem, tiles: BlockMask, bin_index, cutoff=None):
