@@ -364,3 +364,26 @@ def test_forward_without_backward_leaves_out_the_backward_sums(alpha, monkeypatc
         assert torch.equal(got, want)
     trained.sum().backward()
     assert torch.isfinite(qg.grad).all()
+
+
+def test_gap_codes_keep_every_tile_a_float_gap_keeps():
+    """``stats.encode_gaps`` and ``code_threshold``: for thresholds in the range the masks use
+    (``histogram_mask``'s to 1), a code test keeps every tile the float gap would, and drops every
+    tile whose gap lies more than a step (plus rounding) below; -inf (no visible pair) codes 0 and
+    is never kept; NaN and gaps above GAP_HIGH are kept by every finite threshold; +inf keeps none."""
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.float64):
+        gaps = (1.3 * torch.rand(100_000, generator=g, dtype=torch.float64) - 0.2).to(dtype)
+        gaps[:3] = torch.tensor([float("-inf"), float("nan"), torch.finfo(torch.float32).min], dtype=dtype)
+        codes = S.encode_gaps(gaps)
+        assert codes.dtype == torch.uint8 and codes[0] == S.GAP_NONE and codes[1] == S.GAP_ABOVE
+        assert codes[2] == S.GAP_ZERO
+        assert torch.equal(S.histogram_mask(codes)[3:], gaps[3:] > S.GAP_LOW)
+        bounds = torch.cat((torch.tensor([-S.MASK_MARGIN, 0.0, 1.0 - S.MASK_MARGIN]),
+                            torch.rand(300, generator=g) * 1.0001 - S.MASK_MARGIN)).to(dtype)
+        for bound in bounds:
+            kept = codes > S.code_threshold(bound)
+            assert not kept[0] and kept[1]
+            assert not ((gaps > bound) & ~kept).any(), bound
+            assert not (kept[3:] & (gaps[3:] <= bound - 1.01 * S.GAP_STEP)).any(), bound
+        assert not (codes > S.code_threshold(torch.tensor(float("inf"), dtype=dtype))).any()

@@ -152,25 +152,25 @@ GAP_HIGH = 1.0
 GAP_STEP = (GAP_HIGH - GAP_LOW) / 253
 
 
-GAP_ROUNDING = 1e-3  # in steps: far above the float32 rounding of (gap - GAP_LOW) / GAP_STEP
+GAP_ROUNDING = 1e-3  # in steps: far above the float32 rounding of the codes' edges
 
 
 def encode_gaps(tile_gap: torch.Tensor) -> torch.Tensor:
-    """The tile gaps (float32, -inf where a tile has no visible pair) as uint8 codes (see above),
-    rounded up by GAP_ROUNDING more, so that float32 arithmetic never rounds a gap down. One float32
-    temporary per tile: codes are made per key block, as its gaps arrive."""
-    codes = (tile_gap - GAP_LOW).div_(GAP_STEP).add_(GAP_ROUNDING).ceil_().clamp_(max=254).add_(1)
-    codes.masked_fill_(~(tile_gap > GAP_LOW), GAP_ZERO)
-    codes.masked_fill_(tile_gap == float("-inf"), GAP_NONE)
-    return codes.masked_fill_(torch.isnan(tile_gap), GAP_ABOVE).to(torch.uint8)
+    """The tile gaps (float32, -inf where a tile has no visible pair) as uint8 codes (see above):
+    the code of a gap is 1 + the number of edges GAP_LOW + j GAP_STEP (j = 0 ... 253) below it.
+    Few ops (a forward makes codes for every key block): a bucketing, then -inf marked."""
+    edges = torch.linspace(GAP_LOW, GAP_HIGH, 254, device=tile_gap.device, dtype=tile_gap.dtype)
+    codes = torch.bucketize(tile_gap, edges, out_int32=True).to(torch.uint8).add_(1)  # NaN: past every edge
+    return codes.masked_fill_(tile_gap == float("-inf"), GAP_NONE)
 
 
 def code_threshold(bound: torch.Tensor) -> torch.Tensor:
-    """int16 thresholds for gap codes: ``code > code_threshold(bound)`` keeps every tile whose gap
-    may exceed ``bound`` (a code's gap is at most GAP_LOW + (code - 1) GAP_STEP); 255 (nothing
-    kept) where ``bound`` is +inf, GAP_ZERO where it lies below GAP_LOW."""
-    steps = torch.floor((bound.double() - GAP_LOW) / GAP_STEP - GAP_ROUNDING).clamp(min=0, max=254)
-    return torch.where(bound == float("inf"), 255.0, steps + 1).to(torch.int16)
+    """Thresholds for gap codes: ``code > code_threshold(bound)`` keeps every tile whose gap may
+    exceed ``bound`` (a code's gap is at most its upper edge GAP_LOW + (code - 1) GAP_STEP, up to
+    GAP_ROUNDING); GAP_ZERO where it lies below GAP_LOW, 254 (only gaps above GAP_HIGH kept) above
+    GAP_HIGH, 255 (nothing kept) where ``bound`` is +inf."""
+    steps = ((bound - GAP_LOW) / GAP_STEP - GAP_ROUNDING).floor_().clamp_(min=0, max=253)
+    return steps.add_(1).masked_fill_(bound == float("inf"), GAP_ABOVE)
 
 
 def gap_reference(row_max: torch.Tensor, tau_floor: torch.Tensor | None = None) -> torch.Tensor:
