@@ -252,7 +252,7 @@ def _polished_tau(backend: Backend, problems, blocks, reduce, spec, bracket, tau
     lower = bracket.lower.double()
     # exact rows (the empty ones among them) start done: they keep tau
     start = stats.NewtonState.of(tau, lower, lower + 2.0 / (stats.NUM_BINS - 1), exact)
-    if blocks.num_blocks == 1 and reduce.complete:
+    if _one_block(blocks, reduce):
         # nothing to merge between steps: all of them in one launch (``backend.newton_polish``), in
         # which the query tiles with no such row read nothing
         (block,) = blocks.sweep(with_values=False, needed=_needed(blocks, tiles), pass_name="newton")
@@ -277,7 +277,7 @@ def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, 
     tiles = [visible[i].with_tiles(lower_bound_mask(gap_codes[i], reference, reference, empty, block_m))
              for i in range(blocks.num_blocks)]
     tolerances = stats.NEWTON_TOLERANCE[dtype], stats.NEWTON_STEP_TOLERANCE[dtype]
-    if blocks.num_blocks == 1 and reduce.complete:
+    if _one_block(blocks, reduce):
         # every key at hand and nothing to merge: all steps in one launch (``backend.newton_schedule``)
         (block,) = blocks.sweep(with_values=False, needed=_needed(blocks, tiles), pass_name="newton")
         point, keep = backend.newton_schedule(problems(block), tiles[0], reference, rel.row_max, *tolerances)
@@ -326,6 +326,12 @@ def default_schedule(spec: EntmaxSpec, one_block: bool = False) -> str:
     return "newton" if newton and spec.alpha <= stats.NEWTON_SCHEDULE_MAX_ALPHA else "histogram"
 
 
+def _one_block(blocks: KeyBlocks, reduce: LocalReduce) -> bool:
+    """All of a query block's keys in one block and nothing to merge (one device, Ulysses): steps
+    that would merge sums between them can run in one launch."""
+    return blocks.num_blocks == 1 and reduce.complete
+
+
 def _needed(blocks: KeyBlocks, masks: list):
     return masks if blocks.reads_needed else None
 
@@ -337,7 +343,7 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
     one of ``SCHEDULES``, default ``default_schedule`` (``one_block``: one key block, nothing to merge).
     ``backward_sums``: also the row terms the backward needs (``out_u``, ``u_sum``); without
     them (no backward to come) the output pass does a product with V fewer per tile."""
-    schedule = schedule or default_schedule(spec, blocks.num_blocks == 1 and reduce.complete)
+    schedule = schedule or default_schedule(spec, _one_block(blocks, reduce))
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
 

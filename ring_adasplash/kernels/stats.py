@@ -150,8 +150,6 @@ GAP_NONE, GAP_ZERO, GAP_ABOVE = 0, 1, 255
 GAP_LOW = -1.0 / (NUM_BINS - 1) - HISTOGRAM_MARGIN - 1e-6
 GAP_HIGH = 1.0
 GAP_STEP = (GAP_HIGH - GAP_LOW) / 253
-
-
 GAP_ROUNDING = 1e-3  # in steps: far above the float32 rounding of the codes' edges
 
 

@@ -324,9 +324,8 @@ def output_pass(problem: Problem, tau, tiles: BlockMask, backward_sums: bool = T
     p = problem
     dtype = key_tiles.qh.dtype
     out = torch.zeros(p.batch, p.heads_kv, p.group, p.seqlen_q, p.v.shape[-1], device=p.q.device, dtype=dtype)
-    out_u = torch.zeros_like(out)
-    u_sum = torch.zeros(p.rows, device=p.q.device, dtype=dtype)
-    support = torch.zeros_like(u_sum)
+    support = torch.zeros(p.rows, device=p.q.device, dtype=dtype)
+    out_u, u_sum = (torch.zeros_like(out), torch.zeros_like(support)) if backward_sums else (None, None)
     nonzero = torch.zeros(p.tiles, dtype=torch.bool, device=p.q.device)
     tau_col = tau.to(dtype)[..., None]
     by_group = (p.batch, p.heads_kv, p.group, p.seqlen_q, -1)
@@ -341,9 +340,8 @@ def output_pass(problem: Problem, tau, tiles: BlockMask, backward_sums: bool = T
         support += (gap > 0).sum(-1)
         nonzero[..., index] = key_tiles.per_query_tile((gap > 0).any(-1), "any")
     to_public = lambda x: x.reshape(p.batch, p.heads, p.seqlen_q, -1).permute(0, 2, 1, 3)  # noqa: E731
-    if not backward_sums:
-        return OutputSums(_nan_rows(to_public(out), tau), None, None, support, nonzero)
-    return OutputSums(_nan_rows(to_public(out), tau), to_public(out_u), u_sum, support, nonzero)
+    out_u = to_public(out_u) if backward_sums else None
+    return OutputSums(_nan_rows(to_public(out), tau), out_u, u_sum, support, nonzero)
 
 
 def row_delta(grad_out, out_u, u_sum):

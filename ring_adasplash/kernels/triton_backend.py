@@ -315,7 +315,7 @@ def newton_step(state: S.NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tole
 
 def newton_polish(problem: TritonProblem, tiles: BlockMask, state: S.NewtonState, steps: int) -> torch.Tensor:
     """``torch_blockwise.newton_polish`` in one launch (``triton_newton.newton_polish_kernel``),
-    updating the state's point, lower and upper in place."""
+    updating the state's point in place."""
     p = problem
     point, lower, upper = (x.to(torch.float64).contiguous() for x in state[:3])
     launch(triton_newton.newton_polish_kernel, p.query_grid)(
@@ -352,7 +352,7 @@ def output_pass(problem: TritonProblem, tau, tiles: BlockMask, backward_sums: bo
         Support=support, Nonzero=nonzero, **_strides("o", out), **p.weights, BACKWARD_SUMS=backward_sums,
         **p.config("output"))
     if not backward_sums:
-        return OutputSums(out, None, None, support, nonzero.view(torch.bool))
+        out_u = u_sum = None
     return OutputSums(out, out_u, u_sum, support, nonzero.view(torch.bool))
 
 

@@ -141,9 +141,9 @@ def newton_polish_kernel(
     POWER: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``STEPS`` Newton steps on the rows not ``Done`` (int8), from ``Point`` in the bracket
-    [``Lower``, ``Upper``] (float64, updated in place), with sums without the count and tolerances
-    ``no_stop`` (``stats.NO_STOP``: no row stops early): the exact finish after the closed form
-    (``torch_blockwise.newton_polish``). Rarely is a row not done, so a query tile whose rows are
+    [``Lower``, ``Upper``] (float64; the last point into ``Point``), with sums without the count
+    and tolerances ``no_stop`` (``stats.NO_STOP``: no row stops early): the exact finish after the
+    closed form (``torch_blockwise.newton_polish``). Rarely is a row not done, so a query tile whose rows are
     all done reads nothing more, not even its queries."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tile_q, bh, b, h, offs_m, in_q = program_tile(num_heads, seqlen_q, BLOCK_M)
@@ -161,11 +161,10 @@ def newton_polish_kernel(
         upper = tl.load(Upper + rows, mask=in_q, other=0.0)
         ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
         step = tl.full([], 0, tl.int32)
+        # no tile marks (KEEP off): Tile_count stands in for the Keep pointer, never written
         point, lower, upper, done, step, live = newton_steps(
             q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
             Tile_count, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, 0.0, no_stop,
             no_stop, point, lower, upper, done, step, live, STEPS, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, False, False,
             PRECISION)
         tl.store(Point + rows, point, mask=in_q)
-        tl.store(Lower + rows, lower, mask=in_q)
-        tl.store(Upper + rows, upper, mask=in_q)
