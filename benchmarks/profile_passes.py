@@ -110,7 +110,8 @@ def main():
         warps, stages = (int(x) for x in value.split(":"))
         if kind not in triton_backend._CONFIGS:
             p.error(f"--launch: kind must be one of {', '.join(triton_backend._CONFIGS)}; got {kind!r}")
-        triton_backend._CONFIGS[kind] = lambda d, w=warps, n=stages: {"num_warps": w, "num_stages": n}
+        triton_backend._CONFIGS[kind] = (lambda d, base=triton_backend._CONFIGS[kind], w=warps, n=stages:
+                                         base(d) | {"num_warps": w, "num_stages": n})
     inputs.CAPTURED_PATH = args.captured
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, causal, batch 1, "
           f"{args.heads} heads, D {args.head_dim}, alpha {args.alpha}, {args.family} inputs"

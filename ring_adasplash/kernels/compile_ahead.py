@@ -46,8 +46,11 @@ def launch(kernel, grid):
     return kernel[grid]
 
 
+LAUNCH_OPTIONS = {"num_warps", "num_stages", "maxnreg"}  # the settings triton_backend gives a launch
+
+
 def _checked_launch(kernel, grid, *args, **kwargs):
-    unknown = sorted(set(kwargs) - set(kernel.arg_names) - {"num_warps", "num_stages"})
+    unknown = sorted(set(kwargs) - set(kernel.arg_names) - LAUNCH_OPTIONS)
     if unknown:
         raise TypeError(f"{kernel.fn.__name__} has no parameter {', '.join(unknown)}")
     return kernel[grid](*args, **kwargs)

@@ -81,12 +81,31 @@ def _strides(name: str, x: torch.Tensor) -> dict:
     return {f"stride_{name}{axis}": stride for axis, stride in zip("bshd", x.stride())}
 
 
-_CONFIGS = {  # num_warps / num_stages per pass, by head dim (a fixed table; no autotuning)
+def _sparse(d: int) -> dict:
+    return {"num_warps": 8 if d >= 256 else 4, "num_stages": 2 if d >= 256 else 3}
+
+
+def _backward(d: int) -> dict:
+    return {"num_warps": 8 if d >= 128 else 4, "num_stages": 1 if d >= 256 else 2}
+
+
+# Launch settings per kernel, by head dim: a fixed table, each entry measured (why: docs/design.md
+# (kernel choices); no autotuning). ``UNROLL``: key tiles per trip of the loop over the tiles with
+# every pair visible (``triton_common.list_unroll``), for the kernels that take it; one above
+# head dim 128, where two trips' tiles exceed an sm_90 block's shared memory, and for float32
+# inputs (``TritonProblem.config``)
+_CONFIGS = {
     "max": lambda d: {"num_warps": 8 if d >= 256 else 4, "num_stages": 2},
-    "sparse": lambda d: {"num_warps": 8 if d >= 256 else 4, "num_stages": 2 if d >= 256 else 3},
-    "output": lambda d: {"num_warps": 8 if d >= 256 else 4, "num_stages": 2},  # why: docs/design.md (kernel choices)
-    "backward": lambda d: {"num_warps": 8 if d >= 128 else 4, "num_stages": 1 if d >= 256 else 2},
+    "sparse": _sparse,  # the histogram schedule's passes
+    "newton_sums": lambda d: _sparse(d) | {"UNROLL": 2 if d <= 128 else 1},
+    "newton": lambda d: _sparse(d) | {"UNROLL": 2 if d <= 64 else 1},
+    "output": lambda d: {"num_warps": 8 if d >= 256 else 4, "num_stages": 2, "UNROLL": 2 if d <= 64 else 1},
+    "dq": _backward,
+    "dkdv": _backward,
 }
+# Registers per thread (``maxnreg``) by kernel and head dim, for 16-bit inputs: capped where the
+# programs that then fit on an SM more than pay for the spills
+_MAX_REGISTERS = {"newton": {64: 128, 128: 168}, "output": {64: 168}, "dq": {64: 128, 128: 128}}
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,7 +169,15 @@ class TritonProblem(Problem):
         return (self.num_q_tiles, self.batch * self.heads)
 
     def config(self, kind: str) -> dict:
-        return _CONFIGS[kind](self.head_dim)
+        """Launch settings of a kernel of ``kind`` (a key of ``_CONFIGS``) for this problem."""
+        settings = _CONFIGS[kind](self.head_dim)
+        if self.q.dtype == torch.float32:
+            # float32 products are multiply-adds, not tensor-core instructions: two tiles per trip
+            # multiplied the compile time of the output kernel, for no speed float32 is used for
+            settings |= {"UNROLL": 1} if "UNROLL" in settings else {}
+        elif self.head_dim in _MAX_REGISTERS.get(kind, {}):
+            settings["maxnreg"] = _MAX_REGISTERS[kind][self.head_dim]
+        return settings
 
     def per_row(self, x: torch.Tensor) -> torch.Tensor:
         """A per-row input (B, H, Sq) as the kernels read it: float32, contiguous, on the device."""
@@ -282,7 +309,7 @@ def _newton_sums(problem: TritonProblem, tiles: BlockMask, point, rows, count: b
     launch(triton_refine.newton_sums_kernel, problem.query_grid)(
         **problem.listed(tiles), Point=problem.per_row(point), Rows=marked, Sums=sums, Keep=kept,
         keep_margin=S.MASK_MARGIN, **problem.weights, SOME_ROWS=rows is not None, COUNT=count, KEEP=keep,
-        **problem.config("sparse"))
+        **problem.config("newton_sums"))
     return sums.double(), kept.view(torch.bool) if keep else None
 
 
@@ -320,7 +347,8 @@ def newton_polish(problem: TritonProblem, tiles: BlockMask, state: S.NewtonState
     point, lower, upper = (x.to(torch.float64).contiguous() for x in state[:3])
     launch(triton_newton.newton_polish_kernel, p.query_grid)(
         **p.listed(tiles), Point=point, Lower=lower, Upper=upper,
-        Done=state.done.contiguous().view(torch.int8), **p.weights, no_stop=S.NO_STOP, STEPS=steps, **p.config("sparse"))
+        Done=state.done.contiguous().view(torch.int8), **p.weights, no_stop=S.NO_STOP, STEPS=steps, 
+        **p.config("newton_sums"))
     return point
 
 
@@ -334,7 +362,7 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
         **p.listed(tiles), Reference=p.per_row(reference),
         Row_max=p.per_row(row_max), Tau=tau, Keep=keep, margin=S.MASK_MARGIN, tolerance=float(tolerance),
         step_tolerance=float(step_tolerance), **p.weights, MAX_STEPS=S.NEWTON_SCHEDULE_STEPS,
-        NARROW_STEP=S.NEWTON_NARROW_STEP, **p.config("sparse"))
+        NARROW_STEP=S.NEWTON_NARROW_STEP, **p.config("newton"))
     return tau, keep.view(torch.bool)
 
 
@@ -369,7 +397,7 @@ def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=No
         U_sum=u_sum if compute_delta else delta, Delta=delta, DQ=dq, Alpha_sums=dq if alpha_sums is None else alpha_sums,
         **_strides("v", p.v), **_strides("do", grad_out), **out_u_strides, **_strides("dq", dq),
         softmax_scale=float(p.softmax_scale), **p.weights, COMPUTE_DELTA=compute_delta,
-        ALPHA_SUMS=alpha_sums is not None, **p.config("backward"))
+        ALPHA_SUMS=alpha_sums is not None, **p.config("dq"))
     return dq
 
 
@@ -387,7 +415,7 @@ def _dkdv(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, dtype,
         Tile_count=counts_t, Tile_index=index_t, Shift=p.shift_rows, Tau=tau,
         Delta=delta, Nan_keys=nan_keys.to(torch.int8).contiguous(), DK=dk, DV=dv,
         **_strides("v", p.v), **_strides("do", grad_out), **_strides("dk", dk), num_heads_kv=p.heads_kv,
-        num_q_tiles=p.num_q_tiles, softmax_scale=float(p.softmax_scale), **p.weights, **p.config("backward"))
+        num_q_tiles=p.num_q_tiles, softmax_scale=float(p.softmax_scale), **p.weights, **p.config("dkdv"))
     return dk, dv
 
 

@@ -185,6 +185,14 @@ def list_slots(count, full_first, full_end, FULL: tl.constexpr):
 
 
 @triton.jit
+def list_unroll(UNROLL: tl.constexpr, FULL: tl.constexpr):
+    """Tiles per trip of a ``list_slots`` loop (``loop_unroll_factor``): ``UNROLL`` (the kernel's
+    launch setting, ``triton_backend._CONFIGS``) over the tiles with every pair visible, one over
+    the others (few: the diagonal, a window's edges)."""
+    return UNROLL if FULL else 1
+
+
+@triton.jit
 def list_slot(j, full_first, full_end, FULL: tl.constexpr):
     """The slot of the ``j``-th step of a ``list_slots`` loop."""
     if FULL:
@@ -258,13 +266,6 @@ def positive_gap(z, tau):
 
 
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-# The loop over the tiles that need no mask (list_slots) runs two tiles per trip, up to head dim
-# 128: above it two trips' tiles exceed an sm_90 block's shared memory (why: docs/design.md
-# (kernel choices)). Not for float32 inputs ("ieee" products): their products are unrolled
-# multiply-adds, not tensor-core instructions, and two tiles per trip multiplied the compile
-# time of the output kernel at head dim 128, for no speed that float32 is used for
-LIST_UNROLL = tl.constexpr(2)
-LIST_UNROLL_MAX_HEAD_DIM = tl.constexpr(128)
 
 
 @triton.jit

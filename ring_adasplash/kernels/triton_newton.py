@@ -37,7 +37,8 @@ from .triton_tau import newton_row_step
 def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
                  offs_m, Keep, tile_row, t, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma,
                  margin, mark, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 POWER: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr, PRECISION: tl.constexpr):
+                 POWER: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr, UNROLL: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """One sweep of the listed key tiles at ``t`` (float32 per row): ``(f, f', count)`` per row (the
     count 0 without ``COUNT``), and with ``KEEP`` ``mark`` on the tiles that may hold p > 0
     (``newton_tiles``)."""
@@ -48,7 +49,7 @@ def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
         f_sum, df_sum, above = newton_tiles(
             q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
             Keep, tile_row, t, ones, f_sum, df_sum, above, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
-            gamma, margin, mark, HEAD_DIM, BLOCK_N, POWER, COUNT, KEEP, FULL == 1, PRECISION)
+            gamma, margin, mark, HEAD_DIM, BLOCK_N, POWER, COUNT, KEEP, FULL == 1, UNROLL, PRECISION)
     return f_sum.to(tl.float64), df_sum.to(tl.float64), tl.reduce(above, 1, MAX).to(tl.float64)
 
 
@@ -57,7 +58,7 @@ def newton_steps(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
                  offs_m, Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin,
                  tolerance, step_tolerance, point, lower, upper, done, step, live, LAST: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POWER: tl.constexpr,
-                 COUNT: tl.constexpr, KEEP: tl.constexpr, PRECISION: tl.constexpr):
+                 COUNT: tl.constexpr, KEEP: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr):
     """Steps ``step``, ``step + 1``, ... up to ``LAST`` (excluded) while a row is live: a sweep at
     the rows' points, then ``newton_row_step`` on the rows not done (with ``COUNT`` the sweep
     counts the keys above each point, and at gamma 2 the step takes the upper bound they give).
@@ -66,7 +67,7 @@ def newton_steps(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
         f, df, n = newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
                                 q_first, offs_m, Keep, tile_row, point.to(tl.float32), ones, stride_ks, stride_kd,
                                 seqlen_q, seqlen_k, shift, scale_z, gamma, margin, (step + 1).to(tl.int8), HEAD_DIM,
-                                BLOCK_M, BLOCK_N, POWER, COUNT, KEEP, PRECISION)
+                                BLOCK_M, BLOCK_N, POWER, COUNT, KEEP, UNROLL, PRECISION)
         next_point, next_lower, next_upper, converged = newton_row_step(f, df, n, point, lower, upper, gamma,
                                                                         tolerance, step_tolerance, POWER)
         point = tl.where(done, point, next_point)
@@ -86,7 +87,8 @@ def newton_schedule_kernel(
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma, margin, tolerance, step_tolerance,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, PRECISION: tl.constexpr,
+    POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, UNROLL: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """tau (float64, the last point; rows with no visible key keep their start) into ``Tau`` and
     ``Keep`` (int8 per tile); ``Reference`` (``stats.gap_reference``) and ``Row_max`` (float32,
@@ -112,12 +114,12 @@ def newton_schedule_kernel(
         q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m, Keep,
         tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
         step_tolerance, point, lower, upper, done, step, live, NARROW_STEP, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
-        POWER == 2, False, PRECISION)
+        POWER == 2, False, UNROLL, PRECISION)
     point, lower, upper, done, step, live = newton_steps(
         q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m, Keep,
         tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
         step_tolerance, point, lower, upper, done, step, live, MAX_STEPS, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
-        POWER == 2, True, PRECISION)
+        POWER == 2, True, UNROLL, PRECISION)
     # Keep now holds, per tile, 1 + the last step whose sweep found a key of it near; the last
     # sweep's tiles become 1, the others 0; where no sweep marked, every listed tile is 1
     marked = step > NARROW_STEP
@@ -138,7 +140,7 @@ def newton_polish_kernel(
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma, no_stop,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POWER: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr,
+    POWER: tl.constexpr, STEPS: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``STEPS`` Newton steps on the rows not ``Done`` (int8), from ``Point`` in the bracket
     [``Lower``, ``Upper``] (float64; the last point into ``Point``), with sums without the count
@@ -166,5 +168,5 @@ def newton_polish_kernel(
             q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
             Tile_count, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, 0.0, no_stop,
             no_stop, point, lower, upper, done, step, live, STEPS, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, False, False,
-            PRECISION)
+            UNROLL, PRECISION)
         tl.store(Point + rows, point, mask=in_q)

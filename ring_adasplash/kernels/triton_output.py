@@ -13,21 +13,19 @@ docs/design.md (kernel choices)).
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, LIST_UNROLL, LIST_UNROLL_MAX_HEAD_DIM, at_head, dot, entmax_weights, list_slots,
-                            listed_logits, listed_query_tile, load_rows, positive_gap, tile_ptrs)
+from .triton_common import (ADD, at_head, dot, entmax_weights, list_slots, list_unroll, listed_logits,
+                            listed_query_tile, load_rows, positive_gap, tile_ptrs)
 
 
 @triton.jit
 def output_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
                  offs_m, Nonzero, shift, tau, acc, acc_u, u_sum, support, stride_ks, stride_kd, stride_vs, stride_vd,
                  seqlen_q, seqlen_k, scale_z, gamma, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                 POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, FULL: tl.constexpr, PRECISION: tl.constexpr):
+                 POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, FULL: tl.constexpr, UNROLL: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """The sums over one of the two loops of listed tiles (``list_slots``)."""
     start, stop = list_slots(count, full_first, full_end, FULL)
-    # two tiles per trip where every pair is visible, where the head dim and precision allow
-    for j in tl.range(start, stop,
-                      loop_unroll_factor=(1 if PRECISION == "ieee" or HEAD_DIM > LIST_UNROLL_MAX_HEAD_DIM
-                                         else LIST_UNROLL) if FULL else 1):
+    for j in tl.range(start, stop, loop_unroll_factor=list_unroll(UNROLL, FULL)):
         tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
                                           q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
                                           scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
@@ -56,7 +54,7 @@ def output_kernel(
     stride_ob, stride_os, stride_oh, stride_od,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, PRECISION: tl.constexpr,
+    POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_first,
@@ -75,7 +73,7 @@ def output_kernel(
         acc, acc_u, u_sum, support = output_tiles(
             q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
             offs_m, Nonzero, shift, tau, acc, acc_u, u_sum, support, stride_ks, stride_kd, stride_vs, stride_vd,
-            seqlen_q, seqlen_k, scale_z, gamma, HEAD_DIM, BLOCK_N, POWER, BACKWARD_SUMS, FULL == 1, PRECISION)
+            seqlen_q, seqlen_k, scale_z, gamma, HEAD_DIM, BLOCK_N, POWER, BACKWARD_SUMS, FULL == 1, UNROLL, PRECISION)
 
     acc = tl.where((tau == tau)[:, None], acc, float("nan"))  # rows that see a non-finite score
     tl.store(tile_ptrs(at_head(Out, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od, HEAD_DIM), acc,

@@ -21,7 +21,7 @@ the count of keys above t and per tile whether it may hold p > 0.
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, LIST_UNROLL, LIST_UNROLL_MAX_HEAD_DIM, MAX, MIN, dot, entmax_weights, list_slots,
+from .triton_common import (ADD, MAX, MIN, dot, entmax_weights, list_slots, list_unroll,
                             listed_logits, listed_query_tile, positive_gap)
 
 ONES_WIDTH = tl.constexpr(16)  # the narrowest product the tensor cores take (newton_sums_kernel)
@@ -139,16 +139,13 @@ def newton_tiles(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
                  offs_m, Keep, tile_row, t, ones, f_sum, df_sum, above, stride_ks, stride_kd, seqlen_q, seqlen_k,
                  shift, scale_z, gamma, margin, mark, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                  POWER: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr, FULL: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 UNROLL: tl.constexpr, PRECISION: tl.constexpr):
     """``f_sum``, ``df_sum`` and ``above`` plus, over one of the two loops of listed tiles
     (``list_slots``), sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1) and with ``COUNT`` the count
     of keys above t (every column of ``above``); with ``KEEP``, ``mark`` (int8) into ``Keep[tile]``
     where a key of the tile lies above ``t - margin`` (the rest left as they are)."""
     start, stop = list_slots(count, full_first, full_end, FULL)
-    # two tiles per trip where every pair is visible, where the head dim and precision allow
-    for j in tl.range(start, stop,
-                      loop_unroll_factor=(1 if PRECISION == "ieee" or HEAD_DIM > LIST_UNROLL_MAX_HEAD_DIM
-                                         else LIST_UNROLL) if FULL else 1):
+    for j in tl.range(start, stop, loop_unroll_factor=list_unroll(UNROLL, FULL)):
         tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
                                           q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
                                           scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
@@ -175,7 +172,7 @@ def newton_sums_kernel(
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma, keep_margin,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, SOME_ROWS: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    UNROLL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Newton sums at ``Point`` into ``Sums`` (rows, 2, or 3 with ``COUNT``); see the module doc.
     ``SOME_ROWS``: only the query tiles with a row marked in ``Rows`` (int8 per row) read their
@@ -207,7 +204,8 @@ def newton_sums_kernel(
         f_sum, df_sum, above = newton_tiles(
             q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
             Keep, tile_row, point, ones, f_sum, df_sum, above, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
-            gamma, keep_margin, tl.full([], 1, tl.int8), HEAD_DIM, BLOCK_N, POWER, COUNT, KEEP, FULL == 1, PRECISION)
+            gamma, keep_margin, tl.full([], 1, tl.int8), HEAD_DIM, BLOCK_N, POWER, COUNT, KEEP, FULL == 1, UNROLL,
+            PRECISION)
     WIDTH: tl.constexpr = 3 if COUNT else 2
     tl.store(Sums + rows * WIDTH, f_sum, mask=in_q)
     tl.store(Sums + rows * WIDTH + 1, df_sum, mask=in_q)
