@@ -13,7 +13,7 @@ import pickle
 import sys
 
 TYPES = {"torch.bfloat16": "*bf16", "torch.float32": "*fp32", "torch.float16": "*fp16", "torch.int32": "*i32",
-         "torch.int8": "*i8", "torch.uint8": "*u8", "torch.float64": "*fp64", "torch.bool": "*i1",
+         "torch.int8": "*i8", "torch.int16": "*i16", "torch.uint8": "*u8", "torch.float64": "*fp64", "torch.bool": "*i1",
          "torch.int64": "*i64"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 SM90_SHARED_BYTES = 232448  # shared memory one block may use on an H100 or H200

@@ -89,7 +89,8 @@ def _edge_distance(z: torch.Tensor) -> torch.Tensor:
 
 
 def _check_lists(m, counts, index):
-    assert counts.shape == m.shape[:-1] and index.shape == m.shape and counts.dtype == index.dtype == torch.int32
+    assert counts.shape == m.shape[:-1] and index.shape == m.shape and counts.dtype == torch.int32
+    assert index.dtype == (torch.int16 if m.shape[-1] < 2**15 else torch.int32)
     assert torch.equal(counts, m.sum(-1, dtype=torch.int32))
     for row, n, flags in zip(index.reshape(-1, m.shape[-1]), counts.flatten(), m.reshape(-1, m.shape[-1])):
         assert torch.equal(row[:n].long(), flags.nonzero().flatten())
@@ -584,6 +585,27 @@ def test_interpreted_window_and_sinks(interpreted, window_size, sink_tokens, cau
     out = adasplash_func(q, k, v, causal=causal, window_size=window_size, sink_tokens=sink_tokens)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     mask = explicit_mask(200, 200, causal, window_size, sink_tokens)
+    ref = _masked_reference(q.detach(), k.detach(), v.detach(), grad_out, [mask], 1.5)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), ref):
+        assert _close(got, want), (name, _rel(got, want))
+
+
+def test_interpreted_window_far_into_a_long_key_range(interpreted):
+    """Tile lists are stored in 16 bits where their tiles fit (``triton_tiles.index_dtype``): 64
+    queries at the end of 40,000 keys, a window and sink tokens, so the lists hold tile 0 and tiles
+    past 600, whose token offsets (tile x 64) overflow 16 bits unless every kernel widens what it
+    reads. Forward and gradients against the explicit mask's float64 reference."""
+    from test_masks import _close, _masked_reference, explicit_mask
+
+    from ring_adasplash.kernels.triton_tiles import index_dtype
+
+    seqlen_k = 40_000
+    assert index_dtype(-(-seqlen_k // 64)) == torch.int16 and seqlen_k // 64 * 64 > 2**15
+    q, k, v, grad_out = random_qkv(1, 64, seqlen_k, 2, 2, 16, seed=21, grad_out=True, requires_grad=True)
+    window, sinks = (100, 0), 3
+    out = adasplash_func(q, k, v, causal=True, window_size=window, sink_tokens=sinks)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    mask = explicit_mask(64, seqlen_k, True, window, sinks)
     ref = _masked_reference(q.detach(), k.detach(), v.detach(), grad_out, [mask], 1.5)
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), ref):
         assert _close(got, want), (name, _rel(got, want))

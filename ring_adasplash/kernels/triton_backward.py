@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (ADD, approx_log2, at_head, dot, entmax_weights, first_slot_at_least, hide_invisible,
-                            key_positions, list_slot, list_slots, listed_query_tile, listed_tiles, load_rows,
+                            key_positions, list_slot, list_slots, listed_query_tile, listed_tile, listed_tiles,
+                            load_rows,
                             positive_gap, program_tile, query_positions, row_offsets, tile_ptrs, visible)
 
 LN2 = tl.constexpr(math.log(2.0))
@@ -35,7 +36,7 @@ def dkdv_tiles(k, v, Qh, DOh, Q_limit, Q_doc, Q_first, k_pos, k_doc, k_win_pos, 
     (``list_slots``; with ``FULL``, the query tiles that see every key of this tile)."""
     start, stop = list_slots(count, full_first, full_end, FULL)
     for i in range(start, stop):
-        offs_m = tl.load(Index + list_slot(i, full_first, full_end, FULL)) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = listed_tile(Index, list_slot(i, full_first, full_end, FULL)) * BLOCK_M + tl.arange(0, BLOCK_M)
         in_q = offs_m < seqlen_q
         rows = row_offsets(bh, seqlen_q, offs_m)
         q = load_rows(Qh, offs_m, in_q, stride_qs, stride_qd, HEAD_DIM)
@@ -124,7 +125,7 @@ def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, fu
     ``ALPHA_SUMS``, the row sums ``gp``, ``plogp``, ``gplogp`` too (``EntmaxSpec.alpha_gradient``)."""
     start, stop = list_slots(count, full_first, full_end, FULL)
     for j in range(start, stop):
-        tile_k = tl.load(Tile_index + list_slot(j, full_first, full_end, FULL))
+        tile_k = listed_tile(Tile_index, list_slot(j, full_first, full_end, FULL))
         offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
         in_k = offs_n < seqlen_k
         k = load_rows(K, offs_n, in_k, stride_ks, stride_kd, HEAD_DIM)

@@ -134,6 +134,13 @@ def listed_tiles(Tile_count, Tile_index, line, bh, length):
 
 
 @triton.jit
+def listed_tile(Tile_index, slot):
+    """The tile at ``slot`` of a tile list, as int32: lists are stored in 16 bits where their
+    tiles fit (``triton_tiles.tile_lists``), and a tile times its block size would not."""
+    return tl.load(Tile_index + slot).to(tl.int32)
+
+
+@triton.jit
 def first_slot_at_least(Tile_index, count, tile):
     """The first slot of an ascending tile list ``Tile_index[:count]`` whose tile is at least
     ``tile`` (``count`` when none is), by bisection."""
@@ -141,7 +148,7 @@ def first_slot_at_least(Tile_index, count, tile):
     hi = lo + count
     while lo < hi:
         mid = (lo + hi) // 2
-        below = tl.load(Tile_index + mid) < tile
+        below = listed_tile(Tile_index, mid) < tile
         lo = tl.where(below, mid + 1, lo)
         hi = tl.where(below, hi, mid)
     return lo
@@ -250,7 +257,7 @@ def listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr, PRECISION: tl.constexpr):
     """The key tile of step ``j`` of a ``list_slots`` loop: ``(tile_k, offs_n, z)``
     (``tile_logits``)."""
-    tile_k = tl.load(Tile_index + list_slot(j, full_first, full_end, FULL))
+    tile_k = listed_tile(Tile_index, list_slot(j, full_first, full_end, FULL))
     offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
     z = tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n, stride_ks, stride_kd,
                     seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, FULL, PRECISION)

@@ -126,7 +126,7 @@ def newton_schedule_kernel(
     for start in range(0, count, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
         in_list = slots < count
-        At = Keep + tile_row + tl.load(Tile_index + slots, mask=in_list, other=0)
+        At = Keep + tile_row + tl.load(Tile_index + slots, mask=in_list, other=0).to(tl.int32)
         last = tl.load(At, mask=in_list, other=0) == step
         tl.store(At, tl.where(last | ~marked, 1, 0).to(tl.int8), mask=in_list)
     tl.store(Tau + rows, point, mask=in_q)

@@ -24,7 +24,7 @@ def list_true(Line, stride, length, Count, Index, CHUNK: tl.constexpr):
         offs = start + tl.arange(0, CHUNK)
         flag = (tl.load(Line + offs * stride, mask=offs < length, other=0) != 0).to(tl.int32)
         slot = count + tl.associative_scan(flag, 0, ADD) - flag
-        tl.store(Index + slot, offs, mask=flag != 0)
+        tl.store(Index + slot, offs.to(Index.dtype.element_ty), mask=flag != 0)
         count += tl.reduce(flag, 0, ADD)
     tl.store(Count, count)
 
@@ -34,7 +34,7 @@ def tile_list_kernel(Mask, Counts, Index, Counts_t, Index_t, stride_mg, stride_m
                      CHUNK: tl.constexpr):
     """``Mask`` (groups, rows, cols) uint8 with any strides. Programs with ``program_id(2) == 0``
     list rows: ``Counts`` (groups, rows) int32, the True entries per row, and ``Index`` (groups,
-    rows, cols) int32, their column positions, ascending, in the first ``Counts`` slots of each row
+    rows, cols) int16 or int32 (``index_dtype``), their column positions, ascending, in the first ``Counts`` slots of each row
     (the rest is left as it was). Programs with ``program_id(2) == 1`` (a grid of depth 2) list
     columns the same way into ``Counts_t`` (groups, cols) and ``Index_t`` (groups, cols, rows): the
     backward needs both, from one launch."""
@@ -53,18 +53,25 @@ def tile_list_kernel(Mask, Counts, Index, Counts_t, Index_t, stride_mg, stride_m
                       Index_t + list_id * num_rows, CHUNK)
 
 
+def index_dtype(length: int) -> torch.dtype:
+    """The dtype of a tile list over ``length`` tiles: int16 where every position fits (tiles of 64
+    tokens: up to about two million tokens), else int32. The lists are the largest per-tile state
+    a call holds (one entry per tile, listed or not), and the kernels widen what they read."""
+    return torch.int16 if length <= torch.iinfo(torch.int16).max else torch.int32
+
+
 def tile_lists(mask: torch.Tensor, columns_too: bool = False) -> tuple:
-    """(..., rows, cols) bool -> counts (..., rows) int32 and indices (..., rows, cols) int32: the
-    True positions of each row first, ascending (slots past a row's count are unset).
-    ``columns_too``: also the lists of the transposed mask, counts (..., cols) and indices
-    (..., cols, rows), from the same launch."""
+    """(..., rows, cols) bool -> counts (..., rows) int32 and indices (..., rows, cols) of
+    ``index_dtype(cols)``: the True positions of each row first, ascending (slots past a row's
+    count are unset). ``columns_too``: also the lists of the transposed mask, counts (..., cols)
+    int32 and indices (..., cols, rows) of ``index_dtype(rows)``, from the same launch."""
     grouped = mask.view(torch.uint8).reshape(-1, *mask.shape[-2:])
     groups, rows, cols = grouped.shape
     lists = [torch.empty(mask.shape[:-1], device=mask.device, dtype=torch.int32),
-             torch.empty(mask.shape, device=mask.device, dtype=torch.int32)]
+             torch.empty(mask.shape, device=mask.device, dtype=index_dtype(cols))]
     if columns_too:
         lists += [torch.empty((*mask.shape[:-2], cols), device=mask.device, dtype=torch.int32),
-                  torch.empty((*mask.shape[:-2], cols, rows), device=mask.device, dtype=torch.int32)]
+                  torch.empty((*mask.shape[:-2], cols, rows), device=mask.device, dtype=index_dtype(rows))]
     if lists[0].numel():
         columns = lists[2:] or lists  # unused by a grid of depth 1
         launch(tile_list_kernel, (max(rows, cols) if columns_too else rows, groups, 1 + columns_too))(
