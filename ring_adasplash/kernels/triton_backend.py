@@ -347,7 +347,7 @@ def newton_polish(problem: TritonProblem, tiles: BlockMask, state: S.NewtonState
     point, lower, upper = (x.to(torch.float64).contiguous() for x in state[:3])
     launch(triton_newton.newton_polish_kernel, p.query_grid)(
         **p.listed(tiles), Point=point, Lower=lower, Upper=upper,
-        Done=state.done.contiguous().view(torch.int8), **p.weights, no_stop=S.NO_STOP, STEPS=steps, 
+        Done=state.done.contiguous().view(torch.int8), **p.weights, no_stop=S.NO_STOP, STEPS=steps,
         **p.config("newton_sums"))
     return point
 

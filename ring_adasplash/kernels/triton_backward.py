@@ -21,8 +21,7 @@ import triton.language as tl
 
 from .triton_common import (ADD, approx_log2, at_head, dot, entmax_weights, first_slot_at_least, hide_invisible,
                             key_positions, list_slot, list_slots, listed_query_tile, listed_tile, listed_tiles,
-                            load_rows,
-                            positive_gap, program_tile, query_positions, row_offsets, tile_ptrs, visible)
+                            load_rows, positive_gap, program_tile, query_positions, row_offsets, tile_ptrs, visible)
 
 LN2 = tl.constexpr(math.log(2.0))
 
