@@ -147,12 +147,13 @@ def held_bytes(tensors) -> int:
 count_tile_state = False  # set by ``telemetry.record()``: only then does a forward count its tile state
 
 
-def _tile_state(gap_codes: dict, *mask_lists) -> int:
-    """``held_bytes`` of the tile gaps and of every mask in ``mask_lists`` (lists of ``BlockMask``),
+def _tile_state(per_tile: dict, *mask_lists) -> int:
+    """``held_bytes`` of the per-tile tensors in ``per_tile`` (tile gaps, nonzero tiles; by key block)
+    and of every mask in ``mask_lists`` (lists of ``BlockMask``, with the tile lists built so far),
     or 0 outside ``count_tile_state``: a forward does no counting work unless asked."""
     if not count_tile_state:
         return 0
-    return held_bytes([*gap_codes.values(), *(t for masks in mask_lists for m in masks for t in m.held_tensors())])
+    return held_bytes([*per_tile.values(), *(t for masks in mask_lists for m in masks for t in m.held_tensors())])
 
 
 def visible_tiles(vis: Visibility, block_m: int, block_n: int) -> BlockMask:
@@ -364,6 +365,7 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
         candidates = [r.with_tiles(r.tiles & lower_bound_mask(gap_codes[i], tau.to(reference.dtype), reference, empty,
                                                                block_m)) for i, r in enumerate(read)]
         held = _tile_state(gap_codes, visible.values(), read, candidates)
+        del gap_codes, read  # freed before the output pass: the candidates are all it needs
         return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums)
     row_stats = _histogram(backend, problems, blocks, reduce, rel.row_max, rel.tau_floor, gap_codes, visible)
     bracket = backend.coarse_bracket(row_stats, spec)
@@ -386,7 +388,9 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
 def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, visible, dtype,
             tile_state_bytes: int, backward_sums: bool) -> ForwardResult:
     """Step 5 for a known tau (NaN on rows that see a score that is not finite), over the
-    ``candidates`` tiles; ``out_u`` and ``u_sum`` only with ``backward_sums``."""
+    ``candidates`` tiles; ``out_u`` and ``u_sum`` only with ``backward_sums``. The tile state
+    counted is the larger of ``tile_state_bytes`` (before) and what the pass holds: the visible
+    and candidate masks with the tile lists it builds, and the nonzero tiles it finds."""
     tau = torch.where(rel.nonfinite, float("nan"), tau).to(torch.float64 if dtype == torch.float64 else torch.float32)
     parts, nonzero = None, {}
     for block in blocks.sweep(with_values=True, needed=_needed(blocks, candidates), pass_name="output"):
@@ -394,6 +398,7 @@ def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, vi
                                                           backward_sums)
         parts = sums if parts is None else [None if a is None else a + b for a, b in zip(parts, sums)]
     out, out_u, u_sum, support = (None if p is None else reduce.sums(p) for p in parts)
+    tile_state_bytes = max(tile_state_bytes, _tile_state(nonzero, visible.values(), candidates))
     masks = [visible[i].with_tiles(nonzero[i]) for i in range(blocks.num_blocks)]
     return ForwardResult(out, out_u, u_sum, tau, rel.shift, support, masks, candidates,
                          tile_state_bytes=tile_state_bytes)
