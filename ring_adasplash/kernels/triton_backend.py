@@ -91,9 +91,9 @@ def _backward(d: int) -> dict:
 
 # Launch settings per kernel, by head dim: a fixed table, each entry measured (why: docs/design.md
 # (kernel choices); no autotuning). ``UNROLL``: key tiles per trip of the loop over the tiles with
-# every pair visible (``triton_common.list_unroll``), for the kernels that take it; one above
-# head dim 128, where two trips' tiles exceed an sm_90 block's shared memory, and for float32
-# inputs (``TritonProblem.config``)
+# every pair visible (``triton_common.list_slots``; one tile over the others), for the kernels
+# that take it; one above head dim 128, where two trips' tiles exceed an sm_90 block's shared
+# memory, and for float32 inputs (``TritonProblem.config``)
 _CONFIGS = {
     "max": lambda d: {"num_warps": 8 if d >= 256 else 4, "num_stages": 2},
     "sparse": _sparse,  # the histogram schedule's passes

@@ -192,14 +192,6 @@ def list_slots(count, full_first, full_end, FULL: tl.constexpr):
 
 
 @triton.jit
-def list_unroll(UNROLL: tl.constexpr, FULL: tl.constexpr):
-    """Tiles per trip of a ``list_slots`` loop (``loop_unroll_factor``): ``UNROLL`` (the kernel's
-    launch setting, ``triton_backend._CONFIGS``) over the tiles with every pair visible, one over
-    the others (few: the diagonal, a window's edges)."""
-    return UNROLL if FULL else 1
-
-
-@triton.jit
 def list_slot(j, full_first, full_end, FULL: tl.constexpr):
     """The slot of the ``j``-th step of a ``list_slots`` loop."""
     if FULL:

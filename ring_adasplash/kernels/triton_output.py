@@ -13,8 +13,8 @@ docs/design.md (kernel choices)).
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, at_head, dot, entmax_weights, list_slots, list_unroll, listed_logits,
-                            listed_query_tile, load_rows, positive_gap, tile_ptrs)
+from .triton_common import (ADD, at_head, dot, entmax_weights, list_slots, listed_logits, listed_query_tile,
+                            load_rows, positive_gap, tile_ptrs)
 
 
 @triton.jit
@@ -25,7 +25,9 @@ def output_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first
                  PRECISION: tl.constexpr):
     """The sums over one of the two loops of listed tiles (``list_slots``)."""
     start, stop = list_slots(count, full_first, full_end, FULL)
-    for j in tl.range(start, stop, loop_unroll_factor=list_unroll(UNROLL, FULL)):
+    # UNROLL tiles per trip over the fully visible tiles (the launcher's setting), written in place:
+    # Triton 3.6 does not take a helper's result as the factor
+    for j in tl.range(start, stop, loop_unroll_factor=UNROLL if FULL else 1):
         tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
                                           q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
                                           scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)

@@ -21,8 +21,8 @@ the count of keys above t and per tile whether it may hold p > 0.
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, MAX, MIN, dot, entmax_weights, list_slots, list_unroll,
-                            listed_logits, listed_query_tile, positive_gap)
+from .triton_common import (ADD, MAX, MIN, dot, entmax_weights, list_slots, listed_logits, listed_query_tile,
+                            positive_gap)
 
 ONES_WIDTH = tl.constexpr(16)  # the narrowest product the tensor cores take (newton_sums_kernel)
 
@@ -145,7 +145,9 @@ def newton_tiles(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
     of keys above t (every column of ``above``); with ``KEEP``, ``mark`` (int8) into ``Keep[tile]``
     where a key of the tile lies above ``t - margin`` (the rest left as they are)."""
     start, stop = list_slots(count, full_first, full_end, FULL)
-    for j in tl.range(start, stop, loop_unroll_factor=list_unroll(UNROLL, FULL)):
+    # UNROLL tiles per trip over the fully visible tiles (the launcher's setting), written in place:
+    # Triton 3.6 does not take a helper's result as the factor
+    for j in tl.range(start, stop, loop_unroll_factor=UNROLL if FULL else 1):
         tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
                                           q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
                                           scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
