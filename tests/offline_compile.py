@@ -13,9 +13,8 @@ import pickle
 import sys
 
 TYPES = {"torch.bfloat16": "*bf16", "torch.float32": "*fp32", "torch.float16": "*fp16", "torch.int32": "*i32",
-         "torch.int8": "*i8", "torch.int16": "*i16", "torch.uint8": "*u8", "torch.float64": "*fp64", "torch.bool": "*i1",
-         "torch.int64": "*i64"}
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+         "torch.int8": "*i8", "torch.int16": "*i16", "torch.uint8": "*u8", "torch.float64": "*fp64",
+         "torch.bool": "*i1", "torch.int64": "*i64"}
 SM90_SHARED_BYTES = 232448  # shared memory one block may use on an H100 or H200
 
 
@@ -84,6 +83,7 @@ def capture(path: str) -> None:
 def compile_all(path: str) -> tuple[int, list]:
     """Compiles every distinct recorded specialization; returns (compiled, failures)."""
     import triton
+    from ring_adasplash.kernels.compile_ahead import LAUNCH_OPTIONS
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -94,7 +94,7 @@ def compile_all(path: str) -> tuple[int, list]:
         kernel = getattr(importlib.import_module(module), name)
         params = list(inspect.signature(kernel.fn).parameters)
         for arguments in calls:
-            options = {key: arguments[key][1] for key in LAUNCH_OPTIONS if key in arguments}
+            options = {key: arguments[key][1] for key in sorted(LAUNCH_OPTIONS) if key in arguments}
             # specialized as Triton's launcher does on the GPU: integers equal to 1 are constants,
             # addresses and integers that are multiples of 16 are marked so (vector loads, and
             # with them the pipelined copies that fill shared memory)

@@ -174,7 +174,8 @@ class TritonProblem(Problem):
         if self.q.dtype == torch.float32:
             # float32 products are multiply-adds, not tensor-core instructions: two tiles per trip
             # multiplied the compile time of the output kernel, for no speed float32 is used for
-            settings |= {"UNROLL": 1} if "UNROLL" in settings else {}
+            if "UNROLL" in settings:
+                settings["UNROLL"] = 1
         elif self.head_dim in _MAX_REGISTERS.get(kind, {}):
             settings["maxnreg"] = _MAX_REGISTERS[kind][self.head_dim]
         return settings

@@ -145,8 +145,8 @@ def newton_polish_kernel(
     """``STEPS`` Newton steps on the rows not ``Done`` (int8), from ``Point`` in the bracket
     [``Lower``, ``Upper``] (float64; the last point into ``Point``), with sums without the count
     and tolerances ``no_stop`` (``stats.NO_STOP``: no row stops early): the exact finish after the
-    closed form (``torch_blockwise.newton_polish``). Rarely is a row not done, so a query tile whose rows are
-    all done reads nothing more, not even its queries."""
+    closed form (``torch_blockwise.newton_polish``). Rarely is a row not done, so a query tile
+    whose rows are all done reads nothing more, not even its queries."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tile_q, bh, b, h, offs_m, in_q = program_tile(num_heads, seqlen_q, BLOCK_M)
     rows = row_offsets(bh, seqlen_q, offs_m)
