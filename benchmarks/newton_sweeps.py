@@ -31,9 +31,9 @@ def sweeps(family, seqlen, heads, head_dim, amp, dtype, device, seed):
     live_rows = []
     moments_pass = torch_blockwise.newton_moments_pass
 
-    def recording(problem, tiles, point, rows=None, keep=False):
+    def recording(problem, tiles, point, rows=None, **options):
         live_rows.append(rows.clone())
-        return moments_pass(problem, tiles, point, rows, keep=keep)
+        return moments_pass(problem, tiles, point, rows, **options)
 
     torch_blockwise.newton_moments_pass = recording
     try:

@@ -86,6 +86,47 @@ def test_rows_converge_in_a_few_passes_on_attention_like_rows():
     assert 2 <= len(log) <= 5 and log[0] > 0 and log[-1] == 0 and 0 not in log[:-1], log
 
 
+def _sums_at(z: torch.Tensor, t: float, closest: bool = True) -> torch.Tensor:
+    """The Newton pass's sums of one row ``z`` (float64) at ``t``, as ``newton_moments_pass`` takes
+    them: sum gap^2, sum gap, count, and the smallest gap (+inf where none)."""
+    gap = (z - t).clamp(min=0)
+    sums = [(gap * gap).sum(), gap.sum(), (gap > 0).sum().double()]
+    if closest:
+        sums.append(gap[gap > 0].min() if (gap > 0).any() else torch.tensor(float("inf"), dtype=torch.float64))
+    return torch.stack(sums)[None]
+
+
+def test_the_exact_stop_takes_the_closed_form_only_where_no_key_lies_between():
+    """alpha 1.5, one row with tau against the ``entmax`` package (``entmax15`` of 2 z): from a
+    point between the highest key left out and tau, one step with the smallest gap lands on tau
+    (float64 rounding) and stops; without the gap, the tolerances do not stop it there. From a
+    point below a key that tau leaves out (the closed form on the keys above the point then lies
+    past that key, above tau), the step does not stop, and its point stays below tau."""
+    from entmax import entmax15
+
+    z = torch.tensor([0.0, -0.05, -0.2, -0.45, -0.5, -0.9, -3.0], dtype=torch.float64)
+    p = entmax15(2 * z, dim=-1)
+    support = p > 0
+    assert 1 < int(support.sum()) < len(z)  # keys on both sides of tau
+    tau = float((z[support] - p[support].sqrt()).mean())  # p = (z - tau)^2 on the support
+    left_out = float(z[~support].max())
+    spec = EntmaxSpec(1.5)
+
+    def step(t, closest):
+        start = stats.NewtonState.of(*(torch.tensor([v], dtype=torch.float64) for v in (t, z.max() - 1, z.max())),
+                                     torch.tensor([False]))
+        return stats.newton_step(start, _sums_at(z, t, closest), spec, 2e-6, 1e-6)
+
+    settled = left_out + 0.5 * (tau - left_out)
+    state = step(settled, closest=True)
+    assert bool(state.done[0]) and abs(float(state.point[0]) - tau) < 1e-14, (float(state.point[0]), tau)
+    state = step(settled, closest=False)
+    assert not bool(state.done[0]) and float(state.point[0]) < tau - 1e-9
+    below = left_out - 0.01  # the left-out key lies above this point
+    state = step(below, closest=True)
+    assert not bool(state.done[0]) and float(state.point[0]) < tau
+
+
 def _ring_with_newton(rank, world):
     import os
 

@@ -57,7 +57,8 @@ NO_STOP = -1.0  # tolerances of ``newton_step`` that stop no row: a fixed number
 NEWTON_SCHEDULE_STEPS = 10
 NEWTON_SCHEDULE_MAX_ALPHA = 1.5
 # from this step on, the passes mark the tiles that may hold p > 0 (and, pass by pass, drop the
-# tiles below every row's lower bound)
+# tiles below every row's lower bound), and in one launch take each row's smallest gap above its
+# point with the marks, with which the closed form of alpha 1.5 stops a row exactly (``newton_step``)
 NEWTON_NARROW_STEP = 2
 NEWTON_STEP_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-10}
 NEWTON_TOLERANCE = {torch.float32: 2e-6, torch.float64: 1e-12}
@@ -474,17 +475,27 @@ def newton_step(state: NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tolera
     tau <= t + x, with equality when no key lies between. The bound is taken only where the
     discriminant ``f'^2 - n0 (f - 1)`` keeps at least half of ``f'^2``: far below tau (f >> 1) the
     two nearly cancel, and the float32 rounding of the sums (the kernels' sums) would move the
-    root below tau (by 3e-7 on flat rows of 2048 keys, whose p then summed to 1 - 2.3e-5)."""
+    root below tau (by 3e-7 on flat rows of 2048 keys, whose p then summed to 1 - 2.3e-5).
+
+    Exact stop (gamma 2, ``sums`` (..., 4), the fourth column the smallest gap ``z - t > 0``, +inf
+    where none): where that gap exceeds ``x``, no key lies in (t, t + x], so the keys above
+    ``t + x`` are the keys above t, on which ``t + x`` solves ``sum p = 1``: it is tau, and the row
+    is done with it. Most rows stop so a pass before the tolerances stop them: the support has
+    settled, but the Newton point still lies below tau."""
     f, df = sums[..., 0].double(), sums[..., 1].double()
     point, lower, upper = newton_update(state.point, state.lower, state.upper, sums[..., :2], spec)
     done = (point - state.point).abs() <= step_tolerance
-    if spec.power == 2 and sums.shape[-1] == 3:
+    if spec.power == 2 and sums.shape[-1] >= 3:
         count = sums[..., 2].double()
         disc = df * df - count * (f - 1.0)
         x = (f - 1.0) / (df + disc.clamp(min=0).sqrt()).clamp(min=1e-300)
         valid = (f >= 1.0) & (2.0 * disc >= df * df) & (count > 0)
         upper = torch.where(valid, torch.minimum(upper, state.point + x), upper)
         done = done | ((upper - point) * spec.gamma * df <= tolerance)
+        if sums.shape[-1] == 4:
+            exact = valid & (x < sums[..., 3].double())
+            point = torch.where(exact, state.point + x, point)
+            done = done | exact
     keep = state.done
     return NewtonState(torch.where(keep, state.point, point), torch.where(keep, state.lower, lower),
                        torch.where(keep, state.upper, upper), keep | done)

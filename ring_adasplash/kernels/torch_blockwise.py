@@ -238,15 +238,19 @@ def newton_sums_pass(problem: Problem, tiles: BlockMask, point, rows=None):
     return newton_moments_pass(problem, tiles, point, rows)[0][..., :2]
 
 
-def newton_moments_pass(problem: Problem, tiles: BlockMask, point, rows=None, keep: bool = False):
+def newton_moments_pass(problem: Problem, tiles: BlockMask, point, rows=None, keep: bool = False,
+                        closest: bool = False):
     """The Newton schedule's pass at ``t = point`` over ``tiles`` (only the query tiles holding a
     row of ``rows``, when given): ``sums`` (B, H, Sq, 3) float64, ``sum (z - t)_+^gamma``,
-    ``sum (z - t)_+^(gamma - 1)`` and the count of keys above t; with ``keep``, also (B, H, nQ,
-    nK) bool, the tiles read that hold a key above ``t - MASK_MARGIN`` (no other tile read holds
-    p > 0 for a tau >= t), else None."""
+    ``sum (z - t)_+^(gamma - 1)`` and the count of keys above t, with ``closest`` and a fourth
+    column: the smallest gap ``z - t > 0``, +inf where none (``stats.newton_step``'s exact stop; a
+    minimum, which key blocks do not add up); with ``keep``, also (B, H, nQ, nK) bool, the tiles
+    read that hold a key above ``t - MASK_MARGIN`` (no other tile read holds p > 0 for a tau >=
+    t), else None."""
     if rows is not None:
         tiles = tiles.with_tiles(tiles.tiles & stats.per_query_tile(rows, problem.block_m, "any")[..., None])
     sums = torch.zeros(*problem.rows, 3, device=problem.q.device, dtype=torch.float64)
+    nearest = torch.full(problem.rows, float("inf"), device=problem.q.device, dtype=torch.float64)
     near = torch.zeros(problem.tiles, device=problem.q.device, dtype=torch.bool) if keep else None
     t = point.double()[..., None]
     key_tiles = _KeyTiles(problem, tiles)
@@ -255,8 +259,12 @@ def newton_moments_pass(problem: Problem, tiles: BlockMask, point, rows=None, ke
         gap = _gap(z, t)
         p, u = problem.spec.weights(gap)
         sums += torch.stack((p.sum(-1), u.sum(-1), (gap > 0).sum(-1).double()), -1)
+        if closest:
+            nearest = torch.minimum(nearest, torch.where(gap > 0, gap, float("inf")).amin(-1))
         if keep:
             near[..., index] = key_tiles.per_query_tile((z > t - stats.MASK_MARGIN).any(-1), "any")
+    if closest:
+        sums = torch.cat((sums, nearest[..., None]), -1)
     return sums, (near & tiles.tiles) if keep else None
 
 
@@ -283,7 +291,8 @@ def newton_schedule(problem: Problem, tiles: BlockMask, reference, row_max, tole
     block and nothing to merge), step for step as ``triton_newton.newton_schedule_kernel`` runs it:
     from ``stats.NewtonState.start(reference, row_max)``, ``newton_moments_pass`` over ``tiles`` and
     ``newton_step`` on the query tiles with a row not done, up to ``NEWTON_SCHEDULE_STEPS``; from
-    step ``NEWTON_NARROW_STEP`` on, each pass marks the tiles that may hold p > 0. Returns tau
+    step ``NEWTON_NARROW_STEP`` on, each pass marks the tiles that may hold p > 0 and takes the
+    rows' smallest gaps (the exact stop). Returns tau
     (B, H, Sq) float64 (the last point; the start on rows with no visible key) and (B, H, nQ, nK)
     bool, the tiles of ``tiles`` the last marking pass of their query tile kept (all of them where
     none marked)."""
@@ -294,7 +303,7 @@ def newton_schedule(problem: Problem, tiles: BlockMask, reference, row_max, tole
         if not rows.any():
             break
         mark = step >= stats.NEWTON_NARROW_STEP
-        sums, near = newton_moments_pass(problem, tiles, state.point, rows, keep=mark)
+        sums, near = newton_moments_pass(problem, tiles, state.point, rows, keep=mark, closest=mark)
         if mark:
             kept = torch.where(stats.per_query_tile(rows, problem.block_m, "any")[..., None], near, kept)
         state = newton_step(state, sums, problem.spec, tolerance, step_tolerance)

@@ -15,7 +15,11 @@ above ``point - margin`` (the tiles that may hold p > 0 for any tau at or above 
 row with such a key stores 1 + the step itself, with no reduction across the program's warps
 (which would hold them all at a barrier on every tile), and at the end the tiles of the last
 sweep become 1, the others 0. A query tile whose rows were all done before that step keeps 1 on
-its listed tiles. A sweep reads every listed tile, in two loops with no branch inside
+its listed tiles. The marks' row reduction is an integer min over the bits of ``z - t``, which
+also gives each row's smallest gap above its point: at gamma 2, where that gap exceeds the
+distance to the closed form on the keys above the point, the row is done with it, exactly
+(``stats.newton_step``), often a sweep before the tolerances would stop it, and at no cost
+beyond the marks. A sweep reads every listed tile, in two loops with no branch inside
 (``list_slots``): the loads of the next tiles are issued while this one is computed (a sweep
 that skipped the tiles below every row's lower bound, as the pass-by-pass schedule does once,
 saved little: on attention rows few tiles lie between the max pass's bound and tau).
@@ -39,18 +43,24 @@ def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
                  margin, mark, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  POWER: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr, UNROLL: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """One sweep of the listed key tiles at ``t`` (float32 per row): ``(f, f', count)`` per row (the
-    count 0 without ``COUNT``), and with ``KEEP`` ``mark`` on the tiles that may hold p > 0
-    (``newton_tiles``)."""
+    """One sweep of the listed key tiles at ``t`` (float32 per row): ``(f, f', count, closest)`` per
+    row, float64 (the count 0 without ``COUNT``), and with ``KEEP`` ``mark`` on the tiles that may
+    hold p > 0 and ``closest`` the smallest gap ``z - t > 0`` (+inf where none, and without
+    ``KEEP``) (``newton_tiles``)."""
     f_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     above = tl.full([BLOCK_M, ONES_WIDTH], 0.0, tl.float32)
+    closest = tl.full([BLOCK_M], 0xFFFFFFFF, tl.uint32)  # as float32 bits (newton_tiles)
     for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-        f_sum, df_sum, above = newton_tiles(
+        f_sum, df_sum, above, closest = newton_tiles(
             q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
-            Keep, tile_row, t, ones, f_sum, df_sum, above, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
-            gamma, margin, mark, HEAD_DIM, BLOCK_N, POWER, COUNT, KEEP, FULL == 1, UNROLL, PRECISION)
-    return f_sum.to(tl.float64), df_sum.to(tl.float64), tl.reduce(above, 1, MAX).to(tl.float64)
+            Keep, tile_row, t, ones, f_sum, df_sum, above, closest, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
+            scale_z, gamma, margin, mark, HEAD_DIM, BLOCK_N, POWER, COUNT, KEEP, FULL == 1, UNROLL, PRECISION)
+    # bits above +inf's: no positive gap (a negative float, or NaN on rows marked NaN whole)
+    positive = closest <= 0x7F800000
+    closest = tl.where(positive, closest.to(tl.float32, bitcast=True), float("inf"))
+    return (f_sum.to(tl.float64), df_sum.to(tl.float64), tl.reduce(above, 1, MAX).to(tl.float64),
+            closest.to(tl.float64))
 
 
 @triton.jit
@@ -60,16 +70,21 @@ def newton_steps(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POWER: tl.constexpr,
                  COUNT: tl.constexpr, KEEP: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr):
     """Steps ``step``, ``step + 1``, ... up to ``LAST`` (excluded) while a row is live: a sweep at
-    the rows' points, then ``newton_row_step`` on the rows not done (with ``COUNT`` the sweep
-    counts the keys above each point, and at gamma 2 the step takes the upper bound they give).
-    Returns ``(point, lower, upper, done, step, live)``."""
+    the rows' points (rounded to float32, as the sweep takes them), then ``newton_row_step`` on the
+    rows not done (with ``COUNT`` the sweep counts the keys above each point, and at gamma 2 the
+    step takes the upper bound they give; with ``KEEP`` it marks the tiles, and at gamma 2 the
+    smallest gaps it finds with the marks stop the rows whose closed form is exact). Returns
+    ``(point, lower, upper, done, step, live)``."""
     while (step < LAST) & (live > 0):
-        f, df, n = newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
-                                q_first, offs_m, Keep, tile_row, point.to(tl.float32), ones, stride_ks, stride_kd,
-                                seqlen_q, seqlen_k, shift, scale_z, gamma, margin, (step + 1).to(tl.int8), HEAD_DIM,
-                                BLOCK_M, BLOCK_N, POWER, COUNT, KEEP, UNROLL, PRECISION)
-        next_point, next_lower, next_upper, converged = newton_row_step(f, df, n, point, lower, upper, gamma,
-                                                                        tolerance, step_tolerance, POWER)
+        t = point.to(tl.float32)
+        f, df, n, closest = newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end,
+                                         q_limit, q_doc, q_first, offs_m, Keep, tile_row, t, ones, stride_ks,
+                                         stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin,
+                                         (step + 1).to(tl.int8), HEAD_DIM, BLOCK_M, BLOCK_N, POWER, COUNT, KEEP,
+                                         UNROLL, PRECISION)
+        next_point, next_lower, next_upper, converged = newton_row_step(f, df, n, closest, t.to(tl.float64), lower,
+                                                                        upper, gamma, tolerance, step_tolerance,
+                                                                        POWER, KEEP)
         point = tl.where(done, point, next_point)
         lower = tl.where(done, lower, next_lower)
         upper = tl.where(done, upper, next_upper)
@@ -109,7 +124,8 @@ def newton_schedule_kernel(
     ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
     live = tl.reduce((~done).to(tl.int32), 0, ADD)
     step = tl.full([], 0, tl.int32)  # a tensor, not the constant 0: the helper's loop reassigns it
-    # the same steps in two loops, the second marking the tiles: no branch inside a sweep
+    # the same steps in two loops, the second marking the tiles (and with the marks finding the
+    # smallest gaps: the exact stop, at gamma 2): no branch inside a sweep
     point, lower, upper, done, step, live = newton_steps(
         q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m, Keep,
         tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,

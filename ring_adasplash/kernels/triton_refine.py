@@ -136,14 +136,16 @@ def fine_histogram_kernel(
 
 @triton.jit
 def newton_tiles(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
-                 offs_m, Keep, tile_row, t, ones, f_sum, df_sum, above, stride_ks, stride_kd, seqlen_q, seqlen_k,
-                 shift, scale_z, gamma, margin, mark, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 offs_m, Keep, tile_row, t, ones, f_sum, df_sum, above, closest, stride_ks, stride_kd, seqlen_q,
+                 seqlen_k, shift, scale_z, gamma, margin, mark, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                  POWER: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr, FULL: tl.constexpr,
                  UNROLL: tl.constexpr, PRECISION: tl.constexpr):
-    """``f_sum``, ``df_sum`` and ``above`` plus, over one of the two loops of listed tiles
-    (``list_slots``), sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1) and with ``COUNT`` the count
-    of keys above t (every column of ``above``); with ``KEEP``, ``mark`` (int8) into ``Keep[tile]``
-    where a key of the tile lies above ``t - margin`` (the rest left as they are)."""
+    """``f_sum``, ``df_sum``, ``above`` and ``closest`` plus, over one of the two loops of listed
+    tiles (``list_slots``), sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1) and with ``COUNT`` the
+    count of keys above t (every column of ``above``); with ``KEEP``, ``mark`` (int8) into
+    ``Keep[tile]`` where a key of the tile lies above ``t - margin`` (the rest left as they are),
+    and into ``closest`` (uint32, the bits of a float32) the smallest gap ``z - t > 0``, or where a
+    row has none, a negative float."""
     start, stop = list_slots(count, full_first, full_end, FULL)
     # UNROLL tiles per trip over the fully visible tiles (the launcher's setting), written in place:
     # Triton 3.6 does not take a helper's result as the factor
@@ -158,11 +160,17 @@ def newton_tiles(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
         if COUNT:
             above += dot(tl.where(gap > 0, 1.0, 0.0).to(q.dtype), ones, PRECISION)
         if KEEP:
+            # one integer min per key gives both: a float's bits as an unsigned int order the
+            # positive floats as the floats, and above them the negative ones by size, so a row's
+            # min is its smallest positive gap, or where it has none its largest z - t (NaN and
+            # -inf, masked keys, last)
+            nearest = tl.reduce((z - t[:, None]).to(tl.uint32, bitcast=True), 1, MIN)
+            closest = tl.minimum(closest, nearest)
             # each row near the tile stores the mark itself (the same value): no reduction across
             # the program's warps, which would hold every warp at a barrier on every tile
-            near = tl.reduce(z - t[:, None], 1, MAX) > -margin
+            near = nearest.to(tl.float32, bitcast=True) > -margin
             tl.store(Keep + tile_row + tile_k + tl.full(near.shape, 0, tl.int32), mark, mask=near)
-    return f_sum, df_sum, above
+    return f_sum, df_sum, above, closest
 
 
 @triton.jit
@@ -202,12 +210,13 @@ def newton_sums_kernel(
     df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
     above = tl.full([BLOCK_M, ONES_WIDTH], 0.0, tl.float32)  # every column: the row's count
+    closest = tl.full([BLOCK_M], 0xFFFFFFFF, tl.uint32)  # not stored: the marks need it only
     for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-        f_sum, df_sum, above = newton_tiles(
+        f_sum, df_sum, above, closest = newton_tiles(
             q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
-            Keep, tile_row, point, ones, f_sum, df_sum, above, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
-            gamma, keep_margin, tl.full([], 1, tl.int8), HEAD_DIM, BLOCK_N, POWER, COUNT, KEEP, FULL == 1, UNROLL,
-            PRECISION)
+            Keep, tile_row, point, ones, f_sum, df_sum, above, closest, stride_ks, stride_kd, seqlen_q, seqlen_k,
+            shift, scale_z, gamma, keep_margin, tl.full([], 1, tl.int8), HEAD_DIM, BLOCK_N, POWER, COUNT, KEEP,
+            FULL == 1, UNROLL, PRECISION)
     WIDTH: tl.constexpr = 3 if COUNT else 2
     tl.store(Sums + rows * WIDTH, f_sum, mask=in_q)
     tl.store(Sums + rows * WIDTH + 1, df_sum, mask=in_q)

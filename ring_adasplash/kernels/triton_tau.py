@@ -194,9 +194,12 @@ def one_minus_root(f, gamma, POWER: tl.constexpr):
 
 
 @triton.jit
-def newton_row_step(f, df, count, t, lower, upper, gamma, tolerance, step_tolerance, POWER: tl.constexpr):
+def newton_row_step(f, df, count, closest, t, lower, upper, gamma, tolerance, step_tolerance, POWER: tl.constexpr,
+                    EXACT_STOP: tl.constexpr):
     """``stats.newton_step`` on rows in registers (float64): from the sums ``f``, ``df`` and
-    ``count`` at ``t`` and the bracket ``[lower, upper]``, the next ``(point, lower, upper, done)``."""
+    ``count`` at ``t`` and the bracket ``[lower, upper]``, the next ``(point, lower, upper, done)``;
+    with ``EXACT_STOP`` (and ``POWER`` 2), ``closest`` (the smallest gap above t) stops the rows
+    whose closed form is exact."""
     below = f >= 1.0
     lower = tl.where(below, tl.maximum(lower, t), lower)
     upper = tl.where(below, upper, tl.minimum(upper, t))
@@ -212,6 +215,10 @@ def newton_row_step(f, df, count, t, lower, upper, gamma, tolerance, step_tolera
         valid = below & (2.0 * disc >= df * df) & (count > 0)
         upper = tl.where(valid, tl.minimum(upper, t + x), upper)
         done = done | ((upper - point) * gamma * df <= tolerance)
+        if EXACT_STOP:  # no key in (t, t + x]: t + x is tau (stats.newton_step)
+            exact = valid & (x < closest)
+            point = tl.where(exact, t + x, point)
+            done = done | exact
     return point, lower, upper, done
 
 
@@ -231,8 +238,8 @@ def newton_step_kernel(Sums, Point, Lower, Upper, Done, num_rows, gamma, toleran
     t = tl.load(Point + rows, mask=live, other=0.0)
     lower = tl.load(Lower + rows, mask=live, other=0.0)
     upper = tl.load(Upper + rows, mask=live, other=0.0)
-    point, lower, upper, done = newton_row_step(f, df, count, t, lower, upper, gamma, tolerance, step_tolerance,
-                                                POWER)
+    point, lower, upper, done = newton_row_step(f, df, count, f, t, lower, upper, gamma, tolerance, step_tolerance,
+                                                POWER, False)
     tl.store(Point + rows, point, mask=live)
     tl.store(Lower + rows, lower, mask=live)
     tl.store(Upper + rows, upper, mask=live)
