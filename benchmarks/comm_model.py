@@ -380,9 +380,10 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["fwd", "fwdbwd"], default="fwdbwd", help="time shown in the tables")
     p.add_argument("--memory-gib", type=float, default=64.0,
                    help="GPU memory attention may use (GiB), for the tokens-that-fit table")
-    p.add_argument("--tile-bytes", type=float, default=3.25,
+    p.add_argument("--tile-bytes", type=float, default=5.75,
                    help="bytes of per-tile state per (query tile, key tile, head) (benchmarks/tile_state.py "
-                        "measures them: 3.25 in a forward on the PyTorch backend; the GPU's tile lists add more)")
+                        "measures them: 5.75 held in a forward with the Triton kernels, tile lists included; 3.25 "
+                        "on the PyTorch backend, which lists no tiles)")
     p.add_argument("--fit", default=None, help="CSV of measured rows (bench_distributed.py output)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the report (.md, .csv, .png)")
     return p.parse_args(argv)
