@@ -67,7 +67,8 @@ def test_gradcheck_float64(newton, alpha):
 def test_rows_converge_in_a_few_passes_on_attention_like_rows():
     """Causal rows of structured attention at 2048 tokens: every row is done after at most five
     passes (the schedule allows NEWTON_SCHEDULE_STEPS), and no pass runs after; counted through the
-    PyTorch path's state."""
+    PyTorch path's state. The exact stop (from the third pass, ``stats.newton_step``) leaves at most
+    1% of the rows live after it (without it, 121 of 4096 rows)."""
     log = []
     step = TB.newton_step
 
@@ -84,6 +85,7 @@ def test_rows_converge_in_a_few_passes_on_attention_like_rows():
     finally:
         TB.newton_step = step
     assert 2 <= len(log) <= 5 and log[0] > 0 and log[-1] == 0 and 0 not in log[:-1], log
+    assert len(log) < 3 or log[2] <= 0.01 * q.shape[1] * q.shape[2], log
 
 
 def _sums_at(z: torch.Tensor, t: float, closest: bool = True) -> torch.Tensor:
