@@ -36,20 +36,26 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 @torch.library.custom_op("ring_adasplash::attention_forward", mutates_args=())
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor,
                       q_first: Tensor, k_win_pos: Tensor, alphas: list[float], softmax_scale: float,
-                      backward_sums: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      backward_sums: bool = True, pairs: int = -1
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out in q's dtype, out_u, u_sum, tau, shift, support, nonzero tiles); see
     ``kernels/algorithm.py`` (``ForwardResult``). ``alphas``: one alpha, or one per query head.
     ``backward_sums`` False (no backward to come): out_u and u_sum are empty, (0,), and not
-    computed."""
+    computed. ``pairs``: (query, key) pairs per head that the visibility can reach, where the
+    caller knows it (packed documents: the sum of their products), else -1: Sq x Sk per batch
+    entry; it decides whether the call runs as a CUDA graph (``cuda_graphs``)."""
     args = (q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, tuple(alphas), softmax_scale, backward_sums)
     # the schedule setting decides which kernels run, so each setting has graphs of its own (a
     # graph captured under another would meet kernels not yet compiled, which no capture allows)
     name = f"forward ({os.environ.get(SCHEDULE_ENV, 'auto')} schedule)"
-    return cuda_graphs.call(name, _forward, args, copied=3, work=_work(q, k))
+    return cuda_graphs.call(name, _forward, args, copied=3, work=_work(q, k, pairs))
 
 
-def _work(q: Tensor, k: Tensor) -> int:
-    """Size of the attention matrix: what decides whether launches or GPU work bound a call."""
+def _work(q: Tensor, k: Tensor, pairs: int = -1) -> int:
+    """Size of the attention matrix (of the pairs the visibility can reach, where ``pairs`` >= 0
+    gives them per head): what decides whether launches or GPU work bound a call."""
+    if pairs >= 0:
+        return q.shape[2] * pairs
     return q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
 
 
@@ -107,7 +113,7 @@ def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_su
 
 
 @attention_forward.register_fake
-def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas, softmax_scale, backward_sums=True):
+def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas, softmax_scale, backward_sums=True, pairs=-1):
     backend = backend_for(q)
     batch, seqlen_q, heads, _ = q.shape
     acc = _compute_dtype(q)
@@ -162,10 +168,10 @@ class _EntmaxAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha_tensor, alphas: tuple,
-                softmax_scale: float):
+                softmax_scale: float, pairs: int):
         vectors = (q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
         out, out_u, u_sum, tau, shift, support, nonzero = attention_forward(q, k, v, *vectors, list(alphas),
-                                                                            softmax_scale)
+                                                                            softmax_scale, True, pairs)
         ctx.save_for_backward(q, k, v, *vectors, out_u, u_sum, tau, shift, nonzero)
         ctx.alphas, ctx.softmax_scale = alphas, softmax_scale
         # the alpha tensor's shape and dtype, for its gradient (not the tensor: nothing to keep alive)
@@ -179,7 +185,7 @@ class _EntmaxAttention(torch.autograd.Function):
         dq, dk, dv, d_alpha = attention_backward(grad_out.contiguous(), *ctx.saved_tensors, list(ctx.alphas),
                                                  ctx.softmax_scale, alpha_grad)
         d_alpha = to_alpha_shape(d_alpha, ctx.alpha_like) if alpha_grad else None
-        return dq, dk, dv, None, None, None, None, None, None, d_alpha, None, None
+        return dq, dk, dv, None, None, None, None, None, None, d_alpha, None, None, None
 
 
 class AttentionStats(NamedTuple):
@@ -199,15 +205,17 @@ class AttentionStats(NamedTuple):
     support: Tensor
 
 
-def _attention(q, k, v, vis: Visibility, alpha: HeadAlpha, softmax_scale: float) -> tuple[Tensor, AttentionStats]:
+def _attention(q, k, v, vis: Visibility, alpha: HeadAlpha, softmax_scale: float,
+               pairs: int = -1) -> tuple[Tensor, AttentionStats]:
+    """``pairs``: see ``attention_forward``."""
     learnable = alpha.tensor is not None and alpha.tensor.requires_grad
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or learnable)):
         # no backward to come: the forward alone, without the row terms only the backward reads
         out, _, _, tau, shift, support, _ = attention_forward(q, k, v, *vis.vectors(), list(alpha.values),
-                                                              softmax_scale, False)
+                                                              softmax_scale, False, pairs)
         return out, AttentionStats(tau, shift, support)
     out, tau, shift, support = _EntmaxAttention.apply(q, k, v, *vis.vectors(), alpha.tensor, alpha.values,
-                                                      softmax_scale)
+                                                      softmax_scale, pairs)
     return out, AttentionStats(tau, shift, support)
 
 
@@ -319,21 +327,64 @@ def adasplash_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     window_size, sink_tokens = check_window(window_size, sink_tokens)
     heads, _, dim = check_qkv(q, k, v, varlen=True, backend=backend_for(q))
     alpha = check_head_alpha(alpha, heads)
-    check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
-    check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must list the same number of sequences; got "
-                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
-    for name, cu, given in (("max_seqlen_q", cu_seqlens_q, max_seqlen_q), ("max_seqlen_k", cu_seqlens_k, max_seqlen_k)):
-        longest = int((cu[1:] - cu[:-1]).max())
+    packing = _packing(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], causal, window_size, sink_tokens, q.device)
+    for name, given, longest in (("max_seqlen_q", max_seqlen_q, packing.longest_q),
+                                 ("max_seqlen_k", max_seqlen_k, packing.longest_k)):
         if int(given) < longest:
             raise ValueError(f"{name} ({given}) is smaller than the longest sequence ({longest})")
     if q.shape[1] == 0:
         out = empty_output(q, k, v)
         return (out, _empty_stats(q, (0, q.shape[0]))) if return_stats else out
-    vis = varlen_visibility(cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device), causal, window_size, sink_tokens)
-    out, stats = _attention(q[None], k[None], v[None], vis, alpha, default_scale(softmax_scale, dim))
+    out, stats = _attention(q[None], k[None], v[None], packing.vis, alpha, default_scale(softmax_scale, dim),
+                            packing.pairs)
     return (out[0], AttentionStats(*(t[0] for t in stats))) if return_stats else out[0]
+
+
+class _Packing(NamedTuple):
+    """A checked packing (``_packing``): its visibility, its longest sequences and the (query,
+    key) pairs of its sequences, summed; ``offsets``: the ``cu_seqlens`` tensors it was made from,
+    held so that their memory cannot be handed to other tensors while the entry lives."""
+
+    vis: Visibility
+    longest_q: int
+    longest_k: int
+    pairs: int
+    offsets: tuple
+
+
+_PACKINGS: dict = {}
+PACKINGS_KEPT = 16
+
+
+def _packing(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, causal: bool, window_size: tuple,
+             sink_tokens: int, device) -> _Packing:
+    """The ``cu_seqlens`` checked and their visibility built once per pair of tensors (their
+    memory, layout and version: an in-place change misses): a model calls attention with the same
+    offsets in every layer. Checking reads them on the host, which waits for the GPU, and the
+    visibility's vectors are what the launchers and the CUDA graphs know a call by: new vectors on
+    every call meant a wait, some forty small kernels and no graph."""
+    def identity(t):
+        return (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), t._version) if isinstance(t, Tensor) \
+            else id(t)
+
+    key = (identity(cu_seqlens_q), identity(cu_seqlens_k), total_q, total_k, causal, window_size, sink_tokens,
+           str(device))
+    hit = _PACKINGS.get(key)
+    if hit is not None:
+        return hit
+    check_cu_seqlens(cu_seqlens_q, total_q, "cu_seqlens_q")
+    check_cu_seqlens(cu_seqlens_k, total_k, "cu_seqlens_k")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must list the same number of sequences; got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    len_q, len_k = (torch.diff(cu.cpu().to(torch.int64)) for cu in (cu_seqlens_q, cu_seqlens_k))
+    vis = varlen_visibility(cu_seqlens_q.to(device), cu_seqlens_k.to(device), causal, window_size, sink_tokens)
+    packing = _Packing(vis, int(len_q.max()), int(len_k.max()), int((len_q * len_k).sum()),
+                       (cu_seqlens_q, cu_seqlens_k))
+    if len(_PACKINGS) >= PACKINGS_KEPT:
+        _PACKINGS.pop(next(iter(_PACKINGS)))
+    _PACKINGS[key] = packing
+    return packing
 
 
 class AdaSplashAttention(torch.nn.Module):

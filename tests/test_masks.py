@@ -145,6 +145,42 @@ def test_window_with_padding_and_float64():
         assert (got - want).abs().max().item() < 1e-9
 
 
+def test_varlen_checks_and_builds_a_packing_once_per_offsets_tensor(monkeypatch):
+    """``adasplash_varlen_func`` checks ``cu_seqlens`` and builds their visibility once per pair of
+    tensors: a second call with the same tensors reads nothing on the host and passes the same
+    visibility vectors (what the launchers' cache and the CUDA graphs key on), with the same
+    output; an in-place change builds a new one, whose output matches a fresh tensor's; bad offsets
+    raise on every call, and a too small ``max_seqlen_q`` raises on a known packing too. ``pairs``
+    (the CUDA-graph policy's work) is the sum of the documents' query x key products."""
+    from ring_adasplash import functional as F
+
+    checked, vectors = [], []
+    check = F.check_cu_seqlens
+    monkeypatch.setattr(F, "check_cu_seqlens", lambda *a: checked.append(a[2]) or check(*a))
+    forward = F.attention_forward
+    monkeypatch.setattr(F, "attention_forward", lambda *a: vectors.append(a[3:9]) or forward(*a))
+    q, k, v = random_qkv(1, 120, 120, 2, 2, 16, seed=21)[:3]
+    q, k, v = q[0], k[0], v[0]
+    cu = torch.tensor([0, 30, 100, 120], dtype=torch.int32)
+    first = ra.adasplash_varlen_func(q, k, v, cu, cu, 70, 70)
+    again = ra.adasplash_varlen_func(q, k, v, cu, cu, 70, 70)
+    assert checked == ["cu_seqlens_q", "cu_seqlens_k"] and torch.equal(first, again)
+    assert all(a is b for a, b in zip(*vectors))
+    assert F._packing(cu, cu, 120, 120, True, (-1, -1), 0, q.device).pairs == 30 * 30 + 70 * 70 + 20 * 20
+    cu[1] = 50  # in place: documents of 50, 50 and 20
+    changed = ra.adasplash_varlen_func(q, k, v, cu, cu, 70, 70)
+    assert len(checked) == 4 and not all(a is b for a, b in zip(vectors[1], vectors[2]))
+    fresh = torch.tensor([0, 50, 100, 120], dtype=torch.int32)
+    assert torch.equal(changed, ra.adasplash_varlen_func(q, k, v, fresh, fresh, 70, 70))
+    assert not torch.equal(changed, first)
+    bad = torch.tensor([0, 30, 20, 120], dtype=torch.int32)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="cu_seqlens_q must start at 0, never decrease"):
+            ra.adasplash_varlen_func(q, k, v, bad, bad, 120, 120)
+    with pytest.raises(ValueError, match=r"max_seqlen_q \(40\) is smaller than the longest sequence \(50\)"):
+        ra.adasplash_varlen_func(q, k, v, cu, cu, 40, 70)
+
+
 def test_varlen_window_and_sinks():
     """Packed documents: the window and the sinks apply within each document."""
     q, k, v, grad_out = random_qkv(1, 200, 200, 2, 2, 16, seed=13, grad_out=True, requires_grad=True)
