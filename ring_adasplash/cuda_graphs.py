@@ -15,7 +15,8 @@ backward). Graphs of one stream share one memory pool: replays on a stream run o
 and every output is cloned before the next, so no graph reads what another wrote.
 
 ``RING_ADASPLASH_CUDA_GRAPHS``: ``auto`` (default: graphs when batch * heads_q * seqlen_q *
-seqlen_k <= ``AUTO_MAX_WORK``), ``on`` (every CUDA call) or ``off``. Calls stay eager while
+seqlen_k <= ``AUTO_MAX_WORK``; for packed documents, heads_q times the sum over documents of
+their query x key lengths), ``on`` (every CUDA call) or ``off``. Calls stay eager while
 telemetry records, while the current stream is itself being captured (a model under
 ``torch.compile(mode="reduce-overhead")`` or the user's own graph), and on CPU tensors.
 """
