@@ -362,7 +362,8 @@ def _packing(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, causal: boo
     memory, layout and version: an in-place change misses): a model calls attention with the same
     offsets in every layer. Checking reads them on the host, which waits for the GPU, and the
     visibility's vectors are what the launchers and the CUDA graphs know a call by: new vectors on
-    every call meant a wait, some forty small kernels and no graph."""
+    every call meant a wait, small kernels of their own and the launchers' (their tile ranges), and no
+    graph (benchmarks/RESULTS.md, masks)."""
     def identity(t):
         return (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), t._version) if isinstance(t, Tensor) \
             else id(t)
