@@ -429,7 +429,7 @@ def entmax_backward(backend: Backend, q, grad_out, blocks: KeyBlocks, fwd: Forwa
         delta = grads.delta
         sweep.hand_back(grads.dk, grads.dv)
     dk, dv = sweep.result()
-    d_alpha = spec.alpha_gradient(reduce.sums(alpha_sums), delta) if alpha_grad else None
+    d_alpha = spec.alpha_gradient(reduce.sums(alpha_sums)) if alpha_grad else None
     return reduce.sums(dq), dk, dv, d_alpha
 
 

@@ -122,7 +122,7 @@ class Gradients(NamedTuple):
     """What the backward pass of one key block gives: dq (B, Sq, Hq, D) of this block's keys,
     dk and dv (B, Sk, Hkv, D), delta (B, Hq, Sq), the row term (given or computed), and where
     asked (``alpha_sums``) the row sums of ``EntmaxSpec.alpha_gradient`` over this block's keys
-    (B, Hq, Sq, 3), else None."""
+    (B, Hq, Sq), else None."""
 
     dq: torch.Tensor
     dk: torch.Tensor

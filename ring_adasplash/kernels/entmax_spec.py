@@ -9,8 +9,16 @@ with respect to ``p_j`` and ``delta = sum_j g_j u_j / sum_j u_j`` the backward's
 
     dL/dalpha = (sum g p - delta) / (alpha - 1)^2 - (sum g p log p - delta sum p log p) / (alpha - 1)
 
-Its three sums run over the support like the backward's own, and add across key blocks, so it
-costs no O(S^2) tensor: ``alpha_gradient`` takes them (``Gradients.alpha_sums``).
+Since ``sum p = 1`` and ``log p = gamma log gap``, that is one sum over the support:
+
+    dL/dalpha = gamma^2 sum_j (g_j - delta) p_j (1 - log gap_j)
+
+One sum where the formula has three: the kernels reduce one row sum per tile instead of three, and
+``g - delta`` is the factor of the score gradient ``ds = u (g - delta)`` they form anyway
+(``(g - delta) p = ds gap``). It is also unchanged when a constant is added to ``g`` (as the exact
+gradient is, with ``sum p = 1`` for every alpha), where the three-sum form carries ``delta (sum p - 1)``
+of rounding. It adds across key blocks, so it costs no O(S^2) tensor: ``alpha_gradient`` takes it
+(``Gradients.alpha_sums``).
 """
 from __future__ import annotations
 
@@ -55,18 +63,16 @@ class EntmaxSpec:
             return gap, (gap > 0).to(gap.dtype)
         return gap ** self.gamma, torch.where(gap > 0, gap ** (self.gamma - 1), torch.zeros_like(gap))
 
-    def entropy_terms(self, gap: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """``p log p`` (0 off the support) as ``gamma p log gap``: no underflow of ``p`` itself."""
+    def alpha_terms(self, gap: torch.Tensor, p: torch.Tensor, g_minus_delta: torch.Tensor) -> torch.Tensor:
+        """The terms ``(g - delta) p (1 - log gap)`` of the alpha gradient's sum (module doc), 0 off the
+        support (where ``g`` may be NaN: a NaN value off the support reaches no sum)."""
         positive = gap > 0
-        return torch.where(positive, self.gamma * p * torch.log(torch.where(positive, gap, 1.0)), 0.0)
+        log_gap = torch.log(torch.where(positive, gap, 1.0))
+        return torch.where(positive, g_minus_delta * p * (1.0 - log_gap), 0.0)
 
-    def alpha_gradient(self, alpha_sums: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """dL/dalpha per row (module doc) from ``alpha_sums`` (..., 3): ``sum g p``, ``sum p log p``
-        and ``sum g p log p``, and the row term ``delta`` (...)."""
-        gp, plogp, gplogp = alpha_sums.unbind(-1)
-        delta = delta.to(alpha_sums.dtype)
-        a1 = self.alpha - 1.0
-        return (gp - delta) / (a1 * a1) - (gplogp - delta * plogp) / a1
+    def alpha_gradient(self, alpha_sums: torch.Tensor) -> torch.Tensor:
+        """dL/dalpha per row (module doc) from ``alpha_sums`` (...), the row sums of ``alpha_terms``."""
+        return (self.gamma * self.gamma) * alpha_sums
 
     def power_and_slope(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(d ** gamma, d ** (gamma - 1))`` for ``d >= 0`` as the kernels take them (the Newton

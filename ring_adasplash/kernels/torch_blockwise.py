@@ -385,7 +385,7 @@ def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None,
     tau_col = tau.to(dtype)[..., None]
     by_group = (p.batch, p.heads_kv, p.group, p.seqlen_q, -1)
     delta_col = delta.to(dtype).reshape(*by_group[:-1], 1)
-    sums = torch.zeros(*by_group[:-1], 3, device=p.q.device, dtype=dtype) if alpha_sums else None
+    sums = torch.zeros(*by_group[:-1], device=p.q.device, dtype=dtype) if alpha_sums else None
     for _, keys, z in key_tiles:
         gap = _gap(z, tau_col)
         prob, u = p.spec.weights(gap)
@@ -395,9 +395,7 @@ def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None,
         g = do_h @ vt.transpose(-1, -2)  # (B, Hkv, G, Sq, n)
         ds = torch.where(u > 0, u * (g - delta_col), 0.0)
         if alpha_sums:
-            plogp = p.spec.entropy_terms(gap.reshape(by_group), prob)
-            g = torch.where(prob > 0, g, 0.0)  # as ds: a NaN value off the support reaches no sum
-            sums += torch.stack([(g * prob).sum(-1), plogp.sum(-1), (g * plogp).sum(-1)], -1)
+            sums += p.spec.alpha_terms(gap.reshape(by_group), prob, g - delta_col).sum(-1)
         dq += p.softmax_scale * (ds @ kt)
         dk[:, keys] += p.softmax_scale * (ds.transpose(-1, -2) @ qh).sum(2).permute(0, 2, 1, 3)
         dv[:, keys] += (prob.transpose(-1, -2) @ do_h).sum(2).permute(0, 2, 1, 3)
@@ -405,5 +403,5 @@ def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None,
     if nan_keys is not None:
         dk, dv = (x.masked_fill(nan_keys[..., None], float("nan")) for x in (dk, dv))
     if alpha_sums:
-        sums = torch.where(torch.isnan(tau)[..., None], float("nan"), sums.reshape(*p.rows, 3))
+        sums = torch.where(torch.isnan(tau), float("nan"), sums.reshape(p.rows))
     return Gradients(dq, dk.to(kv_grad_dtype or dtype), dv.to(kv_grad_dtype or dtype), delta, sums)

@@ -388,7 +388,7 @@ def output_pass(problem: TritonProblem, tau, tiles: BlockMask, backward_sums: bo
 def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=None, u_sum=None,
         alpha_sums=None) -> torch.Tensor:
     """dq (B, Sq, Hq, D) float32 (``triton_backward.dq_kernel``); with ``out_u`` and ``u_sum``, it
-    also computes ``delta`` into ``delta``; with ``alpha_sums`` (B, H, Sq, 3) float32, the sums of
+    also computes ``delta`` into ``delta``; with ``alpha_sums`` (B, H, Sq) float32, the row sums
     ``Gradients.alpha_sums`` into it. float32 (why: docs/design.md (kernel choices))."""
     p, compute_delta = problem, out_u is not None
     dq = torch.empty(p.batch, p.seqlen_q, p.heads, p.head_dim, device=p.q.device, dtype=torch.float32)
@@ -429,7 +429,7 @@ def backward_pass(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta
     grad_out = grad_out.to(problem.q.dtype)
     tau = problem.per_row(tau)
     tiles.query_tile_lists()  # both directions of the tile lists from one launch
-    sums = problem.empty_rows(3) if alpha_sums else None
+    sums = problem.empty_rows() if alpha_sums else None
     if delta is None:
         delta = problem.empty_rows()
         dq = _dq(problem, grad_out, tau, tiles, delta, out_u.to(torch.float32), u_sum.to(torch.float32).contiguous(),

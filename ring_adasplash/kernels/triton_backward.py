@@ -117,11 +117,11 @@ def row_delta(Out_u, U_sum, do, b, h, offs_m, in_q, rows, stride_ob, stride_os, 
 
 @triton.jit
 def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, in_q,
-             do, shift, tau, delta, dq, gp, plogp, gplogp, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k,
+             do, shift, tau, delta, dq, alpha_sum, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k,
              scale_z, gamma, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, POWER: tl.constexpr, FULL: tl.constexpr,
              ALPHA_SUMS: tl.constexpr, PRECISION: tl.constexpr):
     """``dq`` plus the sum over one of the two loops of listed key tiles (``list_slots``); with
-    ``ALPHA_SUMS``, the row sums ``gp``, ``plogp``, ``gplogp`` too (``EntmaxSpec.alpha_gradient``)."""
+    ``ALPHA_SUMS``, the row sum of ``EntmaxSpec.alpha_terms`` too."""
     start, stop = list_slots(count, full_first, full_end, FULL)
     for j in range(start, stop):
         tile_k = listed_tile(Tile_index, list_slot(j, full_first, full_end, FULL))
@@ -133,17 +133,15 @@ def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, fu
         g = dot(do, tl.trans(v), PRECISION)
         z = hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, in_q, offs_n, in_k, FULL)
         gap = positive_gap(z, tau[:, None])
-        p, u = entmax_weights(gap, gamma, POWER)
-        dq += dot((u * (g - delta[:, None])).to(q.dtype), k, PRECISION)
-        if ALPHA_SUMS:
+        _, u = entmax_weights(gap, gamma, POWER)
+        ds = u * (g - delta[:, None])
+        if ALPHA_SUMS:  # before the product, so that the float32 ds and gap need not outlive it
+            # (g - delta) p (1 - log gap) = ds gap (1 - log gap), 0 off the support (a NaN value reaches no sum)
             on = gap > 0
-            # p log p = gamma p log(gap); off the support 0, and g too (a NaN value reaches no sum)
-            entropy = tl.where(on, (gamma * LN2) * p * approx_log2(tl.where(on, gap, 1.0)), 0.0)
-            g = tl.where(on, g, 0.0)
-            gp += tl.reduce(g * p, 1, ADD)
-            plogp += tl.reduce(entropy, 1, ADD)
-            gplogp += tl.reduce(g * entropy, 1, ADD)
-    return dq, gp, plogp, gplogp
+            log_gap = LN2 * approx_log2(tl.where(on, gap, 1.0))
+            alpha_sum += tl.reduce(tl.where(on, ds * gap * (1.0 - log_gap), 0.0), 1, ADD)
+        dq += dot(ds.to(q.dtype), k, PRECISION)
+    return dq, alpha_sum
 
 
 @triton.jit
@@ -178,19 +176,14 @@ def dq_kernel(
         delta = tl.load(Delta + rows, mask=in_q, other=0.0)
 
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
-    gp = tl.full([BLOCK_M], 0.0, tl.float32)
-    plogp = tl.full([BLOCK_M], 0.0, tl.float32)
-    gplogp = tl.full([BLOCK_M], 0.0, tl.float32)
+    alpha_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-        dq, gp, plogp, gplogp = dq_tiles(
+        dq, alpha_sum = dq_tiles(
             q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, in_q,
-            do, shift, tau, delta, dq, gp, plogp, gplogp, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k,
+            do, shift, tau, delta, dq, alpha_sum, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k,
             scale_z, gamma, BLOCK_N, HEAD_DIM, POWER, FULL == 1, ALPHA_SUMS, PRECISION)
-    if ALPHA_SUMS:  # (B, H, Sq, 3), NaN on rows that see a non-finite score
-        nan_row = tau != tau
-        tl.store(Alpha_sums + rows * 3, tl.where(nan_row, float("nan"), gp), mask=in_q)
-        tl.store(Alpha_sums + rows * 3 + 1, tl.where(nan_row, float("nan"), plogp), mask=in_q)
-        tl.store(Alpha_sums + rows * 3 + 2, tl.where(nan_row, float("nan"), gplogp), mask=in_q)
+    if ALPHA_SUMS:  # (B, H, Sq), NaN on rows that see a non-finite score
+        tl.store(Alpha_sums + rows, tl.where(tau != tau, float("nan"), alpha_sum), mask=in_q)
 
     DQ = tile_ptrs(at_head(DQ, b, h, stride_dqb, stride_dqh), offs_m, stride_dqs, stride_dqd, HEAD_DIM)
     dq = tl.where((tau == tau)[:, None], dq * softmax_scale, float("nan"))  # rows that see a non-finite score
