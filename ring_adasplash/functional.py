@@ -73,7 +73,7 @@ def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backw
     backend = backend_for(q)
     groups = head_groups(alphas, q.shape[2], k.shape[2], q.device)
     return [(g, entmax_forward(backend, g.queries(q), SingleBlock(g.keys(k), g.keys(v), vis), EntmaxSpec(g.alpha),
-                               softmax_scale, backward_sums=backward_sums)) for g in groups]
+                               softmax_scale, backward_sums=backward_sums, out_dtype=q.dtype)) for g in groups]
 
 
 def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: tuple, softmax_scale: float,
@@ -109,7 +109,7 @@ def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_su
         if backward_sums:
             entmax_backward(backend, g.queries(q), torch.empty_like(g.queries(q)),
                             SingleBlock(g.keys(k), g.keys(v), vis), fwd, EntmaxSpec(g.alpha), softmax_scale,
-                            kv_grad_dtype=k.dtype)
+                            kv_grad_dtype=k.dtype, q_grad_dtype=q.dtype)
 
 
 @attention_forward.register_fake
@@ -146,7 +146,8 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limi
         fwd = ForwardResult(out=None, out_u=g.queries(out_u), u_sum=rows(u_sum), tau=rows(tau), shift=rows(shift),
                             support=None, block_masks=[mask])
         return entmax_backward(backend, g.queries(q), g.queries(grad_out), SingleBlock(g.keys(k), g.keys(v), vis),
-                               fwd, EntmaxSpec(g.alpha), softmax_scale, kv_grad_dtype=k.dtype, alpha_grad=alpha_grad)
+                               fwd, EntmaxSpec(g.alpha), softmax_scale, kv_grad_dtype=k.dtype, alpha_grad=alpha_grad,
+                               q_grad_dtype=q.dtype)
 
     dq, dk, dv, d_alpha = backward_by_group(groups, groups, group_backward, heads, heads_kv, alpha_grad)
     return (dq.to(q.dtype).contiguous(), dk.contiguous(), dv.contiguous(),

@@ -315,6 +315,33 @@ def test_forward_tau_matches_spec(interpreted, alpha):
     torch.testing.assert_close(got.out, ref.out, rtol=1e-4, atol=1e-4)
 
 
+def test_final_outputs_and_gradients_are_stored_once_in_the_input_dtype(interpreted):
+    """With one key block ``out``, ``dq``, ``dk`` and ``dv`` are final: the kernels store them in
+    the caller's dtype, the float32 sums rounded once (to nearest on the GPU, as a cast after
+    would; Triton's interpreter truncates: within one bf16 step either way)."""
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(1, 100, 130, 4, 2, 32, seed=5))
+    vis = causal_visibility(100, 130, True, "cpu")
+    spec, scale = EntmaxSpec(1.5), 32 ** -0.5
+    wide = A.entmax_forward(interpreted, q, A.SingleBlock(k, v, vis), spec, scale)
+    final = A.entmax_forward(interpreted, q, A.SingleBlock(k, v, vis), spec, scale, out_dtype=torch.bfloat16)
+    assert wide.out.dtype == torch.float32 and final.out.dtype == torch.bfloat16
+    _rounded_once(final.out, wide.out)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    dq, dk, dv, _ = A.entmax_backward(interpreted, q, grad_out, A.SingleBlock(k, v, vis), wide, spec, scale)
+    dq16, dk16, dv16, _ = A.entmax_backward(interpreted, q, grad_out, A.SingleBlock(k, v, vis), wide, spec, scale,
+                                            kv_grad_dtype=torch.bfloat16, q_grad_dtype=torch.bfloat16)
+    for wide_grad, final_grad in ((dq, dq16), (dk, dk16), (dv, dv16)):
+        assert wide_grad.dtype == torch.float32 and final_grad.dtype == torch.bfloat16
+        _rounded_once(final_grad, wide_grad)
+
+
+def _rounded_once(final, wide):
+    """``final`` (bf16) is ``wide`` (float32) rounded once: to nearest, or toward zero."""
+    nearest, truncated = wide.to(torch.bfloat16), (wide.view(torch.int32) & ~0xFFFF).view(torch.float32)
+    assert ((final == nearest) | (final.float() == truncated)).all()
+    assert (final == nearest).float().mean() > 0.4  # not a constant, nor some other rounding
+
+
 def _check_against_reference(q, k, v, alpha, causal, tol):
     qa, ka, va = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out = adasplash_func(qa, ka, va, alpha=alpha, causal=causal)

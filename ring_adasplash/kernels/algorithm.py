@@ -339,11 +339,15 @@ def _needed(blocks: KeyBlocks, masks: list):
 
 def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: EntmaxSpec, softmax_scale: float,
                    reduce: LocalReduce = LocalReduce(), schedule: str | None = None,
-                   backward_sums: bool = True) -> ForwardResult:
+                   backward_sums: bool = True, out_dtype: torch.dtype | None = None) -> ForwardResult:
     """Exact alpha-entmax attention of ``q`` (B, Sq, Hq, D) against all key blocks; ``schedule``:
     one of ``SCHEDULES``, default ``default_schedule`` (``one_block``: one key block, nothing to merge).
     ``backward_sums``: also the row terms the backward needs (``out_u``, ``u_sum``); without
-    them (no backward to come) the output pass does a product with V fewer per tile."""
+    them (no backward to come) the output pass does a product with V fewer per tile.
+    ``out_dtype``: the dtype of ``out`` where the caller takes it as final (one key block and
+    nothing to merge: the kernel then stores it once, with no float32 copy; else float32)."""
+    if out_dtype is not None and not _one_block(blocks, reduce):
+        raise ValueError(f"out_dtype needs one key block and nothing to merge; got {blocks.num_blocks} blocks")
     schedule = schedule or default_schedule(spec, _one_block(blocks, reduce))
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
@@ -366,7 +370,8 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
                                                                block_m)) for i, r in enumerate(read)]
         held = _tile_state(gap_codes, visible.values(), read, candidates)
         del gap_codes, read  # freed before the output pass: the candidates are all it needs
-        return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums)
+        return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums,
+                       out_dtype)
     row_stats = _histogram(backend, problems, blocks, reduce, rel.row_max, rel.tau_floor, gap_codes, visible)
     bracket = backend.coarse_bracket(row_stats, spec)
     candidates = [visible[i].with_tiles(lower_bound_mask(gap_codes[i], bracket.lower, reference, bracket.empty,
@@ -382,11 +387,12 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
         tau = _newton_tau(backend, problems, blocks, reduce, spec, bracket, candidates)
     held = _tile_state(gap_codes, visible.values(), candidates)
     del gap_codes  # the bool masks are all the output pass needs
-    return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums)
+    return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums,
+                   out_dtype)
 
 
 def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, visible, dtype,
-            tile_state_bytes: int, backward_sums: bool) -> ForwardResult:
+            tile_state_bytes: int, backward_sums: bool, out_dtype: torch.dtype | None = None) -> ForwardResult:
     """Step 5 for a known tau (NaN on rows that see a score that is not finite), over the
     ``candidates`` tiles; ``out_u`` and ``u_sum`` only with ``backward_sums``. The tile state
     counted is the larger of ``tile_state_bytes`` (before) and what the pass holds: the visible
@@ -395,7 +401,7 @@ def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, vi
     parts, nonzero = None, {}
     for block in blocks.sweep(with_values=True, needed=_needed(blocks, candidates), pass_name="output"):
         *sums, nonzero[block.index] = backend.output_pass(problems(block), tau, candidates[block.index],
-                                                          backward_sums)
+                                                          backward_sums, out_dtype)
         parts = sums if parts is None else [None if a is None else a + b for a, b in zip(parts, sums)]
     out, out_u, u_sum, support = (None if p is None else reduce.sums(p) for p in parts)
     tile_state_bytes = max(tile_state_bytes, _tile_state(nonzero, visible.values(), candidates))
@@ -406,13 +412,16 @@ def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, vi
 
 def entmax_backward(backend: Backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult, spec: EntmaxSpec,
                     softmax_scale: float, reduce: LocalReduce = LocalReduce(),
-                    kv_grad_dtype: torch.dtype | None = None, alpha_grad: bool = False):
+                    kv_grad_dtype: torch.dtype | None = None, alpha_grad: bool = False,
+                    q_grad_dtype: torch.dtype | None = None):
     """Returns dq (B, Sq, Hq, D) and the local block's dk, dv, in the compute dtype (fp32/fp64),
     and with ``alpha_grad`` dL/dalpha per row (B, Hq, Sq) (``EntmaxSpec.alpha_gradient``), else
-    None; ``kv_grad_dtype``: the dtype of dk and dv where the caller takes them as final (one key
-    block: the kernel then stores them once, with no cast after)."""
-    if kv_grad_dtype is not None and blocks.num_blocks != 1:
-        raise ValueError(f"kv_grad_dtype needs one key block, whose dk and dv are final; got {blocks.num_blocks}")
+    None; ``kv_grad_dtype``, ``q_grad_dtype``: the dtype of dk and dv, and of dq, where the caller
+    takes them as final (one key block: the kernels then store them once, with no float32 copy and
+    no cast after; at a million tokens a float32 dq is 8 GiB)."""
+    if (kv_grad_dtype is not None or q_grad_dtype is not None) and blocks.num_blocks != 1:
+        raise ValueError(f"kv_grad_dtype and q_grad_dtype need one key block, whose gradients are final; got "
+                         f"{blocks.num_blocks}")
     alpha_sums = None
     dq, delta = None, None  # the row term, computed with the first block's dq (one launch fewer)
     sweep = blocks.backward_sweep(_needed(blocks, fwd.block_masks))
@@ -422,7 +431,7 @@ def entmax_backward(backend: Backend, q, grad_out, blocks: KeyBlocks, fwd: Forwa
         # the keys a row with a non-finite score sees get NaN gradients, as in dense attention
         nan_keys = keys_seen_by(nonfinite, block.vis, problem.heads_kv)
         grads = backend.backward_pass(problem, grad_out, fwd.tau, fwd.block_masks[block.index], delta, fwd.out_u,
-                                      fwd.u_sum, kv_grad_dtype, nan_keys, alpha_grad)
+                                      fwd.u_sum, kv_grad_dtype, nan_keys, alpha_grad, q_grad_dtype)
         dq = grads.dq if dq is None else dq + grads.dq
         if alpha_grad:
             alpha_sums = grads.alpha_sums if alpha_sums is None else alpha_sums + grads.alpha_sums

@@ -187,18 +187,21 @@ class Backend(Protocol):
         ``(tau, keep)``, tau (B, H, Sq) float64 and (B, H, nQ, nK) bool, the tiles that may hold
         p > 0 (``torch_blockwise.newton_schedule``; the Triton backend in one launch)."""
 
-    def output_pass(self, problem: Problem, tau, tiles: BlockMask, backward_sums: bool = True) -> OutputSums:
+    def output_pass(self, problem: Problem, tau, tiles: BlockMask, backward_sums: bool = True,
+                    out_dtype=None) -> OutputSums:
         """Partial output for a known ``tau`` over ``tiles``; rows whose tau is NaN (they see a
         score that is not finite) come out NaN. ``backward_sums``: also ``out_u`` and ``u_sum``
-        (a call with no backward to come leaves out their product with V)."""
+        (a call with no backward to come leaves out their product with V). ``out_dtype``: the
+        dtype of ``out`` where it is final (one key block); default float32 (float64 for float64
+        inputs)."""
 
     def backward_pass(self, problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                      kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False) -> Gradients:
+                      kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:
         """Gradients through the ``tiles`` of one key block; dq is NaN on rows whose tau is NaN,
         dk and dv on the keys ``nan_keys`` (B, Sk, Hkv) bool marks (those such rows see).
         ``delta`` None: computed from ``out_u`` and ``u_sum`` (the merged forward row terms).
-        ``kv_grad_dtype``: the dtype of dk and dv where they are final (one key block); default
-        float32. ``alpha_sums``: also the row sums the gradient with respect to alpha needs
+        ``kv_grad_dtype``, ``q_grad_dtype``: the dtype of dk and dv, and of dq, where they are final
+        (one key block); default float32. ``alpha_sums``: also the row sums the gradient with respect to alpha needs
         (``Gradients.alpha_sums``)."""
 
     def coarse_bracket(self, stats, spec: EntmaxSpec):

@@ -325,9 +325,10 @@ def _nan_rows(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(tau).transpose(1, 2)[..., None], float("nan"), x)
 
 
-def output_pass(problem: Problem, tau, tiles: BlockMask, backward_sums: bool = True) -> OutputSums:
+def output_pass(problem: Problem, tau, tiles: BlockMask, backward_sums: bool = True, out_dtype=None) -> OutputSums:
     """Partial output for a known tau over ``tiles`` (``backend.OutputSums``; ``out_u`` and
-    ``u_sum`` only with ``backward_sums``); additive across key blocks. Rows whose tau is NaN come
+    ``u_sum`` only with ``backward_sums``; ``out`` in ``out_dtype`` where given); additive across
+    key blocks. Rows whose tau is NaN come
     out NaN."""
     key_tiles = _KeyTiles(problem, tiles)
     p = problem
@@ -350,7 +351,8 @@ def output_pass(problem: Problem, tau, tiles: BlockMask, backward_sums: bool = T
         nonzero[..., index] = key_tiles.per_query_tile((gap > 0).any(-1), "any")
     to_public = lambda x: x.reshape(p.batch, p.heads, p.seqlen_q, -1).permute(0, 2, 1, 3)  # noqa: E731
     out_u = to_public(out_u) if backward_sums else None
-    return OutputSums(_nan_rows(to_public(out), tau), out_u, u_sum, support, nonzero)
+    out = _nan_rows(to_public(out), tau)
+    return OutputSums(out if out_dtype is None else out.to(out_dtype), out_u, u_sum, support, nonzero)
 
 
 def row_delta(grad_out, out_u, u_sum):
@@ -361,9 +363,9 @@ def row_delta(grad_out, out_u, u_sum):
 
 
 def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                  kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False) -> Gradients:
+                  kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:
     """Gradients through the ``tiles`` of one key block (``backend.Gradients``; float32, float64
-    for float64 inputs, dk and dv in ``kv_grad_dtype`` where given); dq is NaN on rows whose tau
+    for float64 inputs, dk and dv in ``kv_grad_dtype`` and dq in ``q_grad_dtype`` where given); dq is NaN on rows whose tau
     is NaN, dk and dv on the keys ``nan_keys`` (B, Sk, Hkv) marks.
 
     ``delta`` (B, Hq, Sq) = (grad_out . out_u) / u_sum, from the merged forward row terms; None:
@@ -404,4 +406,5 @@ def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None,
         dk, dv = (x.masked_fill(nan_keys[..., None], float("nan")) for x in (dk, dv))
     if alpha_sums:
         sums = torch.where(torch.isnan(tau), float("nan"), sums.reshape(p.rows))
-    return Gradients(dq, dk.to(kv_grad_dtype or dtype), dv.to(kv_grad_dtype or dtype), delta, sums)
+    return Gradients(dq.to(q_grad_dtype or dtype), dk.to(kv_grad_dtype or dtype), dv.to(kv_grad_dtype or dtype),
+                     delta, sums)

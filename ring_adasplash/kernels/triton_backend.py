@@ -367,14 +367,18 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
     return tau, keep.view(torch.bool)
 
 
-def output_pass(problem: TritonProblem, tau, tiles: BlockMask, backward_sums: bool = True) -> OutputSums:
+def output_pass(problem: TritonProblem, tau, tiles: BlockMask, backward_sums: bool = True,
+                out_dtype=None) -> OutputSums:
     """sum p v, with ``backward_sums`` sum u v and sum u, support and nonzero tiles over ``tiles``
-    (``triton_output.output_kernel``), all float32 (why: docs/design.md (kernel choices))."""
+    (``triton_output.output_kernel``), summed in float32 (why: docs/design.md (kernel choices)) and
+    stored so, ``out`` in ``out_dtype`` where given."""
     p = problem
-    out = torch.empty(p.batch, p.seqlen_q, p.heads, p.v.shape[-1], device=p.q.device, dtype=torch.float32)
+    shape = (p.batch, p.seqlen_q, p.heads, p.v.shape[-1])
+    out = torch.empty(shape, device=p.q.device, dtype=out_dtype or torch.float32)
     support = p.empty_rows()
     # without them the kernel stores nothing there (the pointers are never read)
-    out_u, u_sum = (torch.empty_like(out), p.empty_rows()) if backward_sums else (out, support)
+    out_u, u_sum = (torch.empty(shape, device=p.q.device, dtype=torch.float32), p.empty_rows()) if backward_sums \
+        else (out, support)
     nonzero = torch.zeros(p.tiles, device=p.q.device, dtype=torch.uint8)
     launch(triton_output.output_kernel, p.query_grid)(
         **p.listed(tiles), V=p.v, **_strides("v", p.v), Tau=p.per_row(tau), Out=out, Out_u=out_u, U_sum=u_sum,
@@ -386,12 +390,13 @@ def output_pass(problem: TritonProblem, tau, tiles: BlockMask, backward_sums: bo
 
 
 def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=None, u_sum=None,
-        alpha_sums=None) -> torch.Tensor:
-    """dq (B, Sq, Hq, D) float32 (``triton_backward.dq_kernel``); with ``out_u`` and ``u_sum``, it
+        alpha_sums=None, dtype=torch.float32) -> torch.Tensor:
+    """dq (B, Sq, Hq, D) in ``dtype`` (``triton_backward.dq_kernel``: float32 sums, one cast at
+    the store); with ``out_u`` and ``u_sum``, it
     also computes ``delta`` into ``delta``; with ``alpha_sums`` (B, H, Sq) float32, the row sums
-    ``Gradients.alpha_sums`` into it. float32 (why: docs/design.md (kernel choices))."""
+    ``Gradients.alpha_sums`` into it. Sums in float32 (why: docs/design.md (kernel choices))."""
     p, compute_delta = problem, out_u is not None
-    dq = torch.empty(p.batch, p.seqlen_q, p.heads, p.head_dim, device=p.q.device, dtype=torch.float32)
+    dq = torch.empty(p.batch, p.seqlen_q, p.heads, p.head_dim, device=p.q.device, dtype=dtype)
     out_u_strides = _strides("o", out_u) if compute_delta else {f"stride_o{axis}": 0 for axis in "bshd"}
     launch(triton_backward.dq_kernel, p.query_grid)(
         **p.listed(tiles), V=p.v, DO=grad_out, Tau=tau, Out_u=out_u if compute_delta else delta,
@@ -421,8 +426,8 @@ def _dkdv(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, dtype,
 
 
 def backward_pass(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                  kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False) -> Gradients:
-    """dq (B, Sq, Hq, D) float32, dk and dv (B, Sk, Hkv, D) in ``kv_grad_dtype`` (default
+                  kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:
+    """dq (B, Sq, Hq, D) in ``q_grad_dtype``, dk and dv (B, Sk, Hkv, D) in ``kv_grad_dtype`` (default
     float32), and delta (B, Hq, Sq), through ``tiles``. ``delta`` None: the dQ kernel computes it
     from ``out_u`` and ``u_sum`` (``torch_blockwise.row_delta``) for its rows, before the dK/dV
     kernel reads it. ``alpha_sums``: the dQ kernel also sums ``Gradients.alpha_sums``."""
@@ -433,10 +438,10 @@ def backward_pass(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta
     if delta is None:
         delta = problem.empty_rows()
         dq = _dq(problem, grad_out, tau, tiles, delta, out_u.to(torch.float32), u_sum.to(torch.float32).contiguous(),
-                 sums)
+                 sums, q_grad_dtype or torch.float32)
     else:
         delta = problem.per_row(delta)
-        dq = _dq(problem, grad_out, tau, tiles, delta, alpha_sums=sums)
+        dq = _dq(problem, grad_out, tau, tiles, delta, alpha_sums=sums, dtype=q_grad_dtype or torch.float32)
     dk, dv = _dkdv(problem, grad_out, tau, tiles, delta, kv_grad_dtype or torch.float32, nan_keys)
     return Gradients(dq, dk, dv, delta, sums)
 
