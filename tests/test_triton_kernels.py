@@ -88,11 +88,13 @@ def _edge_distance(z: torch.Tensor) -> torch.Tensor:
     return (scaled - scaled.round()).abs()
 
 
-def _check_lists(m, counts, index):
-    assert counts.shape == m.shape[:-1] and index.shape == m.shape and counts.dtype == torch.int32
+def _check_lists(m, counts, index, compact=False):
+    """``index`` has a slot per tile, or ``compact``, as many as the longest row needs."""
+    width = max(int(m.sum(-1).max()), 1) if compact else m.shape[-1]
+    assert counts.shape == m.shape[:-1] and index.shape == (*m.shape[:-1], width) and counts.dtype == torch.int32
     assert index.dtype == (torch.int16 if m.shape[-1] < 2**15 else torch.int32)
     assert torch.equal(counts, m.sum(-1, dtype=torch.int32))
-    for row, n, flags in zip(index.reshape(-1, m.shape[-1]), counts.flatten(), m.reshape(-1, m.shape[-1])):
+    for row, n, flags in zip(index.reshape(-1, width), counts.flatten(), m.reshape(-1, m.shape[-1])):
         assert torch.equal(row[:n].long(), flags.nonzero().flatten())
 
 
@@ -118,6 +120,34 @@ def test_tile_lists(interpreted):
         counts, index, counts_t, index_t = _tile_lists()(m, columns_too=True)
         _check_lists(m, counts, index)
         _check_lists(m.transpose(-1, -2), counts_t, index_t)
+
+
+def test_large_tile_lists_take_as_many_slots_as_their_longest_row(interpreted, monkeypatch):
+    """Lists above ``COMPACT_LISTS_BYTES`` keep as many slots per row as their longest row (and
+    column) needs, the same entries; a whole forward and backward reads them as it reads full ones."""
+    tiles = importlib.import_module("ring_adasplash.kernels.triton_tiles")
+    gen = torch.Generator().manual_seed(12)
+    mask = torch.rand(2, 3, 6, 40, generator=gen) < 0.1
+    mask[1, 2, 3, :17] = True  # the longest row: at least 17
+    mask[0, 1, :4, 30] = True  # the longest column: at least 4
+    full = tiles.tile_lists(mask, columns_too=True)
+    monkeypatch.setattr(tiles, "COMPACT_LISTS_BYTES", 0)
+    counts, index, counts_t, index_t = tiles.tile_lists(mask, columns_too=True)
+    assert index.shape[-1] < 40 and torch.equal(counts, full[0]) and torch.equal(counts_t, full[2])
+    _check_lists(mask, counts, index, compact=True)
+    _check_lists(mask.transpose(-1, -2), counts_t, index_t, compact=True)
+    assert tiles.tile_lists(torch.zeros(1, 1, 3, 5, dtype=torch.bool))[1].shape[-1] == 1  # nothing listed
+    # a call: the same output and gradients as with full lists
+    q, k, v = _qkv(1, 200, 200, 4, 2, 32, seed=13)
+    runs = []
+    for limit in (1 << 40, 0):
+        monkeypatch.setattr(tiles, "COMPACT_LISTS_BYTES", limit)
+        qa, ka, va = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = adasplash_func(qa, ka, va, alpha=1.5, causal=True)
+        out.backward(torch.ones_like(out))
+        runs.append((out, qa.grad, ka.grad, va.grad))
+    for wide, compact in zip(*runs):
+        assert torch.equal(wide, compact)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -161,7 +161,8 @@ class TritonProblem(Problem):
         per mask) and its run of fully visible ones: the arguments of the sparse passes."""
         counts, index = tiles.key_tile_lists()
         return dict(self.queries, K_full_lo=self.ranges["K_full_lo"], K_full_hi=self.ranges["K_full_hi"],
-                    Tile_count=counts, Tile_index=index, num_k_tiles=self.num_k_tiles, Shift=self.shift_rows)
+                    Tile_count=counts, Tile_index=index, num_k_tiles=self.num_k_tiles, list_width=index.shape[-1],
+                    Shift=self.shift_rows)
 
     @property
     def query_grid(self) -> tuple[int, int]:
@@ -418,7 +419,7 @@ def _dkdv(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, dtype,
     counts_t, index_t = tiles.query_tile_lists()
     launch(triton_backward.dkdv_kernel, (p.num_k_tiles, p.batch * p.heads_kv))(
         **p.queries, **p.query_ranges, V=p.v, DO=grad_out,
-        Tile_count=counts_t, Tile_index=index_t, Shift=p.shift_rows, Tau=tau,
+        Tile_count=counts_t, Tile_index=index_t, list_width=index_t.shape[-1], Shift=p.shift_rows, Tau=tau,
         Delta=delta, Nan_keys=nan_keys.to(torch.int8).contiguous(), DK=dk, DV=dv,
         **_strides("v", p.v), **_strides("do", grad_out), **_strides("dk", dk), num_heads_kv=p.heads_kv,
         num_q_tiles=p.num_q_tiles, softmax_scale=float(p.softmax_scale), **p.weights, **p.config("dkdv"))

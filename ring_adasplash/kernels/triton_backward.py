@@ -66,7 +66,7 @@ def dkdv_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
-    seqlen_q, seqlen_k, num_heads, num_heads_kv, num_q_tiles, scale_z, softmax_scale, gamma,
+    seqlen_q, seqlen_k, num_heads, num_heads_kv, num_q_tiles, list_width, scale_z, softmax_scale, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -85,7 +85,7 @@ def dkdv_kernel(
         bh = b * num_heads + h
         Qh = at_head(Q, b, h, stride_qb, stride_qh)
         DOh = at_head(DO, b, h, stride_dob, stride_doh)
-        count, Index, _ = listed_tiles(Tile_count, Tile_index, tile_k, bh, num_q_tiles)
+        count, Index, _ = listed_tiles(Tile_count, Tile_index, tile_k, bh, num_q_tiles, list_width)
         # the list is ascending, so the query tiles that see this key tile whole are consecutive
         full_first = first_slot_at_least(Index, count, q_full_lo)
         full_end = tl.maximum(first_slot_at_least(Index, count, q_full_hi), full_first)
@@ -155,7 +155,7 @@ def dq_kernel(
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
-    seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, softmax_scale, gamma,
+    seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, softmax_scale, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, COMPUTE_DELTA: tl.constexpr, ALPHA_SUMS: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -163,7 +163,7 @@ def dq_kernel(
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, _, full_first,
      full_end) = listed_query_tile(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
+        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width, GROUP, HEAD_DIM, BLOCK_M)
     V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
     do = load_rows(at_head(DO, b, h, stride_dob, stride_doh), offs_m, in_q, stride_dos, stride_dod, HEAD_DIM)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)

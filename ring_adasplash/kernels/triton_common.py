@@ -123,14 +123,13 @@ def tile_row(line, bh, length):
 
 
 @triton.jit
-def listed_tiles(Tile_count, Tile_index, line, bh, length):
-    """The tiles listed for this program (``triton_tiles``: one list of ``length`` slots per
-    (batch x head, ``line``), ``tl.num_programs(0)`` lines per batch x head): ``(count,
-    Tile_index, tile_row)``, the list's length and start, and the offset of this line's row in
-    per-tile outputs."""
-    row = tile_row(line, bh, length)
+def listed_tiles(Tile_count, Tile_index, line, bh, length, width):
+    """The tiles listed for this program (``triton_tiles``: one list of ``width`` slots per
+    (batch x head, ``line``), ``tl.num_programs(0)`` lines per batch x head, over ``length``
+    tiles): ``(count, Tile_index, tile_row)``, the list's length and start, and the offset of this
+    line's row in per-tile outputs."""
     count = tl.load(Tile_count + bh * tl.num_programs(0) + line)
-    return count, Tile_index + row, row
+    return count, Tile_index + tile_row(line, bh, width), tile_row(line, bh, length)
 
 
 @triton.jit
@@ -157,7 +156,7 @@ def first_slot_at_least(Tile_index, count, tile):
 @triton.jit
 def listed_query_tile(Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index,
                       stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_kh,
-                      seqlen_q, num_heads, num_k_tiles,
+                      seqlen_q, num_heads, num_k_tiles, list_width,
                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """``query_tile`` for the sparse passes, which visit the key tiles listed for it: also
     ``rows`` (the offsets of its rows in per-row results), ``K`` at its key head,
@@ -170,7 +169,7 @@ def listed_query_tile(Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_
         Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
     rows = row_offsets(bh, seqlen_q, offs_m)
     K = at_head(K, b, h // GROUP, stride_kb, stride_kh)
-    count, Tile_index, tile_row = listed_tiles(Tile_count, Tile_index, tile_q, bh, num_k_tiles)
+    count, Tile_index, tile_row = listed_tiles(Tile_count, Tile_index, tile_q, bh, num_k_tiles, list_width)
     full_first = first_slot_at_least(Tile_index, count, tl.load(K_full_lo + tile_q))
     full_end = tl.maximum(first_slot_at_least(Tile_index, count, tl.load(K_full_hi + tile_q)), full_first)
     return (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,

@@ -54,7 +54,7 @@ def output_kernel(
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
-    seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma,
+    seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -62,7 +62,7 @@ def output_kernel(
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_first,
      full_end) = listed_query_tile(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
+        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width, GROUP, HEAD_DIM, BLOCK_M)
     V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))

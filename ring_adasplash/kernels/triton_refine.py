@@ -102,7 +102,7 @@ def fine_histogram_kernel(
     Bin_index, Cutoff, Sums, Keep,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
-    seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z,
+    seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, ROW_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -112,7 +112,7 @@ def fine_histogram_kernel(
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
      full_first, full_end) = listed_query_tile(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
+        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width, GROUP, HEAD_DIM, BLOCK_M)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     bin_index = tl.load(Bin_index + rows, mask=in_q, other=0.0)
     # keys below the cutoff have p = 0: the fine histogram leaves them out (in bins above the
@@ -179,7 +179,7 @@ def newton_sums_kernel(
     Point, Rows, Sums, Keep,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
-    seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z, gamma, keep_margin,
+    seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, gamma, keep_margin,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, SOME_ROWS: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr,
     UNROLL: tl.constexpr, PRECISION: tl.constexpr,
@@ -198,7 +198,7 @@ def newton_sums_kernel(
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
      full_first, full_end) = listed_query_tile(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, GROUP, HEAD_DIM, BLOCK_M)
+        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width, GROUP, HEAD_DIM, BLOCK_M)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     point = tl.load(Point + rows, mask=in_q, other=0.0)
     if SOME_ROWS:

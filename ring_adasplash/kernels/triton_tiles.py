@@ -13,6 +13,10 @@ from .compile_ahead import launch
 from .triton_common import ADD
 
 TILE_LIST_CHUNK = 1024  # mask entries per step of a tile-list program
+# Lists whose full size (a slot per tile) would exceed this many bytes get as many slots per row as
+# their longest row holds, which the host reads first (it waits for the GPU: cheap against the passes
+# over that many tiles; 16 GiB of lists at a million tokens and 16 heads, mostly unused on sparse rows)
+COMPACT_LISTS_BYTES = 1 << 28
 
 
 @triton.jit
@@ -31,13 +35,14 @@ def list_true(Line, stride, length, Count, Index, CHUNK: tl.constexpr):
 
 @triton.jit
 def tile_list_kernel(Mask, Counts, Index, Counts_t, Index_t, stride_mg, stride_mr, stride_mc, num_rows, num_cols,
-                     CHUNK: tl.constexpr):
+                     width, width_t, CHUNK: tl.constexpr):
     """``Mask`` (groups, rows, cols) uint8 with any strides. Programs with ``program_id(2) == 0``
     list rows: ``Counts`` (groups, rows) int32, the True entries per row, and ``Index`` (groups,
-    rows, cols) int16 or int32 (``index_dtype``), their column positions, ascending, in the first ``Counts`` slots of each row
-    (the rest is left as it was). Programs with ``program_id(2) == 1`` (a grid of depth 2) list
-    columns the same way into ``Counts_t`` (groups, cols) and ``Index_t`` (groups, cols, rows): the
-    backward needs both, from one launch."""
+    rows, width) int16 or int32 (``index_dtype``), their column positions, ascending, in the first
+    ``Counts`` slots of each row (the rest is left as it was; ``width``: at least the largest
+    count). Programs with ``program_id(2) == 1`` (a grid of depth 2) list columns the same way into
+    ``Counts_t`` (groups, cols) and ``Index_t`` (groups, cols, width_t): the backward needs both,
+    from one launch."""
     line = tl.program_id(0)
     group = tl.program_id(1)
     Mask = Mask + group.to(tl.int64) * stride_mg
@@ -45,12 +50,12 @@ def tile_list_kernel(Mask, Counts, Index, Counts_t, Index_t, stride_mg, stride_m
         if line < num_rows:
             list_id = group.to(tl.int64) * num_rows + line
             list_true(Mask + line.to(tl.int64) * stride_mr, stride_mc, num_cols, Counts + list_id,
-                      Index + list_id * num_cols, CHUNK)
+                      Index + list_id * width, CHUNK)
     else:
         if line < num_cols:
             list_id = group.to(tl.int64) * num_cols + line
             list_true(Mask + line.to(tl.int64) * stride_mc, stride_mr, num_rows, Counts_t + list_id,
-                      Index_t + list_id * num_rows, CHUNK)
+                      Index_t + list_id * width_t, CHUNK)
 
 
 def index_dtype(length: int) -> torch.dtype:
@@ -61,21 +66,41 @@ def index_dtype(length: int) -> torch.dtype:
 
 
 def tile_lists(mask: torch.Tensor, columns_too: bool = False) -> tuple:
-    """(..., rows, cols) bool -> counts (..., rows) int32 and indices (..., rows, cols) of
+    """(..., rows, cols) bool -> counts (..., rows) int32 and indices (..., rows, width) of
     ``index_dtype(cols)``: the True positions of each row first, ascending (slots past a row's
     count are unset). ``columns_too``: also the lists of the transposed mask, counts (..., cols)
-    int32 and indices (..., cols, rows) of ``index_dtype(rows)``, from the same launch."""
+    int32 and indices (..., cols, width_t) of ``index_dtype(rows)``, from the same launch. The
+    widths are ``cols`` and ``rows``, or where those lists would be larger than
+    ``COMPACT_LISTS_BYTES``, the longest row's count (``list_widths``)."""
     grouped = mask.view(torch.uint8).reshape(-1, *mask.shape[-2:])
     groups, rows, cols = grouped.shape
+    width, width_t = list_widths(mask, columns_too)
     lists = [torch.empty(mask.shape[:-1], device=mask.device, dtype=torch.int32),
-             torch.empty(mask.shape, device=mask.device, dtype=index_dtype(cols))]
+             torch.empty((*mask.shape[:-1], width), device=mask.device, dtype=index_dtype(cols))]
     if columns_too:
         lists += [torch.empty((*mask.shape[:-2], cols), device=mask.device, dtype=torch.int32),
-                  torch.empty((*mask.shape[:-2], cols, rows), device=mask.device, dtype=index_dtype(rows))]
+                  torch.empty((*mask.shape[:-2], cols, width_t), device=mask.device, dtype=index_dtype(rows))]
     if lists[0].numel():
         columns = lists[2:] or lists  # unused by a grid of depth 1
         launch(tile_list_kernel, (max(rows, cols) if columns_too else rows, groups, 1 + columns_too))(
             Mask=grouped, Counts=lists[0], Index=lists[1], Counts_t=columns[0], Index_t=columns[1],
             stride_mg=grouped.stride(0), stride_mr=grouped.stride(1), stride_mc=grouped.stride(2), num_rows=rows,
-            num_cols=cols, CHUNK=min(TILE_LIST_CHUNK, triton.next_power_of_2(max(rows, cols, 16))), num_warps=4)
+            num_cols=cols, width=width, width_t=width_t,
+            CHUNK=min(TILE_LIST_CHUNK, triton.next_power_of_2(max(rows, cols, 16))), num_warps=4)
     return tuple(lists)
+
+
+def list_widths(mask: torch.Tensor, columns_too: bool) -> tuple[int, int]:
+    """Slots per row of the lists of ``mask`` (..., rows, cols) and of its transpose: ``cols`` and
+    ``rows`` (a slot per tile, nothing to wait for), or where those lists would take more than
+    ``COMPACT_LISTS_BYTES``, the most True entries of any row (and column), at least 1: on sparse
+    masks a small fraction. Reading them waits for the GPU, so not while a CUDA graph is captured."""
+    rows, cols = mask.shape[-2:]
+    dense = mask.numel() * (index_dtype(cols).itemsize + (index_dtype(rows).itemsize if columns_too else 0))
+    capturing = mask.is_cuda and torch.cuda.is_current_stream_capturing()
+    if dense <= COMPACT_LISTS_BYTES or capturing or mask.numel() == 0:
+        return cols, rows
+    longest = [mask.sum(-1).max()] + ([mask.sum(-2).max()] if columns_too else [])
+    # clamped: a dry run (compile_ahead) lists a mask it never filled
+    widths = [min(max(int(n), 1), full) for n, full in zip(torch.stack(longest).tolist(), (cols, rows))]
+    return widths[0], (widths[1] if columns_too else rows)
