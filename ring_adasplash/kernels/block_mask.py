@@ -39,11 +39,11 @@ class BlockMask:
         """Visible tiles over every batch entry and head."""
         if self.visible is None:
             return self.tiles.numel()
-        return int(self.visible.sum()) * self.tiles.shape[0] * self.tiles.shape[1]
+        return _count(self.visible) * self.tiles.shape[0] * self.tiles.shape[1]
 
     def nonzero_tiles(self) -> int:
         """Selected tiles that are visible."""
-        return int((self.tiles if self.visible is None else self.tiles & self.visible).sum())
+        return _count(self.tiles if self.visible is None else self.tiles & self.visible)
 
     def sparsity(self) -> float:
         """Fraction of visible tiles not selected (causal-masked tiles are not counted)."""
@@ -89,3 +89,9 @@ class BlockMask:
         b, h, nq, nk = self.tiles.shape
         return (f"BlockMask(shape={self.shape}, tiles={nq}x{nk} of {self.block_m}x{self.block_n}, "
                 f"sparsity={self.sparsity():.2%}, nonzero_tiles={self.nonzero_tiles()})")
+
+
+def _count(mask: torch.Tensor) -> int:
+    """The True entries of ``mask``: row sums in int32 first (a bool sum to int64 made torch widen
+    the whole mask first: four bytes per tile), then their total in int64."""
+    return int(mask.sum(-1, dtype=torch.int32).sum(dtype=torch.int64))

@@ -100,7 +100,8 @@ def list_widths(mask: torch.Tensor, columns_too: bool) -> tuple[int, int]:
     capturing = mask.is_cuda and torch.cuda.is_current_stream_capturing()
     if dense <= COMPACT_LISTS_BYTES or capturing or mask.numel() == 0:
         return cols, rows
-    longest = [mask.sum(-1).max()] + ([mask.sum(-2).max()] if columns_too else [])
+    # int32 sums: a bool sum's default int64 result had torch widen the whole mask first
+    longest = [mask.sum(-1, dtype=torch.int32).max()] + ([mask.sum(-2, dtype=torch.int32).max()] if columns_too else [])
     # clamped: a dry run (compile_ahead) lists a mask it never filled
     widths = [min(max(int(n), 1), full) for n, full in zip(torch.stack(longest).tolist(), (cols, rows))]
     return widths[0], (widths[1] if columns_too else rows)
