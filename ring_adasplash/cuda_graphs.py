@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from . import telemetry
+from .kernels.identity import tensor_identity
 
 MODE_ENV = "RING_ADASPLASH_CUDA_GRAPHS"
 MODES = ("auto", "on", "off")
@@ -62,9 +63,8 @@ def _key(name: str, args: tuple, copied: int, stream) -> tuple:
     parts = [name, stream.cuda_stream]
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
-            layout = (tuple(a.shape), a.stride(), a.dtype, a.device)
             # held tensors enter the graph by address: the key names that memory and its version
-            parts.append(layout if i < copied else layout + (a.data_ptr(), a._version))
+            parts.append((tuple(a.shape), a.stride(), a.dtype, a.device) if i < copied else tensor_identity(a))
         else:
             parts.append(a)
     return tuple(parts)

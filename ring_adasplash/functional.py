@@ -25,6 +25,7 @@ from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, defaul
                                 entmax_forward)
 from .kernels.compile_ahead import compile_ahead
 from .kernels.head_groups import backward_by_group, head_groups, join_heads, to_alpha_shape
+from .kernels.identity import tensor_identity
 from .kernels.visibility import (Visibility, causal_visibility, packed_visibility, padded_visibility,
                                  varlen_visibility)
 
@@ -366,8 +367,7 @@ def _packing(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, causal: boo
     every call meant a wait, small kernels of their own and the launchers' (their tile ranges), and no
     graph (benchmarks/RESULTS.md, masks)."""
     def identity(t):
-        return (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), t._version) if isinstance(t, Tensor) \
-            else id(t)
+        return tensor_identity(t) if isinstance(t, Tensor) else id(t)
 
     key = (identity(cu_seqlens_q), identity(cu_seqlens_k), total_q, total_k, causal, window_size, sink_tokens,
            str(device))

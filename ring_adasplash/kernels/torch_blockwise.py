@@ -250,7 +250,8 @@ def newton_moments_pass(problem: Problem, tiles: BlockMask, point, rows=None, ke
     if rows is not None:
         tiles = tiles.with_tiles(tiles.tiles & stats.per_query_tile(rows, problem.block_m, "any")[..., None])
     sums = torch.zeros(*problem.rows, 3, device=problem.q.device, dtype=torch.float64)
-    nearest = torch.full(problem.rows, float("inf"), device=problem.q.device, dtype=torch.float64)
+    nearest = torch.full(problem.rows, float("inf"), device=problem.q.device, dtype=torch.float64) if closest \
+        else None
     near = torch.zeros(problem.tiles, device=problem.q.device, dtype=torch.bool) if keep else None
     t = point.double()[..., None]
     key_tiles = _KeyTiles(problem, tiles)

@@ -33,6 +33,7 @@ from .backend import Gradients, Maxima, OutputSums, Problem
 from .block_mask import BlockMask
 from .compile_ahead import launch
 from .entmax_spec import EntmaxSpec
+from .identity import tensor_identity
 from .visibility import Visibility, first_true, key_tile_span
 
 NAME = "triton"
@@ -204,7 +205,7 @@ def _key_tile_ranges(vis: Visibility, device):
     version counter; the entry holds the vectors, so that memory cannot be handed to other
     tensors while it lives, and an in-place change misses."""
     tensors = vis.vectors()
-    key = (str(device),) + tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t._version) for t in tensors)
+    key = (str(device),) + tuple(tensor_identity(t) for t in tensors)
     hit = _RANGES_CACHE.get(key)
     if hit is None:
         if len(_RANGES_CACHE) >= RANGES_CACHE_SIZE:
