@@ -69,12 +69,25 @@ def _kernel_key(q: Tensor, k: Tensor, alphas, backward_sums: bool) -> tuple:
     return (q.device, q.dtype, q.shape[-1], 1 if split else q.shape[2] // k.shape[2], tuple(specs), backward_sums)
 
 
+# out and dq of a call whose float32 copy would take at least this many bytes are stored by their
+# kernels in the input dtype; smaller ones in float32, cast after (docs/design.md, kernel choices:
+# a 16-bit store slowed those kernels more than the cast costs, where memory is not what limits)
+STORE_FINAL_BYTES = 1 << 28
+
+
+def _stored_final(x: Tensor) -> torch.dtype | None:
+    """The dtype the kernels store ``x``'s output or gradient in: ``x``'s where a float32 copy of
+    it would take ``STORE_FINAL_BYTES`` or more (at a million tokens, 16 heads and D 128, 8 GiB),
+    else None (float32, cast after)."""
+    return x.dtype if x.numel() * 4 >= STORE_FINAL_BYTES else None
+
+
 def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool = True) -> list:
     """``(group, ForwardResult)`` per group of heads of equal alpha (``head_groups``)."""
     backend = backend_for(q)
     groups = head_groups(alphas, q.shape[2], k.shape[2], q.device)
     return [(g, entmax_forward(backend, g.queries(q), SingleBlock(g.keys(k), g.keys(v), vis), EntmaxSpec(g.alpha),
-                               softmax_scale, backward_sums=backward_sums, out_dtype=q.dtype)) for g in groups]
+                               softmax_scale, backward_sums=backward_sums, out_dtype=_stored_final(q))) for g in groups]
 
 
 def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: tuple, softmax_scale: float,
@@ -110,7 +123,7 @@ def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_su
         if backward_sums:
             entmax_backward(backend, g.queries(q), torch.empty_like(g.queries(q)),
                             SingleBlock(g.keys(k), g.keys(v), vis), fwd, EntmaxSpec(g.alpha), softmax_scale,
-                            kv_grad_dtype=k.dtype, q_grad_dtype=q.dtype)
+                            kv_grad_dtype=k.dtype, q_grad_dtype=_stored_final(q))
 
 
 @attention_forward.register_fake
@@ -148,7 +161,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limi
                             support=None, block_masks=[mask])
         return entmax_backward(backend, g.queries(q), g.queries(grad_out), SingleBlock(g.keys(k), g.keys(v), vis),
                                fwd, EntmaxSpec(g.alpha), softmax_scale, kv_grad_dtype=k.dtype, alpha_grad=alpha_grad,
-                               q_grad_dtype=q.dtype)
+                               q_grad_dtype=_stored_final(q))
 
     dq, dk, dv, d_alpha = backward_by_group(groups, groups, group_backward, heads, heads_kv, alpha_grad)
     return (dq.to(q.dtype).contiguous(), dk.contiguous(), dv.contiguous(),

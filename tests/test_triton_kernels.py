@@ -365,6 +365,28 @@ def test_final_outputs_and_gradients_are_stored_once_in_the_input_dtype(interpre
         _rounded_once(final_grad, wide_grad)
 
 
+def test_calls_store_out_and_dq_in_the_input_dtype_from_the_size_where_memory_limits(interpreted, monkeypatch):
+    """Above ``STORE_FINAL_BYTES`` a call's kernels store out and dq in the input dtype; below, in
+    float32, cast after: the same values, each rounded once."""
+    from ring_adasplash import functional
+
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(1, 130, 130, 4, 2, 32, seed=7))
+    assert functional._stored_final(q) is None and functional._stored_final(q.new_empty(1 << 26)) == torch.bfloat16
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    runs = []
+    for limit in (1 << 40, 0):
+        monkeypatch.setattr(functional, "STORE_FINAL_BYTES", limit)
+        qa, ka, va = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = adasplash_func(qa, ka, va, alpha=1.5, causal=True)
+        out.backward(grad_out)
+        runs.append((out, qa.grad, ka.grad, va.grad))
+    for cast_after, stored in zip(*runs):
+        assert cast_after.dtype == stored.dtype == torch.bfloat16
+        step = cast_after.float().abs() * 2.0 ** -7 + 1e-30
+        assert ((cast_after.float() - stored.float()).abs() <= step).all()
+    assert not torch.equal(runs[0][0], runs[0][0] * 0)  # the outputs are not all zero
+
+
 def _rounded_once(final, wide):
     """``final`` (bf16) is ``wide`` (float32) rounded once: to nearest, or toward zero."""
     nearest, truncated = wide.to(torch.bfloat16), (wide.view(torch.int32) & ~0xFFFF).view(torch.float32)

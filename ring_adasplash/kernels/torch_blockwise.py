@@ -366,8 +366,8 @@ def row_delta(grad_out, out_u, u_sum):
 def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
                   kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:
     """Gradients through the ``tiles`` of one key block (``backend.Gradients``; float32, float64
-    for float64 inputs, dk and dv in ``kv_grad_dtype`` and dq in ``q_grad_dtype`` where given); dq is NaN on rows whose tau
-    is NaN, dk and dv on the keys ``nan_keys`` (B, Sk, Hkv) marks.
+    for float64 inputs, dk and dv in ``kv_grad_dtype`` and dq in ``q_grad_dtype`` where given); dq
+    is NaN on rows whose tau is NaN, dk and dv on the keys ``nan_keys`` (B, Sk, Hkv) marks.
 
     ``delta`` (B, Hq, Sq) = (grad_out . out_u) / u_sum, from the merged forward row terms; None:
     computed here from ``out_u`` and ``u_sum`` (``row_delta``). With ``g = grad_out . v`` the

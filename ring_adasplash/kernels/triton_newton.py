@@ -114,7 +114,8 @@ def newton_schedule_kernel(
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
      full_first, full_end) = listed_query_tile(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width, GROUP, HEAD_DIM, BLOCK_M)
+        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
+        GROUP, HEAD_DIM, BLOCK_M)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     row_max = tl.load(Row_max + rows, mask=in_q, other=float("inf"))
     point = tl.load(Reference + rows, mask=in_q, other=0.0).to(tl.float64)
@@ -172,7 +173,8 @@ def newton_polish_kernel(
         (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
          full_first, full_end) = listed_query_tile(
             Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-            stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width, GROUP, HEAD_DIM, BLOCK_M)
+            stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
+            GROUP, HEAD_DIM, BLOCK_M)
         shift = tl.load(Shift + rows, mask=in_q, other=0.0)
         point = tl.load(Point + rows, mask=in_q, other=0.0)
         lower = tl.load(Lower + rows, mask=in_q, other=0.0)
