@@ -89,8 +89,9 @@ def _edge_distance(z: torch.Tensor) -> torch.Tensor:
 
 
 def _check_lists(m, counts, index, compact=False):
-    """``index`` has a slot per tile, or ``compact``, as many as the longest row needs."""
-    width = max(int(m.sum(-1).max()), 1) if compact else m.shape[-1]
+    """``index`` has a slot per tile, or ``compact``, as many as the longest row needs rounded up
+    to a multiple of 16 (at most a slot per tile)."""
+    width = min(-(-max(int(m.sum(-1).max()), 1) // 16) * 16, m.shape[-1]) if compact else m.shape[-1]
     assert counts.shape == m.shape[:-1] and index.shape == (*m.shape[:-1], width) and counts.dtype == torch.int32
     assert index.dtype == (torch.int16 if m.shape[-1] < 2**15 else torch.int32)
     assert torch.equal(counts, m.sum(-1, dtype=torch.int32))
@@ -124,7 +125,8 @@ def test_tile_lists(interpreted):
 
 def test_large_tile_lists_take_as_many_slots_as_their_longest_row(interpreted, monkeypatch):
     """Lists above ``COMPACT_LISTS_BYTES`` keep as many slots per row as their longest row (and
-    column) needs, the same entries; a whole forward and backward reads them as it reads full ones."""
+    column) needs, rounded up to 16, the same entries; a whole forward and backward reads them as it
+    reads full ones."""
     tiles = importlib.import_module("ring_adasplash.kernels.triton_tiles")
     gen = torch.Generator().manual_seed(12)
     mask = torch.rand(2, 3, 6, 40, generator=gen) < 0.1
@@ -136,7 +138,7 @@ def test_large_tile_lists_take_as_many_slots_as_their_longest_row(interpreted, m
     assert index.shape[-1] < 40 and torch.equal(counts, full[0]) and torch.equal(counts_t, full[2])
     _check_lists(mask, counts, index, compact=True)
     _check_lists(mask.transpose(-1, -2), counts_t, index_t, compact=True)
-    assert tiles.tile_lists(torch.zeros(1, 1, 3, 5, dtype=torch.bool))[1].shape[-1] == 1  # nothing listed
+    assert tiles.tile_lists(torch.zeros(1, 1, 3, 50, dtype=torch.bool))[1].shape[-1] == 16  # nothing listed
     # a call: the same output and gradients as with full lists
     q, k, v = _qkv(1, 200, 200, 4, 2, 32, seed=13)
     runs = []

@@ -93,15 +93,21 @@ def tile_lists(mask: torch.Tensor, columns_too: bool = False) -> tuple:
 def list_widths(mask: torch.Tensor, columns_too: bool) -> tuple[int, int]:
     """Slots per row of the lists of ``mask`` (..., rows, cols) and of its transpose: ``cols`` and
     ``rows`` (a slot per tile, nothing to wait for), or where those lists would take more than
-    ``COMPACT_LISTS_BYTES``, the most True entries of any row (and column), at least 1: on sparse
-    masks a small fraction. Reading them waits for the GPU, so not while a CUDA graph is captured."""
+    ``COMPACT_LISTS_BYTES``, the most True entries of any row (and column) rounded up to a multiple
+    of 16 (at most ``cols`` and ``rows``): on sparse masks a small fraction. Reading them waits for
+    the GPU, so not while a CUDA graph is captured."""
     rows, cols = mask.shape[-2:]
     dense = mask.numel() * (index_dtype(cols).itemsize + (index_dtype(rows).itemsize if columns_too else 0))
     capturing = mask.is_cuda and torch.cuda.is_current_stream_capturing()
     if dense <= COMPACT_LISTS_BYTES or capturing or mask.numel() == 0:
         return cols, rows
     # int32 sums: a bool sum's default int64 result had torch widen the whole mask first
-    longest = [mask.sum(-1, dtype=torch.int32).max()] + ([mask.sum(-2, dtype=torch.int32).max()] if columns_too else [])
-    # clamped: a dry run (compile_ahead) lists a mask it never filled
-    widths = [min(max(int(n), 1), full) for n, full in zip(torch.stack(longest).tolist(), (cols, rows))]
+    longest = [mask.sum(-1, dtype=torch.int32).max()]
+    if columns_too:
+        longest.append(mask.sum(-2, dtype=torch.int32).max())
+    # a multiple of 16, so that the kernels see one specialization of the width whatever the data
+    # (Triton compiles apart widths of 1 and multiples of 16); clamped: a dry run (compile_ahead)
+    # lists a mask it never filled
+    counts = torch.stack(longest).tolist()
+    widths = [min(-(-max(int(n), 1) // 16) * 16, full) for n, full in zip(counts, (cols, rows))]
     return widths[0], (widths[1] if columns_too else rows)
