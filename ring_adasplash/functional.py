@@ -25,7 +25,7 @@ from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, defaul
                                 entmax_forward)
 from .kernels.compile_ahead import compile_ahead
 from .kernels.head_groups import backward_by_group, head_groups, join_heads, to_alpha_shape
-from .kernels.identity import tensor_identity
+from .kernels.identity import remembered_in, tensor_identity
 from .kernels.visibility import (Visibility, causal_visibility, packed_visibility, padded_visibility,
                                  varlen_visibility)
 
@@ -384,9 +384,13 @@ def _packing(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, causal: boo
 
     key = (identity(cu_seqlens_q), identity(cu_seqlens_k), total_q, total_k, causal, window_size, sink_tokens,
            str(device))
-    hit = _PACKINGS.get(key)
-    if hit is not None:
-        return hit
+    return remembered_in(_PACKINGS, key, PACKINGS_KEPT, lambda: _checked_packing(
+        cu_seqlens_q, cu_seqlens_k, total_q, total_k, causal, window_size, sink_tokens, device))
+
+
+def _checked_packing(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, causal: bool, window_size: tuple,
+                     sink_tokens: int, device) -> _Packing:
+    """``_packing`` on a miss: the checks (raising on bad offsets) and the visibility."""
     check_cu_seqlens(cu_seqlens_q, total_q, "cu_seqlens_q")
     check_cu_seqlens(cu_seqlens_k, total_k, "cu_seqlens_k")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
@@ -394,12 +398,7 @@ def _packing(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, causal: boo
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     len_q, len_k = (torch.diff(cu.cpu().to(torch.int64)) for cu in (cu_seqlens_q, cu_seqlens_k))
     vis = varlen_visibility(cu_seqlens_q.to(device), cu_seqlens_k.to(device), causal, window_size, sink_tokens)
-    packing = _Packing(vis, int(len_q.max()), int(len_k.max()), int((len_q * len_k).sum()),
-                       (cu_seqlens_q, cu_seqlens_k))
-    if len(_PACKINGS) >= PACKINGS_KEPT:
-        _PACKINGS.pop(next(iter(_PACKINGS)))
-    _PACKINGS[key] = packing
-    return packing
+    return _Packing(vis, int(len_q.max()), int(len_k.max()), int((len_q * len_k).sum()), (cu_seqlens_q, cu_seqlens_k))
 
 
 class AdaSplashAttention(torch.nn.Module):

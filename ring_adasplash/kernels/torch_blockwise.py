@@ -329,8 +329,7 @@ def _nan_rows(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 def output_pass(problem: Problem, tau, tiles: BlockMask, backward_sums: bool = True, out_dtype=None) -> OutputSums:
     """Partial output for a known tau over ``tiles`` (``backend.OutputSums``; ``out_u`` and
     ``u_sum`` only with ``backward_sums``; ``out`` in ``out_dtype`` where given); additive across
-    key blocks. Rows whose tau is NaN come
-    out NaN."""
+    key blocks. Rows whose tau is NaN come out NaN."""
     key_tiles = _KeyTiles(problem, tiles)
     p = problem
     dtype = key_tiles.qh.dtype

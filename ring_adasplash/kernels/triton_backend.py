@@ -33,7 +33,7 @@ from .backend import Gradients, Maxima, OutputSums, Problem
 from .block_mask import BlockMask
 from .compile_ahead import launch
 from .entmax_spec import EntmaxSpec
-from .identity import tensor_identity
+from .identity import remembered_in, tensor_identity
 from .visibility import Visibility, first_true, key_tile_span
 
 NAME = "triton"
@@ -206,12 +206,8 @@ def _key_tile_ranges(vis: Visibility, device):
     tensors while it lives, and an in-place change misses."""
     tensors = vis.vectors()
     key = (str(device),) + tuple(tensor_identity(t) for t in tensors)
-    hit = _RANGES_CACHE.get(key)
-    if hit is None:
-        if len(_RANGES_CACHE) >= RANGES_CACHE_SIZE:
-            _RANGES_CACHE.pop(next(iter(_RANGES_CACHE)))
-        hit = _RANGES_CACHE[key] = (tensors, _compute_key_tile_ranges(vis, device))
-    return hit[1]
+    return remembered_in(_RANGES_CACHE, key, RANGES_CACHE_SIZE,
+                         lambda: (tensors, _compute_key_tile_ranges(vis, device)))[1]
 
 
 def remembered() -> list:
@@ -394,9 +390,9 @@ def output_pass(problem: TritonProblem, tau, tiles: BlockMask, backward_sums: bo
 def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=None, u_sum=None,
         alpha_sums=None, dtype=torch.float32) -> torch.Tensor:
     """dq (B, Sq, Hq, D) in ``dtype`` (``triton_backward.dq_kernel``: float32 sums, one cast at
-    the store); with ``out_u`` and ``u_sum``, it
-    also computes ``delta`` into ``delta``; with ``alpha_sums`` (B, H, Sq) float32, the row sums
-    ``Gradients.alpha_sums`` into it. Sums in float32 (why: docs/design.md (kernel choices))."""
+    the store; why float32: docs/design.md (kernel choices)); with ``out_u`` and ``u_sum``, it also
+    computes ``delta`` into ``delta``; with ``alpha_sums`` (B, H, Sq) float32, the row sums
+    ``Gradients.alpha_sums`` into it."""
     p, compute_delta = problem, out_u is not None
     dq = torch.empty(p.batch, p.seqlen_q, p.heads, p.head_dim, device=p.q.device, dtype=dtype)
     out_u_strides = _strides("o", out_u) if compute_delta else {f"stride_o{axis}": 0 for axis in "bshd"}
