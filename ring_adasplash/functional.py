@@ -20,6 +20,7 @@ from . import cuda_graphs, telemetry
 from .checks import (HeadAlpha, check_alpha, check_cu_seqlens, check_head_alpha, check_key_padding_mask,
                      check_position_ids, check_qkv, check_window, default_scale)
 from .kernels import EntmaxSpec, backend_for
+from .kernels.backend import CANDIDATES_ENV
 from .kernels.block_mask import BlockMask
 from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, default_schedule, entmax_backward,
                                 entmax_forward)
@@ -46,9 +47,10 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: T
     caller knows it (packed documents: the sum of their products), else -1: Sq x Sk per batch
     entry; it decides whether the call runs as a CUDA graph (``cuda_graphs``)."""
     args = (q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, tuple(alphas), softmax_scale, backward_sums)
-    # the schedule setting decides which kernels run, so each setting has graphs of its own (a
-    # graph captured under another would meet kernels not yet compiled, which no capture allows)
-    name = f"forward ({os.environ.get(SCHEDULE_ENV, 'auto')} schedule)"
+    # the schedule settings decide which kernels run, so each has graphs of its own (a graph
+    # captured under another would meet kernels not yet compiled, which no capture allows)
+    name = (f"forward ({os.environ.get(SCHEDULE_ENV, 'auto')} schedule, "
+            f"{os.environ.get(CANDIDATES_ENV, 'default')} candidates)")
     return cuda_graphs.call(name, _forward, args, copied=3, work=_work(q, k, pairs))
 
 
@@ -62,11 +64,13 @@ def _work(q: Tensor, k: Tensor, pairs: int = -1) -> int:
 
 def _kernel_key(q: Tensor, k: Tensor, alphas, backward_sums: bool) -> tuple:
     """What decides which kernels a call compiles: per alpha its powers and schedule, not its
-    value (a learnable alpha changes every step); and whether a backward is to come."""
+    value (a learnable alpha changes every step); whether a backward is to come; the candidate
+    slots setting (with none, the Newton schedule launches no candidate kernel)."""
     specs = sorted({(EntmaxSpec(a).power, EntmaxSpec(a).closed_form, default_schedule(EntmaxSpec(a), True))
                     for a in alphas})
     split = len(set(alphas)) > 1  # the groups read one key head per query head
-    return (q.device, q.dtype, q.shape[-1], 1 if split else q.shape[2] // k.shape[2], tuple(specs), backward_sums)
+    return (q.device, q.dtype, q.shape[-1], 1 if split else q.shape[2] // k.shape[2], tuple(specs), backward_sums,
+            os.environ.get(CANDIDATES_ENV))
 
 
 # out and dq of a call whose float32 copy would take at least this many bytes are stored by their

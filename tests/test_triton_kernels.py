@@ -37,7 +37,8 @@ from ring_adasplash.reference import entmax_attention_reference  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 KERNEL_MODULES = ("triton_common", "triton_maxima", "triton_histogram", "triton_refine", "triton_output",
-                  "triton_backward", "triton_tau", "triton_newton", "triton_tiles", "triton_backend")  # dependency order
+                  "triton_backward", "triton_tau", "triton_newton", "triton_candidates", "triton_tiles",
+                  "triton_backend")  # dependency order
 
 
 def _reload_kernels():
@@ -68,7 +69,11 @@ def interpreted():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         mp.setenv("RING_ADASPLASH_BACKEND", "triton")
-        yield _reload_kernels()
+        backend = _reload_kernels()
+        # the test inputs are a few key tiles long: without this, every query tile of the one-launch
+        # Newton schedule would take the sweeps, and no interpreted call would run on candidates
+        backend.FEW_TILES = 0
+        yield backend
     _reload_kernels()  # compiled again for whatever runs next
 
 
@@ -602,8 +607,8 @@ def test_gpu_compile_ahead_leaves_the_call_nothing_to_compile(monkeypatch):
     # tau kernels do not, and earlier tests compiled them); alpha 1.5 on one device takes the
     # one-launch Newton schedule (algorithm.default_schedule)
     names = {name for name, _ in compiles}
-    assert {"max_kernel", "tau_floor_kernel", "newton_schedule_kernel", "output_kernel", "dq_kernel",
-            "dkdv_kernel"} <= names, compiles
+    assert {"max_kernel", "tau_floor_kernel", "candidate_schedule_kernel", "newton_schedule_kernel", "output_kernel",
+            "dq_kernel", "dkdv_kernel"} <= names, compiles
     assert all(ahead for _, ahead in compiles), compiles
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = entmax_attention_reference(qr, kr, vr, alpha=1.5, causal=True)
@@ -731,16 +736,30 @@ def test_newton_schedule_agrees_with_the_histogram_schedule(interpreted, alpha):
         assert not (histogram_run.block_masks[0].tiles & ~newton_run.read_masks[0].tiles).any()
 
 
-@pytest.mark.parametrize("alpha", (1.25, 1.5))
-def test_newton_schedule_kernel_matches_the_pytorch_schedule(interpreted, alpha):
-    """The whole Newton schedule in one launch (``triton_newton``, interpreted) against
+# How ``triton_backend.newton_schedule`` runs: (candidate slots per row, most key tiles a query tile
+# may list and still take the sweeps). "sweeps": every query tile in one sweep per step; "candidates":
+# every query tile on its candidate keys; "spilled": 64 slots, too few for the flat rows' 400 keys, so
+# their query tiles spill to the sweeps and the others do not.
+SCHEDULE_ROUTES = {"sweeps": (0, None), "candidates": (256, 0), "spilled": (64, 0)}
+
+
+@pytest.mark.parametrize("alpha, route", [(1.25, "sweeps"), (1.5, "sweeps"), (1.25, "candidates"),
+                                          (1.5, "candidates"), (1.5, "spilled")])
+def test_newton_schedule_kernel_matches_the_pytorch_schedule(interpreted, alpha, route, monkeypatch):
+    """The whole Newton schedule (``triton_newton``, ``triton_candidates``, interpreted) against
     ``torch_blockwise.newton_schedule`` in the same forward, float32: a batch of two entries with
     padded keys (rows with no visible key) and a window of 90 keys with 2 sinks, and causal rows of
     up to 400 keys, a NaN score in one row; flat rows, spread rows (several steps, tiles marked),
     peaked rows (done before the tiles are marked) and rows whose support is one key tile, with
     the next between max - 1 and tau (marked out): the same tau (to float32 rounding), NaN and inf
-    on the same rows, the same output, the same tiles read by the output pass and with p > 0, and
-    the output pass read every one of them."""
+    on the same rows, the same output, the same tiles with p > 0, and the output pass read every
+    one of them. The sweeps read the same tiles as the PyTorch schedule; the candidates read no
+    other tile (they mark the tiles of keys above tau itself, where a sweep marks those above its
+    last point, a step below)."""
+    slots, few_tiles = SCHEDULE_ROUTES[route]
+    monkeypatch.setenv(interpreted.CANDIDATES_ENV, str(slots))
+    if few_tiles is not None:
+        monkeypatch.setattr(interpreted, "FEW_TILES", few_tiles)
     keep = torch.ones(2, 200, dtype=torch.bool)
     keep[0, :70] = False  # left padding: the first 70 queries of entry 0 see no key
     keep[1, 150:] = False
@@ -767,9 +786,27 @@ def test_newton_schedule_kernel_matches_the_pytorch_schedule(interpreted, alpha)
         finite = torch.isfinite(want.tau)
         torch.testing.assert_close(got.tau[finite], want.tau[finite].to(got.tau.dtype), rtol=0, atol=2e-6)
         torch.testing.assert_close(got.out, want.out.to(got.out.dtype), rtol=1e-5, atol=1e-5, equal_nan=True)
-        assert torch.equal(got.read_masks[0].tiles, want.read_masks[0].tiles)
+        if route == "sweeps":
+            assert torch.equal(got.read_masks[0].tiles, want.read_masks[0].tiles)
+        else:
+            assert not (got.read_masks[0].tiles & ~want.read_masks[0].tiles).any()
         assert torch.equal(got.block_masks[0].tiles, want.block_masks[0].tiles)
         assert not (want.block_masks[0].tiles & ~got.read_masks[0].tiles).any()
+
+
+def test_candidate_slots_setting_is_checked(monkeypatch):
+    """``RING_ADASPLASH_CANDIDATES``: 0 or a multiple of the chunk, else a ValueError that names it."""
+    from ring_adasplash.kernels import triton_backend
+
+    monkeypatch.delenv(triton_backend.CANDIDATES_ENV, raising=False)
+    assert triton_backend.candidate_slots() == triton_backend.CANDIDATES
+    for value, slots in (("0", 0), ("128", 128)):
+        monkeypatch.setenv(triton_backend.CANDIDATES_ENV, value)
+        assert triton_backend.candidate_slots() == slots
+    for value in ("100", "-64", "many"):
+        monkeypatch.setenv(triton_backend.CANDIDATES_ENV, value)
+        with pytest.raises(ValueError, match="RING_ADASPLASH_CANDIDATES must be 0 or a multiple of 64"):
+            triton_backend.candidate_slots()
 
 
 def test_newton_schedule_flat_rows_sum_to_one_with_float32_sums(interpreted, monkeypatch):

@@ -20,6 +20,8 @@ from .entmax_spec import EntmaxSpec
 from .visibility import Visibility
 
 BACKEND_ENV = "RING_ADASPLASH_BACKEND"
+# candidate slots per row of the Triton Newton schedule (``triton_backend.candidate_slots``)
+CANDIDATES_ENV = "RING_ADASPLASH_CANDIDATES"
 BACKEND_CHOICES = ("auto", "torch", "triton")
 
 

@@ -6,7 +6,8 @@ head ``h // (Hq // Hkv)``. The kernels live in ``triton_maxima`` (the max pass),
 ``triton_histogram``, ``triton_refine`` (fine histogram, Newton sums), ``triton_output``,
 ``triton_backward`` and ``triton_tau`` (tau from the statistics, in place of the float64 PyTorch
 math of ``stats`` for alpha 1.5 and 2, and the Newton schedule's step), ``triton_newton`` (the
-whole Newton schedule in one launch, for one key block), their shared helpers in
+whole Newton schedule in one launch, for one key block), ``triton_candidates`` (the same schedule
+on each row's candidate keys, before it), their shared helpers in
 ``triton_common``; ``triton_entmax`` is entmax over the rows of any tensor (``entmax_rows``).
 ``TritonProblem`` derives once per key block what every launch reads (visibility vectors, per
 query tile the range of key tiles with visible pairs, strides, constants); each pass below is
@@ -27,9 +28,9 @@ import torch
 import triton
 
 from . import stats as S
-from . import (triton_backward, triton_entmax, triton_histogram, triton_maxima, triton_newton, triton_output,
-               triton_refine, triton_tau)
-from .backend import Gradients, Maxima, OutputSums, Problem
+from . import (triton_backward, triton_candidates, triton_entmax, triton_histogram, triton_maxima, triton_newton,
+               triton_output, triton_refine, triton_tau)
+from .backend import CANDIDATES_ENV, Gradients, Maxima, OutputSums, Problem
 from .block_mask import BlockMask
 from .compile_ahead import launch
 from .entmax_spec import EntmaxSpec
@@ -100,13 +101,15 @@ _CONFIGS = {
     "sparse": _sparse,  # the histogram schedule's passes
     "newton_sums": lambda d: _sparse(d) | {"UNROLL": 2 if d <= 128 else 1},
     "newton": lambda d: _sparse(d) | {"UNROLL": 2 if d <= 64 else 1},
+    "candidates": lambda d: _sparse(d) | {"UNROLL": 1},
     "output": lambda d: {"num_warps": 8 if d >= 256 else 4, "num_stages": 2, "UNROLL": 2 if d <= 64 else 1},
     "dq": _backward,
     "dkdv": _backward,
 }
 # Registers per thread (``maxnreg``) by kernel and head dim, for 16-bit inputs: capped where the
 # programs that then fit on an SM more than pay for the spills
-_MAX_REGISTERS = {"newton": {64: 128, 128: 168}, "output": {64: 168}, "dq": {64: 128, 128: 128}}
+_MAX_REGISTERS = {"newton": {64: 128, 128: 168}, "candidates": {64: 128}, "output": {64: 168},
+                  "dq": {64: 128, 128: 128}}
 
 
 @dataclass(frozen=True, eq=False)
@@ -351,17 +354,57 @@ def newton_polish(problem: TritonProblem, tiles: BlockMask, state: S.NewtonState
     return point
 
 
+CANDIDATES = 256  # candidate slots per row (triton_candidates); 0: sweeps only
+CANDIDATE_CHUNK = 64  # candidates read per row and trip of a step
+PROGRAMS_PER_SM = 4  # the candidate kernel's persistent grid: programs per SM
+CANDIDATE_STEPS = S.NEWTON_SCHEDULE_STEPS
+FEW_TILES = 8  # query tiles that list at most this many key tiles take the sweeps
+
+
+def candidate_slots() -> int:
+    """Per row, the candidate keys ``newton_schedule`` keeps on chip before it spills to sweeps:
+    ``RING_ADASPLASH_CANDIDATES`` (0, or a multiple of ``CANDIDATE_CHUNK``; default ``CANDIDATES``)."""
+    value = os.environ.get(CANDIDATES_ENV, str(CANDIDATES))
+    if not value.isdigit() or int(value) % CANDIDATE_CHUNK:
+        raise ValueError(f"{CANDIDATES_ENV} must be 0 or a multiple of {CANDIDATE_CHUNK}; got {value!r}")
+    return int(value)
+
+
+def _persistent_programs(device: torch.device, tiles: int) -> int:
+    """Programs of a persistent grid over ``tiles`` work items: a few per SM (interpreted: three,
+    so that programs take several tiles there too)."""
+    if device.type != "cuda":
+        return min(tiles, 3)
+    return min(tiles, PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
 def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max, tolerance: float,
                     step_tolerance: float):
-    """``torch_blockwise.newton_schedule`` in one launch (``triton_newton.newton_schedule_kernel``)."""
+    """``torch_blockwise.newton_schedule``: first on each row's candidate keys
+    (``triton_candidates.candidate_schedule_kernel``), then, on the query tiles with a row of more
+    candidates than ``candidate_slots()``, in one sweep per step
+    (``triton_newton.newton_schedule_kernel``)."""
     p = problem
     tau = torch.empty(p.rows, device=p.q.device, dtype=torch.float64)
     keep = torch.zeros(p.tiles, device=p.q.device, dtype=torch.int8)
+    arguments = dict(**p.listed(tiles), Reference=p.per_row(reference), Row_max=p.per_row(row_max), Tau=tau,
+                     Keep=keep, margin=S.MASK_MARGIN, tolerance=float(tolerance),
+                     step_tolerance=float(step_tolerance), **p.weights, NARROW_STEP=S.NEWTON_NARROW_STEP)
+    slots = candidate_slots()
+    spilled = keep  # not read without SPILLED_ONLY
+    if slots:
+        work = p.num_q_tiles * p.batch * p.heads
+        programs = _persistent_programs(p.q.device, work)
+        spilled = torch.empty(work, device=p.q.device, dtype=torch.int8)
+        launch(triton_candidates.candidate_schedule_kernel, (programs,))(
+            **arguments, Spilled=spilled,
+            Cand=torch.empty(programs * BLOCK_M * slots * 2, device=p.q.device, dtype=torch.int32),
+            num_q_tiles=p.num_q_tiles, num_tiles=work, few_tiles=FEW_TILES, CANDIDATES=slots, CHUNK=CANDIDATE_CHUNK,
+            MAX_STEPS=CANDIDATE_STEPS,
+            **p.config("candidates"))
     launch(triton_newton.newton_schedule_kernel, p.query_grid)(
-        **p.listed(tiles), Reference=p.per_row(reference),
-        Row_max=p.per_row(row_max), Tau=tau, Keep=keep, margin=S.MASK_MARGIN, tolerance=float(tolerance),
-        step_tolerance=float(step_tolerance), **p.weights, MAX_STEPS=S.NEWTON_SCHEDULE_STEPS,
-        NARROW_STEP=S.NEWTON_NARROW_STEP, **p.config("newton"))
+        **arguments, Spilled=spilled, MAX_STEPS=S.NEWTON_SCHEDULE_STEPS, SPILLED_ONLY=bool(slots),
+        **p.config("newton"))
     return tau, keep.view(torch.bool)
 
 

@@ -90,10 +90,14 @@ def visible(q_limit, q_doc, q_first, in_q, k_pos, k_doc, k_win_pos, in_k):
 
 @triton.jit
 def program_tile(num_heads, seqlen, BLOCK: tl.constexpr):
-    """This program's tile of a grid (tiles, batch x heads): ``(tile, bh, b, h, offs, in_range)``,
-    the tile, batch x head, batch, head, its positions and which of them are in the sequence."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    """This program's tile of a grid (tiles, batch x heads): ``tile_at`` its program ids."""
+    return tile_at(tl.program_id(0), tl.program_id(1), num_heads, seqlen, BLOCK)
+
+
+@triton.jit
+def tile_at(tile, bh, num_heads, seqlen, BLOCK: tl.constexpr):
+    """Tile ``tile`` of batch x head ``bh``: ``(tile, bh, b, h, offs, in_range)``, the tile, batch x
+    head, batch, head, its positions and which of them are in the sequence."""
     offs = tile * BLOCK + tl.arange(0, BLOCK)
     return tile, bh, bh // num_heads, bh % num_heads, offs, offs < seqlen
 
@@ -103,7 +107,15 @@ def query_tile(Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, stride_qh, stri
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's query tile, for the kernels with one program per (query tile, batch x query
     head): ``(tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first)``."""
-    tile_q, bh, b, h, offs_m, in_q = program_tile(num_heads, seqlen_q, BLOCK_M)
+    return query_tile_at(tl.program_id(0), tl.program_id(1), Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs,
+                         stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
+
+
+@triton.jit
+def query_tile_at(tile, bh, Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q,
+                  num_heads, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``query_tile`` of query tile ``tile`` of batch x query head ``bh``."""
+    tile_q, bh, b, h, offs_m, in_q = tile_at(tile, bh, num_heads, seqlen_q, BLOCK_M)
     q = load_rows(at_head(Q, b, h, stride_qb, stride_qh), offs_m, in_q, stride_qs, stride_qd, HEAD_DIM)
     q_limit, q_doc, q_first = query_positions(Q_limit, Q_doc, Q_first, offs_m, in_q)
     return tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first
@@ -119,7 +131,13 @@ def row_offsets(bh, seqlen, offs):
 def tile_row(line, bh, length):
     """Where the row of (batch x head ``bh``, ``line``) starts in a per-tile result of ``length``
     columns, with ``tl.num_programs(0)`` lines per batch x head."""
-    return (bh * tl.num_programs(0) + line).to(tl.int64) * length
+    return line_start(line, bh, tl.num_programs(0), length)
+
+
+@triton.jit
+def line_start(line, bh, lines, length):
+    """``tile_row`` with ``lines`` lines per batch x head."""
+    return (bh * lines + line).to(tl.int64) * length
 
 
 @triton.jit
@@ -128,8 +146,14 @@ def listed_tiles(Tile_count, Tile_index, line, bh, length, width):
     (batch x head, ``line``), ``tl.num_programs(0)`` lines per batch x head, over ``length``
     tiles): ``(count, Tile_index, tile_row)``, the list's length and start, and the offset of this
     line's row in per-tile outputs."""
-    count = tl.load(Tile_count + bh * tl.num_programs(0) + line)
-    return count, Tile_index + tile_row(line, bh, width), tile_row(line, bh, length)
+    return listed_tiles_of(Tile_count, Tile_index, line, bh, tl.num_programs(0), length, width)
+
+
+@triton.jit
+def listed_tiles_of(Tile_count, Tile_index, line, bh, lines, length, width):
+    """``listed_tiles`` with ``lines`` lines per batch x head."""
+    count = tl.load(Tile_count + bh * lines + line)
+    return count, Tile_index + line_start(line, bh, lines, width), line_start(line, bh, lines, length)
 
 
 @triton.jit
@@ -165,11 +189,26 @@ def listed_query_tile(Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_
     list is ascending, so they are consecutive): ``(tile_q, bh, b, h, offs_m, in_q, rows, q,
     q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_first, full_end)``. The passes
     visit them in two loops (``list_slots``)."""
-    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first = query_tile(
-        Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
+    return listed_query_tile_at(tl.program_id(0), tl.program_id(1), tl.num_programs(0), Q, K, Q_limit, Q_doc,
+                                Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
+                                stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles,
+                                list_width, GROUP, HEAD_DIM, BLOCK_M)
+
+
+@triton.jit
+def listed_query_tile_at(tile, bh, num_q_tiles, Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count,
+                         Tile_index, stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_kh,
+                         seqlen_q, num_heads, num_k_tiles, list_width,
+                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``listed_query_tile`` of query tile ``tile`` of batch x query head ``bh``, with
+    ``num_q_tiles`` query tiles per batch x head (a kernel whose programs loop over tiles)."""
+    tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first = query_tile_at(
+        tile, bh, Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads,
+        HEAD_DIM, BLOCK_M)
     rows = row_offsets(bh, seqlen_q, offs_m)
     K = at_head(K, b, h // GROUP, stride_kb, stride_kh)
-    count, Tile_index, tile_row = listed_tiles(Tile_count, Tile_index, tile_q, bh, num_k_tiles, list_width)
+    count, Tile_index, tile_row = listed_tiles_of(Tile_count, Tile_index, tile_q, bh, num_q_tiles, num_k_tiles,
+                                                  list_width)
     full_first = first_slot_at_least(Tile_index, count, tl.load(K_full_lo + tile_q))
     full_end = tl.maximum(first_slot_at_least(Tile_index, count, tl.load(K_full_hi + tile_q)), full_first)
     return (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .triton_common import ADD, MAX, listed_query_tile, program_tile, row_offsets
 from .triton_refine import ONES_WIDTH, newton_tiles
-from .triton_tau import newton_row_step
+from .triton_tau import newton_live_rows_step
 
 
 @triton.jit
@@ -82,71 +82,72 @@ def newton_steps(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
                                          stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin,
                                          (step + 1).to(tl.int8), HEAD_DIM, BLOCK_M, BLOCK_N, POWER, COUNT, KEEP,
                                          UNROLL, PRECISION)
-        next_point, next_lower, next_upper, converged = newton_row_step(f, df, n, closest, t.to(tl.float64), lower,
-                                                                        upper, gamma, tolerance, step_tolerance,
-                                                                        POWER, KEEP)
-        point = tl.where(done, point, next_point)
-        lower = tl.where(done, lower, next_lower)
-        upper = tl.where(done, upper, next_upper)
-        done = done | converged
-        step += 1
-        live = tl.reduce((~done).to(tl.int32), 0, ADD)
+        point, lower, upper, done, step, live = newton_live_rows_step(f, df, n, closest, t, point, lower, upper, done,
+                                                                     step, gamma, tolerance, step_tolerance, POWER,
+                                                                     KEEP)
     return point, lower, upper, done, step, live
 
 
 @triton.jit
 def newton_schedule_kernel(
     Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
-    Reference, Row_max, Tau, Keep,
+    Reference, Row_max, Tau, Keep, Spilled,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, gamma, margin, tolerance, step_tolerance,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, UNROLL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, SPILLED_ONLY: tl.constexpr,
+    UNROLL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """tau (float64, the last point; rows with no visible key keep their start) into ``Tau`` and
     ``Keep`` (int8 per tile); ``Reference`` (``stats.gap_reference``) and ``Row_max`` (float32,
     relative: 0, or not finite on rows with no visible key or a non-finite score) start the
-    bracket, as ``stats.NewtonState.start``. See the module doc."""
+    bracket, as ``stats.NewtonState.start``. With ``SPILLED_ONLY`` only the query tiles marked in
+    ``Spilled`` (int8 per query tile) run (``triton_candidates``); the others store nothing. See the
+    module doc."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(NARROW_STEP < MAX_STEPS)  # the second loop marks the tiles
-    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
-     full_first, full_end) = listed_query_tile(
-        Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
-        GROUP, HEAD_DIM, BLOCK_M)
-    shift = tl.load(Shift + rows, mask=in_q, other=0.0)
-    row_max = tl.load(Row_max + rows, mask=in_q, other=float("inf"))
-    point = tl.load(Reference + rows, mask=in_q, other=0.0).to(tl.float64)
-    lower = point
-    upper = row_max.to(tl.float64)
-    done = ~((row_max == row_max) & (tl.abs(row_max) < float("inf"))) | ~in_q
-    ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
-    live = tl.reduce((~done).to(tl.int32), 0, ADD)
-    step = tl.full([], 0, tl.int32)  # a tensor, not the constant 0: the helper's loop reassigns it
-    # the same steps in two loops, the second marking the tiles (and with the marks finding the
-    # smallest gaps: the exact stop, at gamma 2): no branch inside a sweep
-    point, lower, upper, done, step, live = newton_steps(
-        q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m, Keep,
-        tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
-        step_tolerance, point, lower, upper, done, step, live, NARROW_STEP, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
-        POWER == 2, False, UNROLL, PRECISION)
-    point, lower, upper, done, step, live = newton_steps(
-        q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m, Keep,
-        tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
-        step_tolerance, point, lower, upper, done, step, live, MAX_STEPS, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
-        POWER == 2, True, UNROLL, PRECISION)
-    # Keep now holds, per tile, 1 + the last step whose sweep found a key of it near; the last
-    # sweep's tiles become 1, the others 0; where no sweep marked, every listed tile is 1
-    marked = step > NARROW_STEP
-    for start in range(0, count, BLOCK_N):
-        slots = start + tl.arange(0, BLOCK_N)
-        in_list = slots < count
-        At = Keep + tile_row + tl.load(Tile_index + slots, mask=in_list, other=0).to(tl.int32)
-        last = tl.load(At, mask=in_list, other=0) == step
-        tl.store(At, tl.where(last | ~marked, 1, 0).to(tl.int8), mask=in_list)
-    tl.store(Tau + rows, point, mask=in_q)
+    if SPILLED_ONLY:
+        run = tl.load(Spilled + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) != 0
+    else:
+        run = tl.program_id(0) >= 0
+    if run:
+        (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
+         full_first, full_end) = listed_query_tile(
+            Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
+            stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
+            GROUP, HEAD_DIM, BLOCK_M)
+        shift = tl.load(Shift + rows, mask=in_q, other=0.0)
+        row_max = tl.load(Row_max + rows, mask=in_q, other=float("inf"))
+        point = tl.load(Reference + rows, mask=in_q, other=0.0).to(tl.float64)
+        lower = point
+        upper = row_max.to(tl.float64)
+        done = ~((row_max == row_max) & (tl.abs(row_max) < float("inf"))) | ~in_q
+        ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
+        live = tl.reduce((~done).to(tl.int32), 0, ADD)
+        step = tl.full([], 0, tl.int32)  # a tensor, not the constant 0: the helper's loop reassigns it
+        # the same steps in two loops, the second marking the tiles (and with the marks finding the
+        # smallest gaps: the exact stop, at gamma 2): no branch inside a sweep
+        point, lower, upper, done, step, live = newton_steps(
+            q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
+            Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
+            step_tolerance, point, lower, upper, done, step, live, NARROW_STEP, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
+            POWER == 2, False, UNROLL, PRECISION)
+        point, lower, upper, done, step, live = newton_steps(
+            q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
+            Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
+            step_tolerance, point, lower, upper, done, step, live, MAX_STEPS, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
+            POWER == 2, True, UNROLL, PRECISION)
+        # Keep now holds, per tile, 1 + the last step whose sweep found a key of it near; the last
+        # sweep's tiles become 1, the others 0; where no sweep marked, every listed tile is 1
+        marked = step > NARROW_STEP
+        for start in range(0, count, BLOCK_N):
+            slots = start + tl.arange(0, BLOCK_N)
+            in_list = slots < count
+            At = Keep + tile_row + tl.load(Tile_index + slots, mask=in_list, other=0).to(tl.int32)
+            last = tl.load(At, mask=in_list, other=0) == step
+            tl.store(At, tl.where(last | ~marked, 1, 0).to(tl.int8), mask=in_list)
+        tl.store(Tau + rows, point, mask=in_q)
 
 
 @triton.jit

@@ -223,6 +223,22 @@ def newton_row_step(f, df, count, closest, t, lower, upper, gamma, tolerance, st
 
 
 @triton.jit
+def newton_live_rows_step(f, df, count, closest, t, point, lower, upper, done, step, gamma, tolerance, step_tolerance,
+                          POWER: tl.constexpr, EXACT_STOP: tl.constexpr):
+    """One step of a kernel's Newton loop on rows in registers: ``newton_row_step`` from the sums at
+    ``t`` on the rows not ``done``; returns ``(point, lower, upper, done, step + 1, live)``, live the
+    number of rows not done."""
+    next_point, next_lower, next_upper, converged = newton_row_step(f, df, count, closest, t.to(tl.float64), lower,
+                                                                    upper, gamma, tolerance, step_tolerance, POWER,
+                                                                    EXACT_STOP)
+    point = tl.where(done, point, next_point)
+    lower = tl.where(done, lower, next_lower)
+    upper = tl.where(done, upper, next_upper)
+    done = done | converged
+    return point, lower, upper, done, step + 1, tl.reduce((~done).to(tl.int32), 0, ADD)
+
+
+@triton.jit
 def newton_step_kernel(Sums, Point, Lower, Upper, Done, num_rows, gamma, tolerance, step_tolerance,
                        POWER: tl.constexpr, SUMS: tl.constexpr, BLOCK_R: tl.constexpr):
     """``stats.newton_step`` in place on the rows not done: ``Sums`` (rows, SUMS) float64, the exact

@@ -1,0 +1,179 @@
+"""The Newton schedule on each row's candidate keys, for a query block that holds all its keys
+(one device): one sweep of the key tiles instead of one per step.
+
+Every key with ``z <= reference`` (the max pass's lower bound of tau) has p = 0 at every point a
+Newton step visits, so the schedule's sums over all keys equal its sums over the *candidates*,
+the keys above the reference. On attention rows they are few (tens, a few hundred on local rows
+of 128K keys; every key only on flat rows) even where they sit in every key tile, which is what
+makes such rows dense for a tile-sparse pass. ``candidate_schedule_kernel`` sweeps a query
+tile's listed key tiles once, writing each row's candidates (``z`` and key tile) into its
+scratch rows, then runs every Newton step on them from memory that this program just wrote: a
+step reads a few hundred bytes per row, where a sweep recomputes Q.K^T on every listed tile.
+From the candidates above tau it marks ``Keep`` (the output pass's tiles) exactly.
+
+A query tile with a row of more than ``CANDIDATES`` candidates is *spilled*: it stores 1 into
+``Spilled`` and leaves its rows to ``triton_newton.newton_schedule_kernel``, launched after on
+the spilled query tiles only. Programs loop over the query tiles (a persistent grid), so the
+scratch is per program, not per row: its size does not grow with the sequence.
+"""
+import triton
+import triton.language as tl
+
+from .triton_common import (ADD, INTERPRETED, MAX, MIN, dot, entmax_weights, list_slots, listed_logits,
+                            listed_query_tile_at, positive_gap)
+from .triton_tau import newton_live_rows_step
+
+NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF800000)
+
+
+@triton.jit
+def store_candidates(Row_slots, place, z, cutoff, tile_k, CANDIDATES: tl.constexpr):
+    """Each candidate (``z > cutoff``) with room (``place``, 1 + its place in its row, at most
+    ``CANDIDATES``) as a pair (z, ``tile_k``) into its row's scratch (``Row_slots``, int32 pairs
+    per row), in the layout of the scores: ``tl.store`` would first move the tile to a layout of
+    its own through shared memory (twice, with a barrier each), which cost more than the sweep.
+    The interpreter takes ``tl.store``."""
+    tile = tl.full(z.shape, 0, tl.int32) + tile_k
+    if INTERPRETED:
+        room = (z > cutoff[:, None]) & (place <= CANDIDATES)
+        At = Row_slots[:, None] + 2 * (place.to(tl.int32) - 1)
+        tl.store(At, z.to(tl.int32, bitcast=True), mask=room)
+        tl.store(At + 1, tile, mask=room)
+    else:
+        # one 8-byte store per candidate, its address and test computed here
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .s32 i; .reg .u64 a; setp.gt.f32 p, $3, $4; setp.le.and.f32 p, $2, $6, p; "
+            "cvt.rzi.s32.f32 i, $2; mad.wide.s32 a, i, 8, $1; @p st.global.v2.b32 [a], {$3, $5}; mov.b32 $0, 0; }",
+            "=r,l,f,f,f,r,f",
+            [(Row_slots - 2).to(tl.int64)[:, None] + tl.full(z.shape, 0, tl.int64), place, z,
+             cutoff[:, None] + tl.full(z.shape, 0.0, tl.float32), tile, tl.full(z.shape, CANDIDATES, tl.float32)],
+            dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
+                      q_first, offs_m, Row_slots, found, cutoff, prefix, stride_ks, stride_kd,
+                      seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CANDIDATES: tl.constexpr, FULL: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr):
+    """Over one of the two loops of listed tiles (``list_slots``), every key with ``z > cutoff`` of
+    each row appended to the row's scratch (``Row_slots``) while it has room (``store_candidates``);
+    ``found`` (float32) counts them all (room or not). A candidate's place in its row is a product
+    with ``prefix`` (ones on and above the diagonal) on the tensor cores: a scan along the row
+    would move the tile to another layout and back through shared memory."""
+    start, stop = list_slots(count, full_first, full_end, FULL)
+    for j in tl.range(start, stop, loop_unroll_factor=UNROLL if FULL else 1):
+        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
+                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
+                                          scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
+        near = z > cutoff[:, None]  # NaN and hidden pairs (-inf) are never candidates
+        # 1 + each candidate's place in its row (0 and 1 exact in 16 bits, the counts in float32;
+        # from float32, not from the bool: Triton 3.9's interpreter converts a bool to bf16 wrong)
+        place = dot(tl.where(near, 1.0, 0.0).to(q.dtype), prefix, PRECISION) + found[:, None]
+        store_candidates(Row_slots, place, z, cutoff, tile_k, CANDIDATES)
+        found = tl.reduce(place, 1, MAX)
+    return found
+
+
+@triton.jit
+def candidate_sums(Row_slots, found, longest, t, gamma, POWER: tl.constexpr, BLOCK_M: tl.constexpr,
+                   CHUNK: tl.constexpr):
+    """``triton_newton.newton_sweep``'s sums at ``t`` over the rows' candidates: ``(f, f', count,
+    closest)`` per row, float64 (``closest``: the smallest gap ``z - t > 0``, +inf where none)."""
+    f_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+    df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+    above = tl.full([BLOCK_M], 0.0, tl.float32)
+    closest = tl.full([BLOCK_M], float("inf"), tl.float32)
+    cols = tl.arange(0, CHUNK)
+    for first in range(0, longest, CHUNK):
+        listed = (first + cols)[None, :] < found[:, None]
+        z = tl.load(Row_slots[:, None] + 2 * (first + cols[None, :]), mask=listed, other=NEG_INF_BITS)
+        z = z.to(tl.float32, bitcast=True)  # -inf where not listed
+        gap = positive_gap(z, t[:, None])
+        p, u = entmax_weights(gap, gamma, POWER)
+        f_sum += tl.reduce(p, 1, ADD)
+        df_sum += tl.reduce(u, 1, ADD)
+        above += tl.reduce(tl.where(gap > 0, 1.0, 0.0), 1, ADD)
+        closest = tl.minimum(closest, tl.reduce(tl.where(gap > 0, gap, float("inf")), 1, MIN))
+    return f_sum.to(tl.float64), df_sum.to(tl.float64), above.to(tl.float64), closest.to(tl.float64)
+
+
+@triton.jit
+def candidate_schedule_kernel(
+    Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
+    Reference, Row_max, Tau, Keep, Spilled, Cand,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    seqlen_q, seqlen_k, num_heads, num_q_tiles, num_k_tiles, list_width, num_tiles, few_tiles, scale_z, gamma,
+    margin, tolerance, step_tolerance,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, CANDIDATES: tl.constexpr,
+    CHUNK: tl.constexpr,
+    UNROLL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """For each of the ``num_tiles`` (query tile, batch x head) this program takes (the last query
+    tiles first: under a causal mask they hold the most keys), tau (float64) into ``Tau`` and its
+    key tiles with a candidate above ``tau - margin`` into ``Keep`` (int8, zeros from the caller),
+    or 1 into ``Spilled`` (int8 per query tile) where a row holds more than ``CANDIDATES``
+    candidates or the query tile lists at most ``few_tiles`` key tiles (``Tau`` and ``Keep`` then
+    left to ``newton_schedule_kernel``). ``Reference`` and
+    ``Row_max`` start each row's bracket as ``newton_schedule_kernel`` does; ``Cand`` (int32) holds
+    ``BLOCK_M x CANDIDATES`` pairs (the bits of z, its key tile) per program. See the module doc."""
+    tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
+    tl.static_assert(CANDIDATES % CHUNK == 0)
+    program = tl.program_id(0)
+    Row_slots = Cand + (program * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * (2 * CANDIDATES)
+    keys = tl.arange(0, BLOCK_N)
+    prefix = tl.where(keys[:, None] <= keys[None, :], 1.0, 0.0).to(Q.dtype.element_ty)
+    for work in range(program, num_tiles, tl.num_programs(0)):
+        line = num_q_tiles - 1 - work % num_q_tiles
+        (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K_head, count, Index, tile_row,
+         full_first, full_end) = listed_query_tile_at(
+            line, work // num_q_tiles, num_q_tiles, Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count,
+            Tile_index, stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads,
+            num_k_tiles, list_width, GROUP, HEAD_DIM, BLOCK_M)
+        if count <= few_tiles:  # few key tiles: their sweeps cost less than the steps' round trips
+            tl.store(Spilled + bh * num_q_tiles + tile_q, tl.full([], 1, tl.int8))
+        else:
+            shift = tl.load(Shift + rows, mask=in_q, other=0.0)
+            row_max = tl.load(Row_max + rows, mask=in_q, other=float("inf"))
+            reference = tl.load(Reference + rows, mask=in_q, other=0.0)
+            done = ~((row_max == row_max) & (tl.abs(row_max) < float("inf"))) | ~in_q
+            # below the reference by the margin of the tile marks: a key a kernel's rounding could
+            # put above tau - margin is a candidate
+            cutoff = tl.where(done, float("inf"), reference - margin)
+            found = tl.full([BLOCK_M], 0.0, tl.float32)
+            tl.debug_barrier()  # the last tile's reads of the scratch are over before it is rewritten
+            for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
+                found = gather_candidates(q, K_head, K_pos, K_doc, K_win_pos, Index, count, full_first, full_end,
+                                          q_limit, q_doc, q_first, offs_m, Row_slots, found, cutoff, prefix, stride_ks,
+                                          stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N, CANDIDATES,
+                                          FULL == 1, UNROLL, PRECISION)
+            tl.debug_barrier()  # every thread's candidates are in memory before any thread reads them
+            longest = tl.reduce(found, 0, MAX).to(tl.int32)
+            tl.store(Spilled + bh * num_q_tiles + tile_q, (longest > CANDIDATES).to(tl.int8))
+            if longest <= CANDIDATES:
+                point = reference.to(tl.float64)
+                lower = point
+                upper = row_max.to(tl.float64)
+                live = tl.reduce((~done).to(tl.int32), 0, ADD)
+                step = tl.full([], 0, tl.int32)  # a tensor: the loop reassigns it
+                while (step < MAX_STEPS) & (live > 0):
+                    t = point.to(tl.float32)
+                    f, df, n, closest = candidate_sums(Row_slots, found, longest, t, gamma, POWER, BLOCK_M, CHUNK)
+                    # the exact stop from the schedule's third step, as the sweeps take it: far below
+                    # tau, the closed form from float32 sums is not exact to float32
+                    closest = tl.where(step >= NARROW_STEP, closest, 0.0)
+                    point, lower, upper, done, step, live = newton_live_rows_step(
+                        f, df, n, closest, t, point, lower, upper, done, step, gamma, tolerance, step_tolerance,
+                        POWER, True)
+                tl.store(Tau + rows, point, mask=in_q)
+                # the tiles that may hold p > 0: those of a candidate above tau - margin
+                bound = point.to(tl.float32) - margin
+                cols = tl.arange(0, CHUNK)
+                for first in range(0, longest, CHUNK):
+                    At = Row_slots[:, None] + 2 * (first + cols[None, :])
+                    listed = (first + cols)[None, :] < found[:, None]
+                    z = tl.load(At, mask=listed, other=NEG_INF_BITS).to(tl.float32, bitcast=True)
+                    near = listed & (z > bound[:, None])
+                    tl.store(Keep + tile_row + tl.load(At + 1, mask=near, other=0), tl.full(near.shape, 1, tl.int8),
+                             mask=near)
