@@ -357,7 +357,6 @@ def newton_polish(problem: TritonProblem, tiles: BlockMask, state: S.NewtonState
 CANDIDATES = 256  # candidate slots per row (triton_candidates); 0: sweeps only
 CANDIDATE_CHUNK = 64  # candidates read per row and trip of a step
 PROGRAMS_PER_SM = 4  # the candidate kernel's persistent grid: programs per SM
-CANDIDATE_STEPS = S.NEWTON_SCHEDULE_STEPS
 FEW_TILES = 8  # query tiles that list at most this many key tiles take the sweeps
 
 
@@ -389,7 +388,8 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
     keep = torch.zeros(p.tiles, device=p.q.device, dtype=torch.int8)
     arguments = dict(**p.listed(tiles), Reference=p.per_row(reference), Row_max=p.per_row(row_max), Tau=tau,
                      Keep=keep, margin=S.MASK_MARGIN, tolerance=float(tolerance),
-                     step_tolerance=float(step_tolerance), **p.weights, NARROW_STEP=S.NEWTON_NARROW_STEP)
+                     step_tolerance=float(step_tolerance), **p.weights, MAX_STEPS=S.NEWTON_SCHEDULE_STEPS,
+                     NARROW_STEP=S.NEWTON_NARROW_STEP)
     slots = candidate_slots()
     spilled = keep  # not read without SPILLED_ONLY
     if slots:
@@ -400,10 +400,9 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
             **arguments, Spilled=spilled,
             Cand=torch.empty(programs * BLOCK_M * slots * 2, device=p.q.device, dtype=torch.int32),
             num_q_tiles=p.num_q_tiles, num_tiles=work, few_tiles=FEW_TILES, CANDIDATES=slots, CHUNK=CANDIDATE_CHUNK,
-            MAX_STEPS=CANDIDATE_STEPS,
             **p.config("candidates"))
     launch(triton_newton.newton_schedule_kernel, p.query_grid)(
-        **arguments, Spilled=spilled, MAX_STEPS=S.NEWTON_SCHEDULE_STEPS, SPILLED_ONLY=bool(slots),
+        **arguments, Spilled=spilled, SPILLED_ONLY=bool(slots),
         **p.config("newton"))
     return tau, keep.view(torch.bool)
 

@@ -11,7 +11,8 @@ scratch rows, then runs every Newton step on them from memory that this program 
 step reads a few hundred bytes per row, where a sweep recomputes Q.K^T on every listed tile.
 From the candidates above tau it marks ``Keep`` (the output pass's tiles) exactly.
 
-A query tile with a row of more than ``CANDIDATES`` candidates is *spilled*: it stores 1 into
+A query tile with a row of more than ``CANDIDATES`` candidates, or with few key tiles (whose
+sweeps cost less than the steps' round trips through memory), is *spilled*: it stores 1 into
 ``Spilled`` and leaves its rows to ``triton_newton.newton_schedule_kernel``, launched after on
 the spilled query tiles only. Programs loop over the query tiles (a persistent grid), so the
 scratch is per program, not per row: its size does not grow with the sequence.
@@ -107,17 +108,16 @@ def candidate_schedule_kernel(
     margin, tolerance, step_tolerance,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, CANDIDATES: tl.constexpr,
-    CHUNK: tl.constexpr,
-    UNROLL: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """For each of the ``num_tiles`` (query tile, batch x head) this program takes (the last query
     tiles first: under a causal mask they hold the most keys), tau (float64) into ``Tau`` and its
     key tiles with a candidate above ``tau - margin`` into ``Keep`` (int8, zeros from the caller),
     or 1 into ``Spilled`` (int8 per query tile) where a row holds more than ``CANDIDATES``
     candidates or the query tile lists at most ``few_tiles`` key tiles (``Tau`` and ``Keep`` then
-    left to ``newton_schedule_kernel``). ``Reference`` and
-    ``Row_max`` start each row's bracket as ``newton_schedule_kernel`` does; ``Cand`` (int32) holds
-    ``BLOCK_M x CANDIDATES`` pairs (the bits of z, its key tile) per program. See the module doc."""
+    left to ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's bracket as
+    ``newton_schedule_kernel`` does; ``Cand`` (int32) holds ``BLOCK_M x CANDIDATES`` pairs (the
+    bits of z, its key tile) per program. See the module doc."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(CANDIDATES % CHUNK == 0)
     program = tl.program_id(0)
