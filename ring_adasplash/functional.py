@@ -41,7 +41,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: T
                       backward_sums: bool = True, pairs: int = -1
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out in q's dtype, out_u, u_sum, tau, shift, support, nonzero tiles); see
-    ``kernels/algorithm.py`` (``ForwardResult``). ``alphas``: one alpha, or one per query head.
+    ``kernels/algorithm.py`` (``ForwardResult``); out_u in q's dtype where ``_stored_final``
+    says so, else in the compute dtype. ``alphas``: one alpha, or one per query head.
     ``backward_sums`` False (no backward to come): out_u and u_sum are empty, (0,), and not
     computed. ``pairs``: (query, key) pairs per head that the visibility can reach, where the
     caller knows it (packed documents: the sum of their products), else -1: Sq x Sk per batch
@@ -139,7 +140,8 @@ def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas, softmax
     out_shape = (batch, seqlen_q, heads, v.shape[-1])
     rows = (batch, heads, seqlen_q)
     out_u_shape, u_sum_shape = (out_shape, rows) if backward_sums else ((0,), (0,))
-    return (q.new_empty(out_shape), q.new_empty(out_u_shape, dtype=acc), q.new_empty(u_sum_shape, dtype=acc),
+    out_u_dtype = (_stored_final(q) or acc) if backward_sums else acc
+    return (q.new_empty(out_shape), q.new_empty(out_u_shape, dtype=out_u_dtype), q.new_empty(u_sum_shape, dtype=acc),
             q.new_empty(rows, dtype=acc), q.new_empty(rows, dtype=acc), q.new_empty(rows, dtype=acc),
             q.new_empty(tiles, dtype=torch.bool))
 

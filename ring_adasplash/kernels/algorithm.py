@@ -113,7 +113,8 @@ class ForwardResult:
     """Everything the backward and the telemetry need, per query row (B, Hq, Sq) unless noted."""
 
     out: torch.Tensor | None  # (B, Sq, Hq, D) float32 output
-    out_u: torch.Tensor | None  # (B, Sq, Hq, D) float32, sum u v (None: a forward with no backward)
+    # (B, Sq, Hq, D) float32 (``out``'s dtype where that is final), sum u v (None: a forward with no backward)
+    out_u: torch.Tensor | None
     u_sum: torch.Tensor | None  # sum u (likewise)
     # float32 (float64 for float64 inputs), in z relative to the row's score max (so in [-1, 0]);
     # +inf on rows with no visible key, NaN on rows that see a score that is not finite
@@ -345,7 +346,9 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
     ``backward_sums``: also the row terms the backward needs (``out_u``, ``u_sum``); without
     them (no backward to come) the output pass does a product with V fewer per tile.
     ``out_dtype``: the dtype of ``out`` where the caller takes it as final (one key block and
-    nothing to merge: the kernel then stores it once, with no float32 copy; else float32)."""
+    nothing to merge: the kernel then stores it once, with no float32 copy; else float32), and
+    of ``out_u`` then: the backward reads it once, for the row term delta, which it sums in
+    float32 (as flash attention takes delta from the 16-bit output)."""
     if out_dtype is not None and not _one_block(blocks, reduce):
         raise ValueError(f"out_dtype needs one key block and nothing to merge; got {blocks.num_blocks} blocks")
     schedule = schedule or default_schedule(spec, _one_block(blocks, reduce))

@@ -194,8 +194,8 @@ class Backend(Protocol):
         """Partial output for a known ``tau`` over ``tiles``; rows whose tau is NaN (they see a
         score that is not finite) come out NaN. ``backward_sums``: also ``out_u`` and ``u_sum``
         (a call with no backward to come leaves out their product with V). ``out_dtype``: the
-        dtype of ``out`` where it is final (one key block); default float32 (float64 for float64
-        inputs)."""
+        dtype of ``out`` where it is final (one key block), and of ``out_u`` then (only the
+        backward's row term reads it); default float32 (float64 for float64 inputs)."""
 
     def backward_pass(self, problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
                       kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:

@@ -328,7 +328,7 @@ def _nan_rows(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 
 def output_pass(problem: Problem, tau, tiles: BlockMask, backward_sums: bool = True, out_dtype=None) -> OutputSums:
     """Partial output for a known tau over ``tiles`` (``backend.OutputSums``; ``out_u`` and
-    ``u_sum`` only with ``backward_sums``; ``out`` in ``out_dtype`` where given); additive across
+    ``u_sum`` only with ``backward_sums``; ``out`` and ``out_u`` in ``out_dtype`` where given); additive across
     key blocks. Rows whose tau is NaN come out NaN."""
     key_tiles = _KeyTiles(problem, tiles)
     p = problem
@@ -352,13 +352,16 @@ def output_pass(problem: Problem, tau, tiles: BlockMask, backward_sums: bool = T
     to_public = lambda x: x.reshape(p.batch, p.heads, p.seqlen_q, -1).permute(0, 2, 1, 3)  # noqa: E731
     out_u = to_public(out_u) if backward_sums else None
     out = _nan_rows(to_public(out), tau)
-    return OutputSums(out if out_dtype is None else out.to(out_dtype), out_u, u_sum, support, nonzero)
+    if out_dtype is not None:
+        out, out_u = out.to(out_dtype), None if out_u is None else out_u.to(out_dtype)
+    return OutputSums(out, out_u, u_sum, support, nonzero)
 
 
 def row_delta(grad_out, out_u, u_sum):
     """delta (B, Hq, Sq) = (dO . sum u v) / sum u, the per-row term of the entmax Jacobian, from
     ``grad_out`` and ``out_u`` (B, Sq, Hq, D) and ``u_sum`` (B, Hq, Sq); 0 where sum u = 0."""
-    dot = (grad_out.to(out_u.dtype) * out_u).sum(-1).transpose(1, 2)
+    dtype = torch.promote_types(out_u.dtype, torch.float32)  # a 16-bit out_u is summed in float32
+    dot = (grad_out.to(dtype) * out_u.to(dtype)).sum(-1).transpose(1, 2)
     return torch.where(u_sum > 0, dot / u_sum.clamp(min=1e-30), torch.zeros_like(dot))
 
 

@@ -411,13 +411,13 @@ def output_pass(problem: TritonProblem, tau, tiles: BlockMask, backward_sums: bo
                 out_dtype=None) -> OutputSums:
     """sum p v, with ``backward_sums`` sum u v and sum u, support and nonzero tiles over ``tiles``
     (``triton_output.output_kernel``), summed in float32 (why: docs/design.md (kernel choices)) and
-    stored so, ``out`` in ``out_dtype`` where given."""
+    stored so, ``out`` and sum u v in ``out_dtype`` where given."""
     p = problem
     shape = (p.batch, p.seqlen_q, p.heads, p.v.shape[-1])
     out = torch.empty(shape, device=p.q.device, dtype=out_dtype or torch.float32)
     support = p.empty_rows()
     # without them the kernel stores nothing there (the pointers are never read)
-    out_u, u_sum = (torch.empty(shape, device=p.q.device, dtype=torch.float32), p.empty_rows()) if backward_sums \
+    out_u, u_sum = (torch.empty(shape, device=p.q.device, dtype=out.dtype), p.empty_rows()) if backward_sums \
         else (out, support)
     nonzero = torch.zeros(p.tiles, device=p.q.device, dtype=torch.uint8)
     launch(triton_output.output_kernel, p.query_grid)(
@@ -477,7 +477,7 @@ def backward_pass(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta
     sums = problem.empty_rows() if alpha_sums else None
     if delta is None:
         delta = problem.empty_rows()
-        dq = _dq(problem, grad_out, tau, tiles, delta, out_u.to(torch.float32), u_sum.to(torch.float32).contiguous(),
+        dq = _dq(problem, grad_out, tau, tiles, delta, out_u, u_sum.to(torch.float32).contiguous(),
                  sums, q_grad_dtype or torch.float32)
     else:
         delta = problem.per_row(delta)

@@ -111,7 +111,7 @@ def row_delta(Out_u, U_sum, do, b, h, offs_m, in_q, rows, stride_ob, stride_os, 
     """delta = (dO . sum u v) / sum u of the rows ``offs_m`` (``torch_blockwise.row_delta``)."""
     out_u = load_rows(at_head(Out_u, b, h, stride_ob, stride_oh), offs_m, in_q, stride_os, stride_od, HEAD_DIM)
     u_sum = tl.load(U_sum + rows, mask=in_q, other=0.0)
-    dot_ = tl.reduce(do.to(tl.float32) * out_u, 1, ADD)
+    dot_ = tl.reduce(do.to(tl.float32) * out_u.to(tl.float32), 1, ADD)
     return tl.where(u_sum > 0, dot_ / tl.maximum(u_sum, 1e-30), 0.0)
 
 
