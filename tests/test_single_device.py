@@ -340,8 +340,8 @@ def test_forward_without_backward_leaves_out_the_backward_sums(alpha, monkeypatc
     seen = []
     output_pass = backend.output_pass
 
-    def spy(problem, tau, tiles, backward_sums=True, out_dtype=None):
-        sums = output_pass(problem, tau, tiles, backward_sums, out_dtype)
+    def spy(problem, tau, tiles, backward_sums=True, out_dtype=None, partial=None):
+        sums = output_pass(problem, tau, tiles, backward_sums, out_dtype, partial=partial)
         seen.append(sums.out_u is not None)
         assert (sums.out_u is None) == (sums.u_sum is None) == (not backward_sums)
         return sums

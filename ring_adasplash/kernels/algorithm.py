@@ -41,7 +41,7 @@ from typing import Iterator, NamedTuple, Protocol
 import torch
 
 from . import stats
-from .backend import Backend
+from .backend import Backend, OutputRequest
 from .block_mask import BlockMask
 from .entmax_spec import EntmaxSpec
 from .stats import lower_bound_mask
@@ -262,7 +262,8 @@ def _polished_tau(backend: Backend, problems, blocks, reduce, spec, bracket, tau
     return _newton_steps(backend, problems, blocks, reduce, spec, tiles, start, stats.POLISH_STEPS, rows=~exact)
 
 
-def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, gap_codes, visible, dtype):
+def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, gap_codes, visible, dtype,
+                         output: OutputRequest | None = None):
     """tau by Newton steps alone, the schedule for alpha up to ``stats.NEWTON_SCHEDULE_MAX_ALPHA``:
     from the max pass's lower bound ``gap_reference``, ``stats.newton_step`` on exact sums over the
     tiles that reach above it (``newton_moments_pass``), until every row is done or
@@ -271,8 +272,9 @@ def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, 
     histogram passes, whose per-key bin work costs several sweeps where many tiles are active.
     Query tiles whose rows are all done read nothing (in a ring their key tiles do not travel);
     after ``stats.NEWTON_NARROW_STEP`` steps the tiles below every row's lower bound are dropped.
-    Returns tau (float64, +inf on empty rows) and per block the tiles that may hold p > 0 (what
-    the last pass to read each query tile found)."""
+    Returns tau (float64, +inf on empty rows), per block the tiles that may hold p > 0 (what
+    the last pass to read each query tile found) and the ``backend.PartialOutput`` that
+    ``backend.newton_schedule`` made for ``output`` with one key block, else None."""
     block_m = backend.BLOCK_M
     reference = stats.gap_reference(rel.row_max, rel.tau_floor)
     empty = ~torch.isfinite(rel.row_max)
@@ -281,9 +283,11 @@ def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, 
     tolerances = stats.NEWTON_TOLERANCE[dtype], stats.NEWTON_STEP_TOLERANCE[dtype]
     if _one_block(blocks, reduce):
         # every key at hand and nothing to merge: all steps in one launch (``backend.newton_schedule``)
-        (block,) = blocks.sweep(with_values=False, needed=_needed(blocks, tiles), pass_name="newton")
-        point, keep = backend.newton_schedule(problems(block), tiles[0], reference, rel.row_max, *tolerances)
-        return stats.finalize_tau(point, empty), [tiles[0].with_tiles(tiles[0].tiles & keep)]
+        (block,) = blocks.sweep(with_values=output is not None, needed=_needed(blocks, tiles), pass_name="newton")
+        row_max = torch.where(rel.nonfinite, float("nan"), rel.row_max)  # such rows' output is NaN
+        point, keep, partial = backend.newton_schedule(problems(block), tiles[0], reference, row_max, *tolerances,
+                                                       output=output)
+        return stats.finalize_tau(point, empty), [tiles[0].with_tiles(tiles[0].tiles & keep)], partial
     keep = [t.tiles for t in tiles]
     state = stats.NewtonState.start(reference, rel.row_max)
     for step in range(stats.NEWTON_SCHEDULE_STEPS):
@@ -305,7 +309,7 @@ def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, 
                 keep[block.index] = torch.where(marked, near, keep[block.index])
         state = backend.newton_step(state, reduce.sums(sums), spec, *tolerances)
     kept = [t.with_tiles(t.tiles & k) for t, k in zip(tiles, keep)]
-    return stats.finalize_tau(state.point, empty), kept
+    return stats.finalize_tau(state.point, empty), kept, None
 
 
 SCHEDULES = ("newton", "histogram")
@@ -367,14 +371,16 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
     block_m = backend.BLOCK_M
     if schedule == "newton":
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        tau, read = _newton_schedule_tau(backend, problems, blocks, reduce, spec, rel, gap_codes, visible, dtype)
+        output = OutputRequest(backward_sums, out_dtype) if _one_block(blocks, reduce) else None
+        tau, read, partial = _newton_schedule_tau(backend, problems, blocks, reduce, spec, rel, gap_codes, visible,
+                                                  dtype, output)
         empty = ~torch.isfinite(rel.row_max)
         candidates = [r.with_tiles(r.tiles & lower_bound_mask(gap_codes[i], tau.to(reference.dtype), reference, empty,
                                                                block_m)) for i, r in enumerate(read)]
         held = _tile_state(gap_codes, visible.values(), read, candidates)
         del gap_codes, read  # freed before the output pass: the candidates are all it needs
         return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums,
-                       out_dtype)
+                       out_dtype, partial)
     row_stats = _histogram(backend, problems, blocks, reduce, rel.row_max, rel.tau_floor, gap_codes, visible)
     bracket = backend.coarse_bracket(row_stats, spec)
     candidates = [visible[i].with_tiles(lower_bound_mask(gap_codes[i], bracket.lower, reference, bracket.empty,
@@ -395,16 +401,18 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
 
 
 def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, visible, dtype,
-            tile_state_bytes: int, backward_sums: bool, out_dtype: torch.dtype | None = None) -> ForwardResult:
+            tile_state_bytes: int, backward_sums: bool, out_dtype: torch.dtype | None = None,
+            partial=None) -> ForwardResult:
     """Step 5 for a known tau (NaN on rows that see a score that is not finite), over the
-    ``candidates`` tiles; ``out_u`` and ``u_sum`` only with ``backward_sums``. The tile state
-    counted is the larger of ``tile_state_bytes`` (before) and what the pass holds: the visible
-    and candidate masks with the tile lists it builds, and the nonzero tiles it finds."""
+    ``candidates`` tiles; ``out_u`` and ``u_sum`` only with ``backward_sums``; with ``partial``
+    (one key block: what ``backend.newton_schedule`` computed), only its open query tiles. The
+    tile state counted is the larger of ``tile_state_bytes`` (before) and what the pass holds:
+    the visible and candidate masks with the tile lists it builds, and the nonzero tiles it finds."""
     tau = torch.where(rel.nonfinite, float("nan"), tau).to(torch.float64 if dtype == torch.float64 else torch.float32)
     parts, nonzero = None, {}
     for block in blocks.sweep(with_values=True, needed=_needed(blocks, candidates), pass_name="output"):
         *sums, nonzero[block.index] = backend.output_pass(problems(block), tau, candidates[block.index],
-                                                          backward_sums, out_dtype)
+                                                          backward_sums, out_dtype, partial=partial)
         parts = sums if parts is None else [None if a is None else a + b for a, b in zip(parts, sums)]
     out, out_u, u_sum, support = (None if p is None else reduce.sums(p) for p in parts)
     tile_state_bytes = max(tile_state_bytes, _tile_state(nonzero, visible.values(), candidates))

@@ -120,6 +120,24 @@ class OutputSums(NamedTuple):
     nonzero: torch.Tensor
 
 
+class OutputRequest(NamedTuple):
+    """What the output pass is to compute (``Backend.output_pass``'s arguments), told to
+    ``Backend.newton_schedule`` so that a backend that holds each row's keys with p > 0 there can
+    compute their output at once (``PartialOutput``)."""
+
+    backward_sums: bool
+    out_dtype: torch.dtype | None
+
+
+class PartialOutput(NamedTuple):
+    """Output sums that ``newton_schedule`` computed: ``sums`` (as ``output_pass`` gives them) are
+    final on the rows of every query tile not marked in ``open`` ((B x Hq x nQ) int8, 1: still to
+    compute); ``output_pass(..., partial=)`` computes those into the same tensors."""
+
+    sums: OutputSums
+    open: torch.Tensor
+
+
 class Gradients(NamedTuple):
     """What the backward pass of one key block gives: dq (B, Sq, Hq, D) of this block's keys,
     dk and dv (B, Sk, Hkv, D), delta (B, Hq, Sq), the row term (given or computed), and where
@@ -183,19 +201,22 @@ class Backend(Protocol):
         last point (B, H, Sq) float64 (the Triton backend in one launch, in place)."""
 
     def newton_schedule(self, problem: Problem, tiles: BlockMask, reference, row_max, tolerance: float,
-                        step_tolerance: float):
+                        step_tolerance: float, output: OutputRequest | None = None):
         """Every step of the Newton schedule for a query block that holds all its keys, from the
-        max pass's ``reference`` (``stats.gap_reference``) and relative ``row_max``, over ``tiles``:
-        ``(tau, keep)``, tau (B, H, Sq) float64 and (B, H, nQ, nK) bool, the tiles that may hold
-        p > 0 (``torch_blockwise.newton_schedule``; the Triton backend in one launch)."""
+        max pass's ``reference`` (``stats.gap_reference``) and relative ``row_max`` (NaN on rows
+        that see a score that is not finite), over ``tiles``: ``(tau, keep, partial)``, tau (B, H,
+        Sq) float64 and (B, H, nQ, nK) bool, the tiles that may hold p > 0
+        (``torch_blockwise.newton_schedule``; the Triton backend in one launch), and, where
+        ``output`` asks and the backend can, a ``PartialOutput`` (``problem.v`` given), else None."""
 
     def output_pass(self, problem: Problem, tau, tiles: BlockMask, backward_sums: bool = True,
-                    out_dtype=None) -> OutputSums:
+                    out_dtype=None, partial: PartialOutput | None = None) -> OutputSums:
         """Partial output for a known ``tau`` over ``tiles``; rows whose tau is NaN (they see a
         score that is not finite) come out NaN. ``backward_sums``: also ``out_u`` and ``u_sum``
         (a call with no backward to come leaves out their product with V). ``out_dtype``: the
         dtype of ``out`` where it is final (one key block), and of ``out_u`` then (only the
-        backward's row term reads it); default float32 (float64 for float64 inputs)."""
+        backward's row term reads it); default float32 (float64 for float64 inputs). ``partial``:
+        what ``newton_schedule`` computed for the same request; only its open query tiles run."""
 
     def backward_pass(self, problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
                       kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:

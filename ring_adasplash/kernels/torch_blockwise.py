@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import stats
-from .backend import Gradients, Maxima, OutputSums, Problem
+from .backend import Gradients, Maxima, OutputRequest, OutputSums, PartialOutput, Problem
 from .block_mask import BlockMask
 from .entmax_spec import EntmaxSpec
 from .visibility import Visibility, key_tile_span
@@ -287,7 +287,8 @@ def newton_polish(problem: Problem, tiles: BlockMask, state: stats.NewtonState, 
     return state.point
 
 
-def newton_schedule(problem: Problem, tiles: BlockMask, reference, row_max, tolerance: float, step_tolerance: float):
+def newton_schedule(problem: Problem, tiles: BlockMask, reference, row_max, tolerance: float, step_tolerance: float,
+                    output: OutputRequest | None = None):
     """The Newton schedule of a query block that holds all its keys (``algorithm``'s, for one key
     block and nothing to merge), step for step as ``triton_newton.newton_schedule_kernel`` runs it:
     from ``stats.NewtonState.start(reference, row_max)``, ``newton_moments_pass`` over ``tiles`` and
@@ -296,7 +297,7 @@ def newton_schedule(problem: Problem, tiles: BlockMask, reference, row_max, tole
     rows' smallest gaps (the exact stop). Returns tau
     (B, H, Sq) float64 (the last point; the start on rows with no visible key) and (B, H, nQ, nK)
     bool, the tiles of ``tiles`` the last marking pass of their query tile kept (all of them where
-    none marked)."""
+    none marked), and None: the output is left to ``output_pass`` (``output`` is not read)."""
     state = stats.NewtonState.start(reference, row_max)
     kept = tiles.tiles
     for step in range(stats.NEWTON_SCHEDULE_STEPS):
@@ -308,7 +309,7 @@ def newton_schedule(problem: Problem, tiles: BlockMask, reference, row_max, tole
         if mark:
             kept = torch.where(stats.per_query_tile(rows, problem.block_m, "any")[..., None], near, kept)
         state = newton_step(state, sums, problem.spec, tolerance, step_tolerance)
-    return state.point, kept
+    return state.point, kept, None
 
 
 def _gap(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -326,10 +327,14 @@ def _nan_rows(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(tau).transpose(1, 2)[..., None], float("nan"), x)
 
 
-def output_pass(problem: Problem, tau, tiles: BlockMask, backward_sums: bool = True, out_dtype=None) -> OutputSums:
+def output_pass(problem: Problem, tau, tiles: BlockMask, backward_sums: bool = True, out_dtype=None,
+                partial: PartialOutput | None = None) -> OutputSums:
     """Partial output for a known tau over ``tiles`` (``backend.OutputSums``; ``out_u`` and
     ``u_sum`` only with ``backward_sums``; ``out`` and ``out_u`` in ``out_dtype`` where given); additive across
-    key blocks. Rows whose tau is NaN come out NaN."""
+    key blocks. Rows whose tau is NaN come out NaN. ``partial``: none is ever made here
+    (``newton_schedule``)."""
+    if partial is not None:
+        raise ValueError("the PyTorch backend makes no partial output")
     key_tiles = _KeyTiles(problem, tiles)
     p = problem
     dtype = key_tiles.qh.dtype

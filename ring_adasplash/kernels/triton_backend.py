@@ -30,7 +30,7 @@ import triton
 from . import stats as S
 from . import (triton_backward, triton_candidates, triton_entmax, triton_histogram, triton_maxima, triton_newton,
                triton_output, triton_refine, triton_tau)
-from .backend import CANDIDATES_ENV, Gradients, Maxima, OutputSums, Problem
+from .backend import CANDIDATES_ENV, Gradients, Maxima, OutputRequest, OutputSums, PartialOutput, Problem
 from .block_mask import BlockMask
 from .compile_ahead import launch
 from .entmax_spec import EntmaxSpec
@@ -378,11 +378,13 @@ def _persistent_programs(device: torch.device, tiles: int) -> int:
 
 
 def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max, tolerance: float,
-                    step_tolerance: float):
+                    step_tolerance: float, output: OutputRequest | None = None):
     """``torch_blockwise.newton_schedule``: first on each row's candidate keys
     (``triton_candidates.candidate_schedule_kernel``), then, on the query tiles with a row of more
     candidates than ``candidate_slots()``, in one sweep per step
-    (``triton_newton.newton_schedule_kernel``)."""
+    (``triton_newton.newton_schedule_kernel``). With ``output`` (and candidates), the candidate
+    kernel also computes the output of the query tiles it finishes: ``(tau, keep, partial)``,
+    ``partial`` a ``PartialOutput`` whose open query tiles are the spilled ones (else None)."""
     p = problem
     tau = torch.empty(p.rows, device=p.q.device, dtype=torch.float64)
     keep = torch.zeros(p.tiles, device=p.q.device, dtype=torch.int8)
@@ -392,41 +394,75 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
                      NARROW_STEP=S.NEWTON_NARROW_STEP)
     slots = candidate_slots()
     spilled = keep  # not read without SPILLED_ONLY
+    partial = None
     if slots:
         work = p.num_q_tiles * p.batch * p.heads
         programs = _persistent_programs(p.q.device, work)
         spilled = torch.empty(work, device=p.q.device, dtype=torch.int8)
+        if output is not None:
+            sums = _output_tensors(p, output.backward_sums, output.out_dtype)
+            partial = PartialOutput(_output_sums(sums, output.backward_sums), spilled)
+            output_arguments = dict(_output_arguments(p, sums), V=p.v, **_strides("v", p.v), OUTPUT=True,
+                                    BACKWARD_SUMS=output.backward_sums)
+        else:  # the output's pointers are never read
+            output_arguments = dict(_output_arguments(p, (keep,) * 5), V=keep, **_strides("v", p.q), OUTPUT=False,
+                                    BACKWARD_SUMS=False)
         launch(triton_candidates.candidate_schedule_kernel, (programs,))(
-            **arguments, Spilled=spilled,
+            **arguments, **output_arguments, Spilled=spilled,
             Cand=torch.empty(programs * BLOCK_M * slots * 2, device=p.q.device, dtype=torch.int32),
             num_q_tiles=p.num_q_tiles, num_tiles=work, few_tiles=FEW_TILES, CANDIDATES=slots, CHUNK=CANDIDATE_CHUNK,
             **p.config("candidates"))
     launch(triton_newton.newton_schedule_kernel, p.query_grid)(
         **arguments, Spilled=spilled, SPILLED_ONLY=bool(slots),
         **p.config("newton"))
-    return tau, keep.view(torch.bool)
+    return tau, keep.view(torch.bool), partial
 
 
-def output_pass(problem: TritonProblem, tau, tiles: BlockMask, backward_sums: bool = True,
-                out_dtype=None) -> OutputSums:
-    """sum p v, with ``backward_sums`` sum u v and sum u, support and nonzero tiles over ``tiles``
-    (``triton_output.output_kernel``), summed in float32 (why: docs/design.md (kernel choices)) and
-    stored so, ``out`` and sum u v in ``out_dtype`` where given."""
-    p = problem
+def _output_tensors(p: TritonProblem, backward_sums: bool, out_dtype) -> tuple:
+    """``(out, out_u, u_sum, support, nonzero)`` for the output kernels to store into (``nonzero``
+    uint8 zeros); without ``backward_sums`` ``out_u`` and ``u_sum`` are ``out`` and ``support``
+    (the kernels store nothing there)."""
     shape = (p.batch, p.seqlen_q, p.heads, p.v.shape[-1])
     out = torch.empty(shape, device=p.q.device, dtype=out_dtype or torch.float32)
     support = p.empty_rows()
-    # without them the kernel stores nothing there (the pointers are never read)
     out_u, u_sum = (torch.empty(shape, device=p.q.device, dtype=out.dtype), p.empty_rows()) if backward_sums \
         else (out, support)
-    nonzero = torch.zeros(p.tiles, device=p.q.device, dtype=torch.uint8)
-    launch(triton_output.output_kernel, p.query_grid)(
-        **p.listed(tiles), V=p.v, **_strides("v", p.v), Tau=p.per_row(tau), Out=out, Out_u=out_u, U_sum=u_sum,
-        Support=support, Nonzero=nonzero, **_strides("o", out), **p.weights, BACKWARD_SUMS=backward_sums,
-        **p.config("output"))
+    return out, out_u, u_sum, support, torch.zeros(p.tiles, device=p.q.device, dtype=torch.uint8)
+
+
+def _output_sums(tensors: tuple, backward_sums: bool) -> OutputSums:
+    out, out_u, u_sum, support, nonzero = tensors
     if not backward_sums:
         out_u = u_sum = None
     return OutputSums(out, out_u, u_sum, support, nonzero.view(torch.bool))
+
+
+def _output_arguments(p: TritonProblem, tensors: tuple) -> dict:
+    out, out_u, u_sum, support, nonzero = tensors
+    return dict(Out=out, Out_u=out_u, U_sum=u_sum, Support=support, Nonzero=nonzero, **_strides("o", out))
+
+
+def output_pass(problem: TritonProblem, tau, tiles: BlockMask, backward_sums: bool = True,
+                out_dtype=None, partial: PartialOutput | None = None) -> OutputSums:
+    """sum p v, with ``backward_sums`` sum u v and sum u, support and nonzero tiles over ``tiles``
+    (``triton_output.output_kernel``), summed in float32 (why: docs/design.md (kernel choices)) and
+    stored so, ``out`` and sum u v in ``out_dtype`` where given. With ``partial`` (from
+    ``newton_schedule``) only its open query tiles, into its tensors."""
+    p = problem
+    if partial is None:
+        tensors, spilled = _output_tensors(p, backward_sums, out_dtype), None
+    else:
+        sums = partial.sums
+        if (sums.out_u is not None) != backward_sums or sums.out.dtype != (out_dtype or torch.float32):
+            raise ValueError("partial output computed for another output request")
+        tensors = (sums.out, sums.out if sums.out_u is None else sums.out_u,
+                   sums.support if sums.u_sum is None else sums.u_sum, sums.support, sums.nonzero.view(torch.uint8))
+        spilled = partial.open
+    launch(triton_output.output_kernel, p.query_grid)(
+        **p.listed(tiles), V=p.v, **_strides("v", p.v), Tau=p.per_row(tau), **_output_arguments(p, tensors),
+        Spilled=tensors[4] if spilled is None else spilled, SPILLED_ONLY=spilled is not None, **p.weights,
+        BACKWARD_SUMS=backward_sums, **p.config("output"))
+    return _output_sums(tensors, backward_sums)
 
 
 def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=None, u_sum=None,

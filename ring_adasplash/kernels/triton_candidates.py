@@ -9,37 +9,41 @@ makes such rows dense for a tile-sparse pass. ``candidate_schedule_kernel`` swee
 tile's listed key tiles once, writing each row's candidates (``z`` and key tile) into its
 scratch rows, then runs every Newton step on them from memory that this program just wrote: a
 step reads a few hundred bytes per row, where a sweep recomputes Q.K^T on every listed tile.
-From the candidates above tau it marks ``Keep`` (the output pass's tiles) exactly.
+From the candidates above tau it marks ``Keep`` (the output pass's tiles) exactly. With
+``OUTPUT`` it also computes the output pass's sums from them (``candidate_output``): a row's
+keys with p > 0 are among its candidates, which hold their key, so the output needs their rows
+of V alone, not another Q.K^T sweep of the tiles.
 
 A query tile with a row of more than ``CANDIDATES`` candidates, or with few key tiles (whose
 sweeps cost less than the steps' round trips through memory), is *spilled*: it stores 1 into
 ``Spilled`` and leaves its rows to ``triton_newton.newton_schedule_kernel``, launched after on
-the spilled query tiles only. Programs loop over the query tiles (a persistent grid), so the
-scratch is per program, not per row: its size does not grow with the sequence.
+the spilled query tiles only (and so does the output pass). Programs loop over the query tiles
+(a persistent grid), so the scratch is per program, not per row: its size does not grow with the
+sequence.
 """
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, INTERPRETED, MAX, MIN, dot, entmax_weights, list_slots, listed_logits,
-                            listed_query_tile_at, positive_gap)
+from .triton_common import (ADD, INTERPRETED, MAX, MIN, at_head, dot, entmax_weights, list_slots, listed_logits,
+                            listed_query_tile_at, positive_gap, tile_ptrs)
 from .triton_tau import newton_live_rows_step
 
 NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF800000)
 
 
 @triton.jit
-def store_candidates(Row_slots, place, z, cutoff, tile_k, CANDIDATES: tl.constexpr):
+def store_candidates(Row_slots, place, z, cutoff, offs_n, CANDIDATES: tl.constexpr):
     """Each candidate (``z > cutoff``) with room (``place``, 1 + its place in its row, at most
-    ``CANDIDATES``) as a pair (z, ``tile_k``) into its row's scratch (``Row_slots``, int32 pairs
-    per row), in the layout of the scores: ``tl.store`` would first move the tile to a layout of
-    its own through shared memory (twice, with a barrier each), which cost more than the sweep.
-    The interpreter takes ``tl.store``."""
-    tile = tl.full(z.shape, 0, tl.int32) + tile_k
+    ``CANDIDATES``) as a pair (z, its key ``offs_n``) into its row's scratch (``Row_slots``, int32
+    pairs per row), in the layout of the scores: ``tl.store`` would first move the tile to a
+    layout of its own through shared memory (twice, with a barrier each), which cost more than the
+    sweep. The interpreter takes ``tl.store``."""
+    key = tl.full(z.shape, 0, tl.int32) + offs_n[None, :]
     if INTERPRETED:
         room = (z > cutoff[:, None]) & (place <= CANDIDATES)
         At = Row_slots[:, None] + 2 * (place.to(tl.int32) - 1)
         tl.store(At, z.to(tl.int32, bitcast=True), mask=room)
-        tl.store(At + 1, tile, mask=room)
+        tl.store(At + 1, key, mask=room)
     else:
         # one 8-byte store per candidate, its address and test computed here
         tl.inline_asm_elementwise(
@@ -47,7 +51,7 @@ def store_candidates(Row_slots, place, z, cutoff, tile_k, CANDIDATES: tl.constex
             "cvt.rzi.s32.f32 i, $2; mad.wide.s32 a, i, 8, $1; @p st.global.v2.b32 [a], {$3, $5}; mov.b32 $0, 0; }",
             "=r,l,f,f,f,r,f",
             [(Row_slots - 2).to(tl.int64)[:, None] + tl.full(z.shape, 0, tl.int64), place, z,
-             cutoff[:, None] + tl.full(z.shape, 0.0, tl.float32), tile, tl.full(z.shape, CANDIDATES, tl.float32)],
+             cutoff[:, None] + tl.full(z.shape, 0.0, tl.float32), key, tl.full(z.shape, CANDIDATES, tl.float32)],
             dtype=tl.int32, is_pure=False, pack=1)
 
 
@@ -63,14 +67,14 @@ def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_fir
     would move the tile to another layout and back through shared memory."""
     start, stop = list_slots(count, full_first, full_end, FULL)
     for j in tl.range(start, stop, loop_unroll_factor=UNROLL if FULL else 1):
-        tile_k, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
+        _, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
                                           q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
                                           scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
         near = z > cutoff[:, None]  # NaN and hidden pairs (-inf) are never candidates
         # 1 + each candidate's place in its row (0 and 1 exact in 16 bits, the counts in float32;
         # from float32, not from the bool: Triton 3.9's interpreter converts a bool to bf16 wrong)
         place = dot(tl.where(near, 1.0, 0.0).to(q.dtype), prefix, PRECISION) + found[:, None]
-        store_candidates(Row_slots, place, z, cutoff, tile_k, CANDIDATES)
+        store_candidates(Row_slots, place, z, cutoff, offs_n, CANDIDATES)
         found = tl.reduce(place, 1, MAX)
     return found
 
@@ -99,16 +103,48 @@ def candidate_sums(Row_slots, found, longest, t, gamma, POWER: tl.constexpr, BLO
 
 
 @triton.jit
+def candidate_output(Row_slots, found, longest, tau, V, Nonzero, stride_vs, stride_vd, gamma, POWER: tl.constexpr,
+                     BACKWARD_SUMS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """``triton_output.output_tiles``'s sums at ``tau`` (float32) from the rows' candidates, one
+    candidate of every row per trip: ``(sum p v, sum u v, sum u, support)``, each key's row of V
+    read where its p > 0 (the candidates hold every such key), and the key tiles holding one
+    marked in ``Nonzero`` (the query tile's row of it). p and u meet V in float32."""
+    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
+    acc_u = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
+    u_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+    support = tl.full([BLOCK_M], 0.0, tl.float32)
+    dims = tl.arange(0, HEAD_DIM)
+    for slot in range(0, longest):
+        z = tl.load(Row_slots + 2 * slot, mask=slot < found, other=NEG_INF_BITS).to(tl.float32, bitcast=True)
+        gap = positive_gap(z, tau)
+        held = gap > 0
+        key = tl.load(Row_slots + 2 * slot + 1, mask=held, other=0)
+        p, u = entmax_weights(gap, gamma, POWER)
+        v = tl.load(V + key[:, None] * stride_vs + dims[None, :] * stride_vd, mask=held[:, None], other=0.0)
+        acc += p[:, None] * v.to(tl.float32)
+        if BACKWARD_SUMS:
+            acc_u += u[:, None] * v.to(tl.float32)
+            u_sum += u
+        support += tl.where(held, 1.0, 0.0)
+        tl.store(Nonzero + key // BLOCK_N, tl.full(key.shape, 1, tl.int8), mask=held)
+    return acc, acc_u, u_sum, support
+
+
+@triton.jit
 def candidate_schedule_kernel(
-    Q, K, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
-    Reference, Row_max, Tau, Keep, Spilled, Cand,
+    Q, K, V, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
+    Reference, Row_max, Tau, Keep, Spilled, Cand, Out, Out_u, U_sum, Support, Nonzero,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_os, stride_oh, stride_od,
     seqlen_q, seqlen_k, num_heads, num_q_tiles, num_k_tiles, list_width, num_tiles, few_tiles, scale_z, gamma,
     margin, tolerance, step_tolerance,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, CANDIDATES: tl.constexpr,
-    CHUNK: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, OUTPUT: tl.constexpr, BACKWARD_SUMS: tl.constexpr, UNROLL: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """For each of the ``num_tiles`` (query tile, batch x head) this program takes (the last query
     tiles first: under a causal mask they hold the most keys), tau (float64) into ``Tau`` and its
@@ -116,8 +152,11 @@ def candidate_schedule_kernel(
     or 1 into ``Spilled`` (int8 per query tile) where a row holds more than ``CANDIDATES``
     candidates or the query tile lists at most ``few_tiles`` key tiles (``Tau`` and ``Keep`` then
     left to ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's bracket as
-    ``newton_schedule_kernel`` does; ``Cand`` (int32) holds ``BLOCK_M x CANDIDATES`` pairs (the
-    bits of z, its key tile) per program. See the module doc."""
+    ``newton_schedule_kernel`` does (``Row_max`` NaN on rows that see a score that is not finite);
+    ``Cand`` (int32) holds ``BLOCK_M x CANDIDATES`` pairs (the bits of z, its key) per program.
+    With ``OUTPUT``, the query tiles not spilled also store ``output_kernel``'s results (``Out``,
+    with ``BACKWARD_SUMS`` ``Out_u`` and ``U_sum``, ``Support``, ``Nonzero``: zeros from the
+    caller), NaN rows of ``Out`` where ``Row_max`` is NaN. See the module doc."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(CANDIDATES % CHUNK == 0)
     program = tl.program_id(0)
@@ -175,5 +214,19 @@ def candidate_schedule_kernel(
                     listed = (first + cols)[None, :] < found[:, None]
                     z = tl.load(At, mask=listed, other=NEG_INF_BITS).to(tl.float32, bitcast=True)
                     near = listed & (z > bound[:, None])
-                    tl.store(Keep + tile_row + tl.load(At + 1, mask=near, other=0), tl.full(near.shape, 1, tl.int8),
-                             mask=near)
+                    key = tl.load(At + 1, mask=near, other=0)
+                    tl.store(Keep + tile_row + key // BLOCK_N, tl.full(near.shape, 1, tl.int8), mask=near)
+                if OUTPUT:
+                    tau = point.to(tl.float32)  # as the output pass reads it
+                    acc, acc_u, u_sum, support = candidate_output(
+                        Row_slots, found, longest, tau, at_head(V, b, h // GROUP, stride_vb, stride_vh),
+                        Nonzero + tile_row, stride_vs, stride_vd, gamma, POWER, BACKWARD_SUMS, HEAD_DIM, BLOCK_M,
+                        BLOCK_N)
+                    acc = tl.where((row_max == row_max)[:, None], acc, float("nan"))  # a non-finite score
+                    tl.store(tile_ptrs(at_head(Out, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od,
+                                       HEAD_DIM), acc, mask=in_q[:, None])
+                    if BACKWARD_SUMS:
+                        tl.store(tile_ptrs(at_head(Out_u, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od,
+                                           HEAD_DIM), acc_u, mask=in_q[:, None])
+                        tl.store(U_sum + rows, u_sum, mask=in_q)
+                    tl.store(Support + rows, support, mask=in_q)

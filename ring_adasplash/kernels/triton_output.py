@@ -7,7 +7,8 @@ One program per (query tile, batch x query head), visiting only its listed key t
 u = gap^(gamma - 1) (0 off the support), by ``POWER`` (``EntmaxSpec.power``). P and U meet V in
 V's dtype with fp32 accumulation, as in flash attention. ``Nonzero[tile]`` (zeros from the
 caller) is set for every visited tile that holds a key with p > 0. Rows whose tau is NaN (they
-see a score that is not finite) come out NaN. The sums are stored in float32 (why:
+see a score that is not finite) come out NaN. With ``SPILLED_ONLY`` only the query tiles marked in
+``Spilled`` run: the candidate kernel (``triton_candidates``) computed the others. The sums are stored in float32 (why:
 docs/design.md (kernel choices)).
 """
 import triton
@@ -49,40 +50,47 @@ def output_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first
 @triton.jit
 def output_kernel(
     Q, K, V, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift, Tau,
-    Out, Out_u, U_sum, Support, Nonzero,
+    Out, Out_u, U_sum, Support, Nonzero, Spilled,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr,
+    POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, SPILLED_ONLY: tl.constexpr, UNROLL: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_first,
-     full_end) = listed_query_tile(
-        Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
-        GROUP, HEAD_DIM, BLOCK_M)
-    V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
-    shift = tl.load(Shift + rows, mask=in_q, other=0.0)
-    tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
-    Nonzero = Nonzero + tile_row
-    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
-    acc_u = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
-    u_sum = tl.full([BLOCK_M], 0.0, tl.float32)
-    support = tl.full([BLOCK_M], 0.0, tl.float32)
-    for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-        acc, acc_u, u_sum, support = output_tiles(
-            q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
-            offs_m, Nonzero, shift, tau, acc, acc_u, u_sum, support, stride_ks, stride_kd, stride_vs, stride_vd,
-            seqlen_q, seqlen_k, scale_z, gamma, HEAD_DIM, BLOCK_N, POWER, BACKWARD_SUMS, FULL == 1, UNROLL, PRECISION)
+    if SPILLED_ONLY:
+        run = tl.load(Spilled + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) != 0
+    else:
+        run = tl.program_id(0) >= 0
+    if run:
+        (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_first,
+         full_end) = listed_query_tile(
+            Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
+            stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
+            GROUP, HEAD_DIM, BLOCK_M)
+        V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
+        shift = tl.load(Shift + rows, mask=in_q, other=0.0)
+        tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
+        Nonzero = Nonzero + tile_row
+        acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
+        acc_u = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
+        u_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+        support = tl.full([BLOCK_M], 0.0, tl.float32)
+        for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
+            acc, acc_u, u_sum, support = output_tiles(
+                q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
+                offs_m, Nonzero, shift, tau, acc, acc_u, u_sum, support, stride_ks, stride_kd, stride_vs, stride_vd,
+                seqlen_q, seqlen_k, scale_z, gamma, HEAD_DIM, BLOCK_N, POWER, BACKWARD_SUMS, FULL == 1, UNROLL,
+                PRECISION)
 
-    acc = tl.where((tau == tau)[:, None], acc, float("nan"))  # rows that see a non-finite score
-    tl.store(tile_ptrs(at_head(Out, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od, HEAD_DIM), acc,
-             mask=in_q[:, None])
-    if BACKWARD_SUMS:
-        tl.store(tile_ptrs(at_head(Out_u, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od, HEAD_DIM),
-                 acc_u, mask=in_q[:, None])
-        tl.store(U_sum + rows, u_sum, mask=in_q)
-    tl.store(Support + rows, support, mask=in_q)
+        acc = tl.where((tau == tau)[:, None], acc, float("nan"))  # rows that see a non-finite score
+        tl.store(tile_ptrs(at_head(Out, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od, HEAD_DIM), acc,
+                 mask=in_q[:, None])
+        if BACKWARD_SUMS:
+            tl.store(tile_ptrs(at_head(Out_u, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od, HEAD_DIM),
+                     acc_u, mask=in_q[:, None])
+            tl.store(U_sum + rows, u_sum, mask=in_q)
+        tl.store(Support + rows, support, mask=in_q)
