@@ -41,7 +41,7 @@ from typing import Iterator, NamedTuple, Protocol
 import torch
 
 from . import stats
-from .backend import Backend, OutputRequest
+from .backend import Backend, OutputRequest, PartialOutput
 from .block_mask import BlockMask
 from .entmax_spec import EntmaxSpec
 from .stats import lower_bound_mask
@@ -402,7 +402,7 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
 
 def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, visible, dtype,
             tile_state_bytes: int, backward_sums: bool, out_dtype: torch.dtype | None = None,
-            partial=None) -> ForwardResult:
+            partial: PartialOutput | None = None) -> ForwardResult:
     """Step 5 for a known tau (NaN on rows that see a score that is not finite), over the
     ``candidates`` tiles; ``out_u`` and ``u_sum`` only with ``backward_sums``; with ``partial``
     (one key block: what ``backend.newton_schedule`` computed), only its open query tiles. The
