@@ -23,7 +23,7 @@ from .kernels import EntmaxSpec, backend_for
 from .kernels.backend import CANDIDATES_ENV
 from .kernels.block_mask import BlockMask
 from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, default_schedule, entmax_backward,
-                                entmax_forward)
+                                entmax_forward, entmax_forward_in_query_chunks)
 from .kernels.compile_ahead import compile_ahead
 from .kernels.head_groups import backward_by_group, head_groups, join_heads, to_alpha_shape
 from .kernels.identity import remembered_in, tensor_identity
@@ -87,12 +87,37 @@ def _stored_final(x: Tensor) -> torch.dtype | None:
     return x.dtype if x.numel() * 4 >= STORE_FINAL_BYTES else None
 
 
+# A forward whose maps of tiles (tile gaps, masks, lists: a few bytes per tile, held at once until
+# its output pass) would cover more tiles than this takes its queries in chunks of as many rows as
+# keep them within it (``algorithm.entmax_forward_in_query_chunks``): at 16 heads, from 512K
+# tokens on; below, one chunk (the launches of several would cost time where memory is plenty).
+CHUNK_TILES = 1 << 28
+
+
+def _chunk_rows(q: Tensor, k: Tensor, block_m: int, block_n: int) -> int:
+    """Query rows per chunk of a forward of ``q`` against ``k``: whole query tiles whose tiles
+    against every key number at most ``CHUNK_TILES`` (one tile row at least)."""
+    tiles_per_query_tile = q.shape[0] * q.shape[2] * -(-k.shape[1] // block_n)
+    return max(1, CHUNK_TILES // tiles_per_query_tile) * block_m
+
+
 def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool = True) -> list:
-    """``(group, ForwardResult)`` per group of heads of equal alpha (``head_groups``)."""
+    """``(group, ForwardResult)`` per group of heads of equal alpha (``head_groups``), in chunks of
+    queries where the call is long (``CHUNK_TILES``)."""
     backend = backend_for(q)
     groups = head_groups(alphas, q.shape[2], k.shape[2], q.device)
-    return [(g, entmax_forward(backend, g.queries(q), SingleBlock(g.keys(k), g.keys(v), vis), EntmaxSpec(g.alpha),
-                               softmax_scale, backward_sums=backward_sums, out_dtype=_stored_final(q))) for g in groups]
+    results = []
+    for g in groups:
+        qg, kg, vg, spec = g.queries(q), g.keys(k), g.keys(v), EntmaxSpec(g.alpha)
+        chunk_rows = _chunk_rows(qg, kg, backend.BLOCK_M, backend.BLOCK_N)
+        if chunk_rows < q.shape[1]:
+            fwd = entmax_forward_in_query_chunks(backend, qg, kg, vg, vis, spec, softmax_scale, chunk_rows,
+                                                 backward_sums=backward_sums, out_dtype=_stored_final(q))
+        else:
+            fwd = entmax_forward(backend, qg, SingleBlock(kg, vg, vis), spec, softmax_scale,
+                                 backward_sums=backward_sums, out_dtype=_stored_final(q))
+        results.append((g, fwd))
+    return results
 
 
 def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: tuple, softmax_scale: float,

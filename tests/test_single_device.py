@@ -313,6 +313,81 @@ def test_settings_are_checked(monkeypatch, env, bad, message, good):
     assert not cuda_graphs._graphs
 
 
+def _calls_in_query_chunks(monkeypatch, chunk_tiles, call):
+    """``call()``'s output and gradients of q, k, v with ``functional.CHUNK_TILES`` at ``chunk_tiles``."""
+    from ring_adasplash import functional
+
+    monkeypatch.setattr(functional, "CHUNK_TILES", chunk_tiles)
+    return call()
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_long_calls_take_their_queries_in_chunks_with_the_same_results(alpha, monkeypatch):
+    """A call whose tile maps would exceed ``functional.CHUNK_TILES`` runs its forward in chunks of
+    queries (``algorithm.entmax_forward_in_query_chunks``): the output, the statistics and the
+    gradients are those of one forward, bit for bit, through causal and windowed rows with sinks,
+    left padding, packed documents and GQA, with chunks of one and of two query tiles (the last
+    one short)."""
+    q, k, v, grad_out = random_qkv(2, 300, 300, 4, 2, 16, seed=31, grad_out=True)
+    padding = torch.ones(2, 300, dtype=torch.bool)
+    padding[1, :45] = False
+    position_ids = torch.cat((torch.arange(130), torch.arange(170)))[None].expand(2, 300)
+    calls = {
+        "causal": dict(causal=True),
+        "window and sinks": dict(causal=True, window_size=(70, 0), sink_tokens=3),
+        "padding": dict(causal=True, key_padding_mask=padding),
+        "packed": dict(causal=True, position_ids=position_ids),
+    }
+    tiles_per_query_tile = 2 * 4 * 5  # batch x heads x key tiles
+
+    def run(kwargs):
+        qa, ka, va = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out, stats = ra.adasplash_func(qa, ka, va, alpha=alpha, return_stats=True, **kwargs)
+        out.backward(grad_out)
+        return (out, *stats, qa.grad, ka.grad, va.grad)
+
+    for name, kwargs in calls.items():
+        whole = _calls_in_query_chunks(monkeypatch, 1 << 40, functools.partial(run, kwargs))
+        for query_tiles in (1, 2):
+            chunked = _calls_in_query_chunks(monkeypatch, query_tiles * tiles_per_query_tile,
+                                             functools.partial(run, kwargs))
+            for a, b in zip(whole, chunked):
+                assert torch.equal(a, b) or (torch.isnan(a) == torch.isnan(b)).all() and torch.equal(
+                    a.nan_to_num(), b.nan_to_num()), (name, query_tiles)
+        assert torch.isfinite(whole[0]).all() and whole[0].abs().sum() > 0, name
+
+
+def test_chunked_forwards_hold_the_tile_state_of_one_chunk(monkeypatch):
+    """In chunks of queries a forward's per-tile state is that of its largest chunk: with chunks
+    of two query tiles out of ten, a fifth of the whole call's (telemetry); the nonzero tiles it
+    keeps for the backward are the whole call's."""
+    from ring_adasplash import functional, telemetry
+
+    q, k, v = (torch.randn(2, 640, 3, 16) for _ in range(3))
+    counts = []
+    for chunk_tiles in (1 << 40, 2 * (2 * 3 * 10)):
+        monkeypatch.setattr(functional, "CHUNK_TILES", chunk_tiles)
+        with telemetry.record() as t:
+            ra.adasplash_func(q, k, v, causal=True)
+        counts.append((t.tile_state_bytes, t.block_masks[0].tiles.clone(), t.visible_tiles, t.nonzero_tiles))
+    (whole_state, whole_tiles, *whole_counts), (chunk_state, chunk_tiles, *chunk_counts) = counts
+    n_tiles = 10
+    per_head, once = 2 * 3 * n_tiles * n_tiles, n_tiles * n_tiles
+    assert whole_state == 4 * per_head + once
+    assert chunk_state == (4 * per_head + once) // 5
+    assert torch.equal(whole_tiles, chunk_tiles) and whole_counts == chunk_counts
+
+
+def test_query_chunks_must_be_whole_query_tiles():
+    from ring_adasplash.kernels import algorithm as A
+    from ring_adasplash.kernels import backend_for
+
+    q, k, v = (torch.randn(1, 100, 2, 16) for _ in range(3))
+    vis = causal_visibility(100, 100, True, "cpu")
+    with pytest.raises(ValueError, match="chunk_rows must be a positive multiple of 64"):
+        A.entmax_forward_in_query_chunks(backend_for(q), q, k, v, vis, EntmaxSpec(1.5), 0.25, 100)
+
+
 @pytest.mark.parametrize("seqlen", (640, 1024))
 def test_telemetry_counts_the_per_tile_state(seqlen):
     """``tile_state_bytes`` and ``saved_tile_bytes`` are the storages a forward holds (PyTorch

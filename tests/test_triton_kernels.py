@@ -405,6 +405,25 @@ def test_calls_store_out_and_dq_in_the_input_dtype_from_the_size_where_memory_li
     assert not torch.equal(runs[0][0], runs[0][0] * 0)  # the outputs are not all zero
 
 
+def test_query_chunks_give_the_whole_calls_results(interpreted, monkeypatch):
+    """Through the interpreted kernels (the candidate kernel's output included), a call in chunks
+    of two query tiles (``functional.CHUNK_TILES``) gives the output and gradients of one forward,
+    bit for bit."""
+    from ring_adasplash import functional
+
+    q, k, v = _qkv(1, 300, 300, 2, 2, 32, seed=9)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(10))
+    runs = []
+    for chunk_tiles in (1 << 40, 2 * (1 * 2 * 5)):
+        monkeypatch.setattr(functional, "CHUNK_TILES", chunk_tiles)
+        qa, ka, va = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = adasplash_func(qa, ka, va, alpha=1.5, causal=True)
+        out.backward(grad_out)
+        runs.append((out, qa.grad, ka.grad, va.grad))
+    for whole, chunked in zip(*runs):
+        assert torch.equal(whole, chunked)
+
+
 def _rounded_once(final, wide):
     """``final`` (bf16) is ``wide`` (float32) rounded once: to nearest, or toward zero."""
     nearest, truncated = wide.to(torch.bfloat16), (wide.view(torch.int32) & ~0xFFFF).view(torch.float32)

@@ -421,6 +421,60 @@ def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, vi
                          tile_state_bytes=tile_state_bytes)
 
 
+def entmax_forward_in_query_chunks(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   vis: Visibility, spec: EntmaxSpec, softmax_scale: float, chunk_rows: int,
+                                   backward_sums: bool = True, out_dtype: torch.dtype | None = None) -> ForwardResult:
+    """``entmax_forward`` of ``q`` (B, Sq, Hq, D) against all its keys (one key block, one device),
+    ``chunk_rows`` queries at a time (a multiple of ``backend.BLOCK_M``): a row's tau and output
+    depend on its own scores only, so each chunk is a forward of its own, the same to the bit.
+    What grows with Sq x Sk in a forward (the tile gaps, masks and lists it holds until the
+    output pass) then grows with ``chunk_rows`` x Sk; the results, and the nonzero tiles the
+    backward reads (one byte per tile), are written into tensors of the whole call as each chunk
+    ends. ``read_masks`` is left empty (no chunk's is kept)."""
+    if chunk_rows <= 0 or chunk_rows % backend.BLOCK_M:
+        raise ValueError(f"chunk_rows must be a positive multiple of {backend.BLOCK_M}; got {chunk_rows}")
+    batch, seqlen_q, heads, _ = q.shape
+    whole = None
+    for start in range(0, seqlen_q, chunk_rows):
+        stop = min(start + chunk_rows, seqlen_q)
+        part = entmax_forward(backend, q[:, start:stop], SingleBlock(k, v, vis.queries(start, stop)), spec,
+                              softmax_scale, backward_sums=backward_sums, out_dtype=out_dtype)
+        if whole is None:
+            whole = _whole_call_like(part, seqlen_q, vis.seqlen_k, backend)
+        rows, tiles = slice(start, stop), slice(start // backend.BLOCK_M, -(-stop // backend.BLOCK_M))
+        for name in ("out", "out_u"):
+            if getattr(part, name) is not None:
+                getattr(whole, name)[:, rows] = getattr(part, name)
+        for name in ("u_sum", "tau", "shift", "support"):
+            if getattr(part, name) is not None:
+                getattr(whole, name)[..., rows] = getattr(part, name)
+        whole.block_masks[0].tiles[:, :, tiles] = part.block_masks[0].tiles
+        whole.block_masks[0].visible[tiles] = part.block_masks[0].visible
+        whole.tile_state_bytes = max(whole.tile_state_bytes, part.tile_state_bytes)
+        del part  # its tile state is freed before the next chunk's
+    return whole
+
+
+def _whole_call_like(part: ForwardResult, seqlen_q: int, seqlen_k: int, backend: Backend) -> ForwardResult:
+    """An empty ``ForwardResult`` of ``seqlen_q`` queries shaped as the chunk ``part``'s (its block
+    mask's tiles zero, to be filled chunk by chunk, as its visible tiles)."""
+    def rows_like(x: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+        if x is None:
+            return None
+        shape = list(x.shape)
+        shape[dim] = seqlen_q
+        return x.new_empty(shape)
+
+    tiles = part.block_masks[0].tiles
+    num_q_tiles = -(-seqlen_q // backend.BLOCK_M)
+    nonzero = tiles.new_zeros((*tiles.shape[:2], num_q_tiles, tiles.shape[3]))
+    visible = tiles.new_zeros((num_q_tiles, tiles.shape[3]))
+    mask = BlockMask(nonzero, backend.BLOCK_M, backend.BLOCK_N, seqlen_q, seqlen_k, visible)
+    return ForwardResult(rows_like(part.out, 1), rows_like(part.out_u, 1), rows_like(part.u_sum, -1),
+                         rows_like(part.tau, -1), rows_like(part.shift, -1), rows_like(part.support, -1),
+                         block_masks=[mask], read_masks=[], dense_passes=part.dense_passes)
+
+
 def entmax_backward(backend: Backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult, spec: EntmaxSpec,
                     softmax_scale: float, reduce: LocalReduce = LocalReduce(),
                     kv_grad_dtype: torch.dtype | None = None, alpha_grad: bool = False,

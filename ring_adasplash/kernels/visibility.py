@@ -57,6 +57,11 @@ class Visibility:
         return Visibility(self.q_limit, self.q_doc, k_pos.to(torch.int32), k_doc.to(torch.int32), self.q_first,
                           k_win_pos)
 
+    def queries(self, start: int, stop: int) -> "Visibility":
+        """The rule of the queries [start, stop) against the same keys (a chunk of the queries)."""
+        return Visibility(self.q_limit[start:stop], self.q_doc[start:stop], self.k_pos, self.k_doc,
+                          self.q_first[start:stop], self.k_win_pos)
+
     def dense(self) -> torch.Tensor:
         """(Sq, Sk) bool matrix; for tests and small inputs only."""
         rows = torch.arange(self.seqlen_q, device=self.q_limit.device)[:, None]
