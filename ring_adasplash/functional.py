@@ -21,7 +21,7 @@ from .checks import (HeadAlpha, check_alpha, check_cu_seqlens, check_head_alpha,
                      check_position_ids, check_qkv, check_window, default_scale)
 from .kernels import EntmaxSpec, backend_for
 from .kernels.backend import CANDIDATES_ENV
-from .kernels.block_mask import BlockMask
+from .kernels.block_mask import BlockMask, pack_tiles, unpack_tiles
 from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, default_schedule, entmax_backward,
                                 entmax_forward, entmax_forward_in_query_chunks)
 from .kernels.compile_ahead import compile_ahead
@@ -40,7 +40,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: T
                       q_first: Tensor, k_win_pos: Tensor, alphas: list[float], softmax_scale: float,
                       backward_sums: bool = True, pairs: int = -1
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out in q's dtype, out_u, u_sum, tau, shift, support, nonzero tiles); see
+    """Returns (out in q's dtype, out_u, u_sum, tau, shift, support, nonzero tiles as bits:
+    ``block_mask.pack_tiles``, what the autograd keeps for the backward); see
     ``kernels/algorithm.py`` (``ForwardResult``); out_u in q's dtype where ``_stored_final``
     says so, else in the compute dtype. ``alphas``: one alpha, or one per query head.
     ``backward_sums`` False (no backward to come): out_u and u_sum are empty, (0,), and not
@@ -127,22 +128,23 @@ def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: 
         compile_ahead(_kernel_key(q, k, alphas, backward_sums),
                       functools.partial(_dry_run, q, k, v, vis, alphas, softmax_scale, backward_sums), q.device)
     results = _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums)
-    for _, fwd in results:
-        telemetry.log_forward(fwd, "single")
     groups, heads = [g for g, _ in results], q.shape[2]
+    # what the backward reads of the tiles, as bits (contiguous, as the fake impl promises)
+    nonzero = pack_tiles(join_heads([fwd.block_masks[0].tiles for _, fwd in results], groups, 1, heads))
+    for _, fwd in results:
+        telemetry.log_forward(fwd, "single", saved_bytes=nonzero.numel())
 
     def joined(field, dim):
         return join_heads([getattr(fwd, field) for _, fwd in results], groups, dim, heads)
 
     # contiguous, as the fake impl promises (compiled graphs check strides)
-    masks = join_heads([fwd.block_masks[0].tiles for _, fwd in results], groups, 1, heads)
     acc = results[0][1].tau.dtype
     if backward_sums:
         out_u, u_sum = joined("out_u", 2).contiguous(), joined("u_sum", 1).contiguous()
     else:
         out_u, u_sum = q.new_empty((0,), dtype=acc), q.new_empty((0,), dtype=acc)
     return (joined("out", 2).to(q.dtype).contiguous(), out_u, u_sum, joined("tau", 1).contiguous(),
-            joined("shift", 1).contiguous(), joined("support", 1).to(acc).contiguous(), masks.contiguous())
+            joined("shift", 1).contiguous(), joined("support", 1).to(acc).contiguous(), nonzero)
 
 
 def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool) -> None:
@@ -161,14 +163,14 @@ def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas, softmax
     backend = backend_for(q)
     batch, seqlen_q, heads, _ = q.shape
     acc = _compute_dtype(q)
-    tiles = (batch, heads, -(-seqlen_q // backend.BLOCK_M), -(-k.shape[1] // backend.BLOCK_N))
+    packed_tiles = (batch, heads, -(-seqlen_q // backend.BLOCK_M), -(-k.shape[1] // (8 * backend.BLOCK_N)))
     out_shape = (batch, seqlen_q, heads, v.shape[-1])
     rows = (batch, heads, seqlen_q)
     out_u_shape, u_sum_shape = (out_shape, rows) if backward_sums else ((0,), (0,))
     out_u_dtype = (_stored_final(q) or acc) if backward_sums else acc
     return (q.new_empty(out_shape), q.new_empty(out_u_shape, dtype=out_u_dtype), q.new_empty(u_sum_shape, dtype=acc),
             q.new_empty(rows, dtype=acc), q.new_empty(rows, dtype=acc), q.new_empty(rows, dtype=acc),
-            q.new_empty(tiles, dtype=torch.bool))
+            q.new_empty(packed_tiles, dtype=torch.uint8))
 
 
 @torch.library.custom_op("ring_adasplash::attention_backward", mutates_args=())
@@ -184,10 +186,11 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limi
     backend = backend_for(q)
     heads, heads_kv = q.shape[2], k.shape[2]
     groups = head_groups(alphas, heads, heads_kv, q.device)
+    tiles = unpack_tiles(nonzero, -(-k.shape[1] // backend.BLOCK_N))
 
     def group_backward(g, _):
         rows = lambda x: g.queries(x, 1)  # noqa: E731  (B, H, S) row tensors
-        mask = BlockMask(rows(nonzero), backend.BLOCK_M, backend.BLOCK_N, q.shape[1], k.shape[1])
+        mask = BlockMask(rows(tiles), backend.BLOCK_M, backend.BLOCK_N, q.shape[1], k.shape[1])
         fwd = ForwardResult(out=None, out_u=g.queries(out_u), u_sum=rows(u_sum), tau=rows(tau), shift=rows(shift),
                             support=None, block_masks=[mask])
         return entmax_backward(backend, g.queries(q), g.queries(grad_out), SingleBlock(g.keys(k), g.keys(v), vis),

@@ -95,10 +95,11 @@ def add_bytes(pass_name: str, sent: int, dense: int) -> None:
         entry[1] += dense
 
 
-def log_forward(fwd, strategy: str, local_block: int | None = None) -> None:
+def log_forward(fwd, strategy: str, local_block: int | None = None, saved_bytes: int | None = None) -> None:
     """Add one forward's sparsity and support counts (``fwd``: an ``algorithm.ForwardResult``,
     whose block masks hold the tiles with p > 0 per key block); key blocks other than
-    ``local_block`` count as remote."""
+    ``local_block`` count as remote. ``saved_bytes``: what the caller keeps of the tiles for the
+    backward, where it is not ``fwd``'s masks (one device keeps them as bits)."""
     if not _recorders:
         return
     visible = [mask.visible_tiles() for mask in fwd.block_masks]
@@ -108,9 +109,10 @@ def log_forward(fwd, strategy: str, local_block: int | None = None) -> None:
     add(visible_tiles=sum(visible), nonzero_tiles=sum(nonzero), support_sum=float(fwd.support[has_keys].sum()),
         rows=int(has_keys.sum()), calls=1, remote_visible_tiles=sum(visible[i] for i in remote),
         remote_nonzero_tiles=sum(nonzero[i] for i in remote))
-    saved = held_bytes([t for mask in (*fwd.block_masks, *fwd.read_masks) for t in mask.held_tensors()])
+    if saved_bytes is None:
+        saved_bytes = held_bytes([t for mask in (*fwd.block_masks, *fwd.read_masks) for t in mask.held_tensors()])
     for t in _recorders:
         t.events.append(strategy)
         t.block_masks = list(fwd.block_masks)
         t.tile_state_bytes = max(t.tile_state_bytes, fwd.tile_state_bytes)
-        t.saved_tile_bytes = max(t.saved_tile_bytes, saved)
+        t.saved_tile_bytes = max(t.saved_tile_bytes, saved_bytes)

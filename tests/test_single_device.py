@@ -378,6 +378,35 @@ def test_chunked_forwards_hold_the_tile_state_of_one_chunk(monkeypatch):
     assert torch.equal(whole_tiles, chunk_tiles) and whole_counts == chunk_counts
 
 
+@pytest.mark.parametrize("num_key_tiles", (1, 7, 8, 13, 64))
+def test_tiles_kept_for_the_backward_are_bits(num_key_tiles, monkeypatch):
+    """``pack_tiles`` keeps a tile in a bit (8 key tiles to a byte, the last byte padded) and
+    ``unpack_tiles`` gives the mask back; a forward keeps its nonzero tiles so for the backward:
+    what it saves is an eighth of the bool mask (``ceil(nK / 8)`` bytes per query tile and head)."""
+    from ring_adasplash import functional
+    from ring_adasplash.kernels.block_mask import pack_tiles, unpack_tiles
+
+    tiles = torch.rand(2, 3, 5, num_key_tiles, generator=torch.Generator().manual_seed(num_key_tiles)) < 0.4
+    packed = pack_tiles(tiles)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 3, 5, -(-num_key_tiles // 8))
+    assert torch.equal(unpack_tiles(packed, num_key_tiles), tiles)
+    with pytest.raises(ValueError, match="packed must be uint8"):
+        unpack_tiles(packed, num_key_tiles + 8)
+    saved = []
+    forward = functional.attention_forward
+
+    def spy(*args, **kwargs):
+        results = forward(*args, **kwargs)
+        saved.append(results[-1])
+        return results
+
+    monkeypatch.setattr(functional, "attention_forward", spy)
+    q, k, v = random_qkv(1, 200, 64 * num_key_tiles, 2, 2, 16, seed=3)
+    ra.adasplash_func(q, k, v, causal=False).sum().backward()
+    assert saved[0].dtype == torch.uint8 and saved[0].shape == (1, 2, 4, -(-num_key_tiles // 8))
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
 def test_query_chunks_must_be_whole_query_tiles():
     from ring_adasplash.kernels import algorithm as A
     from ring_adasplash.kernels import backend_for
@@ -394,7 +423,7 @@ def test_telemetry_counts_the_per_tile_state(seqlen):
     backend, one device, causal, the Newton schedule): per (query tile, key tile, head) a tile
     gap's one-byte code (``stats.encode_gaps``) and three bool masks (the max pass's tiles with visible pairs, the tiles the schedule
     read, the output pass's candidates) plus the visible tiles once; kept for the backward: the
-    tiles with p > 0 and the candidates, plus the visible tiles."""
+    tiles with p > 0, as bits (``block_mask.pack_tiles``)."""
     from ring_adasplash import telemetry
 
     q, k, v = (torch.randn(2, seqlen, 3, 16) for _ in range(3))
@@ -402,7 +431,7 @@ def test_telemetry_counts_the_per_tile_state(seqlen):
         ra.adasplash_func(q, k, v, causal=True)
     n_tiles = -(-seqlen // 64)
     per_head, once = 2 * 3 * n_tiles * n_tiles, n_tiles * n_tiles
-    assert (t.tile_state_bytes, t.saved_tile_bytes) == (4 * per_head + once, 2 * per_head + once)
+    assert (t.tile_state_bytes, t.saved_tile_bytes) == (4 * per_head + once, 2 * 3 * n_tiles * -(-n_tiles // 8))
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])

@@ -712,8 +712,8 @@ def test_interpreted_telemetry_counts_the_tile_lists(interpreted):
     (query tile, key tile, head) before the output pass a tile gap's code, the schedule's read
     mask with its list (two bytes a slot) and the candidates; at the output pass the candidates
     with their list and the nonzero tiles; plus per query tile and head each list's int32 count,
-    and the visible tiles once. Kept for the backward: the nonzero tiles and the candidates with
-    their list."""
+    and the visible tiles once. Kept for the backward: the nonzero tiles, as bits
+    (``block_mask.pack_tiles``)."""
     from ring_adasplash import telemetry
 
     q, k, v = (torch.randn(2, 640, 3, 16) for _ in range(3))
@@ -724,7 +724,7 @@ def test_interpreted_telemetry_counts_the_tile_lists(interpreted):
     before_output = per_head + (per_head + 2 * per_head + counts) + per_head + once
     at_output = (per_head + 2 * per_head + counts) + per_head + once
     assert t.tile_state_bytes == max(before_output, at_output)
-    assert t.saved_tile_bytes == per_head + (per_head + 2 * per_head + counts) + once
+    assert t.saved_tile_bytes == 2 * 3 * n_tiles * -(-n_tiles // 8)
 
 
 def test_interpreted_window_far_into_a_long_key_range(interpreted):

@@ -91,6 +91,31 @@ class BlockMask:
                 f"sparsity={self.sparsity():.2%}, nonzero_tiles={self.nonzero_tiles()})")
 
 
+def pack_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """``tiles`` (..., nK) bool as bits: (..., ceil(nK / 8)) uint8, key tile ``8 j + i`` in bit ``i``
+    of byte ``j`` (what a forward keeps for its backward: an eighth of the bool mask). One bit
+    position at a time, in uint8: a sum over the bits would widen the whole mask to int64 first."""
+    pad = -tiles.shape[-1] % 8
+    bits = torch.nn.functional.pad(tiles, (0, pad)) if pad else tiles
+    bits = bits.unflatten(-1, (-1, 8))
+    packed = bits[..., 0].to(torch.uint8)
+    for i in range(1, 8):
+        packed |= bits[..., i].to(torch.uint8) << i
+    return packed
+
+
+def unpack_tiles(packed: torch.Tensor, num_key_tiles: int) -> torch.Tensor:
+    """``pack_tiles``'s inverse: (..., ``num_key_tiles``) bool, contiguous."""
+    if packed.dtype != torch.uint8 or packed.shape[-1] != -(-num_key_tiles // 8):
+        raise ValueError(f"packed must be uint8 with {-(-num_key_tiles // 8)} bytes per row for {num_key_tiles} key "
+                         f"tiles; got {packed.dtype} of shape {tuple(packed.shape)}")
+    tiles = torch.empty((*packed.shape, 8), dtype=torch.bool, device=packed.device)
+    for i in range(8):
+        tiles[..., i] = (packed >> i) & 1
+    tiles = tiles.flatten(-2)
+    return tiles if tiles.shape[-1] == num_key_tiles else tiles[..., :num_key_tiles].contiguous()
+
+
 def _count(mask: torch.Tensor) -> int:
     """The True entries of ``mask``: row sums in int32 first (a bool sum to int64 made torch widen
     the whole mask first: four bytes per tile), then their total in int64."""
