@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .triton_common import (ADD, INTERPRETED, MAX, MIN, at_head, dot, entmax_weights, list_slots, listed_logits,
                             listed_query_tile_at, positive_gap, tile_ptrs)
-from .triton_tau import newton_live_rows_step
+from .triton_tau import newton_live_rows_step, schedule_rows
 
 NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF800000)
 
@@ -173,10 +173,7 @@ def candidate_schedule_kernel(
         if count <= few_tiles:  # few key tiles: their sweeps cost less than the steps' round trips
             tl.store(Spilled + bh * num_q_tiles + tile_q, tl.full([], 1, tl.int8))
         else:
-            shift = tl.load(Shift + rows, mask=in_q, other=0.0)
-            row_max = tl.load(Row_max + rows, mask=in_q, other=float("inf"))
-            reference = tl.load(Reference + rows, mask=in_q, other=0.0)
-            done = ~((row_max == row_max) & (tl.abs(row_max) < float("inf"))) | ~in_q
+            shift, row_max, reference, done = schedule_rows(Shift, Row_max, Reference, rows, in_q)
             # below the reference by the margin of the tile marks: a key a kernel's rounding could
             # put above tau - margin is a candidate
             cutoff = tl.where(done, float("inf"), reference - margin)

@@ -95,6 +95,18 @@ def program_tile(num_heads, seqlen, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def runs_here(Spilled, SPILLED_ONLY: tl.constexpr):
+    """Whether this program's query tile of a (query tiles, batch x heads) grid runs: every one,
+    or with ``SPILLED_ONLY`` those marked in ``Spilled`` (int8 per query tile, the candidate
+    kernel's: ``triton_candidates``)."""
+    if SPILLED_ONLY:
+        run = tl.load(Spilled + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) != 0
+    else:
+        run = tl.program_id(0) >= 0
+    return run
+
+
+@triton.jit
 def tile_at(tile, bh, num_heads, seqlen, BLOCK: tl.constexpr):
     """Tile ``tile`` of batch x head ``bh``: ``(tile, bh, b, h, offs, in_range)``, the tile, batch x
     head, batch, head, its positions and which of them are in the sequence."""

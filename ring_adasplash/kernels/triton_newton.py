@@ -32,9 +32,9 @@ on every call, though almost no row needs them.
 import triton
 import triton.language as tl
 
-from .triton_common import ADD, MAX, listed_query_tile, program_tile, row_offsets
+from .triton_common import ADD, MAX, listed_query_tile, program_tile, row_offsets, runs_here
 from .triton_refine import ONES_WIDTH, newton_tiles
-from .triton_tau import newton_live_rows_step
+from .triton_tau import newton_live_rows_step, schedule_rows
 
 
 @triton.jit
@@ -107,22 +107,16 @@ def newton_schedule_kernel(
     module doc."""
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(NARROW_STEP < MAX_STEPS)  # the second loop marks the tiles
-    if SPILLED_ONLY:
-        run = tl.load(Spilled + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) != 0
-    else:
-        run = tl.program_id(0) >= 0
-    if run:
+    if runs_here(Spilled, SPILLED_ONLY):
         (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
          full_first, full_end) = listed_query_tile(
             Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
             stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
             GROUP, HEAD_DIM, BLOCK_M)
-        shift = tl.load(Shift + rows, mask=in_q, other=0.0)
-        row_max = tl.load(Row_max + rows, mask=in_q, other=float("inf"))
-        point = tl.load(Reference + rows, mask=in_q, other=0.0).to(tl.float64)
+        shift, row_max, reference, done = schedule_rows(Shift, Row_max, Reference, rows, in_q)
+        point = reference.to(tl.float64)
         lower = point
         upper = row_max.to(tl.float64)
-        done = ~((row_max == row_max) & (tl.abs(row_max) < float("inf"))) | ~in_q
         ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
         live = tl.reduce((~done).to(tl.int32), 0, ADD)
         step = tl.full([], 0, tl.int32)  # a tensor, not the constant 0: the helper's loop reassigns it

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (ADD, at_head, dot, entmax_weights, list_slots, listed_logits, listed_query_tile,
-                            load_rows, positive_gap, tile_ptrs)
+                            load_rows, positive_gap, runs_here, tile_ptrs)
 
 
 @triton.jit
@@ -61,11 +61,7 @@ def output_kernel(
     PRECISION: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    if SPILLED_ONLY:
-        run = tl.load(Spilled + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) != 0
-    else:
-        run = tl.program_id(0) >= 0
-    if run:
+    if runs_here(Spilled, SPILLED_ONLY):
         (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_first,
          full_end) = listed_query_tile(
             Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,

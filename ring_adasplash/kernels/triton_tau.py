@@ -223,6 +223,18 @@ def newton_row_step(f, df, count, closest, t, lower, upper, gamma, tolerance, st
 
 
 @triton.jit
+def schedule_rows(Shift, Row_max, Reference, rows, in_q):
+    """The Newton schedule's start on the rows ``rows`` (``stats.NewtonState.start``): their shift,
+    relative row max (float32), ``Reference`` and which are done from the start (no visible key,
+    a score that is not finite, or past the sequence): ``(shift, row_max, reference, done)``."""
+    shift = tl.load(Shift + rows, mask=in_q, other=0.0)
+    row_max = tl.load(Row_max + rows, mask=in_q, other=float("inf"))
+    reference = tl.load(Reference + rows, mask=in_q, other=0.0)
+    done = ~((row_max == row_max) & (tl.abs(row_max) < float("inf"))) | ~in_q
+    return shift, row_max, reference, done
+
+
+@triton.jit
 def newton_live_rows_step(f, df, count, closest, t, point, lower, upper, done, step, gamma, tolerance, step_tolerance,
                           POWER: tl.constexpr, EXACT_STOP: tl.constexpr):
     """One step of a kernel's Newton loop on rows in registers: ``newton_row_step`` from the sums at
