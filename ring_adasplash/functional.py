@@ -88,11 +88,13 @@ def _stored_final(x: Tensor) -> torch.dtype | None:
     return x.dtype if x.numel() * 4 >= STORE_FINAL_BYTES else None
 
 
-# A forward whose maps of tiles (tile gaps, masks, lists: a few bytes per tile, held at once until
-# its output pass) would cover more tiles than this takes its queries in chunks of as many rows as
-# keep them within it (``algorithm.entmax_forward_in_query_chunks``): at 16 heads, from 512K
-# tokens on; below, one chunk (the launches of several would cost time where memory is plenty).
-CHUNK_TILES = 1 << 28
+# A forward whose maps of tiles (tile gaps, masks, lists: about four bytes per tile, held at once
+# until its output pass) would cover more tiles than this takes its queries in chunks of as many
+# rows as keep them within it (``algorithm.entmax_forward_in_query_chunks``): at 16 heads, from
+# 256K tokens on, so that the maps stay near a quarter GiB, a few percent of what q, k, v, out and
+# their gradients take there; below, one chunk (the launches of several cost time where memory is
+# plenty). Each chunk is still 64K or more queries against every key: work enough for the GPU.
+CHUNK_TILES = 1 << 26
 
 
 def _chunk_rows(q: Tensor, k: Tensor, block_m: int, block_n: int) -> int:

@@ -569,6 +569,46 @@ def test_gpu_head_dims_and_strides(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_offsets_beyond_int32(monkeypatch):
+    """Tensors of 2^31 elements (32K tokens at 1024 heads, D 64: as many as 2M tokens at 16 heads,
+    D 128), where a row's offset ``s * stride_s`` no longer fits in int32: the last heads' output
+    and gradients equal those of the same heads called alone (small offsets)."""
+    from ring_adasplash import functional
+
+    if torch.cuda.get_device_properties(0).total_memory < 80 * 2**30:
+        pytest.skip("needs 80 GiB of GPU memory")
+    monkeypatch.delenv("RING_ADASPLASH_BACKEND", raising=False)
+    # out, sum u v and dq stored in bf16 by their kernels in both calls (the whole call's are large
+    # enough to be anyway), so that the two differ by the order of float32 sums at most
+    monkeypatch.setattr(functional, "STORE_FINAL_BYTES", 1)
+    seqlen, heads, dim, tail = 32768, 1024, 64, 4
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    freqs = 4096.0 ** (-torch.arange(dim // 2, device="cuda") / (dim // 2))
+    angles = torch.arange(seqlen, device="cuda")[:, None] * freqs
+    code = (2.0 * torch.cat([angles.cos(), angles.sin()], -1)).to(torch.bfloat16)[None, :, None, :]
+    q, k, v = (torch.randn(1, seqlen, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    q += code
+    k += code
+    assert q.numel() >= 2**31
+    grad = torch.randn(1, seqlen, tail, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    def run(q, k, v, head_grad):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = adasplash_func(*leaves, alpha=1.5, causal=True)
+        out_grad = torch.zeros_like(out)
+        out_grad[:, :, -tail:] = head_grad
+        out.backward(out_grad)
+        return [t[:, :, -tail:].float() for t in (out.detach(), *(x.grad for x in leaves))]
+
+    whole = run(q, k, v, grad)
+    alone = run(*(t[:, :, -tail:].contiguous() for t in (q, k, v)), grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), whole, alone):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 5e-3, (name, _rel(a, b))
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_graph_replays_match_eager(monkeypatch):
     """A captured and replayed forward gives the eager results, bit for bit, and the float64 ones,
     and so do the gradients taken from what it saved: two layers of one shape run forward,

@@ -121,7 +121,7 @@ def candidate_output(Row_slots, found, longest, tau, V, Nonzero, stride_vs, stri
         held = gap > 0
         key = tl.load(Row_slots + 2 * slot + 1, mask=held, other=0)
         p, u = entmax_weights(gap, gamma, POWER)
-        v = tl.load(V + key[:, None] * stride_vs + dims[None, :] * stride_vd, mask=held[:, None], other=0.0)
+        v = tl.load(V + key.to(tl.int64)[:, None] * stride_vs + dims[None, :] * stride_vd, mask=held[:, None], other=0.0)
         acc += p[:, None] * v.to(tl.float32)
         if BACKWARD_SUMS:
             acc_u += u[:, None] * v.to(tl.float32)

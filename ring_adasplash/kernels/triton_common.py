@@ -49,8 +49,9 @@ def at_head(X, b, h, stride_b, stride_h):
 
 @triton.jit
 def tile_ptrs(X, offs, stride_s, stride_d, HEAD_DIM: tl.constexpr):
-    """Pointers (len(offs), HEAD_DIM) to the rows ``offs`` of one head of ``X``."""
-    return X + offs[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :] * stride_d
+    """Pointers (len(offs), HEAD_DIM) to the rows ``offs`` of one head of ``X``. Row offsets are
+    int64: from 2^31 elements (2M tokens at 16 heads, D 128) ``offs * stride_s`` overflows int32."""
+    return X + offs.to(tl.int64)[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :] * stride_d
 
 
 @triton.jit
@@ -63,7 +64,7 @@ def load_rows(X, offs, in_range, stride_s, stride_d, HEAD_DIM: tl.constexpr):
 def load_columns(X, offs, in_range, stride_s, stride_d, HEAD_DIM: tl.constexpr):
     """The rows ``offs`` of one head of ``X`` as columns (HEAD_DIM, len(offs)), zeros where not
     ``in_range``: ``q @ k^T`` with no transpose."""
-    Columns = X + offs[None, :] * stride_s + tl.arange(0, HEAD_DIM)[:, None] * stride_d
+    Columns = X + offs.to(tl.int64)[None, :] * stride_s + tl.arange(0, HEAD_DIM)[:, None] * stride_d
     return tl.load(Columns, mask=in_range[None, :], other=0.0)
 
 
@@ -285,7 +286,7 @@ def tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, 
     ``masked_logits``. The shift is subtracted before the scale: both are exact where it matters
     (scores near the row's max), so z does not depend on the size of the scores."""
     if FULL:
-        K_tile = K + offs_n[None, :] * stride_ks + tl.arange(0, HEAD_DIM)[:, None] * stride_kd
+        K_tile = K + offs_n.to(tl.int64)[None, :] * stride_ks + tl.arange(0, HEAD_DIM)[:, None] * stride_kd
         z = (dot(q, tl.load(K_tile), PRECISION) - shift[:, None]) * scale_z
     else:
         z = masked_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n,
