@@ -20,6 +20,8 @@ are measured.
 import argparse
 import math
 import os
+import re
+import traceback
 
 import torch
 
@@ -78,8 +80,11 @@ def measure(impl: str, args, seqlen: int, device: torch.device) -> dict:
         if cuda:
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
             row["peak_vs_floor"] = row["peak_gib"] / row["floor_gib"]
-    except torch.OutOfMemoryError:
-        row["error"] = "OOM"
+    except torch.OutOfMemoryError as error:
+        # what failed to fit, and where: the allocation's size and the innermost frames
+        asked = re.search(r"Tried to allocate ([0-9.]+ [KMG]iB)", str(error))
+        row["error"] = f"OOM ({asked.group(1)} asked)" if asked else "OOM"
+        traceback.print_exc(limit=-4)
     finally:
         del q, k, v, grad_out
         if cuda:

@@ -21,7 +21,7 @@ from .checks import (HeadAlpha, check_alpha, check_cu_seqlens, check_head_alpha,
                      check_position_ids, check_qkv, check_window, default_scale)
 from .kernels import EntmaxSpec, backend_for
 from .kernels.backend import CANDIDATES_ENV
-from .kernels.block_mask import BlockMask, pack_tiles, unpack_tiles
+from .kernels.block_mask import BlockMask
 from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, default_schedule, entmax_backward,
                                 entmax_forward, entmax_forward_in_query_chunks)
 from .kernels.compile_ahead import compile_ahead
@@ -132,7 +132,7 @@ def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: 
     results = _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums)
     groups, heads = [g for g, _ in results], q.shape[2]
     # what the backward reads of the tiles, as bits (contiguous, as the fake impl promises)
-    nonzero = pack_tiles(join_heads([fwd.block_masks[0].tiles for _, fwd in results], groups, 1, heads))
+    nonzero = join_heads([fwd.block_masks[0].bits for _, fwd in results], groups, 1, heads).contiguous()
     for _, fwd in results:
         telemetry.log_forward(fwd, "single", saved_bytes=nonzero.numel())
 
@@ -188,11 +188,13 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limi
     backend = backend_for(q)
     heads, heads_kv = q.shape[2], k.shape[2]
     groups = head_groups(alphas, heads, heads_kv, q.device)
-    tiles = unpack_tiles(nonzero, -(-k.shape[1] // backend.BLOCK_N))
+    num_k_tiles = -(-k.shape[1] // backend.BLOCK_N)
 
     def group_backward(g, _):
         rows = lambda x: g.queries(x, 1)  # noqa: E731  (B, H, S) row tensors
-        mask = BlockMask(rows(tiles), backend.BLOCK_M, backend.BLOCK_N, q.shape[1], k.shape[1])
+        # the tiles stay bits: the tile lists are built from them (a bool copy: 16 GiB at 2M tokens)
+        mask = BlockMask.from_bits(rows(nonzero), num_k_tiles, backend.BLOCK_M, backend.BLOCK_N, q.shape[1],
+                                   k.shape[1])
         fwd = ForwardResult(out=None, out_u=g.queries(out_u), u_sum=rows(u_sum), tau=rows(tau), shift=rows(shift),
                             support=None, block_masks=[mask])
         return entmax_backward(backend, g.queries(q), g.queries(grad_out), SingleBlock(g.keys(k), g.keys(v), vis),

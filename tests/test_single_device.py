@@ -229,6 +229,34 @@ def test_block_mask_never_drops_a_nonzero_tile():
     assert "sparsity=" in repr(mask)
 
 
+def test_block_mask_from_bits_reads_as_the_bools():
+    """A mask held as bits (``BlockMask.from_bits``) answers every question the bool mask does
+    (counts, sparsity, needed key tiles, the dense mask), and holds an eighth of the bytes; key
+    tile counts that are not a multiple of 8 included."""
+    from ring_adasplash.kernels.block_mask import BlockMask, pack_tiles
+
+    gen = torch.Generator().manual_seed(5)
+    for num_k_tiles in (8, 13):
+        tiles = torch.rand(2, 3, 7, num_k_tiles, generator=gen) < 0.3
+        tiles[..., num_k_tiles - 1] = False
+        tiles[1, 2, 4, num_k_tiles - 1] = True  # the last key tile, needed by one tile only
+        tiles[..., 2] = False  # a key tile nothing needs
+        visible = torch.ones(7, num_k_tiles, dtype=torch.bool).tril(4)
+        for vis in (None, visible):
+            bools = BlockMask(tiles, 16, 16, 100, 16 * num_k_tiles - 5, vis)
+            bits = BlockMask.from_bits(pack_tiles(tiles), num_k_tiles, 16, 16, 100, 16 * num_k_tiles - 5, vis)
+            assert bits.nonzero_tiles() == bools.nonzero_tiles() > 0
+            assert bits.visible_tiles() == bools.visible_tiles() and bits.sparsity() == bools.sparsity()
+            assert bits.shape == bools.shape
+            assert torch.equal(bits.needed_key_tiles(), bools.needed_key_tiles())
+            assert not bits.needed_key_tiles()[2] and bits.needed_key_tiles()[num_k_tiles - 1]
+            assert torch.equal(bits.tiles, tiles) and torch.equal(bits.to_dense(), bools.to_dense())
+            assert "as bits" in repr(bits) and "as bits" not in repr(bools)
+            assert bits.held_tensors()[0].numel() * 8 < bools.held_tensors()[0].numel() + 8 * 2 * 3 * 7
+    with pytest.raises(ValueError, match="bits must be"):
+        BlockMask.from_bits(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), 17, 16, 16, 32, 272)
+
+
 def test_non_contiguous_inputs():
     q, k, v = random_qkv(1, 96, 96, 4, 2, 32, seed=17)
     qt = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()

@@ -128,6 +128,29 @@ def test_tile_lists(interpreted):
         _check_lists(m.transpose(-1, -2), counts_t, index_t)
 
 
+def test_tile_lists_from_bits(interpreted, monkeypatch):
+    """Lists built from the bits of a mask (``packed_cols``, as ``block_mask.pack_tiles`` gives
+    them) equal those of the bool mask, rows and columns, full and compact, with a column count
+    that is not a multiple of 8 and rows longer than one chunk."""
+    from ring_adasplash.kernels.block_mask import pack_tiles
+
+    tiles = importlib.import_module("ring_adasplash.kernels.triton_tiles")
+    gen = torch.Generator().manual_seed(14)
+    mask = torch.rand(2, 3, 6, 43, generator=gen) < 0.3
+    mask[1, 2, 3, :19] = True  # the longest row
+    mask[0, 1, :, 42] = True  # the last column, in a byte of its own
+    mask[0, 0, :, 8] = False  # an empty column
+    long = torch.rand(1, 1, 3, 2501, generator=gen) < 0.1
+    for limit in (1 << 40, 0):
+        monkeypatch.setattr(tiles, "COMPACT_LISTS_BYTES", limit)
+        for m in (mask, long):
+            from_bools = tiles.tile_lists(m, columns_too=True)
+            from_bits = tiles.tile_lists(pack_tiles(m), columns_too=True, packed_cols=m.shape[-1])
+            assert [t.shape for t in from_bits] == [t.shape for t in from_bools]
+            _check_lists(m, *from_bits[:2], compact=limit == 0)
+            _check_lists(m.transpose(-1, -2), *from_bits[2:], compact=limit == 0)
+
+
 def test_large_tile_lists_take_as_many_slots_as_their_longest_row(interpreted, monkeypatch):
     """Lists above ``COMPACT_LISTS_BYTES`` keep as many slots per row as their longest row (and
     column) needs, rounded up to 16, the same entries; a whole forward and backward reads them as it
@@ -155,6 +178,31 @@ def test_large_tile_lists_take_as_many_slots_as_their_longest_row(interpreted, m
         runs.append((out, qa.grad, ka.grad, va.grad))
     for wide, compact in zip(*runs):
         assert torch.equal(wide, compact)
+
+
+def test_chunked_calls_keep_their_tiles_as_bits(interpreted, monkeypatch):
+    """Through the Triton kernels, a call whose forward takes its queries in chunks
+    (``functional.CHUNK_TILES``: one query tile) gives the results of one forward, bit for bit,
+    output and gradients, with the tiles it keeps for the backward held as bits from the first
+    chunk on and the backward's tile lists built from them, full and compact (``COMPACT_LISTS_BYTES``)."""
+    from ring_adasplash import functional, telemetry
+
+    tiles = importlib.import_module("ring_adasplash.kernels.triton_tiles")
+    q, k, v = _qkv(1, 150, 150, 2, 1, 16, seed=21)
+    runs = []
+    for chunk_tiles, list_bytes in ((1 << 40, 1 << 40), (1, 1 << 40), (1, 0)):
+        monkeypatch.setattr(functional, "CHUNK_TILES", chunk_tiles)
+        monkeypatch.setattr(tiles, "COMPACT_LISTS_BYTES", list_bytes)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with telemetry.record() as record:
+            out = adasplash_func(*leaves, alpha=1.5, causal=True)
+        out.backward(torch.ones_like(out))
+        runs.append([out.detach()] + [t.grad for t in leaves])
+        if chunk_tiles == 1:
+            assert "as bits" in repr(record.block_masks[0])
+    for chunked in runs[1:]:
+        for a, b in zip(runs[0], chunked):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

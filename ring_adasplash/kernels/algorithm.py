@@ -429,8 +429,8 @@ def entmax_forward_in_query_chunks(backend: Backend, q: torch.Tensor, k: torch.T
     depend on its own scores only, so each chunk is a forward of its own, the same to the bit.
     What grows with Sq x Sk in a forward (the tile gaps, masks and lists it holds until the
     output pass) then grows with ``chunk_rows`` x Sk; the results, and the nonzero tiles the
-    backward reads (one byte per tile), are written into tensors of the whole call as each chunk
-    ends. ``read_masks`` is left empty (no chunk's is kept)."""
+    backward reads (as bits: ``BlockMask.from_bits``), are written into tensors of the whole call
+    as each chunk ends. ``read_masks`` is left empty (no chunk's is kept)."""
     if chunk_rows <= 0 or chunk_rows % backend.BLOCK_M:
         raise ValueError(f"chunk_rows must be a positive multiple of {backend.BLOCK_M}; got {chunk_rows}")
     batch, seqlen_q, heads, _ = q.shape
@@ -448,7 +448,7 @@ def entmax_forward_in_query_chunks(backend: Backend, q: torch.Tensor, k: torch.T
         for name in ("u_sum", "tau", "shift", "support"):
             if getattr(part, name) is not None:
                 getattr(whole, name)[..., rows] = getattr(part, name)
-        whole.block_masks[0].tiles[:, :, tiles] = part.block_masks[0].tiles
+        whole.block_masks[0].bits[:, :, tiles] = part.block_masks[0].bits
         whole.block_masks[0].visible[tiles] = part.block_masks[0].visible
         whole.tile_state_bytes = max(whole.tile_state_bytes, part.tile_state_bytes)
         del part  # its tile state is freed before the next chunk's
@@ -457,7 +457,7 @@ def entmax_forward_in_query_chunks(backend: Backend, q: torch.Tensor, k: torch.T
 
 def _whole_call_like(part: ForwardResult, seqlen_q: int, seqlen_k: int, backend: Backend) -> ForwardResult:
     """An empty ``ForwardResult`` of ``seqlen_q`` queries shaped as the chunk ``part``'s (its block
-    mask's tiles zero, to be filled chunk by chunk, as its visible tiles)."""
+    mask's tiles, as bits, zero, to be filled chunk by chunk, as its visible tiles)."""
     def rows_like(x: torch.Tensor | None, dim: int) -> torch.Tensor | None:
         if x is None:
             return None
@@ -465,11 +465,12 @@ def _whole_call_like(part: ForwardResult, seqlen_q: int, seqlen_k: int, backend:
         shape[dim] = seqlen_q
         return x.new_empty(shape)
 
-    tiles = part.block_masks[0].tiles
+    batch, heads, _, num_k_tiles = part.block_masks[0].grid
     num_q_tiles = -(-seqlen_q // backend.BLOCK_M)
-    nonzero = tiles.new_zeros((*tiles.shape[:2], num_q_tiles, tiles.shape[3]))
-    visible = tiles.new_zeros((num_q_tiles, tiles.shape[3]))
-    mask = BlockMask(nonzero, backend.BLOCK_M, backend.BLOCK_N, seqlen_q, seqlen_k, visible)
+    device = part.block_masks[0].visible.device
+    bits = torch.zeros((batch, heads, num_q_tiles, -(-num_k_tiles // 8)), dtype=torch.uint8, device=device)
+    visible = torch.zeros((num_q_tiles, num_k_tiles), dtype=torch.bool, device=device)
+    mask = BlockMask.from_bits(bits, num_k_tiles, backend.BLOCK_M, backend.BLOCK_N, seqlen_q, seqlen_k, visible)
     return ForwardResult(rows_like(part.out, 1), rows_like(part.out_u, 1), rows_like(part.u_sum, -1),
                          rows_like(part.tau, -1), rows_like(part.shift, -1), rows_like(part.support, -1),
                          block_masks=[mask], read_masks=[], dense_passes=part.dense_passes)

@@ -7,6 +7,8 @@ FlexAttention's ``kv_indices`` / ``q_indices``), built once and kept.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -14,22 +16,53 @@ class BlockMask:
     """``tiles``: (batch, heads, num_query_tiles, num_key_tiles) bool, the tiles to read (or that
     hold any nonzero probability); ``visible``: (num_query_tiles, num_key_tiles) bool, tiles with
     any pair the causal/document rule allows (None: not known, every tile counts). Tiles are
-    ``block_m`` queries by ``block_n`` keys of a ``seqlen_q`` x ``seqlen_k`` attention matrix."""
+    ``block_m`` queries by ``block_n`` keys of a ``seqlen_q`` x ``seqlen_k`` attention matrix.
+    ``BlockMask.from_bits`` holds the tiles as bits (``pack_tiles``) instead: an eighth of the
+    memory, and what a long one-device call keeps from its forward to its backward; the tile lists
+    are then built from the bits, and ``tiles`` unpacks them on each read."""
 
     def __init__(self, tiles: torch.Tensor, block_m: int, block_n: int, seqlen_q: int, seqlen_k: int,
                  visible: torch.Tensor | None = None):
         if tiles.dtype != torch.bool or tiles.dim() != 4:
             raise ValueError(f"tiles must be a 4-dim bool tensor (batch, heads, nQ, nK); got {tiles.dtype} "
                              f"of shape {tuple(tiles.shape)}")
-        self.tiles, self.visible = tiles, visible
+        self._tiles, self._bits, self.grid = tiles, None, tuple(tiles.shape)
+        self.visible = visible
         self.block_m, self.block_n = block_m, block_n
         self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
         self._lists: dict = {}
 
+    @classmethod
+    def from_bits(cls, bits: torch.Tensor, num_key_tiles: int, block_m: int, block_n: int, seqlen_q: int,
+                  seqlen_k: int, visible: torch.Tensor | None = None) -> "BlockMask":
+        """A mask whose tiles are ``bits`` (batch, heads, nQ, ceil(``num_key_tiles`` / 8)) uint8, as
+        ``pack_tiles`` gives them (not copied: writing into ``bits`` changes the mask)."""
+        if bits.dtype != torch.uint8 or bits.dim() != 4 or bits.shape[-1] != -(-num_key_tiles // 8):
+            raise ValueError(f"bits must be a 4-dim uint8 tensor (batch, heads, nQ, {-(-num_key_tiles // 8)}) for "
+                             f"{num_key_tiles} key tiles; got {bits.dtype} of shape {tuple(bits.shape)}")
+        mask = cls.__new__(cls)
+        mask._tiles, mask._bits, mask.grid = None, bits, (*bits.shape[:3], num_key_tiles)
+        mask.visible = visible
+        mask.block_m, mask.block_n = block_m, block_n
+        mask.seqlen_q, mask.seqlen_k = seqlen_q, seqlen_k
+        mask._lists = {}
+        return mask
+
+    @property
+    def tiles(self) -> torch.Tensor:
+        """(batch, heads, nQ, nK) bool (unpacked anew on each read where the mask holds bits)."""
+        return self._tiles if self._tiles is not None else unpack_tiles(self._bits, self.grid[-1])
+
+    @property
+    def bits(self) -> torch.Tensor:
+        """The tiles as bits, ``pack_tiles``'s layout (packed anew on each read where the mask
+        holds bools)."""
+        return self._bits if self._bits is not None else pack_tiles(self._tiles)
+
     @property
     def shape(self) -> tuple:
         """(batch, heads, seqlen_q, seqlen_k): the attention matrix this mask covers."""
-        return (*self.tiles.shape[:2], self.seqlen_q, self.seqlen_k)
+        return (*self.grid[:2], self.seqlen_q, self.seqlen_k)
 
     def with_tiles(self, tiles: torch.Tensor) -> "BlockMask":
         """Another selection of tiles of the same tiling and visibility."""
@@ -38,12 +71,15 @@ class BlockMask:
     def visible_tiles(self) -> int:
         """Visible tiles over every batch entry and head."""
         if self.visible is None:
-            return self.tiles.numel()
-        return _count(self.visible) * self.tiles.shape[0] * self.tiles.shape[1]
+            return math.prod(self.grid)
+        return _count(self.visible) * self.grid[0] * self.grid[1]
 
     def nonzero_tiles(self) -> int:
         """Selected tiles that are visible."""
-        return _count(self.tiles if self.visible is None else self.tiles & self.visible)
+        if self._bits is not None:
+            bits = self._bits if self.visible is None else self._bits & pack_tiles(self.visible)
+            return int(popcount(bits).sum(-1, dtype=torch.int32).sum(dtype=torch.int64))
+        return _count(self._tiles if self.visible is None else self._tiles & self.visible)
 
     def sparsity(self) -> float:
         """Fraction of visible tiles not selected (causal-masked tiles are not counted)."""
@@ -52,7 +88,13 @@ class BlockMask:
 
     def needed_key_tiles(self) -> torch.Tensor:
         """(num_key_tiles,) bool: key tiles that any query tile of any head reads."""
-        return self.tiles.flatten(0, -2).any(0)
+        if self._bits is not None:
+            rows = self._bits.flatten(0, -2)
+            bytes_any = torch.stack([((rows >> i) & 1).amax(0) for i in range(8)], -1) if rows.shape[0] else None
+            if bytes_any is None:
+                return torch.zeros(self.grid[-1], dtype=torch.bool, device=self._bits.device)
+            return bytes_any.flatten()[: self.grid[-1]].bool()
+        return self._tiles.flatten(0, -2).any(0)
 
     def to_dense(self) -> torch.Tensor:
         """(batch, heads, seqlen_q, seqlen_k) bool: True inside selected tiles. Small inputs only."""
@@ -65,7 +107,7 @@ class BlockMask:
         if "keys" not in self._lists:
             from .triton_tiles import tile_lists
 
-            self._lists["keys"] = tile_lists(self.tiles)
+            self._lists["keys"] = tile_lists(self._list_source(), packed_cols=self._packed_cols())
         return self._lists["keys"]
 
     def query_tile_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,21 +116,30 @@ class BlockMask:
         if "queries" not in self._lists:
             from .triton_tiles import tile_lists
 
-            counts, index, counts_t, index_t = tile_lists(self.tiles, columns_too=True)
+            counts, index, counts_t, index_t = tile_lists(self._list_source(), columns_too=True,
+                                                             packed_cols=self._packed_cols())
             self._lists.setdefault("keys", (counts, index))
             self._lists["queries"] = (counts_t, index_t)
         return self._lists["queries"]
 
+    def _list_source(self) -> torch.Tensor:
+        """What ``tile_lists`` reads: the bits where the mask holds them (``_packed_cols``)."""
+        return self._tiles if self._bits is None else self._bits
+
+    def _packed_cols(self) -> int | None:
+        return None if self._bits is None else self.grid[-1]
+
     def held_tensors(self) -> list:
-        """The tensors this mask holds: its tiles, visible tiles and the tile lists built so far
-        (for counting the memory of per-tile state)."""
-        held = [self.tiles] + ([] if self.visible is None else [self.visible])
+        """The tensors this mask holds: its tiles (bools or bits), visible tiles and the tile lists
+        built so far (for counting the memory of per-tile state)."""
+        held = [self._tiles if self._bits is None else self._bits] + ([] if self.visible is None else [self.visible])
         return held + [t for lists in self._lists.values() for t in lists]
 
     def __repr__(self) -> str:
-        b, h, nq, nk = self.tiles.shape
+        b, h, nq, nk = self.grid
+        held = "" if self._bits is None else ", as bits"
         return (f"BlockMask(shape={self.shape}, tiles={nq}x{nk} of {self.block_m}x{self.block_n}, "
-                f"sparsity={self.sparsity():.2%}, nonzero_tiles={self.nonzero_tiles()})")
+                f"sparsity={self.sparsity():.2%}, nonzero_tiles={self.nonzero_tiles()}{held})")
 
 
 def pack_tiles(tiles: torch.Tensor) -> torch.Tensor:
@@ -114,6 +165,14 @@ def unpack_tiles(packed: torch.Tensor, num_key_tiles: int) -> torch.Tensor:
         tiles[..., i] = (packed >> i) & 1
     tiles = tiles.flatten(-2)
     return tiles if tiles.shape[-1] == num_key_tiles else tiles[..., :num_key_tiles].contiguous()
+
+
+def popcount(bits: torch.Tensor) -> torch.Tensor:
+    """The set bits of each byte of ``bits`` (uint8), as uint8, in uint8 arithmetic throughout (a
+    lookup table would index with int64: eight bytes per byte of ``bits``)."""
+    bits = bits - ((bits >> 1) & 0x55)
+    bits = (bits & 0x33) + ((bits >> 2) & 0x33)
+    return (bits + (bits >> 4)) & 0x0F
 
 
 def _count(mask: torch.Tensor) -> int:

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_mask import popcount
 from .compile_ahead import launch
 from .triton_common import ADD
 
@@ -20,13 +21,20 @@ COMPACT_LISTS_BYTES = 1 << 28
 
 
 @triton.jit
-def list_true(Line, stride, length, Count, Index, CHUNK: tl.constexpr):
-    """The positions of the nonzero entries of ``Line[0:length:stride]``, ascending, into
-    ``Index[:count]``; their number into ``Count``."""
+def list_true(Line, stride, length, Count, Index, bit, CHUNK: tl.constexpr, PACKED_ALONG: tl.constexpr):
+    """The positions of the set entries of a line of ``length`` mask entries, ascending, into
+    ``Index[:count]``; their number into ``Count``. ``PACKED_ALONG``: the line is bits, entry ``j``
+    bit ``j % 8`` of the byte ``Line[(j // 8) * stride]``; else entry ``j`` is bit ``bit`` of
+    ``Line[j * stride]`` (bit 0 of a bool mask, or one bit position of every byte of a column of
+    bits)."""
     count = 0
     for start in range(0, length, CHUNK):
         offs = start + tl.arange(0, CHUNK)
-        flag = (tl.load(Line + offs * stride, mask=offs < length, other=0) != 0).to(tl.int32)
+        if PACKED_ALONG:
+            word = tl.load(Line + (offs >> 3) * stride, mask=offs < length, other=0).to(tl.int32)
+            flag = (word >> (offs & 7)) & 1
+        else:
+            flag = (tl.load(Line + offs * stride, mask=offs < length, other=0).to(tl.int32) >> bit) & 1
         slot = count + tl.associative_scan(flag, 0, ADD) - flag
         tl.store(Index + slot, offs.to(Index.dtype.element_ty), mask=flag != 0)
         count += tl.reduce(flag, 0, ADD)
@@ -35,9 +43,10 @@ def list_true(Line, stride, length, Count, Index, CHUNK: tl.constexpr):
 
 @triton.jit
 def tile_list_kernel(Mask, Counts, Index, Counts_t, Index_t, stride_mg, stride_mr, stride_mc, num_rows, num_cols,
-                     width, width_t, CHUNK: tl.constexpr):
-    """``Mask`` (groups, rows, cols) uint8 with any strides. Programs with ``program_id(2) == 0``
-    list rows: ``Counts`` (groups, rows) int32, the True entries per row, and ``Index`` (groups,
+                     width, width_t, CHUNK: tl.constexpr, PACKED: tl.constexpr):
+    """``Mask`` (groups, rows, cols) uint8 with any strides, 0 or 1, or with ``PACKED`` (groups,
+    rows, ceil(cols / 8)) bits (``block_mask.pack_tiles``). Programs with ``program_id(2) == 0``
+    list rows: ``Counts`` (groups, rows) int32, the set entries per row, and ``Index`` (groups,
     rows, width) int16 or int32 (``index_dtype``), their column positions, ascending, in the first
     ``Counts`` slots of each row (the rest is left as it was; ``width``: at least the largest
     count). Programs with ``program_id(2) == 1`` (a grid of depth 2) list columns the same way into
@@ -50,12 +59,16 @@ def tile_list_kernel(Mask, Counts, Index, Counts_t, Index_t, stride_mg, stride_m
         if line < num_rows:
             list_id = group.to(tl.int64) * num_rows + line
             list_true(Mask + line.to(tl.int64) * stride_mr, stride_mc, num_cols, Counts + list_id,
-                      Index + list_id * width, CHUNK)
+                      Index + list_id * width, 0, CHUNK, PACKED)
     else:
         if line < num_cols:
             list_id = group.to(tl.int64) * num_cols + line
-            list_true(Mask + line.to(tl.int64) * stride_mc, stride_mr, num_rows, Counts_t + list_id,
-                      Index_t + list_id * width_t, CHUNK)
+            if PACKED:
+                column, bit = line >> 3, line & 7
+            else:
+                column, bit = line, 0
+            list_true(Mask + column.to(tl.int64) * stride_mc, stride_mr, num_rows, Counts_t + list_id,
+                      Index_t + list_id * width_t, bit, CHUNK, False)
 
 
 def index_dtype(length: int) -> torch.dtype:
@@ -65,46 +78,58 @@ def index_dtype(length: int) -> torch.dtype:
     return torch.int16 if length <= torch.iinfo(torch.int16).max else torch.int32
 
 
-def tile_lists(mask: torch.Tensor, columns_too: bool = False) -> tuple:
+def tile_lists(mask: torch.Tensor, columns_too: bool = False, packed_cols: int | None = None) -> tuple:
     """(..., rows, cols) bool -> counts (..., rows) int32 and indices (..., rows, width) of
     ``index_dtype(cols)``: the True positions of each row first, ascending (slots past a row's
     count are unset). ``columns_too``: also the lists of the transposed mask, counts (..., cols)
     int32 and indices (..., cols, width_t) of ``index_dtype(rows)``, from the same launch. The
     widths are ``cols`` and ``rows``, or where those lists would be larger than
-    ``COMPACT_LISTS_BYTES``, the longest row's count (``list_widths``)."""
-    grouped = mask.view(torch.uint8).reshape(-1, *mask.shape[-2:])
-    groups, rows, cols = grouped.shape
-    width, width_t = list_widths(mask, columns_too)
-    lists = [torch.empty(mask.shape[:-1], device=mask.device, dtype=torch.int32),
-             torch.empty((*mask.shape[:-1], width), device=mask.device, dtype=index_dtype(cols))]
+    ``COMPACT_LISTS_BYTES``, the longest row's count (``list_widths``). ``packed_cols``: ``mask``
+    is (..., rows, ceil(packed_cols / 8)) uint8 bits of ``packed_cols`` columns
+    (``block_mask.pack_tiles``), read as they are (no bool copy)."""
+    packed = packed_cols is not None
+    grouped = (mask if packed else mask.view(torch.uint8)).reshape(-1, *mask.shape[-2:])
+    groups, rows = grouped.shape[:2]
+    cols = packed_cols if packed else grouped.shape[2]
+    width, width_t = list_widths(mask, columns_too, packed_cols)
+    lead = mask.shape[:-2]
+    lists = [torch.empty((*lead, rows), device=mask.device, dtype=torch.int32),
+             torch.empty((*lead, rows, width), device=mask.device, dtype=index_dtype(cols))]
     if columns_too:
-        lists += [torch.empty((*mask.shape[:-2], cols), device=mask.device, dtype=torch.int32),
-                  torch.empty((*mask.shape[:-2], cols, width_t), device=mask.device, dtype=index_dtype(rows))]
+        lists += [torch.empty((*lead, cols), device=mask.device, dtype=torch.int32),
+                  torch.empty((*lead, cols, width_t), device=mask.device, dtype=index_dtype(rows))]
     if lists[0].numel():
         columns = lists[2:] or lists  # unused by a grid of depth 1
         launch(tile_list_kernel, (max(rows, cols) if columns_too else rows, groups, 1 + columns_too))(
             Mask=grouped, Counts=lists[0], Index=lists[1], Counts_t=columns[0], Index_t=columns[1],
             stride_mg=grouped.stride(0), stride_mr=grouped.stride(1), stride_mc=grouped.stride(2), num_rows=rows,
             num_cols=cols, width=width, width_t=width_t,
-            CHUNK=min(TILE_LIST_CHUNK, triton.next_power_of_2(max(rows, cols, 16))), num_warps=4)
+            CHUNK=min(TILE_LIST_CHUNK, triton.next_power_of_2(max(rows, cols, 16))), PACKED=packed, num_warps=4)
     return tuple(lists)
 
 
-def list_widths(mask: torch.Tensor, columns_too: bool) -> tuple[int, int]:
+def list_widths(mask: torch.Tensor, columns_too: bool, packed_cols: int | None = None) -> tuple[int, int]:
     """Slots per row of the lists of ``mask`` (..., rows, cols) and of its transpose: ``cols`` and
     ``rows`` (a slot per tile, nothing to wait for), or where those lists would take more than
     ``COMPACT_LISTS_BYTES``, the most True entries of any row (and column) rounded up to a multiple
     of 16 (at most ``cols`` and ``rows``): on sparse masks a small fraction. Reading them waits for
-    the GPU, so not while a CUDA graph is captured."""
-    rows, cols = mask.shape[-2:]
-    dense = mask.numel() * (index_dtype(cols).itemsize + (index_dtype(rows).itemsize if columns_too else 0))
+    the GPU, so not while a CUDA graph is captured. ``packed_cols``: as ``tile_lists``."""
+    rows = mask.shape[-2]
+    cols = mask.shape[-1] if packed_cols is None else packed_cols
+    entries = mask.numel() // mask.shape[-1] * cols
+    dense = entries * (index_dtype(cols).itemsize + (index_dtype(rows).itemsize if columns_too else 0))
     capturing = mask.is_cuda and torch.cuda.is_current_stream_capturing()
     if dense <= COMPACT_LISTS_BYTES or capturing or mask.numel() == 0:
         return cols, rows
     # int32 sums: a bool sum's default int64 result had torch widen the whole mask first
-    longest = [mask.sum(-1, dtype=torch.int32).max()]
-    if columns_too:
-        longest.append(mask.sum(-2, dtype=torch.int32).max())
+    if packed_cols is None:
+        longest = [mask.sum(-1, dtype=torch.int32).max()]
+        if columns_too:
+            longest.append(mask.sum(-2, dtype=torch.int32).max())
+    else:  # bits: per row their popcount; per column one bit position of every byte at a time
+        longest = [popcount(mask).sum(-1, dtype=torch.int32).max()]
+        if columns_too:
+            longest.append(torch.stack([((mask >> i) & 1).sum(-2, dtype=torch.int32).max() for i in range(8)]).max())
     # a multiple of 16, so that the kernels see one specialization of the width whatever the data
     # (Triton compiles apart widths of 1 and multiples of 16); clamped: a dry run (compile_ahead)
     # lists a mask it never filled
