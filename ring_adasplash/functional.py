@@ -21,7 +21,7 @@ from .checks import (HeadAlpha, check_alpha, check_cu_seqlens, check_head_alpha,
                      check_position_ids, check_qkv, check_window, default_scale)
 from .kernels import EntmaxSpec, backend_for
 from .kernels.backend import CANDIDATES_ENV
-from .kernels.block_mask import BlockMask
+from .kernels.block_mask import BlockMask, packed_width
 from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, default_schedule, entmax_backward,
                                 entmax_forward, entmax_forward_in_query_chunks)
 from .kernels.compile_ahead import compile_ahead
@@ -93,7 +93,8 @@ def _stored_final(x: Tensor) -> torch.dtype | None:
 # rows as keep them within it (``algorithm.entmax_forward_in_query_chunks``): at 16 heads, from
 # 256K tokens on, so that the maps stay near a quarter GiB, a few percent of what q, k, v, out and
 # their gradients take there; below, one chunk (the launches of several cost time where memory is
-# plenty). Each chunk is still 64K or more queries against every key: work enough for the GPU.
+# plenty). Each chunk is still 8K or more queries against every key (16 heads, up to 2M tokens):
+# work enough for the GPU.
 CHUNK_TILES = 1 << 26
 
 
@@ -165,7 +166,7 @@ def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas, softmax
     backend = backend_for(q)
     batch, seqlen_q, heads, _ = q.shape
     acc = _compute_dtype(q)
-    packed_tiles = (batch, heads, -(-seqlen_q // backend.BLOCK_M), -(-k.shape[1] // (8 * backend.BLOCK_N)))
+    packed_tiles = (batch, heads, -(-seqlen_q // backend.BLOCK_M), packed_width(-(-k.shape[1] // backend.BLOCK_N)))
     out_shape = (batch, seqlen_q, heads, v.shape[-1])
     rows = (batch, heads, seqlen_q)
     out_u_shape, u_sum_shape = (out_shape, rows) if backward_sums else ((0,), (0,))

@@ -42,7 +42,7 @@ import torch
 
 from . import stats
 from .backend import Backend, OutputRequest, PartialOutput
-from .block_mask import BlockMask
+from .block_mask import BlockMask, packed_width
 from .entmax_spec import EntmaxSpec
 from .stats import lower_bound_mask
 from .visibility import Visibility, keys_seen_by, tile_visible
@@ -433,7 +433,7 @@ def entmax_forward_in_query_chunks(backend: Backend, q: torch.Tensor, k: torch.T
     as each chunk ends. ``read_masks`` is left empty (no chunk's is kept)."""
     if chunk_rows <= 0 or chunk_rows % backend.BLOCK_M:
         raise ValueError(f"chunk_rows must be a positive multiple of {backend.BLOCK_M}; got {chunk_rows}")
-    batch, seqlen_q, heads, _ = q.shape
+    seqlen_q = q.shape[1]
     whole = None
     for start in range(0, seqlen_q, chunk_rows):
         stop = min(start + chunk_rows, seqlen_q)
@@ -468,7 +468,7 @@ def _whole_call_like(part: ForwardResult, seqlen_q: int, seqlen_k: int, backend:
     batch, heads, _, num_k_tiles = part.block_masks[0].grid
     num_q_tiles = -(-seqlen_q // backend.BLOCK_M)
     device = part.block_masks[0].visible.device
-    bits = torch.zeros((batch, heads, num_q_tiles, -(-num_k_tiles // 8)), dtype=torch.uint8, device=device)
+    bits = torch.zeros((batch, heads, num_q_tiles, packed_width(num_k_tiles)), dtype=torch.uint8, device=device)
     visible = torch.zeros((num_q_tiles, num_k_tiles), dtype=torch.bool, device=device)
     mask = BlockMask.from_bits(bits, num_k_tiles, backend.BLOCK_M, backend.BLOCK_N, seqlen_q, seqlen_k, visible)
     return ForwardResult(rows_like(part.out, 1), rows_like(part.out_u, 1), rows_like(part.u_sum, -1),

@@ -26,7 +26,12 @@ class BlockMask:
         if tiles.dtype != torch.bool or tiles.dim() != 4:
             raise ValueError(f"tiles must be a 4-dim bool tensor (batch, heads, nQ, nK); got {tiles.dtype} "
                              f"of shape {tuple(tiles.shape)}")
-        self._tiles, self._bits, self.grid = tiles, None, tuple(tiles.shape)
+        self._hold(tiles, None, tuple(tiles.shape), block_m, block_n, seqlen_q, seqlen_k, visible)
+
+    def _hold(self, tiles, bits, grid: tuple, block_m: int, block_n: int, seqlen_q: int, seqlen_k: int,
+              visible: torch.Tensor | None) -> None:
+        """Either ``tiles`` (bool) or ``bits`` (``pack_tiles``), of ``grid`` (B, H, nQ, nK) tiles."""
+        self._tiles, self._bits, self.grid = tiles, bits, grid
         self.visible = visible
         self.block_m, self.block_n = block_m, block_n
         self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
@@ -37,15 +42,12 @@ class BlockMask:
                   seqlen_k: int, visible: torch.Tensor | None = None) -> "BlockMask":
         """A mask whose tiles are ``bits`` (batch, heads, nQ, ceil(``num_key_tiles`` / 8)) uint8, as
         ``pack_tiles`` gives them (not copied: writing into ``bits`` changes the mask)."""
-        if bits.dtype != torch.uint8 or bits.dim() != 4 or bits.shape[-1] != -(-num_key_tiles // 8):
-            raise ValueError(f"bits must be a 4-dim uint8 tensor (batch, heads, nQ, {-(-num_key_tiles // 8)}) for "
+        width = packed_width(num_key_tiles)
+        if bits.dtype != torch.uint8 or bits.dim() != 4 or bits.shape[-1] != width:
+            raise ValueError(f"bits must be a 4-dim uint8 tensor (batch, heads, nQ, {width}) for "
                              f"{num_key_tiles} key tiles; got {bits.dtype} of shape {tuple(bits.shape)}")
         mask = cls.__new__(cls)
-        mask._tiles, mask._bits, mask.grid = None, bits, (*bits.shape[:3], num_key_tiles)
-        mask.visible = visible
-        mask.block_m, mask.block_n = block_m, block_n
-        mask.seqlen_q, mask.seqlen_k = seqlen_q, seqlen_k
-        mask._lists = {}
+        mask._hold(None, bits, (*bits.shape[:3], num_key_tiles), block_m, block_n, seqlen_q, seqlen_k, visible)
         return mask
 
     @property
@@ -88,12 +90,9 @@ class BlockMask:
 
     def needed_key_tiles(self) -> torch.Tensor:
         """(num_key_tiles,) bool: key tiles that any query tile of any head reads."""
-        if self._bits is not None:
+        if self._bits is not None:  # per byte and bit position, whether any row sets it
             rows = self._bits.flatten(0, -2)
-            bytes_any = torch.stack([((rows >> i) & 1).amax(0) for i in range(8)], -1) if rows.shape[0] else None
-            if bytes_any is None:
-                return torch.zeros(self.grid[-1], dtype=torch.bool, device=self._bits.device)
-            return bytes_any.flatten()[: self.grid[-1]].bool()
+            return torch.stack([((rows >> i) & 1).bool().any(0) for i in range(8)], -1).flatten()[: self.grid[-1]]
         return self._tiles.flatten(0, -2).any(0)
 
     def to_dense(self) -> torch.Tensor:
@@ -107,7 +106,7 @@ class BlockMask:
         if "keys" not in self._lists:
             from .triton_tiles import tile_lists
 
-            self._lists["keys"] = tile_lists(self._list_source(), packed_cols=self._packed_cols())
+            self._lists["keys"] = tile_lists(**self._list_source())
         return self._lists["keys"]
 
     def query_tile_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,23 +115,23 @@ class BlockMask:
         if "queries" not in self._lists:
             from .triton_tiles import tile_lists
 
-            counts, index, counts_t, index_t = tile_lists(self._list_source(), columns_too=True,
-                                                             packed_cols=self._packed_cols())
+            counts, index, counts_t, index_t = tile_lists(**self._list_source(), columns_too=True)
             self._lists.setdefault("keys", (counts, index))
             self._lists["queries"] = (counts_t, index_t)
         return self._lists["queries"]
 
-    def _list_source(self) -> torch.Tensor:
-        """What ``tile_lists`` reads: the bits where the mask holds them (``_packed_cols``)."""
+    def _held_tiles(self) -> torch.Tensor:
+        """The tensor the tiles are held in: the bools, or the bits."""
         return self._tiles if self._bits is None else self._bits
 
-    def _packed_cols(self) -> int | None:
-        return None if self._bits is None else self.grid[-1]
+    def _list_source(self) -> dict:
+        """``tile_lists``'s ``mask`` and ``packed_cols``: the bits where the mask holds them."""
+        return dict(mask=self._held_tiles(), packed_cols=None if self._bits is None else self.grid[-1])
 
     def held_tensors(self) -> list:
         """The tensors this mask holds: its tiles (bools or bits), visible tiles and the tile lists
         built so far (for counting the memory of per-tile state)."""
-        held = [self._tiles if self._bits is None else self._bits] + ([] if self.visible is None else [self.visible])
+        held = [self._held_tiles()] + ([] if self.visible is None else [self.visible])
         return held + [t for lists in self._lists.values() for t in lists]
 
     def __repr__(self) -> str:
@@ -155,10 +154,16 @@ def pack_tiles(tiles: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def packed_width(num_key_tiles: int) -> int:
+    """Bytes per row of ``num_key_tiles`` key tiles as bits (``pack_tiles``)."""
+    return -(-num_key_tiles // 8)
+
+
 def unpack_tiles(packed: torch.Tensor, num_key_tiles: int) -> torch.Tensor:
     """``pack_tiles``'s inverse: (..., ``num_key_tiles``) bool, contiguous."""
-    if packed.dtype != torch.uint8 or packed.shape[-1] != -(-num_key_tiles // 8):
-        raise ValueError(f"packed must be uint8 with {-(-num_key_tiles // 8)} bytes per row for {num_key_tiles} key "
+    width = packed_width(num_key_tiles)
+    if packed.dtype != torch.uint8 or packed.shape[-1] != width:
+        raise ValueError(f"packed must be uint8 with {width} bytes per row for {num_key_tiles} key "
                          f"tiles; got {packed.dtype} of shape {tuple(packed.shape)}")
     tiles = torch.empty((*packed.shape, 8), dtype=torch.bool, device=packed.device)
     for i in range(8):
