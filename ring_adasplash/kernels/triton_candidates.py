@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (ADD, INTERPRETED, MAX, MIN, at_head, dot, entmax_weights, list_slots, listed_logits,
-                            listed_query_tile_at, positive_gap, tile_ptrs)
+                            listed_query_tile_at, load_rows, positive_gap, tile_ptrs)
 from .triton_tau import newton_live_rows_step, schedule_rows
 
 NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF800000)
@@ -114,14 +114,13 @@ def candidate_output(Row_slots, found, longest, tau, V, Nonzero, stride_vs, stri
     acc_u = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     u_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     support = tl.full([BLOCK_M], 0.0, tl.float32)
-    dims = tl.arange(0, HEAD_DIM)
     for slot in range(0, longest):
         z = tl.load(Row_slots + 2 * slot, mask=slot < found, other=NEG_INF_BITS).to(tl.float32, bitcast=True)
         gap = positive_gap(z, tau)
         held = gap > 0
         key = tl.load(Row_slots + 2 * slot + 1, mask=held, other=0)
         p, u = entmax_weights(gap, gamma, POWER)
-        v = tl.load(V + key.to(tl.int64)[:, None] * stride_vs + dims[None, :] * stride_vd, mask=held[:, None], other=0.0)
+        v = load_rows(V, key, held, stride_vs, stride_vd, HEAD_DIM)
         acc += p[:, None] * v.to(tl.float32)
         if BACKWARD_SUMS:
             acc_u += u[:, None] * v.to(tl.float32)
