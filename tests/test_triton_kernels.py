@@ -509,6 +509,39 @@ def test_bf16_and_strided_inputs(interpreted):
     _check_against_reference(q, k, v, 1.5, True, tol=2e-2)
 
 
+def _call_with_gradients(q, k, v, alpha):
+    qa, ka, va = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = adasplash_func(qa, ka, va, alpha=alpha, causal=True)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.dtype))
+    return out, qa.grad, ka.grad, va.grad
+
+
+def test_rows_addressed_across_pages(interpreted, monkeypatch):
+    """Rows are addressed from the start of their page (``triton_common.row_page``: an int64 page
+    offset, int32 offsets inside it). With pages of 128 rows, tiles of 64 rows start at a page's
+    first row and in its middle, and a call of 300 tokens spans three pages: output and gradients
+    are those of one page (the default of 4096 rows) bit for bit, and the float64 reference's,
+    with strided inputs."""
+    common = importlib.import_module("ring_adasplash.kernels.triton_common")
+    assert common.ROW_PAGE >= 300  # the default: every row in the first page
+    packed = torch.randn(1, 300, 3, 2, 32, generator=torch.Generator().manual_seed(8)).mul(1.5)
+    q, k, v = packed.unbind(2)
+    one_page = _call_with_gradients(q, k, v, 1.5)
+    monkeypatch.setattr(common, "ROW_PAGE", type(common.ROW_PAGE)(128))
+    pages = _call_with_gradients(q, k, v, 1.5)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), pages, one_page):
+        assert torch.equal(a, b), name
+    _check_against_reference(q, k, v, 1.5, True, tol=1e-4)  # and right, not only alike
+
+
+def test_rows_longer_than_the_int32_offsets_allow_raise(interpreted):
+    common = importlib.import_module("ring_adasplash.kernels.triton_common")
+    wide = common.MAX_ROW_ELEMENTS + 16
+    q = torch.randn(2 * wide).as_strided((1, 2, 1, 16), (2 * wide, wide, 16, 1))
+    with pytest.raises(ValueError, match=f"q: one position spans {wide} elements"):
+        adasplash_func(q, q, q, alpha=1.5)
+
+
 def test_varlen_documents(interpreted):
     cu = torch.tensor([0, 37, 100, 150], dtype=torch.int32)
     q, k, v = (t[0] for t in _qkv(1, 150, 150, 2, 1, 16, seed=4))

@@ -28,8 +28,8 @@ import torch
 import triton
 
 from . import stats as S
-from . import (triton_backward, triton_candidates, triton_entmax, triton_histogram, triton_maxima, triton_newton,
-               triton_output, triton_refine, triton_tau)
+from . import (triton_backward, triton_candidates, triton_common, triton_entmax, triton_histogram, triton_maxima,
+               triton_newton, triton_output, triton_refine, triton_tau)
 from .backend import CANDIDATES_ENV, Gradients, Maxima, OutputRequest, OutputSums, PartialOutput, Problem
 from .block_mask import BlockMask
 from .compile_ahead import launch
@@ -79,7 +79,12 @@ def _precision(q: torch.Tensor) -> str:
 
 
 def _strides(name: str, x: torch.Tensor) -> dict:
-    """The strides of ``x`` (B, S, H, D) per axis, named as the kernels take them: stride_{name}b, ..."""
+    """The strides of ``x`` (B, S, H, D) per axis, named as the kernels take them: stride_{name}b, ...;
+    raises where one position spans more elements than the kernels' int32 offsets within a page
+    of rows allow (``triton_common.row_page``)."""
+    if x.stride(1) > triton_common.MAX_ROW_ELEMENTS:
+        raise ValueError(f"{name}: one position spans {x.stride(1)} elements (stride of dim 1 of (batch, seqlen, "
+                         f"heads, head_dim)); the kernels take at most {triton_common.MAX_ROW_ELEMENTS}")
     return {f"stride_{name}{axis}": stride for axis, stride in zip("bshd", x.stride())}
 
 

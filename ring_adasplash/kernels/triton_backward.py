@@ -35,11 +35,12 @@ def dkdv_tiles(k, v, Qh, DOh, Q_limit, Q_doc, Q_first, k_pos, k_doc, k_win_pos, 
     (``list_slots``; with ``FULL``, the query tiles that see every key of this tile)."""
     start, stop = list_slots(count, full_first, full_end, FULL)
     for i in range(start, stop):
-        offs_m = listed_tile(Index, list_slot(i, full_first, full_end, FULL)) * BLOCK_M + tl.arange(0, BLOCK_M)
+        start_m = listed_tile(Index, list_slot(i, full_first, full_end, FULL)) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         in_q = offs_m < seqlen_q
         rows = row_offsets(bh, seqlen_q, offs_m)
-        q = load_rows(Qh, offs_m, in_q, stride_qs, stride_qd, HEAD_DIM)
-        do = load_rows(DOh, offs_m, in_q, stride_dos, stride_dod, HEAD_DIM)
+        q = load_rows(Qh, start_m, in_q, stride_qs, stride_qd, BLOCK_M, HEAD_DIM)
+        do = load_rows(DOh, start_m, in_q, stride_dos, stride_dod, BLOCK_M, HEAD_DIM)
         shift = tl.load(Shift + rows, mask=in_q, other=0.0)
         tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
         delta = tl.load(Delta + rows, mask=in_q, other=0.0)
@@ -72,8 +73,10 @@ def dkdv_kernel(
 ):
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tile_k, bhk, b, hk, offs_n, in_k = program_tile(num_heads_kv, seqlen_k, BLOCK_N)
-    k = load_rows(at_head(K, b, hk, stride_kb, stride_kh), offs_n, in_k, stride_ks, stride_kd, HEAD_DIM)
-    v = load_rows(at_head(V, b, hk, stride_vb, stride_vh), offs_n, in_k, stride_vs, stride_vd, HEAD_DIM)
+    k = load_rows(at_head(K, b, hk, stride_kb, stride_kh), tile_k * BLOCK_N, in_k, stride_ks, stride_kd, BLOCK_N,
+                  HEAD_DIM)
+    v = load_rows(at_head(V, b, hk, stride_vb, stride_vh), tile_k * BLOCK_N, in_k, stride_vs, stride_vd, BLOCK_N,
+                  HEAD_DIM)
     k_pos, k_doc, k_win_pos = key_positions(K_pos, K_doc, K_win_pos, offs_n, in_k)
     q_full_lo = tl.load(Q_full_lo + tile_k)
     q_full_hi = tl.load(Q_full_hi + tile_k)
@@ -99,17 +102,21 @@ def dkdv_kernel(
     nan_key = tl.load(Nan_keys + (b * seqlen_k + offs_n).to(tl.int64) * num_heads_kv + hk, mask=in_k, other=0) != 0
     dk = tl.where(nan_key[:, None], float("nan"), dk * softmax_scale)
     dv = tl.where(nan_key[:, None], float("nan"), dv)
-    DK = tile_ptrs(at_head(DK, b, hk, stride_dkb, stride_dkh), offs_n, stride_dks, stride_dkd, HEAD_DIM)
-    DV = tile_ptrs(at_head(DV, b, hk, stride_dkb, stride_dkh), offs_n, stride_dks, stride_dkd, HEAD_DIM)
+    DK = tile_ptrs(at_head(DK, b, hk, stride_dkb, stride_dkh), tile_k * BLOCK_N, stride_dks, stride_dkd, BLOCK_N,
+                   HEAD_DIM)
+    DV = tile_ptrs(at_head(DV, b, hk, stride_dkb, stride_dkh), tile_k * BLOCK_N, stride_dks, stride_dkd, BLOCK_N,
+                   HEAD_DIM)
     tl.store(DK, dk, mask=in_k[:, None])
     tl.store(DV, dv, mask=in_k[:, None])
 
 
 @triton.jit
-def row_delta(Out_u, U_sum, do, b, h, offs_m, in_q, rows, stride_ob, stride_os, stride_oh, stride_od,
-              HEAD_DIM: tl.constexpr):
-    """delta = (dO . sum u v) / sum u of the rows ``offs_m`` (``torch_blockwise.row_delta``)."""
-    out_u = load_rows(at_head(Out_u, b, h, stride_ob, stride_oh), offs_m, in_q, stride_os, stride_od, HEAD_DIM)
+def row_delta(Out_u, U_sum, do, b, h, start_m, in_q, rows, stride_ob, stride_os, stride_oh, stride_od,
+              BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """delta = (dO . sum u v) / sum u of the rows ``start_m`` to ``start_m + BLOCK_M - 1``
+    (``torch_blockwise.row_delta``)."""
+    out_u = load_rows(at_head(Out_u, b, h, stride_ob, stride_oh), start_m, in_q, stride_os, stride_od, BLOCK_M,
+                      HEAD_DIM)
     u_sum = tl.load(U_sum + rows, mask=in_q, other=0.0)
     dot_ = tl.reduce(do.to(tl.float32) * out_u.to(tl.float32), 1, ADD)
     return tl.where(u_sum > 0, dot_ / tl.maximum(u_sum, 1e-30), 0.0)
@@ -127,8 +134,8 @@ def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, fu
         tile_k = listed_tile(Tile_index, list_slot(j, full_first, full_end, FULL))
         offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
         in_k = offs_n < seqlen_k
-        k = load_rows(K, offs_n, in_k, stride_ks, stride_kd, HEAD_DIM)
-        v = load_rows(V, offs_n, in_k, stride_vs, stride_vd, HEAD_DIM)
+        k = load_rows(K, tile_k * BLOCK_N, in_k, stride_ks, stride_kd, BLOCK_N, HEAD_DIM)
+        v = load_rows(V, tile_k * BLOCK_N, in_k, stride_vs, stride_vd, BLOCK_N, HEAD_DIM)
         z = (dot(q, tl.trans(k), PRECISION) - shift[:, None]) * scale_z
         g = dot(do, tl.trans(v), PRECISION)
         z = hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, in_q, offs_n, in_k, FULL)
@@ -166,12 +173,13 @@ def dq_kernel(
         stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
         GROUP, HEAD_DIM, BLOCK_M)
     V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
-    do = load_rows(at_head(DO, b, h, stride_dob, stride_doh), offs_m, in_q, stride_dos, stride_dod, HEAD_DIM)
+    do = load_rows(at_head(DO, b, h, stride_dob, stride_doh), tile_q * BLOCK_M, in_q, stride_dos, stride_dod, BLOCK_M,
+                   HEAD_DIM)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
     if COMPUTE_DELTA:
-        delta = row_delta(Out_u, U_sum, do, b, h, offs_m, in_q, rows, stride_ob, stride_os, stride_oh, stride_od,
-                          HEAD_DIM)
+        delta = row_delta(Out_u, U_sum, do, b, h, tile_q * BLOCK_M, in_q, rows, stride_ob, stride_os, stride_oh,
+                          stride_od, BLOCK_M, HEAD_DIM)
         tl.store(Delta + rows, delta, mask=in_q)
     else:
         delta = tl.load(Delta + rows, mask=in_q, other=0.0)
@@ -186,6 +194,7 @@ def dq_kernel(
     if ALPHA_SUMS:  # (B, H, Sq), NaN on rows that see a non-finite score
         tl.store(Alpha_sums + rows, tl.where(tau != tau, float("nan"), alpha_sum), mask=in_q)
 
-    DQ = tile_ptrs(at_head(DQ, b, h, stride_dqb, stride_dqh), offs_m, stride_dqs, stride_dqd, HEAD_DIM)
+    DQ = tile_ptrs(at_head(DQ, b, h, stride_dqb, stride_dqh), tile_q * BLOCK_M, stride_dqs, stride_dqd, BLOCK_M,
+                   HEAD_DIM)
     dq = tl.where((tau == tau)[:, None], dq * softmax_scale, float("nan"))  # rows that see a non-finite score
     tl.store(DQ, dq, mask=in_q[:, None])

@@ -24,8 +24,8 @@ sequence.
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, INTERPRETED, MAX, MIN, at_head, dot, entmax_weights, list_slots, listed_logits,
-                            listed_query_tile_at, load_rows, positive_gap, tile_ptrs)
+from .triton_common import (ADD, INTERPRETED, MAX, MIN, at_head, dot, entmax_weights, gather_rows, list_slots,
+                            listed_logits, listed_query_tile_at, positive_gap, tile_ptrs)
 from .triton_tau import newton_live_rows_step, schedule_rows
 
 NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF800000)
@@ -120,7 +120,7 @@ def candidate_output(Row_slots, found, longest, tau, V, Nonzero, stride_vs, stri
         held = gap > 0
         key = tl.load(Row_slots + 2 * slot + 1, mask=held, other=0)
         p, u = entmax_weights(gap, gamma, POWER)
-        v = load_rows(V, key, held, stride_vs, stride_vd, HEAD_DIM)
+        v = gather_rows(V, key, held, stride_vs, stride_vd, HEAD_DIM)
         acc += p[:, None] * v.to(tl.float32)
         if BACKWARD_SUMS:
             acc_u += u[:, None] * v.to(tl.float32)
@@ -219,10 +219,10 @@ def candidate_schedule_kernel(
                         Nonzero + tile_row, stride_vs, stride_vd, gamma, POWER, BACKWARD_SUMS, HEAD_DIM, BLOCK_M,
                         BLOCK_N)
                     acc = tl.where((row_max == row_max)[:, None], acc, float("nan"))  # a non-finite score
-                    tl.store(tile_ptrs(at_head(Out, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od,
-                                       HEAD_DIM), acc, mask=in_q[:, None])
+                    tl.store(tile_ptrs(at_head(Out, b, h, stride_ob, stride_oh), tile_q * BLOCK_M, stride_os,
+                                       stride_od, BLOCK_M, HEAD_DIM), acc, mask=in_q[:, None])
                     if BACKWARD_SUMS:
-                        tl.store(tile_ptrs(at_head(Out_u, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od,
-                                           HEAD_DIM), acc_u, mask=in_q[:, None])
+                        tl.store(tile_ptrs(at_head(Out_u, b, h, stride_ob, stride_oh), tile_q * BLOCK_M, stride_os,
+                                           stride_od, BLOCK_M, HEAD_DIM), acc_u, mask=in_q[:, None])
                         tl.store(U_sum + rows, u_sum, mask=in_q)
                     tl.store(Support + rows, support, mask=in_q)

@@ -47,25 +47,61 @@ def at_head(X, b, h, stride_b, stride_h):
     return X + b.to(tl.int64) * stride_b + h * stride_h
 
 
-@triton.jit
-def tile_ptrs(X, offs, stride_s, stride_d, HEAD_DIM: tl.constexpr):
-    """Pointers (len(offs), HEAD_DIM) to the rows ``offs`` of one head of ``X``. Row offsets are
-    int64: from 2^31 elements (2M tokens at 16 heads, D 128) ``offs * stride_s`` overflows int32."""
-    return X + offs.to(tl.int64)[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :] * stride_d
+# Rows are addressed from the start of their page of ROW_PAGE rows (``row_page``): a tile's
+# element offsets from there are int32 (they stay below 2^31 while a row spans fewer than
+# MAX_ROW_ELEMENTS elements, which the launcher checks), the page's own offset is int64.
+ROW_PAGE = tl.constexpr(4096)
+MAX_ROW_ELEMENTS = 2**31 // (2 * 4096 + 1)  # a tile's rows end below two pages; plus one row of head dims
 
 
 @triton.jit
-def load_rows(X, offs, in_range, stride_s, stride_d, HEAD_DIM: tl.constexpr):
-    """The rows ``offs`` of one head of ``X`` (len(offs), HEAD_DIM), zeros where not ``in_range``."""
-    return tl.load(tile_ptrs(X, offs, stride_s, stride_d, HEAD_DIM), mask=in_range[:, None], other=0.0)
+def row_page(X, start, stride_s):
+    """``(X at the first row of the page holding row start, start's row in that page)``. The page
+    offset is int64: from 2^31 elements in a tensor (2M tokens at 16 heads, D 128) ``start *
+    stride_s`` overflows int32. The offsets within the page stay int32 and depend on ``start``:
+    int64 offsets per element, or an int64 tile of offsets hoisted out of a loop, cost registers
+    and time in the sweeps."""
+    page_start = start - start % ROW_PAGE
+    return X + page_start.to(tl.int64) * stride_s, start - page_start
 
 
 @triton.jit
-def load_columns(X, offs, in_range, stride_s, stride_d, HEAD_DIM: tl.constexpr):
-    """The rows ``offs`` of one head of ``X`` as columns (HEAD_DIM, len(offs)), zeros where not
-    ``in_range``: ``q @ k^T`` with no transpose."""
-    Columns = X + offs.to(tl.int64)[None, :] * stride_s + tl.arange(0, HEAD_DIM)[:, None] * stride_d
-    return tl.load(Columns, mask=in_range[None, :], other=0.0)
+def tile_ptrs(X, start, stride_s, stride_d, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Pointers (BLOCK, HEAD_DIM) to the rows ``start`` to ``start + BLOCK - 1`` of one head of ``X``."""
+    tl.static_assert(BLOCK <= ROW_PAGE)
+    Page, row = row_page(X, start, stride_s)
+    return Page + ((row + tl.arange(0, BLOCK))[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :] * stride_d)
+
+
+@triton.jit
+def load_rows(X, start, in_range, stride_s, stride_d, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The rows ``start`` to ``start + BLOCK - 1`` of one head of ``X`` (BLOCK, HEAD_DIM), zeros
+    where not ``in_range``."""
+    return tl.load(tile_ptrs(X, start, stride_s, stride_d, BLOCK, HEAD_DIM), mask=in_range[:, None], other=0.0)
+
+
+@triton.jit
+def column_ptrs(X, start, stride_s, stride_d, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``tile_ptrs`` transposed: (HEAD_DIM, BLOCK), ``q @ k^T`` with no transpose."""
+    tl.static_assert(BLOCK <= ROW_PAGE)
+    Page, row = row_page(X, start, stride_s)
+    return Page + ((row + tl.arange(0, BLOCK))[None, :] * stride_s + tl.arange(0, HEAD_DIM)[:, None] * stride_d)
+
+
+@triton.jit
+def load_columns(X, start, in_range, stride_s, stride_d, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The rows ``start`` to ``start + BLOCK - 1`` of one head of ``X`` as columns (HEAD_DIM,
+    BLOCK), zeros where not ``in_range``."""
+    return tl.load(column_ptrs(X, start, stride_s, stride_d, BLOCK, HEAD_DIM), mask=in_range[None, :], other=0.0)
+
+
+@triton.jit
+def gather_rows(X, rows, held, stride_s, stride_d, HEAD_DIM: tl.constexpr):
+    """The rows ``rows`` (any order) of one head of ``X`` (len(rows), HEAD_DIM), zeros where not
+    ``held``. Each row's offset is int64 (``row_page``), once per row: the pointers of the row's
+    elements add int32 offsets to it."""
+    Rows = (X + rows.to(tl.int64) * stride_s)[:, None] + tl.arange(0, HEAD_DIM)[None, :] * stride_d
+    return tl.load(Rows, mask=held[:, None], other=0.0)
 
 
 @triton.jit
@@ -129,7 +165,8 @@ def query_tile_at(tile, bh, Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, st
                   num_heads, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """``query_tile`` of query tile ``tile`` of batch x query head ``bh``."""
     tile_q, bh, b, h, offs_m, in_q = tile_at(tile, bh, num_heads, seqlen_q, BLOCK_M)
-    q = load_rows(at_head(Q, b, h, stride_qb, stride_qh), offs_m, in_q, stride_qs, stride_qd, HEAD_DIM)
+    q = load_rows(at_head(Q, b, h, stride_qb, stride_qh), tile * BLOCK_M, in_q, stride_qs, stride_qd, BLOCK_M,
+                  HEAD_DIM)
     q_limit, q_doc, q_first = query_positions(Q_limit, Q_doc, Q_first, offs_m, in_q)
     return tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first
 
@@ -266,31 +303,32 @@ def hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, in_q, of
 
 
 @triton.jit
-def masked_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n,
+def masked_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, tile_k,
                   stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
-                  HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """z = (q . k - shift) scale_z (BLOCK_M, BLOCK_N) fp32 of one key tile (``shift`` per row), -inf
-    where a pair is not visible."""
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """z = (q . k - shift) scale_z (BLOCK_M, BLOCK_N) fp32 of key tile ``tile_k`` (``shift`` per
+    row), -inf where a pair is not visible."""
+    offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
     in_k = offs_n < seqlen_k
-    scores = dot(q, load_columns(K, offs_n, in_k, stride_ks, stride_kd, HEAD_DIM), PRECISION)
+    scores = dot(q, load_columns(K, tile_k * BLOCK_N, in_k, stride_ks, stride_kd, BLOCK_N, HEAD_DIM), PRECISION)
     z = (scores - shift[:, None]) * scale_z
     return hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m < seqlen_q, offs_n, in_k, False)
 
 
 @triton.jit
-def tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n,
+def tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, tile_k,
                 stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
-                HEAD_DIM: tl.constexpr, FULL: tl.constexpr, PRECISION: tl.constexpr):
-    """z = (q . k - shift) scale_z (BLOCK_M, BLOCK_N) fp32 of one key tile: with ``FULL`` every
-    pair of the tile is visible (no position loads, no mask: most tiles of a causal layout), else
-    ``masked_logits``. The shift is subtracted before the scale: both are exact where it matters
-    (scores near the row's max), so z does not depend on the size of the scores."""
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr, PRECISION: tl.constexpr):
+    """z = (q . k - shift) scale_z (BLOCK_M, BLOCK_N) fp32 of key tile ``tile_k``: with ``FULL``
+    every pair of the tile is visible (no position loads, no mask: most tiles of a causal layout),
+    else ``masked_logits``. The shift is subtracted before the scale: both are exact where it
+    matters (scores near the row's max), so z does not depend on the size of the scores."""
     if FULL:
-        K_tile = K + offs_n.to(tl.int64)[None, :] * stride_ks + tl.arange(0, HEAD_DIM)[:, None] * stride_kd
+        K_tile = column_ptrs(K, tile_k * BLOCK_N, stride_ks, stride_kd, BLOCK_N, HEAD_DIM)
         z = (dot(q, tl.load(K_tile), PRECISION) - shift[:, None]) * scale_z
     else:
-        z = masked_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n,
-                          stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, PRECISION)
+        z = masked_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, tile_k,
+                          stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N, PRECISION)
     return z
 
 
@@ -302,8 +340,8 @@ def listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full
     (``tile_logits``)."""
     tile_k = listed_tile(Tile_index, list_slot(j, full_first, full_end, FULL))
     offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    z = tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n, stride_ks, stride_kd,
-                    seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, FULL, PRECISION)
+    z = tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, tile_k, stride_ks, stride_kd,
+                    seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
     return tile_k, offs_n, z
 
 

@@ -56,9 +56,8 @@ def span_tile_scores(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, off
     """Raw scores ``q . k`` of key tile ``tile_k`` with invisible pairs at -inf, all -inf when it
     lies below the span's first tile ``lo`` (a tile outside the span is read at tile 0 and counts
     as all invisible)."""
-    offs_n = tl.maximum(tile_k, 0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    s = masked_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n,
-                      stride_ks, stride_kd, seqlen_q, seqlen_k, no_shift, 1.0, HEAD_DIM, PRECISION)
+    s = masked_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, tl.maximum(tile_k, 0),
+                      stride_ks, stride_kd, seqlen_q, seqlen_k, no_shift, 1.0, HEAD_DIM, BLOCK_N, PRECISION)
     return tl.where(tile_k >= lo, s, float("-inf"))
 
 
@@ -98,9 +97,8 @@ def max_tiles(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, Ti
     no_shift = tl.full(m_i.shape, 0.0, tl.float32)
     for step in range(0, end - first):
         tile_k = end - 1 - step
-        offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        s = tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, offs_n, stride_ks, stride_kd,
-                        seqlen_q, seqlen_k, no_shift, 1.0, HEAD_DIM, FULL, PRECISION)
+        s = tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, tile_k, stride_ks, stride_kd,
+                        seqlen_q, seqlen_k, no_shift, 1.0, HEAD_DIM, BLOCK_N, FULL, PRECISION)
         s_max = row_max_with_nan(s)
         m_i = tl.maximum(m_i, s_max, propagate_nan=tl.PropagateNan.ALL)
         # in z, relative to the running max: differences of nearby scores are exact

@@ -34,7 +34,7 @@ def output_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first
                                           scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
         gap = positive_gap(z, tau[:, None])
         p, u = entmax_weights(gap, gamma, POWER)
-        v = load_rows(V, offs_n, offs_n < seqlen_k, stride_vs, stride_vd, HEAD_DIM)
+        v = load_rows(V, tile_k * BLOCK_N, offs_n < seqlen_k, stride_vs, stride_vd, BLOCK_N, HEAD_DIM)
         acc += dot(p.to(v.dtype), v, PRECISION)
         if BACKWARD_SUMS:
             acc_u += dot(u.to(v.dtype), v, PRECISION)
@@ -83,10 +83,10 @@ def output_kernel(
                 PRECISION)
 
         acc = tl.where((tau == tau)[:, None], acc, float("nan"))  # rows that see a non-finite score
-        tl.store(tile_ptrs(at_head(Out, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od, HEAD_DIM), acc,
-                 mask=in_q[:, None])
+        tl.store(tile_ptrs(at_head(Out, b, h, stride_ob, stride_oh), tile_q * BLOCK_M, stride_os, stride_od, BLOCK_M,
+                           HEAD_DIM), acc, mask=in_q[:, None])
         if BACKWARD_SUMS:
-            tl.store(tile_ptrs(at_head(Out_u, b, h, stride_ob, stride_oh), offs_m, stride_os, stride_od, HEAD_DIM),
-                     acc_u, mask=in_q[:, None])
+            tl.store(tile_ptrs(at_head(Out_u, b, h, stride_ob, stride_oh), tile_q * BLOCK_M, stride_os, stride_od,
+                               BLOCK_M, HEAD_DIM), acc_u, mask=in_q[:, None])
             tl.store(U_sum + rows, u_sum, mask=in_q)
         tl.store(Support + rows, support, mask=in_q)
