@@ -6,6 +6,7 @@ ptxas. Run by ``test_triton_compile.py`` as two subprocesses:
     TRITON_INTERPRET=1 python3 tests/offline_compile.py capture PATH
     python3 tests/offline_compile.py compile PATH
 """
+import contextlib
 import importlib
 import inspect
 import os
@@ -18,15 +19,13 @@ TYPES = {"torch.bfloat16": "*bf16", "torch.float32": "*fp32", "torch.float16": "
 SM90_SHARED_BYTES = 232448  # shared memory one block may use on an H100 or H200
 
 
-def capture(path: str) -> None:
-    """Forward and backward at alpha 1.5, 2 and 1.3, bf16 and fp32, causal with a window and sinks
-    and with key padding; the Newton schedule's forward; a learnable alpha's backward; head dim
-    256; entmax over tensors; writes
-    {(kernel module, name): [arguments by name, as (kind, value)]} (a tensor's value: its dtype and
-    whether its address is a multiple of 16)."""
+@contextlib.contextmanager
+def recorded_launches():
+    """Within the block, every launch through ``triton_backend.launch`` is recorded into the dict
+    yielded: {(kernel module, name): [arguments by name, as (kind, value)]} (a tensor's value: its
+    dtype and whether its address is a multiple of 16)."""
     import torch
 
-    import ring_adasplash as ra
     from ring_adasplash.kernels import triton_backend
 
     launched = {}
@@ -50,6 +49,29 @@ def capture(path: str) -> None:
         return call
 
     triton_backend.launch = recording
+    try:
+        yield launched
+    finally:
+        triton_backend.launch = launch
+
+
+def capture(path: str) -> None:
+    """Forward and backward at alpha 1.5, 2 and 1.3, bf16 and fp32, causal with a window and sinks
+    and with key padding; the Newton schedule's forward; a learnable alpha's backward; head dim
+    256; entmax over tensors; writes what ``recorded_launches`` records to ``path``."""
+    import torch
+
+    import ring_adasplash as ra
+    from ring_adasplash.kernels import triton_backend
+
+    with recorded_launches() as launched:
+        _capture_calls(ra, triton_backend, torch)
+    with open(path, "wb") as f:
+        pickle.dump(launched, f)
+
+
+def _capture_calls(ra, triton_backend, torch) -> None:
+    """The calls ``capture`` records."""
     for dtype in (torch.bfloat16, torch.float32):
         for alpha in (1.5, 2.0, 1.3):
             q, k, v = (torch.randn(2, 130, 2, 64).to(dtype).requires_grad_() for _ in range(3))
@@ -76,12 +98,11 @@ def capture(path: str) -> None:
         for dtype in (torch.bfloat16, torch.float32):
             ra.entmax(torch.randn(3, 100).to(dtype), alpha)
         triton_backend.entmax_rows(torch.randn(2, 100), alpha, row_block=32)
-    with open(path, "wb") as f:
-        pickle.dump(launched, f)
 
 
-def compile_all(path: str) -> tuple[int, list]:
-    """Compiles every distinct recorded specialization; returns (compiled, failures)."""
+def compile_all(path: str, on_binary=None) -> tuple[int, list]:
+    """Compiles every distinct recorded specialization; returns (compiled, failures).
+    ``on_binary(kernel name, compiled kernel)``, where given, is called with each one."""
     import triton
     from ring_adasplash.kernels.compile_ahead import LAUNCH_OPTIONS
     from triton.backends.compiler import GPUTarget
@@ -126,6 +147,8 @@ def compile_all(path: str) -> tuple[int, list]:
             except Exception as error:  # noqa: BLE001 - every failure is reported by the test
                 failures.append(f"{name}: {type(error).__name__}: {str(error)[-1500:]}")
                 continue
+            if on_binary is not None:
+                on_binary(name, binary)
             if binary.metadata.shared > SM90_SHARED_BYTES:  # the launch would fail on the GPU
                 failures.append(f"{name}: {binary.metadata.shared} bytes of shared memory, more than an sm_90 "
                                 f"block may use ({SM90_SHARED_BYTES}); constexprs {constexprs}")

@@ -1,0 +1,145 @@
+"""What one trip of each kernel loop costs, in instructions, without a GPU: the forward's kernels
+compiled for sm_90 the way they launch (one H100 or H200), and their loops read off the SASS.
+
+    python benchmarks/kernel_loops.py --family scattered --head-dim 128
+    python benchmarks/kernel_loops.py --head-dim 64 --kernels candidate_schedule_kernel,max_kernel
+
+Two processes, as ``tests/offline_compile.py`` runs them: the first runs one forward under
+Triton's interpreter (Triton backend, ``--seqlen`` tokens, every query tile on the candidate
+keys) and records each launch's arguments; the second compiles each recorded specialization
+with Triton's own ptxas and disassembles it with ``nvdisasm`` (shipped with Triton's NVIDIA
+backend). Per kernel: registers and stack (spills) a thread takes; per loop (a backward branch),
+its instructions, its tensor-core ops (``HGMMA``), local-memory loads and stores (spills) and the
+most frequent opcodes. A loop over key tiles with ``HGMMA`` is one trip per key tile (or per
+``UNROLL`` tiles), so its instruction count is what a tile costs a program; the same loop in the
+max kernel is the floor of a Q.K^T sweep. Static counts: what runs is for the GPU to measure.
+"""
+import argparse
+import collections
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+import common  # noqa: E402
+import offline_compile  # noqa: E402
+from inputs import FAMILIES  # noqa: E402
+
+TOOLS = None  # Triton's NVIDIA binaries (ptxas, nvdisasm, cuobjdump), found on first use
+
+
+def _tool(name: str) -> str:
+    global TOOLS
+    if TOOLS is None:
+        import triton.backends.nvidia as nvidia
+
+        TOOLS = os.path.join(os.path.dirname(nvidia.__file__), "bin")
+    return os.path.join(TOOLS, name)
+
+
+def capture(args, path: str) -> None:
+    """One interpreted forward of ``args``' inputs, its launches recorded into ``path``."""
+    import torch
+
+    import ring_adasplash as ra
+    from inputs import make_qkv
+    from ring_adasplash.kernels import triton_backend
+
+    triton_backend.FEW_TILES = 0  # every query tile on the candidate keys, as on long rows
+    q, k, v = make_qkv(args.family, 1, args.seqlen, args.heads, args.head_dim, args.amp, torch.bfloat16, "cpu")
+    with offline_compile.recorded_launches() as launched:
+        ra.adasplash_func(q, k, v, alpha=args.alpha)
+    with open(path, "wb") as f:
+        pickle.dump({key: calls[:1] for key, calls in launched.items()}, f)
+
+
+def instructions(sass: str) -> tuple[list, dict]:
+    """The instructions of ``nvdisasm -c`` output (opcode with modifiers, predicate dropped) and
+    the index of each label."""
+    ops, labels = [], {}
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.L_x_(\d+):", line)
+        if label:
+            labels[int(label.group(1))] = len(ops)
+            continue
+        ins = re.match(r"\s+/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
+        if ins:
+            words = ins.group(1).split()
+            ops.append((words[1] if words[0].startswith("@") else words[0], ins.group(1)))
+    return ops, labels
+
+
+def loops(ops: list, labels: dict) -> list:
+    """(first, last) instruction index of every loop: a branch back to a label at or before it."""
+    found = set()
+    for i, (_, text) in enumerate(ops):
+        target = re.search(r"BRA\s+`\(\.L_x_(\d+)\)", text)
+        if target and labels.get(int(target.group(1)), len(ops)) <= i:
+            found.add((labels[int(target.group(1))], i))
+    return sorted(found)
+
+
+def report(name: str, cubin: str, min_loop: int) -> None:
+    usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+    resources = " ".join(re.findall(r"(REG:\d+|STACK:\d+|SHARED:\d+)", usage))
+    sass = subprocess.run([_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
+    ops, labels = instructions(sass)
+    print(f"\n{name}: {len(ops)} instructions; {resources}")
+    print("| loop (instructions) | per trip | HGMMA | LDL / STL (spills) | most frequent |\n|---|---|---|---|---|")
+    for first, last in loops(ops, labels):
+        counts = collections.Counter(op.split(".")[0] for op, _ in ops[first:last + 1])
+        if counts["HGMMA"] == 0 and last - first + 1 < min_loop:
+            continue
+        common_ops = ", ".join(f"{op} {n}" for op, n in counts.most_common(8))
+        print(f"| {first}-{last} | {last - first + 1} | {counts['HGMMA']} | {counts['LDL']} / {counts['STL']} | "
+              f"{common_ops} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=sorted(FAMILIES), default="scattered", help="input family (inputs.py)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens of the interpreted forward (only its "
+                                                            "specializations matter)")
+    p.add_argument("--heads", type=int, default=16, help="attention heads")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension")
+    p.add_argument("--amp", type=float, default=1.0, help="input amplitude")
+    p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha")
+    p.add_argument("--kernels", type=common.csv_list(str), default=[], help="kernel names to report (default: all)")
+    p.add_argument("--min-loop", type=int, default=300, help="report loops without HGMMA from this many "
+                                                             "instructions on")
+    p.add_argument("--capture", metavar="PATH", help=argparse.SUPPRESS)  # the interpreted half
+    args = p.parse_args()
+    if args.capture:
+        capture(args, args.capture)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        record = os.path.join(tmp, "launches.pkl")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--capture", record], check=True,
+                       env=env | {"TRITON_INTERPRET": "1", "RING_ADASPLASH_BACKEND": "triton"})
+        binaries = []
+
+        def keep(name, binary):
+            if not args.kernels or name in args.kernels:
+                path = os.path.join(tmp, f"{name}_{len(binaries)}.cubin")
+                with open(path, "wb") as f:
+                    f.write(binary.asm["cubin"])
+                binaries.append((name, path))
+
+        compiled, failures = offline_compile.compile_all(record, on_binary=keep)
+        for failure in failures:
+            print("FAILED", failure)
+        common.print_header("cpu", {"target": "sm_90 (offline)", "family": args.family, "heads": args.heads,
+                                    "head_dim": args.head_dim, "alpha": args.alpha, "dtype": "bf16"})
+        for name, path in binaries:
+            report(name, path, args.min_loop)
+
+
+if __name__ == "__main__":
+    main()
