@@ -1,5 +1,6 @@
 """What one trip of each kernel loop costs, in instructions, without a GPU: the forward's kernels
-compiled for sm_90 the way they launch (one H100 or H200), and their loops read off the SASS.
+(with ``--backward`` the backward's too) compiled for sm_90 the way they launch (one H100 or
+H200), and their loops read off the SASS.
 
     python benchmarks/kernel_loops.py --family scattered --head-dim 128
     python benchmarks/kernel_loops.py --head-dim 64 --kernels candidate_schedule_kernel,max_kernel
@@ -52,9 +53,12 @@ def capture(args, path: str) -> None:
     from ring_adasplash.kernels import triton_backend
 
     triton_backend.FEW_TILES = 0  # every query tile on the candidate keys, as on long rows
-    q, k, v = make_qkv(args.family, 1, args.seqlen, args.heads, args.head_dim, args.amp, torch.bfloat16, "cpu")
+    q, k, v = (x.requires_grad_(args.backward) for x in
+               make_qkv(args.family, 1, args.seqlen, args.heads, args.head_dim, args.amp, torch.bfloat16, "cpu"))
     with offline_compile.recorded_launches() as launched:
-        ra.adasplash_func(q, k, v, alpha=args.alpha)
+        out = ra.adasplash_func(q, k, v, alpha=args.alpha)
+        if args.backward:
+            out.float().sum().backward()
     with open(path, "wb") as f:
         pickle.dump({key: calls[:1] for key, calls in launched.items()}, f)
 
@@ -110,6 +114,8 @@ def main():
     p.add_argument("--head-dim", type=int, default=128, help="head dimension")
     p.add_argument("--amp", type=float, default=1.0, help="input amplitude")
     p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha")
+    p.add_argument("--backward", action="store_true", help="the backward's kernels too (the forward then "
+                                                            "keeps the backward's sums)")
     p.add_argument("--kernels", type=common.csv_list(str), default=[], help="kernel names to report (default: all)")
     p.add_argument("--min-loop", type=int, default=300, help="report loops without HGMMA from this many "
                                                              "instructions on")
