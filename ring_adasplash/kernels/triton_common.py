@@ -51,7 +51,7 @@ def at_head(X, b, h, stride_b, stride_h):
 # element offsets from there are int32 (they stay below 2^31 while a row spans fewer than
 # MAX_ROW_ELEMENTS elements, which the launcher checks), the page's own offset is int64.
 ROW_PAGE = tl.constexpr(4096)
-MAX_ROW_ELEMENTS = 2**31 // (2 * 4096 + 1)  # a tile's rows end below two pages; plus one row of head dims
+MAX_ROW_ELEMENTS = 2**31 // (2 * ROW_PAGE.value + 1)  # a tile's rows end below two pages; plus one row of head dims
 
 
 @triton.jit
