@@ -229,23 +229,29 @@ def head_alphas(spec: str, alpha: float, heads: int):
     return [lo + (hi - lo) * h / max(1, heads - 1) for h in range(heads)]
 
 
+def with_env(step, name: str, value: str):
+    """``step`` run with the environment variable ``name`` at ``value`` (as it was before, after)."""
+
+    def run():
+        previous = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return step()
+        finally:
+            if previous is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = previous
+
+    return run
+
+
 def without_cuda_graphs(step):
     """``step`` with ring-adasplash's CUDA graphs off (ring_adasplash/cuda_graphs.py) for the whole
     step, backward included: every kernel launched from Python on every call."""
     from ring_adasplash import cuda_graphs
 
-    def run():
-        previous = os.environ.get(cuda_graphs.MODE_ENV)
-        os.environ[cuda_graphs.MODE_ENV] = "off"
-        try:
-            return step()
-        finally:
-            if previous is None:
-                del os.environ[cuda_graphs.MODE_ENV]
-            else:
-                os.environ[cuda_graphs.MODE_ENV] = previous
-
-    return run
+    return with_env(step, cuda_graphs.MODE_ENV, "off")
 
 
 TELEMETRY = "ring_adasplash.telemetry:record"  # context manager yielding our counters

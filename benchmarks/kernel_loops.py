@@ -32,16 +32,12 @@ import common  # noqa: E402
 import offline_compile  # noqa: E402
 from inputs import FAMILIES  # noqa: E402
 
-TOOLS = None  # Triton's NVIDIA binaries (ptxas, nvdisasm, cuobjdump), found on first use
-
 
 def _tool(name: str) -> str:
-    global TOOLS
-    if TOOLS is None:
-        import triton.backends.nvidia as nvidia
+    """Path of one of Triton's NVIDIA binaries (ptxas, nvdisasm, cuobjdump)."""
+    import triton.backends.nvidia as nvidia
 
-        TOOLS = os.path.join(os.path.dirname(nvidia.__file__), "bin")
-    return os.path.join(TOOLS, name)
+    return os.path.join(os.path.dirname(nvidia.__file__), "bin", name)
 
 
 def capture(args, path: str) -> None:

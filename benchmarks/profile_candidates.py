@@ -86,19 +86,9 @@ def schedule_with(args, kwargs, row_max=None, output=True, slots=None):
     kwargs = dict(kwargs) if output else {key: value for key, value in kwargs.items() if key != "output"}
 
     def call():
-        saved = os.environ.get(CANDIDATES_ENV)
-        if slots is not None:
-            os.environ[CANDIDATES_ENV] = str(slots)
-        try:
-            return triton_backend.newton_schedule(*args, **kwargs)
-        finally:
-            if slots is not None:
-                if saved is None:
-                    del os.environ[CANDIDATES_ENV]
-                else:
-                    os.environ[CANDIDATES_ENV] = saved
+        return triton_backend.newton_schedule(*args, **kwargs)
 
-    return call
+    return call if slots is None else common.with_env(call, CANDIDATES_ENV, str(slots))
 
 
 def main():
