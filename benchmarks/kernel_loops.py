@@ -14,6 +14,9 @@ its instructions, its tensor-core ops (``HGMMA``), local-memory loads and stores
 most frequent opcodes. A loop over key tiles with ``HGMMA`` is one trip per key tile (or per
 ``UNROLL`` tiles), so its instruction count is what a tile costs a program; the same loop in the
 max kernel is the floor of a Q.K^T sweep. Static counts: what runs is for the GPU to measure.
+The code is that of the Triton installed here: compare with the GPU's Triton version, as the code
+differs between versions (Triton 3.9 spills the candidate kernel at D 128, 4.7 KB a thread; 3.6
+compiles it without spills).
 """
 import argparse
 import collections

@@ -516,30 +516,51 @@ def _call_with_gradients(q, k, v, alpha):
     return out, qa.grad, ka.grad, va.grad
 
 
-def test_rows_addressed_across_pages(interpreted, monkeypatch):
-    """Rows are addressed from the start of their page (``triton_common.row_page``: an int64 page
-    offset, int32 offsets inside it). With pages of 128 rows, tiles of 64 rows start at a page's
-    first row and in its middle, and a call of 300 tokens spans three pages: output and gradients
-    are those of one page (the default of 4096 rows) bit for bit, and the float64 reference's,
-    with strided inputs."""
-    common = importlib.import_module("ring_adasplash.kernels.triton_common")
-    assert common.ROW_PAGE >= 300  # the default: every row in the first page
+def test_wide_offsets_match_int32_offsets(interpreted, monkeypatch):
+    """With every launch taking int64 offsets (``WIDE_OFFSETS``, ``triton_common.offset_strides``;
+    below 2^31 elements the kernels take int32), output and gradients are those of int32 offsets
+    bit for bit, and the float64 reference's, with strided inputs (position stride 3 x heads x D)."""
+    backend = importlib.import_module("ring_adasplash.kernels.triton_backend")
     packed = torch.randn(1, 300, 3, 2, 32, generator=torch.Generator().manual_seed(8)).mul(1.5)
     q, k, v = packed.unbind(2)
-    one_page = _call_with_gradients(q, k, v, 1.5)
-    monkeypatch.setattr(common, "ROW_PAGE", type(common.ROW_PAGE)(128))
-    pages = _call_with_gradients(q, k, v, 1.5)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), pages, one_page):
+    launched = []
+    launch = backend.launch
+
+    def recording(kernel, grid):
+        run = launch(kernel, grid)
+        return lambda **kwargs: (launched.append((kernel.fn.__name__, kwargs.get("WIDE_OFFSETS"))), run(**kwargs))[1]
+
+    monkeypatch.setattr(backend, "launch", recording)
+    narrow = _call_with_gradients(q, k, v, 1.5)
+    monkeypatch.setattr(backend, "INT32_OFFSETS", 1)
+    wide = _call_with_gradients(q, k, v, 1.5)
+    strided = {name for name, flag in launched if flag is not None}
+    assert {"max_kernel", "output_kernel", "dq_kernel", "dkdv_kernel"} <= strided
+    half = len(launched) // 2
+    assert all(flag is False for _, flag in launched[:half] if flag is not None)
+    assert all(flag is True for _, flag in launched[half:] if flag is not None)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), wide, narrow):
         assert torch.equal(a, b), name
     _check_against_reference(q, k, v, 1.5, True, tol=1e-4)  # and right, not only alike
 
 
-def test_rows_longer_than_the_int32_offsets_allow_raise(interpreted):
-    common = importlib.import_module("ring_adasplash.kernels.triton_common")
-    wide = common.MAX_ROW_ELEMENTS + 16
-    q = torch.randn(2 * wide).as_strided((1, 2, 1, 16), (2 * wide, wide, 16, 1))
-    with pytest.raises(ValueError, match=f"q: one position spans {wide} elements"):
-        adasplash_func(q, q, q, alpha=1.5)
+def test_wide_offsets_from_the_reach_of_each_tensor():
+    """int64 offsets from an offset of 2^31 within a batch element: two million tokens at 16 heads
+    and D 64 (contiguous), a strided view whose positions lie far apart, or a broadcast view whose
+    gradient (contiguous) reaches that far; a head_dim stride that alone overflows int32 is refused."""
+    backend = importlib.import_module("ring_adasplash.kernels.triton_backend")
+
+    def meta(shape, strides=None):
+        x = torch.empty(shape, device="meta")
+        return x if strides is None else x.as_strided(shape, strides)
+
+    assert not backend.wide_offsets(meta((4, 2**20 - 128, 16, 64)))  # 2^31 elements in all, not per batch
+    assert backend.wide_offsets(meta((1, 2**21, 16, 64)))
+    assert backend.wide_offsets(meta((1, 2**16, 1, 64), (2**32, 2**15, 64, 1)))
+    assert backend.wide_offsets(meta((1, 2**21, 16, 64), (0, 0, 64, 1)))  # broadcast keys: their gradient's reach
+    assert not backend.wide_offsets(meta((1, 2**16, 16, 64)))
+    with pytest.raises(ValueError, match=r"q: its head_dim stride \(33554432\)"):
+        backend._strides("q", meta((1, 8, 2, 64), (2**31, 1, 8, 2**25)))
 
 
 def test_varlen_documents(interpreted):

@@ -28,8 +28,8 @@ import torch
 import triton
 
 from . import stats as S
-from . import (triton_backward, triton_candidates, triton_common, triton_entmax, triton_histogram, triton_maxima,
-               triton_newton, triton_output, triton_refine, triton_tau)
+from . import (triton_backward, triton_candidates, triton_entmax, triton_histogram, triton_maxima, triton_newton,
+               triton_output, triton_refine, triton_tau)
 from .backend import CANDIDATES_ENV, Gradients, Maxima, OutputRequest, OutputSums, PartialOutput, Problem
 from .block_mask import BlockMask
 from .compile_ahead import launch
@@ -71,6 +71,26 @@ def _check(problem: Problem) -> None:
         raise ValueError(f"heads of q ({problem.heads}) must be a multiple of heads of k ({problem.heads_kv})")
 
 
+# The kernels compute element offsets within one batch element of a (B, S, H, D) tensor in int32
+# below this, in int64 from it (``triton_common.offset_strides``).
+INT32_OFFSETS = 2**31
+
+
+def _offset_reach(x: torch.Tensor) -> int:
+    """An upper bound of the element offsets the kernels form within one batch element of ``x``
+    (B, S, H, D), in its own layout or contiguous (its gradient's), the rows of a tile past the
+    last position included (their addresses are formed under a mask, never read)."""
+    _, seqlen, heads, dim = x.shape
+    contiguous = heads * dim
+    return max((seqlen + max(BLOCK_M, BLOCK_N)) * x.stride(1) + heads * x.stride(2) + dim * x.stride(3),
+               (seqlen + max(BLOCK_M, BLOCK_N) + 1) * contiguous)
+
+
+def wide_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels need int64 offsets (``WIDE_OFFSETS``) for any of ``tensors`` (B, S, H, D)."""
+    return any(_offset_reach(x) >= INT32_OFFSETS for x in tensors)
+
+
 def _precision(q: torch.Tensor) -> str:
     """``triton_common.dot``'s ``PRECISION`` for inputs like ``q``."""
     if q.dtype == torch.float32:
@@ -80,11 +100,11 @@ def _precision(q: torch.Tensor) -> str:
 
 def _strides(name: str, x: torch.Tensor) -> dict:
     """The strides of ``x`` (B, S, H, D) per axis, named as the kernels take them: stride_{name}b, ...;
-    raises where one position spans more elements than the kernels' int32 offsets within a page
-    of rows allow (``triton_common.row_page``)."""
-    if x.stride(1) > triton_common.MAX_ROW_ELEMENTS:
-        raise ValueError(f"{name}: one position spans {x.stride(1)} elements (stride of dim 1 of (batch, seqlen, "
-                         f"heads, head_dim)); the kernels take at most {triton_common.MAX_ROW_ELEMENTS}")
+    raises where the offsets along the head dim overflow int32 (the kernels widen the position
+    and head strides only, ``triton_common.offset_strides``)."""
+    if x.shape[3] * x.stride(3) >= 2**31:
+        raise ValueError(f"{name}: its head_dim stride ({x.stride(3)}) puts a row's elements 2^31 or more apart; "
+                         f"expected a layout (batch, seqlen, heads, head_dim) with a small head_dim stride")
     return {f"stride_{name}{axis}": stride for axis, stride in zip("bshd", x.stride())}
 
 
@@ -178,9 +198,18 @@ class TritonProblem(Problem):
         """One program per (query tile, batch x query head)."""
         return (self.num_q_tiles, self.batch * self.heads)
 
-    def config(self, kind: str) -> dict:
-        """Launch settings of a kernel of ``kind`` (a key of ``_CONFIGS``) for this problem."""
-        settings = _CONFIGS[kind](self.head_dim)
+    @cached_property
+    def wide_offsets(self) -> bool:
+        """``wide_offsets`` of q, k and, where the problem has them, v and the output (B, Sq, H, Dv)."""
+        if self.v is None:
+            return wide_offsets(self.q, self.k)
+        out = torch.empty(self.batch, self.seqlen_q, self.heads, self.v.shape[-1], device="meta")
+        return wide_offsets(self.q, self.k, self.v, out)
+
+    def config(self, kind: str, *inputs: torch.Tensor) -> dict:
+        """Launch settings of a kernel of ``kind`` (a key of ``_CONFIGS``) for this problem, whose
+        other (B, S, H, D) ``inputs`` (the backward's grad_out) also decide ``WIDE_OFFSETS``."""
+        settings = _CONFIGS[kind](self.head_dim) | {"WIDE_OFFSETS": self.wide_offsets or wide_offsets(*inputs)}
         if self.q.dtype == torch.float32:
             # float32 products are multiply-adds, not tensor-core instructions: two tiles per trip
             # multiplied the compile time of the output kernel, for no speed float32 is used for
@@ -484,7 +513,7 @@ def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=No
         U_sum=u_sum if compute_delta else delta, Delta=delta, DQ=dq, Alpha_sums=dq if alpha_sums is None else alpha_sums,
         **_strides("v", p.v), **_strides("do", grad_out), **out_u_strides, **_strides("dq", dq),
         softmax_scale=float(p.softmax_scale), **p.weights, COMPUTE_DELTA=compute_delta,
-        ALPHA_SUMS=alpha_sums is not None, **p.config("dq"))
+        ALPHA_SUMS=alpha_sums is not None, **p.config("dq", grad_out))
     return dq
 
 
@@ -502,7 +531,7 @@ def _dkdv(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, dtype,
         Tile_count=counts_t, Tile_index=index_t, list_width=index_t.shape[-1], Shift=p.shift_rows, Tau=tau,
         Delta=delta, Nan_keys=nan_keys.to(torch.int8).contiguous(), DK=dk, DV=dv,
         **_strides("v", p.v), **_strides("do", grad_out), **_strides("dk", dk), num_heads_kv=p.heads_kv,
-        num_q_tiles=p.num_q_tiles, softmax_scale=float(p.softmax_scale), **p.weights, **p.config("dkdv"))
+        num_q_tiles=p.num_q_tiles, softmax_scale=float(p.softmax_scale), **p.weights, **p.config("dkdv", grad_out))
     return dk, dv
 
 

@@ -21,7 +21,8 @@ import triton.language as tl
 
 from .triton_common import (ADD, approx_log2, at_head, dot, entmax_weights, first_slot_at_least, hide_invisible,
                             key_positions, list_slot, list_slots, listed_query_tile, listed_tile, listed_tiles,
-                            load_rows, positive_gap, program_tile, query_positions, row_offsets, tile_ptrs, visible)
+                            load_rows, offset_strides, positive_gap, program_tile, query_positions, row_offsets,
+                            tile_ptrs, visible)
 
 LN2 = tl.constexpr(math.log(2.0))
 
@@ -70,7 +71,13 @@ def dkdv_kernel(
     seqlen_q, seqlen_k, num_heads, num_heads_kv, num_q_tiles, list_width, scale_z, softmax_scale, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
+    stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
+    stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
+    stride_vs, stride_vh = offset_strides(stride_vs, stride_vh, WIDE_OFFSETS)
+    stride_dos, stride_doh = offset_strides(stride_dos, stride_doh, WIDE_OFFSETS)
+    stride_dks, stride_dkh = offset_strides(stride_dks, stride_dkh, WIDE_OFFSETS)
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tile_k, bhk, b, hk, offs_n, in_k = program_tile(num_heads_kv, seqlen_k, BLOCK_N)
     k = load_rows(at_head(K, b, hk, stride_kb, stride_kh), tile_k * BLOCK_N, in_k, stride_ks, stride_kd, BLOCK_N,
@@ -165,7 +172,14 @@ def dq_kernel(
     seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, softmax_scale, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, COMPUTE_DELTA: tl.constexpr, ALPHA_SUMS: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
+    stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
+    stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
+    stride_vs, stride_vh = offset_strides(stride_vs, stride_vh, WIDE_OFFSETS)
+    stride_dos, stride_doh = offset_strides(stride_dos, stride_doh, WIDE_OFFSETS)
+    stride_os, stride_oh = offset_strides(stride_os, stride_oh, WIDE_OFFSETS)
+    stride_dqs, stride_dqh = offset_strides(stride_dqs, stride_dqh, WIDE_OFFSETS)
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, _, full_first,
      full_end) = listed_query_tile(

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (ADD, INTERPRETED, MAX, MIN, at_head, dot, entmax_weights, gather_rows, list_slots,
-                            listed_logits, listed_query_tile_at, positive_gap, tile_ptrs)
+                            listed_logits, listed_query_tile_at, offset_strides, positive_gap, tile_ptrs)
 from .triton_tau import newton_live_rows_step, schedule_rows
 
 NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF800000)
@@ -144,6 +144,7 @@ def candidate_schedule_kernel(
     POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, CANDIDATES: tl.constexpr,
     CHUNK: tl.constexpr, OUTPUT: tl.constexpr, BACKWARD_SUMS: tl.constexpr, UNROLL: tl.constexpr,
     PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
     """For each of the ``num_tiles`` (query tile, batch x head) this program takes (the last query
     tiles first: under a causal mask they hold the most keys), tau (float64) into ``Tau`` and its
@@ -156,6 +157,10 @@ def candidate_schedule_kernel(
     With ``OUTPUT``, the query tiles not spilled also store ``output_kernel``'s results (``Out``,
     with ``BACKWARD_SUMS`` ``Out_u`` and ``U_sum``, ``Support``, ``Nonzero``: zeros from the
     caller), NaN rows of ``Out`` where ``Row_max`` is NaN. See the module doc."""
+    stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
+    stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
+    stride_vs, stride_vh = offset_strides(stride_vs, stride_vh, WIDE_OFFSETS)
+    stride_os, stride_oh = offset_strides(stride_os, stride_oh, WIDE_OFFSETS)
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(CANDIDATES % CHUNK == 0)
     program = tl.program_id(0)

@@ -47,30 +47,24 @@ def at_head(X, b, h, stride_b, stride_h):
     return X + b.to(tl.int64) * stride_b + h * stride_h
 
 
-# Rows are addressed from the start of their page of ROW_PAGE rows (``row_page``): a tile's
-# element offsets from there are int32 (they stay below 2^31 while a row spans fewer than
-# MAX_ROW_ELEMENTS elements, which the launcher checks), the page's own offset is int64.
-ROW_PAGE = tl.constexpr(4096)
-MAX_ROW_ELEMENTS = 2**31 // (2 * ROW_PAGE.value + 1)  # a tile's rows end below two pages; plus one row of head dims
-
-
 @triton.jit
-def row_page(X, start, stride_s):
-    """``(X at the first row of the page holding row start, start's row in that page)``. The page
-    offset is int64: from 2^31 elements in a tensor (2M tokens at 16 heads, D 128) ``start *
-    stride_s`` overflows int32. The offsets within the page stay int32 and depend on ``start``:
-    int64 offsets per element, or an int64 tile of offsets hoisted out of a loop, cost registers
-    and time in the sweeps."""
-    page_start = start - start % ROW_PAGE
-    return X + page_start.to(tl.int64) * stride_s, start - page_start
+def offset_strides(stride_s, stride_h, WIDE_OFFSETS: tl.constexpr):
+    """A tensor's position and head strides as its element offsets are computed: int64 where
+    ``WIDE_OFFSETS`` (the launcher's ``wide_offsets``: an offset within one batch element may
+    reach 2^31, from two million tokens at 16 heads and D 128 in one tensor), else int32 as
+    passed: int64 offsets cost registers and time in the sweeps, so the kernels take them only
+    where int32 would overflow."""
+    if WIDE_OFFSETS:
+        wide = tl.full([], 0, tl.int64)  # a sum, not a cast: a stride of 1 comes as a constexpr
+        return stride_s + wide, stride_h + wide
+    else:
+        return stride_s, stride_h
 
 
 @triton.jit
 def tile_ptrs(X, start, stride_s, stride_d, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Pointers (BLOCK, HEAD_DIM) to the rows ``start`` to ``start + BLOCK - 1`` of one head of ``X``."""
-    tl.static_assert(BLOCK <= ROW_PAGE)
-    Page, row = row_page(X, start, stride_s)
-    return Page + ((row + tl.arange(0, BLOCK))[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :] * stride_d)
+    return X + ((start + tl.arange(0, BLOCK))[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :] * stride_d)
 
 
 @triton.jit
@@ -83,9 +77,7 @@ def load_rows(X, start, in_range, stride_s, stride_d, BLOCK: tl.constexpr, HEAD_
 @triton.jit
 def column_ptrs(X, start, stride_s, stride_d, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
     """``tile_ptrs`` transposed: (HEAD_DIM, BLOCK), ``q @ k^T`` with no transpose."""
-    tl.static_assert(BLOCK <= ROW_PAGE)
-    Page, row = row_page(X, start, stride_s)
-    return Page + ((row + tl.arange(0, BLOCK))[None, :] * stride_s + tl.arange(0, HEAD_DIM)[:, None] * stride_d)
+    return X + ((start + tl.arange(0, BLOCK))[None, :] * stride_s + tl.arange(0, HEAD_DIM)[:, None] * stride_d)
 
 
 @triton.jit
@@ -98,10 +90,9 @@ def load_columns(X, start, in_range, stride_s, stride_d, BLOCK: tl.constexpr, HE
 @triton.jit
 def gather_rows(X, rows, held, stride_s, stride_d, HEAD_DIM: tl.constexpr):
     """The rows ``rows`` (any order) of one head of ``X`` (len(rows), HEAD_DIM), zeros where not
-    ``held``. Each row's offset is int64 (``row_page``), once per row: the pointers of the row's
-    elements add int32 offsets to it."""
-    Rows = (X + rows.to(tl.int64) * stride_s)[:, None] + tl.arange(0, HEAD_DIM)[None, :] * stride_d
-    return tl.load(Rows, mask=held[:, None], other=0.0)
+    ``held``."""
+    return tl.load(X + rows[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :] * stride_d, mask=held[:, None],
+                   other=0.0)
 
 
 @triton.jit

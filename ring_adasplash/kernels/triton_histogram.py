@@ -14,7 +14,7 @@ z < gap_reference <= tau.
 import triton
 import triton.language as tl
 
-from .triton_common import ADD, MAX, MIN, list_slots, listed_logits, listed_query_tile
+from .triton_common import ADD, MAX, MIN, list_slots, listed_logits, listed_query_tile, offset_strides
 
 
 @triton.jit
@@ -72,9 +72,12 @@ def histogram_kernel(
     seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, floor_margin,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_BINS: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
     """Coarse counts ``Hist`` (NUM_BINS per row, float32, written once) and ``Keep``; see the
     module doc."""
+    stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
+    stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(NUM_BINS % 4 == 0 and BLOCK_N < 256)  # 4 bins of 8 bits to a word
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,

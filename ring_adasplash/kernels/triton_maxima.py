@@ -21,8 +21,8 @@ and the dense sweep stays a plain max (why: docs/design.md (kernel choices)).
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, MAX, at_head, masked_logits, positive_gap, power_and_slope, query_tile,
-                            row_max_with_nan, row_offsets, tile_logits, tile_row)
+from .triton_common import (ADD, MAX, at_head, masked_logits, offset_strides, positive_gap, power_and_slope,
+                            query_tile, row_max_with_nan, row_offsets, tile_logits, tile_row)
 
 
 @triton.jit
@@ -69,10 +69,13 @@ def tau_floor_kernel(
     seqlen_q, seqlen_k, num_heads, scale_z, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, STEPS: tl.constexpr, MARGIN: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
     """Tau floor of every row (``backend.Maxima``) from the last two key tiles of its query tile's
     span (causal: the diagonal and the tile before). Its own launch, not a prologue of
     ``max_kernel`` (why: docs/design.md (kernel choices))."""
+    stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
+    stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first = query_tile(
         Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
@@ -118,6 +121,7 @@ def max_kernel(
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROW_MAX: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
     """Dense sweep, nearest key tiles first: running max of the raw scores over visible keys
     (starting from ``Row_max`` when ``HAS_ROW_MAX``, updated in place; +inf on rows that see a NaN)
@@ -125,6 +129,8 @@ def max_kernel(
     largest z in the tile - max(tau floor, running max - 1)), all relative to the running max
     (``backend.Maxima``, ``stats.gap_reference``; ``Tau_floor``, a raw score, from
     ``tau_floor_kernel``)."""
+    stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
+    stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
     tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first = query_tile(

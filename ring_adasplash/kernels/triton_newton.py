@@ -32,7 +32,7 @@ on every call, though almost no row needs them.
 import triton
 import triton.language as tl
 
-from .triton_common import ADD, MAX, listed_query_tile, program_tile, row_offsets, runs_here
+from .triton_common import ADD, MAX, listed_query_tile, offset_strides, program_tile, row_offsets, runs_here
 from .triton_refine import ONES_WIDTH, newton_tiles
 from .triton_tau import newton_live_rows_step, schedule_rows
 
@@ -98,6 +98,7 @@ def newton_schedule_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, SPILLED_ONLY: tl.constexpr,
     UNROLL: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
     """tau (float64, the last point; rows with no visible key keep their start) into ``Tau`` and
     ``Keep`` (int8 per tile); ``Reference`` (``stats.gap_reference``) and ``Row_max`` (float32,
@@ -105,6 +106,8 @@ def newton_schedule_kernel(
     bracket, as ``stats.NewtonState.start``. With ``SPILLED_ONLY`` only the query tiles marked in
     ``Spilled`` (int8 per query tile) run (``triton_candidates``); the others store nothing. See the
     module doc."""
+    stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
+    stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(NARROW_STEP < MAX_STEPS)  # the second loop marks the tiles
     if runs_here(Spilled, SPILLED_ONLY):
@@ -153,12 +156,15 @@ def newton_polish_kernel(
     seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, gamma, no_stop,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, STEPS: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
     """``STEPS`` Newton steps on the rows not ``Done`` (int8), from ``Point`` in the bracket
     [``Lower``, ``Upper``] (float64; the last point into ``Point``), with sums without the count
     and tolerances ``no_stop`` (``stats.NO_STOP``: no row stops early): the exact finish after the
     closed form (``torch_blockwise.newton_polish``). Rarely is a row not done, so a query tile
     whose rows are all done reads nothing more, not even its queries."""
+    stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
+    stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tile_q, bh, b, h, offs_m, in_q = program_tile(num_heads, seqlen_q, BLOCK_M)
     rows = row_offsets(bh, seqlen_q, offs_m)

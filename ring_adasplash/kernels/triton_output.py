@@ -14,8 +14,8 @@ docs/design.md (kernel choices)).
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, at_head, dot, entmax_weights, list_slots, listed_logits, listed_query_tile,
-                            load_rows, positive_gap, runs_here, tile_ptrs)
+from .triton_common import (ADD, at_head, dot, entmax_weights, list_slots, listed_logits, listed_query_tile, load_rows,
+                            offset_strides, positive_gap, runs_here, tile_ptrs)
 
 
 @triton.jit
@@ -59,7 +59,12 @@ def output_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, SPILLED_ONLY: tl.constexpr, UNROLL: tl.constexpr,
     PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
+    stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
+    stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
+    stride_vs, stride_vh = offset_strides(stride_vs, stride_vh, WIDE_OFFSETS)
+    stride_os, stride_oh = offset_strides(stride_os, stride_oh, WIDE_OFFSETS)
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     if runs_here(Spilled, SPILLED_ONLY):
         (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_first,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (ADD, MAX, MIN, dot, entmax_weights, list_slots, listed_logits, listed_query_tile,
-                            positive_gap)
+                            offset_strides, positive_gap)
 
 ONES_WIDTH = tl.constexpr(16)  # the narrowest product the tensor cores take (newton_sums_kernel)
 
@@ -105,9 +105,12 @@ def fine_histogram_kernel(
     seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, ROW_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
     """Fine histogram of the pair of bins from ``Bin_index`` and the moments above it, into
     ``Sums`` (rows, 3, FINE_BINS + 1), and ``Keep``; see the module doc."""
+    stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
+    stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
      full_first, full_end) = listed_query_tile(
@@ -184,6 +187,7 @@ def newton_sums_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, SOME_ROWS: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr,
     UNROLL: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
     """Newton sums at ``Point`` into ``Sums`` (rows, 2, or 3 with ``COUNT``); see the module doc.
     ``SOME_ROWS``: only the query tiles with a row marked in ``Rows`` (int8 per row) read their
@@ -195,6 +199,8 @@ def newton_sums_kernel(
     Each row reduction of a tile costs about as much as the tile's product, so the count is a
     product with a tile of ones on the tensor cores (0 and 1 are exact in any dtype, the sums
     float32), accumulated across tiles and reduced once (why: docs/design.md (kernel choices))."""
+    stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
+    stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, tile_row,
      full_first, full_end) = listed_query_tile(
