@@ -14,12 +14,18 @@ its instructions, its tensor-core ops (``HGMMA``), local-memory loads and stores
 most frequent opcodes. A loop over key tiles with ``HGMMA`` is one trip per key tile (or per
 ``UNROLL`` tiles), so its instruction count is what a tile costs a program; the same loop in the
 max kernel is the floor of a Q.K^T sweep. Static counts: what runs is for the GPU to measure.
-The code is that of the Triton installed here: compare with the GPU's Triton version, as the code
-differs between versions (Triton 3.9 spills the candidate kernel at D 128, 4.7 KB a thread; 3.6
-compiles it without spills).
+The code is that of the Triton that compiles it, and differs between versions (Triton 3.9 spills
+the candidate kernel at D 128, 4.7 KB a thread; 3.6 compiles it without spills): ``--compiler``
+names a Python whose Triton is the GPU machines' version, installed beside this one, e.g.
+
+    python3 -m venv --system-site-packages /tmp/triton36 && /tmp/triton36/bin/pip install triton==3.6.0
+    python benchmarks/kernel_loops.py --head-dim 128 --compiler /tmp/triton36/bin/python
+
+(the interpreted forward still runs on this Python's Triton).
 """
 import argparse
 import collections
+import json
 import os
 import pickle
 import re
@@ -118,32 +124,51 @@ def main():
     p.add_argument("--kernels", type=common.csv_list(str), default=[], help="kernel names to report (default: all)")
     p.add_argument("--min-loop", type=int, default=300, help="report loops without HGMMA from this many "
                                                              "instructions on")
+    p.add_argument("--compiler", default=sys.executable, metavar="PYTHON",
+                   help="the Python whose Triton compiles the kernels (default: this one)")
     p.add_argument("--capture", metavar="PATH", help=argparse.SUPPRESS)  # the interpreted half
+    p.add_argument("--compile", metavar="DIR", help=argparse.SUPPRESS)  # the compiling half
     args = p.parse_args()
     if args.capture:
         capture(args, args.capture)
         return
+    if args.compile:
+        compile_into(args.compile, args.kernels)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        record = os.path.join(tmp, "launches.pkl")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--capture", record], check=True,
-                       env=env | {"TRITON_INTERPRET": "1", "RING_ADASPLASH_BACKEND": "triton"})
-        binaries = []
-
-        def keep(name, binary):
-            if not args.kernels or name in args.kernels:
-                path = os.path.join(tmp, f"{name}_{len(binaries)}.cubin")
-                with open(path, "wb") as f:
-                    f.write(binary.asm["cubin"])
-                binaries.append((name, path))
-
-        compiled, failures = offline_compile.compile_all(record, on_binary=keep)
-        for failure in failures:
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--capture", os.path.join(tmp, "launches.pkl")],
+                       check=True, env=env | {"TRITON_INTERPRET": "1", "RING_ADASPLASH_BACKEND": "triton"})
+        subprocess.run([args.compiler, __file__, *sys.argv[1:], "--compile", tmp], check=True, env=env)
+        with open(os.path.join(tmp, "compiled.json")) as f:
+            compiled = json.load(f)
+        for failure in compiled["failures"]:
             print("FAILED", failure)
-        common.print_header("cpu", {"target": "sm_90 (offline)", "family": args.family, "heads": args.heads,
-                                    "head_dim": args.head_dim, "alpha": args.alpha, "dtype": "bf16"})
-        for name, path in binaries:
+        common.print_header("cpu", {"target": "sm_90 (offline)", "compiled by": f"triton {compiled['triton']}",
+                                    "family": args.family, "heads": args.heads, "head_dim": args.head_dim,
+                                    "alpha": args.alpha, "dtype": "bf16"})
+        for name, path in compiled["binaries"]:
             report(name, path, args.min_loop)
+
+
+def compile_into(folder: str, kernels: list) -> None:
+    """Compile the launches recorded in ``folder`` with this Python's Triton: each kernel of
+    ``kernels`` (all if empty) as a cubin there, listed with the failures and Triton's version in
+    ``compiled.json``."""
+    import triton
+
+    binaries = []
+
+    def keep(name, binary):
+        if not kernels or name in kernels:
+            path = os.path.join(folder, f"{name}_{len(binaries)}.cubin")
+            with open(path, "wb") as f:
+                f.write(binary.asm["cubin"])
+            binaries.append((name, path))
+
+    _, failures = offline_compile.compile_all(os.path.join(folder, "launches.pkl"), on_binary=keep)
+    with open(os.path.join(folder, "compiled.json"), "w") as f:
+        json.dump({"triton": triton.__version__, "binaries": binaries, "failures": failures}, f)
 
 
 if __name__ == "__main__":
