@@ -1,7 +1,9 @@
 """What a new user runs first: the README quickstart and ``examples/sequence_parallel.py`` under
-torchrun, each in its own process, on CPU (the example also on two GPUs where there are two)."""
+torchrun, each in its own process, on CPU (the example also on two GPUs where there are two); and
+the scripts a contributor runs: the training example's capture, the before-and-after benchmark."""
 from __future__ import annotations
 
+import csv
 import os
 import re
 import signal
@@ -51,6 +53,25 @@ def test_sequence_parallel_example_under_torchrun(tmp_path):
                  cwd=tmp_path, hide_gpus=torch.cuda.device_count() < 2)
     assert result.returncode == 0, result.stdout
     assert "ok" in result.stdout.splitlines(), result.stdout
+
+
+def test_ab_benchmark_compares_a_commit_with_the_tree(tmp_path):
+    """``benchmarks/ab.py``: HEAD's package (out of git) and the working tree's, alternating, one
+    CPU row; every run's median and the ratio of the means in the report."""
+    result = run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), "HEAD", "tree", "--rounds", "2", "--out",
+                  str(tmp_path), "--", "--device", "cpu", "--rows", "128:32:1.0", "--heads", "2", "--impls", "ours",
+                  "--modes", "fwd", "--warmup-ms", "1", "--rep-ms", "5"], cwd=ROOT)
+    assert result.returncode == 0, result.stdout
+    (report,) = tmp_path.glob("ab_*.csv")
+    with open(report) as f:
+        (row,) = list(csv.DictReader(f))
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert [c for c in row if ":" in c] == [f"1: {head}", "2: tree", "3: tree", f"4: {head}"], row
+    times = [float(row[c]) for c in row if ":" in c]
+    assert all(t > 0 for t in times)
+    old, new = (times[0] + times[3]) / 2, (times[1] + times[2]) / 2
+    assert float(row["new / old"]) == pytest.approx(new / old)
 
 
 def test_readme_quickstart_runs(tmp_path):

@@ -1,0 +1,107 @@
+"""Before and after in one run: ``bench_kernels.py`` on two versions of the package, alternating.
+
+    python benchmarks/ab.py 48d147a tree --rounds 2 -- --rows 32768:128:1.5 --impls ours --modes fwd,fwdbwd
+    python benchmarks/ab.py HEAD~1 HEAD -- --family scattered --rows 32768:128:1.0 --impls ours --modes fwdbwd
+
+OLD and NEW are commits (the package taken out of git with ``git archive`` into a temporary
+folder) or ``tree`` (the working tree's package). Each round runs OLD then NEW, the next NEW then
+OLD, and so on (the order alternates, so that a drift of the GPU's clocks or temperature falls on
+both), each a ``bench_kernels.py`` process of its own (the working tree's script, everything after
+``--`` passed to it) with ``PYTHONPATH`` at the package. Prints and writes (``--out``) the median
+ms of every row (impl, mode, S, D, amp) in every run and NEW / OLD of their means (the ratio
+of the means over each version's runs).
+"""
+import argparse
+import csv
+import glob
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import common  # noqa: E402
+
+KEY = ("impl", "mode", "seqlen", "head_dim", "amp")
+
+
+def package(version: str, folder: str) -> tuple[str, str]:
+    """``(a PYTHONPATH folder holding ring_adasplash at version, its name)``: ``tree`` is the
+    working tree, anything else a commit of its git history."""
+    if version == "tree":
+        return ROOT, "tree"
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", version], capture_output=True, text=True)
+    if commit.returncode:
+        raise SystemExit(f"ab.py: {version!r} is neither 'tree' nor a commit of {ROOT}: {commit.stderr.strip()}")
+    commit = commit.stdout.strip()
+    archive = subprocess.run(["git", "-C", ROOT, "archive", commit, "ring_adasplash"], capture_output=True, check=True)
+    os.makedirs(folder)
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    return folder, commit
+
+
+def environment(path: str) -> dict:
+    """This process's environment with ``path`` first on PYTHONPATH; raises unless a Python
+    started with it imports ring_adasplash from ``path`` (an installed copy could win)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")])))
+    found = subprocess.run([sys.executable, "-c", "import ring_adasplash; print(ring_adasplash.__file__)"], env=env,
+                           cwd=tempfile.gettempdir(), capture_output=True, text=True, check=True).stdout.strip()
+    if not found.startswith(os.path.join(path, "ring_adasplash")):
+        raise SystemExit(f"ab.py: with PYTHONPATH={path}, ring_adasplash comes from {found}")
+    return env
+
+
+def bench(env: dict, bench_args: list, out: str) -> dict:
+    """One ``bench_kernels.py`` process in ``env`` (``environment``): {row key: median ms}."""
+    subprocess.run([sys.executable, os.path.join(HERE, "bench_kernels.py"), *bench_args, "--out", out], check=True,
+                   env=env, stdout=subprocess.DEVNULL)
+    (report,) = glob.glob(os.path.join(out, "kernels_*.csv"))
+    with open(report) as f:
+        return {tuple(row[k] for k in KEY): float(row["ms"]) if row["ms"] else float("nan") for row in csv.DictReader(f)}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ours, bench_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("old", help="a commit, or 'tree'")
+    p.add_argument("new", help="a commit, or 'tree'")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each version (alternating, OLD first)")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the report (.md)")
+    args = p.parse_args(ours)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1; got {args.rounds}")
+    if any(a == "--out" or a.startswith("--out=") for a in bench_args):
+        p.error("--out after '--' is ab.py's to set (one folder per run)")
+    with tempfile.TemporaryDirectory() as tmp:
+        versions = [package(v, os.path.join(tmp, name)) for v, name in ((args.old, "old"), (args.new, "new"))]
+        envs = [environment(path) for path, _ in versions]
+        order = [i if r % 2 == 0 else 1 - i for r in range(args.rounds) for i in (0, 1)]
+        runs = []
+        for n, which in enumerate(order):
+            print(f"run {n + 1}/{len(order)}: {versions[which][1]}", flush=True)
+            runs.append((which, bench(envs[which], bench_args, os.path.join(tmp, f"run{n}"))))
+    names = [name for _, name in versions]
+    run_columns = [f"{n + 1}: {names[which]}" for n, (which, _) in enumerate(runs)]
+    rows = []
+    for key in sorted({key for _, times in runs for key in times}):
+        row = dict(zip(KEY, key))
+        for column, (_, times) in zip(run_columns, runs):
+            row[column] = times.get(key, float("nan"))
+        old, new = (statistics.fmean(t.get(key, float("nan")) for w, t in runs if w == which) for which in (0, 1))
+        row["new / old"] = new / old
+        rows.append(row)
+    columns = [(k, k) for k in KEY] + [(c, c, ".4g") for c in run_columns] + [("new / old", "new / old", ".3f")]
+    device = bench_args[bench_args.index("--device") + 1] if "--device" in bench_args else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    header = common.print_header(device, {"old": names[0], "new": names[1], "runs": ", ".join(run_columns)})
+    common.write_report(args.out, f"ab_{common.timestamp()}", header, common.markdown_table(rows, columns), rows)
+
+if __name__ == "__main__":
+    main()
