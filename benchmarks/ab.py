@@ -4,12 +4,13 @@
     python benchmarks/ab.py HEAD~1 HEAD -- --family scattered --rows 32768:128:1.0 --impls ours --modes fwdbwd
 
 OLD and NEW are commits (the package taken out of git with ``git archive`` into a temporary
-folder) or ``tree`` (the working tree's package). Each round runs OLD then NEW, the next NEW then
-OLD, and so on (the order alternates, so that a drift of the GPU's clocks or temperature falls on
-both), each a ``bench_kernels.py`` process of its own (the working tree's script, everything after
-``--`` passed to it) with ``PYTHONPATH`` at the package. Prints and writes (``--out``) the median
-ms of every row (impl, mode, S, D, amp) in every run and NEW / OLD of their means (the ratio
-of the means over each version's runs).
+folder), ``tree`` (the working tree's package) or a folder that holds a ``ring_adasplash``
+package (a commit taken out of git elsewhere, for a machine whose copy has no git history).
+Each round runs OLD then NEW, the next NEW then OLD, and so on (the order alternates, so that a
+drift of the GPU's clocks or temperature falls on both), each a ``bench_kernels.py`` process of
+its own (the working tree's script, everything after ``--`` passed to it) with ``PYTHONPATH`` at
+the package. Prints and writes (``--out``) the median ms of every row (impl, mode, S, D, amp) in
+every run and NEW / OLD of their means (the ratio of the means over each version's runs).
 """
 import argparse
 import csv
@@ -33,12 +34,16 @@ KEY = ("impl", "mode", "seqlen", "head_dim", "amp")
 
 def package(version: str, folder: str) -> tuple[str, str]:
     """``(a PYTHONPATH folder holding ring_adasplash at version, its name)``: ``tree`` is the
-    working tree, anything else a commit of its git history."""
+    working tree, a folder with a ``ring_adasplash`` package that folder, anything else a commit
+    of the working tree's git history."""
     if version == "tree":
         return ROOT, "tree"
+    if os.path.isdir(os.path.join(version, "ring_adasplash")):
+        return os.path.abspath(version), os.path.basename(os.path.abspath(version))
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", version], capture_output=True, text=True)
     if commit.returncode:
-        raise SystemExit(f"ab.py: {version!r} is neither 'tree' nor a commit of {ROOT}: {commit.stderr.strip()}")
+        raise SystemExit(f"ab.py: {version!r} is not 'tree', a folder holding ring_adasplash or a commit of {ROOT}: "
+                         f"{commit.stderr.strip()}")
     commit = commit.stdout.strip()
     archive = subprocess.run(["git", "-C", ROOT, "archive", commit, "ring_adasplash"], capture_output=True, check=True)
     os.makedirs(folder)
@@ -63,15 +68,16 @@ def bench(env: dict, bench_args: list, out: str) -> dict:
                    env=env, stdout=subprocess.DEVNULL)
     (report,) = glob.glob(os.path.join(out, "kernels_*.csv"))
     with open(report) as f:
-        return {tuple(row[k] for k in KEY): float(row["ms"]) if row["ms"] else float("nan") for row in csv.DictReader(f)}
+        rows = list(csv.DictReader(f))
+    return {tuple(row[k] for k in KEY): float(row["ms"]) if row["ms"] else float("nan") for row in rows}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ours, bench_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("old", help="a commit, or 'tree'")
-    p.add_argument("new", help="a commit, or 'tree'")
+    p.add_argument("old", help="a commit, 'tree', or a folder holding a ring_adasplash package")
+    p.add_argument("new", help="a commit, 'tree', or a folder holding a ring_adasplash package")
     p.add_argument("--rounds", type=int, default=2, help="runs of each version (alternating, OLD first)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the report (.md)")
     args = p.parse_args(ours)
