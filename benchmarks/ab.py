@@ -79,7 +79,7 @@ def main(argv=None):
     p.add_argument("old", help="a commit, 'tree', or a folder holding a ring_adasplash package")
     p.add_argument("new", help="a commit, 'tree', or a folder holding a ring_adasplash package")
     p.add_argument("--rounds", type=int, default=2, help="runs of each version (alternating, OLD first)")
-    p.add_argument("--out", default="benchmarks/results", help="folder for the report (.md)")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the report (.md, .csv)")
     args = p.parse_args(ours)
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1; got {args.rounds}")
