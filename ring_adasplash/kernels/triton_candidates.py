@@ -32,26 +32,26 @@ NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF80
 
 
 @triton.jit
-def store_candidates(Row_slots, place, z, cutoff, offs_n, CANDIDATES: tl.constexpr):
-    """Each candidate (``z > cutoff``) with room (``place``, 1 + its place in its row, at most
-    ``CANDIDATES``) as a pair (z, its key ``offs_n``) into its row's scratch (``Row_slots``, int32
-    pairs per row), in the layout of the scores: ``tl.store`` would first move the tile to a
-    layout of its own through shared memory (twice, with a barrier each), which cost more than the
-    sweep. The interpreter takes ``tl.store``."""
-    key = tl.full(z.shape, 0, tl.int32) + offs_n[None, :]
+def store_candidates(Row_base, place, z, cutoff, offs_n, room):
+    """Each candidate (``z > cutoff``) with room (``place``, int32, 1 + its place among this tile's
+    candidates of its row, at most ``room``, the row's slots left) as a pair (z, its key
+    ``offs_n``) into its row's scratch from ``Row_base`` (int32 pairs, past the row's earlier
+    candidates), in the layout of the scores: ``tl.store`` would first move the tile to a layout
+    of its own through shared memory (twice, with a barrier each), which cost more than the sweep.
+    The interpreter takes ``tl.store``."""
     if INTERPRETED:
-        room = (z > cutoff[:, None]) & (place <= CANDIDATES)
-        At = Row_slots[:, None] + 2 * (place.to(tl.int32) - 1)
-        tl.store(At, z.to(tl.int32, bitcast=True), mask=room)
-        tl.store(At + 1, key, mask=room)
+        key = tl.full(z.shape, 0, tl.int32) + offs_n[None, :]
+        fits = (z > cutoff[:, None]) & (place <= room[:, None])
+        At = Row_base[:, None] + 2 * (place - 1)
+        tl.store(At, z.to(tl.int32, bitcast=True), mask=fits)
+        tl.store(At + 1, key, mask=fits)
     else:
         # one 8-byte store per candidate, its address and test computed here
         tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .s32 i; .reg .u64 a; setp.gt.f32 p, $3, $4; setp.le.and.f32 p, $2, $6, p; "
-            "cvt.rzi.s32.f32 i, $2; mad.wide.s32 a, i, 8, $1; @p st.global.v2.b32 [a], {$3, $5}; mov.b32 $0, 0; }",
-            "=r,l,f,f,f,r,f",
-            [(Row_slots - 2).to(tl.int64)[:, None] + tl.full(z.shape, 0, tl.int64), place, z,
-             cutoff[:, None] + tl.full(z.shape, 0.0, tl.float32), key, tl.full(z.shape, CANDIDATES, tl.float32)],
+            "{ .reg .pred p; .reg .u64 a; setp.gt.f32 p, $3, $4; setp.le.and.s32 p, $2, $6, p; "
+            "mad.wide.s32 a, $2, 8, $1; @p st.global.v2.b32 [a], {$3, $5}; mov.b32 $0, 0; }",
+            "=r,l,r,f,f,r,r",
+            [(Row_base - 2).to(tl.int64)[:, None], place, z, cutoff[:, None], offs_n[None, :], room[:, None]],
             dtype=tl.int32, is_pure=False, pack=1)
 
 
@@ -62,21 +62,21 @@ def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_fir
                       CANDIDATES: tl.constexpr, FULL: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr):
     """Over one of the two loops of listed tiles (``list_slots``), every key with ``z > cutoff`` of
     each row appended to the row's scratch (``Row_slots``) while it has room (``store_candidates``);
-    ``found`` (float32) counts them all (room or not). A candidate's place in its row is a product
-    with ``prefix`` (ones on and above the diagonal) on the tensor cores: a scan along the row
-    would move the tile to another layout and back through shared memory."""
+    ``found`` (float32, exact: the later loops compare it with float32 slots, in fewer registers)
+    counts them all (room or not). A candidate's place among its tile's row is a product with
+    ``prefix`` (int8 ones on and above the diagonal) on the tensor cores, in int8 with int32 sums:
+    a scan along the row would move the tile to another layout and back through shared memory."""
     start, stop = list_slots(count, full_first, full_end, FULL)
+    counted = found.to(tl.int32)
     for j in tl.range(start, stop, loop_unroll_factor=UNROLL if FULL else 1):
         _, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
                                           q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
                                           scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
         near = z > cutoff[:, None]  # NaN and hidden pairs (-inf) are never candidates
-        # 1 + each candidate's place in its row (0 and 1 exact in 16 bits, the counts in float32;
-        # from float32, not from the bool: Triton 3.9's interpreter converts a bool to bf16 wrong)
-        place = dot(tl.where(near, 1.0, 0.0).to(q.dtype), prefix, PRECISION) + found[:, None]
-        store_candidates(Row_slots, place, z, cutoff, offs_n, CANDIDATES)
-        found = tl.reduce(place, 1, MAX)
-    return found
+        place = tl.dot(near.to(tl.int8), prefix, out_dtype=tl.int32)
+        store_candidates(Row_slots + 2 * counted, place, z, cutoff, offs_n, CANDIDATES - counted)
+        counted += tl.reduce(place, 1, MAX)
+    return counted.to(tl.float32)
 
 
 @triton.jit
@@ -166,7 +166,7 @@ def candidate_schedule_kernel(
     program = tl.program_id(0)
     Row_slots = Cand + (program * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * (2 * CANDIDATES)
     keys = tl.arange(0, BLOCK_N)
-    prefix = tl.where(keys[:, None] <= keys[None, :], 1.0, 0.0).to(Q.dtype.element_ty)
+    prefix = tl.where(keys[:, None] <= keys[None, :], 1, 0).to(tl.int8)
     for work in range(program, num_tiles, tl.num_programs(0)):
         line = num_q_tiles - 1 - work % num_q_tiles
         (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K_head, count, Index, tile_row,
