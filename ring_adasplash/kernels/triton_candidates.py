@@ -6,8 +6,8 @@ Newton step visits, so the schedule's sums over all keys equal its sums over the
 the keys above the reference. On attention rows they are few (tens, a few hundred on local rows
 of 128K keys; every key only on flat rows) even where they sit in every key tile, which is what
 makes such rows dense for a tile-sparse pass. ``candidate_schedule_kernel`` sweeps a query
-tile's listed key tiles once, writing each row's candidates (``z`` and key tile) into its
-scratch rows, then runs every Newton step on them from memory that this program just wrote: a
+tile's listed key tiles once, writing each row's candidates (the score q . k, before the shift
+and scale that make it z, and the key) into its scratch rows, then runs every Newton step on them from memory that this program just wrote: a
 step reads a few hundred bytes per row, where a sweep recomputes Q.K^T on every listed tile.
 From the candidates above tau it marks ``Keep`` (the output pass's tiles) exactly. With
 ``OUTPUT`` it also computes the output pass's sums from them (``candidate_output``): a row's
@@ -25,25 +25,26 @@ import triton
 import triton.language as tl
 
 from .triton_common import (ADD, INTERPRETED, MAX, MIN, at_head, dot, entmax_weights, gather_rows, list_slots,
-                            listed_logits, listed_query_tile_at, offset_strides, positive_gap, tile_ptrs)
+                            listed_query_tile_at, listed_scores, logits, offset_strides, positive_gap,
+                            score_cutoff, tile_ptrs)
 from .triton_tau import newton_live_rows_step, schedule_rows
 
 NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF800000)
 
 
 @triton.jit
-def store_candidates(Row_base, place, z, cutoff, offs_n, room):
-    """Each candidate (``z > cutoff``) with room (``place``, int32, 1 + its place among this tile's
-    candidates of its row, at most ``room``, the row's slots left) as a pair (z, its key
+def store_candidates(Row_base, place, s, cutoff, offs_n, room):
+    """Each candidate (score ``s > cutoff``) with room (``place``, int32, 1 + its place among this
+    tile's candidates of its row, at most ``room``, the row's slots left) as a pair (s, its key
     ``offs_n``) into its row's scratch from ``Row_base`` (int32 pairs, past the row's earlier
     candidates), in the layout of the scores: ``tl.store`` would first move the tile to a layout
     of its own through shared memory (twice, with a barrier each), which cost more than the sweep.
     The interpreter takes ``tl.store``."""
     if INTERPRETED:
-        key = tl.full(z.shape, 0, tl.int32) + offs_n[None, :]
-        fits = (z > cutoff[:, None]) & (place <= room[:, None])
+        key = tl.full(s.shape, 0, tl.int32) + offs_n[None, :]
+        fits = (s > cutoff[:, None]) & (place <= room[:, None])
         At = Row_base[:, None] + 2 * (place - 1)
-        tl.store(At, z.to(tl.int32, bitcast=True), mask=fits)
+        tl.store(At, s.to(tl.int32, bitcast=True), mask=fits)
         tl.store(At + 1, key, mask=fits)
     else:
         # one 8-byte store per candidate, its address and test computed here
@@ -51,17 +52,19 @@ def store_candidates(Row_base, place, z, cutoff, offs_n, room):
             "{ .reg .pred p; .reg .u64 a; setp.gt.f32 p, $3, $4; setp.le.and.s32 p, $2, $6, p; "
             "mad.wide.s32 a, $2, 8, $1; @p st.global.v2.b32 [a], {$3, $5}; mov.b32 $0, 0; }",
             "=r,l,r,f,f,r,r",
-            [(Row_base - 2).to(tl.int64)[:, None], place, z, cutoff[:, None], offs_n[None, :], room[:, None]],
+            [(Row_base - 2).to(tl.int64)[:, None], place, s, cutoff[:, None], offs_n[None, :], room[:, None]],
             dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
                       q_first, offs_m, Row_slots, found, cutoff, prefix, stride_ks, stride_kd,
-                      seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                      seqlen_q, seqlen_k, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                       CANDIDATES: tl.constexpr, FULL: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr):
-    """Over one of the two loops of listed tiles (``list_slots``), every key with ``z > cutoff`` of
-    each row appended to the row's scratch (``Row_slots``) while it has room (``store_candidates``);
+    """Over one of the two loops of listed tiles (``list_slots``), every key whose score
+    (``listed_scores``: before the shift and scale, which the later loops apply to the few
+    candidates) is above ``cutoff`` (``score_cutoff``) appended with it to the row's scratch
+    (``Row_slots``) while it has room (``store_candidates``);
     ``found`` (float32, exact: the later loops compare it with float32 slots, in fewer registers)
     counts them all (room or not). A candidate's place among its tile's row is a product with
     ``prefix`` (int8 ones on and above the diagonal) on the tensor cores, in int8 with int32 sums:
@@ -69,18 +72,18 @@ def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_fir
     start, stop = list_slots(count, full_first, full_end, FULL)
     counted = found.to(tl.int32)
     for j in tl.range(start, stop, loop_unroll_factor=UNROLL if FULL else 1):
-        _, offs_n, z = listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
-                                          q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift,
-                                          scale_z, HEAD_DIM, BLOCK_N, FULL, PRECISION)
-        near = z > cutoff[:, None]  # NaN and hidden pairs (-inf) are never candidates
+        _, offs_n, s = listed_scores(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
+                                     q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM,
+                                     BLOCK_N, FULL, PRECISION)
+        near = s > cutoff[:, None]  # NaN and hidden pairs (-inf) are never candidates
         place = tl.dot(near.to(tl.int8), prefix, out_dtype=tl.int32)
-        store_candidates(Row_slots + 2 * counted, place, z, cutoff, offs_n, CANDIDATES - counted)
+        store_candidates(Row_slots + 2 * counted, place, s, cutoff, offs_n, CANDIDATES - counted)
         counted += tl.reduce(place, 1, MAX)
     return counted.to(tl.float32)
 
 
 @triton.jit
-def candidate_sums(Row_slots, found, longest, t, gamma, POWER: tl.constexpr, BLOCK_M: tl.constexpr,
+def candidate_sums(Row_slots, found, longest, t, shift, scale_z, gamma, POWER: tl.constexpr, BLOCK_M: tl.constexpr,
                    CHUNK: tl.constexpr):
     """``triton_newton.newton_sweep``'s sums at ``t`` over the rows' candidates: ``(f, f', count,
     closest)`` per row, float64 (``closest``: the smallest gap ``z - t > 0``, +inf where none)."""
@@ -91,8 +94,8 @@ def candidate_sums(Row_slots, found, longest, t, gamma, POWER: tl.constexpr, BLO
     cols = tl.arange(0, CHUNK)
     for first in range(0, longest, CHUNK):
         listed = (first + cols)[None, :] < found[:, None]
-        z = tl.load(Row_slots[:, None] + 2 * (first + cols[None, :]), mask=listed, other=NEG_INF_BITS)
-        z = z.to(tl.float32, bitcast=True)  # -inf where not listed
+        s = tl.load(Row_slots[:, None] + 2 * (first + cols[None, :]), mask=listed, other=NEG_INF_BITS)
+        z = logits(s.to(tl.float32, bitcast=True), shift[:, None], scale_z)  # -inf where not listed
         gap = positive_gap(z, t[:, None])
         p, u = entmax_weights(gap, gamma, POWER)
         f_sum += tl.reduce(p, 1, ADD)
@@ -103,9 +106,9 @@ def candidate_sums(Row_slots, found, longest, t, gamma, POWER: tl.constexpr, BLO
 
 
 @triton.jit
-def candidate_output(Row_slots, found, longest, tau, V, Nonzero, stride_vs, stride_vd, gamma, POWER: tl.constexpr,
-                     BACKWARD_SUMS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+def candidate_output(Row_slots, found, longest, tau, shift, scale_z, V, Nonzero, stride_vs, stride_vd, gamma,
+                     POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``triton_output.output_tiles``'s sums at ``tau`` (float32) from the rows' candidates, one
     candidate of every row per trip: ``(sum p v, sum u v, sum u, support)``, each key's row of V
     read where its p > 0 (the candidates hold every such key), and the key tiles holding one
@@ -115,7 +118,8 @@ def candidate_output(Row_slots, found, longest, tau, V, Nonzero, stride_vs, stri
     u_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     support = tl.full([BLOCK_M], 0.0, tl.float32)
     for slot in range(0, longest):
-        z = tl.load(Row_slots + 2 * slot, mask=slot < found, other=NEG_INF_BITS).to(tl.float32, bitcast=True)
+        s = tl.load(Row_slots + 2 * slot, mask=slot < found, other=NEG_INF_BITS).to(tl.float32, bitcast=True)
+        z = logits(s, shift, scale_z)
         gap = positive_gap(z, tau)
         held = gap > 0
         key = tl.load(Row_slots + 2 * slot + 1, mask=held, other=0)
@@ -153,7 +157,7 @@ def candidate_schedule_kernel(
     candidates or the query tile lists at most ``few_tiles`` key tiles (``Tau`` and ``Keep`` then
     left to ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's bracket as
     ``newton_schedule_kernel`` does (``Row_max`` NaN on rows that see a score that is not finite);
-    ``Cand`` (int32) holds ``BLOCK_M x CANDIDATES`` pairs (the bits of z, its key) per program.
+    ``Cand`` (int32) holds ``BLOCK_M x CANDIDATES`` pairs (the bits of the score q . k, its key) per program.
     With ``OUTPUT``, the query tiles not spilled also store ``output_kernel``'s results (``Out``,
     with ``BACKWARD_SUMS`` ``Out_u`` and ``U_sum``, ``Support``, ``Nonzero``: zeros from the
     caller), NaN rows of ``Out`` where ``Row_max`` is NaN. See the module doc."""
@@ -180,14 +184,14 @@ def candidate_schedule_kernel(
             shift, row_max, reference, done = schedule_rows(Shift, Row_max, Reference, rows, in_q)
             # below the reference by the margin of the tile marks: a key a kernel's rounding could
             # put above tau - margin is a candidate
-            cutoff = tl.where(done, float("inf"), reference - margin)
+            cutoff = score_cutoff(tl.where(done, float("inf"), reference - margin), shift, scale_z)
             found = tl.full([BLOCK_M], 0.0, tl.float32)
             tl.debug_barrier()  # the last tile's reads of the scratch are over before it is rewritten
             for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
                 found = gather_candidates(q, K_head, K_pos, K_doc, K_win_pos, Index, count, full_first, full_end,
                                           q_limit, q_doc, q_first, offs_m, Row_slots, found, cutoff, prefix, stride_ks,
-                                          stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N, CANDIDATES,
-                                          FULL == 1, UNROLL, PRECISION)
+                                          stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, CANDIDATES, FULL == 1,
+                                          UNROLL, PRECISION)
             tl.debug_barrier()  # every thread's candidates are in memory before any thread reads them
             longest = tl.reduce(found, 0, MAX).to(tl.int32)
             tl.store(Spilled + bh * num_q_tiles + tile_q, (longest > CANDIDATES).to(tl.int8))
@@ -199,7 +203,8 @@ def candidate_schedule_kernel(
                 step = tl.full([], 0, tl.int32)  # a tensor: the loop reassigns it
                 while (step < MAX_STEPS) & (live > 0):
                     t = point.to(tl.float32)
-                    f, df, n, closest = candidate_sums(Row_slots, found, longest, t, gamma, POWER, BLOCK_M, CHUNK)
+                    f, df, n, closest = candidate_sums(Row_slots, found, longest, t, shift, scale_z, gamma,
+                                                       POWER, BLOCK_M, CHUNK)
                     # the exact stop from the schedule's third step, as the sweeps take it: far below
                     # tau, the closed form from float32 sums is not exact to float32
                     closest = tl.where(step >= NARROW_STEP, closest, 0.0)
@@ -213,14 +218,15 @@ def candidate_schedule_kernel(
                 for first in range(0, longest, CHUNK):
                     At = Row_slots[:, None] + 2 * (first + cols[None, :])
                     listed = (first + cols)[None, :] < found[:, None]
-                    z = tl.load(At, mask=listed, other=NEG_INF_BITS).to(tl.float32, bitcast=True)
+                    s = tl.load(At, mask=listed, other=NEG_INF_BITS).to(tl.float32, bitcast=True)
+                    z = logits(s, shift[:, None], scale_z)
                     near = listed & (z > bound[:, None])
                     key = tl.load(At + 1, mask=near, other=0)
                     tl.store(Keep + tile_row + key // BLOCK_N, tl.full(near.shape, 1, tl.int8), mask=near)
                 if OUTPUT:
                     tau = point.to(tl.float32)  # as the output pass reads it
                     acc, acc_u, u_sum, support = candidate_output(
-                        Row_slots, found, longest, tau, at_head(V, b, h // GROUP, stride_vb, stride_vh),
+                        Row_slots, found, longest, tau, shift, scale_z, at_head(V, b, h // GROUP, stride_vb, stride_vh),
                         Nonzero + tile_row, stride_vs, stride_vd, gamma, POWER, BACKWARD_SUMS, HEAD_DIM, BLOCK_M,
                         BLOCK_N)
                     acc = tl.where((row_max == row_max)[:, None], acc, float("nan"))  # a non-finite score

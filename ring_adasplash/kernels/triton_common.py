@@ -337,6 +337,42 @@ def listed_logits(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full
 
 
 @triton.jit
+def listed_scores(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit, q_doc, q_first, offs_m,
+                  stride_ks, stride_kd, seqlen_q, seqlen_k,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr, PRECISION: tl.constexpr):
+    """``listed_logits`` before the shift and scale: ``(tile_k, offs_n, s)``, s = q . k
+    (BLOCK_M, BLOCK_N) fp32, -inf where a pair is not visible. ``logits(s, shift, scale_z)`` is
+    the z of ``tile_logits`` bit for bit wherever a pair is visible."""
+    tile_k = listed_tile(Tile_index, list_slot(j, full_first, full_end, FULL))
+    offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    if FULL:
+        s = dot(q, tl.load(column_ptrs(K, tile_k * BLOCK_N, stride_ks, stride_kd, BLOCK_N, HEAD_DIM)), PRECISION)
+    else:
+        in_k = offs_n < seqlen_k
+        s = dot(q, load_columns(K, tile_k * BLOCK_N, in_k, stride_ks, stride_kd, BLOCK_N, HEAD_DIM), PRECISION)
+        s = hide_invisible(s, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m < seqlen_q, offs_n, in_k, False)
+    return tile_k, offs_n, s
+
+
+@triton.jit
+def logits(s, shift, scale_z):
+    """z = (s - shift) scale_z, the operations of ``tile_logits`` in its order (a score and its
+    row's shift of the same shape)."""
+    return (s - shift) * scale_z
+
+
+@triton.jit
+def score_cutoff(cutoff, shift, scale_z):
+    """Per row, a score below which z = ``logits(s, shift, scale_z)`` is at most ``cutoff``: every
+    key with z > cutoff has s above it (a few keys just below ``cutoff`` may too). It is
+    ``cutoff / scale_z + shift`` lowered by 2^-18 of the magnitudes, which holds the rounding of
+    both sides (a few units of 2^-24 of the same magnitudes); +inf where ``cutoff`` is."""
+    unscaled = cutoff / scale_z
+    lowered = unscaled + shift - (tl.abs(unscaled) + tl.abs(shift)) * 3.814697265625e-06
+    return tl.where(cutoff == float("inf"), float("inf"), lowered)
+
+
+@triton.jit
 def positive_gap(z, tau):
     """``(z - tau)_+``, 0 where either is NaN: ``tl.maximum`` drops a NaN operand (maxnum, compiled
     and interpreted alike), so a row with a non-finite score (tau NaN) adds nothing; it is marked
