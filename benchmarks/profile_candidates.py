@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import inputs  # noqa: E402
 from inputs import FAMILIES, make_qkv  # noqa: E402
 from ring_adasplash.kernels import EntmaxSpec, triton_backend  # noqa: E402
 from ring_adasplash.kernels.algorithm import SingleBlock, entmax_forward  # noqa: E402
@@ -96,14 +97,18 @@ def main():
     p.add_argument("--seqlen", type=int, default=32768, help="sequence length")
     p.add_argument("--head-dim", type=int, default=128, help="head dimension")
     p.add_argument("--heads", type=int, default=16, help="attention heads")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--amp", type=float, default=1.0, help="input amplitude (sparsity)")
     p.add_argument("--family", choices=sorted(FAMILIES), default="scattered", help="input family (inputs.py)")
+    p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture for --family captured "
+                   "(--amp picks the layer)")
     p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha")
     p.add_argument("--repeats", type=int, default=10, help="calls timed per variant")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cuda, or cpu for a smoke test")
     args = p.parse_args()
+    inputs.CAPTURED_PATH = args.captured
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    q, k, v = make_qkv(args.family, 1, args.seqlen, args.heads, args.head_dim, args.amp, dtype, args.device)
+    q, k, v = make_qkv(args.family, args.batch, args.seqlen, args.heads, args.head_dim, args.amp, dtype, args.device)
     vis = causal_visibility(args.seqlen, args.seqlen, True, args.device)
     backend = CapturingBackend()
     entmax_forward(backend, q, SingleBlock(k, v, vis), EntmaxSpec(args.alpha), args.head_dim ** -0.5,
@@ -125,7 +130,7 @@ def main():
         "sweeps only": schedule_with(sched_args, sched_kwargs, output=False, slots=0),
     }
     common.print_header(args.device, {"family": args.family, "seqlen": args.seqlen,
-                                      "heads": args.heads, "head_dim": args.head_dim, "amp": args.amp,
+                                      "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "amp": args.amp,
                                       "alpha": args.alpha, "dtype": str(dtype).replace("torch.", "")})
     print(f"\nquery tiles spilled to the sweeps: {spilled:.3f}")
     print("| variant | median ms |\n|---|---|")
