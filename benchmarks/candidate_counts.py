@@ -1,0 +1,88 @@
+"""How many candidate keys the rows of a query tile hold, against the candidate kernel's slots (CPU).
+
+    python benchmarks/candidate_counts.py --family structured --seqlen 32768 --head-dim 64 --amp 1.0 --heads 0,7
+
+The candidate kernel (``kernels/triton_candidates.py``) keeps, per row, the keys with
+z > reference - margin, the reference being max(tau floor, row max - 1), in ``CANDIDATES`` slots;
+a query tile with a row of more candidates spills to the Newton sweeps after its gather sweep has
+been paid. This counts, per query tile (causal, 64 x 64 tiles, every ``--every``-th query tile
+from the last), the largest number of candidates of one of its rows, and the largest support
+(keys with p > 0), in float64 from the inputs alone: tau by bisection, the floor as the tau of the
+row's keys in its last two key tiles (the floor the max pass takes, here exact: the kernel's
+Newton steps from below may stop under it, so the kernel can count a few more). alpha 1.5.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from inputs import FAMILIES, make_qkv  # noqa: E402
+from ring_adasplash.kernels import EntmaxSpec  # noqa: E402
+from ring_adasplash.kernels.stats import MASK_MARGIN  # noqa: E402
+
+BLOCK = 64  # query and key tile of the kernels
+SLOTS = (256, 512, 1024)  # candidate slots per row to report the spill fraction at
+
+
+def tau_alpha_15(z: torch.Tensor, steps: int = 60) -> torch.Tensor:
+    """Per row of ``z`` (rows, keys) float64 with -inf for hidden keys: tau with
+    sum (z - tau)_+^2 = 1 (alpha 1.5), by bisection on [max - 1, max]."""
+    upper = z.max(1).values
+    lower = upper - 1.0
+    for _ in range(steps):
+        middle = (lower + upper) / 2
+        above = ((z - middle[:, None]).clamp(min=0) ** 2).sum(1) > 1
+        lower, upper = torch.where(above, middle, lower), torch.where(above, upper, middle)
+    return lower
+
+
+def tile_counts(q: torch.Tensor, k: torch.Tensor, scale_z: float, every: int):
+    """``(most candidates, most support)`` of one row, per query tile taken, for one head's
+    ``q``, ``k`` (seqlen, head_dim)."""
+    seqlen = q.shape[0]
+    most_candidates, most_support = [], []
+    for tile in range(seqlen // BLOCK - 1, -1, -every):
+        rows = torch.arange(tile * BLOCK, (tile + 1) * BLOCK)
+        keys = torch.arange((tile + 1) * BLOCK)
+        scores = q[rows].float() @ k[keys].float().T
+        scores = torch.where(keys[None, :] <= rows[:, None], scores, float("-inf"))
+        z = (scores - scores.max(1, keepdim=True).values).double() * scale_z
+        floor = tau_alpha_15(z[:, max(0, (tile - 1) * BLOCK):])  # the last two key tiles
+        reference = torch.clamp(floor, min=-1.0)
+        most_candidates.append(int((z > (reference - MASK_MARGIN)[:, None]).sum(1).max()))
+        most_support.append(int((z > tau_alpha_15(z)[:, None]).sum(1).max()))
+    return torch.tensor(most_candidates), torch.tensor(most_support)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=sorted(FAMILIES), default="structured", help="input family (inputs.py)")
+    p.add_argument("--seqlen", type=int, default=32768, help="sequence length (a multiple of 64)")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension")
+    p.add_argument("--amp", type=float, default=1.0, help="input amplitude (sparsity)")
+    p.add_argument("--heads", default="0", help="comma-separated heads (of 16) to count")
+    p.add_argument("--every", type=int, default=4, help="count every N-th query tile")
+    args = p.parse_args()
+    if args.seqlen % BLOCK:
+        p.error(f"--seqlen must be a multiple of {BLOCK}; got {args.seqlen}")
+    if args.every < 1:
+        p.error(f"--every must be at least 1; got {args.every}")
+    q, k, _ = make_qkv(args.family, 1, args.seqlen, 16, args.head_dim, args.amp, torch.bfloat16, "cpu")
+    scale_z = EntmaxSpec(1.5).scale_z(args.head_dim ** -0.5)
+    common.print_header("cpu", {"family": args.family, "seqlen": args.seqlen, "head_dim": args.head_dim,
+                                "amp": args.amp, "alpha": 1.5, "every": args.every})
+    print("\n| head | query tiles | most candidates of a row: median | p90 | max | "
+          + " | ".join(f"tiles over {s}" for s in SLOTS) + " | most support: median | max |")
+    print("|---" * (7 + len(SLOTS)) + "|")
+    for head in (int(h) for h in args.heads.split(",")):
+        candidates, support = tile_counts(q[0, :, head], k[0, :, head], scale_z, args.every)
+        over = " | ".join(f"{(candidates > s).float().mean():.3f}" for s in SLOTS)
+        print(f"| {head} | {len(candidates)} | {int(candidates.median())} | {int(candidates.float().quantile(0.9))} | "
+              f"{int(candidates.max())} | {over} | {int(support.median())} | {int(support.max())} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
