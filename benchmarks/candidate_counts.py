@@ -10,6 +10,10 @@ from the last), the largest number of candidates of one of its rows, and the lar
 (keys with p > 0), in float64 from the inputs alone: tau by bisection, the floor as the tau of the
 row's keys in its last two key tiles (the floor the max pass takes, here exact: the kernel's
 Newton steps from below may stop under it, so the kernel can count a few more). alpha 1.5.
+
+It also counts what a second gather would hold: where a row has more candidates than the slots,
+the tau of the slots' worth of them nearest the diagonal (a subset of the keys: a lower bound of
+tau) raises the row's reference, and the keys above it are counted again.
 """
 import argparse
 import os
@@ -39,11 +43,12 @@ def tau_alpha_15(z: torch.Tensor, steps: int = 60) -> torch.Tensor:
     return lower
 
 
-def tile_counts(q: torch.Tensor, k: torch.Tensor, scale_z: float, every: int):
-    """``(most candidates, most support)`` of one row, per query tile taken, for one head's
-    ``q``, ``k`` (seqlen, head_dim)."""
+def tile_counts(q: torch.Tensor, k: torch.Tensor, scale_z: float, every: int, slots: int):
+    """``(most candidates, most support, most candidates after a second gather)`` of one row, per
+    query tile taken, for one head's ``q``, ``k`` (seqlen, head_dim); the second gather's
+    reference from the ``slots`` candidates nearest the diagonal."""
     seqlen = q.shape[0]
-    most_candidates, most_support = [], []
+    most_candidates, most_support, most_regathered = [], [], []
     for tile in range(seqlen // BLOCK - 1, -1, -every):
         rows = torch.arange(tile * BLOCK, (tile + 1) * BLOCK)
         keys = torch.arange((tile + 1) * BLOCK)
@@ -52,9 +57,15 @@ def tile_counts(q: torch.Tensor, k: torch.Tensor, scale_z: float, every: int):
         z = (scores - scores.max(1, keepdim=True).values).double() * scale_z
         floor = tau_alpha_15(z[:, max(0, (tile - 1) * BLOCK):])  # the last two key tiles
         reference = torch.clamp(floor, min=-1.0)
-        most_candidates.append(int((z > (reference - MASK_MARGIN)[:, None]).sum(1).max()))
+        candidate = z > (reference - MASK_MARGIN)[:, None]
+        most_candidates.append(int(candidate.sum(1).max()))
         most_support.append(int((z > tau_alpha_15(z)[:, None]).sum(1).max()))
-    return torch.tensor(most_candidates), torch.tensor(most_support)
+        # the first ``slots`` candidates from the diagonal back, the others hidden: their tau
+        nearest = candidate & (candidate.flip(1).cumsum(1).flip(1) <= slots)
+        subset_tau = tau_alpha_15(torch.where(nearest, z, float("-inf")))
+        raised = torch.where(candidate.sum(1) > slots, torch.maximum(reference, subset_tau), reference)
+        most_regathered.append(int((z > (raised - MASK_MARGIN)[:, None]).sum(1).max()))
+    return torch.tensor(most_candidates), torch.tensor(most_support), torch.tensor(most_regathered)
 
 
 def main():
@@ -75,13 +86,16 @@ def main():
     common.print_header("cpu", {"family": args.family, "seqlen": args.seqlen, "head_dim": args.head_dim,
                                 "amp": args.amp, "alpha": 1.5, "every": args.every})
     print("\n| head | query tiles | most candidates of a row: median | p90 | max | "
-          + " | ".join(f"tiles over {s}" for s in SLOTS) + " | most support: median | max |")
-    print("|---" * (7 + len(SLOTS)) + "|")
+          + " | ".join(f"tiles over {s}" for s in SLOTS) + " | most support: median | max "
+          f"| second gather ({SLOTS[0]} slots): most candidates median | max | tiles over {SLOTS[0]} |")
+    print("|---" * (10 + len(SLOTS)) + "|")
     for head in (int(h) for h in args.heads.split(",")):
-        candidates, support = tile_counts(q[0, :, head], k[0, :, head], scale_z, args.every)
+        candidates, support, regathered = tile_counts(q[0, :, head], k[0, :, head], scale_z, args.every, SLOTS[0])
         over = " | ".join(f"{(candidates > s).float().mean():.3f}" for s in SLOTS)
         print(f"| {head} | {len(candidates)} | {int(candidates.median())} | {int(candidates.float().quantile(0.9))} | "
-              f"{int(candidates.max())} | {over} | {int(support.median())} | {int(support.max())} |", flush=True)
+              f"{int(candidates.max())} | {over} | {int(support.median())} | {int(support.max())} | "
+              f"{int(regathered.median())} | {int(regathered.max())} | {(regathered > SLOTS[0]).float().mean():.3f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

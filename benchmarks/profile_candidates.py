@@ -129,8 +129,8 @@ def main():
                                             output=False),
         "sweeps only": schedule_with(sched_args, sched_kwargs, output=False, slots=0),
     }
-    common.print_header(args.device, {"family": args.family, "seqlen": args.seqlen,
-                                      "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "amp": args.amp,
+    common.print_header(args.device, {"family": args.family, "seqlen": args.seqlen, "batch": args.batch,
+                                      "heads": args.heads, "head_dim": args.head_dim, "amp": args.amp,
                                       "alpha": args.alpha, "dtype": str(dtype).replace("torch.", "")})
     print(f"\nquery tiles spilled to the sweeps: {spilled:.3f}")
     print("| variant | median ms |\n|---|---|")

@@ -7,8 +7,9 @@ the keys above the reference. On attention rows they are few (tens, a few hundre
 of 128K keys; every key only on flat rows) even where they sit in every key tile, which is what
 makes such rows dense for a tile-sparse pass. ``candidate_schedule_kernel`` sweeps a query
 tile's listed key tiles once, writing each row's candidates (the score q . k, before the shift
-and scale that make it z, and the key) into its scratch rows, then runs every Newton step on them from memory that this program just wrote: a
-step reads a few hundred bytes per row, where a sweep recomputes Q.K^T on every listed tile.
+and scale that make it z, and the key) into its scratch rows, then runs every Newton step on
+them from memory that this program just wrote: a step reads a few hundred bytes per row, where
+a sweep recomputes Q.K^T on every listed tile.
 From the candidates above tau it marks ``Keep`` (the output pass's tiles) exactly. With
 ``OUTPUT`` it also computes the output pass's sums from them (``candidate_output``): a row's
 keys with p > 0 are among its candidates, which hold their key, so the output needs their rows
@@ -157,7 +158,8 @@ def candidate_schedule_kernel(
     candidates or the query tile lists at most ``few_tiles`` key tiles (``Tau`` and ``Keep`` then
     left to ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's bracket as
     ``newton_schedule_kernel`` does (``Row_max`` NaN on rows that see a score that is not finite);
-    ``Cand`` (int32) holds ``BLOCK_M x CANDIDATES`` pairs (the bits of the score q . k, its key) per program.
+    ``Cand`` (int32) holds ``BLOCK_M x CANDIDATES`` pairs (the bits of the score q . k, its key)
+    per program.
     With ``OUTPUT``, the query tiles not spilled also store ``output_kernel``'s results (``Out``,
     with ``BACKWARD_SUMS`` ``Out_u`` and ``U_sum``, ``Support``, ``Nonzero``: zeros from the
     caller), NaN rows of ``Out`` where ``Row_max`` is NaN. See the module doc."""
