@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .triton_common import (ADD, approx_log2, at_head, dot, entmax_weights, first_slot_at_least, hide_invisible,
                             key_positions, list_slot, list_slots, listed_query_tile, listed_tile, listed_tiles,
-                            load_rows, offset_strides, positive_gap, program_tile, query_positions, row_offsets,
+                            load_rows, logits, offset_strides, positive_gap, program_tile, query_positions, row_offsets,
                             tile_ptrs, visible)
 
 LN2 = tl.constexpr(math.log(2.0))
@@ -45,7 +45,7 @@ def dkdv_tiles(k, v, Qh, DOh, Q_limit, Q_doc, Q_first, k_pos, k_doc, k_win_pos, 
         shift = tl.load(Shift + rows, mask=in_q, other=0.0)
         tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
         delta = tl.load(Delta + rows, mask=in_q, other=0.0)
-        zt = (dot(k, tl.trans(q), PRECISION) - shift[None, :]) * scale_z
+        zt = logits(dot(k, tl.trans(q), PRECISION), shift[None, :], scale_z)
         gt = dot(v, tl.trans(do), PRECISION)
         if not FULL:
             q_limit, q_doc, q_first = query_positions(Q_limit, Q_doc, Q_first, offs_m, in_q)
@@ -143,7 +143,7 @@ def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, fu
         in_k = offs_n < seqlen_k
         k = load_rows(K, tile_k * BLOCK_N, in_k, stride_ks, stride_kd, BLOCK_N, HEAD_DIM)
         v = load_rows(V, tile_k * BLOCK_N, in_k, stride_vs, stride_vd, BLOCK_N, HEAD_DIM)
-        z = (dot(q, tl.trans(k), PRECISION) - shift[:, None]) * scale_z
+        z = logits(dot(q, tl.trans(k), PRECISION), shift[:, None], scale_z)
         g = dot(do, tl.trans(v), PRECISION)
         z = hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, in_q, offs_n, in_k, FULL)
         gap = positive_gap(z, tau[:, None])

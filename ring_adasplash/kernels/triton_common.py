@@ -294,15 +294,36 @@ def hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, in_q, of
 
 
 @triton.jit
+def key_tile_scores(q, K, tile_k, stride_ks, stride_kd, seqlen_k, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                    FULL: tl.constexpr, PRECISION: tl.constexpr):
+    """``(offs_n, in_k, s)`` of key tile ``tile_k``: its keys, which of them lie in the sequence,
+    and s = q . k (BLOCK_M, BLOCK_N) fp32 of every pair, visible or not (a key past the sequence
+    reads as zeros); with ``FULL`` the tile lies in the sequence (its keys are loaded unmasked)."""
+    offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_k = offs_n < seqlen_k
+    if FULL:
+        keys = tl.load(column_ptrs(K, tile_k * BLOCK_N, stride_ks, stride_kd, BLOCK_N, HEAD_DIM))
+    else:
+        keys = load_columns(K, tile_k * BLOCK_N, in_k, stride_ks, stride_kd, BLOCK_N, HEAD_DIM)
+    return offs_n, in_k, dot(q, keys, PRECISION)
+
+
+@triton.jit
+def logits(s, shift, scale_z):
+    """z = (s - shift) scale_z of scores ``s`` and their rows' ``shift`` (of the same shape): the
+    shift is subtracted before the scale, as every kernel forms z."""
+    return (s - shift) * scale_z
+
+
+@triton.jit
 def masked_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, tile_k,
                   stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """z = (q . k - shift) scale_z (BLOCK_M, BLOCK_N) fp32 of key tile ``tile_k`` (``shift`` per
     row), -inf where a pair is not visible."""
-    offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_k = offs_n < seqlen_k
-    scores = dot(q, load_columns(K, tile_k * BLOCK_N, in_k, stride_ks, stride_kd, BLOCK_N, HEAD_DIM), PRECISION)
-    z = (scores - shift[:, None]) * scale_z
+    offs_n, in_k, scores = key_tile_scores(q, K, tile_k, stride_ks, stride_kd, seqlen_k, HEAD_DIM, BLOCK_N, False,
+                                           PRECISION)
+    z = logits(scores, shift[:, None], scale_z)
     return hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m < seqlen_q, offs_n, in_k, False)
 
 
@@ -315,8 +336,9 @@ def tile_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, 
     else ``masked_logits``. The shift is subtracted before the scale: both are exact where it
     matters (scores near the row's max), so z does not depend on the size of the scores."""
     if FULL:
-        K_tile = column_ptrs(K, tile_k * BLOCK_N, stride_ks, stride_kd, BLOCK_N, HEAD_DIM)
-        z = (dot(q, tl.load(K_tile), PRECISION) - shift[:, None]) * scale_z
+        _, _, scores = key_tile_scores(q, K, tile_k, stride_ks, stride_kd, seqlen_k, HEAD_DIM, BLOCK_N, True,
+                                       PRECISION)
+        z = logits(scores, shift[:, None], scale_z)
     else:
         z = masked_logits(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, tile_k,
                           stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, HEAD_DIM, BLOCK_N, PRECISION)
@@ -344,21 +366,9 @@ def listed_scores(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full
     (BLOCK_M, BLOCK_N) fp32, -inf where a pair is not visible. ``logits(s, shift, scale_z)`` is
     the z of ``tile_logits`` bit for bit wherever a pair is visible."""
     tile_k = listed_tile(Tile_index, list_slot(j, full_first, full_end, FULL))
-    offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    if FULL:
-        s = dot(q, tl.load(column_ptrs(K, tile_k * BLOCK_N, stride_ks, stride_kd, BLOCK_N, HEAD_DIM)), PRECISION)
-    else:
-        in_k = offs_n < seqlen_k
-        s = dot(q, load_columns(K, tile_k * BLOCK_N, in_k, stride_ks, stride_kd, BLOCK_N, HEAD_DIM), PRECISION)
-        s = hide_invisible(s, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m < seqlen_q, offs_n, in_k, False)
+    offs_n, in_k, s = key_tile_scores(q, K, tile_k, stride_ks, stride_kd, seqlen_k, HEAD_DIM, BLOCK_N, FULL, PRECISION)
+    s = hide_invisible(s, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m < seqlen_q, offs_n, in_k, FULL)
     return tile_k, offs_n, s
-
-
-@triton.jit
-def logits(s, shift, scale_z):
-    """z = (s - shift) scale_z, the operations of ``tile_logits`` in its order (a score and its
-    row's shift of the same shape)."""
-    return (s - shift) * scale_z
 
 
 @triton.jit
