@@ -7,9 +7,10 @@ z > reference - margin, the reference being max(tau floor, row max - 1), in ``CA
 a query tile with a row of more candidates spills to the Newton sweeps after its gather sweep has
 been paid. This counts, per query tile (causal, 64 x 64 tiles, every ``--every``-th query tile
 from the last), the largest number of candidates of one of its rows, and the largest support
-(keys with p > 0), in float64 from the inputs alone: tau by bisection, the floor as the tau of the
-row's keys in its last two key tiles (the floor the max pass takes, here exact: the kernel's
-Newton steps from below may stop under it, so the kernel can count a few more). alpha 1.5.
+(keys with p > 0), in float64 from the inputs alone: tau by the reference's bisection, the
+floor as the tau of the row's keys in its last two key tiles (the floor the max pass takes, here
+exact: the kernel's Newton steps from below may stop under it, so the kernel can count a few
+more). alpha 1.5.
 
 It also counts what a second gather would hold: where a row has more candidates than the slots,
 the tau of the slots' worth of them nearest the diagonal (a subset of the keys: a lower bound of
@@ -26,21 +27,16 @@ import common  # noqa: E402
 from inputs import FAMILIES, make_qkv  # noqa: E402
 from ring_adasplash.kernels import EntmaxSpec  # noqa: E402
 from ring_adasplash.kernels.stats import MASK_MARGIN  # noqa: E402
+from ring_adasplash.reference import entmax_bisect  # noqa: E402
 
 BLOCK = 64  # query and key tile of the kernels
 SLOTS = (256, 512, 1024)  # candidate slots per row to report the spill fraction at
 
 
-def tau_alpha_15(z: torch.Tensor, steps: int = 60) -> torch.Tensor:
-    """Per row of ``z`` (rows, keys) float64 with -inf for hidden keys: tau with
-    sum (z - tau)_+^2 = 1 (alpha 1.5), by bisection on [max - 1, max]."""
-    upper = z.max(1).values
-    lower = upper - 1.0
-    for _ in range(steps):
-        middle = (lower + upper) / 2
-        above = ((z - middle[:, None]).clamp(min=0) ** 2).sum(1) > 1
-        lower, upper = torch.where(above, middle, lower), torch.where(above, upper, middle)
-    return lower
+def tau_alpha_15(z: torch.Tensor) -> torch.Tensor:
+    """Per row of ``z`` (rows, keys) float64 with -inf for hidden keys: tau at alpha 1.5
+    (``reference.entmax_bisect``)."""
+    return entmax_bisect(z, 1.5, z > float("-inf"))[1]
 
 
 def tile_counts(q: torch.Tensor, k: torch.Tensor, scale_z: float, every: int, slots: int):
