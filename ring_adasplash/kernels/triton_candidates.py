@@ -12,8 +12,8 @@ them from memory that this program just wrote: a step reads a few hundred bytes 
 a sweep recomputes Q.K^T on every listed tile.
 From the candidates above tau it marks ``Keep`` (the output pass's tiles) exactly. With
 ``OUTPUT`` it also computes the output pass's sums from them (``candidate_output``): a row's
-keys with p > 0 are among its candidates, which hold their key, so the output needs their rows
-of V alone, not another Q.K^T sweep of the tiles.
+keys with p > 0 are among its candidates near tau, which hold their key, so the output needs
+their rows of V alone, not another Q.K^T sweep of the tiles.
 
 A query tile with a row of more than ``CANDIDATES`` candidates, or with few key tiles (whose
 sweeps cost less than the steps' round trips through memory), is *spilled*: it stores 1 into
@@ -106,11 +106,40 @@ def candidate_sums(Row_slots, found, longest, t, shift, scale_z, gamma, POWER: t
 
 
 @triton.jit
+def keep_near_candidates(Row_slots, found, longest, bound, shift, scale_z, Keep_row, BLOCK_N: tl.constexpr,
+                         CHUNK: tl.constexpr):
+    """Marks in ``Keep_row`` (the query tile's row of ``Keep``) the key tiles of the rows'
+    candidates with ``z > bound`` (``tau - margin``: the tiles that may hold p > 0), and moves
+    those candidates, in order, to the front of their row's slots: the output then reads a row's
+    few keys near tau (its support and a margin), not all its candidates (up to the slots, on
+    local rows ten times the support). Returns their count per row (int32). A candidate moves to
+    a slot at or before its own, so only this chunk's slots are rewritten, after every thread has
+    read them."""
+    near_count = tl.full(found.shape, 0, tl.int32)
+    cols = tl.arange(0, CHUNK)
+    for first in range(0, longest, CHUNK):
+        At = Row_slots[:, None] + 2 * (first + cols[None, :])
+        listed = (first + cols)[None, :] < found[:, None]
+        bits = tl.load(At, mask=listed, other=NEG_INF_BITS)
+        z = logits(bits.to(tl.float32, bitcast=True), shift[:, None], scale_z)
+        near = listed & (z > bound[:, None])
+        key = tl.load(At + 1, mask=near, other=0)
+        tl.store(Keep_row + key // BLOCK_N, tl.full(near.shape, 1, tl.int8), mask=near)
+        place = near_count[:, None] + tl.associative_scan(near.to(tl.int32), 1, ADD) - 1
+        tl.debug_barrier()  # the chunk's slots are read before any is rewritten
+        To = Row_slots[:, None] + 2 * place
+        tl.store(To, bits, mask=near)
+        tl.store(To + 1, key, mask=near)
+        near_count += tl.reduce(near.to(tl.int32), 1, ADD)
+    return near_count
+
+
+@triton.jit
 def candidate_output(Row_slots, found, longest, tau, shift, scale_z, V, Nonzero, stride_vs, stride_vd, gamma,
                      POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``triton_output.output_tiles``'s sums at ``tau`` (float32) from the rows' candidates, one
-    candidate of every row per trip: ``(sum p v, sum u v, sum u, support)``, each key's row of V
+    """``triton_output.output_tiles``'s sums at ``tau`` (float32) from the rows' first ``found``
+    candidates (int32; those ``keep_near_candidates`` moved to the front), one of every row per trip: ``(sum p v, sum u v, sum u, support)``, each key's row of V
     read where its p > 0 (the candidates hold every such key), and the key tiles holding one
     marked in ``Nonzero`` (the query tile's row of it). p and u meet V in float32."""
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
@@ -213,21 +242,14 @@ def candidate_schedule_kernel(
                         f, df, n, closest, t, point, lower, upper, done, step, gamma, tolerance, step_tolerance,
                         POWER, True)
                 tl.store(Tau + rows, point, mask=in_q)
-                # the tiles that may hold p > 0: those of a candidate above tau - margin
-                bound = point.to(tl.float32) - margin
-                cols = tl.arange(0, CHUNK)
-                for first in range(0, longest, CHUNK):
-                    At = Row_slots[:, None] + 2 * (first + cols[None, :])
-                    listed = (first + cols)[None, :] < found[:, None]
-                    s = tl.load(At, mask=listed, other=NEG_INF_BITS).to(tl.float32, bitcast=True)
-                    z = logits(s, shift[:, None], scale_z)
-                    near = listed & (z > bound[:, None])
-                    key = tl.load(At + 1, mask=near, other=0)
-                    tl.store(Keep + tile_row + key // BLOCK_N, tl.full(near.shape, 1, tl.int8), mask=near)
+                near = keep_near_candidates(Row_slots, found, longest, point.to(tl.float32) - margin, shift,
+                                            scale_z, Keep + tile_row, BLOCK_N, CHUNK)
                 if OUTPUT:
                     tau = point.to(tl.float32)  # as the output pass reads it
+                    tl.debug_barrier()  # every thread's moved candidates are in memory before any reads them
                     acc, acc_u, u_sum, support = candidate_output(
-                        Row_slots, found, longest, tau, shift, scale_z, at_head(V, b, h // GROUP, stride_vb, stride_vh),
+                        Row_slots, near, tl.reduce(near, 0, MAX), tau, shift, scale_z,
+                        at_head(V, b, h // GROUP, stride_vb, stride_vh),
                         Nonzero + tile_row, stride_vs, stride_vd, gamma, POWER, BACKWARD_SUMS, HEAD_DIM, BLOCK_M,
                         BLOCK_N)
                     acc = tl.where((row_max == row_max)[:, None], acc, float("nan"))  # a non-finite score
