@@ -139,9 +139,10 @@ def candidate_output(Row_slots, found, longest, tau, shift, scale_z, V, Nonzero,
                      POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``triton_output.output_tiles``'s sums at ``tau`` (float32) from the rows' first ``found``
-    candidates (int32; those ``keep_near_candidates`` moved to the front), one of every row per trip: ``(sum p v, sum u v, sum u, support)``, each key's row of V
-    read where its p > 0 (the candidates hold every such key), and the key tiles holding one
-    marked in ``Nonzero`` (the query tile's row of it). p and u meet V in float32."""
+    candidates (int32; those ``keep_near_candidates`` moved to the front), one of every row per
+    trip: ``(sum p v, sum u v, sum u, support)``, each key's row of V read where its p > 0 (the
+    candidates near tau hold every such key), and the key tiles holding one marked in ``Nonzero``
+    (the query tile's row of it). p and u meet V in float32."""
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     acc_u = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     u_sum = tl.full([BLOCK_M], 0.0, tl.float32)
