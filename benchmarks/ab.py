@@ -9,8 +9,9 @@ package (a commit taken out of git elsewhere, for a machine whose copy has no gi
 Each round runs OLD then NEW, the next NEW then OLD, and so on (the order alternates, so that a
 drift of the GPU's clocks or temperature falls on both), each a ``bench_kernels.py`` process of
 its own (the working tree's script, everything after ``--`` passed to it) with ``PYTHONPATH`` at
-the package. Prints and writes (``--out``) the median ms of every row (impl, mode, S, D, amp) in
-every run and NEW / OLD of their means (the ratio of the means over each version's runs).
+the package. Prints each run's median ms per row (impl, mode, S, D, amp) as the run ends, then
+prints and writes (``--out``) them all and NEW / OLD of their means (the ratio of the means over
+each version's runs).
 """
 import argparse
 import csv
@@ -93,6 +94,8 @@ def main(argv=None):
         for n, which in enumerate(order):
             print(f"run {n + 1}/{len(order)}: {versions[which][1]}", flush=True)
             runs.append((which, bench(envs[which], bench_args, os.path.join(tmp, f"run{n}"))))
+            for key, ms in sorted(runs[-1][1].items()):  # as it comes: a run cut short keeps these
+                print(f"  {' '.join(f'{k}={v}' for k, v in zip(KEY, key))}: {ms:.4g} ms", flush=True)
     names = [name for _, name in versions]
     run_columns = [f"{n + 1}: {names[which]}" for n, (which, _) in enumerate(runs)]
     rows = []

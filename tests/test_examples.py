@@ -57,11 +57,15 @@ def test_sequence_parallel_example_under_torchrun(tmp_path):
 
 def test_ab_benchmark_compares_a_commit_with_the_tree(tmp_path):
     """``benchmarks/ab.py``: HEAD's package (out of git) and the working tree's, alternating, one
-    CPU row; every run's median and the ratio of the means in the report."""
+    CPU row; every run's median printed as the run ends (what a run cut short by a time limit
+    leaves), and all of them and the ratio of the means in the report."""
     result = run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), "HEAD", "tree", "--rounds", "2", "--out",
                   str(tmp_path), "--", "--device", "cpu", "--rows", "128:32:1.0", "--heads", "2", "--impls", "ours",
                   "--modes", "fwd", "--warmup-ms", "1", "--rep-ms", "5"], cwd=ROOT)
     assert result.returncode == 0, result.stdout
+    printed = [line for line in result.stdout.splitlines()
+               if line.startswith("  impl=ours mode=fwd seqlen=128 head_dim=32 amp=1.0: ")]
+    assert len(printed) == 4, result.stdout
     (report,) = tmp_path.glob("ab_*.csv")
     with open(report) as f:
         (row,) = list(csv.DictReader(f))
