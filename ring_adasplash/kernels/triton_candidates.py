@@ -66,9 +66,10 @@ def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_fir
     (``listed_scores``: before the shift and scale, which the later loops apply to the few
     candidates) is above ``cutoff`` (``score_cutoff``) appended with it to the row's scratch
     (``Row_slots``) while it has room (``store_candidates``); ``found`` (float32, exact: the later
-    loops compare it with float32 slots, in fewer registers) counts them all (room or not). A candidate's place among its tile's row is a product with
-    ``prefix`` (int8 ones on and above the diagonal) on the tensor cores, in int8 with int32 sums:
-    a scan along the row would move the tile to another layout and back through shared memory."""
+    loops compare it with float32 slots, in fewer registers) counts them all (room or not). A
+    candidate's place among its tile's row is a product with ``prefix`` (int8 ones on and above
+    the diagonal) on the tensor cores, in int8 with int32 sums: a scan along the row would move
+    the tile to another layout and back through shared memory."""
     start, stop = list_slots(count, full_first, full_end, FULL)
     counted = found.to(tl.int32)
     for j in tl.range(start, stop, loop_unroll_factor=UNROLL if FULL else 1):
