@@ -443,7 +443,7 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
                                     BACKWARD_SUMS=False)
         launch(triton_candidates.candidate_schedule_kernel, (programs,))(
             **arguments, **output_arguments, Spilled=spilled,
-            Cand=torch.empty(programs * BLOCK_M * slots * 2, device=p.q.device, dtype=torch.int32),
+            Cand=torch.empty(programs * BLOCK_M * (slots + BLOCK_N) * 2, device=p.q.device, dtype=torch.int32),
             num_q_tiles=p.num_q_tiles, num_tiles=work, few_tiles=FEW_TILES, CANDIDATES=slots, CHUNK=CANDIDATE_CHUNK,
             **p.config("candidates"))
     launch(triton_newton.newton_schedule_kernel, p.query_grid)(

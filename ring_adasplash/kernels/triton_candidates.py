@@ -34,26 +34,25 @@ NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF80
 
 
 @triton.jit
-def store_candidates(Row_base, place, s, cutoff, offs_n, room):
-    """Each candidate (score ``s > cutoff``) with room (``place``, int32, 1 + its place among this
-    tile's candidates of its row, at most ``room``, the row's slots left) as a pair (s, its key
-    ``offs_n``) into its row's scratch from ``Row_base`` (int32 pairs, past the row's earlier
-    candidates), in the layout of the scores: ``tl.store`` would first move the tile to a layout
-    of its own through shared memory (twice, with a barrier each), which cost more than the sweep.
-    The interpreter takes ``tl.store``."""
+def store_candidates(Row_base, place, s, cutoff, offs_n):
+    """Each candidate (score ``s > cutoff``; ``place``, int32, 1 + its place among this tile's
+    candidates of its row) as a pair (s, its key ``offs_n``) into its row's scratch from
+    ``Row_base`` (int32 pairs, past the row's earlier candidates), in the layout of the scores:
+    ``tl.store`` would first move the tile to a layout of its own through shared memory (twice,
+    with a barrier each), which cost more than the sweep. The interpreter takes ``tl.store``."""
     if INTERPRETED:
         key = tl.full(s.shape, 0, tl.int32) + offs_n[None, :]
-        fits = (s > cutoff[:, None]) & (place <= room[:, None])
+        fits = s > cutoff[:, None]
         At = Row_base[:, None] + 2 * (place - 1)
         tl.store(At, s.to(tl.int32, bitcast=True), mask=fits)
         tl.store(At + 1, key, mask=fits)
     else:
         # one 8-byte store per candidate, its address and test computed here
         tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .u64 a; setp.gt.f32 p, $3, $4; setp.le.and.s32 p, $2, $6, p; "
+            "{ .reg .pred p; .reg .u64 a; setp.gt.f32 p, $3, $4; "
             "mad.wide.s32 a, $2, 8, $1; @p st.global.v2.b32 [a], {$3, $5}; mov.b32 $0, 0; }",
-            "=r,l,r,f,f,r,r",
-            [(Row_base - 2).to(tl.int64)[:, None], place, s, cutoff[:, None], offs_n[None, :], room[:, None]],
+            "=r,l,r,f,f,r",
+            [(Row_base - 2).to(tl.int64)[:, None], place, s, cutoff[:, None], offs_n[None, :]],
             dtype=tl.int32, is_pure=False, pack=1)
 
 
@@ -65,8 +64,11 @@ def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_fir
     """Over one of the two loops of listed tiles (``list_slots``), every key whose score
     (``listed_scores``: before the shift and scale, which the later loops apply to the few
     candidates) is above ``cutoff`` (``score_cutoff``) appended with it to the row's scratch
-    (``Row_slots``) while it has room (``store_candidates``); ``found`` (float32, exact: the later
-    loops compare it with float32 slots, in fewer registers) counts them all (room or not). A
+    (``Row_slots``, ``CANDIDATES + BLOCK_N`` slots a row) while the row holds at most
+    ``CANDIDATES`` (``store_candidates``): a row that starts a tile with room takes all of that
+    tile's candidates, so the test is per row and tile, not per key, and a row past
+    ``CANDIDATES`` (its query tile then spills) stops counting. ``found`` (float32, exact: the
+    later loops compare it with float32 slots, in fewer registers) counts what the row holds. A
     candidate's place among its tile's row is a product with ``prefix`` (int8 ones on and above
     the diagonal) on the tensor cores, in int8 with int32 sums: a scan along the row would move
     the tile to another layout and back through shared memory."""
@@ -76,9 +78,10 @@ def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_fir
         _, offs_n, s = listed_scores(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
                                      q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM,
                                      BLOCK_N, FULL, PRECISION)
-        near = s > cutoff[:, None]  # NaN and hidden pairs (-inf) are never candidates
+        open_cutoff = tl.where(counted <= CANDIDATES, cutoff, float("inf"))
+        near = s > open_cutoff[:, None]  # NaN and hidden pairs (-inf) are never candidates
         place = tl.dot(near.to(tl.int8), prefix, out_dtype=tl.int32)
-        store_candidates(Row_slots + 2 * counted, place, s, cutoff, offs_n, CANDIDATES - counted)
+        store_candidates(Row_slots + 2 * counted, place, s, open_cutoff, offs_n)
         counted += tl.reduce(place, 1, MAX)
     return counted.to(tl.float32)
 
@@ -188,7 +191,7 @@ def candidate_schedule_kernel(
     candidates or the query tile lists at most ``few_tiles`` key tiles (``Tau`` and ``Keep`` then
     left to ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's bracket as
     ``newton_schedule_kernel`` does (``Row_max`` NaN on rows that see a score that is not finite);
-    ``Cand`` (int32) holds ``BLOCK_M x CANDIDATES`` pairs (the bits of the score q . k, its key)
+    ``Cand`` (int32) holds ``BLOCK_M x (CANDIDATES + BLOCK_N)`` pairs (the bits of the score q . k, its key)
     per program.
     With ``OUTPUT``, the query tiles not spilled also store ``output_kernel``'s results (``Out``,
     with ``BACKWARD_SUMS`` ``Out_u`` and ``U_sum``, ``Support``, ``Nonzero``: zeros from the
@@ -200,7 +203,7 @@ def candidate_schedule_kernel(
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
     tl.static_assert(CANDIDATES % CHUNK == 0)
     program = tl.program_id(0)
-    Row_slots = Cand + (program * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * (2 * CANDIDATES)
+    Row_slots = Cand + (program * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * (2 * (CANDIDATES + BLOCK_N))
     keys = tl.arange(0, BLOCK_N)
     prefix = tl.where(keys[:, None] <= keys[None, :], 1, 0).to(tl.int8)
     for work in range(program, num_tiles, tl.num_programs(0)):
