@@ -388,7 +388,7 @@ def newton_polish(problem: TritonProblem, tiles: BlockMask, state: S.NewtonState
     return point
 
 
-CANDIDATES = 512  # candidate slots per row (triton_candidates); 0: sweeps only
+CANDIDATES = 1024  # candidate slots per row (triton_candidates); 0: sweeps only
 CANDIDATE_CHUNK = 64  # candidates read per row and trip of a step
 PROGRAMS_PER_SM = 4  # the candidate kernel's persistent grid: programs per SM
 FEW_TILES = 8  # query tiles that list at most this many key tiles take the sweeps
