@@ -911,12 +911,15 @@ def test_newton_schedule_agrees_with_the_histogram_schedule(interpreted, alpha):
 # How ``triton_backend.newton_schedule`` runs: (candidate slots per row, most key tiles a query tile
 # may list and still take the sweeps). "sweeps": every query tile in one sweep per step; "candidates":
 # every query tile on its candidate keys; "spilled": 64 slots, too few for the flat rows' 400 keys, so
-# their query tiles spill to the sweeps and the others do not.
-SCHEDULE_ROUTES = {"sweeps": (0, None), "candidates": (256, 0), "spilled": (64, 0)}
+# their query tiles spill to the sweeps and the others do not; "dropped": 512 slots, so the flat rows'
+# query tiles hold more than ``DROP_LONGEST`` candidates and drop those below the bracket after
+# ``DROP_STEP`` steps.
+SCHEDULE_ROUTES = {"sweeps": (0, None), "candidates": (256, 0), "spilled": (64, 0), "dropped": (512, 0)}
 
 
 @pytest.mark.parametrize("alpha, route", [(1.25, "sweeps"), (1.5, "sweeps"), (1.25, "candidates"),
-                                          (1.5, "candidates"), (1.5, "spilled")])
+                                          (1.5, "candidates"), (1.5, "spilled"), (1.25, "dropped"),
+                                          (1.5, "dropped")])
 def test_newton_schedule_kernel_matches_the_pytorch_schedule(interpreted, alpha, route, monkeypatch):
     """The whole Newton schedule (``triton_newton``, ``triton_candidates``, interpreted) against
     ``torch_blockwise.newton_schedule`` in the same forward, float32: a batch of two entries with

@@ -31,9 +31,15 @@ from .triton_common import (ADD, INTERPRETED, MAX, MIN, at_head, dot, entmax_wei
 from .triton_tau import newton_live_rows_step, schedule_rows
 
 NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF800000)
-# candidates per row and trip of ``keep_near_candidates``: its scan along the row in a thread's
+# candidates per row and trip of ``move_candidates_above``: its scan along the row in a thread's
 # registers, where 64 a trip spilled (sm_90 code, D 64: 79 instructions a candidate, 43 at 16)
 MOVE_CHUNK = tl.constexpr(16)
+# after this many Newton steps, a query tile whose longest row holds more than DROP_LONGEST
+# candidates drops those below the bracket's lower bound: on local rows the first steps take tau
+# from hundreds of candidates to the support's tens; on rows of few candidates the pass would
+# cost more than the later steps save
+DROP_STEP = tl.constexpr(2)
+DROP_LONGEST = tl.constexpr(256)
 
 
 @triton.jit
@@ -113,32 +119,33 @@ def candidate_sums(Row_slots, found, longest, t, shift, scale_z, gamma, POWER: t
 
 
 @triton.jit
-def keep_near_candidates(Row_slots, found, longest, bound, shift, scale_z, Keep_row, BLOCK_N: tl.constexpr,
-                         CHUNK: tl.constexpr):
-    """Marks in ``Keep_row`` (the query tile's row of ``Keep``) the key tiles of the rows'
-    candidates with ``z > bound`` (``tau - margin``: the tiles that may hold p > 0), and moves
-    those candidates, in order, to the front of their row's slots: the output then reads a row's
-    few keys near tau (its support and a margin), not all its candidates (up to the slots, on
-    local rows ten times the support). Returns their count per row (int32). A candidate moves to
-    a slot at or before its own, so only this chunk's slots are rewritten, after every thread has
-    read them."""
-    near_count = tl.full(found.shape, 0, tl.int32)
+def move_candidates_above(Row_slots, found, longest, bound, shift, scale_z, Keep_row, MARK: tl.constexpr,
+                          BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """Moves the rows' candidates with ``z > bound`` (float32 per row), in order, to the front of
+    their row's slots and returns their count per row (int32); with ``MARK``, also marks their key
+    tiles in ``Keep_row`` (the query tile's row of ``Keep``). Called with ``tau - margin``, it
+    marks the tiles that may hold p > 0 and leaves the output a row's few keys near tau (its
+    support and a margin), not all its candidates (up to the slots, on local rows ten times the
+    support). A candidate moves to a slot at or before its own, so only this chunk's slots are
+    rewritten, after every thread has read them; a caller reads the moved slots after a barrier."""
+    moved = tl.full(found.shape, 0, tl.int32)
     cols = tl.arange(0, CHUNK)
     for first in range(0, longest, CHUNK):
         At = Row_slots[:, None] + 2 * (first + cols[None, :])
         listed = (first + cols)[None, :] < found[:, None]
         bits = tl.load(At, mask=listed, other=NEG_INF_BITS)
         z = logits(bits.to(tl.float32, bitcast=True), shift[:, None], scale_z)
-        near = listed & (z > bound[:, None])
-        key = tl.load(At + 1, mask=near, other=0)
-        tl.store(Keep_row + key // BLOCK_N, tl.full(near.shape, 1, tl.int8), mask=near)
-        place = near_count[:, None] + tl.associative_scan(near.to(tl.int32), 1, ADD) - 1
+        above = listed & (z > bound[:, None])
+        key = tl.load(At + 1, mask=above, other=0)
+        if MARK:
+            tl.store(Keep_row + key // BLOCK_N, tl.full(above.shape, 1, tl.int8), mask=above)
+        place = moved[:, None] + tl.associative_scan(above.to(tl.int32), 1, ADD) - 1
         tl.debug_barrier()  # the chunk's slots are read before any is rewritten
         To = Row_slots[:, None] + 2 * place
-        tl.store(To, bits, mask=near)
-        tl.store(To + 1, key, mask=near)
-        near_count += tl.reduce(near.to(tl.int32), 1, ADD)
-    return near_count
+        tl.store(To, bits, mask=above)
+        tl.store(To + 1, key, mask=above)
+        moved += tl.reduce(above.to(tl.int32), 1, ADD)
+    return moved
 
 
 @triton.jit
@@ -146,7 +153,7 @@ def candidate_output(Row_slots, found, longest, tau, shift, scale_z, V, Nonzero,
                      POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``triton_output.output_tiles``'s sums at ``tau`` (float32) from the rows' first ``found``
-    candidates (int32; those ``keep_near_candidates`` moved to the front), one of every row per
+    candidates (int32; those ``move_candidates_above`` moved to the front), one of every row per
     trip: ``(sum p v, sum u v, sum u, support)``, each key's row of V read where its p > 0 (the
     candidates near tau hold every such key), and the key tiles holding one marked in ``Nonzero``
     (the query tile's row of it). p and u meet V in float32."""
@@ -249,9 +256,19 @@ def candidate_schedule_kernel(
                     point, lower, upper, done, step, live = newton_live_rows_step(
                         f, df, n, closest, t, point, lower, upper, done, step, gamma, tolerance, step_tolerance,
                         POWER, True)
+                    if (step == DROP_STEP) & (live > 0) & (longest > DROP_LONGEST):
+                        # every later point is at or above the bracket's lower bound, so a key
+                        # below it adds to no later sum; the margin keeps those the tiles' marks read
+                        tl.debug_barrier()  # the sums' reads of the slots are over
+                        found = move_candidates_above(Row_slots, found, longest, lower.to(tl.float32) - margin,
+                                                      shift, scale_z, Keep, False, BLOCK_N, MOVE_CHUNK
+                                                      ).to(tl.float32)
+                        longest = tl.reduce(found, 0, MAX).to(tl.int32)
+                        tl.debug_barrier()  # every thread's moved candidates are in memory
                 tl.store(Tau + rows, point, mask=in_q)
-                near = keep_near_candidates(Row_slots, found, longest, point.to(tl.float32) - margin, shift,
-                                            scale_z, Keep + tile_row, BLOCK_N, MOVE_CHUNK)
+                tl.debug_barrier()  # the last step's reads of the slots are over
+                near = move_candidates_above(Row_slots, found, longest, point.to(tl.float32) - margin, shift,
+                                             scale_z, Keep + tile_row, True, BLOCK_N, MOVE_CHUNK)
                 if OUTPUT:
                     tau = point.to(tl.float32)  # as the output pass reads it
                     tl.debug_barrier()  # every thread's moved candidates are in memory before any reads them
