@@ -113,7 +113,8 @@ def _sparse(d: int) -> dict:
 
 
 def _backward(d: int) -> dict:
-    return {"num_warps": 8 if d >= 128 else 4, "num_stages": 1 if d >= 256 else 2}
+    # 4 warps up to D 128: two programs an SM at 255 registers, where 8 warps fit one
+    return {"num_warps": 8 if d > 128 else 4, "num_stages": 1 if d >= 256 else 2}
 
 
 # Launch settings per kernel, by head dim: a fixed table, each entry measured (why: docs/design.md
@@ -134,7 +135,7 @@ _CONFIGS = {
 # Registers per thread (``maxnreg``) by kernel and head dim, for 16-bit inputs: capped where the
 # programs that then fit on an SM more than pay for the spills
 _MAX_REGISTERS = {"newton": {64: 128, 128: 168}, "candidates": {64: 128}, "output": {64: 168},
-                  "dq": {64: 128, 128: 128}}
+                  "dq": {64: 128}}
 
 
 @dataclass(frozen=True, eq=False)
