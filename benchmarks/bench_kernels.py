@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import adasplash_precompile  # noqa: E402
 import common  # noqa: E402
 import inputs  # noqa: E402
 from inputs import FAMILIES, make_qkv  # noqa: E402
@@ -63,6 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (wall-clock timer)")
     p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture for --family captured "
                                                      "(amp is then the layer)")
+    p.add_argument("--adasplash-precompile", type=int, default=0, metavar="N",
+                   help="before AdaSplash's first call of each row, compile its autotuning configurations in N "
+                        "processes side by side (adasplash_precompile.py), so its own search finds them compiled; "
+                        "0: off (its first call compiles them one after another: minutes at 8K, D 128)")
     p.add_argument("--warmup-ms", type=float, default=100.0,
                    help="warm-up time per measurement (ms, triton.testing.do_bench)")
     p.add_argument("--rep-ms", type=float, default=500.0, help="measured time per measurement (ms)")
@@ -221,13 +226,18 @@ def main(argv=None):
         "kv_heads": args.kv_heads or args.heads, "alpha": ALPHA,
         "head alphas (ours)": common.HEAD_ALPHAS or "none"})
     dtype = common.torch_dtype(args.dtype)
-    rows, cached_key, qkv = [], None, None
+    rows, cached_key, qkv, precompiled = [], None, None, set()
     for seqlen, head_dim, amp, impl, mode in tqdm(tasks(args), desc="kernels", file=sys.stderr):
         if (seqlen, head_dim, amp) != cached_key:
             qkv = None
             qkv = make_qkv(args.family, args.batch, seqlen, args.heads, head_dim, amp, dtype,
                            args.device, kv_heads=args.kv_heads, seed=args.seed)
             cached_key = (seqlen, head_dim, amp)
+        if impl == "adasplash" and args.adasplash_precompile and (seqlen, head_dim, amp) not in precompiled:
+            seconds = adasplash_precompile.precompile(args.family, seqlen, head_dim, amp, args.adasplash_precompile,
+                                                      args)
+            tqdm.write(f"adasplash precompiled for {seqlen}:{head_dim}:{amp} in {seconds:.1f} s")
+            precompiled.add((seqlen, head_dim, amp))
         row = {"impl": impl, "mode": mode, "seqlen": seqlen, "head_dim": head_dim, "amp": amp}
         row.update(bench_one(impl, mode, qkv, args))
         row["dense_passes"] = DENSE_QK_PASSES[impl]

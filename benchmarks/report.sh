@@ -6,12 +6,14 @@
 #
 #   bash benchmarks/report.sh
 #   NO_ADASPLASH=1 bash benchmarks/report.sh     # without AdaSplash (package missing, or to save
-#                                                # its first-call tuning, minutes at 32K)
+#                                                # its first-call tuning)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMPLS=ours,sdpa,adasplash
 [ -z "${NO_ADASPLASH:-}" ] || IMPLS=ours,sdpa
-COMMON=(--heads 16 --batch 1 --dtype bf16 --impls "$IMPLS" --modes fwd,fwdbwd --out benchmarks/results)
+# AdaSplash's autotuning configurations compiled in 16 processes first (adasplash_precompile.py)
+COMMON=(--heads 16 --batch 1 --dtype bf16 --impls "$IMPLS" --modes fwd,fwdbwd --out benchmarks/results
+        --adasplash-precompile 16)
 
 git rev-parse --short HEAD
 python3 benchmarks/bench_kernels.py "${COMMON[@]}" --family structured \

@@ -78,6 +78,37 @@ def test_ab_benchmark_compares_a_commit_with_the_tree(tmp_path):
     assert float(row["new / old"]) == pytest.approx(new / old)
 
 
+def test_adasplash_precompile_splits_every_autotuned_kernel(monkeypatch):
+    """``benchmarks/adasplash_precompile.py``: the workers' shares of a kernel's configurations
+    partition them, within one of each other in size; ``--plan`` (no GPU) finds AdaSplash's
+    autotuned kernels in the modules of its package and gives every configuration to a worker."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import adasplash_precompile
+
+    configs = list(range(30))
+    for parts, offset in ((1, 0), (4, 3), (16, 30), (64, 5)):
+        split = [adasplash_precompile.share(configs, part, parts, offset) for part in range(parts)]
+        assert sorted(c for part in split for c in part) == configs
+        assert max(map(len, split)) - min(map(len, split)) <= 1
+    with pytest.raises(ValueError, match="part must be in"):
+        adasplash_precompile.share(configs, 4, 4)
+
+    pytest.importorskip("adasplash")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # interpreted, AdaSplash does not autotune
+    result = run([sys.executable, str(ROOT / "benchmarks" / "adasplash_precompile.py"), "--plan", "--workers", "16"],
+                 cwd=ROOT, hide_gpus=True)
+    assert result.returncode == 0, result.stdout
+    kernels = {}  # name: (configurations, each worker's share of them)
+    for line in result.stdout.splitlines():
+        match = re.fullmatch(r"(\S+): (\d+) configurations; per worker ((?:\d+ ){15}\d+)", line)
+        assert match, line
+        kernels[match.group(1)] = (int(match.group(2)), [int(c) for c in match.group(3).split()])
+    attention = [f"adasplash.adasplash_v2.{k}" for k in ("_get_tau", "_get_output", "_bwd_q_kernel", "_bwd_kv_kernel")]
+    assert set(attention) <= set(kernels), result.stdout
+    for name, (total, counts) in kernels.items():
+        assert total > 1 and sum(counts) == total, (name, total, counts)
+
+
 def test_readme_quickstart_runs(tmp_path):
     result = run([sys.executable, "-c", quickstart_code()], cwd=tmp_path)
     assert result.returncode == 0, result.stdout
