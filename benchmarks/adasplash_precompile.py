@@ -66,22 +66,21 @@ def compile_share(family: str, seqlen: int, head_dim: int, amp: float, part: int
     """Worker: AdaSplash forward and backward once on the row's inputs with each autotuned kernel
     cut to this worker's share of its configurations (a kernel with no share here keeps one of
     its configurations, which some other worker compiles too: the call needs every kernel).
-    Returns a line saying what it compiled."""
-    import adasplash
+    Returns a line saying what it compiled. The calls are ``bench_kernels.py``'s own steps, fwd
+    and fwdbwd, so they take AdaSplash's paths as the benchmark does."""
+    import bench_kernels
 
     kept = 0
     tuners = autotuners()
     for tuner, mine in zip(tuners, shares(tuners, part, parts)):
         tuner.configs = mine or tuner.configs[part % len(tuner.configs):][:1]
         kept += len(mine)
-    dtype = common.torch_dtype(args.dtype)
-    q, k, v = (x.transpose(1, 2).contiguous().requires_grad_()
-               for x in make_qkv(family, args.batch, seqlen, args.heads, head_dim, amp, dtype, "cuda",
-                                 kv_heads=args.kv_heads, seed=args.seed))
+    bench_kernels.ALPHA = args.alpha  # read by its AdaSplash call, as its main sets it
+    qkv = make_qkv(family, args.batch, seqlen, args.heads, head_dim, amp, common.torch_dtype(args.dtype), "cuda",
+                   kv_heads=args.kv_heads, seed=args.seed)
     start = time.time()
-    with torch.no_grad():  # the benchmark's forward-only mode, in case it specializes differently
-        adasplash.adasplash(q, k, v, alpha=args.alpha, is_causal=True)
-    adasplash.adasplash(q, k, v, alpha=args.alpha, is_causal=True).sum().backward()
+    for mode in ("fwd", "fwdbwd"):
+        bench_kernels.make_step("adasplash", mode, *qkv)()
     torch.cuda.synchronize()
     return f"part {part}/{parts}: {kept} configurations, {time.time() - start:.1f} s"
 
@@ -96,7 +95,7 @@ def precompile(family: str, seqlen: int, head_dim: int, amp: float, workers: int
             "--seed", str(args.seed), "--parts", str(workers)]
     if args.kv_heads:
         base += ["--kv-heads", str(args.kv_heads)]
-    if getattr(args, "captured", None):
+    if args.captured:
         base += ["--captured", args.captured]
     running = [subprocess.Popen(base + ["--part", str(part)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for part in range(workers)]
