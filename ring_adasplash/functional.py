@@ -131,16 +131,22 @@ def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: 
         compile_ahead(_kernel_key(q, k, alphas, backward_sums),
                       functools.partial(_dry_run, q, k, v, vis, alphas, softmax_scale, backward_sums), q.device)
     results = _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums)
-    groups, heads = [g for g, _ in results], q.shape[2]
-    # what the backward reads of the tiles, as bits (contiguous, as the fake impl promises)
-    nonzero = join_heads([fwd.block_masks[0].bits for _, fwd in results], groups, 1, heads).contiguous()
+    outputs = _joined_outputs(q, results, backward_sums)
     for _, fwd in results:
-        telemetry.log_forward(fwd, "single", saved_bytes=nonzero.numel())
+        telemetry.log_forward(fwd, "single", saved_bytes=outputs[-1].numel())
+    return outputs
+
+
+def _joined_outputs(q, results, backward_sums: bool) -> tuple:
+    """``attention_forward``'s outputs from the groups' forward results, every head in its place."""
+    groups, heads = [g for g, _ in results], q.shape[2]
 
     def joined(field, dim):
         return join_heads([getattr(fwd, field) for _, fwd in results], groups, dim, heads)
 
-    # contiguous, as the fake impl promises (compiled graphs check strides)
+    # what the backward reads of the tiles, as bits; contiguous, as the fake impl promises
+    # (compiled graphs check strides)
+    nonzero = join_heads([fwd.block_masks[0].bits for _, fwd in results], groups, 1, heads).contiguous()
     acc = results[0][1].tau.dtype
     if backward_sums:
         out_u, u_sum = joined("out_u", 2).contiguous(), joined("u_sum", 1).contiguous()
@@ -152,13 +158,13 @@ def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: 
 
 def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool) -> None:
     """The forward (and with ``backward_sums`` the backward) of a call, for ``compile_ahead``:
-    every kernel that either launches on this configuration."""
-    backend = backend_for(q)
-    for g, fwd in _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums):
-        if backward_sums:
-            entmax_backward(backend, g.queries(q), torch.empty_like(g.queries(q)),
-                            SingleBlock(g.keys(k), g.keys(v), vis), fwd, EntmaxSpec(g.alpha), softmax_scale,
-                            kv_grad_dtype=k.dtype, q_grad_dtype=_stored_final(q))
+    every kernel that either launches on this configuration, through the same steps as the call
+    (the backward's tiles as the bits it is handed)."""
+    out, out_u, u_sum, tau, shift, _, nonzero = _joined_outputs(
+        q, _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums), backward_sums)
+    if backward_sums:
+        _backward(torch.empty_like(out), q, k, v, vis, out_u, u_sum, tau, shift, nonzero, alphas, softmax_scale,
+                  alpha_grad=False)
 
 
 @attention_forward.register_fake
@@ -185,7 +191,12 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limi
     dtype (else an empty tensor)."""
     # no CUDA graph here: the backward launches a few large kernels, which hide their launches,
     # and copying its eight inputs into a graph cost more than it saved (cuda_graphs.py)
-    vis = Visibility(q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
+    return _backward(grad_out, q, k, v, Visibility(q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos), out_u, u_sum,
+                     tau, shift, nonzero, alphas, softmax_scale, alpha_grad)
+
+
+def _backward(grad_out, q, k, v, vis: Visibility, out_u, u_sum, tau, shift, nonzero, alphas, softmax_scale: float,
+              alpha_grad: bool) -> tuple:
     backend = backend_for(q)
     heads, heads_kv = q.shape[2], k.shape[2]
     groups = head_groups(alphas, heads, heads_kv, q.device)

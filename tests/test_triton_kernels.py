@@ -766,7 +766,7 @@ def test_gpu_compile_ahead_leaves_the_call_nothing_to_compile(monkeypatch):
     compiles = []
 
     def record(**info):
-        compiles.append((info["fn"].name, info["is_manual_warmup"]))
+        compiles.append((info["fn"].name, info["is_manual_warmup"], str(info.get("key"))))
         return False  # go on compiling
 
     monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", record)
@@ -778,10 +778,13 @@ def test_gpu_compile_ahead_leaves_the_call_nothing_to_compile(monkeypatch):
     # every kernel whose code depends on the dtype, the head dim or the group (the tile-list and
     # tau kernels do not, and earlier tests compiled them); alpha 1.5 on one device takes the
     # one-launch Newton schedule (algorithm.default_schedule)
-    names = {name for name, _ in compiles}
+    names = {name for name, _, _ in compiles}
     assert {"max_kernel", "tau_floor_kernel", "candidate_schedule_kernel", "newton_schedule_kernel", "output_kernel",
-            "dq_kernel", "dkdv_kernel"} <= names, compiles
-    assert all(ahead for _, ahead in compiles), compiles
+            "dq_kernel", "dkdv_kernel"} <= names, names
+    # a kernel compiled by the call: its specialization, beside those the dry run compiled of it
+    late = {(name, key): [k for n, ahead, k in compiles if ahead and n == name]
+            for name, ahead, key in compiles if not ahead}
+    assert not late, late
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = entmax_attention_reference(qr, kr, vr, alpha=1.5, causal=True)
     ref.backward(grad.double())
