@@ -416,13 +416,31 @@ def approx_log2(x):
     """log2 of float32 ``x > 0`` by the GPU's approximate instruction (``lg2.approx.f32``, relative
     error about 2^-22): ``tl.log2`` compiles to libdevice's correctly rounded log2, many
     instructions per element, which made the sums of dL/dalpha most of the dQ kernel's time
-    (benchmarks/RESULTS.md). For terms where that error is far below the result's tolerance (the
-    alpha gradient), not for tau. The interpreter takes ``tl.log2``."""
+    (benchmarks/RESULTS.md). For terms where that error is far below the result's tolerance: the
+    alpha gradient, and powers of small exponent (``power_log2``). The interpreter takes ``tl.log2``."""
     if INTERPRETED:
         return tl.log2(x)
     else:
         return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
                                          pack=1)
+
+
+# The largest gamma (alpha >= 1.25) whose powers take log2 from ``approx_log2``: its error in the
+# log, about 2^-22.6, becomes gamma ln 2 times that in a power, 4.4e-7 here, of the size of exp2's own
+# rounding; larger gamma (alpha near 1) would multiply it past the 1e-5 the rows' sums are held to.
+APPROX_LOG_MAX_GAMMA = tl.constexpr(4.0)
+
+
+@triton.jit
+def power_log2(x, gamma):
+    """log2 of ``x > 0`` for the powers ``x ** gamma`` and ``x ** (gamma - 1)``: ``approx_log2`` up
+    to ``APPROX_LOG_MAX_GAMMA`` (a branch on a scalar: the same for every element), else
+    correctly rounded."""
+    if gamma <= APPROX_LOG_MAX_GAMMA:
+        log_x = approx_log2(x)
+    else:
+        log_x = tl.log2(x)
+    return log_x
 
 
 @triton.jit
@@ -434,7 +452,7 @@ def power_and_slope(d, gamma, POWER: tl.constexpr):
     elif POWER == 2:
         return d * d, d
     else:
-        slope = tl.where(d > 0, tl.exp2((gamma - 1.0) * tl.log2(tl.where(d > 0, d, 1.0))), 0.0)
+        slope = tl.where(d > 0, tl.exp2((gamma - 1.0) * power_log2(tl.where(d > 0, d, 1.0), gamma)), 0.0)
         return d * slope, slope
 
 
@@ -443,7 +461,7 @@ def entmax_weights(gap, gamma, POWER: tl.constexpr):
     """p = gap^gamma and u = gap^(gamma - 1) on the support (gap > 0), 0 elsewhere
     (``EntmaxSpec.weights``)."""
     if POWER == 0:
-        log_gap = tl.log2(tl.where(gap > 0, gap, 1.0))
+        log_gap = power_log2(tl.where(gap > 0, gap, 1.0), gamma)
         p = tl.where(gap > 0, tl.exp2(gamma * log_gap), 0.0)
         u = tl.where(gap > 0, tl.exp2((gamma - 1.0) * log_gap), 0.0)
         return p, u
