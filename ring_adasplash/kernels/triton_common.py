@@ -425,9 +425,10 @@ def approx_log2(x):
                                          pack=1)
 
 
-# The largest gamma (alpha >= 1.25) whose powers take log2 from ``approx_log2``: its error in the
-# log, about 2^-22.6, becomes gamma ln 2 times that in a power, 4.4e-7 here, of the size of exp2's own
-# rounding; larger gamma (alpha near 1) would multiply it past the 1e-5 the rows' sums are held to.
+# The largest gamma (alpha >= 1.25) whose powers take log2 from ``approx_log2``: an error e in the
+# log becomes gamma ln 2 e relative error in the power, under 1e-6 here for the gaps that carry the
+# mass (log2 of a few units), far below the 1e-5 the rows' sums are held to; gamma near 100 (alpha
+# near 1) would multiply it up to that.
 APPROX_LOG_MAX_GAMMA = tl.constexpr(4.0)
 
 
