@@ -20,39 +20,80 @@ SM90_SHARED_BYTES = 232448  # shared memory one block may use on an H100 or H200
 
 
 @contextlib.contextmanager
-def recorded_launches():
-    """Within the block, every launch through ``triton_backend.launch`` is recorded into the dict
-    yielded: {(kernel module, name): [arguments by name, as (kind, value)]} (a tensor's value: its
-    dtype and whether its address is a multiple of 16)."""
+def recorded_launches(skip=lambda: False):
+    """Within the block, every launch through the kernel modules' ``launch`` (``triton_backend``'s
+    and ``triton_tiles``') is recorded into the dict yielded: {(kernel module, name): [arguments by
+    name, as (kind, value)]} (a tensor's value: its dtype and whether its address is a multiple of
+    16). Where ``skip()`` is true the kernel is recorded and not run, as a compile-ahead dry run
+    launches it."""
     import torch
 
-    from ring_adasplash.kernels import triton_backend
+    from ring_adasplash.kernels import triton_backend, triton_tiles
 
     launched = {}
-    launch = triton_backend.launch
+    modules = (triton_backend, triton_tiles)
+    launches = [module.launch for module in modules]
 
-    def recording(kernel, grid):
-        run = launch(kernel, grid)
+    def recording(launch):
+        def launcher(kernel, grid):
+            def call(**kwargs):
+                described = {}
+                for name, value in kwargs.items():
+                    if torch.is_tensor(value):
+                        described[name] = ("tensor", (str(value.dtype), value.data_ptr() % 16 == 0))
+                    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                        described[name] = ("const", value)
+                    else:
+                        described[name] = ("int" if isinstance(value, int) else "float", value)
+                launched.setdefault((kernel.fn.__module__, kernel.fn.__name__), []).append(described)
+                if not skip():
+                    return launch(kernel, grid)(**kwargs)
 
-        def call(**kwargs):
-            described = {}
-            for name, value in kwargs.items():
-                if torch.is_tensor(value):
-                    described[name] = ("tensor", (str(value.dtype), value.data_ptr() % 16 == 0))
-                elif isinstance(value, bool) or not isinstance(value, (int, float)):
-                    described[name] = ("const", value)
-                else:
-                    described[name] = ("int" if isinstance(value, int) else "float", value)
-            launched.setdefault((kernel.fn.__module__, kernel.fn.__name__), []).append(described)
-            return run(**kwargs)
+            return call
 
-        return call
+        return launcher
 
-    triton_backend.launch = recording
+    for module, launch in zip(modules, launches):
+        module.launch = recording(launch)
     try:
         yield launched
     finally:
-        triton_backend.launch = launch
+        for module, launch in zip(modules, launches):
+            module.launch = launch
+
+
+def specialization(kernel, arguments: dict) -> tuple[dict, dict, dict, dict]:
+    """``(signature, constexprs, attrs, options)`` of a launch of ``kernel`` with ``arguments`` (as
+    ``recorded_launches`` describes them), specialized as Triton's launcher does on the GPU:
+    integers equal to 1 are constants, addresses and integers that are multiples of 16 are marked so
+    (vector loads, and with them the pipelined copies that fill shared memory); ``options``: the
+    launch settings (``compile_ahead.LAUNCH_OPTIONS``)."""
+    from ring_adasplash.kernels.compile_ahead import LAUNCH_OPTIONS
+
+    options = {key: arguments[key][1] for key in sorted(LAUNCH_OPTIONS) if key in arguments}
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (param, declared) in enumerate(inspect.signature(kernel.fn).parameters.items()):
+        kind, value = arguments[param]
+        if param == "PRECISION" and value == "f32":
+            value = "native"  # the interpreter's stand-in for 16-bit products (triton_common)
+        if "constexpr" in str(declared.annotation) or kind == "const":
+            signature[param], constexprs[(index,)] = "constexpr", value
+        elif kind == "tensor":
+            signature[param] = TYPES[value[0]]
+            if value[1]:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif kind == "int" and value == 1:
+            signature[param], constexprs[(index,)] = "constexpr", 1
+        else:
+            signature[param] = ("i32" if abs(value) < 2**31 else "i64") if kind == "int" else "fp32"
+            if kind == "int" and value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs, options
+
+
+def specialization_key(kernel, arguments: dict) -> tuple:
+    """``specialization`` as one hashable value: two launches with the same key run one binary."""
+    return (kernel.fn.__name__, *(str(sorted(part.items())) for part in specialization(kernel, arguments)))
 
 
 def capture(path: str) -> None:
@@ -104,7 +145,6 @@ def compile_all(path: str, on_binary=None) -> tuple[int, list]:
     """Compiles every distinct recorded specialization; returns (compiled, failures).
     ``on_binary(kernel name, compiled kernel)``, where given, is called with each one."""
     import triton
-    from ring_adasplash.kernels.compile_ahead import LAUNCH_OPTIONS
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -113,33 +153,12 @@ def compile_all(path: str, on_binary=None) -> tuple[int, list]:
     compiled, failures, done = 0, [], set()
     for (module, name), calls in launched.items():
         kernel = getattr(importlib.import_module(module), name)
-        params = list(inspect.signature(kernel.fn).parameters)
         for arguments in calls:
-            options = {key: arguments[key][1] for key in sorted(LAUNCH_OPTIONS) if key in arguments}
-            # specialized as Triton's launcher does on the GPU: integers equal to 1 are constants,
-            # addresses and integers that are multiples of 16 are marked so (vector loads, and
-            # with them the pipelined copies that fill shared memory)
-            signature, constexprs, attrs = {}, {}, {}
-            for index, param in enumerate(params):
-                kind, value = arguments[param]
-                if param == "PRECISION" and value == "f32":
-                    value = "native"  # the interpreter's stand-in for 16-bit products (triton_common)
-                if kernel.params[index].is_constexpr or kind == "const":
-                    signature[param], constexprs[(index,)] = "constexpr", value
-                elif kind == "tensor":
-                    signature[param] = TYPES[value[0]]
-                    if value[1]:
-                        attrs[(index,)] = [["tt.divisibility", 16]]
-                elif kind == "int" and value == 1:
-                    signature[param], constexprs[(index,)] = "constexpr", 1
-                else:
-                    signature[param] = ("i32" if abs(value) < 2**31 else "i64") if kind == "int" else "fp32"
-                    if kind == "int" and value % 16 == 0:
-                        attrs[(index,)] = [["tt.divisibility", 16]]
-            key = (name, str(sorted(signature.items())), str(sorted(constexprs.items())), str(sorted(attrs.items())))
+            key = specialization_key(kernel, arguments)
             if key in done:
                 continue
             done.add(key)
+            signature, constexprs, attrs, options = specialization(kernel, arguments)
             try:
                 binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                                         target=GPUTarget("cuda", 90, 32), options=options)

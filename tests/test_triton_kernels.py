@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import math
 
 import pytest
@@ -753,61 +752,32 @@ def test_gpu_cuda_graph_replays_match_eager(monkeypatch):
     cuda_graphs.clear()
 
 
-def _specialization(value, constexpr: bool) -> tuple:
-    """What Triton compiles a launch argument into: a constexpr's (or launch setting's) value; a
-    tensor's dtype and 16-byte alignment; whether an integer is 1 and whether a multiple of 16;
-    not a float's value."""
-    if constexpr or isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        return ("constexpr", value)
-    if torch.is_tensor(value):
-        return ("tensor", value.dtype, value.data_ptr() % 16 == 0)
-    return ("int", value == 1, value % 16 == 0) if isinstance(value, int) else ("float",)
-
-
-def _recorded_launches(monkeypatch, state: dict) -> dict:
-    """{kernel name: set of launch specializations} of every launch made through the kernel modules'
-    ``launch`` from now on; while ``state["run"]`` is False the kernels are recorded and skipped,
-    as a compile-ahead dry run launches them."""
-    launched = {}
-    for name in ("triton_backend", "triton_tiles"):
-        module = importlib.import_module(f"ring_adasplash.kernels.{name}")
-
-        def recording(kernel, grid, launch=module.launch):
-            parameters = inspect.signature(kernel.fn).parameters
-
-            def call(**arguments):
-                key = tuple(sorted((n, _specialization(v, n not in parameters or "constexpr" in str(
-                    parameters[n].annotation))) for n, v in arguments.items()))
-                launched.setdefault(kernel.fn.__name__, set()).add(key)
-                if state["run"]:
-                    launch(kernel, grid)(**arguments)
-
-            return call
-
-        monkeypatch.setattr(module, "launch", recording)
-    return launched
-
-
 @pytest.mark.parametrize("alphas", [(1.5,), (1.5, 2.0, 1.5, 1.3)], ids=["one alpha", "three alphas"])
-def test_compile_ahead_dry_run_launches_what_the_call_launches(interpreted, monkeypatch, alphas):
+def test_compile_ahead_dry_run_launches_what_the_call_launches(interpreted, alphas):
     """``functional._dry_run``, which ``compile_ahead`` runs with compile-only launches on a GPU,
     launches every kernel the call's forward and backward launch, with the same specializations
-    (here interpreted on CPU, where compiling ahead is off, its kernels recorded and skipped)."""
+    (``offline_compile.specialization_key``; here interpreted on CPU, where compiling ahead is off,
+    the dry run's kernels recorded and skipped)."""
+    from offline_compile import recorded_launches, specialization_key
+
     from ring_adasplash import functional
 
+    def specializations(launched):
+        return {specialization_key(getattr(importlib.import_module(module), name), arguments)
+                for (module, name), calls in launched.items() for arguments in calls}
+
     q, k, v = (t.to(torch.float16) for t in _qkv(1, 130, 130, 4, 2, 32, seed=5))
-    state = {"run": False}
-    launched = _recorded_launches(monkeypatch, state)
-    functional._dry_run(q, k, v, causal_visibility(130, 130, True, "cpu"), alphas, 32 ** -0.5, True)
-    ahead = {name: set(keys) for name, keys in launched.items()}
-    launched.clear()
-    state["run"] = True
+    with recorded_launches(skip=lambda: True) as launched:
+        functional._dry_run(q, k, v, causal_visibility(130, 130, True, "cpu"), alphas, 32 ** -0.5, True)
+    ahead = specializations(launched)
     qa, ka, va = (t.clone().requires_grad_() for t in (q, k, v))
-    out = adasplash_func(qa, ka, va, alpha=torch.tensor(alphas) if len(alphas) > 1 else alphas[0], causal=True)
-    out.backward(torch.randn_like(out))
-    assert {"max_kernel", "candidate_schedule_kernel", "dq_kernel", "dkdv_kernel", "tile_list_kernel"} <= set(launched)
-    late = {name: keys - ahead.get(name, set()) for name, keys in launched.items()}
-    assert not any(late.values()), {name: keys for name, keys in late.items() if keys}
+    with recorded_launches() as launched:
+        out = adasplash_func(qa, ka, va, alpha=torch.tensor(alphas) if len(alphas) > 1 else alphas[0], causal=True)
+        out.backward(torch.randn_like(out))
+    assert {"max_kernel", "candidate_schedule_kernel", "dq_kernel", "dkdv_kernel", "tile_list_kernel"} <= {
+        name for _, name in launched}
+    late = specializations(launched) - ahead
+    assert not late, late
 
 
 @pytest.mark.gpu
