@@ -65,14 +65,13 @@ def _work(q: Tensor, k: Tensor, pairs: int = -1) -> int:
 
 
 def _kernel_key(q: Tensor, k: Tensor, alphas, backward_sums: bool) -> tuple:
-    """What decides which kernels a call compiles: per alpha its powers and schedule, not its
-    value (a learnable alpha changes every step); whether a backward is to come; the candidate
-    slots setting (with none, the Newton schedule launches no candidate kernel)."""
-    specs = sorted({(EntmaxSpec(a).power, EntmaxSpec(a).closed_form, default_schedule(EntmaxSpec(a), True))
-                    for a in alphas})
+    """What decides which kernels a call compiles: per alpha its powers, not its value (a
+    learnable alpha changes every step); the schedule; whether a backward is to come; the
+    candidate slots setting (with none, the Newton schedule launches no candidate kernel)."""
+    specs = sorted({(EntmaxSpec(a).power, EntmaxSpec(a).closed_form) for a in alphas})
     split = len(set(alphas)) > 1  # the groups read one key head per query head
-    return (q.device, q.dtype, q.shape[-1], 1 if split else q.shape[2] // k.shape[2], tuple(specs), backward_sums,
-            os.environ.get(CANDIDATES_ENV))
+    return (q.device, q.dtype, q.shape[-1], 1 if split else q.shape[2] // k.shape[2], tuple(specs),
+            default_schedule(True), backward_sums, os.environ.get(CANDIDATES_ENV))
 
 
 # out and dq of a call whose float32 copy would take at least this many bytes are stored by their

@@ -16,7 +16,7 @@ from ring_adasplash.kernels.algorithm import SCHEDULE_ENV, SingleBlock, default_
 from ring_adasplash.kernels.visibility import causal_visibility
 from test_exactness import TOL, _worst
 
-NEWTON_ALPHAS = (1.01, 1.1, 1.25, 1.5)
+NEWTON_ALPHAS = (1.01, 1.1, 1.25, 1.5, 1.75, 2.0)
 
 
 @pytest.fixture
@@ -25,19 +25,16 @@ def newton(monkeypatch):
 
 
 def test_the_variable_picks_the_schedule(monkeypatch):
-    # auto: Newton where a query block holds all its keys, up to alpha 1.5
-    assert default_schedule(EntmaxSpec(1.5)) == "histogram"
-    assert default_schedule(EntmaxSpec(1.5), one_block=True) == "newton"
-    assert default_schedule(EntmaxSpec(1.25), one_block=True) == "newton"
-    assert default_schedule(EntmaxSpec(2.0), one_block=True) == "histogram"
+    # auto: Newton where a query block holds all its keys
+    assert default_schedule() == "histogram"
+    assert default_schedule(one_block=True) == "newton"
     monkeypatch.setenv(SCHEDULE_ENV, "histogram")
-    assert default_schedule(EntmaxSpec(1.5), one_block=True) == "histogram"
+    assert default_schedule(one_block=True) == "histogram"
     monkeypatch.setenv(SCHEDULE_ENV, "newton")
-    assert default_schedule(EntmaxSpec(1.5)) == "newton" and default_schedule(EntmaxSpec(1.25)) == "newton"
-    assert default_schedule(EntmaxSpec(1.75)) == "histogram"  # above NEWTON_SCHEDULE_MAX_ALPHA
+    assert default_schedule() == "newton"
     monkeypatch.setenv(SCHEDULE_ENV, "fast")
     with pytest.raises(ValueError, match="RING_ADASPLASH_SCHEDULE must be one of auto, newton, histogram"):
-        default_schedule(EntmaxSpec(1.5))
+        default_schedule()
 
 
 @pytest.mark.parametrize("alpha", NEWTON_ALPHAS)

@@ -22,8 +22,7 @@ computed on each and how the pieces combine:
                 hold p > 0 become the forward's block mask
     backward one pass on nonzero tiles: dq here, dk and dv of each block handed back to the block
 
-The Newton schedule (``default_schedule``: alpha up to 1.5, by default where a query block holds
-all its keys) replaces steps 2-4 by Newton steps alone from the max pass's lower bound
+The Newton schedule (``default_schedule``: by default where a query block holds all its keys) replaces steps 2-4 by Newton steps alone from the max pass's lower bound
 (``_newton_schedule_tau``); with one key block and nothing to merge, every step runs in one launch
 (``backend.newton_schedule``).
 
@@ -264,9 +263,8 @@ def _polished_tau(backend: Backend, problems, blocks, reduce, spec, bracket, tau
 
 def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, gap_codes, visible, dtype,
                          output: OutputRequest | None = None):
-    """tau by Newton steps alone, the schedule for alpha up to ``stats.NEWTON_SCHEDULE_MAX_ALPHA``:
-    from the max pass's lower bound ``gap_reference``, ``stats.newton_step`` on exact sums over the
-    tiles that reach above it (``newton_moments_pass``), until every row is done or
+    """tau by Newton steps alone, from the max pass's lower bound ``gap_reference``:
+    ``stats.newton_step`` on exact sums over the tiles that reach above it (``newton_moments_pass``), until every row is done or
     ``stats.NEWTON_SCHEDULE_STEPS``. Each pass is a Q.K^T sweep of its tiles with two row sums
     (no bins, no atomics), and rows converge quadratically, so a handful of passes replace the
     histogram passes, whose per-key bin work costs several sweeps where many tiles are active.
@@ -316,20 +314,18 @@ SCHEDULES = ("newton", "histogram")
 SCHEDULE_ENV = "RING_ADASPLASH_SCHEDULE"  # "auto" (default), or one of SCHEDULES
 
 
-def default_schedule(spec: EntmaxSpec, one_block: bool = False) -> str:
+def default_schedule(one_block: bool = False) -> str:
     """How tau is found, from ``RING_ADASPLASH_SCHEDULE``: ``"newton"`` (Newton steps alone,
     ``_newton_schedule_tau``) or ``"histogram"`` (counts, then a fine histogram or Newton steps from
-    the bracket); Newton only where alpha is at most ``stats.NEWTON_SCHEDULE_MAX_ALPHA``: above it,
-    flat rows make Newton steps slow (at alpha 2 they are the sort-free sparsemax iteration, about
-    a key a step). ``"auto"`` (default) is Newton where a query block holds all its keys and
-    nothing is merged (``one_block``: one device, Ulysses), where the whole schedule runs in one
+    the bracket), whatever alpha. ``"auto"`` (default) is Newton where a query block holds all its
+    keys and nothing is merged (``one_block``: one device, Ulysses), where the whole schedule runs in one
     launch; the histogram elsewhere (a ring, keys sharded), where each Newton step is a pass and a
     step launch per key block (why: docs/design.md, section 2, item 5')."""
     choice = os.environ.get(SCHEDULE_ENV, "auto")
     if choice not in ("auto",) + SCHEDULES:
         raise ValueError(f"{SCHEDULE_ENV} must be one of auto, {', '.join(SCHEDULES)}; got {choice!r}")
     newton = choice == "newton" or (choice == "auto" and one_block)
-    return "newton" if newton and spec.alpha <= stats.NEWTON_SCHEDULE_MAX_ALPHA else "histogram"
+    return "newton" if newton else "histogram"
 
 
 def _one_block(blocks: KeyBlocks, reduce: LocalReduce) -> bool:
@@ -355,7 +351,7 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
     float32 (as flash attention takes delta from the 16-bit output)."""
     if out_dtype is not None and not _one_block(blocks, reduce):
         raise ValueError(f"out_dtype needs one key block and nothing to merge; got {blocks.num_blocks} blocks")
-    schedule = schedule or default_schedule(spec, _one_block(blocks, reduce))
+    schedule = schedule or default_schedule(_one_block(blocks, reduce))
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
 

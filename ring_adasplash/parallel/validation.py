@@ -15,7 +15,7 @@ import torch
 
 from ..checks import HeadAlpha, check_head_alpha, check_qkv, check_window, default_scale
 from ..comm import check_same_on_all_ranks
-from ..kernels import EntmaxSpec, backend_for
+from ..kernels import backend_for
 from ..kernels.algorithm import default_schedule
 
 
@@ -57,9 +57,6 @@ class CheckedOptions:
     sink_tokens: int = 0
 
 
-def schedules(alpha: HeadAlpha) -> tuple:
-    """How tau is found for each distinct alpha (``default_schedule``), in order of first appearance."""
-    return tuple(default_schedule(EntmaxSpec(a)) for a in dict.fromkeys(alpha.values))
 
 
 def validated_self_attention(q, k, v, alpha, softmax_scale, causal: bool, groups: Sequence,
@@ -87,7 +84,7 @@ def validated_self_attention(q, k, v, alpha, softmax_scale, causal: bool, groups
         description = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "alpha": checked_alpha.values,
                        "causal": bool(causal), "softmax_scale": scale, "window_size": window, "sink_tokens": sinks,
                        # the schedule sets how many key sweeps the forward makes: ranks must agree
-                       "schedule": schedules(checked_alpha)}
+                       "schedule": default_schedule()}
         extra = None
         if extra_checks is not None:
             more, extra = extra_checks()
