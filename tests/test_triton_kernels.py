@@ -1169,3 +1169,19 @@ def test_interpreted_learnable_alpha_per_head(interpreted):
 def test_gpu_learnable_alpha_per_head(dtype, monkeypatch):
     monkeypatch.delenv("RING_ADASPLASH_BACKEND", raising=False)
     _alpha_gradient_case("cuda", dtype, 2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("error:ring_adasplash. CUDA graph capture")
+def test_gpu_per_head_alphas_run_as_a_cuda_graph(monkeypatch):
+    """A forward with a different alpha per head (one group of heads per value) is captured as a
+    CUDA graph at its second call, as a one-alpha forward is (its head indices are made on the
+    device once, not copied from the host in the capture), and the replays give the eager output."""
+    monkeypatch.delenv("RING_ADASPLASH_BACKEND", raising=False)
+    monkeypatch.setenv("RING_ADASPLASH_CUDA_GRAPHS", "on")
+    q, k, v = _structured(1, 512, 4, 2, 64, torch.bfloat16, seed=7)
+    alpha = torch.tensor([1.5, 1.25, 2.0, 1.75], device="cuda")
+    with torch.no_grad():
+        eager = adasplash_func(q, k, v, alpha=alpha)
+        for _ in range(2):  # the capture, then a replay
+            assert torch.equal(adasplash_func(q, k, v, alpha=alpha), eager)

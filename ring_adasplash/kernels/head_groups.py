@@ -9,6 +9,7 @@ the gradients of a key head shared by several groups add up (``add_heads``).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -36,20 +37,28 @@ class HeadGroup:
         return x if self.whole else x.index_select(2, self.kv_heads)
 
 
-def head_groups(alphas: Sequence[float], heads_q: int, heads_kv: int, device) -> list[HeadGroup]:
+def head_groups(alphas: Sequence[float], heads_q: int, heads_kv: int, device) -> tuple[HeadGroup, ...]:
     """The groups of equal alpha, in order of first appearance; ``alphas``: one value, or one per
     query head."""
     if len(alphas) not in (1, heads_q):
         raise ValueError(f"alpha must give one value or one per query head ({heads_q}); got {len(alphas)}")
+    return _head_groups(tuple(alphas), heads_q, heads_kv, device)
+
+
+# Made once per alphas and shapes: the head indices are copied from the host to the device, a
+# copy that a CUDA graph's capture forbids (the forward's graphs are captured at a call's second
+# sight, after an eager first call has made them) and that costs a wait on every eager call.
+@functools.lru_cache(maxsize=64)
+def _head_groups(alphas: tuple, heads_q: int, heads_kv: int, device) -> tuple[HeadGroup, ...]:
     if len(set(alphas)) == 1:
-        return [HeadGroup(float(alphas[0]))]
+        return (HeadGroup(float(alphas[0])),)
     per_kv = heads_q // heads_kv
     groups = []
     for value in dict.fromkeys(alphas):
         heads = [h for h, a in enumerate(alphas) if a == value]
         q_heads = torch.tensor(heads, dtype=torch.int64, device=device)
         groups.append(HeadGroup(float(value), q_heads, q_heads // per_kv))
-    return groups
+    return tuple(groups)
 
 
 def join_heads(parts: Sequence[torch.Tensor], groups: Sequence[HeadGroup], dim: int, heads: int) -> torch.Tensor:
