@@ -22,7 +22,8 @@ computed on each and how the pieces combine:
                 hold p > 0 become the forward's block mask
     backward one pass on nonzero tiles: dq here, dk and dv of each block handed back to the block
 
-The Newton schedule (``default_schedule``: by default where a query block holds all its keys) replaces steps 2-4 by Newton steps alone from the max pass's lower bound
+The Newton schedule (``default_schedule``: by default where a query block holds all its keys)
+replaces steps 2-4 by Newton steps alone from the max pass's lower bound
 (``_newton_schedule_tau``); with one key block and nothing to merge, every step runs in one launch
 (``backend.newton_schedule``).
 
@@ -264,15 +265,16 @@ def _polished_tau(backend: Backend, problems, blocks, reduce, spec, bracket, tau
 def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, gap_codes, visible, dtype,
                          output: OutputRequest | None = None):
     """tau by Newton steps alone, from the max pass's lower bound ``gap_reference``:
-    ``stats.newton_step`` on exact sums over the tiles that reach above it (``newton_moments_pass``), until every row is done or
-    ``stats.NEWTON_SCHEDULE_STEPS``. Each pass is a Q.K^T sweep of its tiles with two row sums
-    (no bins, no atomics), and rows converge quadratically, so a handful of passes replace the
-    histogram passes, whose per-key bin work costs several sweeps where many tiles are active.
-    Query tiles whose rows are all done read nothing (in a ring their key tiles do not travel);
-    after ``stats.NEWTON_NARROW_STEP`` steps the tiles below every row's lower bound are dropped.
-    Returns tau (float64, +inf on empty rows), per block the tiles that may hold p > 0 (what
-    the last pass to read each query tile found) and the ``backend.PartialOutput`` that
-    ``backend.newton_schedule`` made for ``output`` with one key block, else None."""
+    ``stats.newton_step`` on exact sums over the tiles that reach above it
+    (``newton_moments_pass``), until every row is done or ``stats.NEWTON_SCHEDULE_STEPS``. Each
+    pass is a Q.K^T sweep of its tiles with two row sums (no bins, no atomics), and rows converge
+    quadratically, so a handful of passes replace the histogram passes, whose per-key bin work
+    costs several sweeps where many tiles are active. Query tiles whose rows are all done read
+    nothing (in a ring their key tiles do not travel); after ``stats.NEWTON_NARROW_STEP`` steps
+    the tiles below every row's lower bound are dropped. Returns tau (float64, +inf on empty
+    rows), per block the tiles that may hold p > 0 (what the last pass to read each query tile
+    found) and the ``backend.PartialOutput`` that ``backend.newton_schedule`` made for
+    ``output`` with one key block, else None."""
     block_m = backend.BLOCK_M
     reference = stats.gap_reference(rel.row_max, rel.tau_floor)
     empty = ~torch.isfinite(rel.row_max)
@@ -318,8 +320,8 @@ def default_schedule(one_block: bool = False) -> str:
     """How tau is found, from ``RING_ADASPLASH_SCHEDULE``: ``"newton"`` (Newton steps alone,
     ``_newton_schedule_tau``) or ``"histogram"`` (counts, then a fine histogram or Newton steps from
     the bracket), whatever alpha. ``"auto"`` (default) is Newton where a query block holds all its
-    keys and nothing is merged (``one_block``: one device, Ulysses), where the whole schedule runs in one
-    launch; the histogram elsewhere (a ring, keys sharded), where each Newton step is a pass and a
+    keys and nothing is merged (``one_block``: one device, Ulysses), where the whole schedule runs
+    in one launch; the histogram elsewhere (a ring, keys sharded), where each Newton step is a pass and a
     step launch per key block (why: docs/design.md, section 2, item 5')."""
     choice = os.environ.get(SCHEDULE_ENV, "auto")
     if choice not in ("auto",) + SCHEDULES:
