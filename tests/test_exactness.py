@@ -8,6 +8,8 @@ probability row, compared entry by entry with the oracle's.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -114,6 +116,34 @@ def test_flat_rows_sum_to_one_at_thousands_of_keys(alpha, spread, schedule):
     q[..., 0] = 1
     out = ra.adasplash_func(q, k, torch.ones_like(k), alpha=alpha, softmax_scale=1.0, causal=True)
     assert (out - 1).abs().max().item() < 1e-5
+
+
+def slow_newton_rows(alpha: float, seqlen_k: int) -> dict:
+    """Score rows whose keys spread below the max in shapes that make Newton steps on tau crawl
+    (at alpha 2 each step of the sort-free sparsemax iteration may drop a single key): evenly
+    (ramps), geometrically (keys crowding at the bottom), as a square root or a logarithm (keys
+    crowding near the max), over 0.1, 0.5 and 1 in z (the max pass's bound of tau is max - 1)."""
+    j = torch.arange(seqlen_k, dtype=torch.float64)
+    rows = {}
+    for span in (0.1, 0.5, 1.0):
+        width = span / (alpha - 1.0)  # z = (alpha - 1) x score
+        rows[f"ramp {span}"] = -width * j / seqlen_k
+        rows[f"geometric {span}"] = -width * (1 - 0.97 ** j)
+        rows[f"square root {span}"] = -width * (j / seqlen_k).sqrt()
+        rows[f"logarithm {span}"] = -width * torch.log1p(j) / math.log1p(seqlen_k)
+    return rows
+
+
+@pytest.mark.parametrize("alpha", (1.5, 1.75, 2.0))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_rows_that_slow_newton_steps(alpha, dtype):
+    """The Newton schedule (the default on one device, at every alpha) on ``slow_newton_rows`` of
+    1024 keys: within the oracle's tolerance, so ten steps suffice on them."""
+    rows = slow_newton_rows(alpha, 1024)
+    scores = torch.stack(list(rows.values())).to(dtype)
+    err = (probabilities(scores.double(), alpha, dtype) - oracle(scores, alpha)).abs().max(-1).values
+    bad = {name: e.item() for name, e in zip(rows, err) if not e <= TOL[dtype]}
+    assert not bad, bad
 
 
 @pytest.mark.parametrize("alpha", (1.001, 1.01))
