@@ -321,8 +321,8 @@ def default_schedule(one_block: bool = False) -> str:
     ``_newton_schedule_tau``) or ``"histogram"`` (counts, then a fine histogram or Newton steps from
     the bracket), whatever alpha. ``"auto"`` (default) is Newton where a query block holds all its
     keys and nothing is merged (``one_block``: one device, Ulysses), where the whole schedule runs
-    in one launch; the histogram elsewhere (a ring, keys sharded), where each Newton step is a pass and a
-    step launch per key block (why: docs/design.md, section 2, item 5')."""
+    in one launch; the histogram elsewhere (a ring, keys sharded), where each Newton step is a pass
+    and a step launch per key block (why: docs/design.md, section 2, item 5')."""
     choice = os.environ.get(SCHEDULE_ENV, "auto")
     if choice not in ("auto",) + SCHEDULES:
         raise ValueError(f"{SCHEDULE_ENV} must be one of auto, {', '.join(SCHEDULES)}; got {choice!r}")

@@ -47,13 +47,13 @@ NEWTON_STEPS = 5
 # (``two_point_exact``), from within a sub-bin of tau
 POLISH_STEPS = 2
 NO_STOP = -1.0  # tolerances of ``newton_step`` that stop no row: a fixed number of steps
-# The Newton schedule (``algorithm``): at most this many
-# Newton sums passes from the max pass's lower bound of tau; a row stops once a step moves its tau
-# by at most NEWTON_STEP_TOLERANCE (the steps converge quadratically: the error left is about the
-# square of the step; a bound on the mass the step moves would sit below the float32 noise of the
-# sums on rows of many keys), or once tau is bracketed within NEWTON_TOLERANCE of the sum of p (the width
-# times the slope gamma sum (z - t)_+^(gamma - 1): a flat row of n keys moves sqrt(n) times more
-# mass per unit of tau than a row of one key)
+# The Newton schedule (``algorithm``): at most this many Newton sums passes from the max pass's
+# lower bound of tau; a row stops once a step moves its tau by at most NEWTON_STEP_TOLERANCE (the
+# steps converge quadratically: the error left is about the square of the step; a bound on the mass
+# the step moves would sit below the float32 noise of the sums on rows of many keys), or once tau
+# is bracketed within NEWTON_TOLERANCE of the sum of p (the width times the slope
+# gamma sum (z - t)_+^(gamma - 1): a flat row of n keys moves sqrt(n) times more mass per unit of
+# tau than a row of one key)
 NEWTON_SCHEDULE_STEPS = 10
 # from this step on, the passes mark the tiles that may hold p > 0 (and, pass by pass, drop the
 # tiles below every row's lower bound), and in one launch take each row's smallest gap above its

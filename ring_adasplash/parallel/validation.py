@@ -57,8 +57,6 @@ class CheckedOptions:
     sink_tokens: int = 0
 
 
-
-
 def validated_self_attention(q, k, v, alpha, softmax_scale, causal: bool, groups: Sequence,
                              extra_checks: Callable[[], tuple[dict, Any]] | None = None,
                              varlen: bool = False, window_size=(-1, -1), sink_tokens=0) -> CheckedOptions:
