@@ -12,10 +12,10 @@ import torch.distributed as dist
 from .. import telemetry
 from ..checks import HeadAlpha, check_head_alpha, check_qkv, check_window, default_scale
 from ..kernels import EntmaxSpec, backend_for
-from ..kernels.algorithm import LocalReduce, SingleBlock, default_schedule, entmax_backward, entmax_forward
+from ..kernels.algorithm import LocalReduce, SingleBlock, entmax_backward, entmax_forward
 from ..kernels.head_groups import backward_by_group, head_groups, join_heads, to_alpha_shape
 from ..kernels.visibility import positional_visibility, windowed
-from .validation import checked_on_groups
+from .validation import checked_on_groups, options_description
 
 
 class AllReduceMerge(LocalReduce):
@@ -96,10 +96,7 @@ def kv_sharded_adasplash_func(q, k_local, v_local, alpha: float = 1.5, causal: b
         checked_alpha = check_head_alpha(alpha, heads)
         scale = default_scale(softmax_scale, dim)
         window = check_window(window_size, sink_tokens)
-        description = {"q": tuple(q.shape), "k": tuple(k_local.shape), "dtype": str(q.dtype), "alpha": checked_alpha.values,
-                       "causal": bool(causal), "softmax_scale": scale, "window": window,
-                       "schedule": default_schedule()}  # the number of all-reduces
-        return description, (checked_alpha, scale, window)
+        return options_description(q, k_local, checked_alpha, causal, scale, *window), (checked_alpha, scale, window)
 
     alpha, scale, (window, sinks) = checked_on_groups(local_checks, [group])
     seqlen_q, local_k = q.shape[1], k_local.shape[1]

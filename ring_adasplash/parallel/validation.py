@@ -57,6 +57,15 @@ class CheckedOptions:
     sink_tokens: int = 0
 
 
+def options_description(q, k, alpha: HeadAlpha, causal: bool, softmax_scale: float, window_size: tuple,
+                        sink_tokens: int) -> dict:
+    """What every rank of a call must agree on: the local shapes, dtype and the checked options,
+    and the schedule, which sets how many key sweeps (or all-reduces) the forward makes."""
+    return {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "alpha": alpha.values,
+            "causal": bool(causal), "softmax_scale": softmax_scale, "window_size": window_size,
+            "sink_tokens": sink_tokens, "schedule": default_schedule()}
+
+
 def validated_self_attention(q, k, v, alpha, softmax_scale, causal: bool, groups: Sequence,
                              extra_checks: Callable[[], tuple[dict, Any]] | None = None,
                              varlen: bool = False, window_size=(-1, -1), sink_tokens=0) -> CheckedOptions:
@@ -79,10 +88,7 @@ def validated_self_attention(q, k, v, alpha, softmax_scale, causal: bool, groups
                              "sequence-parallel attention here is self-attention over one sequence")
         scale = default_scale(softmax_scale, dim)
         window, sinks = check_window(window_size, sink_tokens)
-        description = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "alpha": checked_alpha.values,
-                       "causal": bool(causal), "softmax_scale": scale, "window_size": window, "sink_tokens": sinks,
-                       # the schedule sets how many key sweeps the forward makes: ranks must agree
-                       "schedule": default_schedule()}
+        description = options_description(q, k, checked_alpha, causal, scale, window, sinks)
         extra = None
         if extra_checks is not None:
             more, extra = extra_checks()
