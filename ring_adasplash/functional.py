@@ -25,7 +25,7 @@ from .kernels.block_mask import BlockMask, packed_width
 from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, default_schedule, entmax_backward,
                                 entmax_forward, entmax_forward_in_query_chunks)
 from .kernels.compile_ahead import compile_ahead
-from .kernels.head_groups import backward_by_group, head_groups, join_heads, to_alpha_shape
+from .kernels.head_groups import backward_by_group, group_plan, head_groups, join_heads, to_alpha_shape
 from .kernels.identity import remembered_in, tensor_identity
 from .kernels.visibility import (Visibility, causal_visibility, packed_visibility, padded_visibility,
                                  varlen_visibility)
@@ -65,11 +65,13 @@ def _work(q: Tensor, k: Tensor, pairs: int = -1) -> int:
 
 
 def _kernel_key(q: Tensor, k: Tensor, alphas, backward_sums: bool) -> tuple:
-    """What decides which kernels a call compiles: per alpha its powers, not its value (a
-    learnable alpha changes every step); the schedule; whether a backward is to come; the
-    candidate slots setting (with none, the Newton schedule launches no candidate kernel)."""
-    specs = sorted({(EntmaxSpec(a).power, EntmaxSpec(a).closed_form) for a in alphas})
-    split = len(set(alphas)) > 1  # the groups read one key head per query head
+    """What decides which kernels a call compiles: per group of heads (``group_plan``) its powers
+    and whether its alpha differs per head, not their values (a learnable alpha changes every
+    step); the schedule; whether a backward is to come; the candidate slots setting (with none,
+    the Newton schedule launches no candidate kernel)."""
+    plan = group_plan(alphas)
+    specs = sorted({(s.power, s.closed_form, s.per_head) for s in (EntmaxSpec(alpha) for alpha, _ in plan)})
+    split = len(plan) > 1  # the groups read one key head per query head
     return (q.device, q.dtype, q.shape[-1], 1 if split else q.shape[2] // k.shape[2], tuple(specs),
             default_schedule(True), backward_sums, os.environ.get(CANDIDATES_ENV))
 
@@ -105,7 +107,7 @@ def _chunk_rows(q: Tensor, k: Tensor, block_m: int, block_n: int) -> int:
 
 
 def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool = True) -> list:
-    """``(group, ForwardResult)`` per group of heads of equal alpha (``head_groups``), in chunks of
+    """``(group, ForwardResult)`` per group of heads (``head_groups``), in chunks of
     queries where the call is long (``CHUNK_TILES``)."""
     backend = backend_for(q)
     groups = head_groups(alphas, q.shape[2], k.shape[2], q.device)
@@ -318,8 +320,9 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor = 1.5,
             float, a one-element tensor or a tensor of shape (heads_q,), one alpha per query head
             (the heads of a GQA group may differ); a tensor with ``requires_grad`` gets its exact
             gradient (learnable alpha, as in adaptively sparse transformers), summed over the
-            batch and the rows. Heads of equal alpha run together: a per-head tensor with one
-            value costs what a float costs.
+            batch and the rows. The heads of alpha 1.5, those of 2 and all others run as at most
+            three groups (the kernels read the others' alpha per head): a per-head tensor with
+            one value costs what a float costs.
         causal: bottom-right aligned, as in flash-attn: query ``i`` sees keys ``j <= i + Sk - Sq``.
         softmax_scale: multiplies ``q k^T``; default ``1 / sqrt(head_dim)``.
         key_padding_mask: optional (batch, seqlen_k) bool, True for the keys to keep (left or right

@@ -89,6 +89,17 @@ def test_varlen_and_padding_take_per_head_alpha():
         assert rel_err(out[start:stop], bisect_attention(*piece, alpha)[0]) < 1e-9
 
 
+def test_heads_form_at_most_three_groups():
+    """The heads of alpha 1.5, those of 2 and all others (their alphas per head), in order of
+    first appearance; one value, or no head at 1.5 or 2, is one group."""
+    from ring_adasplash.kernels.head_groups import group_plan
+
+    assert group_plan([1.3, 1.5, 2.0, 1.7, 1.5, 1.3]) == [((1.3, 1.7, 1.3), [0, 3, 5]), (1.5, [1, 4]), (2.0, [2])]
+    assert group_plan([1.2, 1.9, 1.4]) == [((1.2, 1.9, 1.4), [0, 1, 2])]
+    assert group_plan([1.25] * 4) == [(1.25, [0, 1, 2, 3])]
+    assert group_plan([1.5, 2.0, 1.5]) == [(1.5, [0, 2]), (2.0, [1])]
+
+
 @pytest.mark.parametrize("alpha,match", [
     (torch.tensor([1.5, 1.5]), r"shape \(4,\)"),
     (torch.ones(4, 1) * 1.5, r"shape \(4,\)"),

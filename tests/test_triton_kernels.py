@@ -752,7 +752,8 @@ def test_gpu_cuda_graph_replays_match_eager(monkeypatch):
     cuda_graphs.clear()
 
 
-@pytest.mark.parametrize("alphas", [(1.5,), (1.5, 2.0, 1.5, 1.3)], ids=["one alpha", "three alphas"])
+@pytest.mark.parametrize("alphas", [(1.5,), (1.5, 2.0, 1.5, 1.3), (1.5, 2.0, 1.7, 1.3)],
+                         ids=["one alpha", "three alphas", "alpha per head"])
 def test_compile_ahead_dry_run_launches_what_the_call_launches(interpreted, alphas):
     """``functional._dry_run``, which ``compile_ahead`` runs with compile-only launches on a GPU,
     launches every kernel the call's forward and backward launch, with the same specializations
@@ -1031,19 +1032,21 @@ def test_newton_schedule_flat_rows_sum_to_one_with_float32_sums(interpreted, mon
 
 def test_newton_step_kernel_matches_the_pytorch_step(interpreted):
     """``triton_tau.newton_step_kernel`` (interpreted) and ``S.newton_step`` on the same
-    state and sums, rows below, at and above tau, alpha 1.5 and 1.25."""
+    state and sums (B, H, Sq), rows below, at and above tau, alpha 1.5, 1.25 and one per head
+    (read by the kernel as float32: to its rounding)."""
     g = torch.Generator().manual_seed(3)
-    for alpha in (1.5, 1.25):
-        point = -torch.rand(4, 50, generator=g, dtype=torch.float64)
-        sums = torch.stack((0.5 + 2 * torch.rand(4, 50, generator=g, dtype=torch.float64),
-                            0.5 + torch.rand(4, 50, generator=g, dtype=torch.float64),
-                            torch.randint(1, 20, (4, 50), generator=g).double()), -1)
-        start = S.NewtonState(point, point - 0.5, torch.zeros_like(point), torch.rand(4, 50, generator=g) < 0.2)
+    rows = (2, 2, 50)
+    for alpha, tol in ((1.5, 1e-12), (1.25, 1e-12), ((1.25, 1.7), 1e-6)):
+        point = -torch.rand(rows, generator=g, dtype=torch.float64)
+        sums = torch.stack((0.5 + 2 * torch.rand(rows, generator=g, dtype=torch.float64),
+                            0.5 + torch.rand(rows, generator=g, dtype=torch.float64),
+                            torch.randint(1, 20, rows, generator=g).double()), -1)
+        start = S.NewtonState(point, point - 0.5, torch.zeros_like(point), torch.rand(rows, generator=g) < 0.2)
         expected = S.newton_step(start, sums, EntmaxSpec(alpha), 2e-6, 1e-6)
         copy = S.NewtonState(*(t.clone() for t in start))
         got = interpreted.newton_step(copy, sums, EntmaxSpec(alpha), 2e-6, 1e-6)
         for name, a, b in zip(S.NewtonState._fields, got, expected):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
         assert (got.point != start.point).any() and torch.equal(got.point[start.done], start.point[start.done])
 
 
@@ -1141,13 +1144,21 @@ def test_entmax_over_tensors_runs_the_row_kernel(interpreted, alpha, monkeypatch
     torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
 
 
-def _alpha_gradient_case(device, dtype, tol):
-    """Learnable alpha per head (closed forms and the general finish, a GQA group split) through
-    the Triton kernels: out, dq, dk, dv and dalpha against ``entmax_bisect`` in float64."""
+# alpha per head: the closed forms beside a general alpha (three groups of heads, a GQA group split
+# between them); the closed forms beside two general alphas (whose kernels read alpha per head);
+# and no closed form (one group: every kernel reads alpha per head)
+HEAD_ALPHAS = {"closed forms and one other": [1.5, 1.25, 2.0, 1.5],
+               "closed forms and two others": [1.5, 1.25, 2.0, 1.75],
+               "no closed form": [1.37, 1.81, 1.12, 1.64]}
+
+
+def _alpha_gradient_case(device, dtype, tol, alphas):
+    """Learnable alpha per head through the Triton kernels: out, dq, dk, dv and dalpha against
+    ``entmax_bisect`` in float64."""
     from helpers import bisect_attention
 
     q, k, v = _structured(2, 300, 4, 2, 32, dtype, seed=17, device=device)
-    alpha = torch.tensor([1.5, 1.25, 2.0, 1.5], device=device, requires_grad=True)
+    alpha = torch.tensor(alphas, device=device, requires_grad=True)
     inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out = adasplash_func(*inputs, alpha=alpha)
     ref_in = [t.detach().double().cpu().requires_grad_() for t in (q, k, v, alpha)]
@@ -1160,15 +1171,53 @@ def _alpha_gradient_case(device, dtype, tol):
         assert _rel(a.double().cpu(), b) < tol, (name, _rel(a.double().cpu(), b))
 
 
-def test_interpreted_learnable_alpha_per_head(interpreted):
-    _alpha_gradient_case("cpu", torch.float32, 2e-2)
+@pytest.mark.parametrize("alphas", list(HEAD_ALPHAS.values()), ids=list(HEAD_ALPHAS))
+def test_interpreted_learnable_alpha_per_head(interpreted, alphas):
+    _alpha_gradient_case("cpu", torch.float32, 2e-2, alphas)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("alphas", list(HEAD_ALPHAS.values()), ids=list(HEAD_ALPHAS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_learnable_alpha_per_head(dtype, alphas, monkeypatch):
+    monkeypatch.delenv("RING_ADASPLASH_BACKEND", raising=False)
+    _alpha_gradient_case("cuda", dtype, 2e-2 if dtype == torch.bfloat16 else 1e-4, alphas)
+
+
+def _one_launch_case(device, dtype):
+    """Heads of four different alphas, none 1.5 or 2, run in one launch per kernel (the kernels
+    read each head's alpha): out, dq, dk and dv as each head run alone with its alpha as a float,
+    within rounding (dk and dv sum the two query heads of a key head in the kernel or after; the
+    interpreter computes with a float argument in float64 where a kernel takes it as float32)."""
+    alphas = [1.37, 1.81, 1.12, 1.64]
+    q, k, v = _structured(1, 200, 4, 2, 32, dtype, seed=19, device=device)
+    grad = torch.randn(q.shape, device=device, generator=torch.Generator(device).manual_seed(1)).to(dtype)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = adasplash_func(*inputs, alpha=torch.tensor(alphas, device=device))
+    dq, dk, dv = torch.autograd.grad(out, inputs, grad)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    dk_heads, dv_heads = torch.zeros_like(dk, dtype=torch.float64), torch.zeros_like(dv, dtype=torch.float64)
+    for h, alpha in enumerate(alphas):
+        one = [t.clone().requires_grad_() for t in (q[:, :, h:h + 1], k[:, :, h // 2:h // 2 + 1],
+                                                     v[:, :, h // 2:h // 2 + 1])]
+        out_h = adasplash_func(*one, alpha=alpha)
+        grads = torch.autograd.grad(out_h, one, grad[:, :, h:h + 1])
+        assert _rel(out[:, :, h:h + 1].double(), out_h.double()) < tol, h
+        assert _rel(dq[:, :, h:h + 1].double(), grads[0].double()) < tol, h
+        dk_heads[:, :, h // 2] += grads[1][:, :, 0].double()
+        dv_heads[:, :, h // 2] += grads[2][:, :, 0].double()
+    assert _rel(dk.double(), dk_heads) < tol and _rel(dv.double(), dv_heads) < tol
+
+
+def test_interpreted_alphas_per_head_in_one_launch(interpreted):
+    _one_launch_case("cpu", torch.float32)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_learnable_alpha_per_head(dtype, monkeypatch):
+def test_gpu_alphas_per_head_in_one_launch(dtype, monkeypatch):
     monkeypatch.delenv("RING_ADASPLASH_BACKEND", raising=False)
-    _alpha_gradient_case("cuda", dtype, 2e-2 if dtype == torch.bfloat16 else 1e-4)
+    _one_launch_case("cuda", dtype)
 
 
 @pytest.mark.gpu

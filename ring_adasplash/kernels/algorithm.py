@@ -164,7 +164,8 @@ def visible_tiles(vis: Visibility, block_m: int, block_n: int) -> BlockMask:
     return BlockMask(tiles[None, None], block_m, block_n, vis.seqlen_q, vis.seqlen_k, tiles)
 
 
-def _maxima(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, scale_z: float):
+def _maxima(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, spec: EntmaxSpec,
+            softmax_scale: float):
     """Step 1 on every block: the row's score max (global after ``reduce``) and tau floor (of the
     first block: one's own keys, the diagonal under causal), as ``stats.Relative``, and per block
     the tile gaps as one byte per tile (``stats.encode_gaps``) and a ``BlockMask`` of the visible
@@ -182,7 +183,8 @@ def _maxima(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, 
         del tile_gap
         has_pairs = gap_codes[block.index] != stats.GAP_NONE
         visible[block.index] = problem.block_mask(has_pairs, visible=has_pairs.flatten(0, -3).any(0))
-    return stats.relative(reduce.row_max(score_max), tau_floor, scale_z), gap_codes, visible
+    score_max = reduce.row_max(score_max)
+    return stats.relative(score_max, tau_floor, spec.scale_z_at(softmax_scale, score_max)), gap_codes, visible
 
 
 def _histogram(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, row_max, tau_floor, gap_codes,
@@ -360,7 +362,7 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
     def raw_problems(block: KeyBlock):
         return backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale)
 
-    rel, gap_codes, visible = _maxima(backend, raw_problems, blocks, reduce, spec.scale_z(softmax_scale))
+    rel, gap_codes, visible = _maxima(backend, raw_problems, blocks, reduce, spec, softmax_scale)
 
     def problems(block: KeyBlock):
         return backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale, rel.shift)

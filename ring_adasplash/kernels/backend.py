@@ -56,16 +56,20 @@ class Problem:
     group: int = field(init=False)  # query heads per key head
     num_q_tiles: int = field(init=False)
     num_k_tiles: int = field(init=False)
-    scale_z: float = field(init=False)  # q . k to the entmax logit z
 
     def __post_init__(self):
         batch, seqlen_q, heads, head_dim = self.q.shape
         seqlen_k, heads_kv = self.k.shape[1], self.k.shape[2]
         derived = dict(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads=heads, heads_kv=heads_kv,
                        head_dim=head_dim, group=heads // heads_kv, num_q_tiles=-(-seqlen_q // self.block_m),
-                       num_k_tiles=-(-seqlen_k // self.block_n), scale_z=self.spec.scale_z(self.softmax_scale))
+                       num_k_tiles=-(-seqlen_k // self.block_n))
         for name, value in derived.items():
             object.__setattr__(self, name, value)
+
+    def scale_z_at(self, like: torch.Tensor) -> float | torch.Tensor:
+        """The factor from ``q . k`` to the entmax logit z, as it meets ``like`` (B, Hq, ...)
+        (``EntmaxSpec.scale_z_at``)."""
+        return self.spec.scale_z_at(self.softmax_scale, like)
 
     @property
     def rows(self) -> tuple[int, int, int]:

@@ -23,22 +23,61 @@ of rounding. It adds across key blocks, so it costs no O(S^2) tensor: ``alpha_gr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from .identity import remembered_in
+
 CLOSED_FORM_ALPHAS = (1.5, 2.0)  # tau from the histograms in closed form (gamma 2 and 1)
+
+# Per-head constants on the device, made once per values, dtype and device: a copy from the host
+# that a CUDA graph's capture forbids. A captured graph reads them by address, so it holds
+# ``remembered()`` as the launchers' tensors (``triton_backend.remembered``).
+_HEAD_CONSTANTS: dict = {}
+HEAD_CONSTANTS_CACHE_SIZE = 64
+
+
+def _head_constants(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    return remembered_in(_HEAD_CONSTANTS, (values, dtype, str(device)), HEAD_CONSTANTS_CACHE_SIZE,
+                         lambda: torch.tensor(values, dtype=dtype, device=device))
+
+
+def remembered() -> list:
+    """The per-head constants kept between calls."""
+    return list(_HEAD_CONSTANTS.values())
 
 
 @dataclass(frozen=True)
 class EntmaxSpec:
-    """alpha-entmax with a fixed alpha in (1, 2] (checked by ``checks.check_alpha`` upstream)."""
+    """alpha-entmax with a fixed alpha in (1, 2] (checked by ``checks.check_alpha`` upstream): one
+    float for every head, or a tuple of one per query head (equal values become one float).
 
-    alpha: float
+    Per-head alphas take the general form (``power`` 0) on every head; the callers give the heads
+    of alpha 1.5 and 2 specs of their own (``head_groups``), which keep the closed forms. Where a
+    per-head value meets a tensor, the tensor is (B, H, ...), heads on dim 1 (``gamma_at``)."""
+
+    alpha: float | tuple[float, ...]
+
+    def __post_init__(self):
+        if isinstance(self.alpha, (tuple, list)):
+            values = tuple(float(a) for a in self.alpha)
+            if not values:
+                raise ValueError("alpha: expected one value or one per query head; got none")
+            object.__setattr__(self, "alpha", values[0] if len(set(values)) == 1 else values)
+        else:
+            object.__setattr__(self, "alpha", float(self.alpha))
+
+    @property
+    def per_head(self) -> bool:
+        """Whether alpha differs between heads (a tuple, one per query head)."""
+        return isinstance(self.alpha, tuple)
 
     @property
     def gamma(self) -> float:
-        """The exponent ``1 / (alpha - 1)`` of ``p = [z - tau]_+ ** gamma``."""
-        return 1.0 / (self.alpha - 1.0)
+        """The exponent ``1 / (alpha - 1)`` of ``p = [z - tau]_+ ** gamma`` (one alpha only; per
+        head: ``gamma_at``)."""
+        return 1.0 / (self._one_alpha() - 1.0)
 
     @property
     def closed_form(self) -> bool:
@@ -51,17 +90,36 @@ class EntmaxSpec:
         return {1.5: 2, 2.0: 1}.get(self.alpha, 0)
 
     def scale_z(self, softmax_scale: float) -> float:
-        """The factor from ``q . k`` to the entmax logit ``z``."""
-        return (self.alpha - 1.0) * softmax_scale
+        """The factor from ``q . k`` to the entmax logit ``z`` (one alpha only; per head: ``scale_z_at``)."""
+        return (self._one_alpha() - 1.0) * softmax_scale
+
+    def gamma_at(self, like: torch.Tensor) -> float | torch.Tensor:
+        """gamma as it meets ``like`` (B, H, ...): a float, or per head (H, 1, ...) in its dtype."""
+        return self._at(lambda a: 1.0 / (a - 1.0), like)
+
+    def scale_z_at(self, softmax_scale: float, like: torch.Tensor) -> float | torch.Tensor:
+        """``scale_z`` as it meets ``like`` (B, H, ...) (``gamma_at``)."""
+        return self._at(lambda a: (a - 1.0) * softmax_scale, like)
+
+    def kernel_constants(self, softmax_scale: float, device) -> dict:
+        """``scale_z`` and ``gamma`` as the Triton kernels take them: floats, or float32 tensors of
+        one value per query head, with ``PER_HEAD`` saying which."""
+        if not self.per_head:
+            return dict(scale_z=self.scale_z(softmax_scale), gamma=self.gamma, PER_HEAD=False)
+        scale_z = tuple((a - 1.0) * softmax_scale for a in self.alpha)
+        gamma = tuple(1.0 / (a - 1.0) for a in self.alpha)
+        return dict(scale_z=_head_constants(scale_z, torch.float32, device),
+                    gamma=_head_constants(gamma, torch.float32, device), PER_HEAD=True)
 
     def weights(self, gap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Probability ``p = gap ** gamma`` and backward weight ``u = gap ** (gamma - 1)`` (0 off the
-        support) of ``gap = [z - tau]_+``."""
+        support) of ``gap = [z - tau]_+`` (B, H, ...)."""
         if self.power == 2:
             return gap * gap, gap
         if self.power == 1:
             return gap, (gap > 0).to(gap.dtype)
-        return gap ** self.gamma, torch.where(gap > 0, gap ** (self.gamma - 1), torch.zeros_like(gap))
+        gamma = self.gamma_at(gap)
+        return gap ** gamma, torch.where(gap > 0, gap ** (gamma - 1), torch.zeros_like(gap))
 
     def alpha_terms(self, gap: torch.Tensor, p: torch.Tensor, g_minus_delta: torch.Tensor) -> torch.Tensor:
         """The terms ``(g - delta) p (1 - log gap)`` of the alpha gradient's sum (module doc), 0 off the
@@ -71,15 +129,30 @@ class EntmaxSpec:
         return torch.where(positive, g_minus_delta * p * (1.0 - log_gap), 0.0)
 
     def alpha_gradient(self, alpha_sums: torch.Tensor) -> torch.Tensor:
-        """dL/dalpha per row (module doc) from ``alpha_sums`` (...), the row sums of ``alpha_terms``."""
-        return (self.gamma * self.gamma) * alpha_sums
+        """dL/dalpha per row (module doc) from ``alpha_sums`` (B, H, Sq), the row sums of ``alpha_terms``."""
+        gamma = self.gamma_at(alpha_sums)
+        return (gamma * gamma) * alpha_sums
 
     def power_and_slope(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(d ** gamma, d ** (gamma - 1))`` for ``d >= 0`` as the kernels take them (the Newton
-        steps of the tau floor): the power as ``d * slope``, one pow instead of two."""
+        """``(d ** gamma, d ** (gamma - 1))`` for ``d >= 0`` (B, H, ...) as the kernels take them (the
+        Newton steps of the tau floor): the power as ``d * slope``, one pow instead of two."""
         if self.power == 1:
             return d, (d > 0).to(d.dtype)
         if self.power == 2:
             return d * d, d
-        slope = torch.where(d > 0, d.pow(self.gamma - 1.0), torch.zeros_like(d))
+        slope = torch.where(d > 0, d.pow(self.gamma_at(d) - 1.0), torch.zeros_like(d))
         return d * slope, slope
+
+    def _one_alpha(self) -> float:
+        if self.per_head:
+            raise ValueError(f"this spec holds one alpha per head ({len(self.alpha)}); ask for its values per head")
+        return self.alpha
+
+    def _at(self, value_of: Callable[[float], float], like: torch.Tensor) -> float | torch.Tensor:
+        if not self.per_head:
+            return value_of(self.alpha)
+        if like.dim() < 2 or like.shape[1] != len(self.alpha):
+            raise ValueError(f"a tensor that meets per-head alphas must be (B, H, ...) with H = {len(self.alpha)}; "
+                             f"got {tuple(like.shape)}")
+        values = _head_constants(tuple(value_of(a) for a in self.alpha), like.dtype, like.device)
+        return values.view(-1, *([1] * (like.dim() - 2)))

@@ -1,10 +1,11 @@
-"""Per-head alpha: the query heads split by the value of their alpha, each group run as one call
-of the one-alpha schedule (every launch takes one alpha).
+"""Per-head alpha: the query heads split into at most three groups, each run as one call: the
+heads of alpha 1.5, those of alpha 2 (each of the two in its closed form, ``EntmaxSpec.power``),
+and all the others together, whose kernels read each head's alpha (``EntmaxSpec.per_head``).
 
-Heads that share an alpha run together, so an alpha given per head that is the same on every head
-costs what one float alpha costs: one group, with nothing selected or copied. Where the heads
-differ, each group reads its own query heads and, for each of them, its key/value head
-(``kv_heads``: GQA groups may be split between alphas, so a group's keys are one per query head);
+An alpha given per head that is the same on every head costs what one float alpha costs: one
+group, with nothing selected or copied; so does a set of alphas none of which is 1.5 or 2. Where
+the heads split, each group reads its own query heads and, for each of them, its key/value head
+(``kv_heads``: GQA groups may be split between groups, so a group's keys are one per query head);
 the gradients of a key head shared by several groups add up (``add_heads``).
 """
 from __future__ import annotations
@@ -15,12 +16,15 @@ from typing import Callable, Sequence
 
 import torch
 
+from .entmax_spec import CLOSED_FORM_ALPHAS
+
 
 @dataclass(frozen=True)
 class HeadGroup:
-    """One alpha and its query heads; ``q_heads`` None: every head (nothing to select)."""
+    """An alpha (a float, or one per head of the group: ``EntmaxSpec``) and its query heads;
+    ``q_heads`` None: every head (nothing to select)."""
 
-    alpha: float
+    alpha: float | tuple[float, ...]
     q_heads: torch.Tensor | None = None
     kv_heads: torch.Tensor | None = None
 
@@ -37,9 +41,20 @@ class HeadGroup:
         return x if self.whole else x.index_select(2, self.kv_heads)
 
 
+def group_plan(alphas: Sequence[float]) -> list[tuple[float | tuple[float, ...], list[int]]]:
+    """``(alpha, query heads)`` per group (module doc), in order of first appearance; ``alphas``:
+    one value, or one per query head. One group holds every head."""
+    values = tuple(float(a) for a in alphas)
+    if len(set(values)) == 1:
+        return [(values[0], list(range(len(values))))]
+    kinds = {}  # closed-form alpha, or None for the others
+    for head, alpha in enumerate(values):
+        kinds.setdefault(alpha if alpha in CLOSED_FORM_ALPHAS else None, []).append(head)
+    return [(kind if kind is not None else tuple(values[h] for h in heads), heads) for kind, heads in kinds.items()]
+
+
 def head_groups(alphas: Sequence[float], heads_q: int, heads_kv: int, device) -> tuple[HeadGroup, ...]:
-    """The groups of equal alpha, in order of first appearance; ``alphas``: one value, or one per
-    query head."""
+    """The groups of ``group_plan`` with their head indices on ``device``."""
     if len(alphas) not in (1, heads_q):
         raise ValueError(f"alpha must give one value or one per query head ({heads_q}); got {len(alphas)}")
     return _head_groups(tuple(alphas), heads_q, heads_kv, device)
@@ -50,14 +65,14 @@ def head_groups(alphas: Sequence[float], heads_q: int, heads_kv: int, device) ->
 # sight, after an eager first call has made them) and that costs a wait on every eager call.
 @functools.lru_cache(maxsize=64)
 def _head_groups(alphas: tuple, heads_q: int, heads_kv: int, device) -> tuple[HeadGroup, ...]:
-    if len(set(alphas)) == 1:
-        return (HeadGroup(float(alphas[0])),)
+    plan = group_plan(alphas)
+    if len(plan) == 1:
+        return (HeadGroup(plan[0][0]),)
     per_kv = heads_q // heads_kv
     groups = []
-    for value in dict.fromkeys(alphas):
-        heads = [h for h, a in enumerate(alphas) if a == value]
+    for alpha, heads in plan:
         q_heads = torch.tensor(heads, dtype=torch.int64, device=device)
-        groups.append(HeadGroup(float(value), q_heads, q_heads // per_kv))
+        groups.append(HeadGroup(alpha, q_heads, q_heads // per_kv))
     return tuple(groups)
 
 

@@ -79,8 +79,9 @@ class Relative(NamedTuple):
     nonfinite: torch.Tensor
 
 
-def relative(score_max: torch.Tensor, tau_floor: torch.Tensor, scale_z: float) -> Relative:
-    """``Relative`` from the merged score max and the tau floor (raw units) of the max pass. The
+def relative(score_max: torch.Tensor, tau_floor: torch.Tensor, scale_z: float | torch.Tensor) -> Relative:
+    """``Relative`` from the merged score max and the tau floor (raw units) of the max pass
+    (``scale_z``: a float, or per head (H, 1), ``EntmaxSpec.scale_z_at``). The
     floor's difference to the max is exact in float arithmetic wherever it matters (within a
     factor two of each other), so z of the floor loses nothing to the size of the scores."""
     has = torch.isfinite(score_max)
@@ -270,13 +271,13 @@ def coarse_bracket(stats: RowStats, spec: EntmaxSpec) -> Bracket:
     Every key with p > 0 lies at or above the pair and in a bin the histogram fills completely
     (above gap_reference): if those bins hold one key, it is the max, and tau = max - 1 (``single``)."""
     w = 1.0 / (NUM_BINS - 1)
-    gamma = spec.gamma
     ref = bin_reference(stats.row_max).double()
     empty = ~torch.isfinite(stats.row_max)
     nb = NUM_BINS
     bins = torch.arange(nb, device=ref.device, dtype=torch.float64)
     count = stats.hist.double()
     if spec.closed_form:
+        gamma = spec.gamma
         target = w ** (-gamma)  # sum_j p_j = 1 in bin-width units
         b_a = (_upper_edge_sums(count, gamma) < target).sum(-1).clamp(max=nb - 1)
         bin_index = ref - b_a.double() - 1
@@ -288,9 +289,11 @@ def coarse_bracket(stats: RowStats, spec: EntmaxSpec) -> Bracket:
         return Bracket(lower.to(stats.row_max.dtype), bin_index, lower, lower + 2 * w, empty, single)
     # Other alpha: bound the sum at each bin edge with every key at its bin's edges, in z units (a
     # power of a distance in bins overflows as alpha -> 1); tau >= row max - 1 in any case
-    dist = (bins[:, None] - bins[None, :]) * w  # [b, j] = (b - j) w
-    f_low = torch.einsum("...j,bj->...b", count, dist.clamp(min=0) ** gamma * (dist > 0))
-    f_high = torch.einsum("...j,bj->...b", count, (dist + w).clamp(min=0) ** gamma * (dist >= 0))
+    # [0, h, j, b] = (b - j) w; h: the head, or one for every head
+    dist = ((bins[None, :] - bins[:, None]) * w).expand(1, count.shape[1] if spec.per_head else 1, nb, nb)
+    gamma = spec.gamma_at(dist)
+    f_low = count @ (dist.clamp(min=0) ** gamma * (dist > 0))  # (B, H, Sq, NB)
+    f_high = count @ ((dist + w).clamp(min=0) ** gamma * (dist >= 0))
     b_lo = (f_low < 1.0).sum(-1).clamp(max=nb - 1).double()
     b_hi = ((f_high < 1.0).sum(-1) - 1).clamp(min=0).double()  # last edge with F surely < 1
     lower = torch.maximum((ref - b_lo) * w, stats.row_max.double() - 1.0)
@@ -426,7 +429,7 @@ def newton_update(t: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sum
     below = f >= 1.0
     lower = torch.where(below, torch.maximum(lower, t), lower)
     upper = torch.where(below, upper, torch.minimum(upper, t))
-    norm = f.clamp(min=1e-300) ** (1.0 / spec.gamma)
+    norm = f.clamp(min=1e-300) ** (1.0 / spec.gamma_at(f))
     newton = t + (1.0 - 1.0 / norm) * f / df.clamp(min=1e-300)
     # past the upper bound only by rounding (the bound is tau itself once a closed form found the
     # support): the bound is the better point; below the lower bound, bisect

@@ -45,16 +45,13 @@ class _KeyTiles:
 
     def __init__(self, problem: Problem, tiles: BlockMask | None = None, nearest_first: bool = False,
                  raw: bool = False):
-        self.p, self.nearest_first = problem, nearest_first  # last key tile first: the max pass
+        self.p, self.nearest_first, self.raw = problem, nearest_first, raw  # last key tile first: the max pass
         self.active = None if tiles is None else tiles.tiles
         self.qh = _head_major_queries(problem.q, problem.heads_kv)
         self.rows = torch.arange(problem.seqlen_q, device=problem.vis.q_limit.device)[:, None]  # for ``vis.pairs``
-        if raw:
-            self.shift, self.scale = 0.0, 1.0
-        else:
+        if not raw:
             shift = torch.zeros(problem.rows) if problem.shift is None else problem.shift
             self.shift = shift.to(device=self.qh.device, dtype=self.qh.dtype)[..., None]
-            self.scale = problem.scale_z
 
     def rows_of_tiles(self, per_tile: torch.Tensor) -> torch.Tensor:
         """(..., nQ) -> (..., Sq): every row takes its query tile's value."""
@@ -76,7 +73,8 @@ class _KeyTiles:
             if not bool(allowed.any()):
                 continue
             kt = p.k[:, keys].to(self.qh.dtype).permute(0, 2, 3, 1)[:, :, None]  # (B, Hkv, 1, D, n)
-            z = ((self.qh @ kt).reshape(p.batch, p.heads, p.seqlen_q, -1) - self.shift) * self.scale
+            scores = (self.qh @ kt).reshape(p.batch, p.heads, p.seqlen_q, -1)
+            z = scores if self.raw else (scores - self.shift) * p.scale_z_at(scores)
             yield index, keys, z.masked_fill(~allowed, float("-inf"))
 
     def per_query_tile(self, rows: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -109,13 +107,14 @@ def nearest_tau_floor(problem: Problem) -> torch.Tensor:
     scores = scores[:, :, :p.seqlen_q]
     top = scores.amax(-1)
     has = torch.isfinite(top)
-    z = (scores - torch.where(has, top, torch.zeros_like(top))[..., None]) * p.scale_z
+    z = (scores - torch.where(has, top, torch.zeros_like(top))[..., None]) * p.scale_z_at(scores)
     t = torch.full_like(top, -1.0)
+    gamma = p.spec.gamma_at(t)
     for _ in range(stats.FLOOR_STEPS):
         f, slope = p.spec.power_and_slope((z - t[..., None]).clamp(min=0))
-        t = t + (f.sum(-1) - 1.0) / (p.spec.gamma * slope.sum(-1)).clamp(min=1e-30)
+        t = t + (f.sum(-1) - 1.0) / (gamma * slope.sum(-1)).clamp(min=1e-30)
     ulps = 2 * torch.finfo(top.dtype).eps * top.abs()
-    floor = top + (t - stats.FLOOR_MARGIN) / p.scale_z - ulps
+    floor = top + (t - stats.FLOOR_MARGIN) / p.scale_z_at(t) - ulps
     return torch.where(has, floor, torch.full_like(t, float("-inf")))
 
 
@@ -140,7 +139,7 @@ def max_pass(problem: Problem, score_max=None, tau_floor=None) -> Maxima:
     if tau_floor is None:
         tau_floor = nearest_tau_floor(problem)
     tau_floor = tau_floor.to(device=device, dtype=dtype)
-    scale_z = problem.scale_z
+    scale_z = problem.scale_z_at(running)
     tile_gap = torch.full(problem.tiles, float("-inf"), device=device)
     for index, _, scores in tiles:
         row_tile_max = scores.amax(-1)  # NaN where the row sees a NaN score

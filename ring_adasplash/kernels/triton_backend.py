@@ -28,8 +28,8 @@ import torch
 import triton
 
 from . import stats as S
-from . import (triton_backward, triton_candidates, triton_entmax, triton_histogram, triton_maxima, triton_newton,
-               triton_output, triton_refine, triton_tau)
+from . import (entmax_spec, triton_backward, triton_candidates, triton_entmax, triton_histogram, triton_maxima,
+               triton_newton, triton_output, triton_refine, triton_tau)
 from .backend import CANDIDATES_ENV, Gradients, Maxima, OutputRequest, OutputSums, PartialOutput, Problem
 from .block_mask import BlockMask
 from .compile_ahead import launch
@@ -170,14 +170,19 @@ class TritonProblem(Problem):
     def queries(self) -> dict:
         """The arguments every kernel with one program per query tile (and the dK/dV kernel) takes."""
         return dict(Q=self.q, K=self.k, **self.visibility, **_strides("q", self.q), **_strides("k", self.k),
-                    seqlen_q=self.seqlen_q, seqlen_k=self.seqlen_k, num_heads=self.heads, scale_z=float(self.scale_z),
-                    GROUP=self.group, HEAD_DIM=self.head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                    PRECISION=_precision(self.q))
+                    seqlen_q=self.seqlen_q, seqlen_k=self.seqlen_k, num_heads=self.heads,
+                    scale_z=self.constants["scale_z"], PER_HEAD=self.constants["PER_HEAD"], GROUP=self.group,
+                    HEAD_DIM=self.head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=_precision(self.q))
+
+    @cached_property
+    def constants(self) -> dict:
+        """``scale_z`` and ``gamma``, one value or one per query head (``EntmaxSpec.kernel_constants``)."""
+        return self.spec.kernel_constants(self.softmax_scale, self.q.device)
 
     @cached_property
     def weights(self) -> dict:
         """How the kernels raise ``(z - tau)_+`` to p and u (``EntmaxSpec.power``, ``gamma``)."""
-        return {"gamma": float(self.spec.gamma), "POWER": self.spec.power}
+        return {"gamma": self.constants["gamma"], "POWER": self.spec.power}
 
     @cached_property
     def shift_rows(self) -> torch.Tensor:
@@ -249,9 +254,10 @@ def _key_tile_ranges(vis: Visibility, device):
 
 
 def remembered() -> list:
-    """Every tensor the launchers keep between calls (``_key_tile_ranges``). A captured CUDA graph
-    reads them by address, so it holds this list: an entry dropped from the cache stays alive."""
-    return list(_RANGES_CACHE.values())
+    """Every tensor the launchers keep between calls (``_key_tile_ranges``, the per-head constants
+    of ``entmax_spec``). A captured CUDA graph reads them by address, so it holds this list: an
+    entry dropped from a cache stays alive."""
+    return list(_RANGES_CACHE.values()) + entmax_spec.remembered()
 
 
 def _compute_key_tile_ranges(vis: Visibility, device):
@@ -369,11 +375,12 @@ def newton_step(state: S.NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tole
     state's point, lower and upper must not share memory)."""
     point, lower, upper = (x.to(torch.float64).contiguous() for x in state[:3])
     done = state.done.contiguous().view(torch.int8)
+    constants = spec.kernel_constants(1.0, point.device)  # the step reads gamma alone
     launch(triton_tau.newton_step_kernel, (_cdiv(point.numel(), TAU_ROWS),))(
         Sums=sums.to(torch.float64).contiguous(), Point=point, Lower=lower, Upper=upper,
-        Done=done, num_rows=point.numel(), gamma=float(spec.gamma), tolerance=float(tolerance),
-        step_tolerance=float(step_tolerance), POWER=spec.power, SUMS=sums.shape[-1],
-        BLOCK_R=TAU_ROWS, num_warps=TAU_WARPS)
+        Done=done, num_rows=point.numel(), seqlen_q=point.shape[-1], num_heads=point.shape[1],
+        gamma=constants["gamma"], tolerance=float(tolerance), step_tolerance=float(step_tolerance), POWER=spec.power,
+        SUMS=sums.shape[-1], BLOCK_R=TAU_ROWS, PER_HEAD=constants["PER_HEAD"], num_warps=TAU_WARPS)
     return S.NewtonState(point, lower, upper, done.view(torch.bool))
 
 

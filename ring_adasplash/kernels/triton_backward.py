@@ -21,8 +21,8 @@ import triton.language as tl
 
 from .triton_common import (ADD, approx_log2, at_head, dot, entmax_weights, first_slot_at_least, hide_invisible,
                             key_positions, list_slot, list_slots, listed_query_tile, listed_tile, listed_tiles,
-                            load_rows, logits, offset_strides, positive_gap, program_tile, query_positions, row_offsets,
-                            tile_ptrs, visible)
+                            load_rows, logits, of_query_head, offset_strides, positive_gap, program_tile,
+                            query_positions, row_offsets, tile_ptrs, visible)
 
 LN2 = tl.constexpr(math.log(2.0))
 
@@ -71,7 +71,7 @@ def dkdv_kernel(
     seqlen_q, seqlen_k, num_heads, num_heads_kv, num_q_tiles, list_width, scale_z, softmax_scale, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
     stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
@@ -99,10 +99,11 @@ def dkdv_kernel(
         # the list is ascending, so the query tiles that see this key tile whole are consecutive
         full_first = first_slot_at_least(Index, count, q_full_lo)
         full_end = tl.maximum(first_slot_at_least(Index, count, q_full_hi), full_first)
+        scale_z_h, gamma_h = of_query_head(scale_z, h, PER_HEAD), of_query_head(gamma, h, PER_HEAD)
         for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
             dk, dv = dkdv_tiles(k, v, Qh, DOh, Q_limit, Q_doc, Q_first, k_pos, k_doc, k_win_pos, in_k, Index, count,
                                 full_first, full_end, Shift, Tau, Delta, bh, dk, dv, stride_qs, stride_qd,
-                                stride_dos, stride_dod, seqlen_q, scale_z, gamma, BLOCK_M, HEAD_DIM, POWER, FULL,
+                                stride_dos, stride_dod, seqlen_q, scale_z_h, gamma_h, BLOCK_M, HEAD_DIM, POWER, FULL,
                                 PRECISION)
 
     # keys that a row with a non-finite score sees (Nan_keys (B, Sk, Hkv) int8): NaN, as in dense attention
@@ -172,7 +173,7 @@ def dq_kernel(
     seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, softmax_scale, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, COMPUTE_DELTA: tl.constexpr, ALPHA_SUMS: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
     stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
@@ -186,6 +187,8 @@ def dq_kernel(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
         stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
         GROUP, HEAD_DIM, BLOCK_M)
+    scale_z = of_query_head(scale_z, h, PER_HEAD)
+    gamma = of_query_head(gamma, h, PER_HEAD)
     V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
     do = load_rows(at_head(DO, b, h, stride_dob, stride_doh), tile_q * BLOCK_M, in_q, stride_dos, stride_dod, BLOCK_M,
                    HEAD_DIM)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (ADD, INTERPRETED, MAX, MIN, at_head, dot, entmax_weights, gather_rows, list_slots,
-                            listed_query_tile_at, listed_scores, logits, offset_strides, positive_gap,
+                            listed_query_tile_at, listed_scores, logits, of_query_head, offset_strides, positive_gap,
                             score_cutoff, tile_ptrs)
 from .triton_tau import newton_live_rows_step, schedule_rows
 
@@ -192,7 +192,7 @@ def candidate_schedule_kernel(
     POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, CANDIDATES: tl.constexpr,
     CHUNK: tl.constexpr, OUTPUT: tl.constexpr, BACKWARD_SUMS: tl.constexpr, UNROLL: tl.constexpr,
     PRECISION: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     """For each of the ``num_tiles`` (query tile, batch x head) this program takes (the last query
     tiles first: under a causal mask they hold the most keys), tau (float64) into ``Tau`` and its
@@ -227,9 +227,10 @@ def candidate_schedule_kernel(
             tl.store(Spilled + bh * num_q_tiles + tile_q, tl.full([], 1, tl.int8))
         else:
             shift, row_max, reference, done = schedule_rows(Shift, Row_max, Reference, rows, in_q)
+            scale_z_h, gamma_h = of_query_head(scale_z, h, PER_HEAD), of_query_head(gamma, h, PER_HEAD)
             # below the reference by the margin of the tile marks: a key a kernel's rounding could
             # put above tau - margin is a candidate
-            cutoff = score_cutoff(tl.where(done, float("inf"), reference - margin), shift, scale_z)
+            cutoff = score_cutoff(tl.where(done, float("inf"), reference - margin), shift, scale_z_h)
             found = tl.full([BLOCK_M], 0.0, tl.float32)
             tl.debug_barrier()  # the last tile's reads of the scratch are over before it is rewritten
             for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
@@ -248,34 +249,34 @@ def candidate_schedule_kernel(
                 step = tl.full([], 0, tl.int32)  # a tensor: the loop reassigns it
                 while (step < MAX_STEPS) & (live > 0):
                     t = point.to(tl.float32)
-                    f, df, n, closest = candidate_sums(Row_slots, found, longest, t, shift, scale_z, gamma,
+                    f, df, n, closest = candidate_sums(Row_slots, found, longest, t, shift, scale_z_h, gamma_h,
                                                        POWER, BLOCK_M, CHUNK)
                     # the exact stop from the schedule's third step, as the sweeps take it: far below
                     # tau, the closed form from float32 sums is not exact to float32
                     closest = tl.where(step >= NARROW_STEP, closest, 0.0)
                     point, lower, upper, done, step, live = newton_live_rows_step(
-                        f, df, n, closest, t, point, lower, upper, done, step, gamma, tolerance, step_tolerance,
+                        f, df, n, closest, t, point, lower, upper, done, step, gamma_h, tolerance, step_tolerance,
                         POWER, True)
                     if (step == DROP_STEP) & (live > 0) & (longest > DROP_LONGEST):
                         # every later point is at or above the bracket's lower bound, so a key
                         # below it adds to no later sum; the margin keeps those the tiles' marks read
                         tl.debug_barrier()  # the sums' reads of the slots are over
                         found = move_candidates_above(Row_slots, found, longest, lower.to(tl.float32) - margin,
-                                                      shift, scale_z, Keep, False, BLOCK_N, MOVE_CHUNK
+                                                      shift, scale_z_h, Keep, False, BLOCK_N, MOVE_CHUNK
                                                       ).to(tl.float32)
                         longest = tl.reduce(found, 0, MAX).to(tl.int32)
                         tl.debug_barrier()  # every thread's moved candidates are in memory
                 tl.store(Tau + rows, point, mask=in_q)
                 tl.debug_barrier()  # the last step's reads of the slots are over
                 near = move_candidates_above(Row_slots, found, longest, point.to(tl.float32) - margin, shift,
-                                             scale_z, Keep + tile_row, True, BLOCK_N, MOVE_CHUNK)
+                                             scale_z_h, Keep + tile_row, True, BLOCK_N, MOVE_CHUNK)
                 if OUTPUT:
                     tau = point.to(tl.float32)  # as the output pass reads it
                     tl.debug_barrier()  # every thread's moved candidates are in memory before any reads them
                     acc, acc_u, u_sum, support = candidate_output(
-                        Row_slots, near, tl.reduce(near, 0, MAX), tau, shift, scale_z,
+                        Row_slots, near, tl.reduce(near, 0, MAX), tau, shift, scale_z_h,
                         at_head(V, b, h // GROUP, stride_vb, stride_vh),
-                        Nonzero + tile_row, stride_vs, stride_vd, gamma, POWER, BACKWARD_SUMS, HEAD_DIM, BLOCK_M,
+                        Nonzero + tile_row, stride_vs, stride_vd, gamma_h, POWER, BACKWARD_SUMS, HEAD_DIM, BLOCK_M,
                         BLOCK_N)
                     acc = tl.where((row_max == row_max)[:, None], acc, float("nan"))  # a non-finite score
                     tl.store(tile_ptrs(at_head(Out, b, h, stride_ob, stride_oh), tile_q * BLOCK_M, stride_os,

@@ -135,6 +135,16 @@ def runs_here(Spilled, SPILLED_ONLY: tl.constexpr):
 
 
 @triton.jit
+def of_query_head(value, h, PER_HEAD: tl.constexpr):
+    """A float argument that may differ per query head (``EntmaxSpec.kernel_constants``: alpha per
+    head): the float itself, or with ``PER_HEAD`` query head ``h``'s entry of a float32 tensor."""
+    if PER_HEAD:
+        return tl.load(value + h)
+    else:
+        return value
+
+
+@triton.jit
 def tile_at(tile, bh, num_heads, seqlen, BLOCK: tl.constexpr):
     """Tile ``tile`` of batch x head ``bh``: ``(tile, bh, b, h, offs, in_range)``, the tile, batch x
     head, batch, head, its positions and which of them are in the sequence."""

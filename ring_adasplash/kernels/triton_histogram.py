@@ -14,7 +14,7 @@ z < gap_reference <= tau.
 import triton
 import triton.language as tl
 
-from .triton_common import ADD, MAX, MIN, list_slots, listed_logits, listed_query_tile, offset_strides
+from .triton_common import ADD, MAX, MIN, list_slots, listed_logits, listed_query_tile, of_query_head, offset_strides
 
 
 @triton.jit
@@ -72,7 +72,7 @@ def histogram_kernel(
     seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, floor_margin,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_BINS: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     """Coarse counts ``Hist`` (NUM_BINS per row, float32, written once) and ``Keep``; see the
     module doc."""
@@ -85,6 +85,7 @@ def histogram_kernel(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
         stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
         GROUP, HEAD_DIM, BLOCK_M)
+    scale_z = of_query_head(scale_z, h, PER_HEAD)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     ref, bins = kept_bins(Row_max, Tau_floor, rows, in_q, floor_margin, NUM_BINS)
     words = (tl.reduce(bins, 0, MAX).to(tl.int32) + 3) // 4  # words any row of this query tile fills

@@ -21,8 +21,8 @@ and the dense sweep stays a plain max (why: docs/design.md (kernel choices)).
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, MAX, at_head, masked_logits, offset_strides, positive_gap, power_and_slope,
-                            query_tile, row_max_with_nan, row_offsets, tile_logits, tile_row)
+from .triton_common import (ADD, MAX, at_head, masked_logits, of_query_head, offset_strides, positive_gap,
+                            power_and_slope, query_tile, row_max_with_nan, row_offsets, tile_logits, tile_row)
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def tau_floor_kernel(
     seqlen_q, seqlen_k, num_heads, scale_z, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, STEPS: tl.constexpr, MARGIN: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     """Tau floor of every row (``backend.Maxima``) from the last two key tiles of its query tile's
     span (causal: the diagonal and the tile before). Its own launch, not a prologue of
@@ -87,7 +87,8 @@ def tau_floor_kernel(
                               stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, PRECISION)
     s_next = span_tile_scores(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, hi - 2, lo, no_shift,
                               stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, PRECISION)
-    tau_floor = nearest_tau_floor(s_near, s_next, scale_z, gamma, POWER, STEPS, MARGIN)
+    tau_floor = nearest_tau_floor(s_near, s_next, of_query_head(scale_z, h, PER_HEAD),
+                                  of_query_head(gamma, h, PER_HEAD), POWER, STEPS, MARGIN)
     tl.store(Tau_floor + row_offsets(bh, seqlen_q, offs_m), tau_floor, mask=in_q)
 
 
@@ -121,7 +122,7 @@ def max_kernel(
     seqlen_q, seqlen_k, num_heads, num_k_tiles, scale_z,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROW_MAX: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     """Dense sweep, nearest key tiles first: running max of the raw scores over visible keys
     (starting from ``Row_max`` when ``HAS_ROW_MAX``, updated in place; +inf on rows that see a NaN)
@@ -136,6 +137,7 @@ def max_kernel(
     tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first = query_tile(
         Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
     K = at_head(K, b, h // GROUP, stride_kb, stride_kh)
+    scale_z = of_query_head(scale_z, h, PER_HEAD)
     Tile_gap = Tile_gap + tile_row(tile_q, bh, num_k_tiles)
     rows = row_offsets(bh, seqlen_q, offs_m)
     Row_max = Row_max + rows

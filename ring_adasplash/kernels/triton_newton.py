@@ -32,7 +32,8 @@ on every call, though almost no row needs them.
 import triton
 import triton.language as tl
 
-from .triton_common import ADD, MAX, listed_query_tile, offset_strides, program_tile, row_offsets, runs_here
+from .triton_common import (ADD, MAX, listed_query_tile, of_query_head, offset_strides, program_tile, row_offsets,
+                            runs_here)
 from .triton_refine import ONES_WIDTH, newton_tiles
 from .triton_tau import newton_live_rows_step, schedule_rows
 
@@ -98,7 +99,7 @@ def newton_schedule_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, SPILLED_ONLY: tl.constexpr,
     UNROLL: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     """tau (float64, the last point; rows with no visible key keep their start) into ``Tau`` and
     ``Keep`` (int8 per tile); ``Reference`` (``stats.gap_reference``) and ``Row_max`` (float32,
@@ -116,6 +117,8 @@ def newton_schedule_kernel(
             Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
             stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
             GROUP, HEAD_DIM, BLOCK_M)
+        scale_z_h = of_query_head(scale_z, h, PER_HEAD)  # a new name: the branch yields no pointer
+        gamma_h = of_query_head(gamma, h, PER_HEAD)
         shift, row_max, reference, done = schedule_rows(Shift, Row_max, Reference, rows, in_q)
         point = reference.to(tl.float64)
         lower = point
@@ -127,14 +130,14 @@ def newton_schedule_kernel(
         # smallest gaps: the exact stop, at gamma 2): no branch inside a sweep
         point, lower, upper, done, step, live = newton_steps(
             q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
-            Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
-            step_tolerance, point, lower, upper, done, step, live, NARROW_STEP, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
-            POWER == 2, False, UNROLL, PRECISION)
+            Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z_h, gamma_h, margin,
+            tolerance, step_tolerance, point, lower, upper, done, step, live, NARROW_STEP, HEAD_DIM, BLOCK_M, BLOCK_N,
+            POWER, POWER == 2, False, UNROLL, PRECISION)
         point, lower, upper, done, step, live = newton_steps(
             q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
-            Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin, tolerance,
-            step_tolerance, point, lower, upper, done, step, live, MAX_STEPS, HEAD_DIM, BLOCK_M, BLOCK_N, POWER,
-            POWER == 2, True, UNROLL, PRECISION)
+            Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z_h, gamma_h, margin,
+            tolerance, step_tolerance, point, lower, upper, done, step, live, MAX_STEPS, HEAD_DIM, BLOCK_M, BLOCK_N,
+            POWER, POWER == 2, True, UNROLL, PRECISION)
         # Keep now holds, per tile, 1 + the last step whose sweep found a key of it near; the last
         # sweep's tiles become 1, the others 0; where no sweep marked, every listed tile is 1
         marked = step > NARROW_STEP
@@ -156,7 +159,7 @@ def newton_polish_kernel(
     seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, gamma, no_stop,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, STEPS: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     """``STEPS`` Newton steps on the rows not ``Done`` (int8), from ``Point`` in the bracket
     [``Lower``, ``Upper``] (float64; the last point into ``Point``), with sums without the count
@@ -176,6 +179,8 @@ def newton_polish_kernel(
             Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
             stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
             GROUP, HEAD_DIM, BLOCK_M)
+        scale_z_h = of_query_head(scale_z, h, PER_HEAD)  # a new name: the branch yields no pointer
+        gamma_h = of_query_head(gamma, h, PER_HEAD)
         shift = tl.load(Shift + rows, mask=in_q, other=0.0)
         point = tl.load(Point + rows, mask=in_q, other=0.0)
         lower = tl.load(Lower + rows, mask=in_q, other=0.0)
@@ -185,7 +190,7 @@ def newton_polish_kernel(
         # no tile marks (KEEP off): Tile_count stands in for the Keep pointer, never written
         point, lower, upper, done, step, live = newton_steps(
             q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
-            Tile_count, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, 0.0, no_stop,
-            no_stop, point, lower, upper, done, step, live, STEPS, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, False, False,
-            UNROLL, PRECISION)
+            Tile_count, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z_h, gamma_h, 0.0,
+            no_stop, no_stop, point, lower, upper, done, step, live, STEPS, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, False,
+            False, UNROLL, PRECISION)
         tl.store(Point + rows, point, mask=in_q)

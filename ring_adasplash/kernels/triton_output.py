@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (ADD, at_head, dot, entmax_weights, list_slots, listed_logits, listed_query_tile, load_rows,
-                            offset_strides, positive_gap, runs_here, tile_ptrs)
+                            of_query_head, offset_strides, positive_gap, runs_here, tile_ptrs)
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def output_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, BACKWARD_SUMS: tl.constexpr, SPILLED_ONLY: tl.constexpr, UNROLL: tl.constexpr,
     PRECISION: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
     stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
@@ -72,6 +72,8 @@ def output_kernel(
             Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
             stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
             GROUP, HEAD_DIM, BLOCK_M)
+        scale_z_h = of_query_head(scale_z, h, PER_HEAD)  # a new name: the branch yields no pointer
+        gamma_h = of_query_head(gamma, h, PER_HEAD)
         V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
         shift = tl.load(Shift + rows, mask=in_q, other=0.0)
         tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
@@ -84,7 +86,7 @@ def output_kernel(
             acc, acc_u, u_sum, support = output_tiles(
                 q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
                 offs_m, Nonzero, shift, tau, acc, acc_u, u_sum, support, stride_ks, stride_kd, stride_vs, stride_vd,
-                seqlen_q, seqlen_k, scale_z, gamma, HEAD_DIM, BLOCK_N, POWER, BACKWARD_SUMS, FULL == 1, UNROLL,
+                seqlen_q, seqlen_k, scale_z_h, gamma_h, HEAD_DIM, BLOCK_N, POWER, BACKWARD_SUMS, FULL == 1, UNROLL,
                 PRECISION)
 
         acc = tl.where((tau == tau)[:, None], acc, float("nan"))  # rows that see a non-finite score

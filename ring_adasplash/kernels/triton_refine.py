@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (ADD, MAX, MIN, dot, entmax_weights, list_slots, listed_logits, listed_query_tile,
-                            offset_strides, positive_gap)
+                            of_query_head, offset_strides, positive_gap)
 
 ONES_WIDTH = tl.constexpr(16)  # the narrowest product the tensor cores take (newton_sums_kernel)
 
@@ -105,7 +105,7 @@ def fine_histogram_kernel(
     seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_BINS: tl.constexpr, FINE_BINS: tl.constexpr, ROW_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     """Fine histogram of the pair of bins from ``Bin_index`` and the moments above it, into
     ``Sums`` (rows, 3, FINE_BINS + 1), and ``Keep``; see the module doc."""
@@ -117,6 +117,7 @@ def fine_histogram_kernel(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
         stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
         GROUP, HEAD_DIM, BLOCK_M)
+    scale_z = of_query_head(scale_z, h, PER_HEAD)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     bin_index = tl.load(Bin_index + rows, mask=in_q, other=0.0)
     # keys below the cutoff have p = 0: the fine histogram leaves them out (in bins above the
@@ -187,7 +188,7 @@ def newton_sums_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, SOME_ROWS: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr,
     UNROLL: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     """Newton sums at ``Point`` into ``Sums`` (rows, 2, or 3 with ``COUNT``); see the module doc.
     ``SOME_ROWS``: only the query tiles with a row marked in ``Rows`` (int8 per row) read their
@@ -207,6 +208,8 @@ def newton_sums_kernel(
         Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
         stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
         GROUP, HEAD_DIM, BLOCK_M)
+    scale_z = of_query_head(scale_z, h, PER_HEAD)
+    gamma = of_query_head(gamma, h, PER_HEAD)
     shift = tl.load(Shift + rows, mask=in_q, other=0.0)
     point = tl.load(Point + rows, mask=in_q, other=0.0)
     if SOME_ROWS:

@@ -251,15 +251,19 @@ def newton_live_rows_step(f, df, count, closest, t, point, lower, upper, done, s
 
 
 @triton.jit
-def newton_step_kernel(Sums, Point, Lower, Upper, Done, num_rows, gamma, tolerance, step_tolerance,
-                       POWER: tl.constexpr, SUMS: tl.constexpr, BLOCK_R: tl.constexpr):
+def newton_step_kernel(Sums, Point, Lower, Upper, Done, num_rows, seqlen_q, num_heads, gamma, tolerance,
+                       step_tolerance, POWER: tl.constexpr, SUMS: tl.constexpr, BLOCK_R: tl.constexpr,
+                       PER_HEAD: tl.constexpr):
     """``stats.newton_step`` in place on the rows not done: ``Sums`` (rows, SUMS) float64, the exact
     ``sum (z - t)_+^gamma``, ``sum (z - t)_+^(gamma - 1)`` and (SUMS 3) the count of keys above
-    ``t = Point`` (float64), the bracket ``Lower``, ``Upper`` (float64) and ``Done`` (int8). With
-    SUMS 2 (no count) the upper bound of gamma 2 is not taken."""
+    ``t = Point`` (float64), the bracket ``Lower``, ``Upper`` (float64) and ``Done`` (int8), rows
+    (B, H, Sq) flat (``gamma`` per head with ``PER_HEAD``: ``of_query_head``). With SUMS 2 (no
+    count) the upper bound of gamma 2 is not taken."""
     tl.static_assert(SUMS == 2 or SUMS == 3)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = (rows < num_rows) & (tl.load(Done + rows, mask=rows < num_rows, other=1) == 0)
+    if PER_HEAD:
+        gamma = tl.load(gamma + (rows // seqlen_q) % num_heads, mask=rows < num_rows, other=1.0)
     f = tl.load(Sums + rows * SUMS, mask=live, other=0.0)
     df = tl.load(Sums + rows * SUMS + 1, mask=live, other=0.0)
     count = tl.load(Sums + rows * SUMS + 2, mask=live & (SUMS == 3), other=0.0)

@@ -22,7 +22,7 @@ from .ring import _validated
 
 class AllGatherAttention(torch.autograd.Function):
     """Per chunk of key/value heads: gather them, then one device's schedule for each group of the
-    chunk's query heads of equal alpha (``head_groups``)."""
+    chunk's query heads (``head_groups``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, alpha: HeadAlpha, alpha_tensor, softmax_scale: float, vis, head_chunks, group):

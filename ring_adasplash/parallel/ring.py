@@ -184,7 +184,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha: HeadAlpha, alpha_tensor, softmax_scale: float, plan: ShardPlan):
         """``alpha_tensor``: ``alpha.tensor``, an input of its own so that autograd gives it a
-        gradient. Each group of heads of equal alpha makes its own ring sweeps (``head_groups``)."""
+        gradient. Each group of heads (``head_groups``) makes its own ring sweeps."""
         backend = backend_for(q)
         groups = head_groups(alpha.values, q.shape[2], k.shape[2], q.device)
         results = [entmax_forward(backend, g.queries(q), RingKeyBlocks(g.keys(k), g.keys(v), plan, backend.BLOCK_N),
