@@ -1030,6 +1030,30 @@ def test_newton_schedule_flat_rows_sum_to_one_with_float32_sums(interpreted, mon
     assert (run.out - 1).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("chunk", [1024, 16])
+def test_lower_bound_mask_kernel_matches_the_pytorch_mask(interpreted, chunk, monkeypatch):
+    """``triton_tiles.lower_bound_mask`` (interpreted) and ``S.lower_bound_mask``: random codes and
+    bounds, empty rows, a partial last query tile, rows far below and above their reference, and
+    (chunk 16) key tiles read over several steps."""
+    from ring_adasplash.kernels import triton_tiles
+
+    monkeypatch.setattr(triton_tiles, "MASK_CHUNK", chunk)
+    g = torch.Generator().manual_seed(5)
+    batch, heads, seqlen, num_k_tiles = 2, 3, 150, 40
+    num_q_tiles = -(-seqlen // 64)
+    codes = torch.randint(0, 256, (batch, heads, num_q_tiles, num_k_tiles), generator=g).to(torch.uint8)
+    reference = torch.randn(batch, heads, seqlen, generator=g)
+    lower = reference + torch.randn(batch, heads, seqlen, generator=g).clamp(min=-0.1) * 0.3
+    lower[0, 0, :64] = reference[0, 0, :64] + 5.0  # above every code's gap: only code 255 kept
+    empty = torch.rand(batch, heads, seqlen, generator=g) < 0.1
+    empty[1, 2, 128:] = True  # the last query tile: every row empty, nothing kept
+    expected = S.lower_bound_mask(codes, lower, reference, empty, 64)
+    got = interpreted.lower_bound_mask(codes, lower, reference, empty)
+    assert got.dtype == torch.bool and torch.equal(got, expected)
+    assert 0 < expected.float().mean() < 1 and not expected[1, 2, -1].any()
+    assert torch.equal(expected[0, 0, 0], codes[0, 0, 0] == 255)
+
+
 def test_newton_step_kernel_matches_the_pytorch_step(interpreted):
     """``triton_tau.newton_step_kernel`` (interpreted) and ``S.newton_step`` on the same
     state and sums (B, H, Sq), rows below, at and above tau, alpha 1.5, 1.25 and one per head

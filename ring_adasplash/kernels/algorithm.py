@@ -44,7 +44,6 @@ from . import stats
 from .backend import Backend, OutputRequest, PartialOutput
 from .block_mask import BlockMask, packed_width
 from .entmax_spec import EntmaxSpec
-from .stats import lower_bound_mask
 from .visibility import Visibility, keys_seen_by, tile_visible
 
 
@@ -280,7 +279,7 @@ def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, 
     block_m = backend.BLOCK_M
     reference = stats.gap_reference(rel.row_max, rel.tau_floor)
     empty = ~torch.isfinite(rel.row_max)
-    tiles = [visible[i].with_tiles(lower_bound_mask(gap_codes[i], reference, reference, empty, block_m))
+    tiles = [visible[i].with_tiles(backend.lower_bound_mask(gap_codes[i], reference, reference, empty))
              for i in range(blocks.num_blocks)]
     tolerances = stats.NEWTON_TOLERANCE[dtype], stats.NEWTON_STEP_TOLERANCE[dtype]
     if _one_block(blocks, reduce):
@@ -295,7 +294,7 @@ def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, 
     for step in range(stats.NEWTON_SCHEDULE_STEPS):
         if step == stats.NEWTON_NARROW_STEP:
             lower = torch.where(state.done, state.point, state.lower).to(reference.dtype)
-            tiles = [t.with_tiles(t.tiles & lower_bound_mask(gap_codes[i], lower, reference, empty, block_m))
+            tiles = [t.with_tiles(t.tiles & backend.lower_bound_mask(gap_codes[i], lower, reference, empty))
                      for i, t in enumerate(tiles)]
         rows = ~state.done
         marked = stats.per_query_tile(rows, block_m, "any")[..., None]
@@ -368,29 +367,28 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
         return backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale, rel.shift)
 
     reference = stats.gap_reference(rel.row_max, rel.tau_floor)
-    block_m = backend.BLOCK_M
     if schedule == "newton":
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         output = OutputRequest(backward_sums, out_dtype) if _one_block(blocks, reduce) else None
         tau, read, partial = _newton_schedule_tau(backend, problems, blocks, reduce, spec, rel, gap_codes, visible,
                                                   dtype, output)
         empty = ~torch.isfinite(rel.row_max)
-        candidates = [r.with_tiles(r.tiles & lower_bound_mask(gap_codes[i], tau.to(reference.dtype), reference, empty,
-                                                               block_m)) for i, r in enumerate(read)]
+        candidates = [r.with_tiles(r.tiles & backend.lower_bound_mask(gap_codes[i], tau.to(reference.dtype), reference,
+                                                                       empty)) for i, r in enumerate(read)]
         held = _tile_state(gap_codes, visible.values(), read, candidates)
         del gap_codes, read  # freed before the output pass: the candidates are all it needs
         return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums,
                        out_dtype, partial)
     row_stats = _histogram(backend, problems, blocks, reduce, rel.row_max, rel.tau_floor, gap_codes, visible)
     bracket = backend.coarse_bracket(row_stats, spec)
-    candidates = [visible[i].with_tiles(lower_bound_mask(gap_codes[i], bracket.lower, reference, bracket.empty,
-                                                         block_m)) for i in range(blocks.num_blocks)]
+    candidates = [visible[i].with_tiles(backend.lower_bound_mask(gap_codes[i], bracket.lower, reference, bracket.empty))
+                  for i in range(blocks.num_blocks)]
     if spec.closed_form:
         tau, exact, kept, read = _closed_form_tau(backend, problems, blocks, reduce, spec, bracket, reference,
                                                   candidates)
         tau = _polished_tau(backend, problems, blocks, reduce, spec, bracket, tau, exact, read)
         # block mask from the exact tau: a key with p > 0 has z > tau
-        candidates = [visible[i].with_tiles(lower_bound_mask(gap_codes[i], tau, reference, bracket.empty, block_m)
+        candidates = [visible[i].with_tiles(backend.lower_bound_mask(gap_codes[i], tau, reference, bracket.empty)
                                             & kept[i]) for i in range(blocks.num_blocks)]
     else:
         tau = _newton_tau(backend, problems, blocks, reduce, spec, bracket, candidates)

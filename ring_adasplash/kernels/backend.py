@@ -176,6 +176,10 @@ class Backend(Protocol):
         tau floor of this block unless ``tau_floor`` is given (every block after the first); tile
         gaps against ``stats.gap_reference`` of the two."""
 
+    def lower_bound_mask(self, gap_codes, lower, reference, empty) -> torch.Tensor:
+        """``stats.lower_bound_mask`` with this backend's query tiles: (B, H, nQ, nK) bool, the tiles
+        whose gap code may exceed the smallest ``lower - reference`` among their rows."""
+
     def histogram_pass(self, problem: Problem, row_max, tau_floor, gap_codes, tiles: BlockMask):
         """Coarse counts ``hist`` (B, H, Sq, NUM_BINS) of the keys of ``tiles`` in the bins
         ``stats.kept_bins`` keeps, against ``stats.bin_reference(row_max)`` (``row_max``, ``tau_floor``:

@@ -118,6 +118,11 @@ def nearest_tau_floor(problem: Problem) -> torch.Tensor:
     return torch.where(has, floor, torch.full_like(t, float("-inf")))
 
 
+def lower_bound_mask(gap_codes, lower, reference, empty) -> torch.Tensor:
+    """``stats.lower_bound_mask`` with query tiles of ``BLOCK_M`` rows."""
+    return stats.lower_bound_mask(gap_codes, lower, reference, empty, BLOCK_M)
+
+
 def max_pass(problem: Problem, score_max=None, tau_floor=None) -> Maxima:
     """The dense pass over this key block's raw scores, last key tile first (see
     ``backend.Maxima``): the running score max, starting from ``score_max`` (the max over earlier

@@ -29,7 +29,7 @@ import triton
 
 from . import stats as S
 from . import (entmax_spec, triton_backward, triton_candidates, triton_entmax, triton_histogram, triton_maxima,
-               triton_newton, triton_output, triton_refine, triton_tau)
+               triton_newton, triton_output, triton_refine, triton_tau, triton_tiles)
 from .backend import CANDIDATES_ENV, Gradients, Maxima, OutputRequest, OutputSums, PartialOutput, Problem
 from .block_mask import BlockMask
 from .compile_ahead import launch
@@ -301,6 +301,11 @@ def _tau_floor(problem: TritonProblem) -> torch.Tensor:
         **problem.queries, K_tile_lo=problem.ranges["K_tile_lo"], K_tile_hi=problem.ranges["K_tile_hi"],
         Tau_floor=floor, **problem.weights, STEPS=S.FLOOR_STEPS, MARGIN=S.FLOOR_MARGIN, **problem.config("max"))
     return floor
+
+
+def lower_bound_mask(gap_codes, lower, reference, empty) -> torch.Tensor:
+    """``stats.lower_bound_mask`` in one launch (``triton_tiles.lower_bound_mask``)."""
+    return triton_tiles.lower_bound_mask(gap_codes, lower, reference, empty, BLOCK_M)
 
 
 def max_pass(problem: TritonProblem, score_max=None, tau_floor=None) -> Maxima:

@@ -1,5 +1,7 @@
-"""Compact tile lists: per row of a block mask, the positions of its True entries.
+"""Tile masks from the tile gaps' codes, and compact tile lists: per row of a block mask, the
+positions of its True entries.
 
+``lower_bound_mask`` is ``stats.lower_bound_mask`` in one launch (some twenty small ops there).
 Every sparse pass visits, per program, the key tiles (or query tiles) its row of the mask lists,
 as FlexAttention's ``kv_num_blocks`` / ``kv_indices``. One program per row walks it in chunks:
 a prefix sum of the chunk's flags gives each True entry its slot (why not a sort:
@@ -9,15 +11,61 @@ import torch
 import triton
 import triton.language as tl
 
+from . import stats as S
 from .block_mask import popcount
 from .compile_ahead import launch
-from .triton_common import ADD
+from .triton_common import ADD, MIN
 
 TILE_LIST_CHUNK = 1024  # mask entries per step of a tile-list program
+MASK_CHUNK = 1024  # key tiles per step of a lower-bound-mask program
 # Lists whose full size (a slot per tile) would exceed this many bytes get as many slots per row as
 # their longest row holds, which the host reads first (it waits for the GPU: cheap against the passes
 # over that many tiles; 16 GiB of lists at a million tokens and 16 heads, mostly unused on sparse rows)
 COMPACT_LISTS_BYTES = 1 << 28
+
+
+@triton.jit
+def lower_bound_mask_kernel(Gap_codes, Lower, Reference, Empty, Mask, seqlen_q, num_k_tiles,
+                            MARGIN: tl.constexpr, GAP_LOW: tl.constexpr, GAP_STEP: tl.constexpr,
+                            ROUNDING: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """One program per (query tile, batch x head): the code threshold of its rows' smallest bound
+    ``max(Lower - Reference, 0) - MARGIN`` (+inf on ``Empty`` rows and past the sequence;
+    ``stats.code_threshold``), then ``Mask`` (int8 0/1) = ``Gap_codes`` (uint8) above it, over its
+    ``num_k_tiles`` key tiles. ``Lower``, ``Reference`` (float32), ``Empty`` (int8): (B, H, Sq)."""
+    tile_q = tl.program_id(0)
+    offs_m = tile_q * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_q = offs_m < seqlen_q
+    rows = tl.program_id(1).to(tl.int64) * seqlen_q + offs_m
+    lower = tl.load(Lower + rows, mask=in_q, other=0.0)
+    reference = tl.load(Reference + rows, mask=in_q, other=0.0)
+    empty = (tl.load(Empty + rows, mask=in_q, other=1) != 0) | ~in_q
+    bound = tl.where(empty, float("inf"), tl.maximum(lower - reference, 0.0) - MARGIN)
+    least = tl.reduce(bound, 0, MIN)
+    steps = tl.minimum(tl.maximum(tl.floor((least - GAP_LOW) / GAP_STEP - ROUNDING), 0.0), 253.0)
+    threshold = tl.where(least == float("inf"), 255.0, steps + 1.0)
+    line = (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tile_q) * num_k_tiles
+    for start in range(0, num_k_tiles, CHUNK):
+        offs_k = start + tl.arange(0, CHUNK)
+        codes = tl.load(Gap_codes + line + offs_k, mask=offs_k < num_k_tiles, other=0)
+        tl.store(Mask + line + offs_k, (codes.to(tl.float32) > threshold).to(tl.int8), mask=offs_k < num_k_tiles)
+
+
+def lower_bound_mask(gap_codes: torch.Tensor, lower: torch.Tensor, reference: torch.Tensor, empty: torch.Tensor,
+                     block_m: int) -> torch.Tensor:
+    """``stats.lower_bound_mask`` (B, H, nQ, nK) bool in one launch (``lower_bound_mask_kernel``):
+    ``gap_codes`` (B, H, nQ, nK) uint8, ``lower`` and ``reference`` (B, H, Sq), ``empty`` (B, H, Sq)
+    bool. Its threshold arithmetic rounds as float32 (PyTorch's may divide by a reciprocal): the
+    codes' ``GAP_ROUNDING`` holds that, and a tile on the edge is kept either way."""
+    batch, heads, num_q_tiles, num_k_tiles = gap_codes.shape  # rows (B, H, Sq) of the same B, H
+    mask = torch.empty(gap_codes.shape, device=gap_codes.device, dtype=torch.int8)
+    if mask.numel():
+        launch(lower_bound_mask_kernel, (num_q_tiles, batch * heads))(
+            Gap_codes=gap_codes.contiguous(), Lower=lower.to(torch.float32).contiguous(),
+            Reference=reference.to(torch.float32).contiguous(), Empty=empty.contiguous().view(torch.int8), Mask=mask,
+            seqlen_q=lower.shape[-1], num_k_tiles=num_k_tiles, MARGIN=S.MASK_MARGIN, GAP_LOW=S.GAP_LOW,
+            GAP_STEP=S.GAP_STEP, ROUNDING=S.GAP_ROUNDING, BLOCK_M=block_m,
+            CHUNK=min(MASK_CHUNK, triton.next_power_of_2(max(num_k_tiles, 16))), num_warps=4)
+    return mask.view(torch.bool)
 
 
 @triton.jit
