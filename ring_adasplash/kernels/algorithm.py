@@ -263,22 +263,20 @@ def _polished_tau(backend: Backend, problems, blocks, reduce, spec, bracket, tau
     return _newton_steps(backend, problems, blocks, reduce, spec, tiles, start, stats.POLISH_STEPS, rows=~exact)
 
 
-def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, gap_codes, visible, dtype,
-                         output: OutputRequest | None = None):
-    """tau by Newton steps alone, from the max pass's lower bound ``gap_reference``:
-    ``stats.newton_step`` on exact sums over the tiles that reach above it
-    (``newton_moments_pass``), until every row is done or ``stats.NEWTON_SCHEDULE_STEPS``. Each
-    pass is a Q.K^T sweep of its tiles with two row sums (no bins, no atomics), and rows converge
-    quadratically, so a handful of passes replace the histogram passes, whose per-key bin work
-    costs several sweeps where many tiles are active. Query tiles whose rows are all done read
-    nothing (in a ring their key tiles do not travel); after ``stats.NEWTON_NARROW_STEP`` steps
-    the tiles below every row's lower bound are dropped. Returns tau (float64, +inf on empty
-    rows), per block the tiles that may hold p > 0 (what the last pass to read each query tile
-    found) and the ``backend.PartialOutput`` that ``backend.newton_schedule`` made for
-    ``output`` with one key block, else None."""
+def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, reference, empty, gap_codes, visible,
+                         dtype, output: OutputRequest | None = None):
+    """tau by Newton steps alone, from the max pass's lower bound ``reference`` (``gap_reference``;
+    ``empty``: the rows with no visible key): ``stats.newton_step`` on exact sums over the tiles
+    that reach above it (``newton_moments_pass``), until every row is done or
+    ``stats.NEWTON_SCHEDULE_STEPS``. Each pass is a Q.K^T sweep of its tiles with two row sums
+    (no bins, no atomics), and rows converge quadratically, so a handful of passes replace the
+    histogram passes, whose per-key bin work costs several sweeps where many tiles are active.
+    Query tiles whose rows are all done read nothing (in a ring their key tiles do not travel);
+    after ``stats.NEWTON_NARROW_STEP`` steps the tiles below every row's lower bound are dropped.
+    Returns tau (float64, +inf on empty rows), per block the tiles that may hold p > 0 (what the
+    last pass to read each query tile found) and the ``backend.PartialOutput`` that
+    ``backend.newton_schedule`` made for ``output`` with one key block, else None."""
     block_m = backend.BLOCK_M
-    reference = stats.gap_reference(rel.row_max, rel.tau_floor)
-    empty = ~torch.isfinite(rel.row_max)
     tiles = [visible[i].with_tiles(backend.lower_bound_mask(gap_codes[i], reference, reference, empty))
              for i in range(blocks.num_blocks)]
     tolerances = stats.NEWTON_TOLERANCE[dtype], stats.NEWTON_STEP_TOLERANCE[dtype]
@@ -370,9 +368,9 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
     if schedule == "newton":
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         output = OutputRequest(backward_sums, out_dtype) if _one_block(blocks, reduce) else None
-        tau, read, partial = _newton_schedule_tau(backend, problems, blocks, reduce, spec, rel, gap_codes, visible,
-                                                  dtype, output)
-        empty = ~torch.isfinite(rel.row_max)
+        empty = torch.isneginf(rel.row_max)  # 0 or -inf (stats.Relative)
+        tau, read, partial = _newton_schedule_tau(backend, problems, blocks, reduce, spec, rel, reference, empty,
+                                                  gap_codes, visible, dtype, output)
         candidates = [r.with_tiles(r.tiles & backend.lower_bound_mask(gap_codes[i], tau.to(reference.dtype), reference,
                                                                        empty)) for i, r in enumerate(read)]
         held = _tile_state(gap_codes, visible.values(), read, candidates)
