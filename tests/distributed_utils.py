@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 # they are usually blocked in a collective with the failed rank and would wait forever.
 FAILURE_GRACE_S = 2.0
 PORT_ATTEMPTS = 3
+PORT_CLASHES = ("address already in use", "connectfullmesh failed")  # init errors retried on a fresh port
 PRELOAD_MODULES = ["torch", "torch.distributed", "ring_adasplash", "ring_adasplash.parallel"]
 
 
@@ -148,8 +149,9 @@ def run_distributed(
     for attempt in range(PORT_ATTEMPTS):
         outcomes, hung, exitcodes = _launch(fn, world_size, args, timeout, backend, seed)
         errors = [(r, o) for r, o in enumerate(outcomes) if o is not None and o[0] == "error"]
-        # Another process may take the port between free_port() and the bind: retry then.
-        port_taken = any(o[1] == "init" and "address already in use" in o[4].lower() for _, o in errors)
+        # Another process may take the port between free_port() and the bind, or the ranks of another
+        # call (a parallel test worker) may meet on it, which breaks the mesh: retry then.
+        port_taken = any(o[1] == "init" and any(m in o[4].lower() for m in PORT_CLASHES) for _, o in errors)
         if not (port_taken and attempt + 1 < PORT_ATTEMPTS):
             break
 
