@@ -99,8 +99,8 @@ def specialization_key(kernel, arguments: dict) -> tuple:
 def capture(path: str) -> None:
     """Forward and backward at alpha 1.5, 2, 1.3 and one per head (1.3 and 1.7: the kernels read
     alpha per head), bf16 and fp32, causal with a window and sinks and with key padding; the
-    Newton schedule's forward; a learnable alpha's backward; head dim 256; entmax over tensors;
-    writes what ``recorded_launches`` records to ``path``."""
+    forwards of both schedules; the Newton step of a ring; a learnable alpha's backward; head dim
+    256; entmax over tensors; writes what ``recorded_launches`` records to ``path``."""
     import torch
 
     import ring_adasplash as ra
@@ -121,23 +121,25 @@ def _capture_calls(ra, triton_backend, torch) -> None:
             keep[1, :20] = False
             out = ra.adasplash_func(q, k, v, alpha=alpha, window_size=(40, 0), sink_tokens=2, key_padding_mask=keep)
             out.float().sum().backward()
-    # the Newton schedule (alpha 1.5 and another), as forwards alone (nothing requires grad: the
-    # output kernel without the backward's sums), and entmax over tensors (rows in registers and
-    # rows read block by block)
-    os.environ["RING_ADASPLASH_SCHEDULE"] = "newton"
-    for dtype in (torch.bfloat16, torch.float32):
-        for alpha in (1.5, 1.3, torch.tensor([1.3, 1.7])):
-            q, k, v = (torch.randn(1, 130, 2, 64).to(dtype) for _ in range(3))
-            ra.adasplash_func(q, k, v, alpha=alpha)
+    # both schedules as forwards alone (nothing requires grad: the output kernel without the
+    # backward's sums): the Newton schedule (one device's), and the histogram schedule (a ring's:
+    # histogram, fine histogram and Newton passes, the tau kernels)
+    for schedule, alphas in (("newton", (1.5, 1.3)), ("histogram", (1.5, 2.0, 1.3))):
+        os.environ["RING_ADASPLASH_SCHEDULE"] = schedule
+        for dtype in (torch.bfloat16, torch.float32):
+            for alpha in (*alphas, torch.tensor([1.3, 1.7])):
+                q, k, v = (torch.randn(1, 130, 2, 64).to(dtype) for _ in range(3))
+                ra.adasplash_func(q, k, v, alpha=alpha)
     del os.environ["RING_ADASPLASH_SCHEDULE"]
-    # the Newton step between the passes of several key blocks (a ring), alpha per head
+    # the Newton step between the passes of several key blocks (a ring), one alpha and one per head
     from ring_adasplash.kernels import EntmaxSpec
     from ring_adasplash.kernels import stats as S
 
-    start = S.NewtonState.of(torch.zeros(1, 2, 130), torch.zeros(1, 2, 130), torch.ones(1, 2, 130),
-                             torch.zeros(1, 2, 130, dtype=torch.bool))
-    triton_backend.newton_step(start, torch.ones(1, 2, 130, 3, dtype=torch.float64), EntmaxSpec((1.3, 1.7)), 1e-6,
-                               1e-6)
+    for alpha in (1.3, (1.3, 1.7)):
+        start = S.NewtonState.of(torch.zeros(1, 2, 130), torch.zeros(1, 2, 130), torch.ones(1, 2, 130),
+                                 torch.zeros(1, 2, 130, dtype=torch.bool))
+        triton_backend.newton_step(start, torch.ones(1, 2, 130, 3, dtype=torch.float64), EntmaxSpec(alpha), 1e-6,
+                                   1e-6)
     # a learnable alpha: the dQ kernel's sums of dL/dalpha (their log is inline PTX on the GPU)
     q, k, v = (torch.randn(1, 130, 2, 64).to(torch.bfloat16).requires_grad_() for _ in range(3))
     ra.adasplash_func(q, k, v, alpha=torch.full((2,), 1.5, requires_grad=True)).float().sum().backward()

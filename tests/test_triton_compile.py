@@ -1,8 +1,8 @@
 """The Triton kernels compile for a Hopper GPU (sm_90) on a machine without one: every
-specialization a call launches (forward and backward; alpha 1.5, 2 and another; bf16 and fp32;
-a window, sinks and key padding), with the arguments of an interpreted run, compiled to a cubin by
-Triton's own ptxas (``offline_compile.py``). This checks what the interpreter does not: types,
-layouts and control flow as the compiler sees them."""
+specialization a call launches (forward and backward; alpha 1.5, 2, another and one per head;
+both schedules; bf16 and fp32; a window, sinks and key padding), with the arguments of an
+interpreted run, compiled to a cubin by Triton's own ptxas (``offline_compile.py``). This checks
+what the interpreter does not: types, layouts and control flow as the compiler sees them."""
 import os
 import subprocess
 import sys

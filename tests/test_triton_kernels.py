@@ -922,10 +922,11 @@ def test_interpreted_window_far_into_a_long_key_range(interpreted):
         assert _close(got, want), (name, _rel(got, want))
 
 
-@pytest.mark.parametrize("alpha", (1.25, 1.5))
+@pytest.mark.parametrize("alpha", (1.25, 1.5, (1.25, 1.7)), ids=("1.25", "1.5", "per head"))
 def test_newton_schedule_agrees_with_the_histogram_schedule(interpreted, alpha):
     """Both schedules through the interpreted Triton kernels, float32, causal, 2 heads of 300
-    tokens at three spreads: the same tau (to float32 rounding), output and tiles with p > 0."""
+    tokens at three spreads: the same tau (to float32 rounding), output and tiles with p > 0;
+    one alpha, or one per head (the kernels read it per head)."""
     for spread in (0.3, 1.0, 3.0):
         g = torch.Generator().manual_seed(int(spread * 10))
         q, k, v = (spread * torch.randn(1, 300, 2, 32, generator=g) for _ in range(3))
@@ -1247,9 +1248,10 @@ def test_gpu_alphas_per_head_in_one_launch(dtype, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.filterwarnings("error:ring_adasplash. CUDA graph capture")
 def test_gpu_per_head_alphas_run_as_a_cuda_graph(monkeypatch):
-    """A forward with a different alpha per head (one group of heads per value) is captured as a
-    CUDA graph at its second call, as a one-alpha forward is (its head indices are made on the
-    device once, not copied from the host in the capture), and the replays give the eager output."""
+    """A forward with a different alpha per head (three groups: the heads of 1.5, of 2, and the
+    others, whose kernels read alpha per head) is captured as a CUDA graph at its second call, as
+    a one-alpha forward is (its head indices and per-head constants are made on the device once,
+    not copied from the host in the capture), and the replays give the eager output."""
     monkeypatch.delenv("RING_ADASPLASH_BACKEND", raising=False)
     monkeypatch.setenv("RING_ADASPLASH_CUDA_GRAPHS", "on")
     q, k, v = _structured(1, 512, 4, 2, 64, torch.bfloat16, seed=7)
