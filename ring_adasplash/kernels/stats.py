@@ -81,9 +81,9 @@ class Relative(NamedTuple):
 
 def relative(score_max: torch.Tensor, tau_floor: torch.Tensor, scale_z: float | torch.Tensor) -> Relative:
     """``Relative`` from the merged score max and the tau floor (raw units) of the max pass
-    (``scale_z``: a float, or per head (H, 1), ``EntmaxSpec.scale_z_at``). The
-    floor's difference to the max is exact in float arithmetic wherever it matters (within a
-    factor two of each other), so z of the floor loses nothing to the size of the scores."""
+    (``scale_z``: a float, or per head (H, 1), ``EntmaxSpec.scale_z_at``). The floor's difference
+    to the max is exact in float arithmetic wherever it matters (within a factor two of each
+    other), so z of the floor loses nothing to the size of the scores."""
     has = torch.isfinite(score_max)
     shift = torch.where(has, score_max, torch.zeros_like(score_max))
     row_max = torch.where(has, torch.zeros_like(score_max), torch.full_like(score_max, float("-inf")))

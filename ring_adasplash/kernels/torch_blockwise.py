@@ -45,13 +45,16 @@ class _KeyTiles:
 
     def __init__(self, problem: Problem, tiles: BlockMask | None = None, nearest_first: bool = False,
                  raw: bool = False):
-        self.p, self.nearest_first, self.raw = problem, nearest_first, raw  # last key tile first: the max pass
+        self.p, self.nearest_first = problem, nearest_first  # last key tile first: the max pass
         self.active = None if tiles is None else tiles.tiles
         self.qh = _head_major_queries(problem.q, problem.heads_kv)
         self.rows = torch.arange(problem.seqlen_q, device=problem.vis.q_limit.device)[:, None]  # for ``vis.pairs``
-        if not raw:
+        if raw:
+            self.shift, self.scale = 0.0, 1.0
+        else:
             shift = torch.zeros(problem.rows) if problem.shift is None else problem.shift
             self.shift = shift.to(device=self.qh.device, dtype=self.qh.dtype)[..., None]
+            self.scale = problem.scale_z_at(self.shift)  # per head: (H, 1, 1)
 
     def rows_of_tiles(self, per_tile: torch.Tensor) -> torch.Tensor:
         """(..., nQ) -> (..., Sq): every row takes its query tile's value."""
@@ -73,8 +76,7 @@ class _KeyTiles:
             if not bool(allowed.any()):
                 continue
             kt = p.k[:, keys].to(self.qh.dtype).permute(0, 2, 3, 1)[:, :, None]  # (B, Hkv, 1, D, n)
-            scores = (self.qh @ kt).reshape(p.batch, p.heads, p.seqlen_q, -1)
-            z = scores if self.raw else (scores - self.shift) * p.scale_z_at(scores)
+            z = ((self.qh @ kt).reshape(p.batch, p.heads, p.seqlen_q, -1) - self.shift) * self.scale
             yield index, keys, z.masked_fill(~allowed, float("-inf"))
 
     def per_query_tile(self, rows: torch.Tensor, reduce: str) -> torch.Tensor:
