@@ -227,6 +227,49 @@ def test_nan_propagates_as_in_dense_attention():
     check_nan_propagation()
 
 
+def check_nan_keys_under_a_window(device="cpu", products_read_nan_as_zero=True):
+    """NaN rows under a sliding window with sinks and grouped key heads: dk and dv are NaN on
+    exactly the keys those rows see (the sinks and each row's window; not the keys between two
+    rows' windows). The PyTorch path reads a NaN as zero in its products
+    (``products_read_nan_as_zero``), so there the NaN keys are exactly those; the Triton kernels'
+    products of a tile may also spread it over the key tiles that a query tile holding such a row
+    reads, never further."""
+    seqlen, heads, heads_kv, window, sinks = 320, 4, 2, 20, 2
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, seqlen, h, 16, generator=g) for h in (heads, heads_kv, heads_kv))
+    nan_rows = {2: (40, 250), 1: (100,)}  # query head: rows (heads 2 and 3 share key head 1)
+    for head, rows in nan_rows.items():
+        q[0, list(rows), head, 0] = float("nan")
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    out = ra.adasplash_func(*leaves, causal=True, window_size=(window, 0), sink_tokens=sinks)
+    out.sum().backward()
+    visible = torch.zeros(seqlen, seqlen, dtype=torch.bool)
+    i, j = torch.arange(seqlen)[:, None], torch.arange(seqlen)[None, :]
+    visible = (j <= i) & ((j >= i - window) | (j < sinks))
+    bad_keys = torch.zeros(seqlen, heads_kv, dtype=torch.bool)
+    reach = torch.zeros(seqlen, heads_kv, dtype=torch.bool)  # keys of the key tiles the NaN rows' query tiles read
+    tile = 64
+    for head, rows in nan_rows.items():
+        for row in rows:
+            bad_keys[:, head // (heads // heads_kv)] |= visible[row]
+            first = row // tile * tile
+            seen = visible[first:first + tile].any(0)
+            reach[:, head // (heads // heads_kv)] |= _tiles_holding(seen[:, None], tile)[:, 0]
+    for grad in leaves[1].grad[0], leaves[2].grad[0]:
+        nan_keys = grad.isnan().any(-1).cpu()
+        assert not (bad_keys & ~grad.isnan().all(-1).cpu()).any()
+        if products_read_nan_as_zero:
+            assert torch.equal(nan_keys, bad_keys)
+        else:
+            assert not (nan_keys & ~(bad_keys | reach)).any()
+    # the keys between the windows of rows 40 and 250 (key tile 1) are finite
+    assert torch.isfinite(leaves[1].grad[0, 64:128, 1]).all() and torch.isfinite(leaves[2].grad[0, 64:128, 1]).all()
+
+
+def test_nan_keys_under_a_window_are_the_keys_seen():
+    check_nan_keys_under_a_window()
+
+
 @pytest.mark.parametrize("shapes", [((0, 16, 2, 16), (0, 16, 2, 16)), ((1, 16, 0, 16), (1, 16, 0, 16)),
                                     ((0, 16, 4, 16), (0, 8, 2, 16))])
 def test_empty_batch_or_heads_give_empty_results(shapes):
@@ -286,3 +329,4 @@ def test_gpu_flat_rows_sum_to_one(alpha, schedule):
 @pytest.mark.gpu
 def test_gpu_nan_propagates():
     check_nan_propagation("cuda")
+    check_nan_keys_under_a_window("cuda", products_read_nan_as_zero=False)

@@ -7,7 +7,7 @@ import torch
 from helpers import random_qkv, reference_with_grads, rel_err
 
 import ring_adasplash as ra
-from ring_adasplash.kernels.visibility import Visibility, causal_visibility
+from ring_adasplash.kernels.visibility import NO_LIMIT, Visibility, causal_visibility, keys_seen_by
 
 
 def _close(got, want) -> bool:
@@ -254,3 +254,25 @@ def test_return_stats():
     keep[1, :10] = False
     _, padded = ra.adasplash_func(q, k, v, key_padding_mask=keep, return_stats=True)
     assert torch.equal(padded.support[0], stats.support[0]) and torch.isinf(padded.tau[1, :, :10]).all()
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_keys_seen_by_is_the_dense_rule(group):
+    """``keys_seen_by`` (the keys that marked rows see, per key head) equals the dense visibility
+    matrix's answer on random rules: arbitrary document ids (negative ones too), windows, sinks,
+    rows whose window lies past their limit, marked rows from few to most."""
+    g = torch.Generator().manual_seed(group)
+    for trial in range(200):
+        seqlen_q, seqlen_k = (int(n) for n in torch.randint(1, 40, (2,), generator=g))
+        docs = int(torch.randint(1, 4, (1,), generator=g))
+        k_pos = torch.randint(0, 50, (seqlen_k,), generator=g).int()
+        q_first = torch.randint(-5, 50, (seqlen_q,), generator=g).int()
+        k_win_pos = k_pos.clone()
+        k_win_pos[torch.rand(seqlen_k, generator=g) < 0.2] = NO_LIMIT
+        vis = Visibility(torch.randint(-2, 55, (seqlen_q,), generator=g).int(),
+                         7 * torch.randint(-3, docs, (seqlen_q,), generator=g).int(), k_pos,
+                         7 * torch.randint(-3, docs, (seqlen_k,), generator=g).int(),
+                         None if trial % 3 == 0 else q_first, k_win_pos)
+        rows = torch.rand(2, 2 * group, seqlen_q, generator=g) < (0.1, 0.5, 0.9)[trial % 3]
+        want = (rows[..., None] & vis.dense()).any(2).view(2, 2, group, seqlen_k).any(2).transpose(1, 2)
+        assert torch.equal(keys_seen_by(rows, vis, 2), want), trial

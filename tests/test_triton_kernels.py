@@ -846,9 +846,10 @@ def test_interpreted_flat_rows_sum_to_one(interpreted, alpha):
 
 
 def test_interpreted_nan_propagates(interpreted):
-    from test_exactness import check_nan_propagation
+    from test_exactness import check_nan_keys_under_a_window, check_nan_propagation
 
     check_nan_propagation()
+    check_nan_keys_under_a_window(products_read_nan_as_zero=False)
 
 
 def test_interpreted_key_padding(interpreted):

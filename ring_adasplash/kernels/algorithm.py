@@ -44,7 +44,7 @@ from . import stats
 from .backend import Backend, OutputRequest, PartialOutput
 from .block_mask import BlockMask, packed_width
 from .entmax_spec import EntmaxSpec
-from .visibility import Visibility, keys_seen_by, tile_visible
+from .visibility import Visibility, tile_visible
 
 
 class KeyBlock(NamedTuple):
@@ -487,13 +487,10 @@ def entmax_backward(backend: Backend, q, grad_out, blocks: KeyBlocks, fwd: Forwa
     alpha_sums = None
     dq, delta = None, None  # the row term, computed with the first block's dq (one launch fewer)
     sweep = blocks.backward_sweep(_needed(blocks, fwd.block_masks))
-    nonfinite = torch.isnan(fwd.tau)
     for block in sweep:
         problem = backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale, fwd.shift)
-        # the keys a row with a non-finite score sees get NaN gradients, as in dense attention
-        nan_keys = keys_seen_by(nonfinite, block.vis, problem.heads_kv)
         grads = backend.backward_pass(problem, grad_out, fwd.tau, fwd.block_masks[block.index], delta, fwd.out_u,
-                                      fwd.u_sum, kv_grad_dtype, nan_keys, alpha_grad, q_grad_dtype)
+                                      fwd.u_sum, kv_grad_dtype, alpha_grad, q_grad_dtype)
         dq = grads.dq if dq is None else dq + grads.dq
         if alpha_grad:
             alpha_sums = grads.alpha_sums if alpha_sums is None else alpha_sums + grads.alpha_sums

@@ -227,9 +227,10 @@ class Backend(Protocol):
         what ``newton_schedule`` computed for the same request; only its open query tiles run."""
 
     def backward_pass(self, problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                      kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:
-        """Gradients through the ``tiles`` of one key block; dq is NaN on rows whose tau is NaN,
-        dk and dv on the keys ``nan_keys`` (B, Sk, Hkv) bool marks (those such rows see).
+                      kv_grad_dtype=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:
+        """Gradients through the ``tiles`` of one key block; dq is NaN on rows whose tau is NaN
+        (they see a score that is not finite), dk and dv on the keys such a row sees, as in dense
+        attention.
         ``delta`` None: computed from ``out_u`` and ``u_sum`` (the merged forward row terms).
         ``kv_grad_dtype``, ``q_grad_dtype``: the dtype of dk and dv, and of dq, where they are final
         (one key block); default float32. ``alpha_sums``: also the row sums the gradient with respect to alpha needs

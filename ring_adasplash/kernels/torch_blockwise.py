@@ -15,7 +15,7 @@ from . import stats
 from .backend import Gradients, Maxima, OutputRequest, OutputSums, PartialOutput, Problem
 from .block_mask import BlockMask
 from .entmax_spec import EntmaxSpec
-from .visibility import Visibility, key_tile_span
+from .visibility import Visibility, key_tile_span, keys_seen_by
 
 NAME = "torch"
 BLOCK_M = 64  # query rows per tile of the block mask
@@ -377,10 +377,10 @@ def row_delta(grad_out, out_u, u_sum):
 
 
 def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                  kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:
+                  kv_grad_dtype=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:
     """Gradients through the ``tiles`` of one key block (``backend.Gradients``; float32, float64
     for float64 inputs, dk and dv in ``kv_grad_dtype`` and dq in ``q_grad_dtype`` where given); dq
-    is NaN on rows whose tau is NaN, dk and dv on the keys ``nan_keys`` (B, Sk, Hkv) marks.
+    is NaN on rows whose tau is NaN, dk and dv on the keys such a row sees (``keys_seen_by``).
 
     ``delta`` (B, Hq, Sq) = (grad_out . out_u) / u_sum, from the merged forward row terms; None:
     computed here from ``out_u`` and ``u_sum`` (``row_delta``). With ``g = grad_out . v`` the
@@ -416,8 +416,8 @@ def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None,
         dk[:, keys] += p.softmax_scale * (ds.transpose(-1, -2) @ qh).sum(2).permute(0, 2, 1, 3)
         dv[:, keys] += (prob.transpose(-1, -2) @ do_h).sum(2).permute(0, 2, 1, 3)
     dq = _nan_rows(dq.reshape(p.batch, p.heads, p.seqlen_q, -1).permute(0, 2, 1, 3), tau)
-    if nan_keys is not None:
-        dk, dv = (x.masked_fill(nan_keys[..., None], float("nan")) for x in (dk, dv))
+    nan_keys = keys_seen_by(torch.isnan(tau), p.vis, p.heads_kv)
+    dk, dv = (x.masked_fill(nan_keys[..., None], float("nan")) for x in (dk, dv))
     if alpha_sums:
         sums = torch.where(torch.isnan(tau), float("nan"), sums.reshape(p.rows))
     return Gradients(dq.to(q_grad_dtype or dtype), dk.to(kv_grad_dtype or dtype), dv.to(kv_grad_dtype or dtype),

@@ -530,30 +530,42 @@ def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=No
     return dq
 
 
-def _dkdv(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, dtype, nan_keys=None) -> tuple:
-    """dk and dv (B, Sk, Hkv, D) in ``dtype`` (``triton_backward.dkdv_kernel``: float32 sums, one
-    cast at the store), NaN on the keys ``nan_keys`` (B, Sk, Hkv) bool marks."""
+def _nan_keys(problem: TritonProblem, tau) -> torch.Tensor:
+    """(B, Sk, Hkv) int8: 1 at the keys that a row whose ``tau`` (per row) is NaN sees
+    (``triton_backward.nan_keys_kernel``)."""
     p = problem
-    if nan_keys is None:
-        nan_keys = torch.zeros(p.batch, p.seqlen_k, p.heads_kv, device=p.k.device, dtype=torch.bool)
+    nan_keys = torch.zeros(p.batch, p.seqlen_k, p.heads_kv, device=p.k.device, dtype=torch.int8)
+    launch(triton_backward.nan_keys_kernel, p.query_grid)(
+        Tau=tau, **p.visibility, K_tile_lo=p.ranges["K_tile_lo"], K_tile_hi=p.ranges["K_tile_hi"], Nan_keys=nan_keys,
+        seqlen_q=p.seqlen_q, seqlen_k=p.seqlen_k, num_heads=p.heads, num_heads_kv=p.heads_kv, GROUP=p.group,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    return nan_keys
+
+
+def _dkdv(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, dtype) -> tuple:
+    """dk and dv (B, Sk, Hkv, D) in ``dtype`` (``triton_backward.dkdv_kernel``: float32 sums, one
+    cast at the store), NaN on the keys that a row whose tau is NaN sees (``_nan_keys``)."""
+    p = problem
     dk = torch.empty(p.k.shape, device=p.k.device, dtype=dtype)
     dv = torch.empty(p.v.shape, device=p.v.device, dtype=dtype)
     counts_t, index_t = tiles.query_tile_lists()
     launch(triton_backward.dkdv_kernel, (p.num_k_tiles, p.batch * p.heads_kv))(
         **p.queries, **p.query_ranges, V=p.v, DO=grad_out,
         Tile_count=counts_t, Tile_index=index_t, list_width=index_t.shape[-1], Shift=p.shift_rows, Tau=tau,
-        Delta=delta, Nan_keys=nan_keys.to(torch.int8).contiguous(), DK=dk, DV=dv,
+        Delta=delta, Nan_keys=_nan_keys(p, tau), DK=dk, DV=dv,
         **_strides("v", p.v), **_strides("do", grad_out), **_strides("dk", dk), num_heads_kv=p.heads_kv,
         num_q_tiles=p.num_q_tiles, softmax_scale=float(p.softmax_scale), **p.weights, **p.config("dkdv", grad_out))
     return dk, dv
 
 
 def backward_pass(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                  kv_grad_dtype=None, nan_keys=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:
+                  kv_grad_dtype=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:
     """dq (B, Sq, Hq, D) in ``q_grad_dtype``, dk and dv (B, Sk, Hkv, D) in ``kv_grad_dtype`` (default
     float32), and delta (B, Hq, Sq), through ``tiles``. ``delta`` None: the dQ kernel computes it
     from ``out_u`` and ``u_sum`` (``torch_blockwise.row_delta``) for its rows, before the dK/dV
-    kernel reads it. ``alpha_sums``: the dQ kernel also sums ``Gradients.alpha_sums``."""
+    kernel reads it. ``alpha_sums``: the dQ kernel also sums ``Gradients.alpha_sums``. The keys
+    that rows whose tau is NaN see get NaN dk and dv (``_nan_keys``: a memset and a launch
+    whether or not such a row exists; no host sync)."""
     grad_out = grad_out.to(problem.q.dtype)
     tau = problem.per_row(tau)
     tiles.query_tile_lists()  # both directions of the tile lists from one launch
@@ -565,7 +577,7 @@ def backward_pass(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta
     else:
         delta = problem.per_row(delta)
         dq = _dq(problem, grad_out, tau, tiles, delta, alpha_sums=sums, dtype=q_grad_dtype or torch.float32)
-    dk, dv = _dkdv(problem, grad_out, tau, tiles, delta, kv_grad_dtype or torch.float32, nan_keys)
+    dk, dv = _dkdv(problem, grad_out, tau, tiles, delta, kv_grad_dtype or torch.float32)
     return Gradients(dq, dk, dv, delta, sums)
 
 

@@ -4,7 +4,9 @@ With ``gap = (z - tau)_+`` (z relative to the row's score max, ``Shift``), ``p =
 ``u = gap^(gamma - 1)``, ``g = dO . v`` and the row term ``delta``:
 ds = u (g - delta),  dq = scale ds k,  dk = scale ds^T q,  dv = p^T dO.
 Rows whose tau is NaN (they see a score that is not finite) get NaN dq, and the keys they see
-(``Nan_keys``) NaN dk and dv, as in dense attention.
+NaN dk and dv, as in dense attention: ``nan_keys_kernel`` marks those keys in ``Nan_keys`` (a
+program with such a row walks its span of key tiles; the others read their tau and stop) and the
+dK/dV kernel reads the marks.
 
 ``dkdv_kernel``: one program per (key tile, batch x key head); it loops over the GROUP query heads
 that share the key head and, for each, over the query tiles listed as nonzero for this key tile.
@@ -19,7 +21,7 @@ import math
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, approx_log2, at_head, dot, entmax_weights, first_slot_at_least, hide_invisible,
+from .triton_common import (ADD, MAX, approx_log2, at_head, dot, entmax_weights, first_slot_at_least, hide_invisible,
                             key_positions, list_slot, list_slots, listed_query_tile, listed_tile, listed_tiles,
                             load_rows, logits, of_query_head, offset_strides, positive_gap, program_tile,
                             query_positions, row_offsets, tile_ptrs, visible)
@@ -157,6 +159,31 @@ def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, fu
             alpha_sum += tl.reduce(tl.where(on, ds * gap * (1.0 - log_gap), 0.0), 1, ADD)
         dq += dot(ds.to(q.dtype), k, PRECISION)
     return dq, alpha_sum
+
+
+@triton.jit
+def nan_keys_kernel(Tau, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_tile_lo, K_tile_hi, Nan_keys,
+                    seqlen_q, seqlen_k, num_heads, num_heads_kv,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sets ``Nan_keys`` (B, Sk, Hkv) int8, zeros, to 1 at the keys that a row whose tau is NaN
+    sees (their dk and dv are NaN, as in dense attention). One program per (query tile, batch x
+    query head): it reads the tile's tau, and only where a row's is NaN (rare) walks the tile's
+    span of key tiles [K_tile_lo, K_tile_hi). A kernel of its own: in the dQ kernel the rare walk
+    cost instructions in its main loops."""
+    tile_q, bh, b, h, offs_m, in_q = program_tile(num_heads, seqlen_q, BLOCK_M)
+    nan_row = tl.load(Tau + row_offsets(bh, seqlen_q, offs_m), mask=in_q, other=0.0)
+    nan_row = nan_row != nan_row
+    if tl.reduce(nan_row.to(tl.int32), 0, MAX) > 0:
+        q_limit, q_doc, q_first = query_positions(Q_limit, Q_doc, Q_first, offs_m, in_q)
+        for tile_k in range(tl.load(K_tile_lo + tile_q), tl.load(K_tile_hi + tile_q)):
+            offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
+            in_k = offs_n < seqlen_k
+            k_pos, k_doc, k_win_pos = key_positions(K_pos, K_doc, K_win_pos, offs_n, in_k)
+            pairs = visible(q_limit[:, None], q_doc[:, None], q_first[:, None], nan_row[:, None], k_pos[None, :],
+                            k_doc[None, :], k_win_pos[None, :], in_k[None, :])
+            seen = tl.reduce(pairs.to(tl.int32), 0, MAX) > 0
+            tl.store(Nan_keys + (b * seqlen_k + offs_n).to(tl.int64) * num_heads_kv + h // GROUP,
+                     tl.full([BLOCK_N], 1, tl.int8), mask=seen)
 
 
 @triton.jit

@@ -250,21 +250,30 @@ def key_tile_span(vis: Visibility, block_m: int, block_n: int):
 
 def keys_seen_by(rows: torch.Tensor, vis: Visibility, heads_kv: int) -> torch.Tensor:
     """(B, Sk, Hkv) bool: the keys that at least one of ``rows`` (B, Hq, Sq) bool sees (a key head
-    through any query head of its group). O(Sq + Sk) per head, any documents: per document, the
-    largest ``q_limit`` among the rows decides. Document ids are arbitrary integers, so each goes
-    to the slot of its first place in the sorted ids of both sides. Under a window, the keys
-    between two such rows' windows are marked too."""
-    batch, heads, _ = rows.shape
+    through any query head of its group), exactly, with no (Sq, Sk) matrix. Key j is seen when
+    some marked row r of its document has ``q_first[r] <= k_win_pos[j]`` and ``q_limit[r] >=
+    k_pos[j]``: with the rows sorted by (document, q_first), the rows of j's document that pass
+    the first test are a run ending at a binary search for j, and the running max of their
+    ``q_limit`` decides the second. Document ids are arbitrary integers, so each goes to the slot
+    of its first place in the sorted ids of both sides. (The PyTorch backend's; the Triton dQ
+    kernel marks these keys itself.)"""
     docs = torch.cat([vis.q_doc, vis.k_doc]).sort().values
-    q_slot = torch.searchsorted(docs, vis.q_doc.contiguous()).expand_as(rows)
-    k_slot = torch.searchsorted(docs, vis.k_doc.contiguous())
-    never = 2**40
-    limits = torch.where(rows, vis.q_limit.to(torch.int64), -never)
-    firsts = torch.where(rows, vis.q_first.to(torch.int64), never)
-    reach = torch.full((batch, heads, docs.numel()), -never, dtype=torch.int64, device=rows.device)
-    reach = reach.scatter_reduce(-1, q_slot, limits, "amax")
-    start = torch.full((batch, heads, docs.numel()), never, dtype=torch.int64, device=rows.device)
-    start = start.scatter_reduce(-1, q_slot, firsts, "amin")
-    # (B, Hq, Sk); under a window, the keys between the rows' windows too (a superset)
-    seen = (reach[..., k_slot] >= vis.k_pos.to(torch.int64)) & (start[..., k_slot] <= vis.k_win_pos.to(torch.int64))
+    q_slot = torch.searchsorted(docs, vis.q_doc.contiguous()).to(torch.int64)
+    k_slot = torch.searchsorted(docs, vis.k_doc.contiguous()).to(torch.int64)
+    # (slot, value) in one int64: positions lie within +-2^30, so value + 2^31 fits in 32 bits
+    slot_bits, offset = 32, 2**31
+
+    def encode(slot, value):
+        return (slot << slot_bits) + (value.to(torch.int64) + offset)
+
+    order = encode(q_slot, vis.q_first).expand_as(rows).sort(-1)
+    # unmarked rows keep their place but the lowest limit, which no key position reaches
+    limits = torch.where(rows, vis.q_limit.to(torch.int64), -offset).gather(-1, order.indices)
+    reach = encode(q_slot[order.indices], limits).cummax(-1).values
+    key = encode(k_slot, vis.k_win_pos).expand(*rows.shape[:2], -1).contiguous()
+    last = torch.searchsorted(order.values.contiguous(), key, right=True) - 1
+    found = reach.gather(-1, last.clamp(min=0))
+    seen = ((last >= 0) & (found >> slot_bits == k_slot)
+            & ((found & (2**slot_bits - 1)) - offset >= vis.k_pos.to(torch.int64)))
+    batch, heads = rows.shape[:2]
     return seen.view(batch, heads_kv, heads // heads_kv, -1).any(2).transpose(1, 2)
