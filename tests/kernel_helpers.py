@@ -32,7 +32,7 @@ def statistics_pass(backend, q, k, vis, scale_z: float, score_max=None):
     maxima = backend.max_pass(raw, tau_floor=no_floor(raw))
     rel = S.relative(maxima.score_max if score_max is None else score_max, maxima.tau_floor, scale_z)
     shifted = problem(backend, q, k, vis, scale_z, shift=rel.shift)
-    codes = S.encode_gaps(maxima.tile_gap)
+    codes = maxima.gap_codes
     tiles = shifted.block_mask(S.histogram_mask(codes))
     hist, codes = backend.histogram_pass(shifted, rel.row_max, None, codes, tiles)
     return S.RowStats(rel.row_max, hist), codes, rel

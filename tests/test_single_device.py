@@ -154,8 +154,8 @@ def test_tau_floor_narrows_the_histogram():
     q, k, v = _position_coded_qkv(seqlen, dim)
     vis = causal_visibility(seqlen, seqlen, True, "cpu")
     prob = problem(tb, q, k, vis, 0.5 * dim ** -0.5)
-    by_max = S.histogram_mask(S.encode_gaps(tb.max_pass(prob, tau_floor=no_floor(prob)).tile_gap))  # no floor
-    by_floor = S.histogram_mask(S.encode_gaps(tb.max_pass(prob).tile_gap))
+    by_max = S.histogram_mask(tb.max_pass(prob, tau_floor=no_floor(prob)).gap_codes)  # no floor
+    by_floor = S.histogram_mask(tb.max_pass(prob).gap_codes)
     assert not (by_floor & ~by_max).any() and by_floor.sum() < 0.9 * by_max.sum()
     fwd = entmax_forward(tb, q, SingleBlock(k, v, vis), EntmaxSpec(1.5), dim ** -0.5)
     _, tau = entmax_attention_reference(q, k, v, 1.5, True, return_tau=True)
@@ -170,7 +170,7 @@ def test_histogram_above_the_tau_floor_is_complete():
     scale_z = 0.5 * 64 ** -0.5
     maxima = tb.max_pass(problem(tb, q, k, vis, scale_z))
     row_max, tau_floor = S.relative(maxima.score_max, maxima.tau_floor, scale_z)[1:3]
-    prob, codes = problem(tb, q, k, vis, scale_z, shift=maxima.score_max), S.encode_gaps(maxima.tile_gap)
+    prob, codes = problem(tb, q, k, vis, scale_z, shift=maxima.score_max), maxima.gap_codes
     every = codes != S.GAP_NONE
     full, _ = tb.histogram_pass(prob, row_max, None, codes, prob.block_mask(every))
     cut, _ = tb.histogram_pass(prob, row_max, tau_floor, codes, prob.block_mask(S.histogram_mask(codes)))

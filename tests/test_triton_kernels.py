@@ -29,6 +29,7 @@ from ring_adasplash import adasplash_func, adasplash_varlen_func  # noqa: E402
 from ring_adasplash.kernels import EntmaxSpec  # noqa: E402
 from ring_adasplash.kernels import algorithm as A  # noqa: E402
 from ring_adasplash.kernels import stats as S  # noqa: E402
+from ring_adasplash.kernels import triton_maxima  # noqa: E402
 from ring_adasplash.kernels import torch_blockwise as TB  # noqa: E402
 from ring_adasplash.kernels.visibility import causal_visibility, padded_visibility, varlen_visibility  # noqa: E402
 from ring_adasplash.reference import entmax_attention_reference  # noqa: E402
@@ -252,12 +253,61 @@ def test_max_pass_tau_floor_matches_spec(interpreted, shape, alpha):
     assert has.any()
     # the same Newton steps on logits equal to a few ulps
     torch.testing.assert_close(got.tau_floor[has], ref.tau_floor[has], rtol=1e-5, atol=1e-5)
-    assert torch.equal(torch.isfinite(got.tile_gap), torch.isfinite(ref.tile_gap))
-    seen = torch.isfinite(ref.tile_gap)
-    torch.testing.assert_close(got.tile_gap[seen], ref.tile_gap[seen], rtol=1e-5, atol=1e-5)
+    # the gaps' codes: the same tiles seen; the float gaps agree to rounding, so a code differs
+    # only where a gap lies on the edge between two
+    assert torch.equal(got.gap_codes == S.GAP_NONE, ref.gap_codes == S.GAP_NONE)
+    assert (ref.gap_codes != S.GAP_NONE).any() and (ref.gap_codes > S.GAP_ZERO).any()
+    for codes in (got.gap_codes, interpreted.max_pass(got_problem, tau_floor=ref.tau_floor).gap_codes):
+        step = (codes.int() - ref.gap_codes.int()).abs()
+        assert step.max() <= 1 and (step > 0).float().mean() <= 0.02
     given = interpreted.max_pass(got_problem, score_max=None, tau_floor=ref.tau_floor)
     assert torch.equal(given.tau_floor, ref.tau_floor)
-    torch.testing.assert_close(given.tile_gap[seen], ref.tile_gap[seen], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [1.5, (1.5, 2.0, 1.3)])
+def test_relative_kernel_is_stats_relative(interpreted, alpha):
+    """``relative`` of the Triton backend (one launch) equals ``stats.relative`` bit for bit, with
+    one alpha and one per head: rows with a finite max and floor, rows with no visible key (-inf),
+    rows that see a non-finite score (+inf), rows whose floor is -inf, large offsets."""
+    g = torch.Generator().manual_seed(3)
+    heads = 1 if isinstance(alpha, float) else len(alpha)
+    score_max = 30 * torch.randn(2, heads, 1500, generator=g)
+    tau_floor = score_max - 3 * torch.rand(score_max.shape, generator=g)
+    score_max[..., :5] = float("-inf")
+    score_max[..., 5:9] = float("inf")
+    tau_floor[..., 9:15] = float("-inf")
+    score_max[..., 15:20] += 1e4
+    tau_floor[..., 15:20] += 1e4
+    spec = EntmaxSpec(alpha)
+    got = interpreted.relative(score_max, tau_floor, spec, 0.125)
+    want = S.relative(score_max, tau_floor, spec.scale_z_at(0.125, score_max))
+    for name, a, b in zip(S.Relative._fields, got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert want.nonfinite.any() and want.empty.any() and torch.isfinite(want.tau_floor).any()
+
+
+def test_gap_code_is_encode_gaps(interpreted):
+    """The max kernel's code of a gap (``triton_maxima.gap_code``) is ``stats.encode_gaps``'s: at
+    -inf, NaN and +-inf, far outside the edges, on every edge (as float32 holds it), at every
+    midpoint between two edges and 3e-4 of a step to either side of every edge (the kernel counts
+    a gap within 1e-4 of a step above an edge as on it; the codes' rounding allowance is 1e-3)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit  # decorated here, under the interpreter; triton_maxima, reloaded in place, is a global
+    def codes_kernel(Gap, Code, GAP_LOW: tl.constexpr, GAP_STEP: tl.constexpr, EDGE_SLACK: tl.constexpr,
+                     N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Code + offs, triton_maxima.gap_code(tl.load(Gap + offs), GAP_LOW, GAP_STEP, EDGE_SLACK))
+
+    edges = S.GAP_LOW + S.GAP_STEP * torch.arange(254, dtype=torch.float64)
+    gaps = torch.cat([torch.tensor([float("-inf"), float("nan"), float("inf"), -50.0, 50.0, 0.0, S.GAP_LOW - 1]),
+                      edges, edges[:-1] + S.GAP_STEP / 2, edges - 3e-4 * S.GAP_STEP, edges + 3e-4 * S.GAP_STEP]).float()
+    gaps[7:7 + 254] = torch.linspace(S.GAP_LOW, S.GAP_HIGH, 254)  # the edges as encode_gaps takes them
+    padded = torch.cat([gaps, gaps.new_full((1024 - gaps.numel(),), float("-inf"))])
+    codes = torch.empty(1024, dtype=torch.uint8)
+    codes_kernel[(1,)](padded, codes, S.GAP_LOW, S.GAP_STEP, 0.1 * S.GAP_ROUNDING, 1024)
+    assert torch.equal(codes[:gaps.numel()], S.encode_gaps(gaps))
 
 
 def test_stats_pass_zero_tiles(interpreted):

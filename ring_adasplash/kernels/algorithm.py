@@ -167,8 +167,8 @@ def _maxima(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, 
             softmax_scale: float):
     """Step 1 on every block: the row's score max (global after ``reduce``) and tau floor (of the
     first block: one's own keys, the diagonal under causal), as ``stats.Relative``, and per block
-    the tile gaps as one byte per tile (``stats.encode_gaps``) and a ``BlockMask`` of the visible
-    tiles."""
+    the tile gaps' codes, one byte per tile (``stats.encode_gaps``), and a ``BlockMask`` of the
+    visible tiles."""
     score_max = tau_floor = None
     gap_codes, visible = {}, {}
     # tiles no query sees (outside every window, other documents) need not travel, even here
@@ -176,14 +176,11 @@ def _maxima(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, 
     for block in blocks.sweep(with_values=False, needed=needed, pass_name="max"):
         problem = problems(block)
         # the running max carries over from block to block: gaps of later blocks come out tighter
-        score_max, tau_floor, tile_gap = backend.max_pass(problem, score_max, tau_floor)
-        # one byte per tile from here on (the float gaps of one block at a time)
-        gap_codes[block.index] = stats.encode_gaps(tile_gap)
-        del tile_gap
+        score_max, tau_floor, gap_codes[block.index] = backend.max_pass(problem, score_max, tau_floor)
         has_pairs = gap_codes[block.index] != stats.GAP_NONE
         visible[block.index] = problem.block_mask(has_pairs, visible=has_pairs.flatten(0, -3).any(0))
     score_max = reduce.row_max(score_max)
-    return stats.relative(score_max, tau_floor, spec.scale_z_at(softmax_scale, score_max)), gap_codes, visible
+    return backend.relative(score_max, tau_floor, spec, softmax_scale), gap_codes, visible
 
 
 def _histogram(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, row_max, tau_floor, gap_codes,
@@ -263,11 +260,11 @@ def _polished_tau(backend: Backend, problems, blocks, reduce, spec, bracket, tau
     return _newton_steps(backend, problems, blocks, reduce, spec, tiles, start, stats.POLISH_STEPS, rows=~exact)
 
 
-def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, reference, empty, gap_codes, visible,
+def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel: stats.Relative, gap_codes, visible,
                          dtype, output: OutputRequest | None = None):
-    """tau by Newton steps alone, from the max pass's lower bound ``reference`` (``gap_reference``;
-    ``empty``: the rows with no visible key): ``stats.newton_step`` on exact sums over the tiles
-    that reach above it (``newton_moments_pass``), until every row is done or
+    """tau by Newton steps alone, from the max pass's lower bound ``rel.reference``
+    (``gap_reference``; ``rel.empty``: the rows with no visible key): ``stats.newton_step`` on
+    exact sums over the tiles that reach above it (``newton_moments_pass``), until every row is done or
     ``stats.NEWTON_SCHEDULE_STEPS``. Each pass is a Q.K^T sweep of its tiles with two row sums
     (no bins, no atomics), and rows converge quadratically, so a handful of passes replace the
     histogram passes, whose per-key bin work costs several sweeps where many tiles are active.
@@ -276,7 +273,7 @@ def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel, 
     Returns tau (float64, +inf on empty rows), per block the tiles that may hold p > 0 (what the
     last pass to read each query tile found) and the ``backend.PartialOutput`` that
     ``backend.newton_schedule`` made for ``output`` with one key block, else None."""
-    block_m = backend.BLOCK_M
+    block_m, reference, empty = backend.BLOCK_M, rel.reference, rel.empty
     tiles = [visible[i].with_tiles(backend.lower_bound_mask(gap_codes[i], reference, reference, empty))
              for i in range(blocks.num_blocks)]
     tolerances = stats.NEWTON_TOLERANCE[dtype], stats.NEWTON_STEP_TOLERANCE[dtype]
@@ -364,15 +361,14 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
     def problems(block: KeyBlock):
         return backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale, rel.shift)
 
-    reference = stats.gap_reference(rel.row_max, rel.tau_floor)
+    reference = rel.reference
     if schedule == "newton":
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         output = OutputRequest(backward_sums, out_dtype) if _one_block(blocks, reduce) else None
-        empty = torch.isneginf(rel.row_max)  # 0 or -inf (stats.Relative)
-        tau, read, partial = _newton_schedule_tau(backend, problems, blocks, reduce, spec, rel, reference, empty,
-                                                  gap_codes, visible, dtype, output)
+        tau, read, partial = _newton_schedule_tau(backend, problems, blocks, reduce, spec, rel, gap_codes, visible,
+                                                  dtype, output)
         candidates = [r.with_tiles(r.tiles & backend.lower_bound_mask(gap_codes[i], tau.to(reference.dtype), reference,
-                                                                       empty)) for i, r in enumerate(read)]
+                                                                       rel.empty)) for i, r in enumerate(read)]
         held = _tile_state(gap_codes, visible.values(), read, candidates)
         del gap_codes, read  # freed before the output pass: the candidates are all it needs
         return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums,

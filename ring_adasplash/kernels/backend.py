@@ -98,14 +98,15 @@ class Maxima(NamedTuple):
     diagonal and the tile before it), less ``stats.FLOOR_MARGIN`` in z and two float ulps of their
     max: tau only grows as keys are added, since each adds to ``sum (z - t)_+^gamma``. -inf where
     those tiles hold no visible key of the row.
-    ``tile_gap``: (B, H, nQ, nK) per tile, in z: max over its rows of (the row's largest z in the
-    tile - ``stats.gap_reference(running max, tau floor)`` just after the tile); -inf where the
-    tile has no visible pair.
+    ``gap_codes``: (B, H, nQ, nK) uint8 per tile, the one-byte code (``stats.encode_gaps``) of its
+    gap, in z: max over its rows of (the row's largest z in the tile -
+    ``stats.gap_reference(running max, tau floor)`` just after the tile); ``stats.GAP_NONE`` where
+    the tile has no visible pair.
     """
 
     score_max: torch.Tensor
     tau_floor: torch.Tensor
-    tile_gap: torch.Tensor
+    gap_codes: torch.Tensor
 
 
 class OutputSums(NamedTuple):
@@ -175,6 +176,10 @@ class Backend(Protocol):
         running score max from ``score_max`` (the max over earlier key blocks) or from -inf; the
         tau floor of this block unless ``tau_floor`` is given (every block after the first); tile
         gaps against ``stats.gap_reference`` of the two."""
+
+    def relative(self, score_max, tau_floor, spec: EntmaxSpec, softmax_scale: float):
+        """``stats.relative`` of the merged score max and the tau floor (the max pass's, raw), with
+        ``spec``'s scale of z."""
 
     def lower_bound_mask(self, gap_codes, lower, reference, empty) -> torch.Tensor:
         """``stats.lower_bound_mask`` with this backend's query tiles: (B, H, nQ, nK) bool, the tiles

@@ -71,12 +71,15 @@ class Relative(NamedTuple):
     a finite one, so no pass computes inf - inf). ``row_max``: z of the row max: 0, -inf on rows
     with no visible key or a non-finite score. ``tau_floor``: the tau floor in z. ``nonfinite``:
     rows that see a score that is not finite (their output is NaN; the statistics treat them as
-    empty)."""
+    empty). ``reference``: ``gap_reference(row_max, tau_floor)``, the lower bound of tau that the
+    tile gaps are measured against. ``empty``: the rows whose ``row_max`` is -inf."""
 
     shift: torch.Tensor
     row_max: torch.Tensor
     tau_floor: torch.Tensor
     nonfinite: torch.Tensor
+    reference: torch.Tensor
+    empty: torch.Tensor
 
 
 def relative(score_max: torch.Tensor, tau_floor: torch.Tensor, scale_z: float | torch.Tensor) -> Relative:
@@ -88,7 +91,7 @@ def relative(score_max: torch.Tensor, tau_floor: torch.Tensor, scale_z: float | 
     shift = torch.where(has, score_max, torch.zeros_like(score_max))
     row_max = torch.where(has, torch.zeros_like(score_max), torch.full_like(score_max, float("-inf")))
     floor = torch.where(has, scale_z * (tau_floor.to(score_max.dtype) - shift), row_max)
-    return Relative(shift, row_max, floor, score_max == float("inf"))
+    return Relative(shift, row_max, floor, score_max == float("inf"), gap_reference(row_max, floor), ~has)
 
 
 @dataclass

@@ -120,6 +120,11 @@ def nearest_tau_floor(problem: Problem) -> torch.Tensor:
     return torch.where(has, floor, torch.full_like(t, float("-inf")))
 
 
+def relative(score_max, tau_floor, spec: EntmaxSpec, softmax_scale: float) -> stats.Relative:
+    """``stats.relative`` with ``spec``'s scale of z."""
+    return stats.relative(score_max, tau_floor, spec.scale_z_at(softmax_scale, score_max))
+
+
 def lower_bound_mask(gap_codes, lower, reference, empty) -> torch.Tensor:
     """``stats.lower_bound_mask`` with query tiles of ``BLOCK_M`` rows."""
     return stats.lower_bound_mask(gap_codes, lower, reference, empty, BLOCK_M)
@@ -156,7 +161,7 @@ def max_pass(problem: Problem, score_max=None, tau_floor=None) -> Maxima:
         gap = torch.where(torch.isfinite(row_tile_max) & torch.isfinite(running), gap, float("-inf"))
         tile_gap[..., index] = tiles.per_query_tile(gap, "max")
     running = torch.where(torch.isnan(running), float("inf"), running)
-    return Maxima(running, tau_floor, tile_gap)
+    return Maxima(running, tau_floor, stats.encode_gaps(tile_gap))
 
 
 def histogram_pass(problem: Problem, row_max, tau_floor, gap_codes, tiles: BlockMask):

@@ -303,6 +303,26 @@ def _tau_floor(problem: TritonProblem) -> torch.Tensor:
     return floor
 
 
+RELATIVE_BLOCK = 1024  # rows per program of ``triton_maxima.relative_kernel``
+ENCODE_BLOCK = 4096  # tiles per program of ``triton_maxima.encode_gaps_kernel``
+
+
+def relative(score_max, tau_floor, spec: EntmaxSpec, softmax_scale: float) -> S.Relative:
+    """``stats.relative`` (float32) in one launch (``triton_maxima.relative_kernel``), where
+    PyTorch takes some fifteen."""
+    score_max, tau_floor = (x.to(torch.float32).contiguous() for x in (score_max, tau_floor))
+    shift, row_max, floor, reference = (torch.empty_like(score_max) for _ in range(4))
+    nonfinite, empty = (torch.empty(score_max.shape, device=score_max.device, dtype=torch.bool) for _ in range(2))
+    constants = spec.kernel_constants(softmax_scale, score_max.device)
+    if score_max.numel():
+        launch(triton_maxima.relative_kernel, (triton.cdiv(score_max.numel(), RELATIVE_BLOCK),))(
+            Score_max=score_max, Tau_floor=tau_floor, Shift=shift, Row_max=row_max, Floor=floor, Reference=reference,
+            Nonfinite=nonfinite.view(torch.int8), Empty=empty.view(torch.int8), scale_z=constants["scale_z"],
+            num_rows=score_max.numel(), seqlen_q=score_max.shape[-1], num_heads=score_max.shape[1],
+            PER_HEAD=constants["PER_HEAD"], BLOCK=RELATIVE_BLOCK, num_warps=4)
+    return S.Relative(shift, row_max, floor, nonfinite, reference, empty)
+
+
 def lower_bound_mask(gap_codes, lower, reference, empty) -> torch.Tensor:
     """``stats.lower_bound_mask`` in one launch (``triton_tiles.lower_bound_mask``)."""
     return triton_tiles.lower_bound_mask(gap_codes, lower, reference, empty, BLOCK_M)
@@ -320,7 +340,13 @@ def max_pass(problem: TritonProblem, score_max=None, tau_floor=None) -> Maxima:
     launch(triton_maxima.max_kernel, problem.query_grid)(
         **problem.queries, **problem.ranges, Row_max=running, Tau_floor=floor, Tile_gap=tile_gap,
         num_k_tiles=problem.num_k_tiles, HAS_ROW_MAX=score_max is not None, **problem.config("max"))
-    return Maxima(running, floor, tile_gap)
+    # one byte per tile from here on (the float gaps of one block at a time)
+    gap_codes = torch.empty(problem.tiles, device=problem.q.device, dtype=torch.uint8)
+    if tile_gap.numel():
+        launch(triton_maxima.encode_gaps_kernel, (triton.cdiv(tile_gap.numel(), ENCODE_BLOCK),))(
+            Tile_gap=tile_gap, Gap_codes=gap_codes, num_tiles=tile_gap.numel(), GAP_LOW=S.GAP_LOW,
+            GAP_STEP=S.GAP_STEP, EDGE_SLACK=0.1 * S.GAP_ROUNDING, BLOCK=ENCODE_BLOCK, num_warps=4)
+    return Maxima(running, floor, gap_codes)
 
 
 def histogram_pass(problem: TritonProblem, row_max, tau_floor, gap_codes, tiles: BlockMask):

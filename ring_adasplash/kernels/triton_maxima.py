@@ -17,6 +17,11 @@ off the tiles whose keys only reach within one of the max.
 The coarse histogram is then taken by ``triton_histogram.histogram_kernel`` over only the tiles
 that reach the bin of some row's floor: with the final row max known there is nothing to shift,
 and the dense sweep stays a plain max (why: docs/design.md (kernel choices)).
+
+Two small kernels finish the pass, each one launch where PyTorch took several:
+``encode_gaps_kernel`` turns the float gaps into their one-byte codes (``stats.encode_gaps``),
+and ``relative_kernel``, after the score max is merged over key blocks, gives the rows' shift,
+max, floor and gap reference in z (``stats.relative``).
 """
 import triton
 import triton.language as tl
@@ -93,6 +98,18 @@ def tau_floor_kernel(
 
 
 @triton.jit
+def gap_code(gap, GAP_LOW: tl.constexpr, GAP_STEP: tl.constexpr, EDGE_SLACK: tl.constexpr):
+    """``stats.encode_gaps`` of one tile gap: 1 + the number of edges ``GAP_LOW + j GAP_STEP`` (j =
+    0 ... 253) below it; ``GAP_NONE`` (0) for -inf, 255 for NaN. A gap within ``EDGE_SLACK``
+    steps above an edge counts as on it, as bucketing against the float32 edges has it (the
+    diagonal tile's gap is often exactly 1.0, the last edge, where the float32 division lands a
+    little above); the codes' ``GAP_ROUNDING`` allows ten times that."""
+    below = tl.minimum(tl.maximum(tl.ceil((gap - GAP_LOW) / GAP_STEP - EDGE_SLACK), 0.0), 254.0)
+    code = tl.where(gap == float("-inf"), 0.0, tl.where(gap != gap, 255.0, below + 1.0))
+    return code.to(tl.uint8)
+
+
+@triton.jit
 def max_tiles(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, Tile_gap, tau_floor, m_i, first, end,
               stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               FULL: tl.constexpr, PRECISION: tl.constexpr):
@@ -164,3 +181,39 @@ def max_kernel(
     m_i = max_tiles(q, K, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, offs_m, Tile_gap, tau_floor, m_i, lo,
                     full_lo, stride_ks, stride_kd, seqlen_q, seqlen_k, scale_z, HEAD_DIM, BLOCK_N, False, PRECISION)
     tl.store(Row_max, tl.where(m_i == m_i, m_i, float("inf")), mask=in_q)
+
+
+@triton.jit
+def encode_gaps_kernel(Tile_gap, Gap_codes, num_tiles, GAP_LOW: tl.constexpr, GAP_STEP: tl.constexpr,
+                       EDGE_SLACK: tl.constexpr, BLOCK: tl.constexpr):
+    """``stats.encode_gaps`` of ``BLOCK`` of the max kernel's float tile gaps (``gap_code``). A
+    launch of its own: coding each gap inside the max kernel's loops added a tenth to their
+    instructions."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < num_tiles
+    gap = tl.load(Tile_gap + offs, mask=in_range, other=float("-inf"))
+    tl.store(Gap_codes + offs, gap_code(gap, GAP_LOW, GAP_STEP, EDGE_SLACK), mask=in_range)
+
+
+@triton.jit
+def relative_kernel(Score_max, Tau_floor, Shift, Row_max, Floor, Reference, Nonfinite, Empty, scale_z, num_rows,
+                    seqlen_q, num_heads, PER_HEAD: tl.constexpr, BLOCK: tl.constexpr):
+    """``stats.relative`` of ``BLOCK`` rows of (B, H, Sq): from the merged score max and the tau
+    floor (raw), the shift, the row max and the floor in z, the rows that see a non-finite score,
+    ``stats.gap_reference`` and the empty rows (bools as int8)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < num_rows
+    score_max = tl.load(Score_max + offs, mask=in_range, other=0.0)
+    tau_floor = tl.load(Tau_floor + offs, mask=in_range, other=0.0)
+    if PER_HEAD:
+        scale_z = tl.load(scale_z + (offs // seqlen_q) % num_heads, mask=in_range, other=0.0)
+    has = (score_max > float("-inf")) & (score_max < float("inf"))
+    shift = tl.where(has, score_max, 0.0)
+    row_max = tl.where(has, 0.0, float("-inf"))
+    floor = tl.where(has, scale_z * (tau_floor - shift), row_max)
+    tl.store(Shift + offs, shift, mask=in_range)
+    tl.store(Row_max + offs, row_max, mask=in_range)
+    tl.store(Floor + offs, floor, mask=in_range)
+    tl.store(Reference + offs, tl.maximum(floor, row_max - 1.0, propagate_nan=tl.PropagateNan.ALL), mask=in_range)
+    tl.store(Nonfinite + offs, (score_max == float("inf")).to(tl.int8), mask=in_range)
+    tl.store(Empty + offs, (~has).to(tl.int8), mask=in_range)
