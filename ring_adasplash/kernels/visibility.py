@@ -255,8 +255,8 @@ def keys_seen_by(rows: torch.Tensor, vis: Visibility, heads_kv: int) -> torch.Te
     k_pos[j]``: with the rows sorted by (document, q_first), the rows of j's document that pass
     the first test are a run ending at a binary search for j, and the running max of their
     ``q_limit`` decides the second. Document ids are arbitrary integers, so each goes to the slot
-    of its first place in the sorted ids of both sides. (The PyTorch backend's; the Triton dQ
-    kernel marks these keys itself.)"""
+    of its first place in the sorted ids of both sides. (The PyTorch backend's; the Triton
+    backend marks these keys in a kernel, ``triton_backward.nan_keys_kernel``.)"""
     docs = torch.cat([vis.q_doc, vis.k_doc]).sort().values
     q_slot = torch.searchsorted(docs, vis.q_doc.contiguous()).to(torch.int64)
     k_slot = torch.searchsorted(docs, vis.k_doc.contiguous()).to(torch.int64)
