@@ -62,7 +62,9 @@ def capture(args, path: str) -> None:
                make_qkv(args.family, 1, args.seqlen, args.heads, args.head_dim, args.amp, torch.bfloat16, "cpu"))
     with offline_compile.recorded_launches() as launched:
         head_alphas = common.head_alphas(args.head_alphas, args.alpha, args.heads)
-        out = ra.adasplash_func(q, k, v, alpha=args.alpha if head_alphas is None else torch.tensor(head_alphas))
+        # a per-head tensor is learnable, as in bench_kernels.py: the backward then sums dL/dalpha
+        alpha = args.alpha if head_alphas is None else torch.tensor(head_alphas, requires_grad=args.backward)
+        out = ra.adasplash_func(q, k, v, alpha=alpha)
         if args.backward:
             out.float().sum().backward()
     with open(path, "wb") as f:
@@ -121,7 +123,8 @@ def main():
     p.add_argument("--amp", type=float, default=1.0, help="input amplitude")
     p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha")
     p.add_argument("--head-alphas", default="none", help="none (alpha a float), same (a per-head tensor of "
-                                                         "--alpha) or LO:HI (per head, evenly spaced)")
+                                                         "--alpha) or LO:HI (per head, evenly spaced); "
+                                                         "learnable with --backward, as in bench_kernels.py")
     p.add_argument("--backward", action="store_true", help="the backward's kernels too (the forward then "
                                                             "keeps the backward's sums)")
     p.add_argument("--kernels", type=common.csv_list(str), default=[], help="kernel names to report (default: all)")

@@ -435,6 +435,21 @@ def approx_log2(x):
                                          pack=1)
 
 
+SMALLEST_NORMAL = tl.constexpr(1.1754943508222875e-38)  # of float32: 2^-126
+
+
+@triton.jit
+def approx_log2_of_normal(x):
+    """``approx_log2`` of float32 ``x >= SMALLEST_NORMAL`` (a normal number): one ``MUFU.LG2``
+    (``lg2.approx.ftz.f32``); without ``.ftz`` the compiler wraps each one in a test and a rescale
+    for denormal inputs, three more instructions an element. The interpreter takes ``tl.log2``."""
+    if INTERPRETED:
+        return tl.log2(x)
+    else:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
 # The largest gamma (alpha >= 1.25) whose powers take log2 from ``approx_log2``: an error e in the
 # log becomes gamma ln 2 e relative error in the power, under 1e-6 here for the gaps that carry the
 # mass (log2 of a few units), far below the 1e-5 the rows' sums are held to; gamma near 100 (alpha
