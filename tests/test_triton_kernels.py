@@ -264,8 +264,7 @@ def test_max_pass_tau_floor_matches_spec(interpreted, shape, alpha):
     assert torch.equal(given.tau_floor, ref.tau_floor)
 
 
-@pytest.mark.parametrize("alpha", [1.5, (1.5, 2.0, 1.3)])
-def test_relative_kernel_is_stats_relative(interpreted, alpha):
+def check_relative_kernel(backend, alpha, device="cpu"):
     """``relative`` of the Triton backend (one launch) equals ``stats.relative`` bit for bit, with
     one alpha and one per head: rows with a finite max and floor, rows with no visible key (-inf),
     rows that see a non-finite score (+inf), rows whose floor is -inf, large offsets."""
@@ -278,12 +277,18 @@ def test_relative_kernel_is_stats_relative(interpreted, alpha):
     tau_floor[..., 9:15] = float("-inf")
     score_max[..., 15:20] += 1e4
     tau_floor[..., 15:20] += 1e4
+    score_max, tau_floor = score_max.to(device), tau_floor.to(device)
     spec = EntmaxSpec(alpha)
-    got = interpreted.relative(score_max, tau_floor, spec, 0.125)
+    got = backend.relative(score_max, tau_floor, spec, 0.125)
     want = S.relative(score_max, tau_floor, spec.scale_z_at(0.125, score_max))
     for name, a, b in zip(S.Relative._fields, got, want):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert want.nonfinite.any() and want.empty.any() and torch.isfinite(want.tau_floor).any()
+
+
+@pytest.mark.parametrize("alpha", [1.5, (1.5, 2.0, 1.3)])
+def test_relative_kernel_is_stats_relative(interpreted, alpha):
+    check_relative_kernel(interpreted, alpha)
 
 
 def test_gap_code_is_encode_gaps(interpreted):
@@ -1287,6 +1292,14 @@ def _one_launch_case(device, dtype):
 
 def test_interpreted_alphas_per_head_in_one_launch(interpreted):
     _one_launch_case("cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("alpha", [1.5, (1.5, 2.0, 1.3)])
+def test_gpu_relative_kernel_is_stats_relative(alpha):
+    from ring_adasplash.kernels import triton_backend
+
+    check_relative_kernel(triton_backend, alpha, "cuda")
 
 
 @pytest.mark.gpu
