@@ -427,7 +427,8 @@ def approx_log2(x):
     error about 2^-22): ``tl.log2`` compiles to libdevice's correctly rounded log2, many
     instructions per element, which made the sums of dL/dalpha most of the dQ kernel's time
     (benchmarks/RESULTS.md). For terms where that error is far below the result's tolerance: the
-    alpha gradient, and powers of small exponent (``power_log2``). The interpreter takes ``tl.log2``."""
+    powers of small exponent (``power_log2``); the alpha gradient's sums take
+    ``approx_log2_of_normal``. The interpreter takes ``tl.log2``."""
     if INTERPRETED:
         return tl.log2(x)
     else:
