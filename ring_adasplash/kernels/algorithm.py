@@ -367,8 +367,9 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
         output = OutputRequest(backward_sums, out_dtype) if _one_block(blocks, reduce) else None
         tau, read, partial = _newton_schedule_tau(backend, problems, blocks, reduce, spec, rel, gap_codes, visible,
                                                   dtype, output)
-        candidates = [r.with_tiles(r.tiles & backend.lower_bound_mask(gap_codes[i], tau.to(reference.dtype), reference,
-                                                                       rel.empty)) for i, r in enumerate(read)]
+        tau = tau.to(reference.dtype)  # what the masks and the output pass read: one cast
+        candidates = [r.with_tiles(r.tiles & backend.lower_bound_mask(gap_codes[i], tau, reference, rel.empty))
+                      for i, r in enumerate(read)]
         held = _tile_state(gap_codes, visible.values(), read, candidates)
         del gap_codes, read  # freed before the output pass: the candidates are all it needs
         return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums,

@@ -508,4 +508,4 @@ def newton_step(state: NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tolera
 
 def finalize_tau(tau: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     """tau (float64), +inf on rows with no visible key."""
-    return torch.where(empty, torch.full_like(tau, float("inf")), tau)
+    return torch.where(empty, float("inf"), tau)
