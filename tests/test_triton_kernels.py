@@ -900,9 +900,13 @@ def test_interpreted_flat_rows_sum_to_one(interpreted, alpha):
     assert (out - 1).abs().max().item() < 1e-5
 
 
-def test_interpreted_nan_propagates(interpreted):
+@pytest.mark.parametrize("tiles_per_program", [8, 2])
+def test_interpreted_nan_propagates(interpreted, tiles_per_program, monkeypatch):
+    """Also with two query tiles a program of the kernel that marks the NaN rows' keys: several
+    programs along the sequence, the last one short."""
     from test_exactness import check_nan_keys_under_a_window, check_nan_propagation
 
+    monkeypatch.setattr(interpreted, "NAN_KEYS_TILES", tiles_per_program)
     check_nan_propagation()
     check_nan_keys_under_a_window(products_read_nan_as_zero=False)
 

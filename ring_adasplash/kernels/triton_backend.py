@@ -556,15 +556,18 @@ def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=No
     return dq
 
 
+NAN_KEYS_TILES = 8  # query tiles per program of ``triton_backward.nan_keys_kernel``
+
+
 def _nan_keys(problem: TritonProblem, tau) -> torch.Tensor:
     """(B, Sk, Hkv) int8: 1 at the keys that a row whose ``tau`` (per row) is NaN sees
     (``triton_backward.nan_keys_kernel``)."""
     p = problem
     nan_keys = torch.zeros(p.batch, p.seqlen_k, p.heads_kv, device=p.k.device, dtype=torch.int8)
-    launch(triton_backward.nan_keys_kernel, p.query_grid)(
+    launch(triton_backward.nan_keys_kernel, (triton.cdiv(p.num_q_tiles, NAN_KEYS_TILES), p.batch * p.heads))(
         Tau=tau, **p.visibility, K_tile_lo=p.ranges["K_tile_lo"], K_tile_hi=p.ranges["K_tile_hi"], Nan_keys=nan_keys,
-        seqlen_q=p.seqlen_q, seqlen_k=p.seqlen_k, num_heads=p.heads, num_heads_kv=p.heads_kv, GROUP=p.group,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        seqlen_q=p.seqlen_q, seqlen_k=p.seqlen_k, num_heads=p.heads, num_heads_kv=p.heads_kv,
+        num_q_tiles=p.num_q_tiles, GROUP=p.group, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, TILES=NAN_KEYS_TILES)
     return nan_keys
 
 

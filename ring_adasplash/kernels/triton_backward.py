@@ -166,27 +166,35 @@ def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, fu
 
 @triton.jit
 def nan_keys_kernel(Tau, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_tile_lo, K_tile_hi, Nan_keys,
-                    seqlen_q, seqlen_k, num_heads, num_heads_kv,
-                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    seqlen_q, seqlen_k, num_heads, num_heads_kv, num_q_tiles,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr):
     """Sets ``Nan_keys`` (B, Sk, Hkv) int8, zeros, to 1 at the keys that a row whose tau is NaN
-    sees (their dk and dv are NaN, as in dense attention). One program per (query tile, batch x
-    query head): it reads the tile's tau, and only where a row's is NaN (rare) walks the tile's
-    span of key tiles [K_tile_lo, K_tile_hi). A kernel of its own: in the dQ kernel the rare walk
-    cost instructions in its main loops."""
-    tile_q, bh, b, h, offs_m, in_q = program_tile(num_heads, seqlen_q, BLOCK_M)
-    nan_row = tl.load(Tau + row_offsets(bh, seqlen_q, offs_m), mask=in_q, other=0.0)
-    nan_row = nan_row != nan_row
-    if tl.reduce(nan_row.to(tl.int32), 0, MAX) > 0:
-        q_limit, q_doc, q_first = query_positions(Q_limit, Q_doc, Q_first, offs_m, in_q)
-        for tile_k in range(tl.load(K_tile_lo + tile_q), tl.load(K_tile_hi + tile_q)):
-            offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
-            in_k = offs_n < seqlen_k
-            k_pos, k_doc, k_win_pos = key_positions(K_pos, K_doc, K_win_pos, offs_n, in_k)
-            pairs = visible(q_limit[:, None], q_doc[:, None], q_first[:, None], nan_row[:, None], k_pos[None, :],
-                            k_doc[None, :], k_win_pos[None, :], in_k[None, :])
-            seen = tl.reduce(pairs.to(tl.int32), 0, MAX) > 0
-            tl.store(Nan_keys + (b * seqlen_k + offs_n).to(tl.int64) * num_heads_kv + h // GROUP,
-                     tl.full([BLOCK_N], 1, tl.int8), mask=seen)
+    sees (their dk and dv are NaN, as in dense attention). One program per ``TILES`` query tiles
+    of a batch x query head: it reads their tau at once, and only where a row's is NaN (rare)
+    walks each such query tile's span of key tiles [K_tile_lo, K_tile_hi). A kernel of its own: in
+    the dQ kernel the rare walk cost instructions in its main loops; several query tiles a
+    program, so that the usual case is a few programs that read and stop."""
+    bh = tl.program_id(1)
+    b, h = bh // num_heads, bh % num_heads
+    first = tl.program_id(0) * TILES
+    offs = first * BLOCK_M + tl.arange(0, TILES * BLOCK_M)
+    tau = tl.load(Tau + row_offsets(bh, seqlen_q, offs), mask=offs < seqlen_q, other=0.0)
+    if tl.reduce((tau != tau).to(tl.int32), 0, MAX) > 0:
+        for tile_q in range(first, tl.minimum(first + TILES, num_q_tiles)):
+            offs_m = tile_q * BLOCK_M + tl.arange(0, BLOCK_M)
+            in_q = offs_m < seqlen_q
+            nan_row = tl.load(Tau + row_offsets(bh, seqlen_q, offs_m), mask=in_q, other=0.0)
+            nan_row = nan_row != nan_row
+            q_limit, q_doc, q_first = query_positions(Q_limit, Q_doc, Q_first, offs_m, in_q)
+            for tile_k in range(tl.load(K_tile_lo + tile_q), tl.load(K_tile_hi + tile_q)):
+                offs_n = tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
+                in_k = offs_n < seqlen_k
+                k_pos, k_doc, k_win_pos = key_positions(K_pos, K_doc, K_win_pos, offs_n, in_k)
+                pairs = visible(q_limit[:, None], q_doc[:, None], q_first[:, None], nan_row[:, None],
+                                k_pos[None, :], k_doc[None, :], k_win_pos[None, :], in_k[None, :])
+                seen = tl.reduce(pairs.to(tl.int32), 0, MAX) > 0
+                tl.store(Nan_keys + (b * seqlen_k + offs_n).to(tl.int64) * num_heads_kv + h // GROUP,
+                         tl.full([BLOCK_N], 1, tl.int8), mask=seen)
 
 
 @triton.jit
