@@ -21,7 +21,7 @@ import math
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, MAX, SMALLEST_NORMAL, approx_log2_of_normal, at_head, dot, entmax_weights,
+from .triton_common import (ADD, MAX, SMALLEST_NORMAL, approx_log2, at_head, dot, entmax_weights,
                             first_slot_at_least, hide_invisible, key_positions, list_slot, list_slots,
                             listed_query_tile, listed_tile, listed_tiles, load_rows, logits, of_query_head,
                             offset_strides, positive_gap, program_tile, query_positions, row_offsets, tile_ptrs,
@@ -158,7 +158,7 @@ def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, fu
             # the log of a gap below the smallest normal float (never met: z and tau are of order one)
             # is taken at that float, which moves a term by less than 1e-35
             on = gap > 0
-            log_gap = LN2 * approx_log2_of_normal(tl.maximum(gap, SMALLEST_NORMAL))
+            log_gap = LN2 * approx_log2(tl.maximum(gap, SMALLEST_NORMAL), NORMAL=True)
             alpha_sum += tl.reduce(tl.where(on, ds * gap * (1.0 - log_gap), 0.0), 1, ADD)
         dq += dot(ds.to(q.dtype), k, PRECISION)
     return dq, alpha_sum

@@ -421,34 +421,26 @@ def row_max_with_nan(x):
     return row_max
 
 
-@triton.jit
-def approx_log2(x):
-    """log2 of float32 ``x > 0`` by the GPU's approximate instruction (``lg2.approx.f32``, relative
-    error about 2^-22): ``tl.log2`` compiles to libdevice's correctly rounded log2, many
-    instructions per element, which made the sums of dL/dalpha most of the dQ kernel's time
-    (benchmarks/RESULTS.md). For terms where that error is far below the result's tolerance: the
-    powers of small exponent (``power_log2``); the alpha gradient's sums take
-    ``approx_log2_of_normal``. The interpreter takes ``tl.log2``."""
-    if INTERPRETED:
-        return tl.log2(x)
-    else:
-        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-
-
 SMALLEST_NORMAL = tl.constexpr(1.1754943508222875e-38)  # of float32: 2^-126
 
 
 @triton.jit
-def approx_log2_of_normal(x):
-    """``approx_log2`` of float32 ``x >= SMALLEST_NORMAL`` (a normal number): one ``MUFU.LG2``
-    (``lg2.approx.ftz.f32``); without ``.ftz`` the compiler wraps each one in a test and a rescale
-    for denormal inputs, three more instructions an element. The interpreter takes ``tl.log2``."""
+def approx_log2(x, NORMAL: tl.constexpr = False):
+    """log2 of float32 ``x > 0`` by the GPU's approximate instruction (``lg2.approx.f32``, relative
+    error about 2^-22): ``tl.log2`` compiles to libdevice's correctly rounded log2, many
+    instructions per element, which made the sums of dL/dalpha most of the dQ kernel's time
+    (benchmarks/RESULTS.md). For terms where that error is far below the result's tolerance: the
+    alpha gradient's sums, and powers of small exponent (``power_log2``). With ``NORMAL`` (``x >=
+    SMALLEST_NORMAL``), ``lg2.approx.ftz.f32``: one ``MUFU.LG2``, where the compiler wraps the
+    other in a test and a rescale for denormal inputs. The interpreter takes ``tl.log2``."""
     if INTERPRETED:
         return tl.log2(x)
-    else:
+    elif NORMAL:
         return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
 
 
 # The largest gamma (alpha >= 1.25) whose powers take log2 from ``approx_log2``: an error e in the
