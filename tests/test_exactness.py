@@ -234,6 +234,8 @@ def check_nan_keys_under_a_window(device="cpu", products_read_nan_as_zero=True):
     (``products_read_nan_as_zero``), so there the NaN keys are exactly those; the Triton kernels'
     products of a tile may also spread it over the key tiles that a query tile holding such a row
     reads, never further."""
+    from test_masks import explicit_mask
+
     seqlen, heads, heads_kv, window, sinks = 320, 4, 2, 20, 2
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(1, seqlen, h, 16, generator=g) for h in (heads, heads_kv, heads_kv))
@@ -243,9 +245,7 @@ def check_nan_keys_under_a_window(device="cpu", products_read_nan_as_zero=True):
     leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
     out = ra.adasplash_func(*leaves, causal=True, window_size=(window, 0), sink_tokens=sinks)
     out.sum().backward()
-    visible = torch.zeros(seqlen, seqlen, dtype=torch.bool)
-    i, j = torch.arange(seqlen)[:, None], torch.arange(seqlen)[None, :]
-    visible = (j <= i) & ((j >= i - window) | (j < sinks))
+    visible = explicit_mask(seqlen, seqlen, True, (window, 0), sinks)
     bad_keys = torch.zeros(seqlen, heads_kv, dtype=torch.bool)
     reach = torch.zeros(seqlen, heads_kv, dtype=torch.bool)  # keys of the key tiles the NaN rows' query tiles read
     tile = 64
