@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .triton_common import (ADD, INTERPRETED, MAX, MIN, at_head, dot, entmax_weights, gather_rows, list_slots,
                             listed_query_tile_at, listed_scores, logits, of_query_head, offset_strides, positive_gap,
-                            score_cutoff, tile_ptrs)
+                            query_line, score_cutoff, tile_ptrs)
 from .triton_tau import newton_live_rows_step, schedule_rows
 
 NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF800000)
@@ -217,7 +217,7 @@ def candidate_schedule_kernel(
     keys = tl.arange(0, BLOCK_N)
     prefix = tl.where(keys[:, None] <= keys[None, :], 1, 0).to(tl.int8)
     for work in range(program, num_tiles, tl.num_programs(0)):
-        line = num_q_tiles - 1 - work % num_q_tiles
+        line = query_line(work % num_q_tiles, num_q_tiles)
         (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K_head, count, Index, tile_row,
          full_first, full_end) = listed_query_tile_at(
             line, work // num_q_tiles, num_q_tiles, Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count,

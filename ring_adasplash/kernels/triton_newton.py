@@ -32,8 +32,8 @@ on every call, though almost no row needs them.
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, MAX, listed_query_tile, of_query_head, offset_strides, program_tile, row_offsets,
-                            runs_here)
+from .triton_common import (ADD, MAX, listed_query_tile, of_query_head, offset_strides, program_query_tile,
+                            row_offsets, runs_here)
 from .triton_refine import ONES_WIDTH, newton_tiles
 from .triton_tau import newton_live_rows_step, schedule_rows
 
@@ -169,7 +169,7 @@ def newton_polish_kernel(
     stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
     stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    tile_q, bh, b, h, offs_m, in_q = program_tile(num_heads, seqlen_q, BLOCK_M)
+    tile_q, bh, b, h, offs_m, in_q = program_query_tile(num_heads, seqlen_q, BLOCK_M)
     rows = row_offsets(bh, seqlen_q, offs_m)
     done = (tl.load(Done + rows, mask=in_q, other=1) != 0) | ~in_q
     live = tl.reduce((~done).to(tl.int32), 0, ADD)
