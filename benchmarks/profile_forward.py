@@ -3,6 +3,12 @@
     python benchmarks/profile_forward.py --seqlen 32768 --head-dim 64 --amp 1.5
     python benchmarks/profile_forward.py --seqlen 8192 --head-dim 128 --amp 1.0 --alpha 2.0 --summary
     python benchmarks/profile_forward.py --seqlen 8192 --family scattered --amp 1.0 --backward --head-alphas same
+    python benchmarks/profile_forward.py --seqlen 8192 --family scattered --amp 1.0 --backward --impl adasplash
+
+``--impl adasplash``: AdaSplash 0.2.2's kernels on the same inputs (``bench_kernels.py``'s call), for
+a side-by-side by kernel; its autotuning configurations are compiled ahead first
+(``adasplash_precompile.py``, ``--adasplash-precompile`` processes), so that the warm-up calls
+only time them.
 
 ``--summary``: the wall time per call (mean of ``--calls`` calls after warm-up) and each kernel's
 device time per call (``torch.profiler`` over ``--calls`` more calls), instead of PyTorch's tables
@@ -14,6 +20,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import adasplash_precompile
+import bench_kernels
 import common
 from inputs import FAMILIES, make_qkv
 
@@ -51,17 +59,23 @@ def main():
     p.add_argument("--summary", action="store_true", help="wall time and device time per kernel per call")
     p.add_argument("--calls", type=int, default=20, help="calls timed and profiled with --summary")
     p.add_argument("--rows", type=int, default=25, help="rows of the kernel table to print")
+    p.add_argument("--impl", choices=("ours", "adasplash"), default="ours",
+                   help="ours, or AdaSplash 0.2.2 (its AdaSplash-2 path at alpha 1.5) on the same inputs")
+    p.add_argument("--adasplash-precompile", type=int, default=16, metavar="N",
+                   help="with --impl adasplash: processes that compile its autotuning configurations first")
     args = p.parse_args()
-    common.ALPHA = args.alpha
+    if args.impl == "adasplash" and args.head_alphas != "none":
+        p.error("--head-alphas is ours alone (AdaSplash takes one float alpha); leave it at none with --impl adasplash")
+    common.ALPHA = bench_kernels.ALPHA = args.alpha
     common.HEAD_ALPHAS = common.head_alphas(args.head_alphas, args.alpha, args.heads)
+    if args.impl == "adasplash" and args.adasplash_precompile:
+        settings = argparse.Namespace(heads=args.heads, batch=1, dtype="bf16", alpha=args.alpha, seed=0, kv_heads=None,
+                                      captured=None)
+        adasplash_precompile.precompile(args.family, args.seqlen, args.head_dim, args.amp, args.adasplash_precompile,
+                                        settings)
     q, k, v = make_qkv(args.family, 1, args.seqlen, args.heads, args.head_dim, args.amp, torch.bfloat16, "cuda")
-    q, k, v = (t.requires_grad_(args.backward) for t in (q, k, v))
-    grad_out = torch.randn_like(q)
-
-    def step():
-        out = common.ours_attention(q, k, v)
-        if args.backward:
-            out.backward(grad_out)
+    # bench_kernels.py's step: "fwd" under no_grad, "fwdbwd" the gradients of q, k, v
+    step = bench_kernels.make_step(args.impl, "fwdbwd" if args.backward else "fwd", q, k, v)
 
     for _ in range(5):
         step()
