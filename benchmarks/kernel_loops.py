@@ -22,6 +22,11 @@ names a Python whose Triton is the GPU machines' version, installed beside this 
     python benchmarks/kernel_loops.py --head-dim 128 --compiler /tmp/triton36/bin/python
 
 (the interpreted forward still runs on this Python's Triton).
+
+``--adasplash BMxBN``: instead, AdaSplash 0.2.2's backward kernels (``_bwd_q_kernel``,
+``_bwd_kv_kernel``, its AdaSplash-2 path) compiled the same way at that tile (it autotunes the
+tile with its forward), 4 warps and 2 stages, ``--heads`` heads, ``--seqlen`` tokens: their loops
+beside ours, e.g. ``--backward --head-dim 64`` against ``--adasplash 64x64 --head-dim 64``.
 """
 import argparse
 import collections
@@ -113,6 +118,52 @@ def report(name: str, cubin: str, min_loop: int) -> None:
               f"{common_ops} |")
 
 
+# AdaSplash's backward kernels: their pointer arguments that are not bf16 (the rest are q, k, v,
+# dO and the gradients), by parameter name
+ADASPLASH_BACKWARD = ("_bwd_q_kernel", "_bwd_kv_kernel")
+ADASPLASH_POINTERS = {"TAUS": "*fp32", "D": "*fp32", "BMASK": "*i32", "VARLEN": "*i32"}
+
+
+def compile_adasplash(folder: str, tile: str, args) -> None:
+    """AdaSplash's backward kernels compiled for sm_90 with this Python's Triton at ``tile``
+    (``BMxBN``), as cubins in ``folder`` listed in ``compiled.json`` (``compile_into``'s form)."""
+    import importlib
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = importlib.import_module("adasplash.adasplash_v2")
+    block_m, block_n = (int(x) for x in tile.split("x"))
+    constants = dict(H_DIM=args.head_dim, N_H=args.heads, N_KV_H=args.heads, GROUP_SIZE=1, N_CTX=args.seqlen,
+                     N_INT32s=-(-args.seqlen // block_n // 32), IS_VARLEN=False, BLOCK_M=block_m, BLOCK_N=block_n)
+    binaries, failures = [], []
+    for name in ADASPLASH_BACKWARD:
+        fn = getattr(module, name).fn  # under its autotuner
+        signature, constexprs, attrs = {}, {}, {}
+        for index, param in enumerate(inspect.signature(fn.fn).parameters):
+            if param in constants:
+                signature[param], constexprs[(index,)] = "constexpr", constants[param]
+                continue
+            signature[param] = ("fp32" if param == "sm_scale" else "i32" if param.startswith("stride")
+                                else ADASPLASH_POINTERS.get(param, "*bf16"))
+            if param != "sm_scale":
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        try:
+            binary = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+        except Exception as error:  # noqa: BLE001 - reported with the others
+            failures.append(f"{name}: {type(error).__name__}: {str(error)[-1500:]}")
+            continue
+        path = os.path.join(folder, f"{name}.cubin")
+        with open(path, "wb") as f:
+            f.write(binary.asm["cubin"])
+        binaries.append((f"adasplash {name} {tile}", path))
+    with open(os.path.join(folder, "compiled.json"), "w") as f:
+        json.dump({"triton": triton.__version__, "binaries": binaries, "failures": failures}, f)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--family", choices=sorted(FAMILIES), default="scattered", help="input family (inputs.py)")
@@ -132,6 +183,8 @@ def main():
                                                              "instructions on")
     p.add_argument("--compiler", default=sys.executable, metavar="PYTHON",
                    help="the Python whose Triton compiles the kernels (default: this one)")
+    p.add_argument("--adasplash", metavar="BMxBN", help="AdaSplash 0.2.2's backward kernels at this tile instead "
+                                                        "(module doc)")
     p.add_argument("--capture", metavar="PATH", help=argparse.SUPPRESS)  # the interpreted half
     p.add_argument("--compile", metavar="DIR", help=argparse.SUPPRESS)  # the compiling half
     args = p.parse_args()
@@ -139,12 +192,16 @@ def main():
         capture(args, args.capture)
         return
     if args.compile:
-        compile_into(args.compile, args.kernels)
+        if args.adasplash:
+            compile_adasplash(args.compile, args.adasplash, args)
+        else:
+            compile_into(args.compile, args.kernels)
         return
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--capture", os.path.join(tmp, "launches.pkl")],
-                       check=True, env=env | {"TRITON_INTERPRET": "1", "RING_ADASPLASH_BACKEND": "triton"})
+        if not args.adasplash:
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--capture", os.path.join(tmp, "launches.pkl")],
+                           check=True, env=env | {"TRITON_INTERPRET": "1", "RING_ADASPLASH_BACKEND": "triton"})
         subprocess.run([args.compiler, __file__, *sys.argv[1:], "--compile", tmp], check=True, env=env)
         with open(os.path.join(tmp, "compiled.json")) as f:
             compiled = json.load(f)
