@@ -55,7 +55,7 @@ def check_head_alpha(alpha, heads: int) -> HeadAlpha:
                          f"query head); got a tensor of shape {tuple(alpha.shape)}")
     if not alpha.is_floating_point():
         raise TypeError(f"alpha must be a floating-point tensor; got {alpha.dtype}")
-    values = tuple(alpha.detach().double().cpu().reshape(-1).tolist())
+    values = tuple(alpha.detach().cpu().double().reshape(-1).tolist())  # widened on the host: no device cast
     bad = [(h, a) for h, a in enumerate(values) if not 1.0 < a <= 2.0]
     if bad:
         raise ValueError("alpha must be in (1, 2] on every head (1.5: entmax-1.5, 2: sparsemax); got "
