@@ -306,9 +306,10 @@ def test_gap_code_is_encode_gaps(interpreted):
         tl.store(Code + offs, triton_maxima.gap_code(tl.load(Gap + offs), GAP_LOW, GAP_STEP, EDGE_SLACK))
 
     edges = S.GAP_LOW + S.GAP_STEP * torch.arange(254, dtype=torch.float64)
+    as_taken = torch.linspace(S.GAP_LOW, S.GAP_HIGH, 254)  # the edges as encode_gaps takes them (float32)
     gaps = torch.cat([torch.tensor([float("-inf"), float("nan"), float("inf"), -50.0, 50.0, 0.0, S.GAP_LOW - 1]),
-                      edges, edges[:-1] + S.GAP_STEP / 2, edges - 3e-4 * S.GAP_STEP, edges + 3e-4 * S.GAP_STEP]).float()
-    gaps[7:7 + 254] = torch.linspace(S.GAP_LOW, S.GAP_HIGH, 254)  # the edges as encode_gaps takes them
+                      as_taken.double(), edges[:-1] + S.GAP_STEP / 2, edges - 3e-4 * S.GAP_STEP,
+                      edges + 3e-4 * S.GAP_STEP]).float()
     padded = torch.cat([gaps, gaps.new_full((1024 - gaps.numel(),), float("-inf"))])
     codes = torch.empty(1024, dtype=torch.uint8)
     codes_kernel[(1,)](padded, codes, S.GAP_LOW, S.GAP_STEP, 0.1 * S.GAP_ROUNDING, 1024)
