@@ -14,7 +14,10 @@ more). alpha 1.5.
 
 It also counts what a second gather would hold: where a row has more candidates than the slots,
 the tau of the slots' worth of them nearest the diagonal (a subset of the keys: a lower bound of
-tau) raises the row's reference, and the keys above it are counted again.
+tau) raises the row's reference, and the keys above it are counted again. And what a gather
+without the max pass before it would hold ("one sweep"): the same sweep of the key tiles, in the
+kernel's order (the diagonal tile, then the others from the first), taking the row max as it
+goes, each tile's keys compared with max(tau floor, the max so far - 1) - margin.
 """
 import argparse
 import os
@@ -39,12 +42,24 @@ def tau_alpha_15(z: torch.Tensor) -> torch.Tensor:
     return entmax_bisect(z, 1.5, z > float("-inf"))[1]
 
 
+def one_sweep_candidates(z: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Per row of one query tile's ``z`` (rows, keys: whole key tiles, the diagonal one last),
+    the candidates of a gather that takes the row max as it sweeps the key tiles (the diagonal
+    tile first, then the others from the first), against max(``floor``, max so far - 1) - margin."""
+    tiles = z.view(z.shape[0], -1, BLOCK)
+    order = torch.cat([tiles[:, -1:], tiles[:, :-1]], 1)
+    running = order.amax(2).cummax(1).values
+    cutoff = torch.maximum(floor[:, None], running - 1.0) - MASK_MARGIN
+    return (order > cutoff[:, :, None]).sum((1, 2))
+
+
 def tile_counts(q: torch.Tensor, k: torch.Tensor, scale_z: float, every: int, slots: int):
-    """``(most candidates, most support, most candidates after a second gather)`` of one row, per
-    query tile taken, for one head's ``q``, ``k`` (seqlen, head_dim); the second gather's
-    reference from the ``slots`` candidates nearest the diagonal."""
+    """``(most candidates, most support, most candidates after a second gather, most candidates
+    of one sweep)`` of one row, per query tile taken, for one head's ``q``, ``k`` (seqlen,
+    head_dim); the second gather's reference from the ``slots`` candidates nearest the diagonal;
+    one sweep: ``one_sweep_candidates``."""
     seqlen = q.shape[0]
-    most_candidates, most_support, most_regathered = [], [], []
+    most_candidates, most_support, most_regathered, most_one_sweep = [], [], [], []
     for tile in range(seqlen // BLOCK - 1, -1, -every):
         rows = torch.arange(tile * BLOCK, (tile + 1) * BLOCK)
         keys = torch.arange((tile + 1) * BLOCK)
@@ -61,7 +76,9 @@ def tile_counts(q: torch.Tensor, k: torch.Tensor, scale_z: float, every: int, sl
         subset_tau = tau_alpha_15(torch.where(nearest, z, float("-inf")))
         raised = torch.where(candidate.sum(1) > slots, torch.maximum(reference, subset_tau), reference)
         most_regathered.append(int((z > (raised - MASK_MARGIN)[:, None]).sum(1).max()))
-    return torch.tensor(most_candidates), torch.tensor(most_support), torch.tensor(most_regathered)
+        most_one_sweep.append(int(one_sweep_candidates(z, floor).max()))
+    return (torch.tensor(most_candidates), torch.tensor(most_support), torch.tensor(most_regathered),
+            torch.tensor(most_one_sweep))
 
 
 def main():
@@ -83,15 +100,18 @@ def main():
                                 "amp": args.amp, "alpha": 1.5, "every": args.every})
     print("\n| head | query tiles | most candidates of a row: median | p90 | max | "
           + " | ".join(f"tiles over {s}" for s in SLOTS) + " | most support: median | max "
-          f"| second gather ({SLOTS[0]} slots): most candidates median | max | tiles over {SLOTS[0]} |")
-    print("|---" * (10 + len(SLOTS)) + "|")
+          f"| second gather ({SLOTS[0]} slots): most candidates median | max | tiles over {SLOTS[0]} "
+          f"| one sweep: most candidates median | p90 | max | tiles over {SLOTS[-1]} |")
+    print("|---" * (14 + len(SLOTS)) + "|")
     for head in (int(h) for h in args.heads.split(",")):
-        candidates, support, regathered = tile_counts(q[0, :, head], k[0, :, head], scale_z, args.every, SLOTS[0])
+        candidates, support, regathered, one_sweep = tile_counts(q[0, :, head], k[0, :, head], scale_z, args.every,
+                                                                 SLOTS[0])
         over = " | ".join(f"{(candidates > s).float().mean():.3f}" for s in SLOTS)
         print(f"| {head} | {len(candidates)} | {int(candidates.median())} | {int(candidates.float().quantile(0.9))} | "
               f"{int(candidates.max())} | {over} | {int(support.median())} | {int(support.max())} | "
-              f"{int(regathered.median())} | {int(regathered.max())} | {(regathered > SLOTS[0]).float().mean():.3f} |",
-              flush=True)
+              f"{int(regathered.median())} | {int(regathered.max())} | {(regathered > SLOTS[0]).float().mean():.3f} | "
+              f"{int(one_sweep.median())} | {int(one_sweep.float().quantile(0.9))} | {int(one_sweep.max())} | "
+              f"{(one_sweep > SLOTS[-1]).float().mean():.3f} |", flush=True)
 
 
 if __name__ == "__main__":
