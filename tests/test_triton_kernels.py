@@ -71,8 +71,8 @@ def interpreted():
         mp.setenv("TRITON_INTERPRET", "1")
         mp.setenv("RING_ADASPLASH_BACKEND", "triton")
         backend = _reload_kernels()
-        # the test inputs are a few key tiles long: without this, every query tile of the one-launch
-        # Newton schedule would take the sweeps, and no interpreted call would run on candidates
+        # pinned: the test inputs are a few key tiles long, so with a positive FEW_TILES every query
+        # tile of the one-launch Newton schedule would take the sweeps, none the candidates
         backend.FEW_TILES = 0
         yield backend
     _reload_kernels()  # compiled again for whatever runs next

@@ -15,8 +15,8 @@ From the candidates above tau it marks ``Keep`` (the output pass's tiles) exactl
 keys with p > 0 are among its candidates near tau, which hold their key, so the output needs
 their rows of V alone, not another Q.K^T sweep of the tiles.
 
-A query tile with a row of more than ``CANDIDATES`` candidates, or with few key tiles (whose
-sweeps cost less than the steps' round trips through memory), is *spilled*: it stores 1 into
+A query tile with a row of more than ``CANDIDATES`` candidates, or with at most ``few_tiles`` key
+tiles (``triton_backend.FEW_TILES``), is *spilled*: it stores 1 into
 ``Spilled`` and leaves its rows to ``triton_newton.newton_schedule_kernel``, launched after on
 the spilled query tiles only (and so does the output pass). Programs loop over the query tiles
 (a persistent grid), so the scratch is per program, not per row: its size does not grow with the
@@ -223,7 +223,7 @@ def candidate_schedule_kernel(
             line, work // num_q_tiles, num_q_tiles, Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count,
             Tile_index, stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads,
             num_k_tiles, list_width, GROUP, HEAD_DIM, BLOCK_M)
-        if count <= few_tiles:  # few key tiles: their sweeps cost less than the steps' round trips
+        if count <= few_tiles:  # routed to the sweeps by the count of its key tiles (FEW_TILES)
             tl.store(Spilled + bh * num_q_tiles + tile_q, tl.full([], 1, tl.int8))
         else:
             shift, row_max, reference, done = schedule_rows(Shift, Row_max, Reference, rows, in_q)
