@@ -1008,12 +1008,15 @@ def test_newton_schedule_agrees_with_the_histogram_schedule(interpreted, alpha):
 # their query tiles spill to the sweeps and the others do not; "dropped": 512 slots, so the flat rows'
 # query tiles hold more than ``DROP_LONGEST`` candidates and drop those below the bracket after
 # ``DROP_STEP`` steps.
-SCHEDULE_ROUTES = {"sweeps": (0, None), "candidates": (256, 0), "spilled": (64, 0), "dropped": (512, 0)}
+# (candidate slots, FEW_TILES) per route; "few tiles": the query tiles that list at most 3 key tiles
+# take the sweeps (every causal query tile of the first 3, most windowed ones), the others the candidates
+SCHEDULE_ROUTES = {"sweeps": (0, None), "candidates": (256, 0), "spilled": (64, 0), "dropped": (512, 0),
+                   "few tiles": (256, 3)}
 
 
 @pytest.mark.parametrize("alpha, route", [(1.25, "sweeps"), (1.5, "sweeps"), (1.25, "candidates"),
                                           (1.5, "candidates"), (1.5, "spilled"), (1.25, "dropped"),
-                                          (1.5, "dropped")])
+                                          (1.5, "dropped"), (1.5, "few tiles")])
 def test_newton_schedule_kernel_matches_the_pytorch_schedule(interpreted, alpha, route, monkeypatch):
     """The whole Newton schedule (``triton_newton``, ``triton_candidates``, interpreted) against
     ``torch_blockwise.newton_schedule`` in the same forward, float32: a batch of two entries with
