@@ -69,8 +69,7 @@ def main():
     common.ALPHA = bench_kernels.ALPHA = args.alpha
     common.HEAD_ALPHAS = common.head_alphas(args.head_alphas, args.alpha, args.heads)
     if args.impl == "adasplash" and args.adasplash_precompile:
-        settings = argparse.Namespace(heads=args.heads, batch=1, dtype="bf16", alpha=args.alpha, seed=0, kv_heads=None,
-                                      captured=None)
+        settings = bench_kernels.parse_args(["--heads", str(args.heads), "--alpha", str(args.alpha)])
         adasplash_precompile.precompile(args.family, args.seqlen, args.head_dim, args.amp, args.adasplash_precompile,
                                         settings)
     q, k, v = make_qkv(args.family, 1, args.seqlen, args.heads, args.head_dim, args.amp, torch.bfloat16, "cuda")

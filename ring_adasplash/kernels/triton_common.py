@@ -134,9 +134,15 @@ def query_line(index, lines):
 
 
 @triton.jit
+def program_query_line():
+    """``query_line`` of this program of a grid (query tiles, batch x heads)."""
+    return query_line(tl.program_id(0), tl.num_programs(0))
+
+
+@triton.jit
 def program_query_tile(num_heads, seqlen, BLOCK: tl.constexpr):
-    """``program_tile`` of a grid (query tiles, batch x heads): its ``query_line``."""
-    return tile_at(query_line(tl.program_id(0), tl.num_programs(0)), tl.program_id(1), num_heads, seqlen, BLOCK)
+    """``program_tile`` of a grid (query tiles, batch x heads): its ``program_query_line``."""
+    return tile_at(program_query_line(), tl.program_id(1), num_heads, seqlen, BLOCK)
 
 
 @triton.jit
@@ -145,8 +151,7 @@ def runs_here(Spilled, SPILLED_ONLY: tl.constexpr):
     or with ``SPILLED_ONLY`` those marked in ``Spilled`` (int8 per query tile, the candidate
     kernel's: ``triton_candidates``)."""
     if SPILLED_ONLY:
-        run = tl.load(Spilled + tl.program_id(1) * tl.num_programs(0)
-                      + query_line(tl.program_id(0), tl.num_programs(0))) != 0
+        run = tl.load(Spilled + tl.program_id(1) * tl.num_programs(0) + program_query_line()) != 0
     else:
         run = tl.program_id(0) >= 0
     return run
@@ -175,8 +180,8 @@ def query_tile(Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs, stride_qh, stri
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's query tile, for the kernels with one program per (query tile, batch x query
     head): ``(tile_q, bh, b, h, offs_m, in_q, q, q_limit, q_doc, q_first)``."""
-    return query_tile_at(query_line(tl.program_id(0), tl.num_programs(0)), tl.program_id(1), Q, Q_limit, Q_doc,
-                         Q_first, stride_qb, stride_qs, stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
+    return query_tile_at(program_query_line(), tl.program_id(1), Q, Q_limit, Q_doc, Q_first, stride_qb, stride_qs,
+                         stride_qh, stride_qd, seqlen_q, num_heads, HEAD_DIM, BLOCK_M)
 
 
 @triton.jit
@@ -258,10 +263,10 @@ def listed_query_tile(Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_
     list is ascending, so they are consecutive): ``(tile_q, bh, b, h, offs_m, in_q, rows, q,
     q_limit, q_doc, q_first, K, count, Tile_index, tile_row, full_first, full_end)``. The passes
     visit them in two loops (``list_slots``)."""
-    return listed_query_tile_at(query_line(tl.program_id(0), tl.num_programs(0)), tl.program_id(1),
-                                tl.num_programs(0), Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count,
-                                Tile_index, stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_kh,
-                                seqlen_q, num_heads, num_k_tiles, list_width, GROUP, HEAD_DIM, BLOCK_M)
+    return listed_query_tile_at(program_query_line(), tl.program_id(1), tl.num_programs(0), Q, K, Q_limit, Q_doc,
+                                Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
+                                stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles,
+                                list_width, GROUP, HEAD_DIM, BLOCK_M)
 
 
 @triton.jit
