@@ -1007,9 +1007,8 @@ def test_newton_schedule_agrees_with_the_histogram_schedule(interpreted, alpha):
 # every query tile on its candidate keys; "spilled": 64 slots, too few for the flat rows' 400 keys, so
 # their query tiles spill to the sweeps and the others do not; "dropped": 512 slots, so the flat rows'
 # query tiles hold more than ``DROP_LONGEST`` candidates and drop those below the bracket after
-# ``DROP_STEP`` steps.
-# (candidate slots, FEW_TILES) per route; "few tiles": the query tiles that list at most 3 key tiles
-# take the sweeps (every causal query tile of the first 3, most windowed ones), the others the candidates
+# ``DROP_STEP`` steps; "few tiles": 256 slots, and the query tiles that list at most 3 key tiles take
+# the sweeps (the first 3 causal query tiles, most windowed ones), the others their candidates.
 SCHEDULE_ROUTES = {"sweeps": (0, None), "candidates": (256, 0), "spilled": (64, 0), "dropped": (512, 0),
                    "few tiles": (256, 3)}
 

@@ -430,8 +430,8 @@ def newton_polish(problem: TritonProblem, tiles: BlockMask, state: S.NewtonState
 CANDIDATES = 1024  # candidate slots per row (triton_candidates); 0: sweeps only
 CANDIDATE_CHUNK = 64  # candidates read per row and trip of a step
 PROGRAMS_PER_SM = 4  # the candidate kernel's persistent grid: programs per SM
-# query tiles that list at most this many key tiles take the sweeps: none, since on one H200 every
-# row measured was as fast or faster with them on the candidates (docs/design.md, candidate keys)
+# query tiles that list at most this many key tiles take the sweeps: none, since theirs are launches
+# of their own after the candidate kernel, where the candidates cost no more (docs/design.md, candidate keys)
 FEW_TILES = 0
 
 
