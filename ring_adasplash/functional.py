@@ -20,7 +20,7 @@ from . import cuda_graphs, telemetry
 from .checks import (HeadAlpha, check_alpha, check_cu_seqlens, check_head_alpha, check_key_padding_mask,
                      check_position_ids, check_qkv, check_window, default_scale)
 from .kernels import EntmaxSpec, backend_for
-from .kernels.backend import CANDIDATES_ENV
+from .kernels.backend import CANDIDATES_ENV, AlphaSplit
 from .kernels.block_mask import BlockMask, packed_width
 from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, default_schedule, entmax_backward,
                                 entmax_forward, entmax_forward_in_query_chunks)
@@ -38,17 +38,21 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 @torch.library.custom_op("ring_adasplash::attention_forward", mutates_args=())
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor,
                       q_first: Tensor, k_win_pos: Tensor, alphas: list[float], softmax_scale: float,
-                      backward_sums: bool = True, pairs: int = -1
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      backward_sums: bool = True, pairs: int = -1, alpha_sums: bool = False
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out in q's dtype, out_u, u_sum, tau, shift, support, nonzero tiles as bits:
-    ``block_mask.pack_tiles``, what the autograd keeps for the backward); see
-    ``kernels/algorithm.py`` (``ForwardResult``); out_u in q's dtype where ``_stored_final``
-    says so, else in the compute dtype. ``alphas``: one alpha, or one per query head.
-    ``backward_sums`` False (no backward to come): out_u and u_sum are empty, (0,), and not
+    ``block_mask.pack_tiles``, out_c, c_sum, alpha_open: what the autograd keeps for the
+    backward); see ``kernels/algorithm.py`` (``ForwardResult``); out_u in q's dtype where
+    ``_stored_final`` says so, else in the compute dtype. ``alphas``: one alpha, or one per query
+    head. ``backward_sums`` False (no backward to come): out_u and u_sum are empty, (0,), and not
     computed. ``pairs``: (query, key) pairs per head that the visibility can reach, where the
     caller knows it (packed documents: the sum of their products), else -1: Sq x Sk per batch
-    entry; it decides whether the call runs as a CUDA graph (``cuda_graphs``)."""
-    args = (q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, tuple(alphas), softmax_scale, backward_sums)
+    entry; it decides whether the call runs as a CUDA graph (``cuda_graphs``). ``alpha_sums``
+    (a backward that wants dL/dalpha): out_c (B, Sq, Hq, D), c_sum (B, Hq, Sq) and alpha_open
+    (B, Hq, nQ) int8 are the ``AlphaSplit`` of the forward (alpha_open all 1 where it computed
+    none); else they are empty, (0,)."""
+    args = (q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, tuple(alphas), softmax_scale, backward_sums,
+            alpha_sums)
     # the schedule settings decide which kernels run, so each has graphs of its own (a graph
     # captured under another would meet kernels not yet compiled, which no capture allows)
     name = (f"forward ({os.environ.get(SCHEDULE_ENV, 'auto')} schedule, "
@@ -106,7 +110,8 @@ def _chunk_rows(q: Tensor, k: Tensor, block_m: int, block_n: int) -> int:
     return max(1, CHUNK_TILES // tiles_per_query_tile) * block_m
 
 
-def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool = True) -> list:
+def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool = True,
+                   alpha_sums: bool = False) -> list:
     """``(group, ForwardResult)`` per group of heads (``head_groups``), in chunks of
     queries where the call is long (``CHUNK_TILES``)."""
     backend = backend_for(q)
@@ -117,24 +122,25 @@ def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backw
         chunk_rows = _chunk_rows(qg, kg, backend.BLOCK_M, backend.BLOCK_N)
         if chunk_rows < q.shape[1]:
             fwd = entmax_forward_in_query_chunks(backend, qg, kg, vg, vis, spec, softmax_scale, chunk_rows,
-                                                 backward_sums=backward_sums, out_dtype=_stored_final(q))
+                                                 backward_sums=backward_sums, out_dtype=_stored_final(q),
+                                                 alpha_sums=alpha_sums)
         else:
             fwd = entmax_forward(backend, qg, SingleBlock(kg, vg, vis), spec, softmax_scale,
-                                 backward_sums=backward_sums, out_dtype=_stored_final(q))
+                                 backward_sums=backward_sums, out_dtype=_stored_final(q), alpha_sums=alpha_sums)
         results.append((g, fwd))
     return results
 
 
 def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: tuple, softmax_scale: float,
-             backward_sums: bool):
+             backward_sums: bool, alpha_sums: bool):
     vis = Visibility(q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
     if q.dtype != torch.float64:  # float64 runs no Triton kernel
         compile_ahead(_kernel_key(q, k, alphas, backward_sums),
                       functools.partial(_dry_run, q, k, v, vis, alphas, softmax_scale, backward_sums), q.device)
-    results = _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums)
-    outputs = _joined_outputs(q, results, backward_sums)
+    results = _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums, alpha_sums)
+    outputs = _joined_outputs(q, results, backward_sums) + _joined_alpha_split(q, results, alpha_sums)
     for _, fwd in results:
-        telemetry.log_forward(fwd, "single", saved_bytes=outputs[-1].numel())
+        telemetry.log_forward(fwd, "single", saved_bytes=outputs[6].numel())
     return outputs
 
 
@@ -157,6 +163,23 @@ def _joined_outputs(q, results, backward_sums: bool) -> tuple:
             joined("shift", 1).contiguous(), joined("support", 1).to(acc).contiguous(), nonzero)
 
 
+def _joined_alpha_split(q, results, alpha_sums: bool) -> tuple:
+    """``attention_forward``'s ``(out_c, c_sum, alpha_open)`` from the groups' forward results:
+    empty without ``alpha_sums``; every query tile open where a group computed none."""
+    if not alpha_sums:
+        return tuple(q.new_empty((0,), dtype=dtype) for dtype in (_compute_dtype(q), _compute_dtype(q), torch.int8))
+    batch, seqlen_q, heads, _ = q.shape
+    splits = [fwd.alpha_split for _, fwd in results]
+    if any(split is None for split in splits):
+        backend = backend_for(q)
+        return (q.new_empty((batch, seqlen_q, heads, results[0][1].out.shape[-1]), dtype=_compute_dtype(q)),
+                q.new_empty((batch, heads, seqlen_q), dtype=_compute_dtype(q)),
+                q.new_ones((batch, heads, -(-seqlen_q // backend.BLOCK_M)), dtype=torch.int8))
+    groups, heads = [g for g, _ in results], q.shape[2]
+    return tuple(join_heads([getattr(split, field) for split in splits], groups, dim, heads).contiguous()
+                 for field, dim in (("out_c", 2), ("c_sum", 1), ("open", 1)))
+
+
 def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool) -> None:
     """The forward (and with ``backward_sums`` the backward) of a call, for ``compile_ahead``:
     every kernel that either launches on this configuration, through the same steps as the call
@@ -164,12 +187,14 @@ def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_su
     out, out_u, u_sum, tau, shift, _, nonzero = _joined_outputs(
         q, _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums), backward_sums)
     if backward_sums:
-        _backward(torch.empty_like(out), q, k, v, vis, out_u, u_sum, tau, shift, nonzero, alphas, softmax_scale,
-                  alpha_grad=False)
+        unsplit = q.new_empty((0,))
+        _backward(torch.empty_like(out), q, k, v, vis, out_u, u_sum, tau, shift, nonzero, unsplit, unsplit, unsplit,
+                  alphas, softmax_scale, alpha_grad=False)
 
 
 @attention_forward.register_fake
-def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas, softmax_scale, backward_sums=True, pairs=-1):
+def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas, softmax_scale, backward_sums=True, pairs=-1,
+      alpha_sums=False):
     backend = backend_for(q)
     batch, seqlen_q, heads, _ = q.shape
     acc = _compute_dtype(q)
@@ -178,26 +203,30 @@ def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas, softmax
     rows = (batch, heads, seqlen_q)
     out_u_shape, u_sum_shape = (out_shape, rows) if backward_sums else ((0,), (0,))
     out_u_dtype = (_stored_final(q) or acc) if backward_sums else acc
+    split_shapes = (out_shape, rows, packed_tiles[:3]) if alpha_sums else ((0,), (0,), (0,))
     return (q.new_empty(out_shape), q.new_empty(out_u_shape, dtype=out_u_dtype), q.new_empty(u_sum_shape, dtype=acc),
             q.new_empty(rows, dtype=acc), q.new_empty(rows, dtype=acc), q.new_empty(rows, dtype=acc),
-            q.new_empty(packed_tiles, dtype=torch.uint8))
+            q.new_empty(packed_tiles, dtype=torch.uint8), q.new_empty(split_shapes[0], dtype=acc),
+            q.new_empty(split_shapes[1], dtype=acc), q.new_empty(split_shapes[2], dtype=torch.int8))
 
 
 @torch.library.custom_op("ring_adasplash::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor,
                        k_pos: Tensor, k_doc: Tensor, q_first: Tensor, k_win_pos: Tensor, out_u: Tensor, u_sum: Tensor,
-                       tau: Tensor, shift: Tensor, nonzero: Tensor, alphas: list[float], softmax_scale: float,
-                       alpha_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       tau: Tensor, shift: Tensor, nonzero: Tensor, out_c: Tensor, c_sum: Tensor, alpha_open: Tensor,
+                       alphas: list[float], softmax_scale: float, alpha_grad: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv and, with ``alpha_grad``, dL/dalpha per query head (Hq,) in the compute
-    dtype (else an empty tensor)."""
+    dtype (else an empty tensor). ``out_c``, ``c_sum``, ``alpha_open``: ``attention_forward``'s
+    (empty: the alpha sums term by term)."""
     # no CUDA graph here: the backward launches a few large kernels, which hide their launches,
     # and copying its eight inputs into a graph cost more than it saved (cuda_graphs.py)
     return _backward(grad_out, q, k, v, Visibility(q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos), out_u, u_sum,
-                     tau, shift, nonzero, alphas, softmax_scale, alpha_grad)
+                     tau, shift, nonzero, out_c, c_sum, alpha_open, alphas, softmax_scale, alpha_grad)
 
 
-def _backward(grad_out, q, k, v, vis: Visibility, out_u, u_sum, tau, shift, nonzero, alphas, softmax_scale: float,
-              alpha_grad: bool) -> tuple:
+def _backward(grad_out, q, k, v, vis: Visibility, out_u, u_sum, tau, shift, nonzero, out_c, c_sum, alpha_open, alphas,
+              softmax_scale: float, alpha_grad: bool) -> tuple:
     backend = backend_for(q)
     heads, heads_kv = q.shape[2], k.shape[2]
     groups = head_groups(alphas, heads, heads_kv, q.device)
@@ -208,8 +237,9 @@ def _backward(grad_out, q, k, v, vis: Visibility, out_u, u_sum, tau, shift, nonz
         # the tiles stay bits: the tile lists are built from them (a bool copy: 16 GiB at 2M tokens)
         mask = BlockMask.from_bits(rows(nonzero), num_k_tiles, backend.BLOCK_M, backend.BLOCK_N, q.shape[1],
                                    k.shape[1])
+        split = AlphaSplit(g.queries(out_c), rows(c_sum), rows(alpha_open)) if alpha_open.numel() else None
         fwd = ForwardResult(out=None, out_u=g.queries(out_u), u_sum=rows(u_sum), tau=rows(tau), shift=rows(shift),
-                            support=None, block_masks=[mask])
+                            support=None, block_masks=[mask], alpha_split=split)
         return entmax_backward(backend, g.queries(q), g.queries(grad_out), SingleBlock(g.keys(k), g.keys(v), vis),
                                fwd, EntmaxSpec(g.alpha), softmax_scale, kv_grad_dtype=k.dtype, alpha_grad=alpha_grad,
                                q_grad_dtype=_stored_final(q))
@@ -220,8 +250,8 @@ def _backward(grad_out, q, k, v, vis: Visibility, out_u, u_sum, tau, shift, nonz
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, out_u, u_sum, tau, shift, nonzero, alphas,
-      softmax_scale, alpha_grad):
+def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, out_u, u_sum, tau, shift, nonzero, out_c,
+      c_sum, alpha_open, alphas, softmax_scale, alpha_grad):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             tau.new_empty(q.shape[2] if alpha_grad else 0))
 
@@ -236,9 +266,11 @@ class _EntmaxAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha_tensor, alphas: tuple,
                 softmax_scale: float, pairs: int):
         vectors = (q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
-        out, out_u, u_sum, tau, shift, support, nonzero = attention_forward(q, k, v, *vectors, list(alphas),
-                                                                            softmax_scale, True, pairs)
-        ctx.save_for_backward(q, k, v, *vectors, out_u, u_sum, tau, shift, nonzero)
+        # the forward's part of the alpha gradient, where a backward will want it
+        alpha_sums = alpha_tensor is not None and ctx.needs_input_grad[9]
+        out, out_u, u_sum, tau, shift, support, nonzero, *split = attention_forward(
+            q, k, v, *vectors, list(alphas), softmax_scale, True, pairs, alpha_sums)
+        ctx.save_for_backward(q, k, v, *vectors, out_u, u_sum, tau, shift, nonzero, *split)
         ctx.alphas, ctx.softmax_scale = alphas, softmax_scale
         # the alpha tensor's shape and dtype, for its gradient (not the tensor: nothing to keep alive)
         ctx.alpha_like = None if alpha_tensor is None else alpha_tensor.new_empty(alpha_tensor.shape)
@@ -277,7 +309,7 @@ def _attention(q, k, v, vis: Visibility, alpha: HeadAlpha, softmax_scale: float,
     learnable = alpha.tensor is not None and alpha.tensor.requires_grad
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or learnable)):
         # no backward to come: the forward alone, without the row terms only the backward reads
-        out, _, _, tau, shift, support, _ = attention_forward(q, k, v, *vis.vectors(), list(alpha.values),
+        out, _, _, tau, shift, support, *_ = attention_forward(q, k, v, *vis.vectors(), list(alpha.values),
                                                               softmax_scale, False, pairs)
         return out, AttentionStats(tau, shift, support)
     out, tau, shift, support = _EntmaxAttention.apply(q, k, v, *vis.vectors(), alpha.tensor, alpha.values,

@@ -1272,6 +1272,56 @@ def test_gpu_learnable_alpha_per_head(dtype, alphas, monkeypatch):
     _alpha_gradient_case("cuda", dtype, 2e-2 if dtype == torch.bfloat16 else 1e-4, alphas)
 
 
+def _split_alpha_sums_case(backend, alpha, device="cpu"):
+    """dL/dalpha's row sums as the forward's ``AlphaSplit`` and the dQ kernel's dot product give
+    them, against the dQ kernel's term-by-term sums in the same backward (float32): 64 candidate
+    slots, too few for the flat rows' keys, so one call holds query tiles of both kinds; NaN
+    rows, rows with no visible key and a window as in the schedule routes above."""
+    g = torch.Generator(device=device).manual_seed(3)
+    q, k, v = (torch.randn(1, 400, 2, 32, generator=g, device=device) for _ in range(3))
+    q[:, :200] *= 0.02  # flat rows: more candidates than the slots
+    q[0, 333, 1, 0] = float("nan")
+    do = torch.randn(1, 400, 2, 32, generator=g, device=device)
+    keep = torch.ones(1, 400, dtype=torch.bool, device=device)
+    keep[0, :70] = False
+    cases = [causal_visibility(400, 400, True, device),
+             padded_visibility(keep, 400, True, window_size=(89, 0), sink_tokens=2)]
+    spec, scale = EntmaxSpec(alpha), 32 ** -0.5
+    for vis in cases:
+        sums = {}
+        for split in (True, False):
+            blocks = A.SingleBlock(k, v, vis)
+            fwd = A.entmax_forward(backend, q, blocks, spec, scale, alpha_sums=split)
+            assert (fwd.alpha_split is not None) == split
+            if split:  # both kinds of query tile in one call
+                opened = fwd.alpha_split.open
+                assert opened.any() and not opened.all()
+            sums[split] = A.entmax_backward(backend, q, do, blocks, fwd, spec, scale, alpha_grad=True)[3]
+        assert torch.equal(torch.isnan(sums[True]), torch.isnan(sums[False]))
+        finite = torch.isfinite(sums[False])
+        largest = sums[False][finite].abs().max().item()
+        assert largest > 1e-3
+        # float32 rounding of the rows' terms (the two forms sum them in other orders), and the
+        # heads' totals, which the gradient with respect to alpha takes
+        torch.testing.assert_close(sums[True][finite], sums[False][finite], rtol=1e-4, atol=4e-6 * largest)
+        torch.testing.assert_close(sums[True].nansum(-1), sums[False].nansum(-1), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 1.25])
+def test_interpreted_alpha_sums_split_between_forward_and_backward(interpreted, alpha, monkeypatch):
+    monkeypatch.setenv(interpreted.CANDIDATES_ENV, "64")
+    _split_alpha_sums_case(interpreted, alpha)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("alpha", [1.5, 1.25])
+def test_gpu_alpha_sums_split_between_forward_and_backward(alpha, monkeypatch):
+    from ring_adasplash.kernels import triton_backend
+
+    monkeypatch.setenv(triton_backend.CANDIDATES_ENV, "64")
+    _split_alpha_sums_case(triton_backend, alpha, "cuda")
+
+
 def _one_launch_case(device, dtype):
     """Heads of four different alphas, none 1.5 or 2, run in one launch per kernel (the kernels
     read each head's alpha): out, dq, dk and dv as each head run alone with its alpha as a float,

@@ -41,7 +41,7 @@ from typing import Iterator, NamedTuple, Protocol
 import torch
 
 from . import stats
-from .backend import Backend, OutputRequest, PartialOutput
+from .backend import AlphaSplit, Backend, OutputRequest, PartialOutput
 from .block_mask import BlockMask, packed_width
 from .entmax_spec import EntmaxSpec
 from .visibility import Visibility, tile_visible
@@ -123,6 +123,9 @@ class ForwardResult:
     block_masks: list = field(default_factory=list)  # per key block: tiles with p > 0 (``BlockMask``)
     read_masks: list = field(default_factory=list)  # per key block: tiles the output pass read
     dense_passes: int = 1
+    # the forward's part of dL/dalpha's row sums where it computed one (``entmax_forward``'s
+    # ``alpha_sums``, one key block), else None
+    alpha_split: AlphaSplit | None = None
     # bytes of per-tile state held at once before the output pass: tile gaps, masks and tile lists
     # of every key block (``held_bytes``), the part of memory that grows with Sq x Sk; counted only
     # while ``count_tile_state`` is set (0 otherwise)
@@ -338,7 +341,8 @@ def _needed(blocks: KeyBlocks, masks: list):
 
 def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: EntmaxSpec, softmax_scale: float,
                    reduce: LocalReduce = LocalReduce(), schedule: str | None = None,
-                   backward_sums: bool = True, out_dtype: torch.dtype | None = None) -> ForwardResult:
+                   backward_sums: bool = True, out_dtype: torch.dtype | None = None,
+                   alpha_sums: bool = False) -> ForwardResult:
     """Exact alpha-entmax attention of ``q`` (B, Sq, Hq, D) against all key blocks; ``schedule``:
     one of ``SCHEDULES``, default ``default_schedule`` (``one_block``: one key block, nothing to merge).
     ``backward_sums``: also the row terms the backward needs (``out_u``, ``u_sum``); without
@@ -346,7 +350,9 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
     ``out_dtype``: the dtype of ``out`` where the caller takes it as final (one key block and
     nothing to merge: the kernel then stores it once, with no float32 copy; else float32), and
     of ``out_u`` then: the backward reads it once, for the row term delta, which it sums in
-    float32 (as flash attention takes delta from the 16-bit output)."""
+    float32 (as flash attention takes delta from the 16-bit output). ``alpha_sums``: where the
+    backend can (one key block), also the forward's part of the alpha gradient
+    (``ForwardResult.alpha_split``) for a backward that asks for it."""
     if out_dtype is not None and not _one_block(blocks, reduce):
         raise ValueError(f"out_dtype needs one key block and nothing to merge; got {blocks.num_blocks} blocks")
     schedule = schedule or default_schedule(_one_block(blocks, reduce))
@@ -364,7 +370,7 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
     reference = rel.reference
     if schedule == "newton":
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        output = OutputRequest(backward_sums, out_dtype) if _one_block(blocks, reduce) else None
+        output = OutputRequest(backward_sums, out_dtype, alpha_sums) if _one_block(blocks, reduce) else None
         tau, read, partial = _newton_schedule_tau(backend, problems, blocks, reduce, spec, rel, gap_codes, visible,
                                                   dtype, output)
         tau = tau.to(reference.dtype)  # what the masks and the output pass read: one cast
@@ -411,12 +417,13 @@ def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, vi
     tile_state_bytes = max(tile_state_bytes, _tile_state(nonzero, visible.values(), candidates))
     masks = [visible[i].with_tiles(nonzero[i]) for i in range(blocks.num_blocks)]
     return ForwardResult(out, out_u, u_sum, tau, rel.shift, support, masks, candidates,
-                         tile_state_bytes=tile_state_bytes)
+                         tile_state_bytes=tile_state_bytes, alpha_split=None if partial is None else partial.alpha)
 
 
 def entmax_forward_in_query_chunks(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    vis: Visibility, spec: EntmaxSpec, softmax_scale: float, chunk_rows: int,
-                                   backward_sums: bool = True, out_dtype: torch.dtype | None = None) -> ForwardResult:
+                                   backward_sums: bool = True, out_dtype: torch.dtype | None = None,
+                                   alpha_sums: bool = False) -> ForwardResult:
     """``entmax_forward`` of ``q`` (B, Sq, Hq, D) against all its keys (one key block, one device),
     ``chunk_rows`` queries at a time (a multiple of ``backend.BLOCK_M``): a row's tau and output
     depend on its own scores only, so each chunk is a forward of its own, the same to the bit.
@@ -431,7 +438,7 @@ def entmax_forward_in_query_chunks(backend: Backend, q: torch.Tensor, k: torch.T
     for start in range(0, seqlen_q, chunk_rows):
         stop = min(start + chunk_rows, seqlen_q)
         part = entmax_forward(backend, q[:, start:stop], SingleBlock(k, v, vis.queries(start, stop)), spec,
-                              softmax_scale, backward_sums=backward_sums, out_dtype=out_dtype)
+                              softmax_scale, backward_sums=backward_sums, out_dtype=out_dtype, alpha_sums=alpha_sums)
         if whole is None:
             whole = _whole_call_like(part, seqlen_q, vis.seqlen_k, backend)
         rows, tiles = slice(start, stop), slice(start // backend.BLOCK_M, -(-stop // backend.BLOCK_M))
@@ -441,6 +448,10 @@ def entmax_forward_in_query_chunks(backend: Backend, q: torch.Tensor, k: torch.T
         for name in ("u_sum", "tau", "shift", "support"):
             if getattr(part, name) is not None:
                 getattr(whole, name)[..., rows] = getattr(part, name)
+        if part.alpha_split is not None:
+            whole.alpha_split.out_c[:, rows] = part.alpha_split.out_c
+            whole.alpha_split.c_sum[..., rows] = part.alpha_split.c_sum
+            whole.alpha_split.open[..., tiles] = part.alpha_split.open
         whole.block_masks[0].bits[:, :, tiles] = part.block_masks[0].bits
         whole.block_masks[0].visible[tiles] = part.block_masks[0].visible
         whole.tile_state_bytes = max(whole.tile_state_bytes, part.tile_state_bytes)
@@ -464,9 +475,13 @@ def _whole_call_like(part: ForwardResult, seqlen_q: int, seqlen_k: int, backend:
     bits = torch.zeros((batch, heads, num_q_tiles, packed_width(num_k_tiles)), dtype=torch.uint8, device=device)
     visible = torch.zeros((num_q_tiles, num_k_tiles), dtype=torch.bool, device=device)
     mask = BlockMask.from_bits(bits, num_k_tiles, backend.BLOCK_M, backend.BLOCK_N, seqlen_q, seqlen_k, visible)
+    split = part.alpha_split
+    if split is not None:
+        open_tiles = split.open.new_empty((*split.open.shape[:-1], num_q_tiles))
+        split = AlphaSplit(rows_like(split.out_c, 1), rows_like(split.c_sum, -1), open_tiles)
     return ForwardResult(rows_like(part.out, 1), rows_like(part.out_u, 1), rows_like(part.u_sum, -1),
                          rows_like(part.tau, -1), rows_like(part.shift, -1), rows_like(part.support, -1),
-                         block_masks=[mask], read_masks=[], dense_passes=part.dense_passes)
+                         block_masks=[mask], read_masks=[], dense_passes=part.dense_passes, alpha_split=split)
 
 
 def entmax_backward(backend: Backend, q, grad_out, blocks: KeyBlocks, fwd: ForwardResult, spec: EntmaxSpec,
@@ -486,8 +501,10 @@ def entmax_backward(backend: Backend, q, grad_out, blocks: KeyBlocks, fwd: Forwa
     sweep = blocks.backward_sweep(_needed(blocks, fwd.block_masks))
     for block in sweep:
         problem = backend.problem(q, block.k, block.v, block.vis, spec, softmax_scale, fwd.shift)
+        # the forward's part of the alpha sums is the row's only where one block holds every key
+        split = fwd.alpha_split if alpha_grad and blocks.num_blocks == 1 else None
         grads = backend.backward_pass(problem, grad_out, fwd.tau, fwd.block_masks[block.index], delta, fwd.out_u,
-                                      fwd.u_sum, kv_grad_dtype, alpha_grad, q_grad_dtype)
+                                      fwd.u_sum, kv_grad_dtype, alpha_grad, q_grad_dtype, split)
         dq = grads.dq if dq is None else dq + grads.dq
         if alpha_grad:
             alpha_sums = grads.alpha_sums if alpha_sums is None else alpha_sums + grads.alpha_sums

@@ -132,15 +132,30 @@ class OutputRequest(NamedTuple):
 
     backward_sums: bool
     out_dtype: torch.dtype | None
+    alpha_sums: bool = False  # also the forward's part of dL/dalpha, where the backend can (``AlphaSplit``)
+
+
+class AlphaSplit(NamedTuple):
+    """The forward's part of the row sums of dL/dalpha (``EntmaxSpec.alpha_terms``), ``sum_j (g_j
+    - delta) c_j`` with ``c = p (1 - log gap)``, split as ``dO . out_c - delta c_sum``: ``out_c``
+    (B, Sq, Hq, D) float32 = sum c v and ``c_sum`` (B, Hq, Sq) = sum c, on the rows of the query
+    tiles not marked in ``open`` ((B, Hq, nQ) int8; the backward sums the marked ones term by
+    term)."""
+
+    out_c: torch.Tensor
+    c_sum: torch.Tensor
+    open: torch.Tensor
 
 
 class PartialOutput(NamedTuple):
     """Output sums that ``newton_schedule`` computed: ``sums`` (as ``output_pass`` gives them) are
     final on the rows of every query tile not marked in ``open`` ((B x Hq x nQ) int8, 1: still to
-    compute); ``output_pass(..., partial=)`` computes those into the same tensors."""
+    compute); ``output_pass(..., partial=)`` computes those into the same tensors. ``alpha``: with
+    ``OutputRequest.alpha_sums``, the ``AlphaSplit`` of the same query tiles, else None."""
 
     sums: OutputSums
     open: torch.Tensor
+    alpha: AlphaSplit | None = None
 
 
 class Gradients(NamedTuple):
@@ -232,14 +247,16 @@ class Backend(Protocol):
         what ``newton_schedule`` computed for the same request; only its open query tiles run."""
 
     def backward_pass(self, problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                      kv_grad_dtype=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:
+                      kv_grad_dtype=None, alpha_sums: bool = False, q_grad_dtype=None,
+                      alpha_split: AlphaSplit | None = None) -> Gradients:
         """Gradients through the ``tiles`` of one key block; dq is NaN on rows whose tau is NaN
         (they see a score that is not finite), dk and dv on the keys such a row sees, as in dense
         attention.
         ``delta`` None: computed from ``out_u`` and ``u_sum`` (the merged forward row terms).
         ``kv_grad_dtype``, ``q_grad_dtype``: the dtype of dk and dv, and of dq, where they are final
         (one key block); default float32. ``alpha_sums``: also the row sums the gradient with respect to alpha needs
-        (``Gradients.alpha_sums``)."""
+        (``Gradients.alpha_sums``), from ``alpha_split`` where the forward computed its part (one
+        key block: its sums are the row's)."""
 
     def coarse_bracket(self, stats, spec: EntmaxSpec):
         """``stats.coarse_bracket``: where tau lies after the coarse counts."""

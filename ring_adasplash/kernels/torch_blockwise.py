@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import stats
-from .backend import Gradients, Maxima, OutputRequest, OutputSums, PartialOutput, Problem
+from .backend import AlphaSplit, Gradients, Maxima, OutputRequest, OutputSums, PartialOutput, Problem
 from .block_mask import BlockMask
 from .entmax_spec import EntmaxSpec
 from .visibility import Visibility, key_tile_span, keys_seen_by
@@ -382,7 +382,8 @@ def row_delta(grad_out, out_u, u_sum):
 
 
 def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                  kv_grad_dtype=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:
+                  kv_grad_dtype=None, alpha_sums: bool = False, q_grad_dtype=None,
+                  alpha_split: AlphaSplit | None = None) -> Gradients:
     """Gradients through the ``tiles`` of one key block (``backend.Gradients``; float32, float64
     for float64 inputs, dk and dv in ``kv_grad_dtype`` and dq in ``q_grad_dtype`` where given); dq
     is NaN on rows whose tau is NaN, dk and dv on the keys such a row sees (``keys_seen_by``).
@@ -392,7 +393,8 @@ def backward_pass(problem: Problem, grad_out, tau, tiles: BlockMask, delta=None,
     score gradient is ``ds = u (g - delta)``; ``dq = scale ds k``, ``dk = scale ds^T q``,
     ``dv = p^T grad_out`` (dk, dv summed over each GQA group). Non-finite inputs reach only the
     rows and keys that see them: the products read them as zeros (a zero weight times NaN would
-    spread NaN over the whole tile). ``alpha_sums``: also ``Gradients.alpha_sums``.
+    spread NaN over the whole tile). ``alpha_sums``: also ``Gradients.alpha_sums``, term by term
+    (``alpha_split`` is not read: this backend's forward computes none).
     """
     if delta is None:
         delta = row_delta(grad_out, out_u, u_sum)

@@ -30,7 +30,8 @@ import triton
 from . import stats as S
 from . import (entmax_spec, triton_backward, triton_candidates, triton_entmax, triton_histogram, triton_maxima,
                triton_newton, triton_output, triton_refine, triton_tau, triton_tiles)
-from .backend import CANDIDATES_ENV, Gradients, Maxima, OutputRequest, OutputSums, PartialOutput, Problem
+from .backend import (CANDIDATES_ENV, AlphaSplit, Gradients, Maxima, OutputRequest, OutputSums, PartialOutput,
+                      Problem)
 from .block_mask import BlockMask
 from .compile_ahead import launch
 from .entmax_spec import EntmaxSpec
@@ -474,14 +475,21 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
         work = p.num_q_tiles * p.batch * p.heads
         programs = _persistent_programs(p.q.device, work)
         spilled = torch.empty(work, device=p.q.device, dtype=torch.int8)
+        alpha = None
         if output is not None:
             sums = _output_tensors(p, output.backward_sums, output.out_dtype)
-            partial = PartialOutput(_output_sums(sums, output.backward_sums), spilled)
+            if output.alpha_sums:
+                alpha = AlphaSplit(torch.empty(sums[0].shape, device=p.q.device, dtype=torch.float32),
+                                   p.empty_rows(), spilled.view(p.batch, p.heads, p.num_q_tiles))
+            partial = PartialOutput(_output_sums(sums, output.backward_sums), spilled, alpha)
             output_arguments = dict(_output_arguments(p, sums), V=p.v, **_strides("v", p.v), OUTPUT=True,
                                     BACKWARD_SUMS=output.backward_sums)
         else:  # the output's pointers are never read
             output_arguments = dict(_output_arguments(p, (keep,) * 5), V=keep, **_strides("v", p.q), OUTPUT=False,
                                     BACKWARD_SUMS=False)
+        # not read without ALPHA_SUMS
+        output_arguments |= dict(Out_c=keep, C_sum=keep, ALPHA_SUMS=False) if alpha is None else \
+            dict(Out_c=alpha.out_c, C_sum=alpha.c_sum, ALPHA_SUMS=True)
         launch(triton_candidates.candidate_schedule_kernel, (programs,))(
             **arguments, **output_arguments, Spilled=spilled,
             Cand=torch.empty(programs * BLOCK_M * (slots + BLOCK_N) * 2, device=p.q.device, dtype=torch.int32),
@@ -541,20 +549,28 @@ def output_pass(problem: TritonProblem, tau, tiles: BlockMask, backward_sums: bo
 
 
 def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=None, u_sum=None,
-        alpha_sums=None, dtype=torch.float32) -> torch.Tensor:
+        alpha_sums=None, dtype=torch.float32, alpha_split: AlphaSplit | None = None) -> torch.Tensor:
     """dq (B, Sq, Hq, D) in ``dtype`` (``triton_backward.dq_kernel``: float32 sums, one cast at
     the store; why float32: docs/design.md (kernel choices)); with ``out_u`` and ``u_sum``, it also
     computes ``delta`` into ``delta``; with ``alpha_sums`` (B, H, Sq) float32, the row sums
-    ``Gradients.alpha_sums`` into it."""
+    ``Gradients.alpha_sums`` into it (from ``alpha_split``'s on the query tiles it covers)."""
     p, compute_delta = problem, out_u is not None
     dq = torch.empty(p.batch, p.seqlen_q, p.heads, p.head_dim, device=p.q.device, dtype=dtype)
     out_u_strides = _strides("o", out_u) if compute_delta else {f"stride_o{axis}": 0 for axis in "bshd"}
+    if alpha_split is None:  # not read without ALPHA_SPLIT
+        split = dict(Out_c=dq, C_sum=dq, Alpha_open=dq)
+    else:  # sum c v is read with out_u's strides
+        if not compute_delta or alpha_split.out_c.stride() != out_u.stride():
+            raise ValueError("alpha_split needs delta computed here and out_c laid out as out_u")
+        split = dict(Out_c=alpha_split.out_c, C_sum=p.per_row(alpha_split.c_sum),
+                     Alpha_open=alpha_split.open.to(device=p.q.device, dtype=torch.int8).contiguous())
     launch(triton_backward.dq_kernel, p.query_grid)(
         **p.listed(tiles), V=p.v, DO=grad_out, Tau=tau, Out_u=out_u if compute_delta else delta,
-        U_sum=u_sum if compute_delta else delta, Delta=delta, DQ=dq, Alpha_sums=dq if alpha_sums is None else alpha_sums,
-        **_strides("v", p.v), **_strides("do", grad_out), **out_u_strides, **_strides("dq", dq),
-        softmax_scale=float(p.softmax_scale), **p.weights, COMPUTE_DELTA=compute_delta,
-        ALPHA_SUMS=alpha_sums is not None, **p.config("dq", grad_out))
+        U_sum=u_sum if compute_delta else delta, Delta=delta, DQ=dq,
+        Alpha_sums=dq if alpha_sums is None else alpha_sums, **split, **_strides("v", p.v),
+        **_strides("do", grad_out), **out_u_strides, **_strides("dq", dq), softmax_scale=float(p.softmax_scale),
+        **p.weights, COMPUTE_DELTA=compute_delta, ALPHA_SUMS=alpha_sums is not None,
+        ALPHA_SPLIT=alpha_split is not None, **p.config("dq", grad_out))
     return dq
 
 
@@ -590,13 +606,15 @@ def _dkdv(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, dtype)
 
 
 def backward_pass(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta=None, out_u=None, u_sum=None,
-                  kv_grad_dtype=None, alpha_sums: bool = False, q_grad_dtype=None) -> Gradients:
+                  kv_grad_dtype=None, alpha_sums: bool = False, q_grad_dtype=None,
+                  alpha_split: AlphaSplit | None = None) -> Gradients:
     """dq (B, Sq, Hq, D) in ``q_grad_dtype``, dk and dv (B, Sk, Hkv, D) in ``kv_grad_dtype`` (default
     float32), and delta (B, Hq, Sq), through ``tiles``. ``delta`` None: the dQ kernel computes it
     from ``out_u`` and ``u_sum`` (``torch_blockwise.row_delta``) for its rows, before the dK/dV
-    kernel reads it. ``alpha_sums``: the dQ kernel also sums ``Gradients.alpha_sums``. The keys
-    that rows whose tau is NaN see get NaN dk and dv (``_nan_keys``: a memset and a launch
-    whether or not such a row exists; no host sync)."""
+    kernel reads it. ``alpha_sums``: the dQ kernel also sums ``Gradients.alpha_sums``, from
+    ``alpha_split`` on the query tiles it covers (it needs ``delta`` None). The keys that rows
+    whose tau is NaN see get NaN dk and dv (``_nan_keys``: a memset and a launch whether or not
+    such a row exists; no host sync)."""
     grad_out = grad_out.to(problem.q.dtype)
     tau = problem.per_row(tau)
     tiles.query_tile_lists()  # both directions of the tile lists from one launch
@@ -604,8 +622,10 @@ def backward_pass(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta
     if delta is None:
         delta = problem.empty_rows()
         dq = _dq(problem, grad_out, tau, tiles, delta, out_u, u_sum.to(torch.float32).contiguous(),
-                 sums, q_grad_dtype or torch.float32)
+                 sums, q_grad_dtype or torch.float32, alpha_split if alpha_sums else None)
     else:
+        if alpha_split is not None:
+            raise ValueError("alpha_split needs the row term computed here (delta None)")
         delta = problem.per_row(delta)
         dq = _dq(problem, grad_out, tau, tiles, delta, alpha_sums=sums, dtype=q_grad_dtype or torch.float32)
     dk, dv = _dkdv(problem, grad_out, tau, tiles, delta, kv_grad_dtype or torch.float32)

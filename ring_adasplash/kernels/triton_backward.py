@@ -16,18 +16,16 @@ sum u = 0) from the dO tile it loads anyway, and stores it for the dK/dV kernel 
 (why: docs/design.md (kernel choices)).
 Operands meet in the input dtype (P and dS cast, as flash attention does) with fp32 accumulation.
 """
-import math
 
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, MAX, SMALLEST_NORMAL, approx_log2, at_head, dot, entmax_weights,
+from .triton_common import (ADD, LN2, MAX, SMALLEST_NORMAL, approx_log2, at_head, dot, entmax_weights,
                             first_slot_at_least, hide_invisible, key_positions, list_slot, list_slots,
                             listed_query_tile, listed_tile, listed_tiles, load_rows, logits, of_query_head,
-                            offset_strides, positive_gap, program_tile, query_positions, row_offsets, tile_ptrs,
-                            visible)
+                            offset_strides, positive_gap, program_query_flag, program_tile, query_positions,
+                            row_offsets, tile_ptrs, visible)
 
-LN2 = tl.constexpr(math.log(2.0))
 
 
 @triton.jit
@@ -165,6 +163,20 @@ def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, fu
 
 
 @triton.jit
+def dq_sweep(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
+             in_q, do, shift, tau, delta, dq, alpha_sum, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k,
+             scale_z, gamma, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, POWER: tl.constexpr,
+             ALPHA_SUMS: tl.constexpr, PRECISION: tl.constexpr):
+    """``dq_tiles`` over both loops: the tiles that need a mask, then the others (``list_slots``)."""
+    for FULL in tl.static_range(2):
+        dq, alpha_sum = dq_tiles(
+            q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, in_q,
+            do, shift, tau, delta, dq, alpha_sum, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k,
+            scale_z, gamma, BLOCK_N, HEAD_DIM, POWER, FULL == 1, ALPHA_SUMS, PRECISION)
+    return dq, alpha_sum
+
+
+@triton.jit
 def nan_keys_kernel(Tau, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_tile_lo, K_tile_hi, Nan_keys,
                     seqlen_q, seqlen_k, num_heads, num_heads_kv, num_q_tiles,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr):
@@ -201,7 +213,7 @@ def nan_keys_kernel(Tau, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_til
 def dq_kernel(
     Q, K, V, DO, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
     Tau, Out_u, U_sum,
-    Delta, DQ, Alpha_sums,
+    Delta, DQ, Alpha_sums, Out_c, C_sum, Alpha_open,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -210,9 +222,14 @@ def dq_kernel(
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, softmax_scale, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POWER: tl.constexpr, COMPUTE_DELTA: tl.constexpr, ALPHA_SUMS: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
+    POWER: tl.constexpr, COMPUTE_DELTA: tl.constexpr, ALPHA_SUMS: tl.constexpr, ALPHA_SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
+    """dq of one query tile (module doc); with ``ALPHA_SUMS`` the row sums of
+    ``EntmaxSpec.alpha_terms`` into ``Alpha_sums``: with ``ALPHA_SPLIT``, on the query tiles not
+    marked in ``Alpha_open`` (int8 per query tile) as ``dO . Out_c - delta C_sum`` from the
+    forward's ``triton_candidates.candidate_alpha_sums`` (``Out_c`` with ``Out_u``'s strides),
+    and the others term by term in the tile loops."""
     stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
     stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
     stride_vs, stride_vh = offset_strides(stride_vs, stride_vh, WIDE_OFFSETS)
@@ -241,11 +258,26 @@ def dq_kernel(
 
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     alpha_sum = tl.full([BLOCK_M], 0.0, tl.float32)
-    for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-        dq, alpha_sum = dq_tiles(
-            q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, in_q,
-            do, shift, tau, delta, dq, alpha_sum, stride_ks, stride_kd, stride_vs, stride_vd, seqlen_k,
-            scale_z, gamma, BLOCK_N, HEAD_DIM, POWER, FULL == 1, ALPHA_SUMS, PRECISION)
+    if ALPHA_SPLIT:
+        if program_query_flag(Alpha_open) != 0:
+            dq, alpha_sum = dq_sweep(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end,
+                                     q_limit, q_doc, q_first, in_q, do, shift, tau, delta, dq, alpha_sum, stride_ks,
+                                     stride_kd, stride_vs, stride_vd, seqlen_k, scale_z, gamma, BLOCK_N, HEAD_DIM,
+                                     POWER, True, PRECISION)
+        else:
+            dq, no_sums = dq_sweep(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end,
+                                   q_limit, q_doc, q_first, in_q, do, shift, tau, delta, dq, alpha_sum, stride_ks,
+                                   stride_kd, stride_vs, stride_vd, seqlen_k, scale_z, gamma, BLOCK_N, HEAD_DIM,
+                                   POWER, False, PRECISION)
+            out_c = load_rows(at_head(Out_c, b, h, stride_ob, stride_oh), tile_q * BLOCK_M, in_q, stride_os,
+                              stride_od, BLOCK_M, HEAD_DIM)
+            c_sum = tl.load(C_sum + rows, mask=in_q, other=0.0)
+            alpha_sum = tl.reduce(do.to(tl.float32) * out_c, 1, ADD) - delta * c_sum
+    else:
+        dq, alpha_sum = dq_sweep(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit,
+                                 q_doc, q_first, in_q, do, shift, tau, delta, dq, alpha_sum, stride_ks, stride_kd,
+                                 stride_vs, stride_vd, seqlen_k, scale_z, gamma, BLOCK_N, HEAD_DIM, POWER, ALPHA_SUMS,
+                                 PRECISION)
     if ALPHA_SUMS:  # (B, H, Sq), NaN on rows that see a non-finite score
         tl.store(Alpha_sums + rows, tl.where(tau != tau, float("nan"), alpha_sum), mask=in_q)
 

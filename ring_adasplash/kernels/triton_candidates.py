@@ -25,9 +25,9 @@ sequence.
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, INTERPRETED, MAX, MIN, at_head, dot, entmax_weights, gather_rows, list_slots,
-                            listed_query_tile_at, listed_scores, logits, of_query_head, offset_strides, positive_gap,
-                            query_line, score_cutoff, tile_ptrs)
+from .triton_common import (ADD, INTERPRETED, LN2, MAX, MIN, SMALLEST_NORMAL, approx_log2, at_head, dot,
+                            entmax_weights, gather_rows, list_slots, listed_query_tile_at, listed_scores, logits,
+                            of_query_head, offset_strides, positive_gap, query_line, score_cutoff, tile_ptrs)
 from .triton_tau import newton_live_rows_step, schedule_rows
 
 NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF800000)
@@ -179,9 +179,35 @@ def candidate_output(Row_slots, found, longest, tau, shift, scale_z, V, Nonzero,
 
 
 @triton.jit
+def candidate_alpha_sums(Row_slots, found, longest, tau, shift, scale_z, V, stride_vs, stride_vd, gamma,
+                         POWER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The forward's part of dL/dalpha (``EntmaxSpec.alpha_terms``) from the rows' first ``found``
+    candidates (those ``move_candidates_above`` moved to the front), one of every row per trip:
+    ``(sum c v, sum c)`` with ``c = p (1 - log gap)`` on the support, float32. The backward's row
+    sum ``sum (g - delta) c`` is then ``dO . sum c v - delta sum c``, one dot product per row
+    (``triton_backward.dq_kernel``, ``ALPHA_SPLIT``), where it would be a log, a product and a
+    row reduction per element of every tile. A second trip over the candidates rather than a
+    third accumulator in ``candidate_output``: three (rows, D) float32 tiles at once exceed the
+    registers."""
+    acc_c = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
+    c_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+    for slot in range(0, longest):
+        s = tl.load(Row_slots + 2 * slot, mask=slot < found, other=NEG_INF_BITS).to(tl.float32, bitcast=True)
+        gap = positive_gap(logits(s, shift, scale_z), tau)
+        held = gap > 0
+        key = tl.load(Row_slots + 2 * slot + 1, mask=held, other=0)
+        p, _ = entmax_weights(gap, gamma, POWER)
+        # the log as dq_kernel takes it (approx_log2 at the smallest normal float at least)
+        c = tl.where(held, p * (1.0 - LN2 * approx_log2(tl.maximum(gap, SMALLEST_NORMAL), NORMAL=True)), 0.0)
+        acc_c += c[:, None] * gather_rows(V, key, held, stride_vs, stride_vd, HEAD_DIM).to(tl.float32)
+        c_sum += c
+    return acc_c, c_sum
+
+
+@triton.jit
 def candidate_schedule_kernel(
     Q, K, V, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
-    Reference, Row_max, Tau, Keep, Spilled, Cand, Out, Out_u, U_sum, Support, Nonzero,
+    Reference, Row_max, Tau, Keep, Spilled, Cand, Out, Out_u, U_sum, Support, Nonzero, Out_c, C_sum,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -190,7 +216,8 @@ def candidate_schedule_kernel(
     margin, tolerance, step_tolerance,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, CANDIDATES: tl.constexpr,
-    CHUNK: tl.constexpr, OUTPUT: tl.constexpr, BACKWARD_SUMS: tl.constexpr, UNROLL: tl.constexpr,
+    CHUNK: tl.constexpr, OUTPUT: tl.constexpr, BACKWARD_SUMS: tl.constexpr, ALPHA_SUMS: tl.constexpr,
+    UNROLL: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
@@ -205,7 +232,9 @@ def candidate_schedule_kernel(
     per program.
     With ``OUTPUT``, the query tiles not spilled also store ``output_kernel``'s results (``Out``,
     with ``BACKWARD_SUMS`` ``Out_u`` and ``U_sum``, ``Support``, ``Nonzero``: zeros from the
-    caller), NaN rows of ``Out`` where ``Row_max`` is NaN. See the module doc."""
+    caller), NaN rows of ``Out`` where ``Row_max`` is NaN, and with ``ALPHA_SUMS``
+    ``candidate_alpha_sums`` into ``Out_c`` (float32, ``Out``'s shape and strides) and ``C_sum``.
+    See the module doc."""
     stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
     stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
     stride_vs, stride_vh = offset_strides(stride_vs, stride_vh, WIDE_OFFSETS)
@@ -286,3 +315,11 @@ def candidate_schedule_kernel(
                                            stride_od, BLOCK_M, HEAD_DIM), acc_u, mask=in_q[:, None])
                         tl.store(U_sum + rows, u_sum, mask=in_q)
                     tl.store(Support + rows, support, mask=in_q)
+                    if ALPHA_SUMS:
+                        acc_c, c_sum = candidate_alpha_sums(
+                            Row_slots, near, tl.reduce(near, 0, MAX), tau, shift, scale_z_h,
+                            at_head(V, b, h // GROUP, stride_vb, stride_vh), stride_vs, stride_vd, gamma_h, POWER,
+                            HEAD_DIM, BLOCK_M)
+                        tl.store(tile_ptrs(at_head(Out_c, b, h, stride_ob, stride_oh), tile_q * BLOCK_M, stride_os,
+                                           stride_od, BLOCK_M, HEAD_DIM), acc_c, mask=in_q[:, None])
+                        tl.store(C_sum + rows, c_sum, mask=in_q)

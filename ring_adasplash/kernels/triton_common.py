@@ -13,6 +13,7 @@ float32 sums), ``"f32"`` for 16-bit inputs under Triton's interpreter, whose ``t
 16-bit operands wrong: there the operands, already rounded to the input dtype, are multiplied in
 float32, which gives what the tensor cores give.
 """
+import math
 import os
 
 import triton
@@ -146,12 +147,19 @@ def program_query_tile(num_heads, seqlen, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def program_query_flag(Flags):
+    """This program's entry of ``Flags`` (one per query tile of each batch x head, as the candidate
+    kernel marks them) in a (query tiles, batch x heads) grid."""
+    return tl.load(Flags + tl.program_id(1) * tl.num_programs(0) + program_query_line())
+
+
+@triton.jit
 def runs_here(Spilled, SPILLED_ONLY: tl.constexpr):
     """Whether this program's query tile of a (query tiles, batch x heads) grid runs: every one,
     or with ``SPILLED_ONLY`` those marked in ``Spilled`` (int8 per query tile, the candidate
     kernel's: ``triton_candidates``)."""
     if SPILLED_ONLY:
-        run = tl.load(Spilled + tl.program_id(1) * tl.num_programs(0) + program_query_line()) != 0
+        run = program_query_flag(Spilled) != 0
     else:
         run = tl.program_id(0) >= 0
     return run
@@ -445,6 +453,7 @@ def row_max_with_nan(x):
 
 
 SMALLEST_NORMAL = tl.constexpr(1.1754943508222875e-38)  # of float32: 2^-126
+LN2 = tl.constexpr(math.log(2.0))  # natural logs from the GPU's log2
 
 
 @triton.jit
