@@ -1276,7 +1276,8 @@ def _split_alpha_sums_case(backend, alpha, device="cpu"):
     """dL/dalpha's row sums as the forward's ``AlphaSplit`` and the dQ kernel's dot product give
     them, against the dQ kernel's term-by-term sums in the same backward (float32): 64 candidate
     slots, too few for the flat rows' keys, so one call holds query tiles of both kinds; NaN
-    rows, rows with no visible key and a window as in the schedule routes above."""
+    rows, rows with no visible key and a window as in the schedule routes above. A forward in
+    chunks of queries gives the same forward sums."""
     g = torch.Generator(device=device).manual_seed(3)
     q, k, v = (torch.randn(1, 400, 2, 32, generator=g, device=device) for _ in range(3))
     q[:, :200] *= 0.02  # flat rows: more candidates than the slots
@@ -1297,6 +1298,13 @@ def _split_alpha_sums_case(backend, alpha, device="cpu"):
                 opened = fwd.alpha_split.open
                 assert opened.any() and not opened.all()
             sums[split] = A.entmax_backward(backend, q, do, blocks, fwd, spec, scale, alpha_grad=True)[3]
+            if split:  # in chunks of queries (a long call), the same sums (defined on the closed tiles' rows)
+                chunked = A.entmax_forward_in_query_chunks(backend, q, k, v, vis, spec, scale, 128,
+                                                           alpha_sums=True).alpha_split
+                assert torch.equal(chunked.open, opened)
+                closed = (opened == 0).repeat_interleave(backend.BLOCK_M, -1)[..., :q.shape[1]]  # (B, H, S)
+                assert torch.equal(chunked.c_sum[closed], fwd.alpha_split.c_sum[closed])
+                assert torch.equal(chunked.out_c[closed.transpose(1, 2)], fwd.alpha_split.out_c[closed.transpose(1, 2)])
         assert torch.equal(torch.isnan(sums[True]), torch.isnan(sums[False]))
         finite = torch.isfinite(sums[False])
         largest = sums[False][finite].abs().max().item()
