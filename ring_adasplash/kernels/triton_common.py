@@ -484,11 +484,11 @@ APPROX_LOG_MAX_GAMMA = tl.constexpr(4.0)
 
 @triton.jit
 def power_log2(x, gamma):
-    """log2 of ``x > 0`` for the powers ``x ** gamma`` and ``x ** (gamma - 1)``: ``approx_log2`` up
-    to ``APPROX_LOG_MAX_GAMMA`` (a branch on a scalar: the same for every element), else
-    correctly rounded."""
+    """log2 of ``x >= SMALLEST_NORMAL`` for the powers ``x ** gamma`` and ``x ** (gamma - 1)``:
+    ``approx_log2`` (one instruction for such ``x``) up to ``APPROX_LOG_MAX_GAMMA`` (a branch on a
+    scalar: the same for every element), else correctly rounded."""
     if gamma <= APPROX_LOG_MAX_GAMMA:
-        log_x = approx_log2(x)
+        log_x = approx_log2(x, NORMAL=True)
     else:
         log_x = tl.log2(x)
     return log_x
@@ -503,18 +503,14 @@ def power_and_slope(d, gamma, POWER: tl.constexpr):
     elif POWER == 2:
         return d * d, d
     else:
-        slope = tl.where(d > 0, tl.exp2((gamma - 1.0) * power_log2(tl.where(d > 0, d, 1.0), gamma)), 0.0)
+        # a positive d below the smallest normal float (never met: z and tau are of order one,
+        # so a gap is 0 or far above it) is taken at that float
+        slope = tl.where(d > 0, tl.exp2((gamma - 1.0) * power_log2(tl.maximum(d, SMALLEST_NORMAL), gamma)), 0.0)
         return d * slope, slope
 
 
 @triton.jit
 def entmax_weights(gap, gamma, POWER: tl.constexpr):
     """p = gap^gamma and u = gap^(gamma - 1) on the support (gap > 0), 0 elsewhere
-    (``EntmaxSpec.weights``)."""
-    if POWER == 0:
-        log_gap = power_log2(tl.where(gap > 0, gap, 1.0), gamma)
-        p = tl.where(gap > 0, tl.exp2(gamma * log_gap), 0.0)
-        u = tl.where(gap > 0, tl.exp2((gamma - 1.0) * log_gap), 0.0)
-        return p, u
-    else:
-        return power_and_slope(gap, gamma, POWER)
+    (``EntmaxSpec.weights``): ``power_and_slope``, whose p is gap u (one power, not two)."""
+    return power_and_slope(gap, gamma, POWER)
