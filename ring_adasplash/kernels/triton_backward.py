@@ -156,7 +156,7 @@ def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, fu
             # the log of a gap below the smallest normal float (never met: z and tau are of order one)
             # is taken at that float, which moves a term by less than 1e-35
             on = gap > 0
-            log_gap = LN2 * approx_log2(tl.maximum(gap, SMALLEST_NORMAL), NORMAL=True)
+            log_gap = LN2 * approx_log2(tl.maximum(gap, SMALLEST_NORMAL))
             alpha_sum += tl.reduce(tl.where(on, ds * gap * (1.0 - log_gap), 0.0), 1, ADD)
         dq += dot(ds.to(q.dtype), k, PRECISION)
     return dq, alpha_sum

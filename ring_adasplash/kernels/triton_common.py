@@ -457,22 +457,19 @@ LN2 = tl.constexpr(math.log(2.0))  # natural logs from the GPU's log2
 
 
 @triton.jit
-def approx_log2(x, NORMAL: tl.constexpr = False):
-    """log2 of float32 ``x > 0`` by the GPU's approximate instruction (``lg2.approx.f32``, relative
-    error about 2^-22): ``tl.log2`` compiles to libdevice's correctly rounded log2, many
-    instructions per element, which made the sums of dL/dalpha most of the dQ kernel's time
-    (benchmarks/RESULTS.md). For terms where that error is far below the result's tolerance: the
-    alpha gradient's sums, and powers of small exponent (``power_log2``). With ``NORMAL`` (``x >=
-    SMALLEST_NORMAL``), ``lg2.approx.ftz.f32``: one ``MUFU.LG2``, where the compiler wraps the
-    other in a test and a rescale for denormal inputs. The interpreter takes ``tl.log2``."""
+def approx_log2(x):
+    """log2 of float32 ``x >= SMALLEST_NORMAL`` (callers clamp to it) by the GPU's approximate
+    instruction (``lg2.approx.ftz.f32``, relative error about 2^-22, one ``MUFU.LG2``; the form
+    without ``ftz`` is wrapped by the compiler in a test and a rescale for denormal inputs):
+    ``tl.log2`` compiles to libdevice's correctly rounded log2, many instructions per element, which
+    made the sums of dL/dalpha most of the dQ kernel's time (benchmarks/RESULTS.md). For terms where
+    that error is far below the result's tolerance: the alpha gradient's sums, and powers of small
+    exponent (``power_log2``). The interpreter takes ``tl.log2``."""
     if INTERPRETED:
         return tl.log2(x)
-    elif NORMAL:
+    else:
         return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
 
 
 # The largest gamma (alpha >= 1.25) whose powers take log2 from ``approx_log2``: an error e in the
@@ -485,10 +482,10 @@ APPROX_LOG_MAX_GAMMA = tl.constexpr(4.0)
 @triton.jit
 def power_log2(x, gamma):
     """log2 of ``x >= SMALLEST_NORMAL`` for the powers ``x ** gamma`` and ``x ** (gamma - 1)``:
-    ``approx_log2`` (one instruction for such ``x``) up to ``APPROX_LOG_MAX_GAMMA`` (a branch on a
-    scalar: the same for every element), else correctly rounded."""
+    ``approx_log2`` up to ``APPROX_LOG_MAX_GAMMA`` (a branch on a scalar: the same for every
+    element), else correctly rounded."""
     if gamma <= APPROX_LOG_MAX_GAMMA:
-        log_x = approx_log2(x, NORMAL=True)
+        log_x = approx_log2(x)
     else:
         log_x = tl.log2(x)
     return log_x
