@@ -198,7 +198,7 @@ def candidate_alpha_sums(Row_slots, found, longest, tau, shift, scale_z, V, stri
         key = tl.load(Row_slots + 2 * slot + 1, mask=held, other=0)
         p, _ = entmax_weights(gap, gamma, POWER)
         # the log as dq_kernel takes it (approx_log2 at the smallest normal float at least)
-        c = tl.where(held, p * (1.0 - LN2 * approx_log2(tl.maximum(gap, SMALLEST_NORMAL), NORMAL=True)), 0.0)
+        c = tl.where(held, p * (1.0 - LN2 * approx_log2(tl.maximum(gap, SMALLEST_NORMAL))), 0.0)
         acc_c += c[:, None] * gather_rows(V, key, held, stride_vs, stride_vd, HEAD_DIM).to(tl.float32)
         c_sum += c
     return acc_c, c_sum
