@@ -201,7 +201,7 @@ def make_step(attn, mode, tensors):
 
 
 HEAD_ALPHAS = None  # None: alpha = ALPHA, a float; else one alpha per query head, learnable (bench_kernels --head-alphas)
-ALPHA_STEP = 0.0  # with HEAD_ALPHAS: each call first moves them by this, up and down in turn (bench_kernels --alpha-step)
+ALPHA_STEP = 0.0  # with HEAD_ALPHAS: each call first moves them by this, up and down (bench_kernels --alpha-step)
 _alpha_parameters: dict = {}
 
 

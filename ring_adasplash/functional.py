@@ -46,10 +46,11 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: T
     ``kernels/algorithm.py`` (``ForwardResult``); out_u in q's dtype where ``_stored_final``
     says so, else in the compute dtype. ``alphas``: one alpha, or one per query head;
     ``alpha_table``: the same on q's device, float64, where a group of heads reads its alpha per
-    head (``_alpha_table``), else empty. ``backward_sums`` False (no backward to come): out_u and u_sum are empty, (0,), and not
-    computed. ``pairs``: (query, key) pairs per head that the visibility can reach, where the
-    caller knows it (packed documents: the sum of their products), else -1: Sq x Sk per batch
-    entry; it decides whether the call runs as a CUDA graph (``cuda_graphs``)."""
+    head (``_alpha_table``), else empty. ``backward_sums`` False (no backward to come): out_u
+    and u_sum are empty, (0,), and not computed. ``pairs``: (query, key) pairs per head that the
+    visibility can reach, where the caller knows it (packed documents: the sum of their
+    products), else -1: Sq x Sk per batch entry; it decides whether the call runs as a CUDA
+    graph (``cuda_graphs``)."""
     alphas = tuple(alphas)
 
     def forward(q, k, v, alpha_table, *vectors_and_constants):  # the graph key's alphas stand for ``alphas``
@@ -145,8 +146,7 @@ def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backw
     groups = head_groups(alphas, q.shape[2], k.shape[2], q.device)
     results = []
     for g in groups:
-        table = g.queries(alpha_table, 0) if alpha_table is not None and alpha_table.numel() else None
-        qg, kg, vg, spec = g.queries(q), g.keys(k), g.keys(v), EntmaxSpec(g.alpha, table)
+        qg, kg, vg, spec = g.queries(q), g.keys(k), g.keys(v), EntmaxSpec(g.alpha, _group_table(g, alpha_table))
         chunk_rows = _chunk_rows(qg, kg, backend.BLOCK_M, backend.BLOCK_N)
         if chunk_rows < q.shape[1]:
             fwd = entmax_forward_in_query_chunks(backend, qg, kg, vg, vis, spec, softmax_scale, chunk_rows,
@@ -156,6 +156,12 @@ def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backw
                                  backward_sums=backward_sums, out_dtype=_stored_final(q))
         results.append((g, fwd))
     return results
+
+
+def _group_table(group, alpha_table: Tensor | None) -> Tensor | None:
+    """The alphas of ``group``'s heads from ``alpha_table`` (``_alpha_table``; None where it is
+    None or empty)."""
+    return group.queries(alpha_table, 0) if alpha_table is not None and alpha_table.numel() else None
 
 
 def _forward(q, k, v, alpha_table, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: tuple,
@@ -220,18 +226,18 @@ def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha_table, al
 @torch.library.custom_op("ring_adasplash::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor,
                        k_pos: Tensor, k_doc: Tensor, q_first: Tensor, k_win_pos: Tensor, out_u: Tensor, u_sum: Tensor,
-                       tau: Tensor, shift: Tensor, nonzero: Tensor, alphas: list[float], softmax_scale: float,
-                       alpha_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       tau: Tensor, shift: Tensor, nonzero: Tensor, alpha_table: Tensor, alphas: list[float],
+                       softmax_scale: float, alpha_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv and, with ``alpha_grad``, dL/dalpha per query head (Hq,) in the compute
-    dtype (else an empty tensor)."""
+    dtype (else an empty tensor). ``alpha_table``: as ``attention_forward``'s."""
     # no CUDA graph here: the backward launches a few large kernels, which hide their launches,
     # and copying its eight inputs into a graph cost more than it saved (cuda_graphs.py)
     return _backward(grad_out, q, k, v, Visibility(q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos), out_u, u_sum,
-                     tau, shift, nonzero, alphas, softmax_scale, alpha_grad)
+                     tau, shift, nonzero, alphas, softmax_scale, alpha_grad, alpha_table)
 
 
 def _backward(grad_out, q, k, v, vis: Visibility, out_u, u_sum, tau, shift, nonzero, alphas, softmax_scale: float,
-              alpha_grad: bool) -> tuple:
+              alpha_grad: bool, alpha_table: Tensor | None = None) -> tuple:
     backend = backend_for(q)
     heads, heads_kv = q.shape[2], k.shape[2]
     groups = head_groups(alphas, heads, heads_kv, q.device)
@@ -244,8 +250,9 @@ def _backward(grad_out, q, k, v, vis: Visibility, out_u, u_sum, tau, shift, nonz
                                    k.shape[1])
         fwd = ForwardResult(out=None, out_u=g.queries(out_u), u_sum=rows(u_sum), tau=rows(tau), shift=rows(shift),
                             support=None, block_masks=[mask])
+        spec = EntmaxSpec(g.alpha, _group_table(g, alpha_table))
         return entmax_backward(backend, g.queries(q), g.queries(grad_out), SingleBlock(g.keys(k), g.keys(v), vis),
-                               fwd, EntmaxSpec(g.alpha), softmax_scale, kv_grad_dtype=k.dtype, alpha_grad=alpha_grad,
+                               fwd, spec, softmax_scale, kv_grad_dtype=k.dtype, alpha_grad=alpha_grad,
                                q_grad_dtype=_stored_final(q))
 
     dq, dk, dv, d_alpha = backward_by_group(groups, groups, group_backward, heads, heads_kv, alpha_grad)
@@ -254,8 +261,8 @@ def _backward(grad_out, q, k, v, vis: Visibility, out_u, u_sum, tau, shift, nonz
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, out_u, u_sum, tau, shift, nonzero, alphas,
-      softmax_scale, alpha_grad):
+def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, out_u, u_sum, tau, shift, nonzero,
+      alpha_table, alphas, softmax_scale, alpha_grad):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             tau.new_empty(q.shape[2] if alpha_grad else 0))
 
@@ -272,7 +279,7 @@ class _EntmaxAttention(torch.autograd.Function):
         vectors = (q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
         out, out_u, u_sum, tau, shift, support, nonzero = attention_forward(q, k, v, *vectors, alpha_table,
                                                                             list(alphas), softmax_scale, True, pairs)
-        ctx.save_for_backward(q, k, v, *vectors, out_u, u_sum, tau, shift, nonzero)
+        ctx.save_for_backward(q, k, v, *vectors, out_u, u_sum, tau, shift, nonzero, alpha_table)
         ctx.alphas, ctx.softmax_scale = alphas, softmax_scale
         # the alpha tensor's shape and dtype, for its gradient (not the tensor: nothing to keep alive)
         ctx.alpha_like = None if alpha_tensor is None else alpha_tensor.new_empty(alpha_tensor.shape)
