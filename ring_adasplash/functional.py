@@ -25,6 +25,7 @@ from .kernels.block_mask import BlockMask, packed_width
 from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, default_schedule, entmax_backward,
                                 entmax_forward, entmax_forward_in_query_chunks)
 from .kernels.compile_ahead import compile_ahead
+from .kernels.entmax_spec import head_constants
 from .kernels.head_groups import (backward_by_group, graph_key, group_plan, head_groups, join_heads,
                                   to_alpha_shape)
 from .kernels.identity import remembered_in, tensor_identity
@@ -68,23 +69,16 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: T
     return cuda_graphs.call(name, forward, args, copied=4, work=_work(q, k, pairs))
 
 
-# the tables of alphas given as floats or read from a tensor without a gradient, by values and device
-_ALPHA_TABLES: dict = {}
-ALPHA_TABLES_CACHE_SIZE = 64
-
-
 def _alpha_table(alpha: HeadAlpha, heads: int, device) -> Tensor:
     """``attention_forward``'s ``alpha_table``: empty where no group of heads reads its alpha per
     head (``group_plan``); else one alpha per query head, float64 on ``device``: from the learnable
     tensor on the device (no copy from the host, and a new one each step), else made once per
     values."""
     if all(not isinstance(a, tuple) for a, _ in group_plan(alpha.values)):
-        return remembered_in(_ALPHA_TABLES, ((), str(device)), ALPHA_TABLES_CACHE_SIZE,
-                             lambda: torch.empty(0, dtype=torch.float64, device=device))
+        return head_constants((), torch.float64, device)
     if alpha.tensor is not None:
         return alpha.tensor.detach().reshape(heads).to(device=device, dtype=torch.float64)
-    return remembered_in(_ALPHA_TABLES, (alpha.values, str(device)), ALPHA_TABLES_CACHE_SIZE,
-                         lambda: torch.tensor(alpha.values, dtype=torch.float64, device=device))
+    return head_constants(alpha.values, torch.float64, device)
 
 
 def _work(q: Tensor, k: Tensor, pairs: int = -1) -> int:

@@ -38,7 +38,9 @@ _HEAD_CONSTANTS: dict = {}
 HEAD_CONSTANTS_CACHE_SIZE = 64
 
 
-def _head_constants(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+def head_constants(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """``values`` (one per head, or none) as a ``dtype`` tensor on ``device``, made once per values,
+    dtype and device."""
     return remembered_in(_HEAD_CONSTANTS, (values, dtype, str(device)), HEAD_CONSTANTS_CACHE_SIZE,
                          lambda: torch.tensor(values, dtype=dtype, device=device))
 
@@ -174,10 +176,10 @@ class EntmaxSpec:
     def _per_head(self, name, value_of: Callable, dtype: torch.dtype, device) -> torch.Tensor:
         """``value_of(alpha)`` per head as a ``dtype`` tensor on ``device``: from ``table`` where the
         spec has one (computed on its device in float64, made once per ``name`` and dtype), else
-        from the values, copied from the host (``_head_constants``). ``value_of`` takes a float or a
+        from the values, copied from the host (``head_constants``). ``value_of`` takes a float or a
         float64 tensor alike."""
         if self.table is None:
-            return _head_constants(tuple(value_of(a) for a in self.alpha), dtype, device)
+            return head_constants(tuple(value_of(a) for a in self.alpha), dtype, device)
         key = (name, dtype, str(device))
         if key not in self._made:
             self._made[key] = value_of(self.table.to(device=device, dtype=torch.float64)).to(dtype)
