@@ -61,6 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--head-alphas", default="none",
                    help="ours only: none (alpha a float), same (a learnable per-head tensor of --alpha), "
                         "or LO:HI (a learnable per-head tensor, evenly spaced)")
+    p.add_argument("--alpha-step", type=float, default=0.0, metavar="STEP",
+                   help="with --head-alphas: before each call, move the alphas of the heads not at 1.5 or 2 "
+                        "by STEP in place, up and down in turn, as an optimizer step moves a learnable alpha; "
+                        "0: held still")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (wall-clock timer)")
     p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture for --family captured "
                                                      "(amp is then the layer)")
@@ -221,10 +225,13 @@ def main(argv=None):
     inputs.CAPTURED_PATH = args.captured
     ALPHA = common.ALPHA = args.alpha  # read by common.ours_attention and _adasplash at each call
     common.HEAD_ALPHAS = common.head_alphas(args.head_alphas, args.alpha, args.heads)
+    if args.alpha_step and common.HEAD_ALPHAS is None:
+        raise ValueError("--alpha-step needs --head-alphas (same or LO:HI)")
+    common.ALPHA_STEP = args.alpha_step
     header = common.print_header(args.device, {
         "family": args.family, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
         "kv_heads": args.kv_heads or args.heads, "alpha": ALPHA,
-        "head alphas (ours)": common.HEAD_ALPHAS or "none"})
+        "head alphas (ours)": common.HEAD_ALPHAS or "none", "alpha step (ours)": args.alpha_step})
     dtype = common.torch_dtype(args.dtype)
     rows, cached_key, qkv, precompiled = [], None, None, set()
     for seqlen, head_dim, amp, impl, mode in tqdm(tasks(args), desc="kernels", file=sys.stderr):

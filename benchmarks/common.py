@@ -201,12 +201,14 @@ def make_step(attn, mode, tensors):
 
 
 HEAD_ALPHAS = None  # None: alpha = ALPHA, a float; else one alpha per query head, learnable (bench_kernels --head-alphas)
+ALPHA_STEP = 0.0  # with HEAD_ALPHAS: each call first moves them by this, up and down (bench_kernels --alpha-step)
 _alpha_parameters: dict = {}
 
 
 def ours_attention(q, k, v):
     """Our single-GPU entry point (causal, alpha = ALPHA, or HEAD_ALPHAS as a learnable per-head
-    tensor, made once per device like a model's parameter); layout (B, S, H, D)."""
+    tensor, made once per device like a model's parameter, moved by ALPHA_STEP before each call);
+    layout (B, S, H, D)."""
     import ring_adasplash
     import torch
 
@@ -214,8 +216,15 @@ def ours_attention(q, k, v):
         return ring_adasplash.adasplash_func(q, k, v, alpha=ALPHA, causal=True)
     key = (q.device, tuple(HEAD_ALPHAS))
     if key not in _alpha_parameters:
-        _alpha_parameters[key] = torch.tensor(HEAD_ALPHAS, device=q.device, requires_grad=True)
-    return ring_adasplash.adasplash_func(q, k, v, alpha=_alpha_parameters[key], causal=True)
+        moved = [0.0 if a in (1.5, 2.0) else 1.0 for a in HEAD_ALPHAS]  # the closed forms' heads stay
+        _alpha_parameters[key] = (torch.tensor(HEAD_ALPHAS, device=q.device, requires_grad=True),
+                                  torch.tensor(moved, device=q.device), [ALPHA_STEP])
+    alpha, moved, step = _alpha_parameters[key]
+    if step[0]:
+        with torch.no_grad():  # as an optimizer step: in place, on the device
+            alpha.add_(moved, alpha=step[0])
+        step[0] = -step[0]
+    return ring_adasplash.adasplash_func(q, k, v, alpha=alpha, causal=True)
 
 
 def head_alphas(spec: str, alpha: float, heads: int):

@@ -79,10 +79,11 @@ class _Graph:
         for buffer, a in zip(self.inputs, args):
             buffer.copy_(a)
         self.held = args[copied:]
-        from .kernels import triton_backend
+        from .kernels import head_groups, triton_backend
 
-        # the launchers' remembered tensors (visibility ranges) enter the graph by address too
-        self.remembered = triton_backend.remembered()
+        # the launchers' remembered tensors (visibility ranges) and the groups' head indices enter
+        # the graph by address too: held here, their memory stays the graph's after the caches drop them
+        self.remembered = triton_backend.remembered() + head_groups.remembered()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = fn(*self.inputs, *self.held)
@@ -97,8 +98,9 @@ class _Graph:
 def call(name: str, fn: Callable, args: tuple, copied: int, work: int) -> tuple:
     """``fn(*args)`` (a tuple of tensors out), eager or through a graph. ``args[:copied]`` are
     tensors copied into the graph on every replay; later tensor args (the visibility vectors) are
-    read in place, by address; other args (alpha, the scale) are constants of the graph. All of
-    them are in the key."""
+    read in place, by address; other args (the scale, what of alpha the graph holds fixed) are
+    constants of the graph. All of them are in the key: two calls whose args give one key must
+    make the same graph (``fn`` is called at the capture only)."""
     q = args[0]
     if not _wanted(q, work):
         return fn(*args)

@@ -25,7 +25,9 @@ from .kernels.block_mask import BlockMask, packed_width
 from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, default_schedule, entmax_backward,
                                 entmax_forward, entmax_forward_in_query_chunks)
 from .kernels.compile_ahead import compile_ahead
-from .kernels.head_groups import backward_by_group, group_plan, head_groups, join_heads, to_alpha_shape
+from .kernels.entmax_spec import head_constants
+from .kernels.head_groups import (backward_by_group, graph_key, group_plan, head_groups, join_heads,
+                                  to_alpha_shape)
 from .kernels.identity import remembered_in, tensor_identity
 from .kernels.visibility import (Visibility, causal_visibility, packed_visibility, padded_visibility,
                                  varlen_visibility)
@@ -37,27 +39,49 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("ring_adasplash::attention_forward", mutates_args=())
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor, k_pos: Tensor, k_doc: Tensor,
-                      q_first: Tensor, k_win_pos: Tensor, alphas: list[float], softmax_scale: float,
-                      backward_sums: bool = True, pairs: int = -1, alpha_sums: bool = False
+                      q_first: Tensor, k_win_pos: Tensor, alpha_table: Tensor, alphas: list[float],
+                      softmax_scale: float, backward_sums: bool = True, pairs: int = -1, alpha_sums: bool = False
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out in q's dtype, out_u, u_sum, tau, shift, support, nonzero tiles as bits:
     ``block_mask.pack_tiles``, out_c, c_sum, alpha_open: what the autograd keeps for the
     backward); see ``kernels/algorithm.py`` (``ForwardResult``); out_u in q's dtype where
     ``_stored_final`` says so, else in the compute dtype. ``alphas``: one alpha, or one per query
-    head. ``backward_sums`` False (no backward to come): out_u and u_sum are empty, (0,), and not
-    computed. ``pairs``: (query, key) pairs per head that the visibility can reach, where the
-    caller knows it (packed documents: the sum of their products), else -1: Sq x Sk per batch
-    entry; it decides whether the call runs as a CUDA graph (``cuda_graphs``). ``alpha_sums``
-    (a backward that wants dL/dalpha): out_c (B, Sq, Hq, D), c_sum (B, Hq, Sq) and alpha_open
-    (B, Hq, nQ) int8 are the ``AlphaSplit`` of the forward (alpha_open all 1 where it computed
-    none); else they are empty, (0,)."""
-    args = (q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, tuple(alphas), softmax_scale, backward_sums,
-            alpha_sums)
+    head; ``alpha_table``: the same on q's device, float64, where a group of heads reads its
+    alpha per head (``_alpha_table``), else empty. ``backward_sums`` False (no backward to come):
+    out_u and u_sum are empty, (0,), and not computed. ``pairs``: (query, key) pairs per head
+    that the visibility can reach, where the caller knows it (packed documents: the sum of their
+    products), else -1: Sq x Sk per batch entry; it decides whether the call runs as a CUDA
+    graph (``cuda_graphs``). ``alpha_sums`` (a backward that wants dL/dalpha): out_c (B, Sq, Hq,
+    D), c_sum (B, Hq, Sq) and alpha_open (B, Hq, nQ) int8 are the ``AlphaSplit`` of the forward
+    (alpha_open all 1 where it computed none); else they are empty, (0,)."""
+    alphas = tuple(alphas)
+
+    def forward(q, k, v, alpha_table, *vectors_and_constants):  # the graph key's alphas stand for ``alphas``
+        return _forward(q, k, v, alpha_table, *vectors_and_constants[:6], alphas, softmax_scale, backward_sums,
+                        alpha_sums)
+
+    # the table is copied into a graph on every replay; the key holds of the alphas only what the
+    # graph keeps fixed (``head_groups.graph_key``): a learnable alpha that moves every step
+    # replays one graph
+    args = (q, k, v, alpha_table, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, graph_key(alphas), softmax_scale,
+            backward_sums, alpha_sums)
     # the schedule settings decide which kernels run, so each has graphs of its own (a graph
     # captured under another would meet kernels not yet compiled, which no capture allows)
     name = (f"forward ({os.environ.get(SCHEDULE_ENV, 'auto')} schedule, "
             f"{os.environ.get(CANDIDATES_ENV, 'default')} candidates)")
-    return cuda_graphs.call(name, _forward, args, copied=3, work=_work(q, k, pairs))
+    return cuda_graphs.call(name, forward, args, copied=4, work=_work(q, k, pairs))
+
+
+def _alpha_table(alpha: HeadAlpha, heads: int, device) -> Tensor:
+    """``attention_forward``'s ``alpha_table``: empty where no group of heads reads its alpha per
+    head (``group_plan``); else one alpha per query head, float64 on ``device``: from the learnable
+    tensor on the device (no copy from the host, and a new one each step), else made once per
+    values."""
+    if all(not isinstance(a, tuple) for a, _ in group_plan(alpha.values)):
+        return head_constants((), torch.float64, device)
+    if alpha.tensor is not None:
+        return alpha.tensor.detach().reshape(heads).to(device=device, dtype=torch.float64)
+    return head_constants(alpha.values, torch.float64, device)
 
 
 def _work(q: Tensor, k: Tensor, pairs: int = -1) -> int:
@@ -111,14 +135,15 @@ def _chunk_rows(q: Tensor, k: Tensor, block_m: int, block_n: int) -> int:
 
 
 def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool = True,
-                   alpha_sums: bool = False) -> list:
+                   alpha_sums: bool = False, alpha_table: Tensor | None = None) -> list:
     """``(group, ForwardResult)`` per group of heads (``head_groups``), in chunks of
-    queries where the call is long (``CHUNK_TILES``)."""
+    queries where the call is long (``CHUNK_TILES``); a per-head group reads its alphas from
+    ``alpha_table`` (``_alpha_table``) where given."""
     backend = backend_for(q)
     groups = head_groups(alphas, q.shape[2], k.shape[2], q.device)
     results = []
     for g in groups:
-        qg, kg, vg, spec = g.queries(q), g.keys(k), g.keys(v), EntmaxSpec(g.alpha)
+        qg, kg, vg, spec = g.queries(q), g.keys(k), g.keys(v), EntmaxSpec(g.alpha, _group_table(g, alpha_table))
         chunk_rows = _chunk_rows(qg, kg, backend.BLOCK_M, backend.BLOCK_N)
         if chunk_rows < q.shape[1]:
             fwd = entmax_forward_in_query_chunks(backend, qg, kg, vg, vis, spec, softmax_scale, chunk_rows,
@@ -131,13 +156,19 @@ def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backw
     return results
 
 
-def _forward(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: tuple, softmax_scale: float,
-             backward_sums: bool, alpha_sums: bool):
+def _group_table(group, alpha_table: Tensor | None) -> Tensor | None:
+    """The alphas of ``group``'s heads from ``alpha_table`` (``_alpha_table``; None where it is
+    None or empty)."""
+    return group.queries(alpha_table, 0) if alpha_table is not None and alpha_table.numel() else None
+
+
+def _forward(q, k, v, alpha_table, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: tuple,
+             softmax_scale: float, backward_sums: bool, alpha_sums: bool):
     vis = Visibility(q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
     if q.dtype != torch.float64:  # float64 runs no Triton kernel
         compile_ahead(_kernel_key(q, k, alphas, backward_sums),
                       functools.partial(_dry_run, q, k, v, vis, alphas, softmax_scale, backward_sums), q.device)
-    results = _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums, alpha_sums)
+    results = _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums, alpha_sums, alpha_table)
     outputs = _joined_outputs(q, results, backward_sums) + _joined_alpha_split(q, results, alpha_sums)
     for _, fwd in results:
         telemetry.log_forward(fwd, "single", saved_bytes=outputs[6].numel())
@@ -193,8 +224,8 @@ def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_su
 
 
 @attention_forward.register_fake
-def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas, softmax_scale, backward_sums=True, pairs=-1,
-      alpha_sums=False):
+def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha_table, alphas, softmax_scale, backward_sums=True,
+      pairs=-1, alpha_sums=False):
     backend = backend_for(q)
     batch, seqlen_q, heads, _ = q.shape
     acc = _compute_dtype(q)
@@ -214,19 +245,19 @@ def _(q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas, softmax
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: Tensor,
                        k_pos: Tensor, k_doc: Tensor, q_first: Tensor, k_win_pos: Tensor, out_u: Tensor, u_sum: Tensor,
                        tau: Tensor, shift: Tensor, nonzero: Tensor, out_c: Tensor, c_sum: Tensor, alpha_open: Tensor,
-                       alphas: list[float], softmax_scale: float, alpha_grad: bool
+                       alpha_table: Tensor, alphas: list[float], softmax_scale: float, alpha_grad: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv and, with ``alpha_grad``, dL/dalpha per query head (Hq,) in the compute
     dtype (else an empty tensor). ``out_c``, ``c_sum``, ``alpha_open``: ``attention_forward``'s
-    (empty: the alpha sums term by term)."""
+    (empty: the alpha sums term by term); ``alpha_table``: as ``attention_forward``'s."""
     # no CUDA graph here: the backward launches a few large kernels, which hide their launches,
     # and copying its eight inputs into a graph cost more than it saved (cuda_graphs.py)
     return _backward(grad_out, q, k, v, Visibility(q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos), out_u, u_sum,
-                     tau, shift, nonzero, out_c, c_sum, alpha_open, alphas, softmax_scale, alpha_grad)
+                     tau, shift, nonzero, out_c, c_sum, alpha_open, alphas, softmax_scale, alpha_grad, alpha_table)
 
 
 def _backward(grad_out, q, k, v, vis: Visibility, out_u, u_sum, tau, shift, nonzero, out_c, c_sum, alpha_open, alphas,
-              softmax_scale: float, alpha_grad: bool) -> tuple:
+              softmax_scale: float, alpha_grad: bool, alpha_table: Tensor | None = None) -> tuple:
     backend = backend_for(q)
     heads, heads_kv = q.shape[2], k.shape[2]
     groups = head_groups(alphas, heads, heads_kv, q.device)
@@ -240,8 +271,9 @@ def _backward(grad_out, q, k, v, vis: Visibility, out_u, u_sum, tau, shift, nonz
         split = AlphaSplit(g.queries(out_c), rows(c_sum), rows(alpha_open)) if alpha_open.numel() else None
         fwd = ForwardResult(out=None, out_u=g.queries(out_u), u_sum=rows(u_sum), tau=rows(tau), shift=rows(shift),
                             support=None, block_masks=[mask], alpha_split=split)
+        spec = EntmaxSpec(g.alpha, _group_table(g, alpha_table))
         return entmax_backward(backend, g.queries(q), g.queries(grad_out), SingleBlock(g.keys(k), g.keys(v), vis),
-                               fwd, EntmaxSpec(g.alpha), softmax_scale, kv_grad_dtype=k.dtype, alpha_grad=alpha_grad,
+                               fwd, spec, softmax_scale, kv_grad_dtype=k.dtype, alpha_grad=alpha_grad,
                                q_grad_dtype=_stored_final(q))
 
     dq, dk, dv, d_alpha = backward_by_group(groups, groups, group_backward, heads, heads_kv, alpha_grad)
@@ -251,7 +283,7 @@ def _backward(grad_out, q, k, v, vis: Visibility, out_u, u_sum, tau, shift, nonz
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, out_u, u_sum, tau, shift, nonzero, out_c,
-      c_sum, alpha_open, alphas, softmax_scale, alpha_grad):
+      c_sum, alpha_open, alpha_table, alphas, softmax_scale, alpha_grad):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             tau.new_empty(q.shape[2] if alpha_grad else 0))
 
@@ -263,14 +295,14 @@ class _EntmaxAttention(torch.autograd.Function):
     (one value or one per query head) whose gradient is wanted, else None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha_tensor, alphas: tuple,
-                softmax_scale: float, pairs: int):
+    def forward(ctx, q, k, v, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alpha_tensor, alpha_table,
+                alphas: tuple, softmax_scale: float, pairs: int):
         vectors = (q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
         # the forward's part of the alpha gradient, where a backward will want it
         alpha_sums = alpha_tensor is not None and ctx.needs_input_grad[9]
         out, out_u, u_sum, tau, shift, support, nonzero, *split = attention_forward(
-            q, k, v, *vectors, list(alphas), softmax_scale, True, pairs, alpha_sums)
-        ctx.save_for_backward(q, k, v, *vectors, out_u, u_sum, tau, shift, nonzero, *split)
+            q, k, v, *vectors, alpha_table, list(alphas), softmax_scale, True, pairs, alpha_sums)
+        ctx.save_for_backward(q, k, v, *vectors, out_u, u_sum, tau, shift, nonzero, *split, alpha_table)
         ctx.alphas, ctx.softmax_scale = alphas, softmax_scale
         # the alpha tensor's shape and dtype, for its gradient (not the tensor: nothing to keep alive)
         ctx.alpha_like = None if alpha_tensor is None else alpha_tensor.new_empty(alpha_tensor.shape)
@@ -283,7 +315,7 @@ class _EntmaxAttention(torch.autograd.Function):
         dq, dk, dv, d_alpha = attention_backward(grad_out.contiguous(), *ctx.saved_tensors, list(ctx.alphas),
                                                  ctx.softmax_scale, alpha_grad)
         d_alpha = to_alpha_shape(d_alpha, ctx.alpha_like) if alpha_grad else None
-        return dq, dk, dv, None, None, None, None, None, None, d_alpha, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, d_alpha, None, None, None, None
 
 
 class AttentionStats(NamedTuple):
@@ -307,12 +339,13 @@ def _attention(q, k, v, vis: Visibility, alpha: HeadAlpha, softmax_scale: float,
                pairs: int = -1) -> tuple[Tensor, AttentionStats]:
     """``pairs``: see ``attention_forward``."""
     learnable = alpha.tensor is not None and alpha.tensor.requires_grad
+    table = _alpha_table(alpha, q.shape[2], q.device)
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or learnable)):
         # no backward to come: the forward alone, without the row terms only the backward reads
-        out, _, _, tau, shift, support, *_ = attention_forward(q, k, v, *vis.vectors(), list(alpha.values),
+        out, _, _, tau, shift, support, *_ = attention_forward(q, k, v, *vis.vectors(), table, list(alpha.values),
                                                               softmax_scale, False, pairs)
         return out, AttentionStats(tau, shift, support)
-    out, tau, shift, support = _EntmaxAttention.apply(q, k, v, *vis.vectors(), alpha.tensor, alpha.values,
+    out, tau, shift, support = _EntmaxAttention.apply(q, k, v, *vis.vectors(), alpha.tensor, table, alpha.values,
                                                       softmax_scale, pairs)
     return out, AttentionStats(tau, shift, support)
 

@@ -100,6 +100,41 @@ def test_heads_form_at_most_three_groups():
     assert group_plan([1.5, 2.0, 1.5]) == [(1.5, [0, 2]), (2.0, [1])]
 
 
+def test_a_graph_holds_the_heads_split_not_the_per_head_values():
+    """A CUDA graph of the forward is keyed on ``graph_key``: the groups' heads and the alpha of a
+    group of one alpha, not the values of a per-head group (read from the device), so that an
+    alpha moved by training replays one graph; a head that moves onto 1.5 or 2 changes the key."""
+    from ring_adasplash.kernels.head_groups import graph_key
+
+    assert graph_key([1.3, 1.5, 1.7]) == graph_key([1.31, 1.5, 1.69]) == ((None, (0, 2)), (1.5, (1,)))
+    assert graph_key([1.3, 1.5, 1.7]) != graph_key([1.3, 1.5, 2.0])
+    assert graph_key([1.25] * 3) != graph_key([1.26] * 3)  # one alpha: a constant of the graph
+    assert graph_key([1.4]) == ((1.4, (0,)),)
+
+
+def test_per_head_constants_from_the_device_table_are_the_host_ones():
+    """``EntmaxSpec`` with a ``table`` (the alphas as a float64 tensor) gives the per-head
+    constants bit for bit as from the host values, in every dtype the kernels and the PyTorch
+    path take them; a wrong table shape is named; a spec of one alpha ignores the table."""
+    from ring_adasplash.kernels import EntmaxSpec
+
+    values = (1.37, 1.81, 1.12, 1.999)
+    host, device = EntmaxSpec(values), EntmaxSpec(values, torch.tensor(values, dtype=torch.float64))
+    for key in ("scale_z", "gamma"):
+        a, b = host.kernel_constants(0.125, "cpu")[key], device.kernel_constants(0.125, "cpu")[key]
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), key
+    for dtype in (torch.float32, torch.float64):
+        like = torch.zeros(2, 4, 3, dtype=dtype)
+        assert torch.equal(host.gamma_at(like), device.gamma_at(like))
+        assert torch.equal(host.scale_z_at(0.3, like), device.scale_z_at(0.3, like))
+        sums = torch.randn(2, 4, 3, dtype=dtype)
+        assert torch.equal(host.alpha_gradient(sums), device.alpha_gradient(sums))
+    assert device == host and device.table is not None
+    assert EntmaxSpec((1.5, 1.5), torch.tensor([1.5, 1.5])).table is None
+    with pytest.raises(ValueError, match=r"table: expected one alpha per head, shape \(4,\)"):
+        EntmaxSpec(values, torch.tensor(values[:3]))
+
+
 @pytest.mark.parametrize("alpha,match", [
     (torch.tensor([1.5, 1.5]), r"shape \(4,\)"),
     (torch.ones(4, 1) * 1.5, r"shape \(4,\)"),

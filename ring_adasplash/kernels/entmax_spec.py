@@ -22,7 +22,7 @@ of rounding. It adds across key blocks, so it costs no O(S^2) tensor: ``alpha_gr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -38,7 +38,9 @@ _HEAD_CONSTANTS: dict = {}
 HEAD_CONSTANTS_CACHE_SIZE = 64
 
 
-def _head_constants(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+def head_constants(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """``values`` (one per head, or none) as a ``dtype`` tensor on ``device``, made once per values,
+    dtype and device."""
     return remembered_in(_HEAD_CONSTANTS, (values, dtype, str(device)), HEAD_CONSTANTS_CACHE_SIZE,
                          lambda: torch.tensor(values, dtype=dtype, device=device))
 
@@ -55,9 +57,18 @@ class EntmaxSpec:
 
     Per-head alphas take the general form (``power`` 0) on every head; the callers give the heads
     of alpha 1.5 and 2 specs of their own (``head_groups``), which keep the closed forms. Where a
-    per-head value meets a tensor, the tensor is (B, H, ...), heads on dim 1 (``gamma_at``)."""
+    per-head value meets a tensor, the tensor is (B, H, ...), heads on dim 1 (``gamma_at``).
+
+    ``table``: the same per-head alphas as a float64 tensor (one per head), where the caller has
+    them on the device. The per-head constants are then computed from it there, in float64 as on
+    the host (the same bits), instead of copied from the host: a forward captured as a CUDA graph
+    once then serves every value of an alpha that training moves (``cuda_graphs``). A spec of one
+    alpha ignores it."""
 
     alpha: float | tuple[float, ...]
+    table: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # the per-head constants made from ``table``, by name and dtype: one spec serves one call
+    _made: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self):
         if isinstance(self.alpha, (tuple, list)):
@@ -67,6 +78,11 @@ class EntmaxSpec:
             object.__setattr__(self, "alpha", values[0] if len(set(values)) == 1 else values)
         else:
             object.__setattr__(self, "alpha", float(self.alpha))
+        if not self.per_head:
+            object.__setattr__(self, "table", None)
+        elif self.table is not None and tuple(self.table.shape) != (len(self.alpha),):
+            raise ValueError(f"table: expected one alpha per head, shape ({len(self.alpha)},); "
+                             f"got {tuple(self.table.shape)}")
 
     @property
     def per_head(self) -> bool:
@@ -95,21 +111,21 @@ class EntmaxSpec:
 
     def gamma_at(self, like: torch.Tensor) -> float | torch.Tensor:
         """gamma as it meets ``like`` (B, H, ...): a float, or per head (H, 1, ...) in its dtype."""
-        return self._at(lambda a: 1.0 / (a - 1.0), like)
+        return self._at("gamma", lambda a: 1.0 / (a - 1.0), like)
 
     def scale_z_at(self, softmax_scale: float, like: torch.Tensor) -> float | torch.Tensor:
         """``scale_z`` as it meets ``like`` (B, H, ...) (``gamma_at``)."""
-        return self._at(lambda a: (a - 1.0) * softmax_scale, like)
+        return self._at(("scale_z", softmax_scale), lambda a: (a - 1.0) * softmax_scale, like)
 
     def kernel_constants(self, softmax_scale: float, device) -> dict:
         """``scale_z`` and ``gamma`` as the Triton kernels take them: floats, or float32 tensors of
         one value per query head, with ``PER_HEAD`` saying which."""
         if not self.per_head:
             return dict(scale_z=self.scale_z(softmax_scale), gamma=self.gamma, PER_HEAD=False)
-        scale_z = tuple((a - 1.0) * softmax_scale for a in self.alpha)
-        gamma = tuple(1.0 / (a - 1.0) for a in self.alpha)
-        return dict(scale_z=_head_constants(scale_z, torch.float32, device),
-                    gamma=_head_constants(gamma, torch.float32, device), PER_HEAD=True)
+        scale_z = self._per_head(("scale_z", softmax_scale), lambda a: (a - 1.0) * softmax_scale, torch.float32,
+                                 device)
+        gamma = self._per_head("gamma", lambda a: 1.0 / (a - 1.0), torch.float32, device)
+        return dict(scale_z=scale_z, gamma=gamma, PER_HEAD=True)
 
     def weights(self, gap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Probability ``p = gap ** gamma`` and backward weight ``u = gap ** (gamma - 1)`` (0 off the
@@ -148,11 +164,23 @@ class EntmaxSpec:
             raise ValueError(f"this spec holds one alpha per head ({len(self.alpha)}); ask for its values per head")
         return self.alpha
 
-    def _at(self, value_of: Callable[[float], float], like: torch.Tensor) -> float | torch.Tensor:
+    def _at(self, name, value_of: Callable, like: torch.Tensor) -> float | torch.Tensor:
         if not self.per_head:
             return value_of(self.alpha)
         if like.dim() < 2 or like.shape[1] != len(self.alpha):
             raise ValueError(f"a tensor that meets per-head alphas must be (B, H, ...) with H = {len(self.alpha)}; "
                              f"got {tuple(like.shape)}")
-        values = _head_constants(tuple(value_of(a) for a in self.alpha), like.dtype, like.device)
+        values = self._per_head(name, value_of, like.dtype, like.device)
         return values.view(-1, *([1] * (like.dim() - 2)))
+
+    def _per_head(self, name, value_of: Callable, dtype: torch.dtype, device) -> torch.Tensor:
+        """``value_of(alpha)`` per head as a ``dtype`` tensor on ``device``: from ``table`` where the
+        spec has one (computed on its device in float64, made once per ``name`` and dtype), else
+        from the values, copied from the host (``head_constants``). ``value_of`` takes a float or a
+        float64 tensor alike."""
+        if self.table is None:
+            return head_constants(tuple(value_of(a) for a in self.alpha), dtype, device)
+        key = (name, dtype, str(device))
+        if key not in self._made:
+            self._made[key] = value_of(self.table.to(device=device, dtype=torch.float64)).to(dtype)
+        return self._made[key]

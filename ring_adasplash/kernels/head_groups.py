@@ -10,13 +10,13 @@ the gradients of a key head shared by several groups add up (``add_heads``).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from .entmax_spec import CLOSED_FORM_ALPHAS
+from .identity import remembered_in
 
 
 @dataclass(frozen=True)
@@ -53,27 +53,47 @@ def group_plan(alphas: Sequence[float]) -> list[tuple[float | tuple[float, ...],
     return [(kind if kind is not None else tuple(values[h] for h in heads), heads) for kind, heads in kinds.items()]
 
 
+def graph_key(alphas: Sequence[float]) -> tuple:
+    """What of ``alphas`` a forward captured as a CUDA graph holds fixed: the groups' heads, and
+    the alpha of each group of one alpha (1.5, 2, or the alpha of every head). The alphas of a
+    per-head group are left out (None): its kernels read them from the device (``EntmaxSpec.table``),
+    so one graph serves every value that training gives them."""
+    return tuple((None if isinstance(alpha, tuple) else alpha, tuple(heads)) for alpha, heads in group_plan(alphas))
+
+
 def head_groups(alphas: Sequence[float], heads_q: int, heads_kv: int, device) -> tuple[HeadGroup, ...]:
     """The groups of ``group_plan`` with their head indices on ``device``."""
     if len(alphas) not in (1, heads_q):
         raise ValueError(f"alpha must give one value or one per query head ({heads_q}); got {len(alphas)}")
-    return _head_groups(tuple(alphas), heads_q, heads_kv, device)
-
-
-# Made once per alphas and shapes: the head indices are copied from the host to the device, a
-# copy that a CUDA graph's capture forbids (the forward's graphs are captured at a call's second
-# sight, after an eager first call has made them) and that costs a wait on every eager call.
-@functools.lru_cache(maxsize=64)
-def _head_groups(alphas: tuple, heads_q: int, heads_kv: int, device) -> tuple[HeadGroup, ...]:
     plan = group_plan(alphas)
     if len(plan) == 1:
         return (HeadGroup(plan[0][0]),)
+    indices = remembered_in(_GROUP_INDICES, (tuple(tuple(heads) for _, heads in plan), heads_q, heads_kv, str(device)),
+                            GROUP_INDICES_CACHE_SIZE, lambda: _group_indices(plan, heads_q, heads_kv, device))
+    return tuple(HeadGroup(alpha, q_heads, kv_heads) for (alpha, _), (q_heads, kv_heads) in zip(plan, indices))
+
+
+# The groups' head indices, made once per split of the heads (not per alpha values, which a
+# learnable alpha changes every step): a copy from the host to the device, which a CUDA graph's
+# capture forbids (the forward's graphs are captured at a call's second sight, after an eager
+# first call has made them) and which costs a wait on every eager call. A captured graph reads
+# them by address, so it holds ``remembered()``.
+_GROUP_INDICES: dict = {}
+GROUP_INDICES_CACHE_SIZE = 64
+
+
+def _group_indices(plan, heads_q: int, heads_kv: int, device) -> tuple:
     per_kv = heads_q // heads_kv
-    groups = []
-    for alpha, heads in plan:
+    indices = []
+    for _, heads in plan:
         q_heads = torch.tensor(heads, dtype=torch.int64, device=device)
-        groups.append(HeadGroup(alpha, q_heads, q_heads // per_kv))
-    return tuple(groups)
+        indices.append((q_heads, q_heads // per_kv))
+    return tuple(indices)
+
+
+def remembered() -> list:
+    """The groups' head indices kept between calls."""
+    return list(_GROUP_INDICES.values())
 
 
 def join_heads(parts: Sequence[torch.Tensor], groups: Sequence[HeadGroup], dim: int, heads: int) -> torch.Tensor:
