@@ -34,6 +34,8 @@ NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF80
 # candidates per row and trip of ``move_candidates_above``: its scan along the row in a thread's
 # registers, where 64 a trip spilled (sm_90 code, D 64: 79 instructions a candidate, 43 at 16)
 MOVE_CHUNK = tl.constexpr(16)
+# candidates per row and trip of a Newton step's sums (``candidate_sums``)
+SUMS_CHUNK = tl.constexpr(32)
 # after this many Newton steps, a query tile whose longest row holds more than DROP_LONGEST
 # candidates drops those below the bracket's lower bound: on local rows the first steps take tau
 # from hundreds of candidates to the support's tens; on rows of few candidates the pass would
@@ -99,11 +101,14 @@ def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_fir
 def candidate_sums(Row_slots, found, longest, t, shift, scale_z, gamma, POWER: tl.constexpr, BLOCK_M: tl.constexpr,
                    CHUNK: tl.constexpr):
     """``triton_newton.newton_sweep``'s sums at ``t`` over the rows' candidates: ``(f, f', count,
-    closest)`` per row, float64 (``closest``: the smallest gap ``z - t > 0``, +inf where none)."""
-    f_sum = tl.full([BLOCK_M], 0.0, tl.float32)
-    df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
-    above = tl.full([BLOCK_M], 0.0, tl.float32)
-    closest = tl.full([BLOCK_M], float("inf"), tl.float32)
+    closest)`` per row, float64 (``closest``: the smallest gap ``z - t > 0``, +inf where none).
+    The sums run per slot column and meet across the row once a step: a row reduction per trip
+    took its tile through shared memory (three barriers a trip) and 40% of the trip's
+    instructions. ``CHUNK`` 32: four accumulators of 64 per row spilled at 128 registers."""
+    f_acc = tl.full([BLOCK_M, CHUNK], 0.0, tl.float32)
+    df_acc = tl.full([BLOCK_M, CHUNK], 0.0, tl.float32)
+    above_acc = tl.full([BLOCK_M, CHUNK], 0.0, tl.float32)
+    closest_acc = tl.full([BLOCK_M, CHUNK], float("inf"), tl.float32)
     cols = tl.arange(0, CHUNK)
     for first in range(0, longest, CHUNK):
         listed = (first + cols)[None, :] < found[:, None]
@@ -111,10 +116,14 @@ def candidate_sums(Row_slots, found, longest, t, shift, scale_z, gamma, POWER: t
         z = logits(s.to(tl.float32, bitcast=True), shift[:, None], scale_z)  # -inf where not listed
         gap = positive_gap(z, t[:, None])
         p, u = entmax_weights(gap, gamma, POWER)
-        f_sum += tl.reduce(p, 1, ADD)
-        df_sum += tl.reduce(u, 1, ADD)
-        above += tl.reduce(tl.where(gap > 0, 1.0, 0.0), 1, ADD)
-        closest = tl.minimum(closest, tl.reduce(tl.where(gap > 0, gap, float("inf")), 1, MIN))
+        f_acc += p
+        df_acc += u
+        above_acc += tl.where(gap > 0, 1.0, 0.0)
+        closest_acc = tl.minimum(closest_acc, tl.where(gap > 0, gap, float("inf")))
+    f_sum = tl.reduce(f_acc, 1, ADD)
+    df_sum = tl.reduce(df_acc, 1, ADD)
+    above = tl.reduce(above_acc, 1, ADD)
+    closest = tl.reduce(closest_acc, 1, MIN)
     return f_sum.to(tl.float64), df_sum.to(tl.float64), above.to(tl.float64), closest.to(tl.float64)
 
 
@@ -279,7 +288,7 @@ def candidate_schedule_kernel(
                 while (step < MAX_STEPS) & (live > 0):
                     t = point.to(tl.float32)
                     f, df, n, closest = candidate_sums(Row_slots, found, longest, t, shift, scale_z_h, gamma_h,
-                                                       POWER, BLOCK_M, CHUNK)
+                                                       POWER, BLOCK_M, SUMS_CHUNK)
                     # the exact stop from the schedule's third step, as the sweeps take it: far below
                     # tau, the closed form from float32 sums is not exact to float32
                     closest = tl.where(step >= NARROW_STEP, closest, 0.0)
