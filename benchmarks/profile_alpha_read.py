@@ -1,0 +1,103 @@
+"""What a learnable alpha per head costs, and how much of it is the host's read of its values.
+
+    python benchmarks/profile_alpha_read.py --family scattered --seqlen 8192 --head-dim 64
+
+A tensor alpha's values decide the split of the heads into groups (``head_groups``) and are
+checked to lie in (1, 2] (``checks.check_head_alpha``), so every call copies them to the host,
+which waits for the device to finish the work queued before: the next call's kernels are then
+launched onto an idle device. For each mode (fwd, fwd+bwd) and each alpha (a float; a learnable
+per-head tensor of 1.5 on every head, ``same``; alphas 1.2 to 2 over the heads, ``mixed``) this
+prints the median ms of ``triton.testing.do_bench`` and the device ms per call (the kernels'
+time from ``torch.profiler``), and, for the tensors, both again with the host read made once
+per tensor and reused (``no read``): what alphas that stay on the device would give. The
+``no read`` variant only measures; it is not a way to call the library (a value moved after
+the first call would be missed).
+"""
+import argparse
+import collections
+
+import torch
+import triton.testing
+from torch.profiler import ProfilerActivity, profile
+
+import bench_kernels
+import common
+import ring_adasplash.functional as functional
+from inputs import FAMILIES, make_qkv
+
+ALPHAS = {"float": "none", "same": "same", "mixed": "1.2:2.0"}
+
+
+def device_ms(step, calls: int) -> tuple[float, collections.Counter]:
+    """Device ms per call, in all and by kernel, over ``calls`` calls after three warm-up calls."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    by_kernel = collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            by_kernel[event.name] += event.device_time_total / 1000 / calls
+    return sum(by_kernel.values()), by_kernel
+
+
+def read_once(check):
+    """``check`` (``check_head_alpha``) that reads a tensor's values the first time it sees it
+    and reuses them after: the measurement's stand-in for values kept on the device."""
+    seen = {}
+
+    def checked(alpha, heads):
+        if not isinstance(alpha, torch.Tensor):
+            return check(alpha, heads)
+        if id(alpha) not in seen:
+            seen[id(alpha)] = (alpha, check(alpha, heads))  # the tensor held: its id stays its own
+        return seen[id(alpha)][1]
+
+    return checked
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=sorted(FAMILIES), default="scattered", help="input family (inputs.py)")
+    p.add_argument("--seqlen", type=int, default=8192, help="sequence length")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension")
+    p.add_argument("--heads", type=int, default=16, help="attention heads")
+    p.add_argument("--amp", type=float, default=1.0, help="input amplitude")
+    p.add_argument("--calls", type=int, default=10, help="calls profiled for the device time")
+    p.add_argument("--kernels", type=int, default=6, help="costliest kernels listed per tensor alpha")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_alpha_read.py times a GPU: no CUDA device here")
+    common.print_header("cuda", {"family": args.family, "seqlen": args.seqlen, "head_dim": args.head_dim,
+                                 "heads": args.heads, "amp": args.amp, "dtype": "bf16"})
+    q, k, v = make_qkv(args.family, 1, args.seqlen, args.heads, args.head_dim, args.amp, dtype=torch.bfloat16,
+                       device="cuda")
+    check = functional.check_head_alpha
+    print("| mode | alpha | host read | do_bench ms | device ms per call |\n|---|---|---|---|---|")
+    listings = []
+    try:
+        for mode in ("fwd", "fwdbwd"):
+            for name, spec in ALPHAS.items():
+                for read in (("every call",) if name == "float" else ("every call", "no read")):
+                    common.HEAD_ALPHAS = common.head_alphas(spec, 1.5, args.heads)
+                    functional.check_head_alpha = check if read == "every call" else read_once(check)
+                    step = bench_kernels.make_step("ours", mode, q, k, v)
+                    ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
+                    total, by_kernel = device_ms(step, args.calls)
+                    print(f"| {mode} | {name} | {read} | {ms:.3f} | {total:.3f} |", flush=True)
+                    if name != "float" and read == "every call":
+                        listings.append((mode, name, by_kernel.most_common(args.kernels)))
+    finally:
+        functional.check_head_alpha = check
+        common.HEAD_ALPHAS = None
+    for mode, name, kernels in listings:
+        print(f"\n{mode}, {name}: device ms per call by kernel")
+        for kernel, ms in kernels:
+            print(f"    {ms:7.3f}  {kernel[:100]}")
+
+
+if __name__ == "__main__":
+    main()
