@@ -11,6 +11,10 @@ Strategies, side by side in one run (all causal; entmax ones use alpha = 1.5):
     uspUxR     usp_adasplash_func on a U x R mesh (U * R = P; zigzag ring), e.g. usp2x1, usp1x2
     torch_cp   torch.distributed.tensor.experimental.context_parallel around SDPA (flash),
                its own head-tail load-balanced sharding, KV rotation set by --cp-rotate
+    flex1      with --window only: torch.compile(flex_attention) (softmax) with the same window
+               on the full sequence, rank 0 only (eager on CPU): the windowed dense baseline
+With --window W, query i sees keys i - W + 1 .. i (window_size=(W - 1, 0) with causal) in every
+entmax strategy and in onegpu; sdpa1 and torch_cp have no window and are refused.
 Every rank builds the same global inputs (same seed) and keeps its own shard. Times are
 the median over --iters of CUDA-event times (barrier before each iteration), max over
 ranks. efficiency = t_1gpu / (P * t_P) (strong scaling). Bytes and block sparsity come
@@ -40,9 +44,11 @@ from ring_adasplash.comm import shutdown  # noqa: E402
 
 # our strategies on one process group, from the library's one table (function, shard layout)
 OURS = {s.name: s for s in one_group_strategies(include_missing=True) if s.package is None}
-SINGLE = ("onegpu", "sdpa1")  # run on rank 0 only, world_size reported as 1
+SINGLE = ("onegpu", "sdpa1", "flex1")  # run on rank 0 only, world_size reported as 1
 BASELINE = {"torch_cp": "sdpa1", **{name: "onegpu" for name in OURS}}
-ALL_IMPLS = list(SINGLE) + list(OURS) + ["torch_cp"]
+ALL_IMPLS = ["onegpu", "sdpa1"] + list(OURS) + ["torch_cp"]  # the default: no window
+WINDOWED_IMPLS = ["onegpu", "flex1"] + list(OURS)  # the default with --window
+NO_WINDOW = ("sdpa1", "torch_cp")  # softmax baselines without a window argument
 USP = re.compile(r"usp(\d+)x(\d+)$")
 
 
@@ -62,8 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--seqlens", type=common.csv_list(int), default=[65536, 131072],
                    help="sequence lengths, comma-separated")
     common.add_input_arguments(p)
-    p.add_argument("--impls", type=common.csv_list(str), default=ALL_IMPLS,
-                   help="implementations to time, comma-separated")
+    p.add_argument("--impls", type=common.csv_list(str), default=None,
+                   help=f"implementations to time, comma-separated (default: {','.join(ALL_IMPLS)}; with "
+                        f"--window: {','.join(WINDOWED_IMPLS)})")
+    p.add_argument("--window", type=int, default=None,
+                   help="keys each query sees, itself included (window_size=(W - 1, 0) with causal); "
+                        "default: full causal")
     p.add_argument("--modes", type=common.csv_list(str), default=["fwd", "fwdbwd"], help="fwd, fwdbwd, comma-separated")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per mode")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per mode")
@@ -71,9 +81,19 @@ def parse_args(argv=None):
                    help="torch_cp KV rotation (torch's set_rotate_method)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the report (.md, .csv, .png)")
     args = p.parse_args(argv)
-    unknown = {name for name in args.impls if name not in ALL_IMPLS and not USP.match(name)}
+    if args.window is not None and args.window < 1:
+        p.error(f"--window must be a number of keys >= 1; got {args.window}")
+    if args.impls is None:
+        args.impls = ALL_IMPLS if args.window is None else WINDOWED_IMPLS
+    known = ALL_IMPLS + ["flex1"]
+    unknown = {name for name in args.impls if name not in known and not USP.match(name)}
     if unknown:
-        p.error(f"unknown impls {sorted(unknown)}; choose from {ALL_IMPLS} or uspUxR (e.g. usp2x1)")
+        p.error(f"unknown impls {sorted(unknown)}; choose from {known} or uspUxR (e.g. usp2x1)")
+    if args.window is None and "flex1" in args.impls:
+        p.error("--impls flex1 is the windowed baseline: give --window W with it")
+    if args.window is not None and set(args.impls) & set(NO_WINDOW):
+        p.error(f"--impls {sorted(set(args.impls) & set(NO_WINDOW))} take no window; with --window choose from "
+                f"{WINDOWED_IMPLS} or uspUxR")
     # baselines first, then the named strategies in the order given
     args.impls = [name for name in SINGLE if name in args.impls] + [n for n in args.impls if n not in SINGLE]
     return args
@@ -134,21 +154,47 @@ def prepare(name, args, seqlen, rank, world, device, stack):
     Global tensors are dropped before returning so that peak memory reflects the
     strategy; contexts the strategy needs (torch_cp) are entered on ``stack``.
     """
+    window = {} if args.window is None else {"window_size": (args.window - 1, 0)}
     if name == "onegpu":
+        if window:
+            import ring_adasplash
+
+            return (functools.partial(ring_adasplash.adasplash_func, alpha=common.ALPHA, causal=True, **window),
+                    global_inputs(args, seqlen, device))
         return common.ours_attention, global_inputs(args, seqlen, device)
+    if name == "flex1":
+        return flex_window(args.window, global_inputs(args, seqlen, device))
     if name == "sdpa1":
         return common.sdpa_flash, [x.transpose(1, 2) for x in global_inputs(args, seqlen, device)]
     if name == "torch_cp":
         return common.sdpa_flash, torch_cp_inputs(args, seqlen, device, world, stack)
     usp = USP.match(name)
     if usp:
-        return usp_prepare(int(usp[1]), int(usp[2]), args, seqlen, world, device)
+        return usp_prepare(int(usp[1]), int(usp[2]), args, seqlen, world, device, window)
     strategy = OURS[name]
     shard = common.resolve(SHARD)
     if shard is None:
         raise ImportError(f"{SHARD} is not available")
     local = [shard(x, strategy.layout, rank, world, dim=1).clone() for x in global_inputs(args, seqlen, device)]
-    return functools.partial(strategy.load(), alpha=common.ALPHA, causal=True), local
+    return functools.partial(strategy.load(), alpha=common.ALPHA, causal=True, **window), local
+
+
+def flex_window(window, tensors):
+    """FlexAttention (softmax) with a sliding window of ``window`` keys on the full sequence:
+    compiled on a GPU (eager flex_attention materialises the scores), eager on the CPU; its block
+    mask is built here, untimed. Inputs (B, S, H, D) -> its layout (B, H, S, D)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q = tensors[0]
+    cuda = q.device.type == "cuda"
+
+    def sliding_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    build = torch.compile(create_block_mask) if cuda else create_block_mask
+    mask = build(sliding_window, None, None, q.shape[1], q.shape[1], device=str(q.device))
+    attn = torch.compile(flex_attention) if cuda else flex_attention
+    return functools.partial(attn, block_mask=mask), [x.transpose(1, 2).contiguous() for x in tensors]
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +205,7 @@ def usp_groups(ulysses_degree, ring_degree):
     return build_usp_groups(ulysses_degree, ring_degree)
 
 
-def usp_prepare(ulysses_degree, ring_degree, args, seqlen, world, device):
+def usp_prepare(ulysses_degree, ring_degree, args, seqlen, world, device, window):
     """Attention and local inputs of the 2D strategy on a U x R mesh (its ring in the ``usp`` layout)."""
     from ring_adasplash.parallel import UspMesh, usp_shard
 
@@ -171,7 +217,7 @@ def usp_prepare(ulysses_degree, ring_degree, args, seqlen, world, device):
     mesh = UspMesh.from_groups(ulysses_group, ring_group)
     local = [usp_shard(x, mesh, usp.layout).clone() for x in global_inputs(args, seqlen, device)]
     return functools.partial(usp.load(), alpha=common.ALPHA, causal=True, ulysses_group=ulysses_group,
-                             ring_group=ring_group, ring_layout=usp.layout), local
+                             ring_group=ring_group, ring_layout=usp.layout, **window), local
 
 
 @functools.lru_cache(maxsize=None)
@@ -330,7 +376,7 @@ def main(argv=None):
             "world_size": world, "backend": dist.get_backend(), "family": args.family,
             "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
             "kv_heads": args.kv_heads or args.heads, "head_dim": args.head_dim, "amp": args.amp,
-            "alpha": common.ALPHA, "torch_cp rotate": args.cp_rotate,
+            "alpha": common.ALPHA, "window": args.window or "none (full causal)", "torch_cp rotate": args.cp_rotate,
             "timing": f"median of {args.iters} iters after {args.warmup} warmup"})
     rows = []
     tasks = [(s, name) for s in args.seqlens for name in args.impls]
@@ -341,7 +387,7 @@ def main(argv=None):
         row = {"strategy": name, "seqlen": seqlen}
         row.update(reduce_result(name, res, rank))
         row.update(heads=args.heads, head_dim=args.head_dim, batch=args.batch, amp=args.amp,
-                   family=args.family, dtype=args.dtype)
+                   family=args.family, dtype=args.dtype, window=args.window)
         rows.append(row)
         if rank == 0:  # each row as soon as it is measured, so a cut-off run still reports
             print({key: (round(value, 4) if isinstance(value, float) else value) for key, value in row.items()

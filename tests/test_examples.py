@@ -133,3 +133,62 @@ def test_training_example_captures_attention_inputs_in_sequence_order(tmp_path):
     for layer_one, layer_two in zip(one, two):
         for name in "qkv":
             torch.testing.assert_close(layer_two[name], layer_one[name], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.distributed
+def test_distributed_benchmark_with_a_window_sends_less_than_full_causal(tmp_path):
+    """``benchmarks/bench_distributed.py --window``: every entmax strategy and the one-GPU rows
+    take the window, FlexAttention with the same window is the dense baseline, and a ring with a
+    window of a quarter of the sequence sends less than one without (two gloo ranks, CPU)."""
+    reports = {}
+    for name, extra in (("window", ["--window", "128", "--impls", "onegpu,flex1,ring,zigzag"]),
+                        ("causal", ["--impls", "onegpu,ring,zigzag"])):
+        out = tmp_path / name
+        result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                      str(ROOT / "benchmarks" / "bench_distributed.py"), "--device", "cpu", "--seqlens", "512",
+                      "--heads", "2", "--head-dim", "16", "--dtype", "fp32", "--modes", "fwd", "--warmup", "0",
+                      "--iters", "1", "--out", str(out), *extra], cwd=ROOT, hide_gpus=True)
+        assert result.returncode == 0, result.stdout
+        (report,) = out.glob("distributed_*.csv")
+        with open(report) as f:
+            reports[name] = {row["strategy"]: row for row in csv.DictReader(f)}
+    windowed, causal = reports["window"], reports["causal"]
+    assert set(windowed) == {"onegpu", "flex1", "ring", "zigzag"}, windowed
+    for name, row in windowed.items():
+        assert not row.get("error") and float(row["fwd_ms"]) > 0, row
+        assert row["window"] == "128", row
+    for name in ("ring", "zigzag"):
+        assert 0 < float(windowed[name]["bytes_sent"]) < float(causal[name]["bytes_sent"]), (windowed[name],
+                                                                                           causal[name])
+
+
+def test_distributed_benchmark_refuses_a_window_for_baselines_without_one():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_distributed
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert bench_distributed.parse_args(["--window", "64"]).impls == bench_distributed.WINDOWED_IMPLS
+    for argv in (["--window", "64", "--impls", "onegpu,torch_cp"], ["--window", "0"], ["--impls", "flex1,ring"]):
+        with pytest.raises(SystemExit):
+            bench_distributed.parse_args(argv)
+
+
+@pytest.mark.distributed
+def test_two_gpu_script_runs_its_parts_on_cpu(tmp_path):
+    """``benchmarks/two_gpu.sh`` with ``SMOKE=1``: its window and long-sequence parts, tiny, on two
+    gloo ranks, each writing its report; an unknown part is refused."""
+    env = dict(os.environ, SMOKE="1", PARTS="window million", REPORT_OUT=str(tmp_path), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                         if p]))
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "two_gpu.sh")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reports = sorted(tmp_path.glob("distributed_*.csv"))
+    assert len(reports) == 3, result.stdout  # the window, 1M and 4M runs
+    with open(reports[0]) as f:
+        rows = {row["strategy"]: row for row in csv.DictReader(f)}
+    assert rows["zigzag"]["window"] == "128" and float(rows["zigzag"]["fwd_ms"]) > 0, rows
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "two_gpu.sh")], cwd=ROOT,
+                         env=dict(env, PARTS="nonsense"), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown part 'nonsense'" in bad.stderr, bad.stderr
