@@ -61,11 +61,9 @@ def read_once(check):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_case_arguments(p)
     p.add_argument("--family", choices=sorted(FAMILIES), default="scattered", help="input family (inputs.py)")
-    p.add_argument("--seqlen", type=int, default=8192, help="sequence length")
-    p.add_argument("--head-dim", type=int, default=64, help="head dimension")
-    p.add_argument("--heads", type=int, default=16, help="attention heads")
-    p.add_argument("--amp", type=float, default=1.0, help="input amplitude")
+    p.set_defaults(seqlen=8192, amp=1.0)
     p.add_argument("--calls", type=int, default=10, help="calls profiled for the device time")
     p.add_argument("--kernels", type=int, default=6, help="costliest kernels listed per tensor alpha")
     args = p.parse_args()
