@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${REPORT_OUT:-benchmarks/results}
 PARTS=${PARTS:-strategies window million check deepspeed}
-RUN=(torchrun --standalone --nproc_per_node 2)
+RUN=(python3 -m torch.distributed.run --standalone --nproc_per_node 2)  # torchrun
 if [ -n "${SMOKE:-}" ]; then
   SIZE=(--device cpu --heads 2 --head-dim 16 --dtype fp32)
   SEQLENS=512 WINDOW_SEQLEN=512 WINDOW=128 MILLION=1024 FOUR_MILLION=2048 CHECK_SEQLEN=512
