@@ -14,6 +14,8 @@
 #               the same window (PyTorch's context parallel takes no window)
 #   million     1M and 4M tokens, fwd+bwd, zigzag (PyTorch context parallel at 1M): time and peak
 #               memory per GPU
+#   packed      packed documents through the ring (ring_adasplash_varlen_func) against the same
+#               documents as a batch, 512 to 32K tokens a document, 32K in all
 #   check       every strategy against the one-GPU result at 128K tokens in bf16
 #   deepspeed   launch/deepspeed.sh, the DeepSpeed engine and its Ulysses attention (skipped where
 #               deepspeed does not import)
@@ -21,17 +23,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${REPORT_OUT:-benchmarks/results}
-PARTS=${PARTS:-strategies window million check deepspeed}
+PARTS=${PARTS:-strategies window million packed check deepspeed}
 RUN=(python3 -m torch.distributed.run --standalone --nproc_per_node 2)  # torchrun
 if [ -n "${SMOKE:-}" ]; then
   SIZE=(--device cpu --heads 2 --head-dim 16 --dtype fp32)
   SEQLENS=512 WINDOW_SEQLEN=512 WINDOW=128 MILLION=1024 FOUR_MILLION=2048 CHECK_SEQLEN=512
+  PACKED_TOTAL=1024 DOC_LENS=256,1024
   TIMING=(--warmup 0 --iters 1)
   export CUDA_VISIBLE_DEVICES=""
 else
   SIZE=(--heads 16 --head-dim 128 --dtype bf16)
   SEQLENS=65536,131072,262144 WINDOW_SEQLEN=262144 WINDOW=4096 MILLION=1048576 FOUR_MILLION=4194304
-  CHECK_SEQLEN=131072
+  CHECK_SEQLEN=131072 PACKED_TOTAL=32768 DOC_LENS=512,2048,8192,32768
   TIMING=(--warmup 1 --iters 3)
 fi
 git rev-parse --short HEAD
@@ -53,6 +56,9 @@ for part in $PARTS; do
         --impls zigzag,torch_cp --modes fwdbwd --warmup 0 --iters 1 --out "$OUT"
       "${RUN[@]}" benchmarks/bench_distributed.py "${SIZE[@]}" --seqlens "$FOUR_MILLION" --amp 1.5 \
         --impls zigzag --modes fwdbwd --warmup 0 --iters 1 --out "$OUT" ;;
+    packed)
+      "${RUN[@]}" benchmarks/bench_ring_packed.py "${SIZE[@]}" "${TIMING[@]}" --total "$PACKED_TOTAL" \
+        --doc-lens "$DOC_LENS" --amp 1.0 --out "$OUT" ;;
     check)
       "${RUN[@]}" benchmarks/check_strategies.py "${SIZE[@]}" --seqlen "$CHECK_SEQLEN" --amp 1.5 ;;
     deepspeed)
@@ -62,7 +68,7 @@ for part in $PARTS; do
         echo "deepspeed does not import: skipped"
       fi ;;
     *)
-      echo "unknown part '$part'; parts: strategies window million check deepspeed" >&2
+      echo "unknown part '$part'; parts: strategies window million packed check deepspeed" >&2
       exit 2 ;;
   esac
 done

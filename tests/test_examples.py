@@ -176,9 +176,9 @@ def test_distributed_benchmark_refuses_a_window_for_baselines_without_one():
 
 @pytest.mark.distributed
 def test_two_gpu_script_runs_its_parts_on_cpu(tmp_path):
-    """``benchmarks/two_gpu.sh`` with ``SMOKE=1``: its window and long-sequence parts, tiny, on two
-    gloo ranks, each writing its report; an unknown part is refused."""
-    env = dict(os.environ, SMOKE="1", PARTS="window million", REPORT_OUT=str(tmp_path), OMP_NUM_THREADS="1",
+    """``benchmarks/two_gpu.sh`` with ``SMOKE=1``: its window, long-sequence and packed-documents
+    parts, tiny, on two gloo ranks, each writing its report; an unknown part is refused."""
+    env = dict(os.environ, SMOKE="1", PARTS="window million packed", REPORT_OUT=str(tmp_path), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                                          if p]))
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "two_gpu.sh")], cwd=ROOT, env=env,
@@ -189,6 +189,14 @@ def test_two_gpu_script_runs_its_parts_on_cpu(tmp_path):
     with open(reports[0]) as f:
         rows = {row["strategy"]: row for row in csv.DictReader(f)}
     assert rows["zigzag"]["window"] == "128" and float(rows["zigzag"]["fwd_ms"]) > 0, rows
+    (packed,) = tmp_path.glob("ring_packed_*.csv")
+    with open(packed) as f:
+        rows = {row["doc_len"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"256", "1024"}, rows
+    # four documents of 256 tokens, 512 tokens a rank: no document straddles the two ranks, so the
+    # packed ring sends nothing, while the batch's ring sends every document's other half
+    assert float(rows["256"]["packed_mb_sent"]) == 0 < float(rows["256"]["batch_mb_sent"]), rows["256"]
+    assert all(float(row[f"ratio_{mode}"]) > 0 for row in rows.values() for mode in ("fwd", "fwdbwd")), rows
     bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "two_gpu.sh")], cwd=ROOT,
                          env=dict(env, PARTS="nonsense"), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown part 'nonsense'" in bad.stderr, bad.stderr
