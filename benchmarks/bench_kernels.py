@@ -65,6 +65,9 @@ def parse_args(argv=None):
                    help="with --head-alphas: before each call, move the alphas of the heads not at 1.5 or 2 "
                         "by STEP in place, up and down in turn, as an optimizer step moves a learnable alpha; "
                         "0: held still")
+    p.add_argument("--device-alpha", action="store_true",
+                   help="with --head-alphas: the tensor given as ring_adasplash.DeviceAlpha (its values not read "
+                        "on the host; every head in the general form)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (wall-clock timer)")
     p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture for --family captured "
                                                      "(amp is then the layer)")
@@ -228,6 +231,9 @@ def main(argv=None):
     if args.alpha_step and common.HEAD_ALPHAS is None:
         raise ValueError("--alpha-step needs --head-alphas (same or LO:HI)")
     common.ALPHA_STEP = args.alpha_step
+    if args.device_alpha and common.HEAD_ALPHAS is None:
+        raise ValueError("--device-alpha needs --head-alphas (same or LO:HI)")
+    common.DEVICE_ALPHA = args.device_alpha
     header = common.print_header(args.device, {
         "family": args.family, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
         "kv_heads": args.kv_heads or args.heads, "alpha": ALPHA,

@@ -202,6 +202,7 @@ def make_step(attn, mode, tensors):
 
 HEAD_ALPHAS = None  # None: alpha = ALPHA, a float; else one alpha per query head, learnable (bench_kernels --head-alphas)
 ALPHA_STEP = 0.0  # with HEAD_ALPHAS: each call first moves them by this, up and down (bench_kernels --alpha-step)
+DEVICE_ALPHA = False  # with HEAD_ALPHAS: given as ring_adasplash.DeviceAlpha, not read on the host (--device-alpha)
 _alpha_parameters: dict = {}
 
 
@@ -224,7 +225,8 @@ def ours_attention(q, k, v):
         with torch.no_grad():  # as an optimizer step: in place, on the device
             alpha.add_(moved, alpha=step[0])
         step[0] = -step[0]
-    return ring_adasplash.adasplash_func(q, k, v, alpha=alpha, causal=True)
+    return ring_adasplash.adasplash_func(q, k, v, alpha=ring_adasplash.DeviceAlpha(alpha) if DEVICE_ALPHA else alpha,
+                                         causal=True)
 
 
 def head_alphas(spec: str, alpha: float, heads: int):

@@ -9,9 +9,9 @@ launched onto an idle device. For each mode (fwd, fwd+bwd) and each alpha (a flo
 per-head tensor of 1.5 on every head, ``same``; alphas 1.2 to 2 over the heads, ``mixed``) this
 prints the median ms of ``triton.testing.do_bench`` and the device ms per call (the kernels'
 time from ``torch.profiler``), and, for the tensors, both again with the host read made once
-per tensor and reused (``no read``): what alphas that stay on the device would give. The
-``no read`` variant only measures; it is not a way to call the library (a value moved after
-the first call would be missed).
+per tensor and reused (``no read``), and with the tensor given as a ``DeviceAlpha`` (never
+read; every head in the general form). The ``no read`` variant only measures; it is not a way
+to call the library (a value moved after the first call would be missed).
 """
 import argparse
 import collections
@@ -79,9 +79,10 @@ def main():
     try:
         for mode in ("fwd", "fwdbwd"):
             for name, spec in ALPHAS.items():
-                for read in (("every call",) if name == "float" else ("every call", "no read")):
+                for read in (("every call",) if name == "float" else ("every call", "no read", "DeviceAlpha")):
                     common.HEAD_ALPHAS = common.head_alphas(spec, 1.5, args.heads)
-                    functional.check_head_alpha = check if read == "every call" else read_once(check)
+                    common.DEVICE_ALPHA = read == "DeviceAlpha"
+                    functional.check_head_alpha = read_once(check) if read == "no read" else check
                     step = bench_kernels.make_step("ours", mode, q, k, v)
                     ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
                     total, by_kernel = device_ms(step, args.calls)
@@ -90,7 +91,7 @@ def main():
                         listings.append((mode, name, by_kernel.most_common(args.kernels)))
     finally:
         functional.check_head_alpha = check
-        common.HEAD_ALPHAS = None
+        common.HEAD_ALPHAS, common.DEVICE_ALPHA = None, False
     for mode, name, kernels in listings:
         print(f"\n{mode}, {name}: device ms per call by kernel")
         for kernel, ms in kernels:

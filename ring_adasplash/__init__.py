@@ -7,6 +7,7 @@ Every public function is exported here: the single-device ones (``adasplash_func
 """
 from . import parallel, telemetry
 from .adasplash_compat import adasplash
+from .checks import DeviceAlpha
 from .config import AttentionConfig, ParallelAttention
 from .entmax_function import entmax, entmax15, sparsemax
 from .functional import AdaSplashAttention, AttentionStats, adasplash_func, adasplash_varlen_func
@@ -23,6 +24,7 @@ from .parallel import (
 )
 
 __all__ = [
+    "DeviceAlpha",
     "AdaSplashAttention",
     "AttentionStats",
     "AttentionConfig",

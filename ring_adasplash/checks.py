@@ -24,43 +24,85 @@ def check_alpha(alpha) -> float:
     return alpha
 
 
+class DeviceAlpha(NamedTuple):
+    """A tensor alpha whose values stay on the device: ``alpha=DeviceAlpha(t)`` with ``t`` of
+    shape () , (1,) or (heads_q,), learnable or not. Any other tensor alpha is copied to the host
+    on every call, to check its range and to give the heads of alpha 1.5 and 2 their closed
+    forms, which waits for the work queued before the call. Here every head runs the general
+    form, reading its alpha on the device, and nothing waits; a value outside (1, 2] is not
+    raised but makes its head's rows NaN (a parametrisation such as ``1 + sigmoid(x)`` clamped
+    away from 1 keeps it inside)."""
+
+    tensor: torch.Tensor
+
+
 class HeadAlpha(NamedTuple):
     """alpha after ``check_head_alpha``: ``values``, one float or one per query head, each in
-    (1, 2]; ``tensor``, the tensor given where its gradient is wanted (``requires_grad``), else
-    None."""
+    (1, 2], or ``()`` where the values stay on the device (``DeviceAlpha``: ``tensor`` holds
+    them); ``tensor``, the tensor given where its gradient is wanted (``requires_grad``) or
+    where it holds the values, else None."""
 
     values: tuple[float, ...]
     tensor: torch.Tensor | None = None
 
+    @property
+    def on_device(self) -> bool:
+        """Whether the values stay on the device (``DeviceAlpha``)."""
+        return not self.values
+
+    @property
+    def count(self) -> int:
+        """How many alphas: one (shared by every head) or one per query head."""
+        return self.tensor.numel() if self.on_device else len(self.values)
+
     def for_heads(self, start: int, stop: int) -> "HeadAlpha":
         """The alpha of query heads [start, stop) (a shared alpha stays shared)."""
-        if len(self.values) == 1:
+        if self.count == 1:
             return self
         return HeadAlpha(self.values[start:stop], None if self.tensor is None else self.tensor.reshape(-1)[start:stop])
+
+    def table(self, heads: int, device) -> torch.Tensor | None:
+        """Where the values stay on the device: one alpha per query head, float64 on ``device``,
+        NaN where a value is outside (1, 2] (its head's rows then come out NaN); else None."""
+        if not self.on_device:
+            return None
+        alphas = self.tensor.detach().reshape(-1).to(device=device, dtype=torch.float64).expand(heads)
+        return torch.where((alphas > 1.0) & (alphas <= 2.0), alphas, float("nan"))
 
 
 def check_head_alpha(alpha, heads: int) -> HeadAlpha:
     """alpha as a float, a one-element tensor or a tensor of shape (heads,) (one per query head),
     each value in (1, 2]; a tensor with ``requires_grad`` gets its gradient. Reading a CUDA
-    tensor's values waits for the device (one small copy per call). A ``HeadAlpha`` (checked
+    tensor's values waits for the device (one small copy per call); a ``DeviceAlpha`` is not
+    read (its shape and dtype are checked; ``values`` ``()``). A ``HeadAlpha`` (checked
     already, as the strategies pass it on) is returned as it is."""
     if isinstance(alpha, HeadAlpha):
-        if len(alpha.values) not in (1, heads):
-            raise ValueError(f"alpha must give one value or one per query head ({heads}); got {len(alpha.values)}")
+        if alpha.count not in (1, heads):
+            raise ValueError(f"alpha must give one value or one per query head ({heads}); got {alpha.count}")
         return alpha
+    if isinstance(alpha, DeviceAlpha):
+        _check_alpha_tensor(alpha.tensor, heads, "DeviceAlpha")
+        return HeadAlpha((), alpha.tensor)
     if not isinstance(alpha, torch.Tensor):
         return HeadAlpha((check_alpha(alpha),))
-    if alpha.dim() > 1 or alpha.numel() not in (1, heads):
-        raise ValueError(f"alpha must be a float, a one-element tensor or a tensor of shape ({heads},) (one per "
-                         f"query head); got a tensor of shape {tuple(alpha.shape)}")
-    if not alpha.is_floating_point():
-        raise TypeError(f"alpha must be a floating-point tensor; got {alpha.dtype}")
+    _check_alpha_tensor(alpha, heads, "a tensor")
     values = tuple(alpha.detach().cpu().double().reshape(-1).tolist())  # widened on the host: no device cast
     bad = [(h, a) for h, a in enumerate(values) if not 1.0 < a <= 2.0]
     if bad:
         raise ValueError("alpha must be in (1, 2] on every head (1.5: entmax-1.5, 2: sparsemax); got "
                          + ", ".join(f"{a} at head {h}" for h, a in bad[:4]))
     return HeadAlpha(values, alpha if alpha.requires_grad else None)
+
+
+def _check_alpha_tensor(alpha, heads: int, what: str) -> None:
+    """The shape and dtype of a tensor alpha (``check_head_alpha``); ``what`` names its form."""
+    if not isinstance(alpha, torch.Tensor):
+        raise TypeError(f"alpha: DeviceAlpha holds a tensor; got {type(alpha).__name__}")
+    if alpha.dim() > 1 or alpha.numel() not in (1, heads):
+        raise ValueError(f"alpha must be a float, a one-element tensor or a tensor of shape ({heads},) (one per "
+                         f"query head); got {what} of shape {tuple(alpha.shape)}")
+    if not alpha.is_floating_point():
+        raise TypeError(f"alpha must be a floating-point tensor; got {alpha.dtype}")
 
 
 def check_qkv(q, k, v, *, varlen: bool = False, backend=None):

@@ -26,7 +26,7 @@ from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, defaul
                                 entmax_forward, entmax_forward_in_query_chunks)
 from .kernels.compile_ahead import compile_ahead
 from .kernels.entmax_spec import head_constants
-from .kernels.head_groups import (backward_by_group, graph_key, group_plan, head_groups, join_heads,
+from .kernels.head_groups import (backward_by_group, graph_key, group_plan, group_spec, head_groups, join_heads,
                                   to_alpha_shape)
 from .kernels.identity import remembered_in, tensor_identity
 from .kernels.visibility import (Visibility, causal_visibility, packed_visibility, padded_visibility,
@@ -75,8 +75,10 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: T
 def _alpha_table(alpha: HeadAlpha, heads: int, device) -> Tensor:
     """``attention_forward``'s ``alpha_table``: empty where no group of heads reads its alpha per
     head (``group_plan``); else one alpha per query head, float64 on ``device``: from the learnable
-    tensor on the device (no copy from the host, and a new one each step), else made once per
-    values."""
+    tensor on the device (no copy from the host, and a new one each step; a ``DeviceAlpha``'s NaN
+    where out of range: ``HeadAlpha.table``), else made once per values."""
+    if alpha.on_device:
+        return alpha.table(heads, device)
     if all(not isinstance(a, tuple) for a, _ in group_plan(alpha.values)):
         return head_constants((), torch.float64, device)
     if alpha.tensor is not None:
@@ -98,10 +100,18 @@ def _kernel_key(q: Tensor, k: Tensor, alphas, backward_sums: bool) -> tuple:
     step); the schedule; whether a backward is to come; the candidate slots setting (with none,
     the Newton schedule launches no candidate kernel)."""
     plan = group_plan(alphas)
-    specs = sorted({(s.power, s.closed_form, s.per_head) for s in (EntmaxSpec(alpha) for alpha, _ in plan)})
+    specs = sorted({_kernel_kind(alpha) for alpha, _ in plan})
     split = len(plan) > 1  # the groups read one key head per query head
     return (q.device, q.dtype, q.shape[-1], 1 if split else q.shape[2] // k.shape[2], tuple(specs),
             default_schedule(True), backward_sums, os.environ.get(CANDIDATES_ENV))
+
+
+def _kernel_kind(alpha) -> tuple:
+    """A group's ``(power, closed form, per head)``; ``()``: per head, its values on the device."""
+    if alpha == ():
+        return 0, False, True
+    spec = EntmaxSpec(alpha)
+    return spec.power, spec.closed_form, spec.per_head
 
 
 # out and dq of a call whose float32 copy would take at least this many bytes are stored by their
@@ -143,7 +153,7 @@ def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backw
     groups = head_groups(alphas, q.shape[2], k.shape[2], q.device)
     results = []
     for g in groups:
-        qg, kg, vg, spec = g.queries(q), g.keys(k), g.keys(v), EntmaxSpec(g.alpha, _group_table(g, alpha_table))
+        qg, kg, vg, spec = g.queries(q), g.keys(k), g.keys(v), group_spec(g, alpha_table)
         chunk_rows = _chunk_rows(qg, kg, backend.BLOCK_M, backend.BLOCK_N)
         if chunk_rows < q.shape[1]:
             fwd = entmax_forward_in_query_chunks(backend, qg, kg, vg, vis, spec, softmax_scale, chunk_rows,
@@ -156,18 +166,13 @@ def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backw
     return results
 
 
-def _group_table(group, alpha_table: Tensor | None) -> Tensor | None:
-    """The alphas of ``group``'s heads from ``alpha_table`` (``_alpha_table``; None where it is
-    None or empty)."""
-    return group.queries(alpha_table, 0) if alpha_table is not None and alpha_table.numel() else None
-
-
 def _forward(q, k, v, alpha_table, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: tuple,
              softmax_scale: float, backward_sums: bool, alpha_sums: bool):
     vis = Visibility(q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos)
     if q.dtype != torch.float64:  # float64 runs no Triton kernel
         compile_ahead(_kernel_key(q, k, alphas, backward_sums),
-                      functools.partial(_dry_run, q, k, v, vis, alphas, softmax_scale, backward_sums), q.device)
+                      functools.partial(_dry_run, q, k, v, vis, alphas, softmax_scale, backward_sums, alpha_table),
+                      q.device)
     results = _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums, alpha_sums, alpha_table)
     outputs = _joined_outputs(q, results, backward_sums) + _joined_alpha_split(q, results, alpha_sums)
     for _, fwd in results:
@@ -211,16 +216,17 @@ def _joined_alpha_split(q, results, alpha_sums: bool) -> tuple:
                  for field, dim in (("out_c", 2), ("c_sum", 1), ("open", 1)))
 
 
-def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool) -> None:
+def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool,
+             alpha_table: Tensor | None = None) -> None:
     """The forward (and with ``backward_sums`` the backward) of a call, for ``compile_ahead``:
     every kernel that either launches on this configuration, through the same steps as the call
     (the backward's tiles as the bits it is handed)."""
     out, out_u, u_sum, tau, shift, _, nonzero = _joined_outputs(
-        q, _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums), backward_sums)
+        q, _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums, alpha_table=alpha_table), backward_sums)
     if backward_sums:
         unsplit = q.new_empty((0,))
         _backward(torch.empty_like(out), q, k, v, vis, out_u, u_sum, tau, shift, nonzero, unsplit, unsplit, unsplit,
-                  alphas, softmax_scale, alpha_grad=False)
+                  alphas, softmax_scale, alpha_grad=False, alpha_table=alpha_table)
 
 
 @attention_forward.register_fake
@@ -271,7 +277,7 @@ def _backward(grad_out, q, k, v, vis: Visibility, out_u, u_sum, tau, shift, nonz
         split = AlphaSplit(g.queries(out_c), rows(c_sum), rows(alpha_open)) if alpha_open.numel() else None
         fwd = ForwardResult(out=None, out_u=g.queries(out_u), u_sum=rows(u_sum), tau=rows(tau), shift=rows(shift),
                             support=None, block_masks=[mask], alpha_split=split)
-        spec = EntmaxSpec(g.alpha, _group_table(g, alpha_table))
+        spec = group_spec(g, alpha_table)
         return entmax_backward(backend, g.queries(q), g.queries(grad_out), SingleBlock(g.keys(k), g.keys(v), vis),
                                fwd, spec, softmax_scale, kv_grad_dtype=k.dtype, alpha_grad=alpha_grad,
                                q_grad_dtype=_stored_final(q))

@@ -147,6 +147,67 @@ def test_bad_alpha_tensors_are_named(alpha, match):
         ra.adasplash_func(q, q, q, alpha=alpha)
 
 
+@pytest.mark.parametrize("name", list(ALPHAS))
+def test_device_alpha_is_the_alpha_read_on_the_host(name):
+    """``DeviceAlpha``: every head in the general form, its alpha read from the device; out and
+    every gradient as the same tensor read on the host gives them (bit for bit where no head is
+    1.5 or 2: the same kernels), and within 1e-10 of the closed forms."""
+    q, k, v, grad_out = _inputs()
+    results = []
+    for wrap in (lambda a: a, ra.DeviceAlpha):
+        alpha = torch.tensor(ALPHAS[name], dtype=torch.float64, requires_grad=True)
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ra.adasplash_func(*inputs, alpha=wrap(alpha))
+        results.append([out, *torch.autograd.grad(out, (*inputs, alpha), grad_out)])
+    for host, device in zip(*results):
+        if name == "learned":
+            assert torch.equal(host, device)
+        else:
+            assert rel_err(device, host) < 1e-10
+
+
+def test_device_alpha_shared_by_every_head():
+    q, k, v, grad_out = _inputs()
+    alpha = torch.tensor(1.37, dtype=torch.float64, requires_grad=True)
+    out = ra.adasplash_func(q, k, v, alpha=ra.DeviceAlpha(alpha))
+    d_alpha, = torch.autograd.grad(out, alpha, grad_out)
+    ref_alpha = alpha.detach().clone().requires_grad_()
+    ref = ra.adasplash_func(q, k, v, alpha=ref_alpha)
+    assert d_alpha.shape == () and rel_err(out, ref) < 1e-12
+    assert rel_err(d_alpha, torch.autograd.grad(ref, ref_alpha, grad_out)[0]) < 1e-10
+
+
+def test_device_alpha_out_of_range_gives_nan_rows_on_its_heads_only():
+    q, k, v, _ = _inputs()
+    alpha = torch.tensor([1.37, 2.5, 1.12, 1.0], dtype=torch.float64)
+    out = ra.adasplash_func(q, k, v, alpha=ra.DeviceAlpha(alpha))
+    ref = ra.adasplash_func(q, k, v, alpha=torch.tensor([1.37, 1.5, 1.12, 1.5], dtype=torch.float64))
+    assert torch.isnan(out[:, :, [1, 3]]).all()
+    assert torch.equal(out[:, :, [0, 2]], ref[:, :, [0, 2]])
+
+
+def test_device_alpha_is_not_read():
+    """Its values are never read on the host: on the meta device (no values at all) the check
+    passes, where a plain tensor's values are copied to the host."""
+    from ring_adasplash.checks import check_head_alpha
+
+    meta = torch.empty(4, device="meta")
+    assert check_head_alpha(ra.DeviceAlpha(meta), 4).values == ()
+    with pytest.raises(NotImplementedError):
+        check_head_alpha(meta, 4)
+
+
+@pytest.mark.parametrize("alpha,error,match", [
+    (torch.ones(2) * 1.5, ValueError, r"DeviceAlpha of shape \(2,\); expected|shape \(4,\)"),
+    (torch.tensor([1, 2, 1, 2]), TypeError, "floating-point"),
+    (1.5, TypeError, "DeviceAlpha holds a tensor"),
+])
+def test_bad_device_alphas_are_named(alpha, error, match):
+    q = torch.randn(1, 8, 4, 16)
+    with pytest.raises(error, match=match):
+        ra.adasplash_func(q, q, q, alpha=ra.DeviceAlpha(alpha))
+
+
 # ------------------------------------------------------------------------------------------
 # every distributed strategy, 2-4 ranks
 # ------------------------------------------------------------------------------------------
@@ -156,7 +217,7 @@ def test_bad_alpha_tensors_are_named(alpha, match):
 SEQ_ALPHA = [1.5, 1.25, 2.0, 1.75]
 
 
-def _strategy_case(rank, world, name):
+def _strategy_case(rank, world, name, on_device=False):
     """Relative errors of out, dq, dk, dv and dalpha of strategy ``name`` against
     ``bisect_attention`` on the whole sequence. Every rank's alpha gradient is its own part
     (its rows, or its heads under Ulysses): their sum is the whole, as for any other parameter
@@ -169,11 +230,12 @@ def _strategy_case(rank, world, name):
     seqlen = 2 * world * 24
     q, k, v, grad_out = _inputs(batch=1, seqlen=seqlen, heads=4, heads_kv=2, seed=11)
     alpha = torch.tensor(SEQ_ALPHA, dtype=torch.float64, requires_grad=True)
+    given = ra.DeviceAlpha(alpha) if on_device else alpha
     layout, kwargs = "contiguous", {}
     if name == "kv-sharded":
         k_local, v_local = (t.chunk(world, 1)[rank].clone().requires_grad_() for t in (k, v))
         q_local = q.clone().requires_grad_()
-        out = parallel.kv_sharded_adasplash_func(q_local, k_local, v_local, alpha=alpha)
+        out = parallel.kv_sharded_adasplash_func(q_local, k_local, v_local, alpha=given)
         grads = torch.autograd.grad(out, (q_local, k_local, v_local, alpha), grad_out)
         got = [out, grads[0], *(gather_sequence(t, "contiguous", world) for t in grads[1:3]), grads[3]]
     else:
@@ -184,7 +246,7 @@ def _strategy_case(rank, world, name):
         if name == "allgather":
             kwargs = {"heads_per_step": 1}
         local = [shard_sequence(t, layout, rank, world).requires_grad_() for t in (q, k, v)]
-        out = fn(*local, alpha=alpha, **kwargs)
+        out = fn(*local, alpha=given, **kwargs)
         grads = torch.autograd.grad(out, (*local, alpha), shard_sequence(grad_out, layout, rank, world))
         d_alpha = grads[3].clone()
         dist.all_reduce(d_alpha)
@@ -195,7 +257,7 @@ def _strategy_case(rank, world, name):
     return [rel_err(a, b) for a, b in zip(got, expected)]
 
 
-def _usp_case(rank, world):
+def _usp_case(rank, world, on_device=False):
     import torch.distributed as dist
 
     from ring_adasplash import parallel
@@ -206,7 +268,8 @@ def _usp_case(rank, world):
     q, k, v, grad_out = _inputs(batch=1, seqlen=seqlen, heads=4, heads_kv=2, seed=12)
     alpha = torch.tensor(SEQ_ALPHA, dtype=torch.float64, requires_grad=True)
     local = [shard_sequence(t, "zigzag", rank, world, mesh).requires_grad_() for t in (q, k, v)]
-    out = parallel.usp_adasplash_func(*local, alpha=alpha, ulysses_group=ulysses_group, ring_group=ring_group)
+    out = parallel.usp_adasplash_func(*local, alpha=ra.DeviceAlpha(alpha) if on_device else alpha,
+                                      ulysses_group=ulysses_group, ring_group=ring_group)
     grads = torch.autograd.grad(out, (*local, alpha), shard_sequence(grad_out, "zigzag", rank, world, mesh))
     d_alpha = grads[3].clone()
     dist.all_reduce(d_alpha)
@@ -217,17 +280,23 @@ def _usp_case(rank, world):
     return [rel_err(a, b) for a, b in zip(got, expected)]
 
 
-def _every_strategy(rank, world):
-    cases = {name: _strategy_case(rank, world, name) for name in ("ring", "zigzag", "allgather", "kv-sharded")}
+def _every_strategy(rank, world, on_device=False):
+    names = ("ring", "zigzag", "allgather", "kv-sharded")
+    cases = {name: _strategy_case(rank, world, name, on_device) for name in names}
     if world % 2 == 0:
-        cases["ulysses"] = _strategy_case(rank, world, "ulysses")
-        cases["usp"] = _usp_case(rank, world) if world == 4 else cases["ulysses"]
+        cases["ulysses"] = _strategy_case(rank, world, "ulysses", on_device)
+        cases["usp"] = _usp_case(rank, world, on_device) if world == 4 else cases["ulysses"]
     return cases
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_every_strategy_learns_alpha_per_head(world):
-    errors = run_distributed(_every_strategy, world, timeout=400)
+def _every_strategy_on_device(rank, world):
+    return _every_strategy(rank, world, on_device=True)
+
+
+@pytest.mark.parametrize("world,on_device", [(2, False), (3, False), (4, False), (2, True), (4, True)])
+def test_every_strategy_learns_alpha_per_head(world, on_device):
+    """Also with the alpha as a ``DeviceAlpha`` (every head in the general form)."""
+    errors = run_distributed(_every_strategy_on_device if on_device else _every_strategy, world, timeout=400)
     for rank_errors in errors:
         bad = {name: errs for name, errs in rank_errors.items() if max(errs) >= 1e-8}
         assert not bad, f"relative errors (out, dq, dk, dv, dalpha) above 1e-8: {bad}"

@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 
 from helpers import random_qkv  # noqa: E402
 from kernel_helpers import problem, statistics_pass  # noqa: E402
-from ring_adasplash import adasplash_func, adasplash_varlen_func  # noqa: E402
+from ring_adasplash import DeviceAlpha, adasplash_func, adasplash_varlen_func  # noqa: E402
 from ring_adasplash.kernels import EntmaxSpec  # noqa: E402
 from ring_adasplash.kernels import algorithm as A  # noqa: E402
 from ring_adasplash.kernels import stats as S  # noqa: E402
@@ -1274,15 +1274,16 @@ HEAD_ALPHAS = {"closed forms and one other": [1.5, 1.25, 2.0, 1.5],
                "no closed form": [1.37, 1.81, 1.12, 1.64]}
 
 
-def _alpha_gradient_case(device, dtype, tol, alphas):
+def _alpha_gradient_case(device, dtype, tol, alphas, on_device=False):
     """Learnable alpha per head through the Triton kernels: out, dq, dk, dv and dalpha against
-    ``entmax_bisect`` in float64."""
+    ``entmax_bisect`` in float64; ``on_device``: given as a ``DeviceAlpha`` (every head in the
+    general form, its alpha read from the device)."""
     from helpers import bisect_attention
 
     q, k, v = _structured(2, 300, 4, 2, 32, dtype, seed=17, device=device)
     alpha = torch.tensor(alphas, device=device, requires_grad=True)
     inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = adasplash_func(*inputs, alpha=alpha)
+    out = adasplash_func(*inputs, alpha=DeviceAlpha(alpha) if on_device else alpha)
     ref_in = [t.detach().double().cpu().requires_grad_() for t in (q, k, v, alpha)]
     ref = bisect_attention(*ref_in[:3], ref_in[3])
     grad = torch.randn_like(ref)
@@ -1293,17 +1294,41 @@ def _alpha_gradient_case(device, dtype, tol, alphas):
         assert _rel(a.double().cpu(), b) < tol, (name, _rel(a.double().cpu(), b))
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["host read", "DeviceAlpha"])
 @pytest.mark.parametrize("alphas", list(HEAD_ALPHAS.values()), ids=list(HEAD_ALPHAS))
-def test_interpreted_learnable_alpha_per_head(interpreted, alphas):
-    _alpha_gradient_case("cpu", torch.float32, 2e-2, alphas)
+def test_interpreted_learnable_alpha_per_head(interpreted, alphas, on_device):
+    _alpha_gradient_case("cpu", torch.float32, 2e-2, alphas, on_device)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("on_device", [False, True], ids=["host read", "DeviceAlpha"])
 @pytest.mark.parametrize("alphas", list(HEAD_ALPHAS.values()), ids=list(HEAD_ALPHAS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_learnable_alpha_per_head(dtype, alphas, monkeypatch):
+def test_gpu_learnable_alpha_per_head(dtype, alphas, on_device, monkeypatch):
     monkeypatch.delenv("RING_ADASPLASH_BACKEND", raising=False)
-    _alpha_gradient_case("cuda", dtype, 2e-2 if dtype == torch.bfloat16 else 1e-4, alphas)
+    _alpha_gradient_case("cuda", dtype, 2e-2 if dtype == torch.bfloat16 else 1e-4, alphas, on_device)
+
+
+@pytest.mark.gpu
+def test_gpu_device_alpha_forward_waits_for_nothing(monkeypatch):
+    """A ``DeviceAlpha``'s forward, once compiled and captured, makes no call that waits for the
+    device (``torch.cuda.set_sync_debug_mode("error")`` raises on one); the same alpha as a plain
+    tensor is read on the host, which that mode catches."""
+    monkeypatch.delenv("RING_ADASPLASH_BACKEND", raising=False)
+    q, k, v = _structured(1, 1024, 4, 2, 64, torch.bfloat16, seed=5, device="cuda")
+    alpha = torch.tensor([1.3, 1.6, 1.8, 1.2], device="cuda", requires_grad=True)
+    with torch.no_grad():
+        for _ in range(3):  # compiled, then captured as a CUDA graph, then replayed
+            adasplash_func(q, k, v, alpha=DeviceAlpha(alpha))
+            adasplash_func(q, k, v, alpha=alpha)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            adasplash_func(q, k, v, alpha=DeviceAlpha(alpha))
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                adasplash_func(q, k, v, alpha=alpha)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
 
 
 def _split_alpha_sums_case(backend, alpha, device="cpu"):

@@ -63,7 +63,8 @@ class EntmaxSpec:
     them on the device. The per-head constants are then computed from it there, in float64 as on
     the host (the same bits), instead of copied from the host: a forward captured as a CUDA graph
     once then serves every value of an alpha that training moves (``cuda_graphs``). A spec of one
-    alpha ignores it."""
+    alpha ignores it. ``alpha`` ``()``: the values are on the device alone (``checks.DeviceAlpha``),
+    one per head of ``table``, every head in the general form."""
 
     alpha: float | tuple[float, ...]
     table: torch.Tensor | None = field(default=None, compare=False, repr=False)
@@ -73,16 +74,21 @@ class EntmaxSpec:
     def __post_init__(self):
         if isinstance(self.alpha, (tuple, list)):
             values = tuple(float(a) for a in self.alpha)
-            if not values:
-                raise ValueError("alpha: expected one value or one per query head; got none")
+            if not values and self.table is None:
+                raise ValueError("alpha: expected one value or one per query head, or a table of them; got none")
             object.__setattr__(self, "alpha", values[0] if len(set(values)) == 1 else values)
         else:
             object.__setattr__(self, "alpha", float(self.alpha))
         if not self.per_head:
             object.__setattr__(self, "table", None)
-        elif self.table is not None and tuple(self.table.shape) != (len(self.alpha),):
+        elif self.table is not None and self.alpha and tuple(self.table.shape) != (len(self.alpha),):
             raise ValueError(f"table: expected one alpha per head, shape ({len(self.alpha)},); "
                              f"got {tuple(self.table.shape)}")
+
+    @property
+    def heads(self) -> int:
+        """How many per-head alphas (``per_head`` specs): the values', or the table's."""
+        return len(self.alpha) if self.alpha else self.table.numel()
 
     @property
     def per_head(self) -> bool:
@@ -161,14 +167,14 @@ class EntmaxSpec:
 
     def _one_alpha(self) -> float:
         if self.per_head:
-            raise ValueError(f"this spec holds one alpha per head ({len(self.alpha)}); ask for its values per head")
+            raise ValueError(f"this spec holds one alpha per head ({self.heads}); ask for its values per head")
         return self.alpha
 
     def _at(self, name, value_of: Callable, like: torch.Tensor) -> float | torch.Tensor:
         if not self.per_head:
             return value_of(self.alpha)
-        if like.dim() < 2 or like.shape[1] != len(self.alpha):
-            raise ValueError(f"a tensor that meets per-head alphas must be (B, H, ...) with H = {len(self.alpha)}; "
+        if like.dim() < 2 or like.shape[1] != self.heads:
+            raise ValueError(f"a tensor that meets per-head alphas must be (B, H, ...) with H = {self.heads}; "
                              f"got {tuple(like.shape)}")
         values = self._per_head(name, value_of, like.dtype, like.device)
         return values.view(-1, *([1] * (like.dim() - 2)))

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .entmax_spec import CLOSED_FORM_ALPHAS
+from .entmax_spec import CLOSED_FORM_ALPHAS, EntmaxSpec
 from .identity import remembered_in
 
 
@@ -43,8 +43,11 @@ class HeadGroup:
 
 def group_plan(alphas: Sequence[float]) -> list[tuple[float | tuple[float, ...], list[int]]]:
     """``(alpha, query heads)`` per group (module doc), in order of first appearance; ``alphas``:
-    one value, or one per query head. One group holds every head."""
+    one value, or one per query head; none (``()``): the values stay on the device
+    (``checks.DeviceAlpha``), and one per-head group, ``((), [])``, holds every head."""
     values = tuple(float(a) for a in alphas)
+    if not values:
+        return [((), [])]
     if len(set(values)) == 1:
         return [(values[0], list(range(len(values))))]
     kinds = {}  # closed-form alpha, or None for the others
@@ -63,7 +66,7 @@ def graph_key(alphas: Sequence[float]) -> tuple:
 
 def head_groups(alphas: Sequence[float], heads_q: int, heads_kv: int, device) -> tuple[HeadGroup, ...]:
     """The groups of ``group_plan`` with their head indices on ``device``."""
-    if len(alphas) not in (1, heads_q):
+    if len(alphas) not in (0, 1, heads_q):
         raise ValueError(f"alpha must give one value or one per query head ({heads_q}); got {len(alphas)}")
     plan = group_plan(alphas)
     if len(plan) == 1:
@@ -89,6 +92,12 @@ def _group_indices(plan, heads_q: int, heads_kv: int, device) -> tuple:
         q_heads = torch.tensor(heads, dtype=torch.int64, device=device)
         indices.append((q_heads, q_heads // per_kv))
     return tuple(indices)
+
+
+def group_spec(group: HeadGroup, table: torch.Tensor | None) -> EntmaxSpec:
+    """The ``EntmaxSpec`` of ``group``, whose kernels read its heads' alphas from ``table`` (one per
+    query head of the call, float64 on the device) where one is given, else from its values."""
+    return EntmaxSpec(group.alpha, None if table is None or not table.numel() else group.queries(table, 0))
 
 
 def remembered() -> list:

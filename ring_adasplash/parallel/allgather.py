@@ -12,8 +12,8 @@ import torch
 from .. import telemetry
 from ..comm.collectives import all_gather_seq, reduce_scatter_seq
 from ..checks import HeadAlpha
-from ..kernels import EntmaxSpec, backend_for
-from ..kernels.head_groups import backward_by_group, head_groups, join_heads, to_alpha_shape
+from ..kernels import backend_for
+from ..kernels.head_groups import backward_by_group, group_spec, head_groups, join_heads, to_alpha_shape
 from ..kernels.algorithm import SingleBlock, entmax_backward, entmax_forward
 from ..kernels.visibility import NO_LIMIT, Visibility, windowed
 from . import layouts
@@ -32,16 +32,17 @@ class AllGatherAttention(torch.autograd.Function):
         for start, stop in head_chunks:
             k_all, v_all = (all_gather_seq(x[:, :, start:stop], group) for x in (k, v))
             q_chunk = q[:, :, start * per_kv:stop * per_kv]
-            groups = head_groups(alpha.for_heads(start * per_kv, stop * per_kv).values, q_chunk.shape[2],
-                                 stop - start, q.device)
+            chunk_alpha = alpha.for_heads(start * per_kv, stop * per_kv)
+            groups = head_groups(chunk_alpha.values, q_chunk.shape[2], stop - start, q.device)
+            table = chunk_alpha.table(q_chunk.shape[2], q.device)  # a DeviceAlpha's values, else None
             chunk = [entmax_forward(backend, g.queries(q_chunk), SingleBlock(g.keys(k_all), g.keys(v_all), vis),
-                                    EntmaxSpec(g.alpha), softmax_scale) for g in groups]
+                                    group_spec(g, table), softmax_scale) for g in groups]
             for fwd in chunk:
                 telemetry.log_forward(fwd, "allgather")
             outs.append(join_heads([fwd.out.to(q.dtype) for fwd in chunk], groups, 2, q_chunk.shape[2]))
             for fwd in chunk:
                 fwd.out = None
-            results.append((groups, chunk))
+            results.append((groups, chunk, table))
         ctx.save_for_backward(q, k, v)
         ctx.meta = (softmax_scale, vis, head_chunks, group, results)
         ctx.alpha_like = None if alpha_tensor is None else alpha_tensor.new_empty(alpha_tensor.shape)
@@ -55,14 +56,14 @@ class AllGatherAttention(torch.autograd.Function):
         backend, per_kv = backend_for(q), q.shape[2] // k.shape[2]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         d_alpha = []
-        for (start, stop), (groups, chunk) in zip(head_chunks, results):
+        for (start, stop), (groups, chunk, table) in zip(head_chunks, results):
             qs = slice(start * per_kv, stop * per_kv)
             k_all, v_all = (all_gather_seq(x[:, :, start:stop], group) for x in (k, v))
             q_chunk, do_chunk = q[:, :, qs], grad_out[:, :, qs].contiguous()
 
             def group_backward(g, fwd):
                 return entmax_backward(backend, g.queries(q_chunk), g.queries(do_chunk),
-                                       SingleBlock(g.keys(k_all), g.keys(v_all), vis), fwd, EntmaxSpec(g.alpha),
+                                       SingleBlock(g.keys(k_all), g.keys(v_all), vis), fwd, group_spec(g, table),
                                        softmax_scale, alpha_grad=alpha_grad)
 
             dq_h, dk_all, dv_all, d_alpha_h = backward_by_group(groups, chunk, group_backward, q_chunk.shape[2],

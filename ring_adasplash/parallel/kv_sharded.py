@@ -11,9 +11,9 @@ import torch.distributed as dist
 
 from .. import telemetry
 from ..checks import HeadAlpha, check_head_alpha, check_qkv, check_window, default_scale
-from ..kernels import EntmaxSpec, backend_for
+from ..kernels import backend_for
 from ..kernels.algorithm import LocalReduce, SingleBlock, entmax_backward, entmax_forward
-from ..kernels.head_groups import backward_by_group, head_groups, join_heads, to_alpha_shape
+from ..kernels.head_groups import backward_by_group, group_spec, head_groups, join_heads, to_alpha_shape
 from ..kernels.visibility import positional_visibility, windowed
 from .validation import checked_on_groups, options_description
 
@@ -44,7 +44,8 @@ class KVShardedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, alpha: HeadAlpha, alpha_tensor, softmax_scale: float, vis, group):
         backend, merge = backend_for(q), AllReduceMerge(group)
         groups = head_groups(alpha.values, q.shape[2], k.shape[2], q.device)
-        results = [entmax_forward(backend, g.queries(q), SingleBlock(g.keys(k), g.keys(v), vis), EntmaxSpec(g.alpha),
+        table = alpha.table(q.shape[2], q.device)  # a DeviceAlpha's values, else None
+        results = [entmax_forward(backend, g.queries(q), SingleBlock(g.keys(k), g.keys(v), vis), group_spec(g, table),
                                   softmax_scale, merge) for g in groups]
         for fwd in results:
             telemetry.log_forward(fwd, "kv-sharded")
@@ -53,6 +54,7 @@ class KVShardedAttention(torch.autograd.Function):
             fwd.out = None
         ctx.save_for_backward(q, k, v)
         ctx.groups, ctx.results, ctx.softmax_scale, ctx.vis, ctx.group = groups, results, softmax_scale, vis, group
+        ctx.table = table
         ctx.alpha_like = None if alpha_tensor is None else alpha_tensor.new_empty(alpha_tensor.shape)
         return out
 
@@ -64,7 +66,7 @@ class KVShardedAttention(torch.autograd.Function):
 
         def group_backward(g, fwd):
             return entmax_backward(backend_for(q), g.queries(q), g.queries(grad_out),
-                                   SingleBlock(g.keys(k), g.keys(v), ctx.vis), fwd, EntmaxSpec(g.alpha),
+                                   SingleBlock(g.keys(k), g.keys(v), ctx.vis), fwd, group_spec(g, ctx.table),
                                    ctx.softmax_scale, AllReduceMerge(ctx.group), alpha_grad=alpha_grad)
 
         dq, dk, dv, d_alpha = backward_by_group(ctx.groups, ctx.results, group_backward, q.shape[2], k.shape[2],

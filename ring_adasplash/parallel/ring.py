@@ -24,9 +24,9 @@ import torch.distributed as dist
 from .. import telemetry
 from ..checks import HeadAlpha, check_cu_seqlens
 from ..comm import RingComm
-from ..kernels import EntmaxSpec, backend_for
+from ..kernels import backend_for
 from ..kernels.algorithm import KeyBlock, entmax_backward, entmax_forward, visible_tiles
-from ..kernels.head_groups import backward_by_group, head_groups, join_heads, to_alpha_shape
+from ..kernels.head_groups import backward_by_group, group_spec, head_groups, join_heads, to_alpha_shape
 from ..kernels.visibility import NO_LIMIT, Visibility, window_positions, windowed
 from . import layouts
 from .validation import validated_self_attention
@@ -187,15 +187,16 @@ class RingAttention(torch.autograd.Function):
         gradient. Each group of heads (``head_groups``) makes its own ring sweeps."""
         backend = backend_for(q)
         groups = head_groups(alpha.values, q.shape[2], k.shape[2], q.device)
+        table = alpha.table(q.shape[2], q.device)  # a DeviceAlpha's values, else None
         results = [entmax_forward(backend, g.queries(q), RingKeyBlocks(g.keys(k), g.keys(v), plan, backend.BLOCK_N),
-                                  EntmaxSpec(g.alpha), softmax_scale) for g in groups]
+                                  group_spec(g, table), softmax_scale) for g in groups]
         for fwd in results:
             telemetry.log_forward(fwd, plan.name, local_block=plan.comm.rank)
         out = join_heads([fwd.out.to(q.dtype) for fwd in results], groups, 2, q.shape[2])
         for fwd in results:
             fwd.out = None  # the backward needs only the row terms
         ctx.save_for_backward(q, k, v)
-        ctx.groups, ctx.results, ctx.softmax_scale, ctx.plan = groups, results, softmax_scale, plan
+        ctx.groups, ctx.results, ctx.softmax_scale, ctx.plan, ctx.table = groups, results, softmax_scale, plan, table
         ctx.alpha_like = None if alpha_tensor is None else alpha_tensor.new_empty(alpha_tensor.shape)
         return out
 
@@ -208,7 +209,7 @@ class RingAttention(torch.autograd.Function):
 
         def group_backward(g, fwd):
             blocks = RingKeyBlocks(g.keys(k), g.keys(v), ctx.plan, backend.BLOCK_N)
-            return entmax_backward(backend, g.queries(q), g.queries(grad_out), blocks, fwd, EntmaxSpec(g.alpha),
+            return entmax_backward(backend, g.queries(q), g.queries(grad_out), blocks, fwd, group_spec(g, ctx.table),
                                    ctx.softmax_scale, alpha_grad=alpha_grad)
 
         dq, dk, dv, d_alpha = backward_by_group(ctx.groups, ctx.results, group_backward, q.shape[2], k.shape[2],
