@@ -26,7 +26,7 @@ def check_alpha(alpha) -> float:
 
 class DeviceAlpha(NamedTuple):
     """A tensor alpha whose values stay on the device: ``alpha=DeviceAlpha(t)`` with ``t`` of
-    shape () , (1,) or (heads_q,), learnable or not. Any other tensor alpha is copied to the host
+    shape (), (1,) or (heads_q,), learnable or not. Any other tensor alpha is copied to the host
     on every call, to check its range and to give the heads of alpha 1.5 and 2 their closed
     forms, which waits for the work queued before the call. Here every head runs the general
     form, reading its alpha on the device, and nothing waits; a value outside (1, 2] is not
