@@ -300,3 +300,24 @@ def test_every_strategy_learns_alpha_per_head(world, on_device):
     for rank_errors in errors:
         bad = {name: errs for name, errs in rank_errors.items() if max(errs) >= 1e-8}
         assert not bad, f"relative errors (out, dq, dk, dv, dalpha) above 1e-8: {bad}"
+
+
+def test_device_alpha_compiles_as_one_graph():
+    """A learnable alpha as a ``DeviceAlpha`` traces with ``fullgraph=True`` (nothing is read on
+    the host) and gives the eager gradients; a plain tensor alpha, whose values are read, cannot."""
+    q, k, v, grad_out = _inputs(dtype=torch.float32)
+    alpha = torch.tensor([1.37, 1.81, 1.12, 1.64], requires_grad=True)
+
+    def loss(q, k, v, alpha):
+        return (ra.adasplash_func(q, k, v, alpha=ra.DeviceAlpha(alpha)) * grad_out).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(compiled(*inputs, alpha), (*inputs, alpha))
+    expected = torch.autograd.grad(loss(*inputs, alpha), (*inputs, alpha))
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    plain = torch.compile(lambda q, k, v, a: ra.adasplash_func(q, k, v, alpha=a).sum(), fullgraph=True,
+                          backend="aot_eager")
+    with pytest.raises(Exception, match="tolist"):
+        plain(q, k, v, alpha)
