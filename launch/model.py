@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ring_adasplash import DeviceAlpha
+
 Attend = Callable[..., torch.Tensor]  # attend(q, k, v, alpha, group) on (B, S_local, H, D)
 
 
@@ -49,14 +51,19 @@ class Attention(nn.Module):
             [self.heads, self.kv_heads, self.kv_heads], dim=2
         )
         q, k = rope(q, positions), rope(k, positions)
-        y = self.attend(q, k, v.contiguous(), self.alpha, self.group)
+        # a learnable alpha stays on the GPU: read on the host, it would wait for the GPU in every layer
+        alpha = self.alpha if self.alpha_logit is None else DeviceAlpha(self.alpha)
+        y = self.attend(q, k, v.contiguous(), alpha, self.group)
         return self.out(y.reshape(batch, seqlen, -1))
 
 
     @property
     def alpha(self):
         """The float alpha, or the learnable per-head tensor (heads,)."""
-        return self.fixed_alpha if self.alpha_logit is None else 1 + torch.sigmoid(self.alpha_logit)
+        if self.alpha_logit is None:
+            return self.fixed_alpha
+        # kept above 1: in float32, 1 + sigmoid(x) is exactly 1 below x = -16, which is no entmax
+        return 1 + torch.sigmoid(self.alpha_logit).clamp(min=2 ** -10)
 
 
 class SwiGLU(nn.Module):

@@ -136,6 +136,22 @@ def test_training_example_captures_attention_inputs_in_sequence_order(tmp_path):
 
 
 @pytest.mark.distributed
+def test_training_example_learns_alpha_per_head(tmp_path):
+    """``launch/train.py --learn-alpha`` on two zigzag ranks: the loss falls and the heads' alphas
+    (a DeviceAlpha, read by the kernels on the device), all 1.5 at the start, move apart."""
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  str(ROOT / "launch" / "train.py"), "--strategy", "zigzag", "--learn-alpha", "--steps", "12"],
+                 cwd=ROOT / "launch", hide_gpus=True)
+    assert result.returncode == 0, result.stdout
+    summary = re.search(r"first_loss=([\d.]+) final_loss=([\d.]+)", result.stdout)
+    assert summary and float(summary[2]) < float(summary[1]) - 0.3, result.stdout
+    learned = [float(a) for line in re.findall(r"learned alpha: layer \d per head ([\d. ]+)", result.stdout)
+               for a in line.split()]
+    assert len(learned) == 4 and all(1.0 < a < 2.0 for a in learned), learned
+    assert len(set(learned)) > 1, learned  # printed to three decimals: apart by 1e-3 at least
+
+
+@pytest.mark.distributed
 def test_distributed_benchmark_with_a_window_sends_less_than_full_causal(tmp_path):
     """``benchmarks/bench_distributed.py --window``: every entmax strategy and the one-GPU rows
     take the window, FlexAttention with the same window is the dense baseline, and a ring with a
