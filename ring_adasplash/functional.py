@@ -100,18 +100,10 @@ def _kernel_key(q: Tensor, k: Tensor, alphas, backward_sums: bool) -> tuple:
     step); the schedule; whether a backward is to come; the candidate slots setting (with none,
     the Newton schedule launches no candidate kernel)."""
     plan = group_plan(alphas)
-    specs = sorted({_kernel_kind(alpha) for alpha, _ in plan})
+    specs = sorted({(s.power, s.closed_form, s.per_head) for s in (EntmaxSpec(alpha) for alpha, _ in plan)})
     split = len(plan) > 1  # the groups read one key head per query head
     return (q.device, q.dtype, q.shape[-1], 1 if split else q.shape[2] // k.shape[2], tuple(specs),
             default_schedule(True), backward_sums, os.environ.get(CANDIDATES_ENV))
-
-
-def _kernel_kind(alpha) -> tuple:
-    """A group's ``(power, closed form, per head)``; ``()``: per head, its values on the device."""
-    if alpha == ():
-        return 0, False, True
-    spec = EntmaxSpec(alpha)
-    return spec.power, spec.closed_form, spec.per_head
 
 
 # out and dq of a call whose float32 copy would take at least this many bytes are stored by their

@@ -186,6 +186,21 @@ def test_device_alpha_out_of_range_gives_nan_rows_on_its_heads_only():
     assert torch.equal(out[:, :, [0, 2]], ref[:, :, [0, 2]])
 
 
+def test_a_spec_of_device_values_needs_its_table():
+    """``EntmaxSpec(())`` (values on the device alone) is per head in the general form, and what
+    needs its values raises until a table gives them."""
+    from ring_adasplash.kernels import EntmaxSpec
+
+    spec = EntmaxSpec(())
+    assert (spec.power, spec.closed_form, spec.per_head) == (0, False, True)
+    for use in (lambda: spec.kernel_constants(0.25, "cpu"), lambda: spec.gamma_at(torch.zeros(1, 4, 3))):
+        with pytest.raises(ValueError, match="or a table of them; got none"):
+            use()
+    table = torch.tensor([1.25, 1.5, 1.75, 2.0], dtype=torch.float64)
+    gamma = EntmaxSpec((), table).gamma_at(torch.zeros(1, 4, 3, dtype=torch.float64))
+    assert torch.equal(gamma.reshape(-1), 1.0 / (table - 1.0))
+
+
 def test_device_alpha_is_not_read():
     """Its values are never read on the host: on the meta device (no values at all) the check
     passes, where a plain tensor's values are copied to the host."""

@@ -30,6 +30,7 @@ import torch
 from .identity import remembered_in
 
 CLOSED_FORM_ALPHAS = (1.5, 2.0)  # tau from the histograms in closed form (gamma 2 and 1)
+NO_VALUES = "alpha: expected one value or one per query head, or a table of them; got none"
 
 # Per-head constants on the device, made once per values, dtype and device: a copy from the host
 # that a CUDA graph's capture forbids. A captured graph reads them by address, so it holds
@@ -74,8 +75,6 @@ class EntmaxSpec:
     def __post_init__(self):
         if isinstance(self.alpha, (tuple, list)):
             values = tuple(float(a) for a in self.alpha)
-            if not values and self.table is None:
-                raise ValueError("alpha: expected one value or one per query head, or a table of them; got none")
             object.__setattr__(self, "alpha", values[0] if len(set(values)) == 1 else values)
         else:
             object.__setattr__(self, "alpha", float(self.alpha))
@@ -88,7 +87,11 @@ class EntmaxSpec:
     @property
     def heads(self) -> int:
         """How many per-head alphas (``per_head`` specs): the values', or the table's."""
-        return len(self.alpha) if self.alpha else self.table.numel()
+        if self.alpha:
+            return len(self.alpha)
+        if self.table is None:
+            raise ValueError(NO_VALUES)
+        return self.table.numel()
 
     @property
     def per_head(self) -> bool:
@@ -185,6 +188,8 @@ class EntmaxSpec:
         from the values, copied from the host (``head_constants``). ``value_of`` takes a float or a
         float64 tensor alike."""
         if self.table is None:
+            if not self.alpha:
+                raise ValueError(NO_VALUES)
             return head_constants(tuple(value_of(a) for a in self.alpha), dtype, device)
         key = (name, dtype, str(device))
         if key not in self._made:
