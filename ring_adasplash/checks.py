@@ -81,6 +81,8 @@ def check_head_alpha(alpha, heads: int) -> HeadAlpha:
             raise ValueError(f"alpha must give one value or one per query head ({heads}); got {alpha.count}")
         return alpha
     if isinstance(alpha, DeviceAlpha):
+        if not isinstance(alpha.tensor, torch.Tensor):
+            raise TypeError(f"alpha: DeviceAlpha holds a tensor; got {type(alpha.tensor).__name__}")
         _check_alpha_tensor(alpha.tensor, heads, "DeviceAlpha")
         return HeadAlpha((), alpha.tensor)
     if not isinstance(alpha, torch.Tensor):
@@ -96,8 +98,6 @@ def check_head_alpha(alpha, heads: int) -> HeadAlpha:
 
 def _check_alpha_tensor(alpha, heads: int, what: str) -> None:
     """The shape and dtype of a tensor alpha (``check_head_alpha``); ``what`` names its form."""
-    if not isinstance(alpha, torch.Tensor):
-        raise TypeError(f"alpha: DeviceAlpha holds a tensor; got {type(alpha).__name__}")
     if alpha.dim() > 1 or alpha.numel() not in (1, heads):
         raise ValueError(f"alpha must be a float, a one-element tensor or a tensor of shape ({heads},) (one per "
                          f"query head); got {what} of shape {tuple(alpha.shape)}")

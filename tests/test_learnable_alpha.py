@@ -213,7 +213,7 @@ def test_device_alpha_is_not_read():
 
 
 @pytest.mark.parametrize("alpha,error,match", [
-    (torch.ones(2) * 1.5, ValueError, r"DeviceAlpha of shape \(2,\); expected|shape \(4,\)"),
+    (torch.ones(2) * 1.5, ValueError, r"shape \(4,\) \(one per query head\); got DeviceAlpha of shape \(2,\)"),
     (torch.tensor([1, 2, 1, 2]), TypeError, "floating-point"),
     (1.5, TypeError, "DeviceAlpha holds a tensor"),
 ])
