@@ -103,8 +103,8 @@ def candidate_sums(Row_slots, found, longest, t, shift, scale_z, gamma, POWER: t
     """``triton_newton.newton_sweep``'s sums at ``t`` over the rows' candidates: ``(f, f', count,
     closest)`` per row, float64 (``closest``: the smallest gap ``z - t > 0``, +inf where none).
     The sums run per slot column and meet across the row once a step: a row reduction per trip
-    took its tile through shared memory (three barriers a trip) and 40% of the trip's
-    instructions. ``CHUNK`` 32: four accumulators of 64 per row spilled at 128 registers."""
+    takes the tile through shared memory, with barriers, every trip. ``CHUNK``: four
+    accumulators of ``CHUNK`` per row must fit the registers (docs/design.md, candidate keys)."""
     f_acc = tl.full([BLOCK_M, CHUNK], 0.0, tl.float32)
     df_acc = tl.full([BLOCK_M, CHUNK], 0.0, tl.float32)
     above_acc = tl.full([BLOCK_M, CHUNK], 0.0, tl.float32)
