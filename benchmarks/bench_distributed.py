@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from bench_masks import prepare_flex_window  # noqa: E402
 from inputs import make_qkv  # noqa: E402
 from ring_adasplash.config import STRATEGIES, one_group_strategies  # noqa: E402
 from ring_adasplash.comm import shutdown  # noqa: E402
@@ -162,8 +163,8 @@ def prepare(name, args, seqlen, rank, world, device, stack):
             return (functools.partial(ring_adasplash.adasplash_func, alpha=common.ALPHA, causal=True, **window),
                     global_inputs(args, seqlen, device))
         return common.ours_attention, global_inputs(args, seqlen, device)
-    if name == "flex1":
-        return flex_window(args.window, global_inputs(args, seqlen, device))
+    if name == "flex1":  # bench_masks.py's windowed FlexAttention (compiled on a GPU, eager on the CPU)
+        return prepare_flex_window(args.window, device.type == "cuda", *global_inputs(args, seqlen, device))
     if name == "sdpa1":
         return common.sdpa_flash, [x.transpose(1, 2) for x in global_inputs(args, seqlen, device)]
     if name == "torch_cp":
@@ -177,24 +178,6 @@ def prepare(name, args, seqlen, rank, world, device, stack):
         raise ImportError(f"{SHARD} is not available")
     local = [shard(x, strategy.layout, rank, world, dim=1).clone() for x in global_inputs(args, seqlen, device)]
     return functools.partial(strategy.load(), alpha=common.ALPHA, causal=True, **window), local
-
-
-def flex_window(window, tensors):
-    """FlexAttention (softmax) with a sliding window of ``window`` keys on the full sequence:
-    compiled on a GPU (eager flex_attention materialises the scores), eager on the CPU; its block
-    mask is built here, untimed. Inputs (B, S, H, D) -> its layout (B, H, S, D)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    q = tensors[0]
-    cuda = q.device.type == "cuda"
-
-    def sliding_window(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
-
-    build = torch.compile(create_block_mask) if cuda else create_block_mask
-    mask = build(sliding_window, None, None, q.shape[1], q.shape[1], device=str(q.device))
-    attn = torch.compile(flex_attention) if cuda else flex_attention
-    return functools.partial(attn, block_mask=mask), [x.transpose(1, 2).contiguous() for x in tensors]
 
 
 @functools.lru_cache(maxsize=None)
