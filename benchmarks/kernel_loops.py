@@ -69,7 +69,7 @@ def capture(args, path: str) -> None:
         head_alphas = common.head_alphas(args.head_alphas, args.alpha, args.heads)
         # a per-head tensor is learnable, as in bench_kernels.py: the backward then sums dL/dalpha
         alpha = args.alpha if head_alphas is None else torch.tensor(head_alphas, requires_grad=args.backward)
-        out = ra.adasplash_func(q, k, v, alpha=alpha)
+        out = ra.adasplash_func(q, k, v, alpha=ra.DeviceAlpha(alpha) if args.device_alpha else alpha)
         if args.backward:
             out.float().sum().backward()
     with open(path, "wb") as f:
@@ -176,6 +176,8 @@ def main():
     p.add_argument("--head-alphas", default="none", help="none (alpha a float), same (a per-head tensor of "
                                                          "--alpha) or LO:HI (per head, evenly spaced); "
                                                          "learnable with --backward, as in bench_kernels.py")
+    p.add_argument("--device-alpha", action="store_true", help="with --head-alphas: the tensor given as "
+                                                                "ring_adasplash.DeviceAlpha, as in bench_kernels.py")
     p.add_argument("--backward", action="store_true", help="the backward's kernels too (the forward then "
                                                             "keeps the backward's sums)")
     p.add_argument("--kernels", type=common.csv_list(str), default=[], help="kernel names to report (default: all)")
@@ -188,6 +190,8 @@ def main():
     p.add_argument("--capture", metavar="PATH", help=argparse.SUPPRESS)  # the interpreted half
     p.add_argument("--compile", metavar="DIR", help=argparse.SUPPRESS)  # the compiling half
     args = p.parse_args()
+    if args.device_alpha and args.head_alphas == "none":
+        p.error("--device-alpha needs --head-alphas (same or LO:HI)")
     if args.capture:
         capture(args, args.capture)
         return

@@ -65,7 +65,7 @@ def main():
     p.add_argument("--family", choices=sorted(FAMILIES), default="scattered", help="input family (inputs.py)")
     p.set_defaults(seqlen=8192, amp=1.0)
     p.add_argument("--calls", type=int, default=10, help="calls profiled for the device time")
-    p.add_argument("--kernels", type=int, default=6, help="costliest kernels listed per tensor alpha")
+    p.add_argument("--kernels", type=int, default=6, help="costliest kernels listed per alpha and read")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_alpha_read.py times a GPU: no CUDA device here")
@@ -87,13 +87,13 @@ def main():
                     ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
                     total, by_kernel = device_ms(step, args.calls)
                     print(f"| {mode} | {name} | {read} | {ms:.3f} | {total:.3f} |", flush=True)
-                    if name != "float" and read == "every call":
-                        listings.append((mode, name, by_kernel.most_common(args.kernels)))
+                    if read != "no read":
+                        listings.append((mode, name, read, by_kernel.most_common(args.kernels)))
     finally:
         functional.check_head_alpha = check
         common.HEAD_ALPHAS, common.DEVICE_ALPHA = None, False
-    for mode, name, kernels in listings:
-        print(f"\n{mode}, {name}: device ms per call by kernel")
+    for mode, name, read, kernels in listings:
+        print(f"\n{mode}, {name}, {read}: device ms per call by kernel")
         for kernel, ms in kernels:
             print(f"    {ms:7.3f}  {kernel[:100]}")
 
