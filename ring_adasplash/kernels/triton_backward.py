@@ -20,11 +20,10 @@ Operands meet in the input dtype (P and dS cast, as flash attention does) with f
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, LN2, MAX, SMALLEST_NORMAL, approx_log2, at_head, dot, entmax_weights,
-                            first_slot_at_least, hide_invisible, key_positions, list_slot, list_slots,
-                            listed_query_tile, listed_tile, listed_tiles, load_rows, logits, of_query_head,
-                            offset_strides, positive_gap, program_query_flag, program_tile, query_positions,
-                            row_offsets, tile_ptrs, visible)
+from .triton_common import (ADD, LN2, MAX, at_head, dot, entmax_weights, first_slot_at_least, hide_invisible,
+                            key_positions, list_slot, list_slots, listed_query_tile, listed_tile, listed_tiles,
+                            load_rows, logits, of_query_head, offset_strides, positive_gap, program_query_flag,
+                            program_tile, query_positions, row_offsets, slope_and_log2, tile_ptrs, visible)
 
 
 
@@ -149,14 +148,17 @@ def dq_tiles(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, fu
         g = dot(do, tl.trans(v), PRECISION)
         z = hide_invisible(z, K_pos, K_doc, K_win_pos, q_limit, q_doc, q_first, in_q, offs_n, in_k, FULL)
         gap = positive_gap(z, tau[:, None])
-        _, u = entmax_weights(gap, gamma, POWER)
+        if ALPHA_SUMS:
+            u, log2_gap = slope_and_log2(gap, gamma, POWER)
+        else:
+            _, u = entmax_weights(gap, gamma, POWER)
         ds = u * (g - delta[:, None])
         if ALPHA_SUMS:  # before the product, so that the float32 ds and gap need not outlive it
             # (g - delta) p (1 - log gap) = ds gap (1 - log gap), 0 off the support (a NaN value reaches no sum);
             # the log of a gap below the smallest normal float (never met: z and tau are of order one)
             # is taken at that float, which moves a term by less than 1e-35
             on = gap > 0
-            log_gap = LN2 * approx_log2(tl.maximum(gap, SMALLEST_NORMAL))
+            log_gap = LN2 * log2_gap
             alpha_sum += tl.reduce(tl.where(on, ds * gap * (1.0 - log_gap), 0.0), 1, ADD)
         dq += dot(ds.to(q.dtype), k, PRECISION)
     return dq, alpha_sum

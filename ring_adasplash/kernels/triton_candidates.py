@@ -25,9 +25,9 @@ sequence.
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, INTERPRETED, LN2, MAX, MIN, SMALLEST_NORMAL, approx_log2, at_head, dot,
-                            entmax_weights, gather_rows, list_slots, listed_query_tile_at, listed_scores, logits,
-                            of_query_head, offset_strides, positive_gap, query_line, score_cutoff, tile_ptrs)
+from .triton_common import (ADD, INTERPRETED, LN2, MAX, MIN, at_head, dot, entmax_weights, gather_rows, list_slots,
+                            listed_query_tile_at, listed_scores, logits, of_query_head, offset_strides, positive_gap,
+                            query_line, score_cutoff, slope_and_log2, tile_ptrs)
 from .triton_tau import newton_live_rows_step, schedule_rows
 
 NEG_INF_BITS = tl.constexpr(-8388608)  # -inf's float32 bits as an int32 (0xFF800000)
@@ -205,9 +205,9 @@ def candidate_alpha_sums(Row_slots, found, longest, tau, shift, scale_z, V, stri
         gap = positive_gap(logits(s, shift, scale_z), tau)
         held = gap > 0
         key = tl.load(Row_slots + 2 * slot + 1, mask=held, other=0)
-        p, _ = entmax_weights(gap, gamma, POWER)
-        # the log as dq_kernel takes it (approx_log2 at the smallest normal float at least)
-        c = tl.where(held, p * (1.0 - LN2 * approx_log2(tl.maximum(gap, SMALLEST_NORMAL))), 0.0)
+        # the power and the log as dq_kernel takes them
+        u, log2_gap = slope_and_log2(gap, gamma, POWER)
+        c = tl.where(held, gap * u * (1.0 - LN2 * log2_gap), 0.0)
         acc_c += c[:, None] * gather_rows(V, key, held, stride_vs, stride_vd, HEAD_DIM).to(tl.float32)
         c_sum += c
     return acc_c, c_sum

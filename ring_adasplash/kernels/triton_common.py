@@ -492,6 +492,14 @@ def power_log2(x, gamma):
 
 
 @triton.jit
+def slope_of_log2(d, log2_d, gamma):
+    """``d ** (gamma - 1)`` for d >= 0 (0 where d is 0) from ``log2_d``, the log2 of
+    ``max(d, SMALLEST_NORMAL)`` (a positive d below the smallest normal float, never met: z and tau
+    are of order one, so a gap is 0 or far above it, is taken at that float)."""
+    return tl.where(d > 0, tl.exp2((gamma - 1.0) * log2_d), 0.0)
+
+
+@triton.jit
 def power_and_slope(d, gamma, POWER: tl.constexpr):
     """(d ** gamma, d ** (gamma - 1)) for d >= 0 (``EntmaxSpec.power_and_slope``): ``POWER`` is
     gamma when gamma is 1 or 2 (alpha 2 or 1.5), else 0 (any gamma, through exp2 / log2)."""
@@ -500,10 +508,22 @@ def power_and_slope(d, gamma, POWER: tl.constexpr):
     elif POWER == 2:
         return d * d, d
     else:
-        # a positive d below the smallest normal float (never met: z and tau are of order one,
-        # so a gap is 0 or far above it) is taken at that float
-        slope = tl.where(d > 0, tl.exp2((gamma - 1.0) * power_log2(tl.maximum(d, SMALLEST_NORMAL), gamma)), 0.0)
+        slope = slope_of_log2(d, power_log2(tl.maximum(d, SMALLEST_NORMAL), gamma), gamma)
         return d * slope, slope
+
+
+@triton.jit
+def slope_and_log2(d, gamma, POWER: tl.constexpr):
+    """``power_and_slope``'s slope and ``approx_log2(max(d, SMALLEST_NORMAL))`` (the log that the
+    alpha gradient's sums take), for d >= 0: one log2 for both where the slope is exp2 of it."""
+    log2_d = approx_log2(tl.maximum(d, SMALLEST_NORMAL))
+    if POWER != 0:
+        _, slope = power_and_slope(d, gamma, POWER)
+    elif gamma > APPROX_LOG_MAX_GAMMA:  # the power takes a correctly rounded log (power_log2)
+        slope = slope_of_log2(d, tl.log2(tl.maximum(d, SMALLEST_NORMAL)), gamma)
+    else:
+        slope = slope_of_log2(d, log2_d, gamma)
+    return slope, log2_d
 
 
 @triton.jit
