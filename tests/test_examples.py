@@ -216,3 +216,26 @@ def test_two_gpu_script_runs_its_parts_on_cpu(tmp_path):
     bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "two_gpu.sh")], cwd=ROOT,
                          env=dict(env, PARTS="nonsense"), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown part 'nonsense'" in bad.stderr, bad.stderr
+
+
+def test_dense_regime_script_runs_its_parts_on_cpu(tmp_path):
+    """``benchmarks/dense_regime.sh`` with ``SMOKE=1``: its mixed-family and sparse parts, tiny, on
+    the CPU, each writing a report with ours and SDPA in both modes; an unknown part is refused."""
+    env = dict(os.environ, SMOKE="1", PARTS="mixed sparse", REPORT_OUT=str(tmp_path), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                         if p]))
+    script = str(ROOT / "benchmarks" / "dense_regime.sh")
+    result = subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reports = sorted(tmp_path.glob("kernels_*.csv"))
+    assert len(reports) == 2, result.stdout  # one a part
+    for report, amp, seqlens in zip(reports, ("1.0", "2.0"), ({"256", "512"}, {"512"})):
+        with open(report) as f:
+            rows = list(csv.DictReader(f))
+        ours = [row for row in rows if row["impl"] == "ours"]
+        assert {(row["mode"], row["seqlen"]) for row in ours} == {(m, s) for m in ("fwd", "fwdbwd") for s in seqlens}
+        assert all(row["amp"] == amp and float(row["ms"]) > 0 for row in ours), ours
+        assert {row["impl"] for row in rows} == {"ours", "sdpa"}, rows
+    bad = subprocess.run(["bash", script], cwd=ROOT, env=dict(env, PARTS="nonsense"), capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "unknown part 'nonsense'" in bad.stderr, bad.stderr

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The dense-regime comparison at the current commit: ours against flash SDPA and AdaSplash side by
+# side, forward and fwd+bwd (bf16, causal, batch 1, 16 heads, alpha 1.5), on each input family at
+# 8K, 32K, 64K and 128K tokens, D 64 and 128. One bench_kernels.py process per part, each fitting
+# a ten-minute slot on one H100 or H200; the reports go to benchmarks/results (or REPORT_OUT).
+#
+#   bash benchmarks/dense_regime.sh
+#   PARTS="scattered mixed" bash benchmarks/dense_regime.sh
+#   NO_ADASPLASH=1 bash benchmarks/dense_regime.sh   # without AdaSplash (package missing)
+#   SMOKE=1 bash benchmarks/dense_regime.sh          # no GPU: the same parts, tiny, on the CPU
+#
+# Parts:
+#   structured   the local family at amp 1.0 (19-41% of the tiles zero)
+#   scattered    each row's nonzero keys scattered over the whole row (no locality)
+#   mixed        half the heads structured at amp 2.0, half scattered, in one call
+#   sparse       the local family at amp 2.0 (at least 95% of the tiles zero), from 32K
+#   profile      where the forward's time goes on the dense rows (profile_candidates.py)
+# q and k captured from a trained model: bench_kernels.py --family captured --captured PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${REPORT_OUT:-benchmarks/results}
+PARTS=${PARTS:-structured scattered mixed sparse profile}
+IMPLS=ours,sdpa,adasplash
+if [ -n "${SMOKE:-}" ]; then
+  COMMON=(--device cpu --heads 2 --batch 1 --dtype fp32 --modes fwd,fwdbwd --warmup-ms 0 --rep-ms 0)
+  DENSE=256:16:1.0,512:16:1.0 SPARSE=512:16:2.0 PROFILE=(--device cpu --seqlen 256 --head-dim 16 --heads 2
+                                                       --repeats 1)
+  IMPLS=ours,sdpa
+  export CUDA_VISIBLE_DEVICES=""
+else
+  COMMON=(--heads 16 --batch 1 --dtype bf16 --modes fwd,fwdbwd --warmup-ms 25 --rep-ms 100 --adasplash-precompile 16)
+  DENSE=8192:64:1.0,8192:128:1.0,32768:64:1.0,32768:128:1.0,65536:64:1.0,65536:128:1.0,131072:64:1.0,131072:128:1.0
+  SPARSE=32768:64:2.0,32768:128:2.0,65536:128:2.0,131072:128:2.0
+  PROFILE=(--seqlen 32768 --head-dim 64 --repeats 10)
+fi
+[ -z "${NO_ADASPLASH:-}" ] || IMPLS=ours,sdpa
+git rev-parse --short HEAD 2> /dev/null || true
+
+for part in $PARTS; do
+  echo "== $part"
+  case $part in
+    structured|scattered|mixed)
+      python3 benchmarks/bench_kernels.py "${COMMON[@]}" --impls "$IMPLS" --family "$part" --rows "$DENSE" \
+        --out "$OUT" ;;
+    sparse)
+      python3 benchmarks/bench_kernels.py "${COMMON[@]}" --impls "$IMPLS" --family structured --rows "$SPARSE" \
+        --out "$OUT" ;;
+    profile)
+      for family in structured scattered; do
+        # on the CPU (SMOKE) its Triton kernels run interpreted
+        ${SMOKE:+env TRITON_INTERPRET=1 RING_ADASPLASH_BACKEND=triton} python3 benchmarks/profile_candidates.py \
+          "${PROFILE[@]}" --family "$family" --amp 1.0
+      done ;;
+    *)
+      echo "unknown part '$part'; parts: structured scattered mixed sparse profile" >&2
+      exit 2 ;;
+  esac
+done
