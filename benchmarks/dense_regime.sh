@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The dense-regime comparison at the current commit: ours against flash SDPA and AdaSplash side by
 # side, forward and fwd+bwd (bf16, causal, batch 1, 16 heads, alpha 1.5), on each input family at
-# 8K, 32K, 64K and 128K tokens, D 64 and 128. One bench_kernels.py process per part, each fitting
-# a ten-minute slot on one H100 or H200; the reports go to benchmarks/results (or REPORT_OUT).
+# 8K, 32K, 64K and 128K tokens, D 64 and 128. One bench_kernels.py process per part (run them in
+# separate slots where time is short); the reports go to benchmarks/results (or REPORT_OUT).
 #
 #   bash benchmarks/dense_regime.sh
 #   PARTS="scattered mixed" bash benchmarks/dense_regime.sh
