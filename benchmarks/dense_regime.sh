@@ -10,7 +10,7 @@
 #   SMOKE=1 bash benchmarks/dense_regime.sh          # no GPU: the same parts, tiny, on the CPU
 #
 # Parts:
-#   structured   the local family at amp 1.0 (19-41% of the tiles zero)
+#   structured   the local family at amp 1.0 (moderately sparse: 8-41% of the tiles zero at 8K-32K)
 #   scattered    each row's nonzero keys scattered over the whole row (no locality)
 #   mixed        half the heads structured at amp 2.0, half scattered, in one call
 #   sparse       the local family at amp 2.0 (at least 95% of the tiles zero), from 32K
