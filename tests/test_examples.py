@@ -18,11 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 
 
+def checkout_env(**extra: str) -> dict:
+    """This process's environment with this checkout first on the import path, one thread per
+    process, and ``extra``."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), **extra)
+
+
 def run(args: list[str], cwd: Path, hide_gpus: bool = False) -> subprocess.CompletedProcess:
-    """Run ``args`` with this checkout first on the import path and one thread per process; on
-    timeout the whole process group goes (torchrun's ranks included)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    """Run ``args`` in ``checkout_env()``; on timeout the whole process group goes (torchrun's
+    ranks included)."""
+    env = checkout_env()
     if hide_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -194,9 +200,7 @@ def test_distributed_benchmark_refuses_a_window_for_baselines_without_one():
 def test_two_gpu_script_runs_its_parts_on_cpu(tmp_path):
     """``benchmarks/two_gpu.sh`` with ``SMOKE=1``: its window, long-sequence and packed-documents
     parts, tiny, on two gloo ranks, each writing its report; an unknown part is refused."""
-    env = dict(os.environ, SMOKE="1", PARTS="window million packed", REPORT_OUT=str(tmp_path), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                                         if p]))
+    env = checkout_env(SMOKE="1", PARTS="window million packed", REPORT_OUT=str(tmp_path))
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "two_gpu.sh")], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -221,9 +225,7 @@ def test_two_gpu_script_runs_its_parts_on_cpu(tmp_path):
 def test_dense_regime_script_runs_its_parts_on_cpu(tmp_path):
     """``benchmarks/dense_regime.sh`` with ``SMOKE=1``: its mixed-family and sparse parts, tiny, on
     the CPU, each writing a report with ours and SDPA in both modes; an unknown part is refused."""
-    env = dict(os.environ, SMOKE="1", PARTS="mixed sparse", REPORT_OUT=str(tmp_path), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                                         if p]))
+    env = checkout_env(SMOKE="1", PARTS="mixed sparse", REPORT_OUT=str(tmp_path))
     script = str(ROOT / "benchmarks" / "dense_regime.sh")
     result = subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stdout + result.stderr
