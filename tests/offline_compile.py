@@ -97,9 +97,10 @@ def specialization_key(kernel, arguments: dict) -> tuple:
 
 
 def capture(path: str) -> None:
-    """Forward and backward at alpha 1.5, 2, 1.3 and one per head (1.3 and 1.7: the kernels read
-    alpha per head), bf16 and fp32, causal with a window and sinks and with key padding; the
-    forwards of both schedules; the Newton step of a ring; a learnable alpha's backward; head dim
+    """Forward and backward at alpha 1.5, 2, 1.3, 1.1 and one per head (1.3 and 1.7: the kernels
+    read alpha per head; 1.1 and 1.7: their powers' log2 chosen per head), bf16 and fp32, causal with a window and sinks and with key padding; the
+    forwards of both schedules; the Newton step of a ring; a learnable alpha's backward, of a
+    ``DeviceAlpha`` too; head dim
     256; entmax over tensors; writes what ``recorded_launches`` records to ``path``."""
     import torch
 
@@ -115,7 +116,7 @@ def capture(path: str) -> None:
 def _capture_calls(ra, triton_backend, torch) -> None:
     """The calls ``capture`` records."""
     for dtype in (torch.bfloat16, torch.float32):
-        for alpha in (1.5, 2.0, 1.3, torch.tensor([1.3, 1.7])):
+        for alpha in (1.5, 2.0, 1.3, 1.1, torch.tensor([1.3, 1.7]), torch.tensor([1.1, 1.7])):
             q, k, v = (torch.randn(2, 130, 2, 64).to(dtype).requires_grad_() for _ in range(3))
             keep = torch.ones(2, 130, dtype=torch.bool)
             keep[1, :20] = False
@@ -142,7 +143,8 @@ def _capture_calls(ra, triton_backend, torch) -> None:
                                    1e-6)
     # a learnable alpha: the dQ kernel's sums of dL/dalpha (their log is inline PTX on the GPU)
     q, k, v = (torch.randn(1, 130, 2, 64).to(torch.bfloat16).requires_grad_() for _ in range(3))
-    ra.adasplash_func(q, k, v, alpha=torch.full((2,), 1.5, requires_grad=True)).float().sum().backward()
+    for alpha in (torch.full((2,), 1.5, requires_grad=True), ra.DeviceAlpha(torch.full((2,), 1.5, requires_grad=True))):
+        ra.adasplash_func(q, k, v, alpha=alpha).float().sum().backward()
     # the largest head dim, whose tiles fill the most shared memory (forward and backward)
     q, k, v = (torch.randn(1, 130, 1, 256).to(torch.bfloat16).requires_grad_() for _ in range(3))
     ra.adasplash_func(q, k, v, alpha=1.5).float().sum().backward()

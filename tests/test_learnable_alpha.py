@@ -103,11 +103,15 @@ def test_heads_form_at_most_three_groups():
 def test_a_graph_holds_the_heads_split_not_the_per_head_values():
     """A CUDA graph of the forward is keyed on ``graph_key``: the groups' heads and the alpha of a
     group of one alpha, not the values of a per-head group (read from the device), so that an
-    alpha moved by training replays one graph; a head that moves onto 1.5 or 2 changes the key."""
+    alpha moved by training replays one graph; a head that moves onto 1.5 or 2 changes the key,
+    and so does one that moves across alpha 1.2 (the per-head group's log2, ``EntmaxSpec.power``)."""
+    from ring_adasplash.kernels.entmax_spec import POWER_BY_HEAD, POWER_GENERAL
     from ring_adasplash.kernels.head_groups import graph_key
 
-    assert graph_key([1.3, 1.5, 1.7]) == graph_key([1.31, 1.5, 1.69]) == ((None, (0, 2)), (1.5, (1,)))
+    per_head = ("per head", POWER_GENERAL)
+    assert graph_key([1.3, 1.5, 1.7]) == graph_key([1.31, 1.5, 1.69]) == ((per_head, (0, 2)), (1.5, (1,)))
     assert graph_key([1.3, 1.5, 1.7]) != graph_key([1.3, 1.5, 2.0])
+    assert graph_key([1.1, 1.5, 1.7])[0] == (("per head", POWER_BY_HEAD), (0, 2))
     assert graph_key([1.25] * 3) != graph_key([1.26] * 3)  # one alpha: a constant of the graph
     assert graph_key([1.4]) == ((1.4, (0,)),)
 
@@ -186,13 +190,28 @@ def test_device_alpha_out_of_range_gives_nan_rows_on_its_heads_only():
     assert torch.equal(out[:, :, [0, 2]], ref[:, :, [0, 2]])
 
 
-def test_a_spec_of_device_values_needs_its_table():
-    """``EntmaxSpec(())`` (values on the device alone) is per head in the general form, and what
-    needs its values raises until a table gives them."""
+def test_the_general_form_takes_its_log_by_the_alphas():
+    """``EntmaxSpec.power``: the closed forms at 1.5 and 2; else the log2 that the kernels' powers
+    take, chosen on the float32 gamma they are given: the approximate one up to gamma 5 (alpha 1.2,
+    included), the correctly rounded one above, and per head where a spec holds both kinds or its
+    values are on the device alone."""
     from ring_adasplash.kernels import EntmaxSpec
+    from ring_adasplash.kernels.entmax_spec import POWER_BY_HEAD, POWER_GENERAL, POWER_GENERAL_EXACT_LOG
+
+    expected = {1.5: 2, 2.0: 1, 1.75: POWER_GENERAL, 1.2: POWER_GENERAL, 1.19999: POWER_GENERAL_EXACT_LOG,
+                1.01: POWER_GENERAL_EXACT_LOG, (1.2, 1.5, 1.9): POWER_GENERAL, (1.1, 1.15): POWER_GENERAL_EXACT_LOG,
+                (1.1, 1.5): POWER_BY_HEAD, (): POWER_BY_HEAD}
+    assert {alpha: EntmaxSpec(alpha).power for alpha in expected} == expected
+
+
+def test_a_spec_of_device_values_needs_its_table():
+    """``EntmaxSpec(())`` (values on the device alone) is per head in the general form, its log2
+    chosen per head, and what needs its values raises until a table gives them."""
+    from ring_adasplash.kernels import EntmaxSpec
+    from ring_adasplash.kernels.entmax_spec import POWER_BY_HEAD
 
     spec = EntmaxSpec(())
-    assert (spec.power, spec.closed_form, spec.per_head) == (0, False, True)
+    assert (spec.power, spec.closed_form, spec.per_head) == (POWER_BY_HEAD, False, True)
     for use in (lambda: spec.kernel_constants(0.25, "cpu"), lambda: spec.gamma_at(torch.zeros(1, 4, 3))):
         with pytest.raises(ValueError, match="or a table of them; got none"):
             use()

@@ -30,6 +30,18 @@ import torch
 from .identity import remembered_in
 
 CLOSED_FORM_ALPHAS = (1.5, 2.0)  # tau from the histograms in closed form (gamma 2 and 1)
+
+# ``EntmaxSpec.power`` of the general form, by the log2 its powers take (``triton_common.power_log2``).
+# Chosen where the kernels are compiled, not in their tile loops: a branch on a value there keeps
+# both logs' code live in every loop, and the dQ and output loops spill registers on every trip.
+POWER_GENERAL = 0  # every gamma <= APPROX_LOG_MAX_GAMMA: the GPU's approximate log2
+POWER_GENERAL_EXACT_LOG = -1  # every gamma above it: a correctly rounded log2
+POWER_BY_HEAD = -2  # heads on both sides, or alphas on the device alone: chosen per head
+# The largest gamma (alpha >= 1.2) whose powers take log2 from the approximate instruction: its
+# error, about 2^-22 in the log, becomes gamma ln 2 2^-22 relative error in the power, under 1e-6
+# here (8.3e-7), far below the 1e-5 the rows' sums are held to; gamma near 100 (alpha near 1) would
+# multiply it up to that.
+APPROX_LOG_MAX_GAMMA = 5.0
 NO_VALUES = "alpha: expected one value or one per query head, or a table of them; got none"
 
 # Per-head constants on the device, made once per values, dtype and device: a copy from the host
@@ -49,6 +61,12 @@ def head_constants(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
 def remembered() -> list:
     """The per-head constants kept between calls."""
     return list(_HEAD_CONSTANTS.values())
+
+
+def approximate_log(alpha: float) -> bool:
+    """Whether the powers of ``alpha``'s gamma take the approximate log2: the test that the kernels
+    make on a head's gamma (``triton_common.power_log2``), on the float32 gamma they are given."""
+    return float(torch.tensor(1.0 / (alpha - 1.0), dtype=torch.float32)) <= APPROX_LOG_MAX_GAMMA
 
 
 @dataclass(frozen=True)
@@ -111,8 +129,16 @@ class EntmaxSpec:
 
     @property
     def power(self) -> int:
-        """The kernels' ``POWER`` constant: gamma when it is 1 or 2 (alpha 2 or 1.5), else 0 (general)."""
-        return {1.5: 2, 2.0: 1}.get(self.alpha, 0)
+        """The kernels' ``POWER`` constant: gamma when it is 1 or 2 (alpha 2 or 1.5); else the
+        general form, by the log2 its powers take: ``POWER_GENERAL`` where every head's gamma is at
+        most ``APPROX_LOG_MAX_GAMMA``, ``POWER_GENERAL_EXACT_LOG`` where every head's is above it,
+        ``POWER_BY_HEAD`` where some are on each side or the values are on the device alone."""
+        if self.alpha in CLOSED_FORM_ALPHAS:
+            return {1.5: 2, 2.0: 1}[self.alpha]
+        forms = {approximate_log(a) for a in (self.alpha if self.per_head else (self.alpha,))}
+        if len(forms) != 1:
+            return POWER_BY_HEAD
+        return POWER_GENERAL if forms.pop() else POWER_GENERAL_EXACT_LOG
 
     def scale_z(self, softmax_scale: float) -> float:
         """The factor from ``q . k`` to the entmax logit ``z`` (one alpha only; per head: ``scale_z_at``)."""

@@ -58,10 +58,12 @@ def group_plan(alphas: Sequence[float]) -> list[tuple[float | tuple[float, ...],
 
 def graph_key(alphas: Sequence[float]) -> tuple:
     """What of ``alphas`` a forward captured as a CUDA graph holds fixed: the groups' heads, and
-    the alpha of each group of one alpha (1.5, 2, or the alpha of every head). The alphas of a
-    per-head group are left out (None): its kernels read them from the device (``EntmaxSpec.table``),
-    so one graph serves every value that training gives them."""
-    return tuple((None if isinstance(alpha, tuple) else alpha, tuple(heads)) for alpha, heads in group_plan(alphas))
+    the alpha of each group of one alpha (1.5, 2, or the alpha of every head). Of a per-head
+    group, only the log2 that its kernels were compiled for (``EntmaxSpec.power``), not its alphas:
+    its kernels read them from the device (``EntmaxSpec.table``), so one graph serves every value
+    that training gives them while they stay on their side of ``APPROX_LOG_MAX_GAMMA``."""
+    return tuple((("per head", EntmaxSpec(alpha).power) if isinstance(alpha, tuple) else alpha, tuple(heads))
+                 for alpha, heads in group_plan(alphas))
 
 
 def head_groups(alphas: Sequence[float], heads_q: int, heads_kv: int, device) -> tuple[HeadGroup, ...]:

@@ -34,7 +34,7 @@ from .backend import (CANDIDATES_ENV, AlphaSplit, Gradients, Maxima, OutputReque
                       Problem)
 from .block_mask import BlockMask
 from .compile_ahead import launch
-from .entmax_spec import EntmaxSpec
+from .entmax_spec import POWER_GENERAL, POWER_GENERAL_EXACT_LOG, EntmaxSpec
 from .identity import remembered_in, tensor_identity
 from .visibility import Visibility, first_true, key_tile_span
 
@@ -661,7 +661,8 @@ def fine_tau(bracket: S.Bracket, fine: torch.Tensor, spec: EntmaxSpec) -> tuple[
 
 
 ENTMAX_ROW_BLOCK = 8192  # rows up to this length stay in registers (``triton_entmax``)
-ENTMAX_MAX_STEPS = {1: 64, 2: 32, 0: 32}  # by POWER: the sparsemax iteration gains a key a step on flat rows
+# by POWER (one alpha: never POWER_BY_HEAD): the sparsemax iteration gains a key a step on flat rows
+ENTMAX_MAX_STEPS = {1: 64, 2: 32, POWER_GENERAL: 32, POWER_GENERAL_EXACT_LOG: 32}
 ENTMAX_TOLERANCE = 1e-7  # in z: a step this small leaves an error of about its square
 
 

@@ -19,6 +19,8 @@ import os
 import triton
 import triton.language as tl
 
+from . import entmax_spec
+
 # Reductions: ``tl.reduce(x, axis, ADD)`` is ``tl.sum(x, axis)`` and ``tl.reduce(x, axis, MAX)`` is
 # ``tl.max(x, axis)`` once compiled (MIN likewise). tl.sum and tl.max are @jit wrappers, and the
 # interpreter (TRITON_INTERPRET=1) re-patches the language on every @jit call, milliseconds each;
@@ -472,23 +474,50 @@ def approx_log2(x):
                                          is_pure=True, pack=1)
 
 
-# The largest gamma (alpha >= 1.25) whose powers take log2 from ``approx_log2``: an error e in the
-# log becomes gamma ln 2 e relative error in the power, under 1e-6 here for the gaps that carry the
-# mass (log2 of a few units), far below the 1e-5 the rows' sums are held to; gamma near 100 (alpha
-# near 1) would multiply it up to that.
-APPROX_LOG_MAX_GAMMA = tl.constexpr(4.0)
+APPROX_LOG_MAX_GAMMA = tl.constexpr(entmax_spec.APPROX_LOG_MAX_GAMMA)
+POWER_GENERAL = tl.constexpr(entmax_spec.POWER_GENERAL)
+POWER_GENERAL_EXACT_LOG = tl.constexpr(entmax_spec.POWER_GENERAL_EXACT_LOG)
+POWER_BY_HEAD = tl.constexpr(entmax_spec.POWER_BY_HEAD)
+# Heads whose log2 is chosen per head (``POWER_BY_HEAD``) run their tile loops in two compiled
+# copies, one per log (a branch on gamma inside a loop keeps both logs' code live there, and the
+# loops spill). At each loop's call site:
+#
+#     for LOG in tl.static_range(1 + (POWER == POWER_BY_HEAD)):  # one copy, or two
+#         if takes_log(gamma, LOG, POWER):                          # the copy this head runs
+#             ... = tiles(..., POWER if POWER != POWER_BY_HEAD else POWER_GENERAL - LOG, ...)
+#
+# (``POWER_GENERAL - LOG``: ``POWER_GENERAL``, then ``POWER_GENERAL_EXACT_LOG``.)
+assert entmax_spec.POWER_GENERAL - 1 == entmax_spec.POWER_GENERAL_EXACT_LOG
 
 
 @triton.jit
-def power_log2(x, gamma):
+def power_log2(x, gamma, POWER: tl.constexpr):
     """log2 of ``x >= SMALLEST_NORMAL`` for the powers ``x ** gamma`` and ``x ** (gamma - 1)``:
-    ``approx_log2`` up to ``APPROX_LOG_MAX_GAMMA`` (a branch on a scalar: the same for every
-    element), else correctly rounded."""
-    if gamma <= APPROX_LOG_MAX_GAMMA:
+    ``approx_log2`` up to ``APPROX_LOG_MAX_GAMMA`` (``entmax_spec``), else correctly rounded; which
+    one is the general form's ``POWER``, or with ``POWER_BY_HEAD`` a branch on gamma (a scalar: the
+    same for every element)."""
+    if POWER == POWER_GENERAL:
+        log_x = approx_log2(x)
+    elif POWER == POWER_GENERAL_EXACT_LOG:
+        log_x = tl.log2(x)
+    elif gamma <= APPROX_LOG_MAX_GAMMA:
         log_x = approx_log2(x)
     else:
         log_x = tl.log2(x)
     return log_x
+
+
+@triton.jit
+def takes_log(gamma, LOG: tl.constexpr, POWER: tl.constexpr):
+    """Whether a head of ``gamma`` runs the copy ``LOG`` of a loop (the comment at ``POWER_BY_HEAD``):
+    with ``POWER_BY_HEAD``, copy 0 (the approximate log2) where gamma is at most
+    ``APPROX_LOG_MAX_GAMMA`` and copy 1 (the correctly rounded one) elsewhere, NaN included; else
+    the one copy."""
+    if POWER == POWER_BY_HEAD:
+        runs = (gamma <= APPROX_LOG_MAX_GAMMA) == (LOG == 0)
+    else:
+        runs = tl.full([], 1, tl.int1)
+    return runs
 
 
 @triton.jit
@@ -502,13 +531,14 @@ def slope_of_log2(d, log2_d, gamma):
 @triton.jit
 def power_and_slope(d, gamma, POWER: tl.constexpr):
     """(d ** gamma, d ** (gamma - 1)) for d >= 0 (``EntmaxSpec.power_and_slope``): ``POWER`` is
-    gamma when gamma is 1 or 2 (alpha 2 or 1.5), else 0 (any gamma, through exp2 / log2)."""
+    gamma when gamma is 1 or 2 (alpha 2 or 1.5), else the general form (any gamma, through exp2 /
+    log2; ``power_log2``)."""
     if POWER == 1:
         return d, tl.where(d > 0, 1.0, 0.0)
     elif POWER == 2:
         return d * d, d
     else:
-        slope = slope_of_log2(d, power_log2(tl.maximum(d, SMALLEST_NORMAL), gamma), gamma)
+        slope = slope_of_log2(d, power_log2(tl.maximum(d, SMALLEST_NORMAL), gamma, POWER), gamma)
         return d * slope, slope
 
 
@@ -517,12 +547,10 @@ def slope_and_log2(d, gamma, POWER: tl.constexpr):
     """``power_and_slope``'s slope and ``approx_log2(max(d, SMALLEST_NORMAL))`` (the log that the
     alpha gradient's sums take), for d >= 0: one log2 for both where the slope is exp2 of it."""
     log2_d = approx_log2(tl.maximum(d, SMALLEST_NORMAL))
-    if POWER != 0:
-        _, slope = power_and_slope(d, gamma, POWER)
-    elif gamma > APPROX_LOG_MAX_GAMMA:  # the power takes a correctly rounded log (power_log2)
-        slope = slope_of_log2(d, tl.log2(tl.maximum(d, SMALLEST_NORMAL)), gamma)
-    else:
+    if POWER == POWER_GENERAL:
         slope = slope_of_log2(d, log2_d, gamma)
+    else:
+        _, slope = power_and_slope(d, gamma, POWER)
     return slope, log2_d
 
 

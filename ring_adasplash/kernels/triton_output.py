@@ -14,8 +14,9 @@ docs/design.md (kernel choices)).
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, at_head, dot, entmax_weights, list_slots, listed_logits, listed_query_tile, load_rows,
-                            of_query_head, offset_strides, positive_gap, runs_here, tile_ptrs)
+from .triton_common import (ADD, POWER_BY_HEAD, POWER_GENERAL, at_head, dot, entmax_weights, list_slots, listed_logits,
+                            listed_query_tile, load_rows, of_query_head, offset_strides, positive_gap, runs_here,
+                            takes_log, tile_ptrs)
 
 
 @triton.jit
@@ -83,11 +84,14 @@ def output_kernel(
         u_sum = tl.full([BLOCK_M], 0.0, tl.float32)
         support = tl.full([BLOCK_M], 0.0, tl.float32)
         for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-            acc, acc_u, u_sum, support = output_tiles(
-                q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
-                offs_m, Nonzero, shift, tau, acc, acc_u, u_sum, support, stride_ks, stride_kd, stride_vs, stride_vd,
-                seqlen_q, seqlen_k, scale_z_h, gamma_h, HEAD_DIM, BLOCK_N, POWER, BACKWARD_SUMS, FULL == 1, UNROLL,
-                PRECISION)
+            for LOG in tl.static_range(1 + (POWER == POWER_BY_HEAD)):  # triton_common.takes_log
+                if takes_log(gamma_h, LOG, POWER):
+                    acc, acc_u, u_sum, support = output_tiles(
+                        q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
+                        q_first, offs_m, Nonzero, shift, tau, acc, acc_u, u_sum, support, stride_ks, stride_kd,
+                        stride_vs, stride_vd, seqlen_q, seqlen_k, scale_z_h, gamma_h, HEAD_DIM, BLOCK_N,
+                        POWER if POWER != POWER_BY_HEAD else POWER_GENERAL - LOG, BACKWARD_SUMS, FULL == 1, UNROLL,
+                        PRECISION)
 
         acc = tl.where((tau == tau)[:, None], acc, float("nan"))  # rows that see a non-finite score
         tl.store(tile_ptrs(at_head(Out, b, h, stride_ob, stride_oh), tile_q * BLOCK_M, stride_os, stride_od, BLOCK_M,
