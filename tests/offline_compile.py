@@ -98,9 +98,9 @@ def specialization_key(kernel, arguments: dict) -> tuple:
 
 def capture(path: str) -> None:
     """Forward and backward at alpha 1.5, 2, 1.3, 1.1 and one per head (1.3 and 1.7: the kernels
-    read alpha per head; 1.1 and 1.7: their powers' log2 chosen per head), bf16 and fp32, causal with a window and sinks and with key padding; the
-    forwards of both schedules; the Newton step of a ring; a learnable alpha's backward, of a
-    ``DeviceAlpha`` too; head dim
+    read alpha per head; 1.1 and 1.7: their powers' log2 chosen per head), bf16 and fp32, causal
+    with a window and sinks and with key padding; the forwards of both schedules; the Newton step
+    of a ring; a learnable alpha's backward, of a ``DeviceAlpha`` too; head dim
     256; entmax over tensors; writes what ``recorded_launches`` records to ``path``."""
     import torch
 
