@@ -22,7 +22,9 @@ of rounding. It adds across key blocks, so it costs no O(S^2) tensor: ``alpha_gr
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -66,7 +68,9 @@ def remembered() -> list:
 def approximate_log(alpha: float) -> bool:
     """Whether the powers of ``alpha``'s gamma take the approximate log2: the test that the kernels
     make on a head's gamma (``triton_common.power_log2``), on the float32 gamma they are given."""
-    return float(torch.tensor(1.0 / (alpha - 1.0), dtype=torch.float32)) <= APPROX_LOG_MAX_GAMMA
+    # (a float64 alpha above 1 is at least 1 + 2^-52 above it, so gamma stays in float32's range)
+    gamma_float32, = struct.unpack("f", struct.pack("f", 1.0 / (alpha - 1.0)))
+    return gamma_float32 <= APPROX_LOG_MAX_GAMMA
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ class EntmaxSpec:
         """Whether tau comes out of the fine histogram in closed form (alpha 1.5 and 2)."""
         return self.alpha in CLOSED_FORM_ALPHAS
 
-    @property
+    @cached_property  # read at every launch; a spec's alphas never change
     def power(self) -> int:
         """The kernels' ``POWER`` constant: gamma when it is 1 or 2 (alpha 2 or 1.5); else the
         general form, by the log2 its powers take: ``POWER_GENERAL`` where every head's gamma is at
