@@ -26,6 +26,8 @@ than ours); on the ours-packed row it is the cost of packing. Our CUDA graphs st
 (ring_adasplash/cuda_graphs.py: by batch * heads * Sq * Sk), as in a user's call: the batch of short
 documents runs its forward as a graph, the packing (one sequence of N * L tokens) does not. "peak GiB" (CUDA):
 torch.cuda.max_memory_allocated over the timed steps, the case's inputs and the row's gradients included.
+--kernels N (CUDA): each row's device time per call and its N costliest kernels (torch.profiler,
+five calls), listed after the tables.
 """
 
 import argparse
@@ -73,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ms", type=float, default=100.0,
                    help="warm-up time per measurement (ms, triton.testing.do_bench)")
     p.add_argument("--rep-ms", type=float, default=500.0, help="measured time per measurement (ms)")
+    p.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="CUDA: also list each row's N costliest kernels (device ms per call, torch.profiler)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the report (.md, .csv, .png)")
     args = p.parse_args(argv)
     if set(args.cases) - set(REFERENCE):
@@ -182,6 +186,9 @@ def bench_one(prepare, mode, qkv, args):
         step = common.make_step(attn, mode, tensors)
         row["first_call_ms"] = common.wall_ms(step, args.device)
         row["ms"], row["peak_gib"] = median_and_peak(step, args.device, args.warmup_ms, args.rep_ms)
+        if args.kernels and cuda:
+            row["device_ms"], by_kernel = common.device_ms_by_kernel(step)
+            row["kernels"] = by_kernel.most_common(args.kernels)
     except Exception as exc:  # missing package or feature, OOM, unsupported shape...
         row["error"] = common.short_error(exc)
     finally:
@@ -256,6 +263,13 @@ def main(argv=None):
         title = (f"window: S = {args.seqlen}, W = {args.window}" if case == "window"
                  else f"packed: {args.total} tokens in documents of L tokens")
         tables.append(f"### {title}\n\n" + common.markdown_table(case_rows, COLUMNS[case]))
+    listed = [r for r in rows if r.get("kernels")]
+    if listed:  # the kernels of each row, after the tables
+        tables.append("### Device ms per call by kernel\n\n" + "\n\n".join(
+            f"{r['case']} {r['key']}, {r['impl']}, {r['mode']}: {r['device_ms']:.3f} ms on the device\n\n"
+            + "\n".join(f"    {ms:8.3f}  {name[:100]}" for name, ms in r["kernels"]) for r in listed))
+        for r in listed:  # the csv keeps one line a row
+            r["kernels"] = "; ".join(f"{name[:60]}={ms:.3f}" for name, ms in r["kernels"])
     packed_rows = [r for r in rows if r["case"] == "packed"]
 
     def plot(path):

@@ -177,6 +177,28 @@ def wall_ms(fn, device):
     return (time.perf_counter() - start) * 1e3
 
 
+def device_ms_by_kernel(step, calls: int = 5):
+    """Device ms per call of ``step`` (a CUDA step), in all and as a ``collections.Counter`` by
+    kernel name, from ``torch.profiler`` over ``calls`` calls after three warm-up calls."""
+    import collections
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    by_kernel = collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            by_kernel[event.name] += event.device_time_total / 1000 / calls
+    return sum(by_kernel.values()), by_kernel
+
+
 def make_step(attn, mode, tensors):
     """Zero-argument callable running one ``mode`` ('fwd' or 'fwdbwd') step of ``attn``.
 

@@ -14,11 +14,9 @@ read; every head in the general form). The ``no read`` variant only measures; it
 to call the library (a value moved after the first call would be missed).
 """
 import argparse
-import collections
 
 import torch
 import triton.testing
-from torch.profiler import ProfilerActivity, profile
 
 import bench_kernels
 import common
@@ -26,22 +24,6 @@ import ring_adasplash.functional as functional
 from inputs import FAMILIES, make_qkv
 
 ALPHAS = {"float": "none", "same": "same", "mixed": "1.2:2.0"}
-
-
-def device_ms(step, calls: int) -> tuple[float, collections.Counter]:
-    """Device ms per call, in all and by kernel, over ``calls`` calls after three warm-up calls."""
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-    by_kernel = collections.Counter()
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            by_kernel[event.name] += event.device_time_total / 1000 / calls
-    return sum(by_kernel.values()), by_kernel
 
 
 def read_once(check):
@@ -85,7 +67,7 @@ def main():
                     functional.check_head_alpha = read_once(check) if read == "no read" else check
                     step = bench_kernels.make_step("ours", mode, q, k, v)
                     ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
-                    total, by_kernel = device_ms(step, args.calls)
+                    total, by_kernel = common.device_ms_by_kernel(step, args.calls)
                     print(f"| {mode} | {name} | {read} | {ms:.3f} | {total:.3f} |", flush=True)
                     if read != "no read":
                         listings.append((mode, name, read, by_kernel.most_common(args.kernels)))
