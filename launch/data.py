@@ -7,6 +7,12 @@ the token after it is a placeholder, so an answer is never shown. The answers th
 live only in the first half, on average ``seqlen / 2`` tokens back, and nothing nearby
 predicts them. Loss and accuracy count the answers only; chance accuracy is
 ``1 / value_tokens``, and copying a random value of the context scores ``1 / pairs``.
+
+From random initialisation a model does not learn this at thousands of tokens: a query's
+attention is spread over the whole row, so the few keys that match it get almost no gradient,
+and recall stays at ``1 / pairs``. Learned on short sequences first (``launch/train.py
+--curriculum``), the same lookup carries over to long ones; every length then needs the same
+token ids, hence ``key_tokens`` as an argument.
 """
 from __future__ import annotations
 
@@ -27,16 +33,21 @@ class RecallTask:
     queries: int
     filler_tokens: int = 16
     value_tokens: int = 64
+    key_tokens: int = 64
+
+    def __post_init__(self):
+        if self.key_tokens < self.pairs:  # the keys of one sequence are drawn without replacement
+            raise ValueError(f"key_tokens ({self.key_tokens}) must be at least pairs ({self.pairs})")
 
     @classmethod
-    def for_seqlen(cls, seqlen: int) -> "RecallTask":
-        """A quarter of each half carries pairs or queries; the rest is filler."""
+    def for_seqlen(cls, seqlen: int, key_tokens: int | None = None) -> "RecallTask":
+        """A quarter of each half carries pairs or queries (below 256 tokens, where each pair is
+        written 4 times, more of the first half); the rest is filler. ``key_tokens`` (default:
+        max(64, 2 pairs)) fixes the vocabulary, for tasks of several lengths that one model
+        learns in turn."""
         pairs = max(4, seqlen // 128)
-        return cls(seqlen=seqlen, pairs=pairs, repeats=max(1, seqlen // (16 * pairs)), queries=seqlen // 8)
-
-    @property
-    def key_tokens(self) -> int:
-        return max(64, 2 * self.pairs)  # the keys of one sequence are drawn without replacement
+        return cls(seqlen=seqlen, pairs=pairs, repeats=max(4, seqlen // (16 * pairs)), queries=seqlen // 8,
+                   key_tokens=key_tokens or max(64, 2 * pairs))
 
     @property
     def placeholder(self) -> int:

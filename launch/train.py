@@ -29,6 +29,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -41,19 +42,20 @@ from ring_adasplash import parallel
 from ring_adasplash.comm import shutdown
 from ring_adasplash.config import STRATEGIES, AttentionConfig
 
-CPU_DEFAULTS = dict(seqlen=512, d_model=64, layers=2, heads=2, steps=150, lr=3e-3, batch=8, log_every=10)
-GPU_DEFAULTS = dict(seqlen=16384, d_model=512, layers=8, heads=8, steps=2000, lr=1e-3, batch=4, log_every=50)
+CPU_DEFAULTS = dict(seqlen=512, d_model=64, layers=2, heads=2, steps=150, lr=3e-3, batch=8, log_every=10, curriculum=[])
+GPU_DEFAULTS = dict(seqlen=16384, d_model=512, layers=8, heads=8, steps=2000, lr=1e-3, batch=4, log_every=50,
+                    curriculum=[(64, 1500), (1024, 300)])
 
 # the sequence-parallel strategies of ring_adasplash.config.STRATEGIES ("single" is one device)
 STRATEGY_NAMES = [name for name, strategy in STRATEGIES.items() if strategy.layout is not None]
 
 
 def resolve_strategy(args):
-    """``(shard, positions, attend)`` of this rank for ``--strategy``.
+    """``(shard, positions_of, attend)`` of this rank for ``--strategy``.
 
-    ``shard(x)`` cuts a global (batch, seqlen) tensor to this rank's tokens, ``positions``
-    are their global positions, and ``attend(q, k, v, alpha, group)`` is the attention
-    (``alpha`` is the config's, ``group`` the world: launch/model.py passes both).
+    ``shard(x)`` cuts a global (batch, seqlen) tensor to this rank's tokens,
+    ``positions_of(seqlen)`` are their global positions, and ``attend(q, k, v, alpha, group)`` is
+    the attention (``alpha`` is the config's, ``group`` the world: launch/model.py passes both).
     """
     config = AttentionConfig(alpha=args.alpha, causal=True, strategy=args.strategy)
     strategy = STRATEGIES[args.strategy]
@@ -70,12 +72,32 @@ def resolve_strategy(args):
             print(f"usp mesh: ulysses {mesh.ulysses_degree} x ring {mesh.ring_degree}", flush=True)
         attention = config.attention(ulysses_group=ulysses_group, ring_group=ring_group)
         shard = functools.partial(parallel.usp_shard, mesh=mesh, ring_layout=config.layout)
-        positions = parallel.usp_positions(args.seqlen, mesh, config.layout)
+        positions_of = functools.partial(parallel.usp_positions, mesh=mesh, ring_layout=config.layout)
     else:
         attention = config.attention()
         shard = functools.partial(parallel.layouts.shard, layout=config.layout, rank=rank, world_size=world)
-        positions = parallel.layouts.positions(config.layout, args.seqlen, rank, world)
-    return shard, positions, lambda q, k, v, alpha, group: attention(q, k, v, alpha=alpha)
+        positions_of = functools.partial(parallel.layouts.positions, config.layout, rank=rank, world_size=world)
+    return shard, positions_of, lambda q, k, v, alpha, group: attention(q, k, v, alpha=alpha)
+
+
+def stages_of(text: str) -> list:
+    """``--curriculum``: "64:600,1024:200" -> [(64, 600), (1024, 200)]; "" -> []."""
+    stages = []
+    for item in filter(None, text.split(",")):
+        seqlen, _, steps = item.partition(":")
+        if not (seqlen.isdigit() and steps.isdigit() and int(seqlen) > 0 and int(steps) > 0):
+            raise argparse.ArgumentTypeError(f"stages are SEQLEN:STEPS with positive integers, e.g. 64:600; got {item!r}")
+        stages.append((int(seqlen), int(steps)))
+    return stages
+
+
+class Stage(NamedTuple):
+    """A part of the training: its task, this rank's positions, the batch and the steps."""
+
+    task: RecallTask
+    positions: torch.Tensor
+    batch: int
+    steps: int
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,7 +111,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha (> 1; 2 is sparsemax)")
     p.add_argument("--learn-alpha", action="store_true",
                    help="learn alpha per head and layer (starting at --alpha, kept in (1, 2)); prints them at the end")
-    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--steps", type=int, help="training steps at --seqlen")
+    p.add_argument("--curriculum", type=stages_of, metavar="SEQLEN:STEPS,...",
+                   help="shorter sequences trained first, in this order, each for its steps at the tokens a step "
+                        "of --seqlen takes (batch x seqlen / SEQLEN sequences): recall is learned on short sequences "
+                        "and carries over to long ones (launch/data.py); default: 64:1500,1024:300 on GPUs, none on CPU")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--batch", type=int, help="batch size")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
@@ -107,6 +133,9 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.kv_heads = args.kv_heads or args.heads
+    for seqlen, _ in args.curriculum:
+        if args.batch * args.seqlen % seqlen:
+            p.error(f"--curriculum: each SEQLEN must divide batch x seqlen ({args.batch} x {args.seqlen}); got {seqlen}")
     return args
 
 
@@ -180,13 +209,13 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def lr_at(step: int, args) -> float:
-    """Linear warm-up over 10% of the steps, then cosine decay to 10% of the peak."""
-    warmup = max(1, args.steps // 10)
+def lr_at(step: int, steps: int, peak: float) -> float:
+    """Linear warm-up over 10% of the ``steps``, then cosine decay to 10% of the ``peak``."""
+    warmup = max(1, steps // 10)
     if step < warmup:
-        return args.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, args.steps - warmup)
-    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
 def block_sparsity_recorder():
@@ -261,9 +290,13 @@ def main() -> None:
         device = torch.device("cpu")
     if args.capture and STRATEGIES[args.strategy].two_groups:
         raise SystemExit(f"--capture gathers the sequence of one group of ranks; --strategy {args.strategy} has two")
-    shard, positions, attend = resolve_strategy(args)
-    positions = positions.to(device)
+    shard, positions_of, attend = resolve_strategy(args)
     task = RecallTask.for_seqlen(args.seqlen)
+    # the curriculum's stages, then --seqlen; one vocabulary for all, and the tokens of a step
+    stages = [Stage(RecallTask.for_seqlen(seqlen, key_tokens=task.key_tokens), positions_of(seqlen).to(device),
+                    args.batch * args.seqlen // seqlen, steps) for seqlen, steps in args.curriculum]
+    stages.append(Stage(task, positions_of(args.seqlen).to(device), args.batch, args.steps))
+    total_steps = sum(stage.steps for stage in stages)
     torch.manual_seed(args.seed)  # same initial parameters on every rank
     model = Transformer(task.vocab_size, args.d_model, args.layers, args.heads, args.kv_heads,
                         args.alpha, attend, learn_alpha=args.learn_alpha).to(device)
@@ -277,25 +310,32 @@ def main() -> None:
         print(f"strategy={args.strategy} engine={engine} world={world} device={device.type} params={params} "
               f"seqlen={args.seqlen} batch={args.batch} pairs={task.pairs}x{task.repeats} queries={task.queries} "
               f"chance={1 / task.value_tokens:.3f}", flush=True)
-    progress = tqdm(range(args.steps), disable=rank != 0, dynamic_ncols=True)
+        for stage in stages[:-1]:
+            print(f"curriculum: {stage.steps} steps at seqlen={stage.task.seqlen} batch={stage.batch} first",
+                  flush=True)
+    schedule = (stage for stage in stages for _ in range(stage.steps))
+    progress = tqdm(schedule, total=total_steps, disable=rank != 0, dynamic_ncols=True)
     window = torch.zeros(3, dtype=torch.float64)  # loss sum, correct answers, answers since last log
     first_loss = final_loss = recall = float("nan")
     tokens_timed, time_timed = 0, 0.0
-    for step in progress:
+    stage_end = 0
+    for step, stage in enumerate(progress):
         start = time.perf_counter()
-        tokens, targets = task.sample(args.batch, data_rng)
+        if step == stage_end:
+            stage_end += stage.steps
+        tokens, targets = stage.task.sample(stage.batch, data_rng)
         answers = int((targets != IGNORE).sum())
         tokens, targets = shard(tokens).to(device), shard(targets).to(device)
 
-        log_step = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+        log_step = (step + 1) % args.log_every == 0 or step + 1 == stage_end  # a log line ends each stage
         recorder = block_sparsity_recorder() if log_step else nullcontext()  # counting syncs: log steps only
         with recorder as telemetry:
             with autocast:
-                logits = trainer.model(tokens, positions)
+                logits = trainer.model(tokens, stage.positions)
             loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
                                        reduction="sum")
             trainer.backward(loss_sum / answers)
-        trainer.step(lr_at(step, args))
+        trainer.step(lr_at(step, total_steps, args.lr))
 
         mask = targets != IGNORE
         correct = (logits.argmax(-1)[mask] == targets[mask]).sum()
@@ -316,7 +356,7 @@ def main() -> None:
             tokens_per_s = tokens_timed / time_timed if time_timed else float("nan")
             progress.set_postfix(loss=f"{final_loss:.3f}", recall=f"{recall:.3f}")
             if rank == 0:
-                tqdm.write(f"step {step + 1:5d}  loss {final_loss:.4f}  recall {recall:.3f}  "
+                tqdm.write(f"step {step + 1:5d}  seqlen {stage.task.seqlen}  loss {final_loss:.4f}  recall {recall:.3f}  "
                            f"block_sparsity {sparsity:.3f}  tokens/s {tokens_per_s:,.0f}")
 
     if rank == 0:
@@ -330,11 +370,12 @@ def main() -> None:
                 print(f"learned alpha: layer {i} per head {learned}", flush=True)
     if args.capture:
         tokens, _ = task.sample(args.batch, data_rng)
-        layers, sparsity = capture_attention(model, shard(tokens).to(device), positions,
+        layers, sparsity = capture_attention(model, shard(tokens).to(device), stages[-1].positions,
                                              AttentionConfig(strategy=args.strategy).layout, autocast)
         if rank == 0:
             torch.save({"layers": [dict(zip("qkv", layer)) for layer in layers], "alpha": args.alpha,
-                        "seqlen": args.seqlen, "strategy": args.strategy, "steps": args.steps, "recall": recall},
+                        "seqlen": args.seqlen, "strategy": args.strategy, "steps": args.steps,
+                        "curriculum": args.curriculum, "recall": recall},
                        args.capture)
             for i, heads in enumerate(sparsity):
                 print(f"capture: layer {i} block sparsity per head " + " ".join(f"{s:.3f}" for s in heads),

@@ -142,6 +142,61 @@ def test_training_example_captures_attention_inputs_in_sequence_order(tmp_path):
 
 
 @pytest.mark.distributed
+def test_training_example_curriculum_runs_its_stages_in_order(tmp_path):
+    """``launch/train.py --curriculum``: the shorter sequences first, each stage for its steps
+    with the tokens of a step kept (batch x seqlen), a log line at the end of each stage, and
+    the summary of the last one (two zigzag ranks)."""
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  str(ROOT / "launch" / "train.py"), "--strategy", "zigzag", "--seqlen", "256", "--batch", "2",
+                  "--curriculum", "64:3,128:2", "--steps", "2", "--log-every", "100"],
+                 cwd=ROOT / "launch", hide_gpus=True)
+    assert result.returncode == 0, result.stdout
+    assert "curriculum: 3 steps at seqlen=64 batch=8 first" in result.stdout, result.stdout
+    assert "curriculum: 2 steps at seqlen=128 batch=4 first" in result.stdout, result.stdout
+    logged = re.findall(r"step +(\d+)  seqlen (\d+)  loss", result.stdout)
+    assert logged == [("3", "64"), ("5", "128"), ("7", "256")], result.stdout
+    assert "summary: strategy=zigzag engine=plain world=2 seqlen=256 " in result.stdout
+
+
+def test_training_example_rejects_a_curriculum_that_does_not_fit(tmp_path):
+    """A stage whose length does not divide the tokens of a step, or a malformed stage, is an
+    error that names --curriculum, before any process group starts."""
+    for stages, expected in (("96:2", "each SEQLEN must divide batch x seqlen"), ("64-2", "SEQLEN:STEPS")):
+        result = run([sys.executable, str(ROOT / "launch" / "train.py"), "--seqlen", "256", "--batch", "2",
+                      "--curriculum", stages], cwd=ROOT / "launch", hide_gpus=True)
+        assert result.returncode == 2 and "--curriculum" in result.stdout and expected in result.stdout, result.stdout
+
+
+def test_recall_tasks_of_a_curriculum_share_one_vocabulary():
+    """``RecallTask.for_seqlen(L, key_tokens=...)``: every length reads the same token ids (keys,
+    values, placeholder), so a model trained on short sequences answers with the same ids on
+    long ones; each answer is the value written after its key in the first half."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        from data import IGNORE, RecallTask
+    finally:
+        sys.path.remove(str(ROOT / "launch"))
+    final = RecallTask.for_seqlen(8192)
+    for seqlen in (64, 256, 8192):
+        task = RecallTask.for_seqlen(seqlen, key_tokens=final.key_tokens)
+        assert (task.vocab_size, task.placeholder, task.key_tokens) == (final.vocab_size, final.placeholder,
+                                                                         final.key_tokens)
+        tokens, targets = task.sample(3, torch.Generator().manual_seed(seqlen))
+        assert tokens.max() < task.vocab_size and tokens.min() >= 0
+        half = seqlen // 2
+        for b in range(3):
+            asked = (targets[b] != IGNORE).nonzero().flatten()
+            assert len(asked) == task.queries and bool((asked >= half).all())
+            assert bool((tokens[b, asked + 1] == task.placeholder).all())
+            for i in asked.tolist():
+                written = (tokens[b, :half - 1] == tokens[b, i]).nonzero().flatten()
+                assert len(written) == task.repeats  # the key, written repeats times, each time before its value
+                assert bool((tokens[b, written + 1] == targets[b, i]).all())
+    with pytest.raises(ValueError, match="key_tokens"):
+        RecallTask(seqlen=64, pairs=8, repeats=1, queries=4, key_tokens=4)
+
+
+@pytest.mark.distributed
 def test_training_example_learns_alpha_per_head(tmp_path):
     """``launch/train.py --learn-alpha`` on two zigzag ranks: the loss falls and the heads' alphas
     (a DeviceAlpha, read by the kernels on the device), all 1.5 at the start, move apart."""
