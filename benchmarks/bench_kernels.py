@@ -56,18 +56,11 @@ def parse_args(argv=None):
                    help="input family of inputs.py: structured (local, amp sets the sparsity), sinkwindow, "
                         "scattered (content clusters, no locality) or mixed (half the heads of each)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
-    p.add_argument("--alpha", type=float, default=common.ALPHA,
-                   help="entmax alpha of ours and AdaSplash (AdaSplash takes its AdaSplash-1 path unless 1.5)")
-    p.add_argument("--head-alphas", default="none",
-                   help="ours only: none (alpha a float), same (a learnable per-head tensor of --alpha), "
-                        "or LO:HI (a learnable per-head tensor, evenly spaced)")
+    common.add_alpha_arguments(p)
     p.add_argument("--alpha-step", type=float, default=0.0, metavar="STEP",
                    help="with --head-alphas: before each call, move the alphas of the heads not at 1.5 or 2 "
                         "by STEP in place, up and down in turn, as an optimizer step moves a learnable alpha; "
                         "0: held still")
-    p.add_argument("--device-alpha", action="store_true",
-                   help="with --head-alphas: the tensor given as ring_adasplash.DeviceAlpha (its values not read "
-                        "on the host; every head in the general form)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (wall-clock timer)")
     p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture for --family captured "
                                                      "(amp is then the layer)")
@@ -79,7 +72,7 @@ def parse_args(argv=None):
                    help="warm-up time per measurement (ms, triton.testing.do_bench)")
     p.add_argument("--rep-ms", type=float, default=500.0, help="measured time per measurement (ms)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the report (.md, .csv, .png)")
-    return p.parse_args(argv)
+    return common.check_alpha_arguments(p, p.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------- impls
@@ -231,8 +224,6 @@ def main(argv=None):
     if args.alpha_step and common.HEAD_ALPHAS is None:
         raise ValueError("--alpha-step needs --head-alphas (same or LO:HI)")
     common.ALPHA_STEP = args.alpha_step
-    if args.device_alpha and common.HEAD_ALPHAS is None:
-        raise ValueError("--device-alpha needs --head-alphas (same or LO:HI)")
     common.DEVICE_ALPHA = args.device_alpha
     header = common.print_header(args.device, {
         "family": args.family, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,

@@ -251,6 +251,25 @@ def ours_attention(q, k, v):
                                          causal=True)
 
 
+def add_alpha_arguments(p):
+    """``--alpha``, ``--head-alphas`` and ``--device-alpha`` (``check_alpha_arguments`` after parsing)."""
+    p.add_argument("--alpha", type=float, default=ALPHA,
+                   help="entmax alpha of ours and AdaSplash (AdaSplash takes its AdaSplash-1 path unless 1.5)")
+    p.add_argument("--head-alphas", default="none",
+                   help="ours only: none (alpha a float), same (a learnable per-head tensor of --alpha), "
+                        "or LO:HI (a learnable per-head tensor, evenly spaced)")
+    p.add_argument("--device-alpha", action="store_true",
+                   help="with --head-alphas: the tensor given as ring_adasplash.DeviceAlpha (its values not read "
+                        "on the host; every head in the general form)")
+
+
+def check_alpha_arguments(p, args):
+    """The parser's error where ``add_alpha_arguments``' options do not go together."""
+    if args.device_alpha and args.head_alphas == "none":
+        p.error("--device-alpha needs --head-alphas (same or LO:HI)")
+    return args
+
+
 def head_alphas(spec: str, alpha: float, heads: int):
     """``--head-alphas``: "none" (None), "same" (``alpha`` on every head) or "LO:HI" (evenly
     spaced over the heads)."""

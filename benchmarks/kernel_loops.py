@@ -172,12 +172,7 @@ def main():
     p.add_argument("--heads", type=int, default=16, help="attention heads")
     p.add_argument("--head-dim", type=int, default=128, help="head dimension")
     p.add_argument("--amp", type=float, default=1.0, help="input amplitude")
-    p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha")
-    p.add_argument("--head-alphas", default="none", help="none (alpha a float), same (a per-head tensor of "
-                                                         "--alpha) or LO:HI (per head, evenly spaced); "
-                                                         "learnable with --backward, as in bench_kernels.py")
-    p.add_argument("--device-alpha", action="store_true", help="with --head-alphas: the tensor given as "
-                                                                "ring_adasplash.DeviceAlpha, as in bench_kernels.py")
+    common.add_alpha_arguments(p)  # a per-head tensor is learnable where --backward runs
     p.add_argument("--backward", action="store_true", help="the backward's kernels too (the forward then "
                                                             "keeps the backward's sums)")
     p.add_argument("--kernels", type=common.csv_list(str), default=[], help="kernel names to report (default: all)")
@@ -189,9 +184,7 @@ def main():
                                                         "(module doc)")
     p.add_argument("--capture", metavar="PATH", help=argparse.SUPPRESS)  # the interpreted half
     p.add_argument("--compile", metavar="DIR", help=argparse.SUPPRESS)  # the compiling half
-    args = p.parse_args()
-    if args.device_alpha and args.head_alphas == "none":
-        p.error("--device-alpha needs --head-alphas (same or LO:HI)")
+    args = common.check_alpha_arguments(p, p.parse_args())
     if args.capture:
         capture(args, args.capture)
         return
