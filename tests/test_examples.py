@@ -277,6 +277,27 @@ def test_two_gpu_script_runs_its_parts_on_cpu(tmp_path):
     assert bad.returncode == 2 and "unknown part 'nonsense'" in bad.stderr, bad.stderr
 
 
+def test_dense_regime_captured_part_trains_captures_and_times_each_layer(tmp_path):
+    """``benchmarks/dense_regime.sh``'s captured part with ``SMOKE=1``: the example trains (a
+    curriculum stage, then its length), saves every layer's q, k, v, and the report has ours and
+    SDPA on each of the two layers (amp = the layer), the training's log beside it."""
+    capture = tmp_path / "qkv.pt"
+    env = checkout_env(SMOKE="1", PARTS="captured", REPORT_OUT=str(tmp_path), CAPTURE_PATH=str(capture))
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "dense_regime.sh")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (log,) = tmp_path.glob("captured_train_*.log")
+    text = log.read_text()
+    assert "curriculum: 2 steps at seqlen=64 batch=8 first" in text and "capture: saved q, k, v of 2 layers" in text
+    assert len(torch.load(capture)["layers"]) == 2
+    (report,) = tmp_path.glob("kernels_*.csv")
+    with open(report) as f:
+        rows = list(csv.DictReader(f))
+    ours = {(row["mode"], float(row["amp"])) for row in rows if row["impl"] == "ours" and float(row["ms"]) > 0}
+    assert ours == {(m, a) for m in ("fwd", "fwdbwd") for a in (0.0, 1.0)}, rows
+    assert {row["impl"] for row in rows} == {"ours", "sdpa"}, rows
+
+
 def test_dense_regime_script_runs_its_parts_on_cpu(tmp_path):
     """``benchmarks/dense_regime.sh`` with ``SMOKE=1``: its mixed-family and sparse parts, tiny, on
     the CPU, each writing a report with ours and SDPA in both modes; an unknown part is refused."""
