@@ -42,7 +42,8 @@ from ring_adasplash import parallel
 from ring_adasplash.comm import shutdown
 from ring_adasplash.config import STRATEGIES, AttentionConfig
 
-CPU_DEFAULTS = dict(seqlen=512, d_model=64, layers=2, heads=2, steps=150, lr=3e-3, batch=8, log_every=10, curriculum=[])
+CPU_DEFAULTS = dict(seqlen=512, d_model=64, layers=2, heads=2, steps=150, lr=3e-3, batch=8, log_every=10,
+                    curriculum=[])
 GPU_DEFAULTS = dict(seqlen=16384, d_model=512, layers=8, heads=8, steps=2000, lr=1e-3, batch=4, log_every=50,
                     curriculum=[(64, 1500), (1024, 300)])
 
@@ -86,7 +87,8 @@ def stages_of(text: str) -> list:
     for item in filter(None, text.split(",")):
         seqlen, _, steps = item.partition(":")
         if not (seqlen.isdigit() and steps.isdigit() and int(seqlen) > 0 and int(steps) > 0):
-            raise argparse.ArgumentTypeError(f"stages are SEQLEN:STEPS with positive integers, e.g. 64:600; got {item!r}")
+            raise argparse.ArgumentTypeError(
+                f"stages are SEQLEN:STEPS with positive integers, e.g. 64:600; got {item!r}")
         stages.append((int(seqlen), int(steps)))
     return stages
 
@@ -114,8 +116,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="training steps at --seqlen")
     p.add_argument("--curriculum", type=stages_of, metavar="SEQLEN:STEPS,...",
                    help="shorter sequences trained first, in this order, each for its steps at the tokens a step "
-                        "of --seqlen takes (batch x seqlen / SEQLEN sequences): recall is learned on short sequences "
-                        "and carries over to long ones (launch/data.py); default: 64:1500,1024:300 on GPUs, none on CPU")
+                        "of --seqlen takes (batch x seqlen / SEQLEN sequences): recall is learned on short "
+                        "sequences and carries over to long ones (launch/data.py); default: 64:1500,1024:300 on "
+                        "GPUs, none on CPU")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--batch", type=int, help="batch size")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
@@ -135,7 +138,8 @@ def parse_args() -> argparse.Namespace:
     args.kv_heads = args.kv_heads or args.heads
     for seqlen, _ in args.curriculum:
         if args.batch * args.seqlen % seqlen:
-            p.error(f"--curriculum: each SEQLEN must divide batch x seqlen ({args.batch} x {args.seqlen}); got {seqlen}")
+            p.error(f"--curriculum: each SEQLEN must divide batch x seqlen ({args.batch} x {args.seqlen}); "
+                    f"got {seqlen}")
     return args
 
 
@@ -356,8 +360,8 @@ def main() -> None:
             tokens_per_s = tokens_timed / time_timed if time_timed else float("nan")
             progress.set_postfix(loss=f"{final_loss:.3f}", recall=f"{recall:.3f}")
             if rank == 0:
-                tqdm.write(f"step {step + 1:5d}  seqlen {stage.task.seqlen}  loss {final_loss:.4f}  recall {recall:.3f}  "
-                           f"block_sparsity {sparsity:.3f}  tokens/s {tokens_per_s:,.0f}")
+                tqdm.write(f"step {step + 1:5d}  seqlen {stage.task.seqlen}  loss {final_loss:.4f}  "
+                           f"recall {recall:.3f}  block_sparsity {sparsity:.3f}  tokens/s {tokens_per_s:,.0f}")
 
     if rank == 0:
         tokens_per_s = tokens_timed / time_timed if time_timed else float("nan")
