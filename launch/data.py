@@ -82,6 +82,6 @@ class RecallTask:
 
 def _distinct(batch: int, n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """``(batch, k)``: each row k distinct integers of ``range(n)`` in random order (the first k of
-    a random permutation, for all rows at once: a loop over the rows cost most of a training
-    step at 64 tokens, where a step holds a thousand sequences)."""
+    a random permutation, for all rows at once: a loop over the rows was a large part of each
+    training step at 64 tokens, where a step holds a thousand sequences)."""
     return torch.rand(batch, n, generator=generator, dtype=torch.float64).argsort(dim=1)[:, :k]
