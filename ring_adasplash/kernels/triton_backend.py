@@ -118,6 +118,11 @@ def _backward(d: int) -> dict:
     return {"num_warps": 8 if d > 128 else 4, "num_stages": 1 if d >= 256 else 2}
 
 
+def _dkdv_settings(d: int) -> dict:
+    # a third stage of loads pays at D 64; at D 128 the kernel was slower with it (docs/design.md, kernel choices)
+    return _backward(d) | ({"num_stages": 3} if d <= 64 else {})
+
+
 # Launch settings per kernel, by head dim: a fixed table, each entry measured (why: docs/design.md
 # (kernel choices); no autotuning). ``UNROLL``: key tiles per trip of the loop over the tiles with
 # every pair visible (``triton_common.list_slots``; one tile over the others), for the kernels
@@ -131,7 +136,7 @@ _CONFIGS = {
     "candidates": lambda d: _sparse(d) | {"UNROLL": 1},
     "output": lambda d: {"num_warps": 8 if d >= 256 else 4, "num_stages": 2, "UNROLL": 2 if d <= 64 else 1},
     "dq": _backward,
-    "dkdv": _backward,
+    "dkdv": _dkdv_settings,
 }
 # Registers per thread (``maxnreg``) by kernel and head dim, for 16-bit inputs: capped where the
 # programs that then fit on an SM more than pay for the spills
