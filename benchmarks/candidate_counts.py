@@ -1,6 +1,7 @@
 """How many candidate keys the rows of a query tile hold, against the candidate kernel's slots (CPU).
 
     python benchmarks/candidate_counts.py --family structured --seqlen 32768 --head-dim 64 --amp 1.0 --heads 0,7
+    python benchmarks/candidate_counts.py --family captured --captured qkv.pt --seqlen 8192 --amp 0 --heads 0,1,2,3
 
 The candidate kernel (``kernels/triton_candidates.py``) keeps, per row, the keys with
 z > reference - margin, the reference being max(tau floor, row max - 1), in ``CANDIDATES`` slots;
@@ -27,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import inputs  # noqa: E402
 from inputs import FAMILIES, make_qkv  # noqa: E402
 from ring_adasplash.kernels import EntmaxSpec  # noqa: E402
 from ring_adasplash.kernels.stats import MASK_MARGIN  # noqa: E402
@@ -87,17 +89,21 @@ def main():
     p.add_argument("--seqlen", type=int, default=32768, help="sequence length (a multiple of 64)")
     p.add_argument("--head-dim", type=int, default=64, help="head dimension")
     p.add_argument("--amp", type=float, default=1.0, help="input amplitude (sparsity)")
-    p.add_argument("--heads", default="0", help="comma-separated heads (of 16) to count")
+    p.add_argument("--heads", default="0", help="comma-separated heads (of 16, or of the capture's) to count")
     p.add_argument("--every", type=int, default=4, help="count every N-th query tile")
+    p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture for --family captured "
+                                                     "(amp is then the layer; its first sequence is counted)")
     args = p.parse_args()
     if args.seqlen % BLOCK:
         p.error(f"--seqlen must be a multiple of {BLOCK}; got {args.seqlen}")
     if args.every < 1:
         p.error(f"--every must be at least 1; got {args.every}")
-    q, k, _ = make_qkv(args.family, 1, args.seqlen, 16, args.head_dim, args.amp, torch.bfloat16, "cpu")
+    inputs.CAPTURED_PATH = args.captured
+    heads = torch.load(args.captured, map_location="cpu")["layers"][0]["q"].shape[2] if args.captured else 16
+    q, k, _ = make_qkv(args.family, 1, args.seqlen, heads, args.head_dim, args.amp, torch.bfloat16, "cpu")
     scale_z = EntmaxSpec(1.5).scale_z(args.head_dim ** -0.5)
     common.print_header("cpu", {"family": args.family, "seqlen": args.seqlen, "head_dim": args.head_dim,
-                                "amp": args.amp, "alpha": 1.5, "every": args.every})
+                                "amp": args.amp, "alpha": 1.5, "every": args.every, "captured": args.captured})
     print("\n| head | query tiles | most candidates of a row: median | p90 | max | "
           + " | ".join(f"tiles over {s}" for s in SLOTS) + " | most support: median | max "
           f"| second gather ({SLOTS[0]} slots): most candidates median | max | tiles over {SLOTS[0]} "
