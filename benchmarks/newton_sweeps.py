@@ -2,6 +2,7 @@
 
     python3 benchmarks/newton_sweeps.py --family scattered --seqlen 8192 --heads 2
     python3 benchmarks/newton_sweeps.py --family structured --seqlen 8192 --amps 1.0,2.0
+    python3 benchmarks/newton_sweeps.py --family captured --captured qkv.pt --heads 4 --amps 0,1
 
 Runs one forward of ``adasplash_func`` on the PyTorch backend (any device; a CPU is enough) with
 ``RING_ADASPLASH_SCHEDULE=newton`` and records, at every sweep of the schedule
@@ -15,6 +16,7 @@ import os
 
 import torch
 
+import inputs
 from common import csv_list, print_header, torch_dtype
 from inputs import FAMILIES, make_qkv
 from ring_adasplash import adasplash_func, telemetry
@@ -49,8 +51,7 @@ def sweeps(family, seqlen, heads, head_dim, amp, dtype, device, seed):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", choices=sorted(f for f in FAMILIES if f != "captured"), default="scattered",
-                   help="input family of inputs.py")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="scattered", help="input family of inputs.py")
     p.add_argument("--seqlen", type=int, default=8192, help="sequence length (tokens)")
     p.add_argument("--head-dim", type=int, default=64, help="head dimension")
     p.add_argument("--heads", type=int, default=2, help="query heads")
@@ -58,7 +59,10 @@ def main():
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="input dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs")
     p.add_argument("--device", default="cpu", help="device (the PyTorch backend runs on any)")
+    p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture for --family captured "
+                                                     "(amp is then the layer; its first sequence is run)")
     args = p.parse_args()
+    inputs.CAPTURED_PATH = args.captured
     os.environ[SCHEDULE_ENV] = "newton"
     os.environ[BACKEND_ENV] = "torch"
     device = torch.device(args.device)
