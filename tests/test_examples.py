@@ -296,6 +296,15 @@ def test_dense_regime_captured_part_trains_captures_and_times_each_layer(tmp_pat
     ours = {(row["mode"], float(row["amp"])) for row in rows if row["impl"] == "ours" and float(row["ms"]) > 0}
     assert ours == {(m, a) for m in ("fwd", "fwdbwd") for a in (0.0, 1.0)}, rows
     assert {row["impl"] for row in rows} == {"ours", "sdpa"}, rows
+    # the CPU counts of the captured rows: candidates per query tile, and Newton sweeps
+    for script, options in (("candidate_counts.py", ["--heads", "0,1", "--every", "1"]),
+                            ("newton_sweeps.py", ["--heads", "2", "--amps", "0,1"])):
+        counted = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--family", "captured",
+                                  "--captured", str(capture), "--seqlen", "256", "--head-dim", "16", *options],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert counted.returncode == 0, counted.stdout + counted.stderr
+        table = [line for line in counted.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+        assert len(table) == 3, counted.stdout  # a header and two rows (two heads, or two layers)
 
 
 def test_dense_regime_script_runs_its_parts_on_cpu(tmp_path):
