@@ -131,7 +131,8 @@ CAPTURED_PATH = None  # the file of the ``captured`` family
 
 
 def captured_qkv(batch, seqlen, heads, head_dim, amp, dtype, device, kv_heads=None, seed=0):
-    """Layer ``int(amp)`` of the capture at ``CAPTURED_PATH``, cut to ``batch`` x ``seqlen``."""
+    """Layer ``int(amp)`` of the capture at ``CAPTURED_PATH``, cut to ``batch`` x ``seqlen``;
+    ``heads`` None: the capture's heads (and kv heads)."""
     if CAPTURED_PATH is None:
         raise ValueError("the captured family needs --captured PATH (a file of launch/train.py --capture)")
     layers = torch.load(CAPTURED_PATH, map_location="cpu")["layers"]
@@ -139,6 +140,8 @@ def captured_qkv(batch, seqlen, heads, head_dim, amp, dtype, device, kv_heads=No
     if not 0 <= layer < len(layers) or layer != amp:
         raise ValueError(f"amp picks the layer of a capture: an integer in [0, {len(layers)}); got {amp}")
     q, k, v = (layers[layer][name] for name in "qkv")
+    if heads is None:
+        heads, kv_heads = q.shape[2], kv_heads or k.shape[2]
     want = {"batch": (batch, q.shape[0]), "seqlen": (seqlen, q.shape[1]), "heads": (heads, q.shape[2]),
             "head_dim": (head_dim, q.shape[3]), "kv_heads": (kv_heads or heads, k.shape[2])}
     if any(asked > have for asked, have in (want["batch"], want["seqlen"])) or any(
