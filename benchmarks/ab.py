@@ -11,7 +11,8 @@ drift of the GPU's clocks or temperature falls on both), each a ``bench_kernels.
 its own (the working tree's script, everything after ``--`` passed to it) with ``PYTHONPATH`` at
 the package. Prints each run's median ms per row (impl, mode, S, D, amp) as the run ends, then
 prints and writes (``--out``) them all and NEW / OLD of their means (the ratio of the means over
-each version's runs).
+each version's runs). The report is written after every run, so a call cut short by a time limit
+leaves the runs it finished (its header says how many).
 """
 import argparse
 import csv
@@ -73,6 +74,31 @@ def bench(env: dict, bench_args: list, out: str) -> dict:
     return {tuple(row[k] for k in KEY): float(row["ms"]) if row["ms"] else float("nan") for row in rows}
 
 
+def report_rows(names: list, runs: list) -> tuple[list, list]:
+    """The report's rows and columns from ``runs`` ((version index, {row key: ms}) per run, in
+    order): each run's median and NEW / OLD of the means (NaN until both versions have run)."""
+    run_columns = [f"{n + 1}: {names[which]}" for n, (which, _) in enumerate(runs)]
+    rows = []
+    for key in sorted({key for _, times in runs for key in times}):
+        row = dict(zip(KEY, key))
+        for column, (_, times) in zip(run_columns, runs):
+            row[column] = times.get(key, float("nan"))
+        means = [[t.get(key, float("nan")) for w, t in runs if w == which] for which in (0, 1)]
+        old, new = (statistics.fmean(m) if m else float("nan") for m in means)
+        row["new / old"] = new / old
+        rows.append(row)
+    columns = [(k, k) for k in KEY] + [(c, c, ".4g") for c in run_columns] + [("new / old", "new / old", ".3f")]
+    return rows, columns
+
+
+def write_partial(out: str, stem: str, header: str, rows: list, columns: list, done: int, total: int) -> None:
+    """The report so far, without printing it: ``done`` of ``total`` runs."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, stem + ".md"), "w") as handle:
+        handle.write(f"{header}\n- finished runs: {done} of {total}\n\n{common.markdown_table(rows, columns)}\n")
+    common.write_csv(rows, os.path.join(out, stem + ".csv"))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ours, bench_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -86,31 +112,25 @@ def main(argv=None):
         p.error(f"--rounds must be at least 1; got {args.rounds}")
     if any(a == "--out" or a.startswith("--out=") for a in bench_args):
         p.error("--out after '--' is ab.py's to set (one folder per run)")
+    device = bench_args[bench_args.index("--device") + 1] if "--device" in bench_args else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    stem = f"ab_{common.timestamp()}"
     with tempfile.TemporaryDirectory() as tmp:
         versions = [package(v, os.path.join(tmp, name)) for v, name in ((args.old, "old"), (args.new, "new"))]
         envs = [environment(path) for path, _ in versions]
+        names = [name for _, name in versions]
         order = [i if r % 2 == 0 else 1 - i for r in range(args.rounds) for i in (0, 1)]
+        planned = ", ".join(f"{n + 1}: {names[which]}" for n, which in enumerate(order))
+        header = common.print_header(device, {"old": names[0], "new": names[1], "runs": planned})
         runs = []
         for n, which in enumerate(order):
-            print(f"run {n + 1}/{len(order)}: {versions[which][1]}", flush=True)
+            print(f"run {n + 1}/{len(order)}: {names[which]}", flush=True)
             runs.append((which, bench(envs[which], bench_args, os.path.join(tmp, f"run{n}"))))
             for key, ms in sorted(runs[-1][1].items()):  # as it comes: a run cut short keeps these
                 print(f"  {' '.join(f'{k}={v}' for k, v in zip(KEY, key))}: {ms:.4g} ms", flush=True)
-    names = [name for _, name in versions]
-    run_columns = [f"{n + 1}: {names[which]}" for n, (which, _) in enumerate(runs)]
-    rows = []
-    for key in sorted({key for _, times in runs for key in times}):
-        row = dict(zip(KEY, key))
-        for column, (_, times) in zip(run_columns, runs):
-            row[column] = times.get(key, float("nan"))
-        old, new = (statistics.fmean(t.get(key, float("nan")) for w, t in runs if w == which) for which in (0, 1))
-        row["new / old"] = new / old
-        rows.append(row)
-    columns = [(k, k) for k in KEY] + [(c, c, ".4g") for c in run_columns] + [("new / old", "new / old", ".3f")]
-    device = bench_args[bench_args.index("--device") + 1] if "--device" in bench_args else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    header = common.print_header(device, {"old": names[0], "new": names[1], "runs": ", ".join(run_columns)})
-    common.write_report(args.out, f"ab_{common.timestamp()}", header, common.markdown_table(rows, columns), rows)
+            write_partial(args.out, stem, header, *report_rows(names, runs), len(runs), len(order))
+    rows, columns = report_rows(names, runs)
+    common.write_report(args.out, stem, header, common.markdown_table(rows, columns), rows)
 
 if __name__ == "__main__":
     main()

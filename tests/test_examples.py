@@ -4,6 +4,7 @@ the scripts a contributor runs: the training example's capture, the before-and-a
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import re
 import signal
@@ -82,6 +83,33 @@ def test_ab_benchmark_compares_a_commit_with_the_tree(tmp_path):
     assert all(t > 0 for t in times)
     old, new = (times[0] + times[3]) / 2, (times[1] + times[2]) / 2
     assert float(row["new / old"]) == pytest.approx(new / old)
+
+
+def test_ab_benchmark_report_keeps_the_runs_before_a_cut(tmp_path, monkeypatch):
+    """``benchmarks/ab.py`` writes its report after every run: a call that stops in its third run
+    (a time limit) leaves the first two runs' medians on disk, their ratio, and how many runs of
+    how many finished."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    ab = importlib.import_module("ab")
+    monkeypatch.setattr(ab, "environment", lambda path: {})
+    calls = []
+
+    def bench(env, bench_args, out):
+        calls.append(out)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a time limit's signal leaves
+        return {("ours", "fwd", "128", "32", "1.0"): 2.0 * len(calls)}
+
+    monkeypatch.setattr(ab, "bench", bench)
+    with pytest.raises(KeyboardInterrupt):
+        ab.main(["tree", "tree", "--rounds", "2", "--out", str(tmp_path), "--", "--device", "cpu"])
+    (report,) = tmp_path.glob("ab_*.csv")
+    with open(report) as f:
+        (row,) = list(csv.DictReader(f))
+    assert [c for c in row if ":" in c] == ["1: tree", "2: tree"], row
+    assert float(row["new / old"]) == pytest.approx(4.0 / 2.0)
+    (markdown,) = tmp_path.glob("ab_*.md")
+    assert "- finished runs: 2 of 4" in markdown.read_text()
 
 
 def test_adasplash_precompile_splits_every_autotuned_kernel(monkeypatch):
