@@ -91,14 +91,6 @@ def report_rows(names: list, runs: list) -> tuple[list, list]:
     return rows, columns
 
 
-def write_partial(out: str, stem: str, header: str, rows: list, columns: list, done: int, total: int) -> None:
-    """The report so far, without printing it: ``done`` of ``total`` runs."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, stem + ".md"), "w") as handle:
-        handle.write(f"{header}\n- finished runs: {done} of {total}\n\n{common.markdown_table(rows, columns)}\n")
-    common.write_csv(rows, os.path.join(out, stem + ".csv"))
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ours, bench_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -128,8 +120,9 @@ def main(argv=None):
             runs.append((which, bench(envs[which], bench_args, os.path.join(tmp, f"run{n}"))))
             for key, ms in sorted(runs[-1][1].items()):  # as it comes: a run cut short keeps these
                 print(f"  {' '.join(f'{k}={v}' for k, v in zip(KEY, key))}: {ms:.4g} ms", flush=True)
-            write_partial(args.out, stem, header, *report_rows(names, runs), len(runs), len(order))
-    rows, columns = report_rows(names, runs)
+            rows, columns = report_rows(names, runs)  # the report so far, rewritten after every run
+            common.write_report(args.out, stem, f"{header}\n- finished runs: {len(runs)} of {len(order)}",
+                                common.markdown_table(rows, columns), rows, echo=False)
     common.write_report(args.out, stem, header, common.markdown_table(rows, columns), rows)
 
 if __name__ == "__main__":

@@ -382,14 +382,16 @@ def write_csv(rows, path):
         writer.writerows(rows)
 
 
-def write_report(out_dir, stem, header, table, rows, plot_fn=None):
-    """Print ``table`` and write <stem>.md, <stem>.csv and (via ``plot_fn``) <stem>.png.
+def write_report(out_dir, stem, header, table, rows, plot_fn=None, echo=True):
+    """Print ``table`` and write <stem>.md, <stem>.csv and (via ``plot_fn``) <stem>.png;
+    ``echo`` False: write them without printing (a report rewritten as a run goes on).
 
     Returns the list of written paths.
     """
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, stem)
-    print("\n" + table, flush=True)
+    if echo:
+        print("\n" + table, flush=True)
     with open(base + ".md", "w") as handle:
         handle.write(header + "\n\n" + table + "\n")
     write_csv(rows, base + ".csv")
@@ -400,7 +402,8 @@ def write_report(out_dir, stem, header, table, rows, plot_fn=None):
             paths.append(base + ".png")
         except Exception as exc:  # a plot must never lose the measurements
             print(f"plot failed: {short_error(exc)}", file=sys.stderr)
-    print("wrote " + ", ".join(paths), flush=True)
+    if echo:
+        print("wrote " + ", ".join(paths), flush=True)
     return paths
 
 
