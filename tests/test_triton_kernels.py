@@ -74,6 +74,7 @@ def interpreted():
         # pinned: the test inputs are a few key tiles long, so with a positive FEW_TILES every query
         # tile of the one-launch Newton schedule would take the sweeps, none the candidates
         backend.FEW_TILES = 0
+        backend.CROWDED_RATIO = 0  # likewise: their few keys would spill every flat row's query tile
         yield backend
     _reload_kernels()  # compiled again for whatever runs next
 
@@ -1037,19 +1038,21 @@ def test_newton_schedule_agrees_with_the_histogram_schedule(interpreted, alpha):
 
 
 # How ``triton_backend.newton_schedule`` runs: (candidate slots per row, most key tiles a query tile
-# may list and still take the sweeps). "sweeps": every query tile in one sweep per step; "candidates":
-# every query tile on its candidate keys; "spilled": 64 slots, too few for the flat rows' 400 keys, so
-# their query tiles spill to the sweeps and the others do not; "dropped": 512 slots, so the flat rows'
-# query tiles hold more than ``DROP_LONGEST`` candidates and drop those below the bracket after
-# ``DROP_STEP`` steps; "few tiles": 256 slots, and the query tiles that list at most 3 key tiles take
-# the sweeps (the first 3 causal query tiles, most windowed ones), the others their candidates.
-SCHEDULE_ROUTES = {"sweeps": (0, None), "candidates": (256, 0), "spilled": (64, 0), "dropped": (512, 0),
-                   "few tiles": (256, 3)}
+# may list and still take the sweeps, ``CROWDED_RATIO``). "sweeps": every query tile in one sweep per
+# step; "candidates": every query tile on its candidate keys; "spilled": 64 slots, too few for the flat
+# rows' 400 keys, so their query tiles spill to the sweeps and the others do not; "dropped": 512
+# slots, so the flat rows' query tiles hold more than ``DROP_LONGEST`` candidates and drop those below
+# the bracket after ``DROP_STEP`` steps; "few tiles": 256 slots, and the query tiles that list at most
+# 3 key tiles take the sweeps (the first 3 causal query tiles, most windowed ones), the others their
+# candidates; "crowded": 256 slots, and a query tile with a row of more candidates than an eighth of
+# its listed keys spills (the flat rows'; no ``CROWDED_FLOOR``).
+SCHEDULE_ROUTES = {"sweeps": (0, None, 0), "candidates": (256, 0, 0), "spilled": (64, 0, 0),
+                   "dropped": (512, 0, 0), "few tiles": (256, 3, 0), "crowded": (256, 0, 8)}
 
 
 @pytest.mark.parametrize("alpha, route", [(1.25, "sweeps"), (1.5, "sweeps"), (1.25, "candidates"),
                                           (1.5, "candidates"), (1.5, "spilled"), (1.25, "dropped"),
-                                          (1.5, "dropped"), (1.5, "few tiles")])
+                                          (1.5, "dropped"), (1.5, "few tiles"), (1.25, "crowded")])
 def test_newton_schedule_kernel_matches_the_pytorch_schedule(interpreted, alpha, route, monkeypatch):
     """The whole Newton schedule (``triton_newton``, ``triton_candidates``, interpreted) against
     ``torch_blockwise.newton_schedule`` in the same forward, float32: a batch of two entries with
@@ -1061,10 +1064,12 @@ def test_newton_schedule_kernel_matches_the_pytorch_schedule(interpreted, alpha,
     one of them. The sweeps read the same tiles as the PyTorch schedule; the candidates read no
     other tile (they mark the tiles of keys above tau itself, where a sweep marks those above its
     last point, a step below)."""
-    slots, few_tiles = SCHEDULE_ROUTES[route]
+    slots, few_tiles, crowded_ratio = SCHEDULE_ROUTES[route]
     monkeypatch.setenv(interpreted.CANDIDATES_ENV, str(slots))
     if few_tiles is not None:
         monkeypatch.setattr(interpreted, "FEW_TILES", few_tiles)
+    monkeypatch.setattr(interpreted, "CROWDED_RATIO", crowded_ratio)
+    monkeypatch.setattr(interpreted, "CROWDED_FLOOR", 0)
     keep = torch.ones(2, 200, dtype=torch.bool)
     keep[0, :70] = False  # left padding: the first 70 queries of entry 0 see no key
     keep[1, 150:] = False
@@ -1097,6 +1102,53 @@ def test_newton_schedule_kernel_matches_the_pytorch_schedule(interpreted, alpha,
             assert not (got.read_masks[0].tiles & ~want.read_masks[0].tiles).any()
         assert torch.equal(got.block_masks[0].tiles, want.block_masks[0].tiles)
         assert not (want.block_masks[0].tiles & ~got.read_masks[0].tiles).any()
+
+
+def _recorded_spills(interpreted, monkeypatch) -> list:
+    """A list that gets the ``Spilled`` flags (int8 per query tile) of every Newton schedule the
+    ``interpreted`` backend runs from here on, as the candidate kernel left them."""
+    spilled = []
+    launch = interpreted.launch
+
+    def recording(kernel, grid):
+        run = launch(kernel, grid)
+
+        def call(**arguments):
+            if kernel is interpreted.triton_newton.newton_schedule_kernel:  # after the candidate kernel
+                spilled.append(arguments["Spilled"].clone())
+            return run(**arguments)
+
+        return call
+
+    monkeypatch.setattr(interpreted, "launch", recording)
+    return spilled
+
+
+def test_crowded_query_tiles_spill(interpreted, monkeypatch):
+    """``CROWDED_RATIO`` r: a query tile spills where a row holds more candidates than 1/r of its
+    listed keys and than ``CROWDED_FLOOR``, even with room in the slots (256 here, more than any
+    row's 400 keys hold above the reference at spread 1.0). Of 2 heads x 7 causal query tiles,
+    floor 0: none spill at r 0 (only the slots), some at r 4, and more at r 8, those included;
+    at r 8 with a floor of 256 (the slots), none. The same tau, output and tiles with p > 0 as
+    the PyTorch schedule on every route."""
+    monkeypatch.setenv(interpreted.CANDIDATES_ENV, "256")
+    spilled = _recorded_spills(interpreted, monkeypatch)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 400, 2, 32, generator=g) for _ in range(3))
+    blocks, spec = A.SingleBlock(k, v, causal_visibility(400, 400, True, "cpu")), EntmaxSpec(1.5)
+    want = A.entmax_forward(TB, q, blocks, spec, 32 ** -0.5, schedule="newton")
+    for ratio, floor in ((0, 0), (4, 0), (8, 0), (8, 256)):
+        monkeypatch.setattr(interpreted, "CROWDED_RATIO", ratio)
+        monkeypatch.setattr(interpreted, "CROWDED_FLOOR", floor)
+        got = A.entmax_forward(interpreted, q, blocks, spec, 32 ** -0.5, schedule="newton")
+        torch.testing.assert_close(got.tau, want.tau.to(got.tau.dtype), rtol=0, atol=2e-6)
+        torch.testing.assert_close(got.out, want.out.to(got.out.dtype), rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.block_masks[0].tiles, want.block_masks[0].tiles)
+    by_ratio = [s.bool() for s in spilled]
+    assert not by_ratio[0].any()
+    assert 0 < int(by_ratio[1].sum()) < by_ratio[1].numel()
+    assert not (by_ratio[1] & ~by_ratio[2]).any() and by_ratio[2].sum() > by_ratio[1].sum()
+    assert not by_ratio[3].any()
 
 
 def test_candidate_slots_setting_is_checked(monkeypatch):
@@ -1389,6 +1441,7 @@ def test_gpu_alpha_sums_split_between_forward_and_backward(alpha, monkeypatch):
     from ring_adasplash.kernels import triton_backend
 
     monkeypatch.setenv(triton_backend.CANDIDATES_ENV, "64")
+    monkeypatch.setattr(triton_backend, "CROWDED_RATIO", 0)  # as the interpreted backend: the slots decide
     _split_alpha_sums_case(triton_backend, alpha, "cuda")
 
 

@@ -439,6 +439,12 @@ PROGRAMS_PER_SM = 4  # the candidate kernel's persistent grid: programs per SM
 # query tiles that list at most this many key tiles take the sweeps: none, since theirs are launches
 # of their own after the candidate kernel, where the candidates cost no more (docs/design.md, candidate keys)
 FEW_TILES = 0
+# a query tile with a row of more candidates than CROWDED_FLOOR and than one in CROWDED_RATIO of
+# its listed keys spills to the sweeps (flat rows: each Newton step on the candidates reads the
+# longest row's count for every row of the tile); ratio 0: only past the slots (docs/design.md,
+# candidate keys)
+CROWDED_RATIO = 16
+CROWDED_FLOOR = 512
 
 
 def candidate_slots() -> int:
@@ -498,7 +504,8 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
         launch(triton_candidates.candidate_schedule_kernel, (programs,))(
             **arguments, **output_arguments, Spilled=spilled,
             Cand=torch.empty(programs * BLOCK_M * (slots + BLOCK_N) * 2, device=p.q.device, dtype=torch.int32),
-            num_q_tiles=p.num_q_tiles, num_tiles=work, few_tiles=FEW_TILES, CANDIDATES=slots, CHUNK=CANDIDATE_CHUNK,
+            num_q_tiles=p.num_q_tiles, num_tiles=work, few_tiles=FEW_TILES, crowded_ratio=CROWDED_RATIO,
+            crowded_floor=CROWDED_FLOOR, CANDIDATES=slots, CHUNK=CANDIDATE_CHUNK,
             **p.config("candidates"))
     launch(triton_newton.newton_schedule_kernel, p.query_grid)(
         **arguments, Spilled=spilled, SPILLED_ONLY=bool(slots),

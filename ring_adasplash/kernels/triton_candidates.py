@@ -70,16 +70,16 @@ def store_candidates(Row_base, place, s, cutoff, offs_n):
 
 @triton.jit
 def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
-                      q_first, offs_m, Row_slots, found, cutoff, prefix, stride_ks, stride_kd,
+                      q_first, offs_m, Row_slots, found, cutoff, prefix, limit, stride_ks, stride_kd,
                       seqlen_q, seqlen_k, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                      CANDIDATES: tl.constexpr, FULL: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr):
+                      FULL: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr):
     """Over one of the two loops of listed tiles (``list_slots``), every key whose score
     (``listed_scores``: before the shift and scale, which the later loops apply to the few
     candidates) is above ``cutoff`` (``score_cutoff``) appended with it to the row's scratch
-    (``Row_slots``, ``CANDIDATES + BLOCK_N`` slots a row) while the row holds at most
-    ``CANDIDATES`` (``store_candidates``): a row that starts a tile with room takes all of that
-    tile's candidates, so the test is per row and tile, not per key, and a row past
-    ``CANDIDATES`` (its query tile then spills) stops counting. ``found`` (float32, exact: the
+    (``Row_slots``, ``CANDIDATES + BLOCK_N`` slots a row) while the row holds at most ``limit``
+    (at most ``CANDIDATES``; ``store_candidates``): a row that starts a tile with room takes all of
+    that tile's candidates, so the test is per row and tile, not per key, and a row past ``limit``
+    (its query tile then spills) stops counting. ``found`` (float32, exact: the
     later loops compare it with float32 slots, in fewer registers) counts what the row holds. A
     candidate's place among its tile's row is a product with ``prefix`` (int8 ones on and above
     the diagonal) on the tensor cores, in int8 with int32 sums: a scan along the row would move
@@ -90,7 +90,7 @@ def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_fir
         _, offs_n, s = listed_scores(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
                                      q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM,
                                      BLOCK_N, FULL, PRECISION)
-        open_cutoff = tl.where(counted <= CANDIDATES, cutoff, float("inf"))
+        open_cutoff = tl.where(counted <= limit, cutoff, float("inf"))
         near = s > open_cutoff[:, None]  # NaN and hidden pairs (-inf) are never candidates
         place = tl.dot(near.to(tl.int8), prefix, out_dtype=tl.int32)
         store_candidates(Row_slots + 2 * counted, place, s, open_cutoff, offs_n)
@@ -224,7 +224,8 @@ def candidate_schedule_kernel(
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
-    seqlen_q, seqlen_k, num_heads, num_q_tiles, num_k_tiles, list_width, num_tiles, few_tiles, scale_z, gamma,
+    seqlen_q, seqlen_k, num_heads, num_q_tiles, num_k_tiles, list_width, num_tiles, few_tiles, crowded_ratio,
+    crowded_floor, scale_z, gamma,
     margin, tolerance, step_tolerance,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, CANDIDATES: tl.constexpr,
@@ -236,8 +237,9 @@ def candidate_schedule_kernel(
     """For each of the ``num_tiles`` (query tile, batch x head) this program takes (the last query
     tiles first: under a causal mask they hold the most keys), tau (float64) into ``Tau`` and its
     key tiles with a candidate above ``tau - margin`` into ``Keep`` (int8, zeros from the caller),
-    or 1 into ``Spilled`` (int8 per query tile) where a row holds more than ``CANDIDATES``
-    candidates or the query tile lists at most ``few_tiles`` key tiles (``Tau`` and ``Keep`` then
+    or 1 into ``Spilled`` (int8 per query tile) where a row holds more candidates than
+    ``CANDIDATES`` or (``crowded_ratio`` > 0) both ``crowded_floor`` and one in ``crowded_ratio``
+    of the keys of the listed tiles, or the query tile lists at most ``few_tiles`` key tiles (``Tau`` and ``Keep`` then
     left to ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's bracket as
     ``newton_schedule_kernel`` does (``Row_max`` NaN on rows that see a score that is not finite);
     ``Cand`` (int32) holds ``BLOCK_M x (CANDIDATES + BLOCK_N)`` pairs (the bits of the score q . k, its key)
@@ -272,17 +274,23 @@ def candidate_schedule_kernel(
             # below the reference by the margin of the tile marks: a key a kernel's rounding could
             # put above tau - margin is a candidate
             cutoff = score_cutoff(tl.where(done, float("inf"), reference - margin), shift, scale_z_h)
+            # a row of more candidates than one in crowded_ratio of the listed keys costs more in the
+            # Newton steps on its candidates, which every row of the tile takes as long as the longest,
+            # than the sweeps; on short rows (a causal mask's first query tiles) the sweeps' launch
+            # and output pass cost more than a few hundred candidates (docs/design.md, candidate keys)
+            share = tl.maximum(count * BLOCK_N // tl.maximum(crowded_ratio, 1), crowded_floor)
+            limit = tl.where(crowded_ratio > 0, tl.minimum(share, CANDIDATES), CANDIDATES)
             found = tl.full([BLOCK_M], 0.0, tl.float32)
             tl.debug_barrier()  # the last tile's reads of the scratch are over before it is rewritten
             for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
                 found = gather_candidates(q, K_head, K_pos, K_doc, K_win_pos, Index, count, full_first, full_end,
-                                          q_limit, q_doc, q_first, offs_m, Row_slots, found, cutoff, prefix, stride_ks,
-                                          stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, CANDIDATES, FULL == 1,
+                                          q_limit, q_doc, q_first, offs_m, Row_slots, found, cutoff, prefix, limit,
+                                          stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, FULL == 1,
                                           UNROLL, PRECISION)
             tl.debug_barrier()  # every thread's candidates are in memory before any thread reads them
             longest = tl.reduce(found, 0, MAX).to(tl.int32)
-            tl.store(Spilled + bh * num_q_tiles + tile_q, (longest > CANDIDATES).to(tl.int8))
-            if longest <= CANDIDATES:
+            tl.store(Spilled + bh * num_q_tiles + tile_q, (longest > limit).to(tl.int8))
+            if longest <= limit:
                 point = reference.to(tl.float64)
                 lower = point
                 upper = row_max.to(tl.float64)
