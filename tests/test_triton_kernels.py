@@ -1151,6 +1151,40 @@ def test_crowded_query_tiles_spill(interpreted, monkeypatch):
     assert not by_ratio[3].any()
 
 
+def test_sampled_flat_query_tiles_spill_before_their_gather(interpreted, monkeypatch):
+    """``SAMPLE_TILES``: a query tile whose fullest row's candidates in a sample of its full key
+    tiles, scaled to its listed tiles, pass ``SAMPLE_MARGIN`` times its limit spills without a
+    gather. Flat keys (every one a candidate of every row that sees it): all of key tiles 0 and 3,
+    every other key of tiles 1, 2, 4 and 5; the others, and key tile 6, far below; 320 slots.
+    The gather alone spills nothing (the last query tile's rows hold 256 candidates); with 2 of the
+    full tiles sampled (margin 1), the last query tile, whose sample is tiles 0 and 3 of its 6
+    listed ones (128 x 6 / 2 = 384 > 320), spills in both heads, and no other (query tile 5: tiles
+    0 and 2 of 6 listed, 96 x 6 / 2 = 288). Tau, the output and the tiles with p > 0 are the
+    PyTorch schedule's either way."""
+    monkeypatch.setenv(interpreted.CANDIDATES_ENV, "320")
+    spilled = _recorded_spills(interpreted, monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    q = torch.zeros(1, 448, 2, 32)
+    q[..., 0] = 1.0
+    keys = torch.arange(448)
+    flat = (keys < 384) & (((keys // 64) % 3 == 0) | (keys % 2 == 0))
+    k = torch.zeros(1, 448, 2, 32)
+    k[0, :, :, 0] = torch.where(flat[:, None], 2.0 + 0.001 * torch.rand(448, 2, generator=g), -3.0)
+    v = torch.randn(1, 448, 2, 32, generator=g)
+    blocks, spec = A.SingleBlock(k, v, causal_visibility(448, 448, True, "cpu")), EntmaxSpec(1.5)
+    want = A.entmax_forward(TB, q, blocks, spec, 1.0, schedule="newton")
+    monkeypatch.setattr(interpreted, "SAMPLE_FROM", 2)
+    monkeypatch.setattr(interpreted, "SAMPLE_MARGIN", 1)
+    for sample_tiles in (0, 2):
+        monkeypatch.setattr(interpreted, "SAMPLE_TILES", sample_tiles)
+        got = A.entmax_forward(interpreted, q, blocks, spec, 1.0, schedule="newton")
+        torch.testing.assert_close(got.tau, want.tau.to(got.tau.dtype), rtol=0, atol=2e-6)
+        torch.testing.assert_close(got.out, want.out.to(got.out.dtype), rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.block_masks[0].tiles, want.block_masks[0].tiles)
+    last_tiles = torch.tensor([0, 0, 0, 0, 0, 0, 1] * 2, dtype=torch.int8)
+    assert not spilled[0].any() and torch.equal(spilled[1].view(-1), last_tiles)
+
+
 def test_candidate_slots_setting_is_checked(monkeypatch):
     """``RING_ADASPLASH_CANDIDATES``: 0 or a multiple of the chunk, else a ValueError that names it."""
     from ring_adasplash.kernels import triton_backend

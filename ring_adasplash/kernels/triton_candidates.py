@@ -99,6 +99,23 @@ def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_fir
 
 
 @triton.jit
+def sampled_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, full_first, full_end, q_limit, q_doc, q_first,
+                       offs_m, cutoff, stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM: tl.constexpr,
+                       BLOCK_N: tl.constexpr, SAMPLE_TILES: tl.constexpr, PRECISION: tl.constexpr):
+    """Per row (int32), its keys with a score above ``cutoff`` in ``SAMPLE_TILES`` of the listed
+    tiles with every pair visible, spread evenly over them (the caller's query tile lists at least
+    ``SAMPLE_TILES`` such tiles); nothing is stored."""
+    spacing = (full_end - full_first) // SAMPLE_TILES
+    seen = offs_m * 0
+    for i in tl.static_range(SAMPLE_TILES):
+        _, _, s = listed_scores(q, K, K_pos, K_doc, K_win_pos, Tile_index, full_first + i * spacing, full_first,
+                                full_end, q_limit, q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k,
+                                HEAD_DIM, BLOCK_N, True, PRECISION)
+        seen += tl.reduce((s > cutoff[:, None]).to(tl.int32), 1, ADD)  # NaN and hidden pairs (-inf) fail
+    return seen
+
+
+@triton.jit
 def candidate_sums(Row_slots, found, longest, t, shift, scale_z, gamma, POWER: tl.constexpr, BLOCK_M: tl.constexpr,
                    CHUNK: tl.constexpr):
     """``triton_newton.newton_sweep``'s sums at ``t`` over the rows' candidates: ``(f, f', count,
@@ -225,12 +242,12 @@ def candidate_schedule_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     seqlen_q, seqlen_k, num_heads, num_q_tiles, num_k_tiles, list_width, num_tiles, few_tiles, crowded_ratio,
-    crowded_floor, scale_z, gamma,
+    crowded_floor, sample_from, sample_margin, scale_z, gamma,
     margin, tolerance, step_tolerance,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, CANDIDATES: tl.constexpr,
     CHUNK: tl.constexpr, OUTPUT: tl.constexpr, BACKWARD_SUMS: tl.constexpr, ALPHA_SUMS: tl.constexpr,
-    UNROLL: tl.constexpr,
+    SAMPLE_TILES: tl.constexpr, UNROLL: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
@@ -239,8 +256,12 @@ def candidate_schedule_kernel(
     key tiles with a candidate above ``tau - margin`` into ``Keep`` (int8, zeros from the caller),
     or 1 into ``Spilled`` (int8 per query tile) where a row holds more candidates than
     ``CANDIDATES`` or (``crowded_ratio`` > 0) both ``crowded_floor`` and one in ``crowded_ratio``
-    of the keys of the listed tiles, or the query tile lists at most ``few_tiles`` key tiles (``Tau`` and ``Keep`` then
-    left to ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's bracket as
+    of the keys of the listed tiles, where the query tile lists at most ``few_tiles`` key tiles,
+    or (``SAMPLE_TILES`` > 0, a query tile of at least ``sample_from`` listed tiles with every pair
+    visible) where a row's candidates among ``SAMPLE_TILES`` of those tiles
+    (``sampled_candidates``), times its listed tiles over ``SAMPLE_TILES``, pass ``sample_margin``
+    times that limit: such a query tile gathers nothing (``Tau`` and ``Keep`` then left to
+    ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's bracket as
     ``newton_schedule_kernel`` does (``Row_max`` NaN on rows that see a score that is not finite);
     ``Cand`` (int32) holds ``BLOCK_M x (CANDIDATES + BLOCK_N)`` pairs (the bits of the score q . k, its key)
     per program.
@@ -280,13 +301,27 @@ def candidate_schedule_kernel(
             # and output pass cost more than a few hundred candidates (docs/design.md, candidate keys)
             share = tl.maximum(count * BLOCK_N // tl.maximum(crowded_ratio, 1), crowded_floor)
             limit = tl.where(crowded_ratio > 0, tl.minimum(share, CANDIDATES), CANDIDATES)
+            # a flat row (thousands of keys within one of its max) would store candidates up to the
+            # limit before its query tile spills, and the stores are what its gather costs: a few far
+            # tiles counted first, without a store, send such a query tile to the sweeps at once
+            crowded = tl.full([], 0, tl.int32)
+            if SAMPLE_TILES > 0:
+                if full_end - full_first >= sample_from:
+                    seen = sampled_candidates(q, K_head, K_pos, K_doc, K_win_pos, Index, full_first, full_end,
+                                              q_limit, q_doc, q_first, offs_m, cutoff, stride_ks, stride_kd,
+                                              seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, SAMPLE_TILES, PRECISION)
+                    crowded = (tl.reduce(seen, 0, MAX) * count > sample_margin * limit * SAMPLE_TILES).to(tl.int32)
             found = tl.full([BLOCK_M], 0.0, tl.float32)
             tl.debug_barrier()  # the last tile's reads of the scratch are over before it is rewritten
+            # a crowded query tile's loops are empty, and its rows count one past the limit (it spills)
+            gathered_end = tl.where(crowded != 0, full_first, full_end)
+            gathered = tl.where(crowded != 0, 0, count)
             for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-                found = gather_candidates(q, K_head, K_pos, K_doc, K_win_pos, Index, count, full_first, full_end,
-                                          q_limit, q_doc, q_first, offs_m, Row_slots, found, cutoff, prefix, limit,
-                                          stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, FULL == 1,
-                                          UNROLL, PRECISION)
+                found = gather_candidates(q, K_head, K_pos, K_doc, K_win_pos, Index, gathered, full_first,
+                                          gathered_end, q_limit, q_doc, q_first, offs_m, Row_slots, found, cutoff,
+                                          prefix, limit, stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N,
+                                          FULL == 1, UNROLL, PRECISION)
+            found = tl.where(crowded != 0, (limit + 1).to(tl.float32), found)
             tl.debug_barrier()  # every thread's candidates are in memory before any thread reads them
             longest = tl.reduce(found, 0, MAX).to(tl.int32)
             tl.store(Spilled + bh * num_q_tiles + tile_q, (longest > limit).to(tl.int8))
