@@ -19,6 +19,13 @@ tau) raises the row's reference, and the keys above it are counted again. And wh
 without the max pass before it would hold ("one sweep"): the same sweep of the key tiles, in the
 kernel's order (the diagonal tile, then the others from the first), taking the row max as it
 goes, each tile's keys compared with max(tau floor, the max so far - 1) - margin.
+
+And how the candidate kernel's sample (``triton_backend.SAMPLE_TILES`` of a query tile's listed
+tiles with every pair visible, from ``SAMPLE_FROM`` of them) sorts the query tiles: those whose
+fullest row holds more candidates than its limit (the greater of ``CROWDED_FLOOR`` and its listed
+keys / ``CROWDED_RATIO``, at most ``--slots``), which spill after their gather; those the sample
+sends to the sweeps before it; and those it sends there that would not have spilled. Listed tiles
+here: the tiles where some row has a candidate.
 """
 import argparse
 import os
@@ -30,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import inputs  # noqa: E402
 from inputs import FAMILIES, make_qkv  # noqa: E402
-from ring_adasplash.kernels import EntmaxSpec  # noqa: E402
+from ring_adasplash.kernels import EntmaxSpec, triton_backend  # noqa: E402
 from ring_adasplash.kernels.stats import MASK_MARGIN  # noqa: E402
 from ring_adasplash.reference import entmax_bisect  # noqa: E402
 
@@ -55,13 +62,34 @@ def one_sweep_candidates(z: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     return (order > cutoff[:, :, None]).sum((1, 2))
 
 
-def tile_counts(q: torch.Tensor, k: torch.Tensor, scale_z: float, every: int, slots: int):
+def sampled_route(candidate: torch.Tensor, tile: int, slots: int) -> tuple:
+    """``(spills, sampled out)`` of one query tile (``tile``, causal) whose rows' candidates are
+    ``candidate`` (rows, keys: whole key tiles, the diagonal one last): whether its fullest row
+    holds more than its limit, and whether the candidate kernel's sample sends it to the sweeps
+    before its gather (``triton_candidates.sampled_candidates``)."""
+    listed = candidate.view(candidate.shape[0], -1, BLOCK).any(2).any(0)
+    count = int(listed.sum())
+    limit = slots
+    if triton_backend.CROWDED_RATIO:
+        limit = min(slots, max(count * BLOCK // triton_backend.CROWDED_RATIO, triton_backend.CROWDED_FLOOR))
+    spills = int(candidate.sum(1).max()) > limit
+    full = [t for t in range(tile) if listed[t]]  # causal: every tile but the diagonal one
+    sample, start = triton_backend.SAMPLE_TILES, max(triton_backend.SAMPLE_FROM, triton_backend.SAMPLE_TILES, 1)
+    if not sample or len(full) < start:
+        return spills, False
+    spacing = len(full) // sample
+    seen = sum(candidate[:, full[i * spacing] * BLOCK:(full[i * spacing] + 1) * BLOCK].sum(1) for i in range(sample))
+    return spills, int(seen.max()) * count > triton_backend.SAMPLE_MARGIN * limit * sample
+
+
+def tile_counts(q: torch.Tensor, k: torch.Tensor, scale_z: float, every: int, slots: int, kernel_slots: int = 1024):
     """``(most candidates, most support, most candidates after a second gather, most candidates
-    of one sweep)`` of one row, per query tile taken, for one head's ``q``, ``k`` (seqlen,
-    head_dim); the second gather's reference from the ``slots`` candidates nearest the diagonal;
-    one sweep: ``one_sweep_candidates``."""
+    of one sweep, spills, sampled out)`` of one row, per query tile taken, for one head's ``q``,
+    ``k`` (seqlen, head_dim); the second gather's reference from the ``slots`` candidates nearest
+    the diagonal; one sweep: ``one_sweep_candidates``; the last two: ``sampled_route`` at
+    ``kernel_slots``."""
     seqlen = q.shape[0]
-    most_candidates, most_support, most_regathered, most_one_sweep = [], [], [], []
+    most_candidates, most_support, most_regathered, most_one_sweep, spills, sampled = [], [], [], [], [], []
     for tile in range(seqlen // BLOCK - 1, -1, -every):
         rows = torch.arange(tile * BLOCK, (tile + 1) * BLOCK)
         keys = torch.arange((tile + 1) * BLOCK)
@@ -79,8 +107,11 @@ def tile_counts(q: torch.Tensor, k: torch.Tensor, scale_z: float, every: int, sl
         raised = torch.where(candidate.sum(1) > slots, torch.maximum(reference, subset_tau), reference)
         most_regathered.append(int((z > (raised - MASK_MARGIN)[:, None]).sum(1).max()))
         most_one_sweep.append(int(one_sweep_candidates(z, floor).max()))
+        spill, out = sampled_route(candidate, tile, kernel_slots)
+        spills.append(spill)
+        sampled.append(out)
     return (torch.tensor(most_candidates), torch.tensor(most_support), torch.tensor(most_regathered),
-            torch.tensor(most_one_sweep))
+            torch.tensor(most_one_sweep), torch.tensor(spills), torch.tensor(sampled))
 
 
 def main():
@@ -107,17 +138,19 @@ def main():
     print("\n| head | query tiles | most candidates of a row: median | p90 | max | "
           + " | ".join(f"tiles over {s}" for s in SLOTS) + " | most support: median | max "
           f"| second gather ({SLOTS[0]} slots): most candidates median | max | tiles over {SLOTS[0]} "
-          f"| one sweep: most candidates median | p90 | max | tiles over {SLOTS[-1]} |")
-    print("|---" * (14 + len(SLOTS)) + "|")
+          f"| one sweep: most candidates median | p90 | max | tiles over {SLOTS[-1]} "
+          "| spill at the limit | sampled out | sampled out, no spill |")
+    print("|---" * (17 + len(SLOTS)) + "|")
     for head in (int(h) for h in args.heads.split(",")):
-        candidates, support, regathered, one_sweep = tile_counts(q[0, :, head], k[0, :, head], scale_z, args.every,
-                                                                 SLOTS[0])
+        candidates, support, regathered, one_sweep, spills, sampled = tile_counts(
+            q[0, :, head], k[0, :, head], scale_z, args.every, SLOTS[0], SLOTS[-1])
         over = " | ".join(f"{(candidates > s).float().mean():.3f}" for s in SLOTS)
         print(f"| {head} | {len(candidates)} | {int(candidates.median())} | {int(candidates.float().quantile(0.9))} | "
               f"{int(candidates.max())} | {over} | {int(support.median())} | {int(support.max())} | "
               f"{int(regathered.median())} | {int(regathered.max())} | {(regathered > SLOTS[0]).float().mean():.3f} | "
               f"{int(one_sweep.median())} | {int(one_sweep.float().quantile(0.9))} | {int(one_sweep.max())} | "
-              f"{(one_sweep > SLOTS[-1]).float().mean():.3f} |", flush=True)
+              f"{(one_sweep > SLOTS[-1]).float().mean():.3f} | {int(spills.sum())} | {int(sampled.sum())} | "
+              f"{int((sampled & ~spills).sum())} |", flush=True)
 
 
 if __name__ == "__main__":
