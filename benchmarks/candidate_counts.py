@@ -66,7 +66,7 @@ def sampled_route(candidate: torch.Tensor, tile: int, slots: int) -> tuple:
     """``(spills, sampled out)`` of one query tile (``tile``, causal) whose rows' candidates are
     ``candidate`` (rows, keys: whole key tiles, the diagonal one last): whether its fullest row
     holds more than its limit, and whether the candidate kernel's sample sends it to the sweeps
-    before its gather (``triton_candidates.sampled_candidates``)."""
+    after the first tiles of its gather (``triton_candidates.spread_slot``)."""
     listed = candidate.view(candidate.shape[0], -1, BLOCK).any(2).any(0)
     count = int(listed.sum())
     limit = slots

@@ -445,11 +445,11 @@ FEW_TILES = 0
 # candidate keys)
 CROWDED_RATIO = 16
 CROWDED_FLOOR = 512
-# a query tile that lists at least SAMPLE_FROM key tiles with every pair visible first counts its
-# rows' candidates in SAMPLE_TILES of them, spread over the row, without a store; where a row's
-# count, scaled to its listed tiles, passes SAMPLE_MARGIN times the limit above, it spills before
-# its gather (flat rows: their stores up to the limit are most of what the gather costs);
-# SAMPLE_TILES 0: no sample
+# a query tile that lists at least SAMPLE_FROM key tiles with every pair visible gathers from
+# SAMPLE_TILES of them, spread over the row, first; where a row's candidates there, scaled to its
+# listed tiles, pass SAMPLE_MARGIN times the limit above, it spills before the rest of its gather
+# (flat rows: their stores up to the limit are most of what the gather costs); SAMPLE_TILES 0: no
+# sample
 SAMPLE_TILES = 4
 SAMPLE_FROM = 32
 SAMPLE_MARGIN = 2
@@ -513,8 +513,8 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
             **arguments, **output_arguments, Spilled=spilled,
             Cand=torch.empty(programs * BLOCK_M * (slots + BLOCK_N) * 2, device=p.q.device, dtype=torch.int32),
             num_q_tiles=p.num_q_tiles, num_tiles=work, few_tiles=FEW_TILES, crowded_ratio=CROWDED_RATIO,
-            crowded_floor=CROWDED_FLOOR, sample_from=max(SAMPLE_FROM, SAMPLE_TILES, 1), sample_margin=SAMPLE_MARGIN,
-            CANDIDATES=slots, CHUNK=CANDIDATE_CHUNK, SAMPLE_TILES=SAMPLE_TILES,
+            crowded_floor=CROWDED_FLOOR, sample_from=max(SAMPLE_FROM, SAMPLE_TILES) if SAMPLE_TILES > 0 else 2**30,
+            sample_margin=SAMPLE_MARGIN, CANDIDATES=slots, CHUNK=CANDIDATE_CHUNK, SAMPLE_TILES=max(SAMPLE_TILES, 1),
             **p.config("candidates"))
     launch(triton_newton.newton_schedule_kernel, p.query_grid)(
         **arguments, Spilled=spilled, SPILLED_ONLY=bool(slots),

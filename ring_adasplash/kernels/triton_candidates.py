@@ -69,24 +69,38 @@ def store_candidates(Row_base, place, s, cutoff, offs_n):
 
 
 @triton.jit
-def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
-                      q_first, offs_m, Row_slots, found, cutoff, prefix, limit, stride_ks, stride_kd,
-                      seqlen_q, seqlen_k, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                      FULL: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr):
-    """Over one of the two loops of listed tiles (``list_slots``), every key whose score
-    (``listed_scores``: before the shift and scale, which the later loops apply to the few
-    candidates) is above ``cutoff`` (``score_cutoff``) appended with it to the row's scratch
-    (``Row_slots``, ``CANDIDATES + BLOCK_N`` slots a row) while the row holds at most ``limit``
-    (at most ``CANDIDATES``; ``store_candidates``): a row that starts a tile with room takes all of
-    that tile's candidates, so the test is per row and tile, not per key, and a row past ``limit``
-    (its query tile then spills) stops counting. ``found`` (float32, exact: the
-    later loops compare it with float32 slots, in fewer registers) counts what the row holds. A
-    candidate's place among its tile's row is a product with ``prefix`` (int8 ones on and above
-    the diagonal) on the tensor cores, in int8 with int32 sums: a scan along the row would move
-    the tile to another layout and back through shared memory."""
-    start, stop = list_slots(count, full_first, full_end, FULL)
+def spread_slot(i, full_first, spacing, SAMPLE_TILES: tl.constexpr):
+    """The ``i``-th slot of the full tiles' loop when it first visits ``SAMPLE_TILES`` tiles
+    spread over the row: the first ``SAMPLE_TILES * spacing`` slots as ``SAMPLE_TILES`` runs of
+    ``spacing``, taken round robin (so the first ``SAMPLE_TILES`` steps visit the first slot of
+    each run), the rest in order; ``spacing`` 0 keeps the order. A bijection of the slots."""
+    k = i - full_first
+    round_robin = (k % SAMPLE_TILES) * spacing + k // SAMPLE_TILES
+    return full_first + tl.where(k < SAMPLE_TILES * spacing, round_robin, k)
+
+
+@triton.jit
+def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, first, stop, spacing, full_first, full_end, q_limit,
+                      q_doc, q_first, offs_m, Row_slots, found, cutoff, prefix, limit, stride_ks, stride_kd,
+                      seqlen_q, seqlen_k, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr,
+                      SAMPLE_TILES: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr):
+    """Over the steps [first, stop) of one of the two loops of listed tiles (``list_slots``; with
+    ``FULL`` in the order of ``spread_slot``), every key whose score (``listed_scores``: before the
+    shift and scale, which the later loops apply to the few candidates) is above ``cutoff``
+    (``score_cutoff``) appended with it to the row's scratch (``Row_slots``, ``CANDIDATES +
+    BLOCK_N`` slots a row) while the row holds at most ``limit`` (at most ``CANDIDATES``;
+    ``store_candidates``): a row that starts a tile with room takes all of that tile's candidates,
+    so the test is per row and tile, not per key, and a row past ``limit`` (its query tile then
+    spills) stops counting. ``found`` (float32, exact: the later loops compare it with float32
+    slots, in fewer registers) counts what the row holds. A candidate's place among its tile's row
+    is a product with ``prefix`` (int8 ones on and above the diagonal) on the tensor cores, in int8
+    with int32 sums: a scan along the row would move the tile to another layout and back through
+    shared memory."""
     counted = found.to(tl.int32)
-    for j in tl.range(start, stop, loop_unroll_factor=UNROLL if FULL else 1):
+    for i in tl.range(first, stop, loop_unroll_factor=UNROLL if FULL else 1):
+        j = i
+        if FULL:
+            j = spread_slot(i, full_first, spacing, SAMPLE_TILES)
         _, offs_n, s = listed_scores(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
                                      q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM,
                                      BLOCK_N, FULL, PRECISION)
@@ -96,23 +110,6 @@ def gather_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_fir
         store_candidates(Row_slots + 2 * counted, place, s, open_cutoff, offs_n)
         counted += tl.reduce(place, 1, MAX)
     return counted.to(tl.float32)
-
-
-@triton.jit
-def sampled_candidates(q, K, K_pos, K_doc, K_win_pos, Tile_index, full_first, full_end, q_limit, q_doc, q_first,
-                       offs_m, cutoff, stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM: tl.constexpr,
-                       BLOCK_N: tl.constexpr, SAMPLE_TILES: tl.constexpr, PRECISION: tl.constexpr):
-    """Per row (int32), its keys with a score above ``cutoff`` in ``SAMPLE_TILES`` of the listed
-    tiles with every pair visible, spread evenly over them (the caller's query tile lists at least
-    ``SAMPLE_TILES`` such tiles); nothing is stored."""
-    spacing = (full_end - full_first) // SAMPLE_TILES
-    seen = offs_m * 0
-    for i in tl.static_range(SAMPLE_TILES):
-        _, _, s = listed_scores(q, K, K_pos, K_doc, K_win_pos, Tile_index, full_first + i * spacing, full_first,
-                                full_end, q_limit, q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k,
-                                HEAD_DIM, BLOCK_N, True, PRECISION)
-        seen += tl.reduce((s > cutoff[:, None]).to(tl.int32), 1, ADD)  # NaN and hidden pairs (-inf) fail
-    return seen
 
 
 @triton.jit
@@ -257,11 +254,11 @@ def candidate_schedule_kernel(
     or 1 into ``Spilled`` (int8 per query tile) where a row holds more candidates than
     ``CANDIDATES`` or (``crowded_ratio`` > 0) both ``crowded_floor`` and one in ``crowded_ratio``
     of the keys of the listed tiles, where the query tile lists at most ``few_tiles`` key tiles,
-    or (``SAMPLE_TILES`` > 0, a query tile of at least ``sample_from`` listed tiles with every pair
-    visible) where a row's candidates among ``SAMPLE_TILES`` of those tiles
-    (``sampled_candidates``), times its listed tiles over ``SAMPLE_TILES``, pass ``sample_margin``
-    times that limit: such a query tile gathers nothing (``Tau`` and ``Keep`` then left to
-    ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's bracket as
+    or (a query tile of at least ``sample_from`` listed tiles with every pair visible, which it
+    gathers in the order of ``spread_slot``) where a row's candidates among the first
+    ``SAMPLE_TILES`` of those tiles, times its listed tiles over ``SAMPLE_TILES``, pass
+    ``sample_margin`` times that limit: such a query tile gathers no further (``Tau`` and ``Keep``
+    then left to ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's bracket as
     ``newton_schedule_kernel`` does (``Row_max`` NaN on rows that see a score that is not finite);
     ``Cand`` (int32) holds ``BLOCK_M x (CANDIDATES + BLOCK_N)`` pairs (the bits of the score q . k, its key)
     per program.
@@ -302,26 +299,30 @@ def candidate_schedule_kernel(
             share = tl.maximum(count * BLOCK_N // tl.maximum(crowded_ratio, 1), crowded_floor)
             limit = tl.where(crowded_ratio > 0, tl.minimum(share, CANDIDATES), CANDIDATES)
             # a flat row (thousands of keys within one of its max) would store candidates up to the
-            # limit before its query tile spills, and the stores are what its gather costs: a few far
-            # tiles counted first, without a store, send such a query tile to the sweeps at once
-            crowded = tl.full([], 0, tl.int32)
-            if SAMPLE_TILES > 0:
-                if full_end - full_first >= sample_from:
-                    seen = sampled_candidates(q, K_head, K_pos, K_doc, K_win_pos, Index, full_first, full_end,
-                                              q_limit, q_doc, q_first, offs_m, cutoff, stride_ks, stride_kd,
-                                              seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N, SAMPLE_TILES, PRECISION)
-                    crowded = (tl.reduce(seen, 0, MAX) * count > sample_margin * limit * SAMPLE_TILES).to(tl.int32)
+            # limit before its query tile spills, and the stores are what its gather costs: the gather
+            # takes a few tiles spread over the row first (spread_slot), and where their candidates,
+            # scaled to the row, pass the limit by the margin, the query tile spills at once
+            num_full = full_end - full_first
+            spacing = tl.where(num_full >= sample_from, num_full // SAMPLE_TILES, 0)
+            sampled = tl.where(spacing > 0, SAMPLE_TILES, 0)
             found = tl.full([BLOCK_M], 0.0, tl.float32)
             tl.debug_barrier()  # the last tile's reads of the scratch are over before it is rewritten
+            found = gather_candidates(q, K_head, K_pos, K_doc, K_win_pos, Index, full_first, full_first + sampled,
+                                      spacing, full_first, full_end, q_limit, q_doc, q_first, offs_m, Row_slots, found,
+                                      cutoff, prefix, limit, stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM,
+                                      BLOCK_N, True, SAMPLE_TILES, 1, PRECISION)
+            crowded = (sampled > 0) & (tl.reduce(found, 0, MAX) * count > sample_margin * limit * sampled)
             # a crowded query tile's loops are empty, and its rows count one past the limit (it spills)
-            gathered_end = tl.where(crowded != 0, full_first, full_end)
-            gathered = tl.where(crowded != 0, 0, count)
             for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-                found = gather_candidates(q, K_head, K_pos, K_doc, K_win_pos, Index, gathered, full_first,
-                                          gathered_end, q_limit, q_doc, q_first, offs_m, Row_slots, found, cutoff,
-                                          prefix, limit, stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N,
-                                          FULL == 1, UNROLL, PRECISION)
-            found = tl.where(crowded != 0, (limit + 1).to(tl.float32), found)
+                start, stop = list_slots(count, full_first, full_end, FULL)
+                if FULL:
+                    start += sampled
+                stop = tl.where(crowded, start, stop)
+                found = gather_candidates(q, K_head, K_pos, K_doc, K_win_pos, Index, start, stop, spacing, full_first,
+                                          full_end, q_limit, q_doc, q_first, offs_m, Row_slots, found, cutoff, prefix,
+                                          limit, stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N,
+                                          FULL == 1, SAMPLE_TILES, UNROLL, PRECISION)
+            found = tl.where(crowded, (limit + 1).to(tl.float32), found)
             tl.debug_barrier()  # every thread's candidates are in memory before any thread reads them
             longest = tl.reduce(found, 0, MAX).to(tl.int32)
             tl.store(Spilled + bh * num_q_tiles + tile_q, (longest > limit).to(tl.int8))
