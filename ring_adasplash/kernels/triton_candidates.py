@@ -239,9 +239,10 @@ def candidate_schedule_kernel(
     key tiles with a candidate above ``tau - margin`` into ``Keep`` (int8, zeros from the caller),
     or 1 into ``Spilled`` (int8 per query tile) where a row holds more candidates than
     ``CANDIDATES`` or (``crowded_ratio`` > 0) both ``crowded_floor`` and one in ``crowded_ratio``
-    of the keys of the listed tiles, or the query tile lists at most ``few_tiles`` key tiles (``Tau`` and ``Keep`` then
-    left to ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's bracket as
-    ``newton_schedule_kernel`` does (``Row_max`` NaN on rows that see a score that is not finite);
+    of the keys of the listed tiles, or the query tile lists at most ``few_tiles`` key tiles
+    (``Tau`` and ``Keep`` then left to ``newton_schedule_kernel``). ``Reference`` and
+    ``Row_max`` start each row's bracket as ``newton_schedule_kernel`` does (``Row_max`` NaN on
+    rows that see a score that is not finite);
     ``Cand`` (int32) holds ``BLOCK_M x (CANDIDATES + BLOCK_N)`` pairs (the bits of the score q . k, its key)
     per program.
     With ``OUTPUT``, the query tiles not spilled also store ``output_kernel``'s results (``Out``,
