@@ -258,8 +258,9 @@ def candidate_schedule_kernel(
     gathers in the order of ``spread_slot``) where a row's candidates among the first
     ``SAMPLE_TILES`` of those tiles, times its listed tiles over ``SAMPLE_TILES``, pass
     ``sample_margin`` times that limit: such a query tile gathers no further (``Tau`` and ``Keep``
-    then left to ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's bracket as
-    ``newton_schedule_kernel`` does (``Row_max`` NaN on rows that see a score that is not finite);
+    then left to ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's
+    bracket as ``newton_schedule_kernel`` does (``Row_max`` NaN on rows that see a score that is
+    not finite);
     ``Cand`` (int32) holds ``BLOCK_M x (CANDIDATES + BLOCK_N)`` pairs (the bits of the score q . k, its key)
     per program.
     With ``OUTPUT``, the query tiles not spilled also store ``output_kernel``'s results (``Out``,
