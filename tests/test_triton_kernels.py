@@ -961,11 +961,16 @@ def test_interpreted_key_padding(interpreted):
         assert _rel(got, want) < 1e-4, (name, _rel(got, want))
 
 
+@pytest.mark.parametrize("dkdv_q_step", [None, 16])
 @pytest.mark.parametrize("window_size,sink_tokens,causal", [((20, 0), 3, True), ((15, 30), 0, False)])
-def test_interpreted_window_and_sinks(interpreted, window_size, sink_tokens, causal):
+def test_interpreted_window_and_sinks(interpreted, window_size, sink_tokens, causal, dkdv_q_step, monkeypatch):
     """``window_size`` and ``sink_tokens`` through the Triton kernels against the explicit mask's
-    float64 reference (full tiles inside the window, masked ones at its edges, a sink tile)."""
+    float64 reference (full tiles inside the window, masked ones at its edges, a sink tile); the
+    dK/dV kernel also a quarter of a query tile's rows a step (``DKDV_Q_STEP``)."""
     from test_masks import _close, _masked_reference, explicit_mask
+
+    if dkdv_q_step:
+        monkeypatch.setattr(interpreted, "DKDV_Q_STEP", {16: dkdv_q_step})
 
     q, k, v, grad_out = random_qkv(1, 200, 200, 2, 2, 16, seed=15, grad_out=True, requires_grad=True)
     out = adasplash_func(q, k, v, causal=causal, window_size=window_size, sink_tokens=sink_tokens)

@@ -120,7 +120,7 @@ def _backward(d: int) -> dict:
 
 def _dkdv_settings(d: int) -> dict:
     # a third stage of loads pays at D 64; at D 128 the kernel was slower with it (docs/design.md, kernel choices)
-    return _backward(d) | ({"num_stages": 3} if d <= 64 else {})
+    return _backward(d) | ({"num_stages": 3} if d <= 64 else {}) | {"Q_STEP": DKDV_Q_STEP.get(d, BLOCK_M)}
 
 
 # Launch settings per kernel, by head dim: a fixed table, each entry measured (why: docs/design.md
@@ -138,6 +138,8 @@ _CONFIGS = {
     "dq": _backward,
     "dkdv": _dkdv_settings,
 }
+# query rows per step of the dK/dV kernel's loop over a query tile, by head dim (BLOCK_M where absent)
+DKDV_Q_STEP: dict = {}
 # Registers per thread (``maxnreg``) by kernel and head dim, for 16-bit inputs: capped where the
 # programs that then fit on an SM more than pay for the spills
 _MAX_REGISTERS = {"newton": {64: 128, 128: 168}, "candidates": {64: 128}, "output": {64: 168},

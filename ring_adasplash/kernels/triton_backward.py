@@ -32,31 +32,36 @@ from .triton_common import (ADD, LN2, MAX, POWER_BY_HEAD, POWER_GENERAL, at_head
 def dkdv_tiles(k, v, Qh, DOh, Q_limit, Q_doc, Q_first, k_pos, k_doc, k_win_pos, in_k, Index, count, full_first,
                full_end, Shift, Tau, Delta, bh, dk, dv, stride_qs, stride_qd, stride_dos, stride_dod, seqlen_q,
                scale_z, gamma, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, POWER: tl.constexpr,
-               FULL: tl.constexpr, PRECISION: tl.constexpr):
+               FULL: tl.constexpr, Q_STEP: tl.constexpr, PRECISION: tl.constexpr):
     """``dk`` and ``dv`` plus the sums over one of the two loops of listed query tiles
-    (``list_slots``; with ``FULL``, the query tiles that see every key of this tile)."""
+    (``list_slots``; with ``FULL``, the query tiles that see every key of this tile), ``Q_STEP``
+    of a tile's rows at a time (the (keys, rows) float32 tiles of a step live in registers beside
+    the two (keys, HEAD_DIM) accumulators)."""
+    tl.static_assert(BLOCK_M % Q_STEP == 0)
     start, stop = list_slots(count, full_first, full_end, FULL)
     for i in range(start, stop):
-        start_m = listed_tile(Index, list_slot(i, full_first, full_end, FULL)) * BLOCK_M
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        in_q = offs_m < seqlen_q
-        rows = row_offsets(bh, seqlen_q, offs_m)
-        q = load_rows(Qh, start_m, in_q, stride_qs, stride_qd, BLOCK_M, HEAD_DIM)
-        do = load_rows(DOh, start_m, in_q, stride_dos, stride_dod, BLOCK_M, HEAD_DIM)
-        shift = tl.load(Shift + rows, mask=in_q, other=0.0)
-        tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
-        delta = tl.load(Delta + rows, mask=in_q, other=0.0)
-        zt = logits(dot(k, tl.trans(q), PRECISION), shift[None, :], scale_z)
-        gt = dot(v, tl.trans(do), PRECISION)
-        if not FULL:
-            q_limit, q_doc, q_first = query_positions(Q_limit, Q_doc, Q_first, offs_m, in_q)
-            pairs = visible(q_limit[None, :], q_doc[None, :], q_first[None, :], in_q[None, :], k_pos[:, None],
-                            k_doc[:, None], k_win_pos[:, None], in_k[:, None])
-            zt = tl.where(pairs, zt, float("-inf"))
-        pt, ut = entmax_weights(positive_gap(zt, tau[None, :]), gamma, POWER)
-        dst = ut * (gt - delta[None, :])
-        dv += dot(pt.to(k.dtype), do, PRECISION)
-        dk += dot(dst.to(k.dtype), q, PRECISION)
+        tile_m = listed_tile(Index, list_slot(i, full_first, full_end, FULL)) * BLOCK_M
+        for part in tl.static_range(BLOCK_M // Q_STEP):
+            start_m = tile_m + part * Q_STEP
+            offs_m = start_m + tl.arange(0, Q_STEP)
+            in_q = offs_m < seqlen_q
+            rows = row_offsets(bh, seqlen_q, offs_m)
+            q = load_rows(Qh, start_m, in_q, stride_qs, stride_qd, Q_STEP, HEAD_DIM)
+            do = load_rows(DOh, start_m, in_q, stride_dos, stride_dod, Q_STEP, HEAD_DIM)
+            shift = tl.load(Shift + rows, mask=in_q, other=0.0)
+            tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
+            delta = tl.load(Delta + rows, mask=in_q, other=0.0)
+            zt = logits(dot(k, tl.trans(q), PRECISION), shift[None, :], scale_z)
+            gt = dot(v, tl.trans(do), PRECISION)
+            if not FULL:
+                q_limit, q_doc, q_first = query_positions(Q_limit, Q_doc, Q_first, offs_m, in_q)
+                pairs = visible(q_limit[None, :], q_doc[None, :], q_first[None, :], in_q[None, :], k_pos[:, None],
+                                k_doc[:, None], k_win_pos[:, None], in_k[:, None])
+                zt = tl.where(pairs, zt, float("-inf"))
+            pt, ut = entmax_weights(positive_gap(zt, tau[None, :]), gamma, POWER)
+            dst = ut * (gt - delta[None, :])
+            dv += dot(pt.to(k.dtype), do, PRECISION)
+            dk += dot(dst.to(k.dtype), q, PRECISION)
     return dk, dv
 
 
@@ -71,7 +76,7 @@ def dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     seqlen_q, seqlen_k, num_heads, num_heads_kv, num_q_tiles, list_width, scale_z, softmax_scale, gamma,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POWER: tl.constexpr, PRECISION: tl.constexpr,
+    POWER: tl.constexpr, Q_STEP: tl.constexpr, PRECISION: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
@@ -108,7 +113,7 @@ def dkdv_kernel(
                                         count, full_first, full_end, Shift, Tau, Delta, bh, dk, dv, stride_qs,
                                         stride_qd, stride_dos, stride_dod, seqlen_q, scale_z_h, gamma_h, BLOCK_M,
                                         HEAD_DIM, POWER if POWER != POWER_BY_HEAD else POWER_GENERAL - LOG, FULL,
-                                        PRECISION)
+                                        Q_STEP, PRECISION)
 
     # keys that a row with a non-finite score sees (Nan_keys (B, Sk, Hkv) int8): NaN, as in dense attention
     nan_key = tl.load(Nan_keys + (b * seqlen_k + offs_n).to(tl.int64) * num_heads_kv + hk, mask=in_k, other=0) != 0
