@@ -138,8 +138,10 @@ _CONFIGS = {
     "dq": _backward,
     "dkdv": _dkdv_settings,
 }
-# query rows per step of the dK/dV kernel's loop over a query tile, by head dim (BLOCK_M where absent)
-DKDV_Q_STEP: dict = {}
+# query rows per step of the dK/dV kernel's loop over a query tile, by head dim (BLOCK_M where
+# absent): at D 128 a step's (keys, rows) float32 tiles beside the two (keys, D) accumulators spill
+# at 64 rows (docs/design.md, kernel choices)
+DKDV_Q_STEP = {128: 32}
 # Registers per thread (``maxnreg``) by kernel and head dim, for 16-bit inputs: capped where the
 # programs that then fit on an SM more than pay for the spills
 _MAX_REGISTERS = {"newton": {64: 128, 128: 168}, "candidates": {64: 128}, "output": {64: 168},
