@@ -1159,8 +1159,9 @@ def test_crowded_query_tiles_spill(interpreted, monkeypatch):
 def test_sampled_flat_query_tiles_spill_before_their_gather(interpreted, monkeypatch):
     """``SAMPLE_TILES``: a query tile whose fullest row's candidates in a sample of its full key
     tiles, which its gather takes first, scaled to its listed tiles, pass ``SAMPLE_MARGIN`` times
-    its limit spills without the rest of its gather. Flat keys (every one a candidate of every row that sees it): all of key tiles 0 and 3,
-    every other key of tiles 1, 2, 4 and 5; the others, and key tile 6, far below; 320 slots.
+    its limit spills without the rest of its gather. Flat keys (every one a candidate of every row
+    that sees it): all of key tiles 0 and 3, every other key of tiles 1, 2, 4 and 5; the others,
+    and key tile 6, far below; 320 slots.
     The gather alone spills nothing (the last query tile's rows hold 256 candidates); with 2 of the
     full tiles sampled (margin 1), the last query tile, whose sample is tiles 0 and 3 of its 6
     listed ones (128 x 6 / 2 = 384 > 320), spills in both heads, and no other (query tile 5: tiles
