@@ -354,3 +354,17 @@ def test_dense_regime_script_runs_its_parts_on_cpu(tmp_path):
     bad = subprocess.run(["bash", script], cwd=ROOT, env=dict(env, PARTS="nonsense"), capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "unknown part 'nonsense'" in bad.stderr, bad.stderr
+
+
+def test_backward_settings_script_checks_its_arguments():
+    """``benchmarks/backward_settings.py``: a setting that is not warps:stages:step (step 16, 32 or
+    64) is refused with the form it expects; without a GPU it says it needs one."""
+    script = str(ROOT / "benchmarks" / "backward_settings.py")
+    env = checkout_env()
+    bad = subprocess.run([sys.executable, script, "--kernel", "dkdv", "4:2:48"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert bad.returncode == 2 and "warps:stages:step with step 16, 32 or 64; got '4:2:48'" in bad.stderr, bad.stderr
+    if not torch.cuda.is_available():
+        cpu = subprocess.run([sys.executable, script, "--kernel", "dq", "4:2:32"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert cpu.returncode == 2 and "needs a CUDA GPU" in cpu.stderr, cpu.stderr
