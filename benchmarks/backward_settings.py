@@ -6,9 +6,10 @@
 Each SETTING is ``warps:stages:step``: the kernel's ``num_warps``, ``num_stages`` and rows a step
 (dK/dV: query rows, ``Q_STEP``; dQ: keys, ``K_STEP``; 64 is a whole tile), the other kernel at its
 setting (``triton_backend._CONFIGS``). Cases: scattered 8K at D 64 and 128 (16 heads, causal) and
-a 4K window at 128K tokens (D 128, structured amp 1.0, as ``bench_masks.py``), bf16. Per case, the
-device ms of a fwd+bwd call (gradient of ones) in all and of the dK/dV and dQ kernels, from
-``torch.profiler`` over five calls (``common.device_ms_by_kernel``). One GPU.
+a 4K window at 128K tokens (D 128, structured amp 1.0), bf16, each called as ``bench_masks.py``
+calls ours. Per case, the device ms of a fwd+bwd call (``common.make_step``) in all and of the
+dK/dV and dQ kernels, from ``torch.profiler`` over five calls (``common.device_ms_by_kernel``).
+One GPU.
 """
 import argparse
 import os
@@ -22,31 +23,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_masks  # noqa: E402
 import common  # noqa: E402
 from inputs import scattered_qkv, structured_qkv  # noqa: E402
-from ring_adasplash import adasplash_func  # noqa: E402
 from ring_adasplash.kernels import triton_backend  # noqa: E402
 
 STEP_NAME = {"dkdv": "Q_STEP", "dq": "K_STEP"}
 
 
-def fwdbwd(fn, inputs):
-    """A fwd+bwd call of ``fn`` on fresh leaves of ``inputs``, the gradient of ones."""
-    leaves = [t.detach().requires_grad_() for t in inputs]
-
-    def step():
-        out = fn(*leaves)
-        out = out[0] if isinstance(out, tuple) else out
-        torch.autograd.grad(out, leaves, torch.ones_like(out))
-    return step
-
-
 def cases():
     found = []
     for d in (64, 128):
-        q, k, v = scattered_qkv(1, 8192, 16, d, 1.0, dtype=torch.bfloat16, device="cuda")
-        found.append((f"scattered 8K, D {d}", fwdbwd(lambda a, b, c: adasplash_func(a, b, c, causal=True), [q, k, v])))
-    q, k, v = structured_qkv(1, 131072, 16, 128, 1.0, dtype=torch.bfloat16, device="cuda")
-    fn, inputs = bench_masks.prepare_ours_window(4096, q, k, v)
-    found.append(("window 4K at 128K, D 128", fwdbwd(fn, inputs)))
+        attn, tensors = bench_masks.prepare_ours_causal(
+            *scattered_qkv(1, 8192, 16, d, 1.0, dtype=torch.bfloat16, device="cuda"))
+        found.append((f"scattered 8K, D {d}", common.make_step(attn, "fwdbwd", tensors)))
+    attn, tensors = bench_masks.prepare_ours_window(
+        4096, *structured_qkv(1, 131072, 16, 128, 1.0, dtype=torch.bfloat16, device="cuda"))
+    found.append(("window 4K at 128K, D 128", common.make_step(attn, "fwdbwd", tensors)))
     return found
 
 
