@@ -137,7 +137,8 @@ def main():
     }
     common.print_header(args.device, {"family": args.family, "seqlen": args.seqlen, "batch": args.batch,
                                       "heads": args.heads, "head_dim": args.head_dim, "amp": args.amp,
-                                      "alpha": args.alpha, "window": args.window, "dtype": str(dtype).replace("torch.", "")})
+                                      "alpha": args.alpha, "window": args.window,
+                                      "dtype": str(dtype).replace("torch.", "")})
     print(f"\nquery tiles spilled to the sweeps: {spilled:.3f}")
     print("| variant | median ms |\n|---|---|")
     for name, fn in variants.items():
