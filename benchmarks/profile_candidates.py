@@ -1,6 +1,7 @@
 """Where the candidate kernel's time goes: the Newton schedule of one forward, taken apart.
 
     python benchmarks/profile_candidates.py --family scattered --seqlen 32768 --head-dim 128 --amp 1.0
+    python benchmarks/profile_candidates.py --family structured --seqlen 131072 --window 4096
     TRITON_INTERPRET=1 RING_ADASPLASH_BACKEND=triton python benchmarks/profile_candidates.py --device cpu --seqlen 256 --heads 2
 
 Runs one real single-device forward (``kernels/algorithm.entmax_forward``, Triton backend),
@@ -34,7 +35,7 @@ from inputs import FAMILIES, make_qkv  # noqa: E402
 from ring_adasplash.kernels import EntmaxSpec, triton_backend  # noqa: E402
 from ring_adasplash.kernels.algorithm import SingleBlock, entmax_forward  # noqa: E402
 from ring_adasplash.kernels.backend import CANDIDATES_ENV  # noqa: E402
-from ring_adasplash.kernels.visibility import causal_visibility  # noqa: E402
+from ring_adasplash.kernels.visibility import NO_WINDOW, causal_visibility  # noqa: E402
 
 
 class CapturingBackend:
@@ -103,13 +104,18 @@ def main():
     p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture for --family captured "
                    "(--amp picks the layer)")
     p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha")
+    p.add_argument("--window", type=int, default=0,
+                   help="causal sliding window: each query sees its WINDOW last keys (0: plain causal)")
     p.add_argument("--repeats", type=int, default=10, help="calls timed per variant")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cuda, or cpu for a smoke test")
     args = p.parse_args()
     inputs.CAPTURED_PATH = args.captured
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     q, k, v = make_qkv(args.family, args.batch, args.seqlen, args.heads, args.head_dim, args.amp, dtype, args.device)
-    vis = causal_visibility(args.seqlen, args.seqlen, True, args.device)
+    if args.window < 0:
+        p.error(f"--window must be >= 0 (0: plain causal), got {args.window}")
+    window_size = (args.window - 1, 0) if args.window else NO_WINDOW
+    vis = causal_visibility(args.seqlen, args.seqlen, True, args.device, window_size=window_size)
     backend = CapturingBackend()
     entmax_forward(backend, q, SingleBlock(k, v, vis), EntmaxSpec(args.alpha), args.head_dim ** -0.5,
                    schedule="newton")
@@ -131,7 +137,8 @@ def main():
     }
     common.print_header(args.device, {"family": args.family, "seqlen": args.seqlen, "batch": args.batch,
                                       "heads": args.heads, "head_dim": args.head_dim, "amp": args.amp,
-                                      "alpha": args.alpha, "dtype": str(dtype).replace("torch.", "")})
+                                      "alpha": args.alpha, "window": args.window,
+                                      "dtype": str(dtype).replace("torch.", "")})
     print(f"\nquery tiles spilled to the sweeps: {spilled:.3f}")
     print("| variant | median ms |\n|---|---|")
     for name, fn in variants.items():
