@@ -1057,7 +1057,7 @@ SCHEDULE_ROUTES = {"sweeps": (0, None, 0), "candidates": (256, 0, 0), "spilled":
 
 @pytest.mark.parametrize("alpha, route", [(1.25, "sweeps"), (1.5, "sweeps"), (1.25, "candidates"),
                                           (1.5, "candidates"), (1.5, "spilled"), (1.25, "dropped"),
-                                          (1.5, "dropped"), (1.5, "few tiles"), (1.25, "crowded")])
+                                          (1.5, "dropped"), (1.5, "few tiles"), (1.5, "crowded")])
 def test_newton_schedule_kernel_matches_the_pytorch_schedule(interpreted, alpha, route, monkeypatch):
     """The whole Newton schedule (``triton_newton``, ``triton_candidates``, interpreted) against
     ``torch_blockwise.newton_schedule`` in the same forward, float32: a batch of two entries with
@@ -1154,6 +1154,29 @@ def test_crowded_query_tiles_spill(interpreted, monkeypatch):
     assert 0 < int(by_ratio[1].sum()) < by_ratio[1].numel()
     assert not (by_ratio[1] & ~by_ratio[2]).any() and by_ratio[2].sum() > by_ratio[1].sum()
     assert not by_ratio[3].any()
+
+
+def test_general_form_spills_only_past_the_slots(interpreted, monkeypatch):
+    """In the general form (alpha 1.25) ``CROWDED_RATIO`` is not applied: with 448 slots (more
+    than the 400 keys) and the ratio at 4 with no floor, no query tile spills, where at alpha 1.5
+    the same settings spill some; tau, the output and the tiles with p > 0 are the PyTorch
+    schedule's."""
+    monkeypatch.setenv(interpreted.CANDIDATES_ENV, "448")
+    monkeypatch.setattr(interpreted, "CROWDED_RATIO", 4)
+    monkeypatch.setattr(interpreted, "CROWDED_FLOOR", 0)
+    spilled = _recorded_spills(interpreted, monkeypatch)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 400, 2, 32, generator=g) for _ in range(3))
+    blocks = A.SingleBlock(k, v, causal_visibility(400, 400, True, "cpu"))
+    for alpha in (1.25, 1.5):
+        want = A.entmax_forward(TB, q, blocks, EntmaxSpec(alpha), 32 ** -0.5, schedule="newton")
+        got = A.entmax_forward(interpreted, q, blocks, EntmaxSpec(alpha), 32 ** -0.5, schedule="newton")
+        torch.testing.assert_close(got.tau, want.tau.to(got.tau.dtype), rtol=0, atol=2e-6)
+        torch.testing.assert_close(got.out, want.out.to(got.out.dtype), rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.block_masks[0].tiles, want.block_masks[0].tiles)
+    general, closed = (s.bool() for s in spilled)
+    assert not general.any()
+    assert closed.any()
 
 
 def test_sampled_flat_query_tiles_spill_before_their_gather(interpreted, monkeypatch):

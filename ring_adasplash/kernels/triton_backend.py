@@ -445,8 +445,9 @@ PROGRAMS_PER_SM = 4  # the candidate kernel's persistent grid: programs per SM
 FEW_TILES = 0
 # a query tile with a row of more candidates than CROWDED_FLOOR and than one in CROWDED_RATIO of
 # its listed keys spills to the sweeps (flat rows: each Newton step on the candidates reads the
-# longest row's count for every row of the tile); ratio 0: only past the slots (docs/design.md,
-# candidate keys)
+# longest row's count for every row of the tile); ratio 0: only past the slots. Closed forms only
+# (alpha 1.5, 2): in the general form a sweep's step takes two logs a score, and there the rows of
+# hundreds of candidates cost less on them (docs/design.md, candidate keys)
 CROWDED_RATIO = 16
 CROWDED_FLOOR = 512
 # a query tile that lists at least SAMPLE_FROM key tiles with every pair visible gathers from
@@ -457,6 +458,11 @@ CROWDED_FLOOR = 512
 SAMPLE_TILES = 4
 SAMPLE_FROM = 32
 SAMPLE_MARGIN = 2
+
+
+def crowded_ratio(spec: EntmaxSpec) -> int:
+    """``CROWDED_RATIO`` where the kernels take a closed form (``EntmaxSpec.power`` 1 or 2), else 0."""
+    return CROWDED_RATIO if spec.power > 0 else 0
 
 
 def candidate_slots() -> int:
@@ -516,7 +522,7 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
         launch(triton_candidates.candidate_schedule_kernel, (programs,))(
             **arguments, **output_arguments, Spilled=spilled,
             Cand=torch.empty(programs * BLOCK_M * (slots + BLOCK_N) * 2, device=p.q.device, dtype=torch.int32),
-            num_q_tiles=p.num_q_tiles, num_tiles=work, few_tiles=FEW_TILES, crowded_ratio=CROWDED_RATIO,
+            num_q_tiles=p.num_q_tiles, num_tiles=work, few_tiles=FEW_TILES, crowded_ratio=crowded_ratio(p.spec),
             crowded_floor=CROWDED_FLOOR, sample_from=max(SAMPLE_FROM, SAMPLE_TILES) if SAMPLE_TILES > 0 else 2**30,
             sample_margin=SAMPLE_MARGIN, CANDIDATES=slots, CHUNK=CANDIDATE_CHUNK, SAMPLE_TILES=max(SAMPLE_TILES, 1),
             **p.config("candidates"))
