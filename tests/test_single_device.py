@@ -400,8 +400,9 @@ def test_chunked_forwards_hold_the_tile_state_of_one_chunk(monkeypatch):
     (whole_state, whole_tiles, *whole_counts), (chunk_state, chunk_tiles, *chunk_counts) = counts
     n_tiles = 10
     per_head, once = 2 * 3 * n_tiles * n_tiles, n_tiles * n_tiles
-    assert whole_state == 4 * per_head + once
-    assert chunk_state == (4 * per_head + once) // 5
+    # as test_telemetry_counts_the_per_tile_state counts it
+    assert whole_state == 3 * per_head + once
+    assert chunk_state == (3 * per_head + once) // 5
     assert torch.equal(whole_tiles, chunk_tiles) and whole_counts == chunk_counts
 
 
@@ -448,9 +449,10 @@ def test_query_chunks_must_be_whole_query_tiles():
 def test_telemetry_counts_the_per_tile_state(seqlen):
     """``tile_state_bytes`` and ``saved_tile_bytes`` are the storages a forward holds (PyTorch
     backend, one device, causal, the Newton schedule): per (query tile, key tile, head) a tile
-    gap's one-byte code (``stats.encode_gaps``) and three bool masks (the max pass's tiles with visible pairs, the tiles the schedule
-    read, the output pass's candidates) plus the visible tiles once; kept for the backward: the
-    tiles with p > 0, as bits (``block_mask.pack_tiles``)."""
+    gap's one-byte code (``stats.encode_gaps``) and two bool masks (the tiles the schedule read,
+    the output pass's candidates) plus the visible tiles once (the visibility rule's, shared by
+    every batch entry and head); kept for the backward: the tiles with p > 0, as bits
+    (``block_mask.pack_tiles``)."""
     from ring_adasplash import telemetry
 
     q, k, v = (torch.randn(2, seqlen, 3, 16) for _ in range(3))
@@ -458,7 +460,7 @@ def test_telemetry_counts_the_per_tile_state(seqlen):
         ra.adasplash_func(q, k, v, causal=True)
     n_tiles = -(-seqlen // 64)
     per_head, once = 2 * 3 * n_tiles * n_tiles, n_tiles * n_tiles
-    assert (t.tile_state_bytes, t.saved_tile_bytes) == (4 * per_head + once, 2 * 3 * n_tiles * -(-n_tiles // 8))
+    assert (t.tile_state_bytes, t.saved_tile_bytes) == (3 * per_head + once, 2 * 3 * n_tiles * -(-n_tiles // 8))
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])

@@ -173,15 +173,16 @@ def _maxima(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, 
     the tile gaps' codes, one byte per tile (``stats.encode_gaps``), and a ``BlockMask`` of the
     visible tiles."""
     score_max = tau_floor = None
-    gap_codes, visible = {}, {}
+    gap_codes = {}
+    # the tiles the visibility rule lets hold a pair, shared by every batch entry and head: a tile
+    # without one has the gap code GAP_NONE, which every later tile test turns down, so the
+    # per-head (B, H, nQ, nK) mask of the codes, and its reduction, need not be built
+    visible = dict(enumerate(blocks.visible(backend.BLOCK_M, backend.BLOCK_N)))
     # tiles no query sees (outside every window, other documents) need not travel, even here
-    needed = blocks.visible(backend.BLOCK_M, backend.BLOCK_N) if blocks.reads_needed else None
+    needed = list(visible.values()) if blocks.reads_needed else None
     for block in blocks.sweep(with_values=False, needed=needed, pass_name="max"):
-        problem = problems(block)
         # the running max carries over from block to block: gaps of later blocks come out tighter
-        score_max, tau_floor, gap_codes[block.index] = backend.max_pass(problem, score_max, tau_floor)
-        has_pairs = gap_codes[block.index] != stats.GAP_NONE
-        visible[block.index] = problem.block_mask(has_pairs, visible=has_pairs.flatten(0, -3).any(0))
+        score_max, tau_floor, gap_codes[block.index] = backend.max_pass(problems(block), score_max, tau_floor)
     score_max = reduce.row_max(score_max)
     return backend.relative(score_max, tau_floor, spec, softmax_scale), gap_codes, visible
 
