@@ -460,11 +460,6 @@ SAMPLE_FROM = 32
 SAMPLE_MARGIN = 2
 
 
-def crowded_ratio(spec: EntmaxSpec) -> int:
-    """``CROWDED_RATIO`` where the kernels take a closed form (``EntmaxSpec.power`` 1 or 2), else 0."""
-    return CROWDED_RATIO if spec.power > 0 else 0
-
-
 def candidate_slots() -> int:
     """Per row, the candidate keys ``newton_schedule`` keeps on chip before it spills to sweeps:
     ``RING_ADASPLASH_CANDIDATES`` (0, or a multiple of ``CANDIDATE_CHUNK``; default ``CANDIDATES``)."""
@@ -522,7 +517,8 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
         launch(triton_candidates.candidate_schedule_kernel, (programs,))(
             **arguments, **output_arguments, Spilled=spilled,
             Cand=torch.empty(programs * BLOCK_M * (slots + BLOCK_N) * 2, device=p.q.device, dtype=torch.int32),
-            num_q_tiles=p.num_q_tiles, num_tiles=work, few_tiles=FEW_TILES, crowded_ratio=crowded_ratio(p.spec),
+            num_q_tiles=p.num_q_tiles, num_tiles=work, few_tiles=FEW_TILES,
+            crowded_ratio=CROWDED_RATIO if p.spec.closed_form else 0,
             crowded_floor=CROWDED_FLOOR, sample_from=max(SAMPLE_FROM, SAMPLE_TILES) if SAMPLE_TILES > 0 else 2**30,
             sample_margin=SAMPLE_MARGIN, CANDIDATES=slots, CHUNK=CANDIDATE_CHUNK, SAMPLE_TILES=max(SAMPLE_TILES, 1),
             **p.config("candidates"))
