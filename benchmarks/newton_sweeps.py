@@ -10,6 +10,12 @@ Runs one forward of ``adasplash_func`` on the PyTorch backend (any device; a CPU
 rows were still live. A query tile's kernel program sweeps all its listed tiles while any of its
 rows is live, so the sweeps per query tile, not per row, are what a forward pays on the GPU; the
 spread between the two is what a per-row exact finish could save at most.
+
+The table also counts each row's *candidates* at the points of the first sweeps (the keys with
+z > point - MASK_MARGIN, which a gather above that point would store; the Triton backend's
+candidate kernel gathers above the first): per query tile its fullest row, the median over the
+query tiles. Where the count at the first point passes the candidate slots, a query tile spills
+to the sweeps; the later counts are what it would gather after that many sweeps.
 """
 import argparse
 import os
@@ -20,7 +26,7 @@ import inputs
 from common import csv_list, print_header, torch_dtype
 from inputs import FAMILIES, make_qkv
 from ring_adasplash import adasplash_func, telemetry
-from ring_adasplash.kernels import torch_blockwise
+from ring_adasplash.kernels import stats, torch_blockwise
 from ring_adasplash.kernels.algorithm import SCHEDULE_ENV
 from ring_adasplash.kernels.backend import BACKEND_ENV
 
@@ -28,13 +34,15 @@ TILE = 64  # query rows per tile of the kernels
 
 
 def sweeps(family, seqlen, heads, head_dim, amp, dtype, device, seed):
-    """(per query tile: sweeps (B, H, nQ); per row: sweeps (B, H, Sq); block sparsity)."""
+    """(per query tile: sweeps (B, H, nQ); per row: sweeps (B, H, Sq); block sparsity; per sweep
+    up to CANDIDATE_SWEEPS, the median over the query tiles of their fullest row's candidates)."""
     q, k, v = make_qkv(family, 1, seqlen, heads, head_dim, amp, dtype, device, seed=seed)
-    live_rows = []
+    live_rows, points = [], []
     moments_pass = torch_blockwise.newton_moments_pass
 
     def recording(problem, tiles, point, rows=None, **options):
         live_rows.append(rows.clone())
+        points.append(point.clone())
         return moments_pass(problem, tiles, point, rows, **options)
 
     torch_blockwise.newton_moments_pass = recording
@@ -46,7 +54,33 @@ def sweeps(family, seqlen, heads, head_dim, amp, dtype, device, seed):
     live = torch.stack(live_rows)  # (sweeps, B, H, Sq)
     padded = torch.nn.functional.pad(live, (0, -seqlen % TILE))
     per_tile = padded.unflatten(-1, (-1, TILE)).any(-1).sum(0)
-    return per_tile, live.sum(0), t.block_sparsity
+    fullest = candidates(q, k, torch.stack(points[:CANDIDATE_SWEEPS]))  # (sweeps, B, H, nQ)
+    return per_tile, live.sum(0), t.block_sparsity, fullest.flatten(1).float().median(-1).values
+
+
+CANDIDATE_SWEEPS = 3  # the points of the first sweeps at which the candidates are counted
+CHUNK = 512  # query rows per chunk of scores: O(CHUNK x S) memory, not O(S^2)
+
+
+def candidates(q, k, points):
+    """Per sweep (the rows' points ``points`` (sweeps, B, H, Sq)) and query tile, the most keys with
+    z > point - MASK_MARGIN in one of its rows (causal, alpha 1.5, softmax scale 1/sqrt(D), z relative
+    to the row's largest score, float64): (sweeps, B, H, nQ)."""
+    batch, seqlen, heads, head_dim = q.shape
+    scale = 0.5 * head_dim ** -0.5  # (alpha - 1) times the softmax scale
+    counts = torch.zeros(points.shape, dtype=torch.long, device=points.device)
+    keys = torch.arange(seqlen, device=q.device)
+    for b in range(batch):
+        for h in range(heads):
+            kh = k[b, :, h * k.shape[2] // heads].double()
+            for start in range(0, seqlen, CHUNK):
+                rows = torch.arange(start, min(start + CHUNK, seqlen), device=q.device)
+                s = (q[b, rows, h].double() @ kh.T).masked_fill(keys[None, :] > rows[:, None], float("-inf"))
+                z = scale * (s - s.amax(-1, keepdim=True))
+                for e, point in enumerate(points[:, b, h, rows].double()):
+                    counts[e, b, h, rows] = (z > (point - stats.MASK_MARGIN)[:, None]).sum(-1)
+    padded = torch.nn.functional.pad(counts, (0, -seqlen % TILE))
+    return padded.unflatten(-1, (-1, TILE)).amax(-1)
 
 
 def main():
@@ -67,14 +101,15 @@ def main():
     os.environ[BACKEND_ENV] = "torch"
     device = torch.device(args.device)
     print_header(str(device), vars(args))
-    print("| family | S | D | amp | block sparsity | sweeps per query tile: mean | max | sweeps per row: mean | max |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| family | S | D | amp | block sparsity | sweeps per query tile: mean | max | sweeps per row: mean | max "
+          "| candidates at the sweeps' points 0, 1, 2 (median of the query tiles' fullest rows) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for amp in args.amps:
-        per_tile, per_row, sparsity = sweeps(args.family, args.seqlen, args.heads, args.head_dim, amp,
-                                             torch_dtype(args.dtype), device, args.seed)
+        per_tile, per_row, sparsity, fullest = sweeps(args.family, args.seqlen, args.heads, args.head_dim, amp,
+                                                      torch_dtype(args.dtype), device, args.seed)
         print(f"| {args.family} | {args.seqlen} | {args.head_dim} | {amp:g} | {sparsity:.3f} | "
               f"{per_tile.float().mean():.2f} | {int(per_tile.max())} | {per_row.float().mean():.2f} | "
-              f"{int(per_row.max())} |")
+              f"{int(per_row.max())} | {', '.join(f'{c:.0f}' for c in fullest.tolist())} |")
 
 
 if __name__ == "__main__":

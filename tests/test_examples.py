@@ -333,6 +333,10 @@ def test_dense_regime_captured_part_trains_captures_and_times_each_layer(tmp_pat
         assert counted.returncode == 0, counted.stdout + counted.stderr
         table = [line for line in counted.stdout.splitlines() if line.startswith("| ") and "---" not in line]
         assert len(table) == 3, counted.stdout  # a header and two rows (two heads, or two layers)
+        if script == "newton_sweeps.py":  # each sweep's point lies higher: never more candidates above it
+            for row in table[1:]:
+                counts = [float(c) for c in row.strip("| ").split("|")[-1].split(",")]
+                assert counts == sorted(counts, reverse=True) and counts[0] >= 1, row
 
 
 def test_dense_regime_script_runs_its_parts_on_cpu(tmp_path):
