@@ -177,9 +177,9 @@ def _maxima(backend: Backend, problems, blocks: KeyBlocks, reduce: LocalReduce, 
     # the tiles the visibility rule lets hold a pair, shared by every batch entry and head: a tile
     # without one has the gap code GAP_NONE, which every later tile test turns down, so the
     # per-head (B, H, nQ, nK) mask of the codes, and its reduction, need not be built
-    visible = dict(enumerate(blocks.visible(backend.BLOCK_M, backend.BLOCK_N)))
+    visible = blocks.visible(backend.BLOCK_M, backend.BLOCK_N)
     # tiles no query sees (outside every window, other documents) need not travel, even here
-    needed = list(visible.values()) if blocks.reads_needed else None
+    needed = visible if blocks.reads_needed else None
     for block in blocks.sweep(with_values=False, needed=needed, pass_name="max"):
         # the running max carries over from block to block: gaps of later blocks come out tighter
         score_max, tau_floor, gap_codes[block.index] = backend.max_pass(problems(block), score_max, tau_floor)
@@ -377,7 +377,7 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
         tau = tau.to(reference.dtype)  # what the masks and the output pass read: one cast
         candidates = [r.with_tiles(r.tiles & backend.lower_bound_mask(gap_codes[i], tau, reference, rel.empty))
                       for i, r in enumerate(read)]
-        held = _tile_state(gap_codes, visible.values(), read, candidates)
+        held = _tile_state(gap_codes, visible, read, candidates)
         del gap_codes, read  # freed before the output pass: the candidates are all it needs
         return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums,
                        out_dtype, partial)
@@ -394,7 +394,7 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
                                             & kept[i]) for i in range(blocks.num_blocks)]
     else:
         tau = _newton_tau(backend, problems, blocks, reduce, spec, bracket, candidates)
-    held = _tile_state(gap_codes, visible.values(), candidates)
+    held = _tile_state(gap_codes, visible, candidates)
     del gap_codes  # the bool masks are all the output pass needs
     return _output(backend, problems, blocks, reduce, rel, tau, candidates, visible, q.dtype, held, backward_sums,
                    out_dtype)
@@ -415,7 +415,7 @@ def _output(backend: Backend, problems, blocks, reduce, rel, tau, candidates, vi
                                                           backward_sums, out_dtype, partial=partial)
         parts = sums if parts is None else [None if a is None else a + b for a, b in zip(parts, sums)]
     out, out_u, u_sum, support = (None if p is None else reduce.sums(p) for p in parts)
-    tile_state_bytes = max(tile_state_bytes, _tile_state(nonzero, visible.values(), candidates))
+    tile_state_bytes = max(tile_state_bytes, _tile_state(nonzero, visible, candidates))
     masks = [visible[i].with_tiles(nonzero[i]) for i in range(blocks.num_blocks)]
     return ForwardResult(out, out_u, u_sum, tau, rel.shift, support, masks, candidates,
                          tile_state_bytes=tile_state_bytes, alpha_split=None if partial is None else partial.alpha)
