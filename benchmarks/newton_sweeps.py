@@ -11,11 +11,13 @@ rows were still live. A query tile's kernel program sweeps all its listed tiles 
 rows is live, so the sweeps per query tile, not per row, are what a forward pays on the GPU; the
 spread between the two is what a per-row exact finish could save at most.
 
-The table also counts each row's *candidates* at the points of the first sweeps (the keys with
-z > point - MASK_MARGIN, which a gather above that point would store; the Triton backend's
-candidate kernel gathers above the first): per query tile its fullest row, the median over the
-query tiles. Where the count at the first point passes the candidate slots, a query tile spills
-to the sweeps; the later counts are what it would gather after that many sweeps.
+The sweeps are counted from the schedule's start, the column floor (``torch_blockwise.column_floor``),
+the sweep of maxima before them not included. The table also counts each row's *candidates* (the
+keys with z > point - MASK_MARGIN, which a gather above that point would store) at the max pass's
+bound, where the Triton backend's candidate kernel gathers, at the start and at the points of the
+first two sweeps: per query tile its fullest row, the median over the query tiles. Where the count
+at the bound passes the candidate slots, a query tile spills to the sweeps; the later counts are
+what it would gather from there.
 """
 import argparse
 import os
@@ -34,27 +36,32 @@ TILE = 64  # query rows per tile of the kernels
 
 
 def sweeps(family, seqlen, heads, head_dim, amp, dtype, device, seed):
-    """(per query tile: sweeps (B, H, nQ); per row: sweeps (B, H, Sq); block sparsity; per sweep
-    up to CANDIDATE_SWEEPS, the median over the query tiles of their fullest row's candidates)."""
+    """(per query tile: sweeps (B, H, nQ); per row: sweeps (B, H, Sq); block sparsity; at the max
+    pass's bound and at the points of the sweeps up to CANDIDATE_SWEEPS, the median over the query
+    tiles of their fullest row's candidates)."""
     q, k, v = make_qkv(family, 1, seqlen, heads, head_dim, amp, dtype, device, seed=seed)
-    live_rows, points = [], []
-    moments_pass = torch_blockwise.newton_moments_pass
+    live_rows, points, bounds = [], [], []
+    moments_pass, column_floor = torch_blockwise.newton_moments_pass, torch_blockwise.column_floor
 
     def recording(problem, tiles, point, rows=None, **options):
         live_rows.append(rows.clone())
         points.append(point.clone())
         return moments_pass(problem, tiles, point, rows, **options)
 
-    torch_blockwise.newton_moments_pass = recording
+    def recording_bound(problem, tiles, reference, row_max):
+        bounds.append(reference.clone())
+        return column_floor(problem, tiles, reference, row_max)
+
+    torch_blockwise.newton_moments_pass, torch_blockwise.column_floor = recording, recording_bound
     try:
         with torch.no_grad(), telemetry.record() as t:
             adasplash_func(q, k, v, alpha=1.5, causal=True)
     finally:
-        torch_blockwise.newton_moments_pass = moments_pass
+        torch_blockwise.newton_moments_pass, torch_blockwise.column_floor = moments_pass, column_floor
     live = torch.stack(live_rows)  # (sweeps, B, H, Sq)
     padded = torch.nn.functional.pad(live, (0, -seqlen % TILE))
     per_tile = padded.unflatten(-1, (-1, TILE)).any(-1).sum(0)
-    fullest = candidates(q, k, torch.stack(points[:CANDIDATE_SWEEPS]))  # (sweeps, B, H, nQ)
+    fullest = candidates(q, k, torch.stack(bounds + points[:CANDIDATE_SWEEPS]))  # (1 + sweeps, B, H, nQ)
     return per_tile, live.sum(0), t.block_sparsity, fullest.flatten(1).float().median(-1).values
 
 
@@ -102,7 +109,7 @@ def main():
     device = torch.device(args.device)
     print_header(str(device), vars(args))
     print("| family | S | D | amp | block sparsity | sweeps per query tile: mean | max | sweeps per row: mean | max "
-          "| candidates at the sweeps' points 0, 1, 2 (median of the query tiles' fullest rows) |")
+          "| candidates at the bound, the start, after 1 and 2 sweeps (median of the query tiles' fullest rows) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for amp in args.amps:
         per_tile, per_row, sparsity, fullest = sweeps(args.family, args.seqlen, args.heads, args.head_dim, amp,

@@ -178,3 +178,58 @@ def test_gpu_oracle_families_and_flat_rows(newton, alpha):
         err = (probabilities(scores, alpha, device="cuda") - oracle(scores, alpha)).abs().max().item()
         assert err <= 1e-5, (name, err)
     assert gpu_flat_rows_error(alpha) < 1e-5
+
+
+@pytest.mark.parametrize("alpha", (1.25, 1.5, 2.0))
+def test_column_floor_starts_below_tau_and_saves_sweeps(alpha, monkeypatch):
+    """The one-block schedule's start (``torch_blockwise.column_floor``), float64, 1024 causal keys:
+    head 0 flat (z spread evenly over one below the max: the captured family's first layer, a
+    support of about a seventh of the keys), head 1 ties (every key equal), head 2 a support of 10
+    keys in 10 distinct key positions and the rest far below (the columns' tau is tau itself: only
+    the margin keeps the start below it), a NaN score in one row of head 1. The start is never
+    above tau, is ``stats.FLOOR_MARGIN`` below it on head 2's rows that see the whole support, and
+    is the reference on the NaN row; on head 0 the schedule takes fewer sweeps than from the
+    reference alone, to the same tau."""
+    g = torch.Generator().manual_seed(3)
+    n = 1024
+    q = torch.zeros(1, n, 3, 16, dtype=torch.float64)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, n, 3, 16, dtype=torch.float64)
+    k[0, :, 0, 0] = -torch.rand(n, generator=g, dtype=torch.float64) / (alpha - 1.0)
+    k[0, :, 1, 0] = 1.0
+    support = torch.arange(10) * 65  # key positions 0 ... 9 of tiles 0 ... 9
+    k[0, :, 2, 0] = -20.0
+    k[0, support, 2, 0] = 0.05 * torch.arange(10, dtype=torch.float64)
+    q[0, 700, 1, 0] = float("nan")
+    v = torch.randn(1, n, 3, 16, generator=g, dtype=torch.float64)
+    blocks, spec = SingleBlock(k, v, causal_visibility(n, n, True, "cpu")), EntmaxSpec(alpha)
+    starts, sweeps = [], []
+    column_floor, moments_pass = TB.column_floor, TB.newton_moments_pass
+
+    def recording_floor(problem, tiles, reference, row_max):
+        start = column_floor(problem, tiles, reference, row_max)
+        starts.append((reference, start))
+        return start
+
+    def counting_pass(problem, tiles, point, rows=None, **options):
+        sweeps.append(stats.per_query_tile(rows, problem.block_m, "any")[0, 0].sum().item())
+        return moments_pass(problem, tiles, point, rows, **options)
+
+    monkeypatch.setattr(TB, "newton_moments_pass", counting_pass)
+    monkeypatch.setattr(TB, "column_floor", recording_floor)
+    with_floor = entmax_forward(TB, q, blocks, spec, 1.0, schedule="newton")
+    sweeps_with, sweeps[:] = sum(sweeps), []
+    monkeypatch.setattr(TB, "column_floor", lambda problem, tiles, reference, row_max: reference)
+    without = entmax_forward(TB, q, blocks, spec, 1.0, schedule="newton")
+    sweeps_without = sum(sweeps)
+    (reference, start), = starts
+    tau = with_floor.tau
+    finite = torch.isfinite(tau)
+    assert finite[0, 0].all() and finite[0, 2].all() and not finite[0, 1, 700]
+    assert (start[finite] <= tau[finite]).all()
+    sees_all = torch.arange(n) >= int(support[-1])
+    assert torch.allclose(start[0, 2, sees_all], tau[0, 2, sees_all] - stats.FLOOR_MARGIN, rtol=0, atol=1e-9)
+    assert start[0, 1, 700] == reference[0, 1, 700]
+    torch.testing.assert_close(tau[finite], without.tau[finite], rtol=0, atol=1e-9)
+    torch.testing.assert_close(with_floor.out, without.out, rtol=0, atol=1e-9, equal_nan=True)
+    assert sweeps_with < sweeps_without

@@ -140,6 +140,7 @@ def lower_bound_mask(gap_codes: torch.Tensor, lower: torch.Tensor, reference: to
 HISTOGRAM_MARGIN = 1e-3  # slack (in z) of ``histogram_mask`` for logits recomputed by another kernel
 FLOOR_STEPS = 3  # Newton steps of the tau floor: within a few hundredths of the tau of the nearest keys
 FLOOR_MARGIN = 1e-4  # the tau floor is lowered by this much: float32 rounding of the sums it tests
+COLUMN_STEPS = 4  # gamma-norm Newton steps of the column floor (``column_tau``)
 
 # Tile gaps are kept between passes as one byte per tile (``encode_gaps``), not a float32: the
 # per-tile state is what grows with Sq x Sk (the memory issue). Every test of a gap compares it
@@ -462,6 +463,25 @@ class NewtonState(NamedTuple):
         """From the max pass: ``gap_reference`` (a lower bound of tau) and the row max (an upper
         bound); rows with no visible key start done."""
         return cls.of(reference, reference, row_max, ~torch.isfinite(row_max))
+
+
+def column_tau(columns: torch.Tensor, spec: EntmaxSpec) -> torch.Tensor:
+    """A lower bound of tau per row (in z, less ``FLOOR_MARGIN``) from its *column maxima*
+    (..., BLOCK_N): the largest z of each key position of the key tiles a row sweeps, -inf where
+    none. They are BLOCK_N distinct keys of the row, and the tau of any subset of a row's keys is
+    at most its tau; on a flat row (thousands of keys within one of the max) their tau lies far
+    above the max pass's bound, where most of those keys sit (``newton_schedule``'s start).
+    ``COLUMN_STEPS`` Newton steps on the gamma-norm (``newton_update``'s) from their max - 1,
+    where the sum is at least 1: from below every step stays below their tau. NaN or -inf on
+    rows with no finite column or a NaN one."""
+    top = columns.amax(-1)
+    t = top - 1.0
+    gamma = spec.gamma_at(t)
+    for _ in range(COLUMN_STEPS):
+        p, u = spec.power_and_slope((columns - t[..., None]).clamp(min=0))
+        s0, s1 = p.sum(-1).clamp(min=1e-30), u.sum(-1)  # 0 only on rows with no column
+        t = t + (1.0 - s0 ** (-1.0 / gamma)) * s0 / s1
+    return t - FLOOR_MARGIN
 
 
 def newton_step(state: NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tolerance: float,

@@ -298,6 +298,20 @@ def newton_polish(problem: Problem, tiles: BlockMask, state: stats.NewtonState, 
     return state.point
 
 
+def column_floor(problem: Problem, tiles: BlockMask, reference, row_max):
+    """The Newton schedule's start (B, H, Sq), in ``reference``'s dtype: on the rows with a
+    finite ``row_max``, the larger of ``reference`` and ``stats.column_tau`` of the row's column
+    maxima over ``tiles`` (per key position of a tile, the largest z); ``reference`` elsewhere.
+    One sweep of max only, no sums: on flat rows it starts the steps where two or three of
+    them would have led (docs/design.md, the Newton schedule)."""
+    columns = torch.full((*problem.rows, problem.block_n), float("-inf"), device=problem.q.device)
+    for _, _, z in _KeyTiles(problem, tiles):
+        columns = columns.to(z.dtype)
+        columns[..., : z.shape[-1]] = torch.maximum(columns[..., : z.shape[-1]], z)
+    floor = stats.column_tau(columns, problem.spec).to(reference.dtype)
+    return torch.where(torch.isfinite(row_max) & (floor > reference), floor, reference)
+
+
 def newton_schedule(problem: Problem, tiles: BlockMask, reference, row_max, tolerance: float, step_tolerance: float,
                     output: OutputRequest | None = None):
     """The Newton schedule of a query block that holds all its keys (``algorithm``'s, for one key
@@ -309,7 +323,7 @@ def newton_schedule(problem: Problem, tiles: BlockMask, reference, row_max, tole
     (B, H, Sq) float64 (the last point; the start on rows with no visible key) and (B, H, nQ, nK)
     bool, the tiles of ``tiles`` the last marking pass of their query tile kept (all of them where
     none marked), and None: the output is left to ``output_pass`` (``output`` is not read)."""
-    state = stats.NewtonState.start(reference, row_max)
+    state = stats.NewtonState.start(column_floor(problem, tiles, reference, row_max), row_max)
     kept = tiles.tiles
     for step in range(stats.NEWTON_SCHEDULE_STEPS):
         rows = ~state.done

@@ -8,7 +8,10 @@ t)_+^(gamma - 1)`` and the count of keys above t at its rows' points, then
 ``triton_tau.newton_row_step`` on its rows in registers (float64), until every row is done or
 ``MAX_STEPS``. Where rows converge at different speeds, each query tile stops on its own, and
 nothing goes back to the host between steps (a launch, the tile lists and a few small ops per step
-cost more than the sweep itself where few tiles are active).
+cost more than the sweep itself where few tiles are active). Each row starts from the larger of
+``Reference`` and its *column floor* (``column_floor``: the tau of the largest score of each key
+position over the listed tiles, one sweep of maxima before the first step): on flat rows it saves
+two or three sweeps (docs/design.md, the Newton schedule).
 
 From step ``NARROW_STEP`` on, each sweep records in ``Keep[tile]`` whether a key of the tile lies
 above ``point - margin`` (the tiles that may hold p > 0 for any tau at or above the point): every
@@ -32,8 +35,9 @@ on every call, though almost no row needs them.
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, MAX, POWER_BY_HEAD, POWER_GENERAL, listed_query_tile, of_query_head, offset_strides,
-                            program_query_tile, row_offsets, runs_here, takes_log)
+from .triton_common import (ADD, MAX, POWER_BY_HEAD, POWER_GENERAL, list_slots, listed_query_tile, listed_scores,
+                            logits, of_query_head, offset_strides, positive_gap, power_and_slope, program_query_tile,
+                            row_offsets, runs_here, takes_log)
 from .triton_refine import ONES_WIDTH, newton_tiles
 from .triton_tau import newton_live_rows_step, schedule_rows
 
@@ -66,6 +70,36 @@ def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
     closest = tl.where(positive, closest.to(tl.float32, bitcast=True), float("inf"))
     return (f_sum.to(tl.float64), df_sum.to(tl.float64), tl.reduce(above, 1, MAX).to(tl.float64),
             closest.to(tl.float64))
+
+
+@triton.jit
+def column_floor(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
+                 offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, reference, done,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POWER: tl.constexpr,
+                 STEPS: tl.constexpr, MARGIN: tl.constexpr, PRECISION: tl.constexpr):
+    """The schedule's start (``torch_blockwise.column_floor``): one sweep of the listed tiles
+    keeping, per row and key position, the largest score (an elementwise max, no reduction), then
+    ``STEPS`` Newton steps on the gamma-norm of those columns from their max - 1
+    (``stats.column_tau``); the larger of that, less ``MARGIN``, and ``reference`` on the rows not
+    ``done``, ``reference`` on the others."""
+    columns = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+    for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
+        start, stop = list_slots(count, full_first, full_end, FULL)
+        for j in range(start, stop):
+            _, _, s = listed_scores(q, K, K_pos, K_doc, K_win_pos, Tile_index, j, full_first, full_end, q_limit,
+                                    q_doc, q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM,
+                                    BLOCK_N, FULL == 1, PRECISION)
+            columns = tl.maximum(columns, s)
+    # z of the largest score is the largest z: the shift and the scale keep the order
+    z = logits(columns, shift[:, None], scale_z)
+    t = tl.reduce(z, 1, MAX) - 1.0
+    for _ in tl.static_range(STEPS):
+        p, u = power_and_slope(positive_gap(z, t[:, None]), gamma, POWER)
+        s0 = tl.maximum(tl.reduce(p, 1, ADD), 1e-30)  # 0 only on rows with no column
+        s1 = tl.reduce(u, 1, ADD)
+        t += (1.0 - tl.exp2(-tl.log2(s0) / gamma)) * s0 / s1
+    t -= MARGIN
+    return tl.where(~done & (t > reference), t, reference)  # NaN fails the comparison
 
 
 @triton.jit
@@ -102,7 +136,7 @@ def newton_schedule_kernel(
     seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, gamma, margin, tolerance, step_tolerance,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, SPILLED_ONLY: tl.constexpr,
-    UNROLL: tl.constexpr, PRECISION: tl.constexpr,
+    COLUMN_STEPS: tl.constexpr, COLUMN_MARGIN: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     """tau (float64, the last point; rows with no visible key keep their start) into ``Tau`` and
@@ -124,7 +158,11 @@ def newton_schedule_kernel(
         scale_z_h = of_query_head(scale_z, h, PER_HEAD)  # a new name: the branch yields no pointer
         gamma_h = of_query_head(gamma, h, PER_HEAD)
         shift, row_max, reference, done = schedule_rows(Shift, Row_max, Reference, rows, in_q)
-        point = reference.to(tl.float64)
+        start = column_floor(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
+                             q_first, offs_m, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z_h, gamma_h,
+                             reference, done, HEAD_DIM, BLOCK_M, BLOCK_N, POWER, COLUMN_STEPS, COLUMN_MARGIN,
+                             PRECISION)
+        point = start.to(tl.float64)
         lower = point
         upper = row_max.to(tl.float64)
         ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
