@@ -304,9 +304,10 @@ def column_floor(problem: Problem, tiles: BlockMask, reference, row_max):
     maxima over ``tiles`` (per key position of a tile, the largest z); ``reference`` elsewhere.
     One sweep of max only, no sums: on flat rows it starts the steps where two or three of
     them would have led (docs/design.md, the Newton schedule)."""
-    columns = torch.full((*problem.rows, problem.block_n), float("-inf"), device=problem.q.device)
-    for _, _, z in _KeyTiles(problem, tiles):
-        columns = columns.to(z.dtype)
+    key_tiles = _KeyTiles(problem, tiles)
+    columns = torch.full((*problem.rows, problem.block_n), float("-inf"), device=problem.q.device,
+                         dtype=key_tiles.qh.dtype)  # z's
+    for _, _, z in key_tiles:
         columns[..., : z.shape[-1]] = torch.maximum(columns[..., : z.shape[-1]], z)
     floor = stats.column_tau(columns, problem.spec).to(reference.dtype)
     return torch.where(torch.isfinite(row_max) & (floor > reference), floor, reference)
