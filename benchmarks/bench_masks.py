@@ -17,8 +17,8 @@ packed: --total tokens as N = total / L documents of L tokens, for each L of --d
     ours-packed   ring_adasplash.adasplash_varlen_func on the (N * L, H, D) packing, cu_seqlens 0, L, .., N * L
     ours-batch    ring_adasplash.adasplash_func on (N, L, H, D), the same memory
     sdpa-batch    torch SDPA, flash backend, on (N, H, L, D) views (on CPU: sdpa-math-batch)
-Inputs: inputs.py's structured family at --amp (packed: each document is one batch entry of it, so
-positions restart at 0 in every document), batch 1 for window. Entmax alpha = 1.5, scale 1/sqrt(D).
+Inputs: inputs.py's --family (structured by default) at --amp (packed: each document is one batch entry
+of it, so positions restart at 0 in every document), batch 1 for window. Entmax alpha = 1.5, scale 1/sqrt(D).
 Times are medians of triton.testing.do_bench (a wall-clock loop on CPU); fwd runs under no_grad,
 fwd+bwd calls autograd.grad on q, k, v. "first call ms": the row's first call, compilation included
 (Triton for ours, Inductor for flex). "x ours-window" / "x ours-batch" = t_impl / t_ref (< 1: faster
@@ -44,7 +44,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from bench_kernels import median_and_peak  # noqa: E402
-from inputs import structured_qkv  # noqa: E402
+from inputs import make_qkv  # noqa: E402
 
 import ring_adasplash  # noqa: E402
 
@@ -65,7 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--total", type=int, default=32768, help="packed case: tokens in all documents together")
     p.add_argument("--heads", type=int, default=16, help="query and key/value heads")
     p.add_argument("--head-dim", type=int, default=128, help="head dimension")
-    p.add_argument("--amp", type=float, default=1.0, help="amplitude of the structured inputs (higher: sparser)")
+    p.add_argument("--family", choices=("structured", "scattered"), default="structured",
+                   help="input family of inputs.py: structured (local) or scattered (content clusters, no locality)")
+    p.add_argument("--amp", type=float, default=1.0, help="amplitude of the inputs (higher: sparser)")
     p.add_argument("--dtype", choices=sorted(common.DTYPE_NAMES), default="bf16", help="input dtype")
     p.add_argument("--impls", type=common.csv_list(str), default=None,
                    help="implementations to time, comma-separated (default: every one of the chosen cases)")
@@ -203,8 +205,8 @@ def bench_one(prepare, mode, qkv, args):
 def case_inputs(case, key, args):
     """window: (1, S, H, D); packed: the N documents of length ``key`` as (N, L, H, D)."""
     batch, seqlen = (1, args.seqlen) if case == "window" else (args.total // key, key)
-    return structured_qkv(batch, seqlen, args.heads, args.head_dim, args.amp, common.torch_dtype(args.dtype),
-                          args.device, seed=args.seed)
+    return make_qkv(args.family, batch, seqlen, args.heads, args.head_dim, args.amp, common.torch_dtype(args.dtype),
+                    args.device, seed=args.seed)
 
 
 def tasks(args):
@@ -241,7 +243,7 @@ def main(argv=None):
     """Run the chosen cases and write the report."""
     args = parse_args(argv)
     header = common.print_header(args.device, {
-        "family": "structured", "amp": args.amp, "dtype": args.dtype, "heads": args.heads,
+        "family": args.family, "amp": args.amp, "dtype": args.dtype, "heads": args.heads,
         "head_dim": args.head_dim, "alpha": ALPHA})
     rows, cached_key, qkv = [], None, None
     for case, key, impl, prepare, mode in tqdm(tasks(args), desc="masks", file=sys.stderr):

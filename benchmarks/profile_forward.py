@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 import adasplash_precompile
 import bench_kernels
 import common
+import inputs
 from inputs import FAMILIES, make_qkv
 
 
@@ -52,6 +53,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_case_arguments(p)
     p.add_argument("--family", choices=sorted(FAMILIES), default="structured", help="input family (inputs.py)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per call")
+    p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture for --family captured "
+                                                     "(amp is then the layer)")
     p.add_argument("--alpha", type=float, default=1.5, help="entmax alpha")
     p.add_argument("--head-alphas", default="none", metavar="none|same|LO:HI",
                    help="alpha as a learnable per-head tensor (common.head_alphas) instead of a float")
@@ -66,13 +70,17 @@ def main():
     args = p.parse_args()
     if args.impl == "adasplash" and args.head_alphas != "none":
         p.error("--head-alphas is ours alone (AdaSplash takes one float alpha); leave it at none with --impl adasplash")
+    inputs.CAPTURED_PATH = args.captured
     common.ALPHA = bench_kernels.ALPHA = args.alpha
     common.HEAD_ALPHAS = common.head_alphas(args.head_alphas, args.alpha, args.heads)
     if args.impl == "adasplash" and args.adasplash_precompile:
-        settings = bench_kernels.parse_args(["--heads", str(args.heads), "--alpha", str(args.alpha)])
+        captured = ["--captured", args.captured] if args.captured else []
+        settings = bench_kernels.parse_args(["--heads", str(args.heads), "--alpha", str(args.alpha), "--batch",
+                                             str(args.batch)] + captured)
         adasplash_precompile.precompile(args.family, args.seqlen, args.head_dim, args.amp, args.adasplash_precompile,
                                         settings)
-    q, k, v = make_qkv(args.family, 1, args.seqlen, args.heads, args.head_dim, args.amp, torch.bfloat16, "cuda")
+    q, k, v = make_qkv(args.family, args.batch, args.seqlen, args.heads, args.head_dim, args.amp, torch.bfloat16,
+                       "cuda")
     # bench_kernels.py's step: "fwd" under no_grad, "fwdbwd" the gradients of q, k, v
     step = bench_kernels.make_step(args.impl, "fwdbwd" if args.backward else "fwd", q, k, v)
 

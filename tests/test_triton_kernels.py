@@ -153,6 +153,25 @@ def test_tile_lists_from_bits(interpreted, monkeypatch):
             _check_lists(m.transpose(-1, -2), *from_bits[2:], compact=limit == 0)
 
 
+def test_pack_tiles_kernel_matches_the_bits_of_pytorch(interpreted):
+    """``triton_tiles.pack_tiles`` (what a GPU forward runs) gives the bytes of
+    ``block_mask.pack_tiles``'s PyTorch form, bit for bit, and ``unpack_tiles`` the mask back:
+    key tile counts that are and are not a multiple of 8 (a last byte of one bit), rows of one
+    byte, all-True and all-False rows, a non-contiguous view, more bytes than one program's."""
+    from ring_adasplash.kernels.block_mask import pack_tiles, unpack_tiles
+
+    tiles = importlib.import_module("ring_adasplash.kernels.triton_tiles")
+    gen = torch.Generator().manual_seed(15)
+    for shape in ((2, 3, 5, 40), (1, 2, 7, 43), (3, 1, 4, 1), (1, 1, 9, 8), (1, 1, 2, 4100)):
+        mask = torch.rand(shape, generator=gen) < 0.4
+        mask[0, 0, 0] = True
+        mask[-1, -1, -1] = False
+        for m in (mask, mask.transpose(-1, -2)):
+            packed = tiles.pack_tiles(m)
+            assert packed.dtype == torch.uint8 and torch.equal(packed, pack_tiles(m))
+            assert torch.equal(unpack_tiles(packed, m.shape[-1]), m)
+
+
 def test_large_tile_lists_take_as_many_slots_as_their_longest_row(interpreted, monkeypatch):
     """Lists above ``COMPACT_LISTS_BYTES`` keep as many slots per row as their longest row (and
     column) needs, rounded up to 16, the same entries; a whole forward and backward reads them as it

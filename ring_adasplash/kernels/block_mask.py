@@ -147,7 +147,11 @@ def pack_tiles(tiles: torch.Tensor) -> torch.Tensor:
     is the sum of its bits shifted into place, in uint8 (distinct powers of two: no carry): three
     small kernels, where a shift and an or per bit position made some twenty at every forward's
     end. The shifts are made on the device (no copy from the host, which a CUDA graph's capture
-    forbids)."""
+    forbids). On a GPU, one launch instead (``triton_tiles.pack_tiles``)."""
+    if tiles.is_cuda:
+        from .triton_tiles import pack_tiles as pack_on_device
+
+        return pack_on_device(tiles)
     pad = -tiles.shape[-1] % 8
     bits = torch.nn.functional.pad(tiles, (0, pad)) if pad else tiles
     shifts = torch.arange(8, dtype=torch.uint8, device=tiles.device)
