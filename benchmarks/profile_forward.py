@@ -4,6 +4,7 @@
     python benchmarks/profile_forward.py --seqlen 8192 --head-dim 128 --amp 1.0 --alpha 2.0 --summary
     python benchmarks/profile_forward.py --seqlen 8192 --family scattered --amp 1.0 --backward --head-alphas same
     python benchmarks/profile_forward.py --seqlen 8192 --family scattered --amp 1.0 --backward --impl adasplash
+    python benchmarks/profile_forward.py --family captured --captured qkv.pt --heads 4 --batch 2 --seqlen 8192 --amp 0
 
 ``--impl adasplash``: AdaSplash 0.2.2's kernels on the same inputs (``bench_kernels.py``'s call), for
 a side-by-side by kernel; its autotuning configurations are compiled ahead first
