@@ -12,8 +12,8 @@ forward are dropped between settings (a graph keeps the arguments it was capture
 the default setting first and again last: the two bracket the drift of the GPU over the run.
 
 Cases (bf16, causal, alpha 1.5, batch 1, 16 heads unless said): the scattered family at 8K, D 64,
-amp 0 (every head at initialisation) and amp 1.0; the structured family at 8K, D 128, amp 1.0, at
-32K, D 64, amp 1.0 and amp 2.0; with ``--captured``, its layers 0 and 1 (``bench_kernels.py``'s
+amp 0 (every head at initialisation) and amp 1.0; the structured family at 8K, D 64 and 128, amp
+1.0, at 32K, D 64, amp 1.0 and amp 2.0; with ``--captured``, its layers 0 and 1 (``bench_kernels.py``'s
 captured rows: batch 2, 4 heads, 8K, D 64). Prints per case, mode and setting the median ms of
 ``triton.testing.do_bench`` and the ratio to the first setting's. One GPU.
 """
@@ -36,6 +36,7 @@ from ring_adasplash.kernels import triton_backend  # noqa: E402
 CASES = [  # (name, family, batch, seqlen, heads, head_dim, amp)
     ("scattered 8K, D 64, amp 0", "scattered", 1, 8192, 16, 64, 0.0),
     ("scattered 8K, D 64, amp 1.0", "scattered", 1, 8192, 16, 64, 1.0),
+    ("structured 8K, D 64, amp 1.0", "structured", 1, 8192, 16, 64, 1.0),
     ("structured 8K, D 128, amp 1.0", "structured", 1, 8192, 16, 128, 1.0),
     ("structured 32K, D 64, amp 1.0", "structured", 1, 32768, 16, 64, 1.0),
     ("structured 32K, D 64, amp 2.0", "structured", 1, 32768, 16, 64, 2.0),
