@@ -25,7 +25,9 @@ tiles with every pair visible, from ``SAMPLE_FROM`` of them) sorts the query til
 fullest row holds more candidates than its limit (the greater of ``CROWDED_FLOOR`` and its listed
 keys / ``CROWDED_RATIO``, at most ``--slots``), which spill after their gather; those the sample
 sends to the sweeps before it; and those it sends there that would not have spilled. Listed tiles
-here: the tiles where some row has a candidate.
+here: the tiles where some row has a candidate. The query tiles left (kept: their rows' Newton
+steps and output run on the candidates), their fullest rows' candidates (median, max) and how many
+hold more than 256: each step and the output walk the fullest row's slots for every row.
 """
 import argparse
 import os
@@ -139,8 +141,9 @@ def main():
           + " | ".join(f"tiles over {s}" for s in SLOTS) + " | most support: median | max "
           f"| second gather ({SLOTS[0]} slots): most candidates median | max | tiles over {SLOTS[0]} "
           f"| one sweep: most candidates median | p90 | max | tiles over {SLOTS[-1]} "
-          "| spill at the limit | sampled out | sampled out, no spill |")
-    print("|---" * (17 + len(SLOTS)) + "|")
+          "| spill at the limit | sampled out | sampled out, no spill | kept | kept: most candidates median | max "
+          "| kept over 256 |")
+    print("|---" * (21 + len(SLOTS)) + "|")
     for head in (int(h) for h in args.heads.split(",")):
         candidates, support, regathered, one_sweep, spills, sampled = tile_counts(
             q[0, :, head], k[0, :, head], scale_z, args.every, SLOTS[0], SLOTS[-1])
@@ -150,7 +153,14 @@ def main():
               f"{int(regathered.median())} | {int(regathered.max())} | {(regathered > SLOTS[0]).float().mean():.3f} | "
               f"{int(one_sweep.median())} | {int(one_sweep.float().quantile(0.9))} | {int(one_sweep.max())} | "
               f"{(one_sweep > SLOTS[-1]).float().mean():.3f} | {int(spills.sum())} | {int(sampled.sum())} | "
-              f"{int((sampled & ~spills).sum())} |", flush=True)
+              f"{int((sampled & ~spills).sum())} | {kept_columns(candidates[~spills & ~sampled])} |", flush=True)
+
+
+def kept_columns(kept: torch.Tensor) -> str:
+    """``kept | median | max | over 256`` of the kept query tiles' fullest rows' candidates."""
+    if not len(kept):
+        return "0 | - | - | 0"
+    return f"{len(kept)} | {int(kept.median())} | {int(kept.max())} | {int((kept > 256).sum())}"
 
 
 if __name__ == "__main__":
