@@ -1,5 +1,5 @@
-"""Tile masks from the tile gaps' codes, and compact tile lists: per row of a block mask, the
-positions of its True entries.
+"""Tile masks from the tile gaps' codes, compact tile lists (per row of a block mask, the
+positions of its True entries) and a mask's bits (``pack_tiles``).
 
 ``lower_bound_mask`` is ``stats.lower_bound_mask`` in one launch (some twenty small ops there).
 Every sparse pass visits, per program, the key tiles (or query tiles) its row of the mask lists,
@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from . import stats as S
-from .block_mask import popcount
+from .block_mask import packed_width, popcount
 from .compile_ahead import launch
 from .triton_common import ADD, MIN
 
@@ -137,11 +137,10 @@ def pack_tiles_kernel(Tiles, Bits, num_bytes, num_cols, width, BLOCK: tl.constex
 
 def pack_tiles(tiles: torch.Tensor) -> torch.Tensor:
     """``block_mask.pack_tiles`` in one launch (``pack_tiles_kernel``): (..., nK) bool ->
-    (..., ceil(nK / 8)) uint8. PyTorch's sum over the eight bits of each byte is a reduction
-    along a short last axis, which its kernels take slowly (0.44 ms for the kept tiles of a 4K
-    window at 128K tokens and 16 heads, one H100, where this reads them once)."""
+    (..., ceil(nK / 8)) uint8, each mask entry read once; PyTorch's sum over the eight bits of
+    each byte is a reduction along a short last axis (why: docs/design.md, autograd layer)."""
     num_cols = tiles.shape[-1]
-    width = -(-num_cols // 8)
+    width = packed_width(num_cols)
     bits = torch.empty((*tiles.shape[:-1], width), device=tiles.device, dtype=torch.uint8)
     if bits.numel():
         launch(pack_tiles_kernel, (triton.cdiv(bits.numel(), PACK_BLOCK),))(
