@@ -1266,7 +1266,8 @@ def test_newton_schedule_flat_rows_sum_to_one_with_float32_sums(interpreted, mon
 def test_lower_bound_mask_kernel_matches_the_pytorch_mask(interpreted, chunk, monkeypatch):
     """``triton_tiles.lower_bound_mask`` (interpreted) and ``S.lower_bound_mask``: random codes and
     bounds, empty rows, a partial last query tile, rows far below and above their reference, and
-    (chunk 16) key tiles read over several steps."""
+    (chunk 16) key tiles read over several steps; with ``within``, the same mask and-ed with it
+    (also a ``within`` broadcast over the batch)."""
     from ring_adasplash.kernels import triton_tiles
 
     monkeypatch.setattr(triton_tiles, "MASK_CHUNK", chunk)
@@ -1284,6 +1285,12 @@ def test_lower_bound_mask_kernel_matches_the_pytorch_mask(interpreted, chunk, mo
     assert got.dtype == torch.bool and torch.equal(got, expected)
     assert 0 < expected.float().mean() < 1 and not expected[1, 2, -1].any()
     assert torch.equal(expected[0, 0, 0], codes[0, 0, 0] == 255)
+    within = torch.rand(codes.shape, generator=g) < 0.5
+    for w in (within, within[:1].expand(batch, -1, -1, -1)):
+        got = interpreted.lower_bound_mask(codes, lower, reference, empty, w)
+        assert torch.equal(got, expected & w) and torch.equal(S.lower_bound_mask(codes, lower, reference, empty, 64, w),
+                                                              expected & w)
+        assert (expected & ~w).any()  # the and-ing removes tiles
 
 
 def test_newton_step_kernel_matches_the_pytorch_step(interpreted):

@@ -293,7 +293,7 @@ def _newton_schedule_tau(backend: Backend, problems, blocks, reduce, spec, rel: 
     for step in range(stats.NEWTON_SCHEDULE_STEPS):
         if step == stats.NEWTON_NARROW_STEP:
             lower = torch.where(state.done, state.point, state.lower).to(reference.dtype)
-            tiles = [t.with_tiles(t.tiles & backend.lower_bound_mask(gap_codes[i], lower, reference, empty))
+            tiles = [t.with_tiles(backend.lower_bound_mask(gap_codes[i], lower, reference, empty, t.tiles))
                      for i, t in enumerate(tiles)]
         rows = ~state.done
         marked = stats.per_query_tile(rows, block_m, "any")[..., None]
@@ -375,7 +375,7 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
         tau, read, partial = _newton_schedule_tau(backend, problems, blocks, reduce, spec, rel, gap_codes, visible,
                                                   dtype, output)
         tau = tau.to(reference.dtype)  # what the masks and the output pass read: one cast
-        candidates = [r.with_tiles(r.tiles & backend.lower_bound_mask(gap_codes[i], tau, reference, rel.empty))
+        candidates = [r.with_tiles(backend.lower_bound_mask(gap_codes[i], tau, reference, rel.empty, r.tiles))
                       for i, r in enumerate(read)]
         held = _tile_state(gap_codes, visible, read, candidates)
         del gap_codes, read  # freed before the output pass: the candidates are all it needs
@@ -390,8 +390,8 @@ def entmax_forward(backend: Backend, q: torch.Tensor, blocks: KeyBlocks, spec: E
                                                   candidates)
         tau = _polished_tau(backend, problems, blocks, reduce, spec, bracket, tau, exact, read)
         # block mask from the exact tau: a key with p > 0 has z > tau
-        candidates = [visible[i].with_tiles(backend.lower_bound_mask(gap_codes[i], tau, reference, bracket.empty)
-                                            & kept[i]) for i in range(blocks.num_blocks)]
+        candidates = [visible[i].with_tiles(backend.lower_bound_mask(gap_codes[i], tau, reference, bracket.empty,
+                                                                     kept[i])) for i in range(blocks.num_blocks)]
     else:
         tau = _newton_tau(backend, problems, blocks, reduce, spec, bracket, candidates)
     held = _tile_state(gap_codes, visible, candidates)

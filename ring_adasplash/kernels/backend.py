@@ -196,9 +196,10 @@ class Backend(Protocol):
         """``stats.relative`` of the merged score max and the tau floor (the max pass's, raw), with
         ``spec``'s scale of z."""
 
-    def lower_bound_mask(self, gap_codes, lower, reference, empty) -> torch.Tensor:
+    def lower_bound_mask(self, gap_codes, lower, reference, empty, within=None) -> torch.Tensor:
         """``stats.lower_bound_mask`` with this backend's query tiles: (B, H, nQ, nK) bool, the tiles
-        whose gap code may exceed the smallest ``lower - reference`` among their rows."""
+        whose gap code may exceed the smallest ``lower - reference`` among their rows, and among
+        the tiles of ``within`` ((B, H, nQ, nK) bool) where it is given."""
 
     def histogram_pass(self, problem: Problem, row_max, tau_floor, gap_codes, tiles: BlockMask):
         """Coarse counts ``hist`` (B, H, Sq, NUM_BINS) of the keys of ``tiles`` in the bins

@@ -125,16 +125,18 @@ def per_query_tile(rows: torch.Tensor, block_m: int, reduce: str) -> torch.Tenso
 
 
 def lower_bound_mask(gap_codes: torch.Tensor, lower: torch.Tensor, reference: torch.Tensor, empty: torch.Tensor,
-                     block_m: int) -> torch.Tensor:
+                     block_m: int, within: torch.Tensor | None = None) -> torch.Tensor:
     """(B, H, nQ, nK) bool: a tile is kept when its gap (``backend.Maxima``, as ``encode_gaps``
     keeps it: rounded up) exceeds the smallest ``lower - reference`` among its rows (``lower``: a
     lower bound of tau; ``reference``: ``gap_reference`` of the final row max and tau floor, which
     bounds tau from below too, so the larger of the two bounds is taken). A key with p > 0 has
     z > tau >= max(lower, reference), so its tile's gap is at least ``z - reference >
-    max(lower - reference, 0)``: no nonzero tile is dropped."""
+    max(lower - reference, 0)``: no nonzero tile is dropped. ``within`` (B, H, nQ, nK) bool: only
+    its tiles can be kept (the mask is and-ed with it)."""
     above = (lower - reference).clamp(min=0)
     bound = torch.where(empty, torch.full_like(lower, float("inf")), above - MASK_MARGIN)
-    return gap_codes > code_threshold(per_query_tile(bound, block_m, "min"))[..., None]
+    kept = gap_codes > code_threshold(per_query_tile(bound, block_m, "min"))[..., None]
+    return kept if within is None else kept & within
 
 
 HISTOGRAM_MARGIN = 1e-3  # slack (in z) of ``histogram_mask`` for logits recomputed by another kernel

@@ -125,9 +125,9 @@ def relative(score_max, tau_floor, spec: EntmaxSpec, softmax_scale: float) -> st
     return stats.relative(score_max, tau_floor, spec.scale_z_at(softmax_scale, score_max))
 
 
-def lower_bound_mask(gap_codes, lower, reference, empty) -> torch.Tensor:
+def lower_bound_mask(gap_codes, lower, reference, empty, within=None) -> torch.Tensor:
     """``stats.lower_bound_mask`` with query tiles of ``BLOCK_M`` rows."""
-    return stats.lower_bound_mask(gap_codes, lower, reference, empty, BLOCK_M)
+    return stats.lower_bound_mask(gap_codes, lower, reference, empty, BLOCK_M, within)
 
 
 def max_pass(problem: Problem, score_max=None, tau_floor=None) -> Maxima:

@@ -333,9 +333,9 @@ def relative(score_max, tau_floor, spec: EntmaxSpec, softmax_scale: float) -> S.
     return S.Relative(shift, row_max, floor, nonfinite, reference, empty)
 
 
-def lower_bound_mask(gap_codes, lower, reference, empty) -> torch.Tensor:
+def lower_bound_mask(gap_codes, lower, reference, empty, within=None) -> torch.Tensor:
     """``stats.lower_bound_mask`` in one launch (``triton_tiles.lower_bound_mask``)."""
-    return triton_tiles.lower_bound_mask(gap_codes, lower, reference, empty, BLOCK_M)
+    return triton_tiles.lower_bound_mask(gap_codes, lower, reference, empty, BLOCK_M, within)
 
 
 def max_pass(problem: TritonProblem, score_max=None, tau_floor=None) -> Maxima:

@@ -26,13 +26,15 @@ COMPACT_LISTS_BYTES = 1 << 28
 
 
 @triton.jit
-def lower_bound_mask_kernel(Gap_codes, Lower, Reference, Empty, Mask, seqlen_q, num_k_tiles,
+def lower_bound_mask_kernel(Gap_codes, Lower, Reference, Empty, Within, Mask, seqlen_q, num_k_tiles,
                             MARGIN: tl.constexpr, GAP_LOW: tl.constexpr, GAP_STEP: tl.constexpr,
-                            ROUNDING: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+                            ROUNDING: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+                            WITHIN: tl.constexpr):
     """One program per (query tile, batch x head): the code threshold of its rows' smallest bound
     ``max(Lower - Reference, 0) - MARGIN`` (+inf on ``Empty`` rows and past the sequence;
     ``stats.code_threshold``), then ``Mask`` (int8 0/1) = ``Gap_codes`` (uint8) above it, over its
-    ``num_k_tiles`` key tiles. ``Lower``, ``Reference`` (float32), ``Empty`` (int8): (B, H, Sq)."""
+    ``num_k_tiles`` key tiles, and with ``WITHIN`` also set in ``Within`` (int8 0/1, laid out as
+    ``Gap_codes``). ``Lower``, ``Reference`` (float32), ``Empty`` (int8): (B, H, Sq)."""
     tile_q = tl.program_id(0)
     offs_m = tile_q * BLOCK_M + tl.arange(0, BLOCK_M)
     in_q = offs_m < seqlen_q
@@ -48,21 +50,29 @@ def lower_bound_mask_kernel(Gap_codes, Lower, Reference, Empty, Mask, seqlen_q, 
     for start in range(0, num_k_tiles, CHUNK):
         offs_k = start + tl.arange(0, CHUNK)
         codes = tl.load(Gap_codes + line + offs_k, mask=offs_k < num_k_tiles, other=0)
-        tl.store(Mask + line + offs_k, (codes.to(tl.float32) > threshold).to(tl.int8), mask=offs_k < num_k_tiles)
+        kept = codes.to(tl.float32) > threshold
+        if WITHIN:
+            kept = kept & (tl.load(Within + line + offs_k, mask=offs_k < num_k_tiles, other=0) != 0)
+        tl.store(Mask + line + offs_k, kept.to(tl.int8), mask=offs_k < num_k_tiles)
 
 
 def lower_bound_mask(gap_codes: torch.Tensor, lower: torch.Tensor, reference: torch.Tensor, empty: torch.Tensor,
-                     block_m: int) -> torch.Tensor:
+                     block_m: int, within: torch.Tensor | None = None) -> torch.Tensor:
     """``stats.lower_bound_mask`` (B, H, nQ, nK) bool in one launch (``lower_bound_mask_kernel``):
     ``gap_codes`` (B, H, nQ, nK) uint8, ``lower`` and ``reference`` (B, H, Sq), ``empty`` (B, H, Sq)
-    bool. Its threshold arithmetic rounds as float32 (PyTorch's may divide by a reciprocal): the
-    codes' ``GAP_ROUNDING`` holds that, and a tile on the edge is kept either way."""
+    bool; ``within`` None or (B, H, nQ, nK) bool, and-ed in the same launch (an and of its own is
+    one more pass over the tile grid). Its threshold arithmetic rounds as float32 (PyTorch's may
+    divide by a reciprocal): the codes' ``GAP_ROUNDING`` holds that, and a tile on the edge is kept
+    either way."""
     batch, heads, num_q_tiles, num_k_tiles = gap_codes.shape  # rows (B, H, Sq) of the same B, H
     mask = torch.empty(gap_codes.shape, device=gap_codes.device, dtype=torch.int8)
     if mask.numel():
+        if within is not None:
+            within = torch.broadcast_to(within, mask.shape).contiguous().view(torch.int8)
         launch(lower_bound_mask_kernel, (num_q_tiles, batch * heads))(
             Gap_codes=gap_codes.contiguous(), Lower=lower.to(torch.float32).contiguous(),
-            Reference=reference.to(torch.float32).contiguous(), Empty=empty.contiguous().view(torch.int8), Mask=mask,
+            Reference=reference.to(torch.float32).contiguous(), Empty=empty.contiguous().view(torch.int8),
+            Within=mask if within is None else within, WITHIN=within is not None, Mask=mask,
             seqlen_q=lower.shape[-1], num_k_tiles=num_k_tiles, MARGIN=S.MASK_MARGIN, GAP_LOW=S.GAP_LOW,
             GAP_STEP=S.GAP_STEP, ROUNDING=S.GAP_ROUNDING, BLOCK_M=block_m,
             CHUNK=min(MASK_CHUNK, triton.next_power_of_2(max(num_k_tiles, 16))), num_warps=4)
