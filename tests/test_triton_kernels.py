@@ -153,6 +153,60 @@ def test_tile_lists_from_bits(interpreted, monkeypatch):
             _check_lists(m.transpose(-1, -2), *from_bits[2:], compact=limit == 0)
 
 
+def test_column_lists_read_only_their_spans(interpreted, monkeypatch):
+    """With ``column_spans`` the column lists read rows [first, end) of each column: equal to the
+    lists of the whole column where the mask is zero outside the spans (bools and bits, spans of
+    several chunks, an empty span), and an entry outside a span is not listed (the spans are the
+    caller's promise, and what is outside them is never read)."""
+    from ring_adasplash.kernels.block_mask import pack_tiles
+
+    tiles = importlib.import_module("ring_adasplash.kernels.triton_tiles")
+    monkeypatch.setattr(tiles, "TILE_LIST_CHUNK", 16)
+    gen = torch.Generator().manual_seed(12)
+    rows, cols = 150, 19
+    first = torch.randint(0, rows, (cols,), generator=gen, dtype=torch.int32)
+    end = torch.minimum(first + torch.randint(0, 100, (cols,), generator=gen, dtype=torch.int32),
+                        torch.tensor(rows, dtype=torch.int32))
+    first[3], end[3] = rows, 0  # a column no query tile spans
+    first[5], end[5] = 0, rows  # one spanned whole
+    first[4] = max(int(first[4]), 1)
+    position = torch.arange(rows)[:, None]
+    inside = (position >= first[None, :]) & (position < end[None, :])
+    mask = (torch.rand(2, 1, rows, cols, generator=gen) < 0.3) & inside
+    for source in ({"mask": mask}, {"mask": pack_tiles(mask), "packed_cols": cols}):
+        counts, index, counts_t, index_t = tiles.tile_lists(**source, columns_too=True, column_spans=(first, end))
+        _check_lists(mask, counts, index)
+        _check_lists(mask.transpose(-1, -2), counts_t, index_t)
+    outside = mask.clone()
+    outside[0, 0, first[4] - 1, 4] = True  # just above column 4's span
+    counts_t = tiles.tile_lists(outside, columns_too=True, column_spans=(first, end))[2]
+    assert counts_t[0, 0, 4] == mask[0, 0, :, 4].sum()
+    assert counts_t[0, 0, 3] == 0 and counts_t[0, 0, 5] > 16
+
+
+@pytest.mark.parametrize("window_size,sink_tokens", [((-1, -1), 0), ((700, 0), 0), ((700, 0), 3)])
+def test_query_spans_of_the_key_tiles(window_size, sink_tokens, monkeypatch):
+    """Per key tile, the first and one past the last query tile whose key span holds it (what the
+    backward's column lists read): the visible tiles lie inside, every tile of a span is inside,
+    and the result does not depend on how many query tiles a step takes (``SPAN_ROWS``)."""
+    from ring_adasplash.kernels import triton_backend
+    from ring_adasplash.kernels.visibility import tile_visible
+
+    vis = causal_visibility(5000, 5000, True, "cpu", window_size, sink_tokens)
+    ranges = triton_backend._compute_key_tile_ranges(vis, "cpu")
+    lo, hi, first, end = ranges[0], ranges[1], ranges[6], ranges[7]
+    monkeypatch.setattr(triton_backend, "SPAN_ROWS", 3)
+    stepped = triton_backend._compute_key_tile_ranges(vis, "cpu")
+    assert torch.equal(stepped[6], first) and torch.equal(stepped[7], end)
+    rows, cols = torch.arange(len(lo))[:, None], torch.arange(len(first))[None, :]
+    inside = (rows >= first[None, :]) & (rows < end[None, :])
+    spanned = (cols >= lo[:, None]) & (cols < hi[:, None])
+    assert not (tile_visible(vis, 64, 64) & ~inside).any() and not (spanned & ~inside).any()
+    assert torch.equal(spanned.any(0), first < end)
+    if window_size != (-1, -1) and not sink_tokens:
+        assert (end - first).max() <= 700 // 64 + 2  # a window's key tile: a few query tiles
+
+
 def test_pack_tiles_kernel_matches_the_bits_of_pytorch(interpreted):
     """``triton_tiles.pack_tiles`` (what a GPU forward runs) gives the bytes of
     ``block_mask.pack_tiles``'s PyTorch form, bit for bit, and ``unpack_tiles`` the mask back:

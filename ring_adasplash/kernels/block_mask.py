@@ -109,13 +109,17 @@ class BlockMask:
             self._lists["keys"] = tile_lists(**self._list_source())
         return self._lists["keys"]
 
-    def query_tile_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def query_tile_lists(self, column_spans: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per (batch, head, key tile): the selected query tiles, as ``key_tile_lists`` ((B, H, nK)
-        counts, (B, H, nK, nQ) indices). Built with the key lists in one launch when neither is."""
+        counts, (B, H, nK, nQ) indices). Built with the key lists in one launch when neither is.
+        ``column_spans``: ``(first, end)`` int32 (nK,) each, the query tiles outside of which no
+        key tile has a visible pair (``triton_tiles.tile_lists``): where the lists are built here,
+        only those are read."""
         if "queries" not in self._lists:
             from .triton_tiles import tile_lists
 
-            counts, index, counts_t, index_t = tile_lists(**self._list_source(), columns_too=True)
+            counts, index, counts_t, index_t = tile_lists(**self._list_source(), columns_too=True,
+                                                          column_spans=column_spans)
             self._lists.setdefault("keys", (counts, index))
             self._lists["queries"] = (counts_t, index_t)
         return self._lists["queries"]

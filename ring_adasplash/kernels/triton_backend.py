@@ -174,7 +174,13 @@ class TritonProblem(Problem):
     def query_ranges(self) -> dict:
         """Per key tile, query tiles [Q_full_lo, Q_full_hi) with only visible pairs
         (``_key_tile_ranges``): the dK/dV kernel's arguments."""
-        return dict(zip(("Q_full_lo", "Q_full_hi"), _key_tile_ranges(self.vis, self.q.device)[4:]))
+        return dict(zip(("Q_full_lo", "Q_full_hi"), _key_tile_ranges(self.vis, self.q.device)[4:6]))
+
+    @cached_property
+    def query_spans(self) -> tuple:
+        """Per key tile, query tiles [first, end) outside of which none has a visible pair
+        (``_key_tile_ranges``): where the backward's column lists read (``BlockMask.query_tile_lists``)."""
+        return tuple(_key_tile_ranges(self.vis, self.q.device)[6:])
 
     @cached_property
     def queries(self) -> dict:
@@ -274,7 +280,9 @@ def _compute_key_tile_ranges(vis: Visibility, device):
     """Per query tile (int32, (nQ,) each): key tiles [lo, hi) spanning every tile that may hold a
     visible pair (``visibility.tile_visible``; tiles in between with none come out -inf), and a run
     [full_lo, full_hi) of tiles whose every pair is visible (no per-element mask needed); per key
-    tile (int32, (nK,) each), the run [q_full_lo, q_full_hi) of query tiles that see it whole."""
+    tile (int32, (nK,) each), the run [q_full_lo, q_full_hi) of query tiles that see it whole, and
+    [q_first, q_end), the query tiles whose span [lo, hi) holds it (q_first == nQ and q_end == 0
+    where none does)."""
     lo, hi = (t.to(device) for t in key_tile_span(vis, BLOCK_M, BLOCK_N))
 
     def tiles(x, block, fill):
@@ -293,7 +301,28 @@ def _compute_key_tile_ranges(vis: Visibility, device):
             & (q_doc.amin(1)[:, None] == k_doc.amin(1)[None, :]))
     full_lo, full_hi = first_run(full)
     q_full_lo, q_full_hi = first_run(full.T)
-    return [t.to(torch.int32).contiguous() for t in (lo, hi, full_lo, full_hi, q_full_lo, q_full_hi)]
+    q_first, q_end = _query_spans(lo, hi, full.shape[1])
+    return [t.to(torch.int32).contiguous() for t in (lo, hi, full_lo, full_hi, q_full_lo, q_full_hi, q_first, q_end)]
+
+
+SPAN_ROWS = 1024  # query tiles per step of ``_query_spans``: a step's grid is this many rows of bytes
+
+
+def _query_spans(lo: torch.Tensor, hi: torch.Tensor, num_k_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key tile, the first query tile whose span [``lo``, ``hi``) holds it, and one past the
+    last (``len(lo)`` and 0 where none does), ``SPAN_ROWS`` query tiles at a time: the whole grid
+    of bytes at once would add its size again to a long call's peak."""
+    num_q_tiles = lo.shape[0]
+    key_tile = torch.arange(num_k_tiles, device=lo.device)
+    first = torch.full((num_k_tiles,), num_q_tiles, device=lo.device, dtype=torch.int32)
+    end = torch.zeros(num_k_tiles, device=lo.device, dtype=torch.int32)
+    for start in range(0, num_q_tiles, SPAN_ROWS):
+        rows = slice(start, start + SPAN_ROWS)
+        spanned = (key_tile[None, :] >= lo[rows, None]) & (key_tile[None, :] < hi[rows, None])
+        position = torch.arange(start, start + spanned.shape[0], device=lo.device, dtype=torch.int32)[:, None]
+        first = torch.minimum(first, torch.where(spanned, position, num_q_tiles).amin(0))
+        end = torch.maximum(end, torch.where(spanned, position + 1, 0).amax(0))
+    return first, end
 
 
 def first_run(mask: torch.Tensor):
@@ -644,7 +673,7 @@ def backward_pass(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta
     such a row exists; no host sync)."""
     grad_out = grad_out.to(problem.q.dtype)
     tau = problem.per_row(tau)
-    tiles.query_tile_lists()  # both directions of the tile lists from one launch
+    tiles.query_tile_lists(problem.query_spans)  # both directions of the tile lists from one launch
     sums = problem.empty_rows() if alpha_sums else None
     if delta is None:
         delta = problem.empty_rows()

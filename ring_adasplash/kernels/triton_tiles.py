@@ -80,20 +80,20 @@ def lower_bound_mask(gap_codes: torch.Tensor, lower: torch.Tensor, reference: to
 
 
 @triton.jit
-def list_true(Line, stride, length, Count, Index, bit, CHUNK: tl.constexpr, PACKED_ALONG: tl.constexpr):
-    """The positions of the set entries of a line of ``length`` mask entries, ascending, into
-    ``Index[:count]``; their number into ``Count``. ``PACKED_ALONG``: the line is bits, entry ``j``
-    bit ``j % 8`` of the byte ``Line[(j // 8) * stride]``; else entry ``j`` is bit ``bit`` of
+def list_true(Line, stride, first, end, Count, Index, bit, CHUNK: tl.constexpr, PACKED_ALONG: tl.constexpr):
+    """The positions of the set entries ``first <= j < end`` of a line of mask entries, ascending,
+    into ``Index[:count]``; their number into ``Count``. ``PACKED_ALONG``: the line is bits, entry
+    ``j`` bit ``j % 8`` of the byte ``Line[(j // 8) * stride]``; else entry ``j`` is bit ``bit`` of
     ``Line[j * stride]`` (bit 0 of a bool mask, or one bit position of every byte of a column of
     bits)."""
     count = 0
-    for start in range(0, length, CHUNK):
+    for start in range(first, end, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         if PACKED_ALONG:
-            word = tl.load(Line + (offs >> 3) * stride, mask=offs < length, other=0).to(tl.int32)
+            word = tl.load(Line + (offs >> 3) * stride, mask=offs < end, other=0).to(tl.int32)
             flag = (word >> (offs & 7)) & 1
         else:
-            flag = (tl.load(Line + offs * stride, mask=offs < length, other=0).to(tl.int32) >> bit) & 1
+            flag = (tl.load(Line + offs * stride, mask=offs < end, other=0).to(tl.int32) >> bit) & 1
         slot = count + tl.associative_scan(flag, 0, ADD) - flag
         tl.store(Index + slot, offs.to(Index.dtype.element_ty), mask=flag != 0)
         count += tl.reduce(flag, 0, ADD)
@@ -101,8 +101,9 @@ def list_true(Line, stride, length, Count, Index, bit, CHUNK: tl.constexpr, PACK
 
 
 @triton.jit
-def tile_list_kernel(Mask, Counts, Index, Counts_t, Index_t, stride_mg, stride_mr, stride_mc, num_rows, num_cols,
-                     width, width_t, CHUNK: tl.constexpr, PACKED: tl.constexpr):
+def tile_list_kernel(Mask, Counts, Index, Counts_t, Index_t, Col_first, Col_end, stride_mg, stride_mr, stride_mc,
+                     num_rows, num_cols, width, width_t, CHUNK: tl.constexpr, PACKED: tl.constexpr,
+                     SPANS: tl.constexpr):
     """``Mask`` (groups, rows, cols) uint8 with any strides, 0 or 1, or with ``PACKED`` (groups,
     rows, ceil(cols / 8)) bits (``block_mask.pack_tiles``). Programs with ``program_id(2) == 0``
     list rows: ``Counts`` (groups, rows) int32, the set entries per row, and ``Index`` (groups,
@@ -110,14 +111,17 @@ def tile_list_kernel(Mask, Counts, Index, Counts_t, Index_t, stride_mg, stride_m
     ``Counts`` slots of each row (the rest is left as it was; ``width``: at least the largest
     count). Programs with ``program_id(2) == 1`` (a grid of depth 2) list columns the same way into
     ``Counts_t`` (groups, cols) and ``Index_t`` (groups, cols, width_t): the backward needs both,
-    from one launch."""
+    from one launch. With ``SPANS``, column ``c`` is read in rows [``Col_first[c]``,
+    ``Col_end[c]``) only (int32 per column, every group's; where the caller knows the other rows'
+    entries are zero): a column's entries are a byte each a row apart, and under a window or
+    causal mask most rows of a column hold none."""
     line = tl.program_id(0)
     group = tl.program_id(1)
     Mask = Mask + group.to(tl.int64) * stride_mg
     if tl.program_id(2) == 0:
         if line < num_rows:
             list_id = group.to(tl.int64) * num_rows + line
-            list_true(Mask + line.to(tl.int64) * stride_mr, stride_mc, num_cols, Counts + list_id,
+            list_true(Mask + line.to(tl.int64) * stride_mr, stride_mc, 0, num_cols, Counts + list_id,
                       Index + list_id * width, 0, CHUNK, PACKED)
     else:
         if line < num_cols:
@@ -126,7 +130,11 @@ def tile_list_kernel(Mask, Counts, Index, Counts_t, Index_t, stride_mg, stride_m
                 column, bit = line >> 3, line & 7
             else:
                 column, bit = line, 0
-            list_true(Mask + column.to(tl.int64) * stride_mc, stride_mr, num_rows, Counts_t + list_id,
+            first, end = 0, num_rows
+            if SPANS:
+                first = tl.load(Col_first + line)
+                end = tl.minimum(tl.load(Col_end + line), num_rows)
+            list_true(Mask + column.to(tl.int64) * stride_mc, stride_mr, first, end, Counts_t + list_id,
                       Index_t + list_id * width_t, bit, CHUNK, False)
 
 
@@ -166,7 +174,8 @@ def index_dtype(length: int) -> torch.dtype:
     return torch.int16 if length <= torch.iinfo(torch.int16).max else torch.int32
 
 
-def tile_lists(mask: torch.Tensor, columns_too: bool = False, packed_cols: int | None = None) -> tuple:
+def tile_lists(mask: torch.Tensor, columns_too: bool = False, packed_cols: int | None = None,
+               column_spans: tuple | None = None) -> tuple:
     """(..., rows, cols) bool -> counts (..., rows) int32 and indices (..., rows, width) of
     ``index_dtype(cols)``: the True positions of each row first, ascending (slots past a row's
     count are unset). ``columns_too``: also the lists of the transposed mask, counts (..., cols)
@@ -174,7 +183,9 @@ def tile_lists(mask: torch.Tensor, columns_too: bool = False, packed_cols: int |
     widths are ``cols`` and ``rows``, or where those lists would be larger than
     ``COMPACT_LISTS_BYTES``, the longest row's count (``list_widths``). ``packed_cols``: ``mask``
     is (..., rows, ceil(packed_cols / 8)) uint8 bits of ``packed_cols`` columns
-    (``block_mask.pack_tiles``), read as they are (no bool copy)."""
+    (``block_mask.pack_tiles``), read as they are (no bool copy). ``column_spans``: ``(first,
+    end)``, int32 (cols,) each: the column lists take rows [first, end) of each column only (the
+    caller's promise: the others are zero in every group)."""
     packed = packed_cols is not None
     grouped = (mask if packed else mask.view(torch.uint8)).reshape(-1, *mask.shape[-2:])
     groups, rows = grouped.shape[:2]
@@ -188,11 +199,16 @@ def tile_lists(mask: torch.Tensor, columns_too: bool = False, packed_cols: int |
                   torch.empty((*lead, cols, width_t), device=mask.device, dtype=index_dtype(rows))]
     if lists[0].numel():
         columns = lists[2:] or lists  # unused by a grid of depth 1
+        spans = column_spans is not None and columns_too
+        if spans and any(t.shape != (cols,) or t.dtype != torch.int32 for t in column_spans):
+            raise ValueError(f"column_spans must be two int32 tensors of shape ({cols},)")
+        first, end = column_spans if spans else (lists[0], lists[0])  # unread without SPANS
         launch(tile_list_kernel, (max(rows, cols) if columns_too else rows, groups, 1 + columns_too))(
-            Mask=grouped, Counts=lists[0], Index=lists[1], Counts_t=columns[0], Index_t=columns[1],
-            stride_mg=grouped.stride(0), stride_mr=grouped.stride(1), stride_mc=grouped.stride(2), num_rows=rows,
-            num_cols=cols, width=width, width_t=width_t,
-            CHUNK=min(TILE_LIST_CHUNK, triton.next_power_of_2(max(rows, cols, 16))), PACKED=packed, num_warps=4)
+            Mask=grouped, Counts=lists[0], Index=lists[1], Counts_t=columns[0], Index_t=columns[1], Col_first=first,
+            Col_end=end, stride_mg=grouped.stride(0), stride_mr=grouped.stride(1), stride_mc=grouped.stride(2),
+            num_rows=rows, num_cols=cols, width=width, width_t=width_t,
+            CHUNK=min(TILE_LIST_CHUNK, triton.next_power_of_2(max(rows, cols, 16))), PACKED=packed, SPANS=spans,
+            num_warps=4)
     return tuple(lists)
 
 
