@@ -36,7 +36,7 @@ from .block_mask import BlockMask
 from .compile_ahead import launch
 from .entmax_spec import POWER_GENERAL, POWER_GENERAL_EXACT_LOG, EntmaxSpec
 from .identity import remembered_in, tensor_identity
-from .visibility import Visibility, first_true, key_tile_span
+from .visibility import Visibility, first_true, tile_visible, true_span
 
 NAME = "triton"
 BLOCK_M = 64  # query rows per tile, in every kernel and in the block mask
@@ -281,9 +281,10 @@ def _compute_key_tile_ranges(vis: Visibility, device):
     visible pair (``visibility.tile_visible``; tiles in between with none come out -inf), and a run
     [full_lo, full_hi) of tiles whose every pair is visible (no per-element mask needed); per key
     tile (int32, (nK,) each), the run [q_full_lo, q_full_hi) of query tiles that see it whole, and
-    [q_first, q_end), the query tiles whose span [lo, hi) holds it (q_first == nQ and q_end == 0
-    where none does)."""
-    lo, hi = (t.to(device) for t in key_tile_span(vis, BLOCK_M, BLOCK_N))
+    [q_span_lo, q_span_hi) spanning every query tile that may see it (empty where none does)."""
+    visible = tile_visible(vis, BLOCK_M, BLOCK_N)
+    lo, hi = (t.to(device) for t in true_span(visible))
+    q_span_lo, q_span_hi = (t.to(device) for t in true_span(visible.T))
 
     def tiles(x, block, fill):
         pad = (-x.shape[0]) % block
@@ -301,28 +302,8 @@ def _compute_key_tile_ranges(vis: Visibility, device):
             & (q_doc.amin(1)[:, None] == k_doc.amin(1)[None, :]))
     full_lo, full_hi = first_run(full)
     q_full_lo, q_full_hi = first_run(full.T)
-    q_first, q_end = _query_spans(lo, hi, full.shape[1])
-    return [t.to(torch.int32).contiguous() for t in (lo, hi, full_lo, full_hi, q_full_lo, q_full_hi, q_first, q_end)]
-
-
-SPAN_ROWS = 1024  # query tiles per step of ``_query_spans``: a step's grid is this many rows of bytes
-
-
-def _query_spans(lo: torch.Tensor, hi: torch.Tensor, num_k_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per key tile, the first query tile whose span [``lo``, ``hi``) holds it, and one past the
-    last (``len(lo)`` and 0 where none does), ``SPAN_ROWS`` query tiles at a time: the whole grid
-    of bytes at once would add its size again to a long call's peak."""
-    num_q_tiles = lo.shape[0]
-    key_tile = torch.arange(num_k_tiles, device=lo.device)
-    first = torch.full((num_k_tiles,), num_q_tiles, device=lo.device, dtype=torch.int32)
-    end = torch.zeros(num_k_tiles, device=lo.device, dtype=torch.int32)
-    for start in range(0, num_q_tiles, SPAN_ROWS):
-        rows = slice(start, start + SPAN_ROWS)
-        spanned = (key_tile[None, :] >= lo[rows, None]) & (key_tile[None, :] < hi[rows, None])
-        position = torch.arange(start, start + spanned.shape[0], device=lo.device, dtype=torch.int32)[:, None]
-        first = torch.minimum(first, torch.where(spanned, position, num_q_tiles).amin(0))
-        end = torch.maximum(end, torch.where(spanned, position + 1, 0).amax(0))
-    return first, end
+    spans = (lo, hi, full_lo, full_hi, q_full_lo, q_full_hi, q_span_lo, q_span_hi)
+    return [t.to(torch.int32).contiguous() for t in spans]
 
 
 def first_run(mask: torch.Tensor):

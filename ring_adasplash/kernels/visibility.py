@@ -237,15 +237,19 @@ def first_true(mask: torch.Tensor, default: int) -> torch.Tensor:
     return torch.where(mask, pos, default).amin(-1)
 
 
+def true_span(mask: torch.Tensor):
+    """Per row of ``mask`` (rows, n) bool (int64, (rows,) each): [lo, hi) from its first True to
+    one past its last; lo == hi where there is none."""
+    n = mask.shape[-1]
+    lo = first_true(mask, n)
+    hi = torch.where(mask, torch.arange(n, device=mask.device) + 1, 0).amax(-1)
+    return torch.minimum(lo, hi), hi
+
+
 def key_tile_span(vis: Visibility, block_m: int, block_n: int):
     """Per query tile (int64, (nQ,) each), key tiles [lo, hi) spanning every tile that may hold a
     visible pair (``tile_visible``); lo == hi where there is none."""
-    visible = tile_visible(vis, block_m, block_n)
-    num_k_tiles = visible.shape[1]
-    pos = torch.arange(num_k_tiles, device=visible.device)
-    lo = first_true(visible, num_k_tiles)
-    hi = torch.where(visible, pos + 1, 0).amax(1)
-    return torch.minimum(lo, hi), hi
+    return true_span(tile_visible(vis, block_m, block_n))
 
 
 def keys_seen_by(rows: torch.Tensor, vis: Visibility, heads_kv: int) -> torch.Tensor:
