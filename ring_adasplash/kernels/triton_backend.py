@@ -457,9 +457,9 @@ FEW_TILES = 0
 # its listed keys spills to the sweeps (flat rows: each Newton step on the candidates reads the
 # longest row's count for every row of the tile); ratio 0: only past the slots. Closed forms only
 # (alpha 1.5, 2): in the general form a sweep's step takes two logs a score, and there the rows of
-# hundreds of candidates cost less on them (docs/design.md, candidate keys). The floor: kept with
-# 384 candidates a row the heads at initialisation and a retrieving model's first layer ran 6%
-# slower than on the sweeps, a local row of 243-337 lost 10% when spilled at 256
+# hundreds of candidates cost less on them (docs/design.md, candidate keys). The floor lies
+# between the flat rows' counts, which the sweeps take more cheaply, and the local rows' few
+# hundred, which the candidates do (docs/design.md, the floor's measures)
 CROWDED_RATIO = 16
 CROWDED_FLOOR = 384
 # a query tile that lists at least SAMPLE_FROM key tiles with every pair visible gathers from
