@@ -1,4 +1,5 @@
-"""Shared test setup: deterministic seeds, CPU thread limits, GPU skips, distributed runner."""
+"""Shared test setup: deterministic seeds, CPU thread limits, GPU skips, distributed runner, and a
+bounds check on every memory access of an interpreted Triton kernel (``interpreter_bounds``)."""
 from __future__ import annotations
 
 import functools
@@ -7,9 +8,13 @@ import os
 import pytest
 import torch
 
+import interpreter_bounds
 from distributed_utils import run_distributed
 
 TEST_SEED = 0
+
+# every interpreted kernel's loads and stores checked against the tensors of its launch
+INTERPRETER_BOUNDS = interpreter_bounds.install()
 
 # Under pytest-xdist every worker shares the machine's few cores with the others.
 if os.environ.get("PYTEST_XDIST_WORKER"):

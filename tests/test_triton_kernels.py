@@ -336,6 +336,31 @@ def test_max_pass_tau_floor_matches_spec(interpreted, shape, alpha):
     assert torch.equal(given.tau_floor, ref.tau_floor)
 
 
+def test_interpreted_kernels_are_bounds_checked(interpreted):
+    """``conftest`` installs ``interpreter_bounds``: an interpreted kernel's masked load or store
+    past every tensor of its launch raises, naming the kernel, before it touches memory; the same
+    kernel within its tensors runs."""
+    import triton
+    import triton.language as tl
+
+    import interpreter_bounds
+
+    assert interpreter_bounds.install()
+
+    @triton.jit
+    def copy_shifted(X, Y, n, LOAD_SHIFT, STORE_SHIFT, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(Y + offs + STORE_SHIFT, tl.load(X + offs + LOAD_SHIFT, mask=offs < n, other=0.0), mask=offs < n)
+
+    x, y = torch.arange(16.0), torch.zeros(16)
+    copy_shifted[(1,)](x, y, 16, 0, 0, BLOCK=32)  # lanes 16-31 masked off: no access
+    assert torch.equal(y, x)
+    far = 1 << 22  # elements: past both tensors, whatever their addresses
+    for load_shift, store_shift, kind in ((far, 0, "load"), (0, far, "store"), (0, 1, "store")):
+        with pytest.raises(Exception, match=f"copy_shifted: {kind} of .* outside every tensor"):
+            copy_shifted[(1,)](x, y, 16, load_shift, store_shift, BLOCK=32)
+
+
 def check_relative_kernel(backend, alpha, device="cpu"):
     """``relative`` of the Triton backend (one launch) equals ``stats.relative`` bit for bit, with
     one alpha and one per head: rows with a finite max and floor, rows with no visible key (-inf),
