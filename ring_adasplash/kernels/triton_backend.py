@@ -603,13 +603,17 @@ def _dq(problem: TritonProblem, grad_out, tau, tiles: BlockMask, delta, out_u=No
             raise ValueError("alpha_split needs delta computed here and out_c laid out as out_u")
         split = dict(Out_c=alpha_split.out_c, C_sum=p.per_row(alpha_split.c_sum),
                      Alpha_open=alpha_split.open.to(device=p.q.device, dtype=torch.int8).contiguous())
-    launch(triton_backward.dq_kernel, p.query_grid)(
+    arguments = dict(
         **p.listed(tiles), V=p.v, DO=grad_out, Tau=tau, Out_u=out_u if compute_delta else delta,
         U_sum=u_sum if compute_delta else delta, Delta=delta, DQ=dq,
         Alpha_sums=dq if alpha_sums is None else alpha_sums, **split, **_strides("v", p.v),
         **_strides("do", grad_out), **out_u_strides, **_strides("dq", dq), softmax_scale=float(p.softmax_scale),
-        **p.weights, COMPUTE_DELTA=compute_delta, ALPHA_SUMS=alpha_sums is not None,
-        ALPHA_SPLIT=alpha_split is not None, **p.config("dq", grad_out))
+        **p.weights, COMPUTE_DELTA=compute_delta, ALPHA_SUMS=alpha_sums is not None, **p.config("dq", grad_out))
+    # split: the query tiles the forward finished, then the open ones, each launch its own loop
+    kinds = (triton_backward.SPLIT_FINISHED, triton_backward.SPLIT_OPEN) if alpha_split is not None else \
+        (triton_backward.SPLIT_NONE,)
+    for kind in kinds:
+        launch(triton_backward.dq_kernel, p.query_grid)(**arguments, ALPHA_SPLIT=int(kind))
     return dq
 
 

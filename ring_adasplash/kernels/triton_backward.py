@@ -223,6 +223,13 @@ def nan_keys_kernel(Tau, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_til
                          tl.full([BLOCK_N], 1, tl.int8), mask=seen)
 
 
+# dq_kernel's ALPHA_SPLIT: every query tile; those the forward left open (their alpha sums term
+# by term); those it finished (their alpha sums from the forward's)
+SPLIT_NONE = tl.constexpr(0)
+SPLIT_OPEN = tl.constexpr(1)
+SPLIT_FINISHED = tl.constexpr(2)
+
+
 @triton.jit
 def dq_kernel(
     Q, K, V, DO, Q_limit, Q_doc, Q_first, K_pos, K_doc, K_win_pos, K_full_lo, K_full_hi, Tile_count, Tile_index, Shift,
@@ -240,10 +247,12 @@ def dq_kernel(
     PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     """dq of one query tile (module doc); with ``ALPHA_SUMS`` the row sums of
-    ``EntmaxSpec.alpha_terms`` into ``Alpha_sums``: with ``ALPHA_SPLIT``, on the query tiles not
-    marked in ``Alpha_open`` (int8 per query tile) as ``dO . Out_c - delta C_sum`` from the
-    forward's ``triton_candidates.candidate_alpha_sums`` (``Out_c`` with ``Out_u``'s strides),
-    and the others term by term in the tile loops."""
+    ``EntmaxSpec.alpha_terms`` into ``Alpha_sums``. ``ALPHA_SPLIT`` (``SPLIT_*``): the program
+    runs only on the query tiles that ``Alpha_open`` (int8 per query tile) marks (``SPLIT_OPEN``:
+    the sums term by term in the tile loops) or only on the others (``SPLIT_FINISHED``: the sums
+    as ``dO . Out_c - delta C_sum`` from the forward's ``triton_candidates.candidate_alpha_sums``,
+    ``Out_c`` with ``Out_u``'s strides, and tile loops without them): one launch for each, so
+    neither kind's loop is compiled beside the other's."""
     stride_qs, stride_qh = offset_strides(stride_qs, stride_qh, WIDE_OFFSETS)
     stride_ks, stride_kh = offset_strides(stride_ks, stride_kh, WIDE_OFFSETS)
     stride_vs, stride_vh = offset_strides(stride_vs, stride_vh, WIDE_OFFSETS)
@@ -251,51 +260,53 @@ def dq_kernel(
     stride_os, stride_oh = offset_strides(stride_os, stride_oh, WIDE_OFFSETS)
     stride_dqs, stride_dqh = offset_strides(stride_dqs, stride_dqh, WIDE_OFFSETS)
     tl.static_assert(HEAD_DIM >= 16 and HEAD_DIM <= 256)
-    (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, _, full_first,
-     full_end) = listed_query_tile(
-        Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
-        stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
-        GROUP, HEAD_DIM, BLOCK_M)
-    scale_z = of_query_head(scale_z, h, PER_HEAD)
-    gamma = of_query_head(gamma, h, PER_HEAD)
-    V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
-    do = load_rows(at_head(DO, b, h, stride_dob, stride_doh), tile_q * BLOCK_M, in_q, stride_dos, stride_dod, BLOCK_M,
-                   HEAD_DIM)
-    shift = tl.load(Shift + rows, mask=in_q, other=0.0)
-    tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
-    if COMPUTE_DELTA:
-        delta = row_delta(Out_u, U_sum, do, b, h, tile_q * BLOCK_M, in_q, rows, stride_ob, stride_os, stride_oh,
-                          stride_od, BLOCK_M, HEAD_DIM)
-        tl.store(Delta + rows, delta, mask=in_q)
+    # with ALPHA_SPLIT, a launch for each kind of query tile, each compiled for its own loop
+    if ALPHA_SPLIT == SPLIT_NONE:
+        runs = tl.program_id(0) >= 0
+    elif ALPHA_SPLIT == SPLIT_OPEN:
+        runs = program_query_flag(Alpha_open) != 0
     else:
-        delta = tl.load(Delta + rows, mask=in_q, other=0.0)
-
-    dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
-    alpha_sum = tl.full([BLOCK_M], 0.0, tl.float32)
-    if ALPHA_SPLIT:
-        if program_query_flag(Alpha_open) != 0:
-            dq, alpha_sum = dq_sweep(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end,
-                                     q_limit, q_doc, q_first, in_q, do, shift, tau, delta, dq, alpha_sum, stride_ks,
-                                     stride_kd, stride_vs, stride_vd, seqlen_k, scale_z, gamma, BLOCK_N, HEAD_DIM,
-                                     POWER, True, PRECISION)
-        else:
-            dq, no_sums = dq_sweep(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end,
-                                   q_limit, q_doc, q_first, in_q, do, shift, tau, delta, dq, alpha_sum, stride_ks,
-                                   stride_kd, stride_vs, stride_vd, seqlen_k, scale_z, gamma, BLOCK_N, HEAD_DIM,
-                                   POWER, False, PRECISION)
-            out_c = load_rows(at_head(Out_c, b, h, stride_ob, stride_oh), tile_q * BLOCK_M, in_q, stride_os,
+        runs = program_query_flag(Alpha_open) == 0
+    if runs:
+        (tile_q, bh, b, h, offs_m, in_q, rows, q, q_limit, q_doc, q_first, K, count, Tile_index, _, full_first,
+         full_end) = listed_query_tile(
+            Q, K, Q_limit, Q_doc, Q_first, K_full_lo, K_full_hi, Tile_count, Tile_index, stride_qb, stride_qs,
+            stride_qh, stride_qd, stride_kb, stride_kh, seqlen_q, num_heads, num_k_tiles, list_width,
+            GROUP, HEAD_DIM, BLOCK_M)
+        scale_z_h = of_query_head(scale_z, h, PER_HEAD)  # new names: a branch may not change a type
+        gamma_h = of_query_head(gamma, h, PER_HEAD)
+        V = at_head(V, b, h // GROUP, stride_vb, stride_vh)
+        do = load_rows(at_head(DO, b, h, stride_dob, stride_doh), tile_q * BLOCK_M, in_q, stride_dos, stride_dod,
+                       BLOCK_M, HEAD_DIM)
+        shift = tl.load(Shift + rows, mask=in_q, other=0.0)
+        tau = tl.load(Tau + rows, mask=in_q, other=float("inf"))
+        if COMPUTE_DELTA:
+            delta = row_delta(Out_u, U_sum, do, b, h, tile_q * BLOCK_M, in_q, rows, stride_ob, stride_os, stride_oh,
                               stride_od, BLOCK_M, HEAD_DIM)
+            tl.store(Delta + rows, delta, mask=in_q)
+        else:
+            delta = tl.load(Delta + rows, mask=in_q, other=0.0)
+
+        dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
+        alpha_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+        if ALPHA_SPLIT == SPLIT_FINISHED:
+            dq, no_sums = dq_sweep(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit,
+                                   q_doc, q_first, in_q, do, shift, tau, delta, dq, alpha_sum, stride_ks, stride_kd,
+                                   stride_vs, stride_vd, seqlen_k, scale_z_h, gamma_h, BLOCK_N, HEAD_DIM, POWER, False,
+                                   PRECISION)
+            out_c = load_rows(at_head(Out_c, b, h, stride_ob, stride_oh), tile_q * BLOCK_M, in_q, stride_os, stride_od,
+                              BLOCK_M, HEAD_DIM)
             c_sum = tl.load(C_sum + rows, mask=in_q, other=0.0)
             alpha_sum = tl.reduce(do.to(tl.float32) * out_c, 1, ADD) - delta * c_sum
-    else:
-        dq, alpha_sum = dq_sweep(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit,
-                                 q_doc, q_first, in_q, do, shift, tau, delta, dq, alpha_sum, stride_ks, stride_kd,
-                                 stride_vs, stride_vd, seqlen_k, scale_z, gamma, BLOCK_N, HEAD_DIM, POWER, ALPHA_SUMS,
-                                 PRECISION)
-    if ALPHA_SUMS:  # (B, H, Sq), NaN on rows that see a non-finite score
-        tl.store(Alpha_sums + rows, tl.where(tau != tau, float("nan"), alpha_sum), mask=in_q)
+        else:
+            dq, alpha_sum = dq_sweep(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end,
+                                     q_limit, q_doc, q_first, in_q, do, shift, tau, delta, dq, alpha_sum, stride_ks,
+                                     stride_kd, stride_vs, stride_vd, seqlen_k, scale_z_h, gamma_h, BLOCK_N, HEAD_DIM,
+                                     POWER, ALPHA_SUMS, PRECISION)
+        if ALPHA_SUMS:  # (B, H, Sq), NaN on rows that see a non-finite score
+            tl.store(Alpha_sums + rows, tl.where(tau != tau, float("nan"), alpha_sum), mask=in_q)
 
-    DQ = tile_ptrs(at_head(DQ, b, h, stride_dqb, stride_dqh), tile_q * BLOCK_M, stride_dqs, stride_dqd, BLOCK_M,
-                   HEAD_DIM)
-    dq = tl.where((tau == tau)[:, None], dq * softmax_scale, float("nan"))  # rows that see a non-finite score
-    tl.store(DQ, dq, mask=in_q[:, None])
+        DQ_tile = tile_ptrs(at_head(DQ, b, h, stride_dqb, stride_dqh), tile_q * BLOCK_M, stride_dqs, stride_dqd,
+                            BLOCK_M, HEAD_DIM)
+        dq = tl.where((tau == tau)[:, None], dq * softmax_scale, float("nan"))  # rows that see a non-finite score
+        tl.store(DQ_tile, dq, mask=in_q[:, None])
