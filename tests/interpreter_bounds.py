@@ -49,7 +49,7 @@ def install() -> bool:
     executor, builder = getattr(interpreter, "GridExecutor", None), getattr(interpreter, "InterpreterBuilder", None)
     names = ("create_masked_load", "create_masked_store", "create_atomic_rmw")
     if executor is None or builder is None or not hasattr(executor, "_init_args_hst") or \
-            not all(hasattr(builder, name) for name in names):
+            not hasattr(interpreter, "_get_np_dtype") or not all(hasattr(builder, name) for name in names):
         return False
     if getattr(builder, "_bounds_checked", False):
         return True
