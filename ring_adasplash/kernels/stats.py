@@ -59,6 +59,9 @@ NEWTON_SCHEDULE_STEPS = 10
 # tiles below every row's lower bound), and in one launch take each row's smallest gap above its
 # point with the marks, with which the closed form of alpha 1.5 stops a row exactly (``newton_step``)
 NEWTON_NARROW_STEP = 2
+# the one-launch schedule takes its second sweep (step 1) at the upper bound that its first gave,
+# where it gave one, and there stops a row exactly from above (``newton_step``'s ``above``)
+NEWTON_UPPER_STEP = 1
 NEWTON_STEP_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-10}
 NEWTON_TOLERANCE = {torch.float32: 2e-6, torch.float64: 1e-12}
 MASK_MARGIN = 1e-4  # slack (in z) when comparing a tile gap with a lower bound of tau
@@ -487,7 +490,7 @@ def column_tau(columns: torch.Tensor, spec: EntmaxSpec) -> torch.Tensor:
 
 
 def newton_step(state: NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tolerance: float,
-                step_tolerance: float) -> NewtonState:
+                step_tolerance: float, above: bool = False) -> NewtonState:
     """One step of the Newton schedule on the rows not done, from the merged sums of
     ``newton_moments_pass`` at ``t = state.point``: ``newton_update``, whose point stays below tau
     (up to rounding), and for alpha 1.5 an upper bound of tau from the same sums (when ``sums``
@@ -508,7 +511,13 @@ def newton_step(state: NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tolera
     where none): where that gap exceeds ``x``, no key lies in (t, t + x], so the keys above
     ``t + x`` are the keys above t, on which ``t + x`` solves ``sum p = 1``: it is tau, and the row
     is done with it. Most rows stop so a pass before the tolerances stop them: the support has
-    settled, but the Newton point still lies below tau."""
+    settled, but the Newton point still lies below tau.
+
+    Exact stop from above (``above``: the fourth column is the smallest ``t - z >= 0``, the
+    largest key at or below t; +inf where none): at a point above tau (f < 1) the same quadratic
+    over the keys above t has its root ``t + x`` below t (x <= 0), and the keys above t are part
+    of the support; where no key lies in (t + x, t], the keys above t + x are the keys above t,
+    on which ``t + x`` solves ``sum p = 1``: it is tau. A root below ``state.lower`` is not."""
     f, df = sums[..., 0].double(), sums[..., 1].double()
     point, lower, upper = newton_update(state.point, state.lower, state.upper, sums[..., :2], spec)
     done = (point - state.point).abs() <= step_tolerance
@@ -519,7 +528,12 @@ def newton_step(state: NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tolera
         valid = (f >= 1.0) & (2.0 * disc >= df * df) & (count > 0)
         upper = torch.where(valid, torch.minimum(upper, state.point + x), upper)
         done = done | ((upper - point) * spec.gamma * df <= tolerance)
-        if sums.shape[-1] == 4:
+        if sums.shape[-1] == 4 and above:
+            root = state.point + x
+            exact = (f < 1.0) & (count > 0) & (-x < sums[..., 3].double()) & (root >= state.lower)
+            point = torch.where(exact, root, point)
+            done = done | exact
+        elif sums.shape[-1] == 4:
             exact = valid & (x < sums[..., 3].double())
             point = torch.where(exact, state.point + x, point)
             done = done | exact

@@ -250,12 +250,14 @@ def newton_sums_pass(problem: Problem, tiles: BlockMask, point, rows=None):
 
 
 def newton_moments_pass(problem: Problem, tiles: BlockMask, point, rows=None, keep: bool = False,
-                        closest: bool = False):
+                        closest: bool = False, below: bool = False):
     """The Newton schedule's pass at ``t = point`` over ``tiles`` (only the query tiles holding a
     row of ``rows``, when given): ``sums`` (B, H, Sq, 3) float64, ``sum (z - t)_+^gamma``,
     ``sum (z - t)_+^(gamma - 1)`` and the count of keys above t, with ``closest`` and a fourth
     column: the smallest gap ``z - t > 0``, +inf where none (``stats.newton_step``'s exact stop; a
-    minimum, which key blocks do not add up); with ``keep``, also (B, H, nQ, nK) bool, the tiles
+    minimum, which key blocks do not add up), or with ``below`` the smallest ``t - z >= 0`` (the
+    largest key at or below t: ``stats.newton_step``'s exact stop from above); with ``keep``,
+    also (B, H, nQ, nK) bool, the tiles
     read that hold a key above ``t - MASK_MARGIN`` (no other tile read holds p > 0 for a tau >=
     t), else None."""
     if rows is not None:
@@ -271,7 +273,9 @@ def newton_moments_pass(problem: Problem, tiles: BlockMask, point, rows=None, ke
         gap = _gap(z, t)
         p, u = problem.spec.weights(gap)
         sums += torch.stack((p.sum(-1), u.sum(-1), (gap > 0).sum(-1).double()), -1)
-        if closest:
+        if closest and below:
+            nearest = torch.minimum(nearest, torch.where(z <= t, t - z, float("inf")).amin(-1))
+        elif closest:
             nearest = torch.minimum(nearest, torch.where(gap > 0, gap, float("inf")).amin(-1))
         if keep:
             near[..., index] = key_tiles.per_query_tile((z > t - stats.MASK_MARGIN).any(-1), "any")
@@ -281,9 +285,9 @@ def newton_moments_pass(problem: Problem, tiles: BlockMask, point, rows=None, ke
 
 
 def newton_step(state: stats.NewtonState, sums: torch.Tensor, spec, tolerance: float,
-                step_tolerance: float) -> stats.NewtonState:
+                step_tolerance: float, above: bool = False) -> stats.NewtonState:
     """``stats.newton_step``."""
-    return stats.newton_step(state, sums, spec, tolerance, step_tolerance)
+    return stats.newton_step(state, sums, spec, tolerance, step_tolerance, above)
 
 
 def newton_polish(problem: Problem, tiles: BlockMask, state: stats.NewtonState, steps: int) -> torch.Tensor:
@@ -331,10 +335,17 @@ def newton_schedule(problem: Problem, tiles: BlockMask, reference, row_max, tole
         if not rows.any():
             break
         mark = step >= stats.NEWTON_NARROW_STEP
-        sums, near = newton_moments_pass(problem, tiles, state.point, rows, keep=mark, closest=mark)
+        above = step == stats.NEWTON_UPPER_STEP and problem.spec.power == 2
+        sums, near = newton_moments_pass(problem, tiles, state.point, rows, keep=mark, closest=mark or above,
+                                         below=above)
         if mark:
             kept = torch.where(stats.per_query_tile(rows, problem.block_m, "any")[..., None], near, kept)
-        state = newton_step(state, sums, problem.spec, tolerance, step_tolerance)
+        upper = state.upper
+        state = newton_step(state, sums, problem.spec, tolerance, step_tolerance, above)
+        if step + 1 == stats.NEWTON_UPPER_STEP and problem.spec.power == 2:
+            # the next sweep at the upper bound this one gave, where it gave one
+            moved = ~state.done & (state.upper < upper)
+            state = state._replace(point=torch.where(moved, state.upper, state.point))
     return state.point, kept, None
 
 

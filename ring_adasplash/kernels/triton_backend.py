@@ -535,7 +535,8 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
             sample_margin=SAMPLE_MARGIN, CANDIDATES=slots, CHUNK=CANDIDATE_CHUNK, SAMPLE_TILES=max(SAMPLE_TILES, 1),
             **p.config("candidates"))
     launch(triton_newton.newton_schedule_kernel, p.query_grid)(
-        **arguments, Spilled=spilled, SPILLED_ONLY=bool(slots), COLUMN_STEPS=S.COLUMN_STEPS,
+        **arguments, Spilled=spilled, SPILLED_ONLY=bool(slots), UPPER_STEP=S.NEWTON_UPPER_STEP,
+        COLUMN_STEPS=S.COLUMN_STEPS,
         COLUMN_MARGIN=S.FLOOR_MARGIN, **p.config("newton"))
     return tau, keep.view(torch.bool), partial
 

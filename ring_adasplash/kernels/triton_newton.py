@@ -47,11 +47,11 @@ def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
                  offs_m, Keep, tile_row, t, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma,
                  margin, mark, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  POWER: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr, UNROLL: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, BELOW: tl.constexpr = False):
     """One sweep of the listed key tiles at ``t`` (float32 per row): ``(f, f', count, closest)`` per
     row, float64 (the count 0 without ``COUNT``), and with ``KEEP`` ``mark`` on the tiles that may
     hold p > 0 and ``closest`` the smallest gap ``z - t > 0`` (+inf where none, and without
-    ``KEEP``) (``newton_tiles``)."""
+    ``KEEP``); with ``BELOW`` instead, ``closest`` the smallest ``t - z >= 0`` (``newton_tiles``)."""
     f_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     df_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     above = tl.full([BLOCK_M, ONES_WIDTH], 0.0, tl.float32)
@@ -64,7 +64,7 @@ def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
                     offs_m, Keep, tile_row, t, ones, f_sum, df_sum, above, closest, stride_ks, stride_kd, seqlen_q,
                     seqlen_k, shift, scale_z, gamma, margin, mark, HEAD_DIM, BLOCK_N,
                     POWER if POWER != POWER_BY_HEAD else POWER_GENERAL - LOG, COUNT, KEEP, FULL == 1, UNROLL,
-                    PRECISION)
+                    PRECISION, BELOW)
     # bits above +inf's: no positive gap (a negative float, or NaN on rows marked NaN whole)
     positive = closest <= 0x7F800000
     closest = tl.where(positive, closest.to(tl.float32, bitcast=True), float("inf"))
@@ -107,23 +107,26 @@ def newton_steps(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
                  offs_m, Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin,
                  tolerance, step_tolerance, point, lower, upper, done, step, live, LAST: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POWER: tl.constexpr,
-                 COUNT: tl.constexpr, KEEP: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr):
+                 COUNT: tl.constexpr, KEEP: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr,
+                 ABOVE: tl.constexpr = False):
     """Steps ``step``, ``step + 1``, ... up to ``LAST`` (excluded) while a row is live: a sweep at
     the rows' points (rounded to float32, as the sweep takes them), then ``newton_row_step`` on the
     rows not done (with ``COUNT`` the sweep counts the keys above each point, and at gamma 2 the
     step takes the upper bound they give; with ``KEEP`` it marks the tiles, and at gamma 2 the
-    smallest gaps it finds with the marks stop the rows whose closed form is exact). Returns
-    ``(point, lower, upper, done, step, live)``."""
+    smallest gaps it finds with the marks stop the rows whose closed form is exact; with ``ABOVE``
+    instead, at gamma 2, the largest keys at or below the points stop the rows above tau whose
+    closed form is exact: ``stats.newton_step``'s ``above``). Returns ``(point, lower, upper, done,
+    step, live)``."""
     while (step < LAST) & (live > 0):
         t = point.to(tl.float32)
         f, df, n, closest = newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end,
                                          q_limit, q_doc, q_first, offs_m, Keep, tile_row, t, ones, stride_ks,
                                          stride_kd, seqlen_q, seqlen_k, shift, scale_z, gamma, margin,
                                          (step + 1).to(tl.int8), HEAD_DIM, BLOCK_M, BLOCK_N, POWER, COUNT, KEEP,
-                                         UNROLL, PRECISION)
+                                         UNROLL, PRECISION, ABOVE)
         point, lower, upper, done, step, live = newton_live_rows_step(f, df, n, closest, t, point, lower, upper, done,
                                                                      step, gamma, tolerance, step_tolerance, POWER,
-                                                                     KEEP)
+                                                                     KEEP, ABOVE)
     return point, lower, upper, done, step, live
 
 
@@ -135,7 +138,8 @@ def newton_schedule_kernel(
     stride_kb, stride_ks, stride_kh, stride_kd,
     seqlen_q, seqlen_k, num_heads, num_k_tiles, list_width, scale_z, gamma, margin, tolerance, step_tolerance,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, SPILLED_ONLY: tl.constexpr,
+    POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, UPPER_STEP: tl.constexpr,
+    SPILLED_ONLY: tl.constexpr,
     COLUMN_STEPS: tl.constexpr, COLUMN_MARGIN: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
@@ -168,13 +172,24 @@ def newton_schedule_kernel(
         ones = tl.full([BLOCK_N, ONES_WIDTH], 1.0, q.dtype)
         live = tl.reduce((~done).to(tl.int32), 0, ADD)
         step = tl.full([], 0, tl.int32)  # a tensor, not the constant 0: the helper's loop reassigns it
-        # the same steps in two loops, the second marking the tiles (and with the marks finding the
-        # smallest gaps: the exact stop, at gamma 2): no branch inside a sweep
+        # the same steps in three loops: the first sweep; at gamma 2 the second at the upper bound
+        # the first gave, finding the largest keys below the points (the exact stop from above); the
+        # rest marking the tiles (and with the marks finding the smallest gaps: the exact stop, at
+        # gamma 2): no branch inside a sweep
+        tl.static_assert(UPPER_STEP < NARROW_STEP)
+        first_upper = upper
+        point, lower, upper, done, step, live = newton_steps(
+            q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
+            Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z_h, gamma_h, margin,
+            tolerance, step_tolerance, point, lower, upper, done, step, live, UPPER_STEP, HEAD_DIM, BLOCK_M, BLOCK_N,
+            POWER, POWER == 2, False, UNROLL, PRECISION)
+        if POWER == 2:  # the next sweep at the upper bound the first gave, where it gave one
+            point = tl.where(~done & (upper < first_upper), upper, point)
         point, lower, upper, done, step, live = newton_steps(
             q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
             Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z_h, gamma_h, margin,
             tolerance, step_tolerance, point, lower, upper, done, step, live, NARROW_STEP, HEAD_DIM, BLOCK_M, BLOCK_N,
-            POWER, POWER == 2, False, UNROLL, PRECISION)
+            POWER, POWER == 2, False, UNROLL, PRECISION, POWER == 2)
         point, lower, upper, done, step, live = newton_steps(
             q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first, offs_m,
             Keep, tile_row, ones, stride_ks, stride_kd, seqlen_q, seqlen_k, shift, scale_z_h, gamma_h, margin,

@@ -144,13 +144,14 @@ def newton_tiles(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
                  offs_m, Keep, tile_row, t, ones, f_sum, df_sum, above, closest, stride_ks, stride_kd, seqlen_q,
                  seqlen_k, shift, scale_z, gamma, margin, mark, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                  POWER: tl.constexpr, COUNT: tl.constexpr, KEEP: tl.constexpr, FULL: tl.constexpr,
-                 UNROLL: tl.constexpr, PRECISION: tl.constexpr):
+                 UNROLL: tl.constexpr, PRECISION: tl.constexpr, BELOW: tl.constexpr = False):
     """``f_sum``, ``df_sum``, ``above`` and ``closest`` plus, over one of the two loops of listed
     tiles (``list_slots``), sum (z - t)_+^gamma, sum (z - t)_+^(gamma - 1) and with ``COUNT`` the
     count of keys above t (every column of ``above``); with ``KEEP``, ``mark`` (int8) into
     ``Keep[tile]`` where a key of the tile lies above ``t - margin`` (the rest left as they are),
     and into ``closest`` (uint32, the bits of a float32) the smallest gap ``z - t > 0``, or where a
-    row has none, a negative float."""
+    row has none, a negative float; with ``BELOW`` (and no ``KEEP``), into ``closest`` the
+    smallest ``t - z >= 0`` instead (the largest key at or below t), and no marks."""
     start, stop = list_slots(count, full_first, full_end, FULL)
     # UNROLL tiles per trip over the fully visible tiles (the launcher's setting), written in place:
     # Triton 3.6 does not take a helper's result as the factor
@@ -175,6 +176,8 @@ def newton_tiles(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
             # the program's warps, which would hold every warp at a barrier on every tile
             near = nearest.to(tl.float32, bitcast=True) > -margin
             tl.store(Keep + tile_row + tile_k + tl.full(near.shape, 0, tl.int32), mark, mask=near)
+        elif BELOW:  # the same integer min on the other side's differences
+            closest = tl.minimum(closest, tl.reduce((t[:, None] - z).to(tl.uint32, bitcast=True), 1, MIN))
     return f_sum, df_sum, above, closest
 
 

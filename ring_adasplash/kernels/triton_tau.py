@@ -195,11 +195,14 @@ def one_minus_root(f, gamma, POWER: tl.constexpr):
 
 @triton.jit
 def newton_row_step(f, df, count, closest, t, lower, upper, gamma, tolerance, step_tolerance, POWER: tl.constexpr,
-                    EXACT_STOP: tl.constexpr):
+                    EXACT_STOP: tl.constexpr, EXACT_ABOVE: tl.constexpr = False):
     """``stats.newton_step`` on rows in registers (float64): from the sums ``f``, ``df`` and
     ``count`` at ``t`` and the bracket ``[lower, upper]``, the next ``(point, lower, upper, done)``;
     with ``EXACT_STOP`` (and ``POWER`` 2), ``closest`` (the smallest gap above t) stops the rows
-    whose closed form is exact."""
+    whose closed form is exact; with ``EXACT_ABOVE`` instead, ``closest`` is the smallest
+    ``t - z >= 0`` and the rows above tau whose closed form is exact stop (``stats.newton_step``'s
+    ``above``)."""
+    lower_at_t = lower
     below = f >= 1.0
     lower = tl.where(below, tl.maximum(lower, t), lower)
     upper = tl.where(below, upper, tl.minimum(upper, t))
@@ -219,6 +222,10 @@ def newton_row_step(f, df, count, closest, t, lower, upper, gamma, tolerance, st
             exact = valid & (x < closest)
             point = tl.where(exact, t + x, point)
             done = done | exact
+        if EXACT_ABOVE:  # above tau, no key in (t + x, t]: t + x is tau (stats.newton_step, above)
+            exact = (f < 1.0) & (count > 0) & (-x < closest) & (t + x >= lower_at_t)
+            point = tl.where(exact, t + x, point)
+            done = done | exact
     return point, lower, upper, done
 
 
@@ -236,13 +243,13 @@ def schedule_rows(Shift, Row_max, Reference, rows, in_q):
 
 @triton.jit
 def newton_live_rows_step(f, df, count, closest, t, point, lower, upper, done, step, gamma, tolerance, step_tolerance,
-                          POWER: tl.constexpr, EXACT_STOP: tl.constexpr):
+                          POWER: tl.constexpr, EXACT_STOP: tl.constexpr, EXACT_ABOVE: tl.constexpr = False):
     """One step of a kernel's Newton loop on rows in registers: ``newton_row_step`` from the sums at
     ``t`` on the rows not ``done``; returns ``(point, lower, upper, done, step + 1, live)``, live the
     number of rows not done."""
     next_point, next_lower, next_upper, converged = newton_row_step(f, df, count, closest, t.to(tl.float64), lower,
                                                                     upper, gamma, tolerance, step_tolerance, POWER,
-                                                                    EXACT_STOP)
+                                                                    EXACT_STOP, EXACT_ABOVE)
     point = tl.where(done, point, next_point)
     lower = tl.where(done, lower, next_lower)
     upper = tl.where(done, upper, next_upper)
