@@ -528,14 +528,13 @@ def newton_step(state: NewtonState, sums: torch.Tensor, spec: EntmaxSpec, tolera
         valid = (f >= 1.0) & (2.0 * disc >= df * df) & (count > 0)
         upper = torch.where(valid, torch.minimum(upper, state.point + x), upper)
         done = done | ((upper - point) * spec.gamma * df <= tolerance)
-        if sums.shape[-1] == 4 and above:
-            root = state.point + x
-            exact = (f < 1.0) & (count > 0) & (-x < sums[..., 3].double()) & (root >= state.lower)
+        if sums.shape[-1] == 4:
+            root, nearest = state.point + x, sums[..., 3].double()
+            if above:
+                exact = (f < 1.0) & (count > 0) & (-x < nearest) & (root >= state.lower)
+            else:
+                exact = valid & (x < nearest)
             point = torch.where(exact, root, point)
-            done = done | exact
-        elif sums.shape[-1] == 4:
-            exact = valid & (x < sums[..., 3].double())
-            point = torch.where(exact, state.point + x, point)
             done = done | exact
     keep = state.done
     return NewtonState(torch.where(keep, state.point, point), torch.where(keep, state.lower, lower),

@@ -324,25 +324,28 @@ def newton_schedule(problem: Problem, tiles: BlockMask, reference, row_max, tole
     from ``stats.NewtonState.start(reference, row_max)``, ``newton_moments_pass`` over ``tiles`` and
     ``newton_step`` on the query tiles with a row not done, up to ``NEWTON_SCHEDULE_STEPS``; from
     step ``NEWTON_NARROW_STEP`` on, each pass marks the tiles that may hold p > 0 and takes the
-    rows' smallest gaps (the exact stop). Returns tau
+    rows' smallest gaps (the exact stop); at alpha 1.5 step ``NEWTON_UPPER_STEP``'s pass is at the
+    upper bound the step before gave, where it gave one, and takes the largest keys at or below the
+    points (the exact stop from above). Returns tau
     (B, H, Sq) float64 (the last point; the start on rows with no visible key) and (B, H, nQ, nK)
     bool, the tiles of ``tiles`` the last marking pass of their query tile kept (all of them where
     none marked), and None: the output is left to ``output_pass`` (``output`` is not read)."""
     state = stats.NewtonState.start(column_floor(problem, tiles, reference, row_max), row_max)
     kept = tiles.tiles
+    closed = problem.spec.power == 2  # alpha 1.5: the upper bound and the exact stops
     for step in range(stats.NEWTON_SCHEDULE_STEPS):
         rows = ~state.done
         if not rows.any():
             break
         mark = step >= stats.NEWTON_NARROW_STEP
-        above = step == stats.NEWTON_UPPER_STEP and problem.spec.power == 2
+        above = closed and step == stats.NEWTON_UPPER_STEP
         sums, near = newton_moments_pass(problem, tiles, state.point, rows, keep=mark, closest=mark or above,
                                          below=above)
         if mark:
             kept = torch.where(stats.per_query_tile(rows, problem.block_m, "any")[..., None], near, kept)
         upper = state.upper
         state = newton_step(state, sums, problem.spec, tolerance, step_tolerance, above)
-        if step + 1 == stats.NEWTON_UPPER_STEP and problem.spec.power == 2:
+        if closed and step + 1 == stats.NEWTON_UPPER_STEP:
             # the next sweep at the upper bound this one gave, where it gave one
             moved = ~state.done & (state.upper < upper)
             state = state._replace(point=torch.where(moved, state.upper, state.point))

@@ -218,12 +218,11 @@ def newton_row_step(f, df, count, closest, t, lower, upper, gamma, tolerance, st
         valid = below & (2.0 * disc >= df * df) & (count > 0)
         upper = tl.where(valid, tl.minimum(upper, t + x), upper)
         done = done | ((upper - point) * gamma * df <= tolerance)
-        if EXACT_STOP:  # no key in (t, t + x]: t + x is tau (stats.newton_step)
-            exact = valid & (x < closest)
-            point = tl.where(exact, t + x, point)
-            done = done | exact
-        if EXACT_ABOVE:  # above tau, no key in (t + x, t]: t + x is tau (stats.newton_step, above)
-            exact = (f < 1.0) & (count > 0) & (-x < closest) & (t + x >= lower_at_t)
+        if EXACT_STOP or EXACT_ABOVE:
+            if EXACT_ABOVE:  # above tau, no key in (t + x, t]: t + x is tau (stats.newton_step, above)
+                exact = (f < 1.0) & (count > 0) & (-x < closest) & (t + x >= lower_at_t)
+            else:  # no key in (t, t + x]: t + x is tau (stats.newton_step)
+                exact = valid & (x < closest)
             point = tl.where(exact, t + x, point)
             done = done | exact
     return point, lower, upper, done
