@@ -1196,7 +1196,10 @@ def test_newton_schedule_kernel_matches_the_pytorch_schedule(interpreted, alpha,
         assert torch.equal(torch.isinf(got.tau), torch.isinf(want.tau))
         finite = torch.isfinite(want.tau)
         torch.testing.assert_close(got.tau[finite], want.tau[finite].to(got.tau.dtype), rtol=0, atol=2e-6)
-        torch.testing.assert_close(got.out, want.out.to(got.out.dtype), rtol=1e-5, atol=1e-5, equal_nan=True)
+        # a row of the output is a convex combination of rows of v: float32's error is in units of
+        # the largest |v| (at spread 4.0 both schedules lie 5e-5 from the float64 output)
+        torch.testing.assert_close(got.out, want.out.to(got.out.dtype), rtol=1e-5, atol=1e-5 * float(v.abs().max()),
+                                   equal_nan=True)
         if route == "sweeps":
             assert torch.equal(got.read_masks[0].tiles, want.read_masks[0].tiles)
         else:
