@@ -1313,6 +1313,43 @@ def test_sampled_flat_query_tiles_spill_before_their_gather(interpreted, monkeyp
     assert not spilled[0].any() and torch.equal(spilled[1].view(-1), last_tiles)
 
 
+def test_gather_in_parts_changes_no_bit(interpreted, monkeypatch):
+    """``GATHER_PARTS``: a query tile whose row has passed its limit after a part of its full key
+    tiles gathers no further, and that changes no bit. 128 queries against 1024 keys (16 full key
+    tiles), 320 slots, parts of 4 tiles, no sample: the first query tile's rows are flat on key tiles
+    0-5 (384 candidates: past the limit in the second part, so it spills), the second's on 19 keys
+    of every tile (304, under the limit only once every part is gathered: a stop that ends the
+    gather early anywhere else leaves it a wrong tau). Tau, the output, the tiles with p > 0 and the
+    spills are the same bits in one part as in four, in both heads, and tau within float32 rounding
+    of the PyTorch schedule's."""
+    monkeypatch.setenv(interpreted.CANDIDATES_ENV, "320")
+    monkeypatch.setattr(interpreted, "SAMPLE_TILES", 0)
+    monkeypatch.setattr(interpreted, "GATHER_PART_TILES", 2)
+    spilled = _recorded_spills(interpreted, monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    q = torch.zeros(1, 128, 2, 32)
+    q[:, :64, :, 0] = 1.0
+    q[:, 64:, :, 1] = 1.0
+    keys = torch.arange(1024)
+    k = torch.zeros(1, 1024, 2, 32)
+    for dim, flat in ((0, keys < 384), (1, keys % 64 < 19)):
+        k[0, :, :, dim] = torch.where(flat[:, None], 2.0 + 0.001 * torch.rand(1024, 2, generator=g), -3.0)
+    v = torch.randn(1, 1024, 2, 32, generator=g)
+    blocks, spec = A.SingleBlock(k, v, causal_visibility(128, 1024, False, "cpu")), EntmaxSpec(1.5)
+    want = A.entmax_forward(TB, q, blocks, spec, 1.0, schedule="newton")
+    runs = []
+    for parts in (1, 4):
+        monkeypatch.setattr(interpreted, "GATHER_PARTS", parts)
+        runs.append(A.entmax_forward(interpreted, q, blocks, spec, 1.0, schedule="newton"))
+    one, four = runs
+    assert torch.equal(one.tau, four.tau) and torch.equal(one.out, four.out)
+    assert torch.equal(one.block_masks[0].tiles, four.block_masks[0].tiles)
+    assert torch.equal(spilled[0], spilled[1])
+    assert torch.equal(spilled[1].view(-1), torch.tensor([1, 0] * 2, dtype=torch.int8))
+    torch.testing.assert_close(four.tau, want.tau.to(four.tau.dtype), rtol=0, atol=2e-6)
+    torch.testing.assert_close(four.out, want.out.to(four.out.dtype), rtol=1e-5, atol=1e-5)
+
+
 def test_candidate_slots_setting_is_checked(monkeypatch):
     """``RING_ADASPLASH_CANDIDATES``: 0 or a multiple of the chunk, else a ValueError that names it."""
     from ring_adasplash.kernels import triton_backend

@@ -470,6 +470,11 @@ CROWDED_FLOOR = 384
 SAMPLE_TILES = 4
 SAMPLE_FROM = 32
 SAMPLE_MARGIN = 2
+# the rest of the full tiles are gathered in GATHER_PARTS parts of at least GATHER_PART_TILES tiles, and
+# a query tile with a row past its limit after a part gathers no further: it spills whatever the
+# rest holds (flat rows the sample did not send to the sweeps); GATHER_PARTS 1: one part
+GATHER_PARTS = 4
+GATHER_PART_TILES = 8
 
 
 def candidate_slots() -> int:
@@ -532,7 +537,8 @@ def newton_schedule(problem: TritonProblem, tiles: BlockMask, reference, row_max
             num_q_tiles=p.num_q_tiles, num_tiles=work, few_tiles=FEW_TILES,
             crowded_ratio=CROWDED_RATIO if p.spec.closed_form else 0,
             crowded_floor=CROWDED_FLOOR, sample_from=max(SAMPLE_FROM, SAMPLE_TILES) if SAMPLE_TILES > 0 else 2**30,
-            sample_margin=SAMPLE_MARGIN, CANDIDATES=slots, CHUNK=CANDIDATE_CHUNK, SAMPLE_TILES=max(SAMPLE_TILES, 1),
+            sample_margin=SAMPLE_MARGIN, gather_parts=max(GATHER_PARTS, 1), gather_part_tiles=max(GATHER_PART_TILES, 1),
+            CANDIDATES=slots, CHUNK=CANDIDATE_CHUNK, SAMPLE_TILES=max(SAMPLE_TILES, 1),
             **p.config("candidates"))
     launch(triton_newton.newton_schedule_kernel, p.query_grid)(
         **arguments, Spilled=spilled, SPILLED_ONLY=bool(slots), UPPER_STEP=S.NEWTON_UPPER_STEP,

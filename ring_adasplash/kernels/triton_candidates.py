@@ -239,7 +239,7 @@ def candidate_schedule_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     seqlen_q, seqlen_k, num_heads, num_q_tiles, num_k_tiles, list_width, num_tiles, few_tiles, crowded_ratio,
-    crowded_floor, sample_from, sample_margin, scale_z, gamma,
+    crowded_floor, sample_from, sample_margin, gather_parts, gather_part_tiles, scale_z, gamma,
     margin, tolerance, step_tolerance,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     POWER: tl.constexpr, MAX_STEPS: tl.constexpr, NARROW_STEP: tl.constexpr, CANDIDATES: tl.constexpr,
@@ -258,7 +258,9 @@ def candidate_schedule_kernel(
     gathers in the order of ``spread_slot``) where a row's candidates among the first
     ``SAMPLE_TILES`` of those tiles, times its listed tiles over ``SAMPLE_TILES``, pass
     ``sample_margin`` times that limit: such a query tile gathers no further (``Tau`` and ``Keep``
-    then left to ``newton_schedule_kernel``). ``Reference`` and ``Row_max`` start each row's
+    then left to ``newton_schedule_kernel``). The full tiles are gathered in ``gather_parts`` parts
+    of at least ``gather_part_tiles`` tiles, and a query tile with a row past its limit after a
+    part gathers no further either. ``Reference`` and ``Row_max`` start each row's
     bracket as ``newton_schedule_kernel`` does (``Row_max`` NaN on rows that see a score that is
     not finite);
     ``Cand`` (int32) holds ``BLOCK_M x (CANDIDATES + BLOCK_N)`` pairs (the bits of the score q . k, its key)
@@ -319,10 +321,19 @@ def candidate_schedule_kernel(
                 if FULL:
                     start += sampled
                 stop = tl.where(crowded, start, stop)
-                found = gather_candidates(q, K_head, K_pos, K_doc, K_win_pos, Index, start, stop, spacing, full_first,
-                                          full_end, q_limit, q_doc, q_first, offs_m, Row_slots, found, cutoff, prefix,
-                                          limit, stride_ks, stride_kd, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_N,
-                                          FULL == 1, SAMPLE_TILES, UNROLL, PRECISION)
+                # the full tiles in parts: once a row has passed the limit its query tile spills
+                # whatever the rest of its tiles hold, so the parts after that one are empty
+                part = stop - start
+                if FULL:
+                    part = tl.maximum((stop - start + gather_parts - 1) // gather_parts, gather_part_tiles)
+                for part_start in range(start, stop, tl.maximum(part, 1)):
+                    part_stop = tl.minimum(part_start + part, stop)
+                    if FULL:
+                        part_stop = tl.where(tl.reduce(found, 0, MAX) > limit, part_start, part_stop)
+                    found = gather_candidates(q, K_head, K_pos, K_doc, K_win_pos, Index, part_start, part_stop, spacing,
+                                              full_first, full_end, q_limit, q_doc, q_first, offs_m, Row_slots, found,
+                                              cutoff, prefix, limit, stride_ks, stride_kd, seqlen_q, seqlen_k,
+                                              HEAD_DIM, BLOCK_N, FULL == 1, SAMPLE_TILES, UNROLL, PRECISION)
             found = tl.where(crowded, (limit + 1).to(tl.float32), found)
             tl.debug_barrier()  # every thread's candidates are in memory before any thread reads them
             longest = tl.reduce(found, 0, MAX).to(tl.int32)
