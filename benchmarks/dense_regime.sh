@@ -38,7 +38,7 @@ else
   SPARSE=32768:64:2.0,32768:128:2.0,65536:128:2.0,131072:128:2.0
   PROFILE=(--seqlen 32768 --head-dim 64 --repeats 10)
   # this model's recall reached 1.000 within 300 steps at 64 tokens, 200 at 1024 and 100 at 8K on one H100
-  # (benchmarks/RESULTS.md, "Recall learned at 8K"): each stage here has twice that
+  # (benchmarks/HISTORY.md, "Recall learned at 8K"): each stage here has twice that
   TRAIN=(--seqlen 8192 --layers 2 --d-model 256 --heads 4 --lr 1e-3 --batch 8 --curriculum 64:600,1024:400
          --steps 200 --log-every 100)
   CAPTURED=(--heads 4 --batch 4 --rows 8192:64:0,8192:64:1)

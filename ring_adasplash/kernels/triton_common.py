@@ -464,7 +464,7 @@ def approx_log2(x):
     instruction (``lg2.approx.ftz.f32``, relative error about 2^-22, one ``MUFU.LG2``; the form
     without ``ftz`` is wrapped by the compiler in a test and a rescale for denormal inputs):
     ``tl.log2`` compiles to libdevice's correctly rounded log2, many instructions per element, which
-    made the sums of dL/dalpha most of the dQ kernel's time (benchmarks/RESULTS.md). For terms where
+    made the sums of dL/dalpha most of the dQ kernel's time (benchmarks/HISTORY.md). For terms where
     that error is far below the result's tolerance: the alpha gradient's sums, and powers of small
     exponent (``power_log2``). The interpreter takes ``tl.log2``."""
     if INTERPRETED:
