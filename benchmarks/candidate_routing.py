@@ -3,11 +3,14 @@ in one process.
 
     python3 benchmarks/candidate_routing.py 2:512:32 1:512:32 1:256:32 1:256:16 2:512:32
     python3 benchmarks/candidate_routing.py 2:512:32 1:256:32 --captured qkv.pt --modes fwd
+    python3 benchmarks/candidate_routing.py 2:384:32:4:8 2:384:32:8:4 2:384:32:16:2 2:384:32:1:1 2:384:32:4:8
 
-Each SETTING is ``margin:floor:sample_from``: ``triton_backend.SAMPLE_MARGIN``, ``CROWDED_FLOOR``
-and ``SAMPLE_FROM``, which decide which query tiles the candidate kernel keeps and which it
-spills to the Newton sweeps (``triton_candidates.candidate_schedule_kernel``). All three reach the
-kernel as runtime arguments, so the settings share one compilation; the CUDA graphs of our
+Each SETTING is ``margin:floor:sample_from[:parts:part_tiles]``: ``triton_backend.SAMPLE_MARGIN``,
+``CROWDED_FLOOR`` and ``SAMPLE_FROM``, which decide which query tiles the candidate kernel keeps
+and which it spills to the Newton sweeps (``triton_candidates.candidate_schedule_kernel``), and
+``GATHER_PARTS`` and ``GATHER_PART_TILES``, the parts its gather ends after once a row has passed
+its limit (the defaults where left out). All reach the kernel as runtime arguments, so the
+settings share one compilation; the CUDA graphs of our
 forward are dropped between settings (a graph keeps the arguments it was captured with). List
 the default setting first and again last: the two bracket the drift of the GPU over the run.
 
@@ -42,20 +45,24 @@ CASES = [  # (name, family, batch, seqlen, heads, head_dim, amp)
     ("structured 32K, D 64, amp 2.0", "structured", 1, 32768, 16, 64, 2.0),
 ]
 CAPTURED_CASES = [(f"captured layer {layer}, 8K", "captured", 2, 8192, 4, 64, float(layer)) for layer in (0, 1)]
-SETTING_NAMES = ("SAMPLE_MARGIN", "CROWDED_FLOOR", "SAMPLE_FROM")
+SETTING_NAMES = ("SAMPLE_MARGIN", "CROWDED_FLOOR", "SAMPLE_FROM", "GATHER_PARTS", "GATHER_PART_TILES")
 
 
 def setting(text: str) -> tuple:
+    """A SETTING's values, one per name of ``SETTING_NAMES``; the gather's parts, where left out,
+    the defaults of ``triton_backend``."""
     parts = text.split(":")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"a setting is margin:floor:sample_from, three positive integers; "
-                                         f"got {text!r}")
-    return tuple(int(p) for p in parts)
+    if len(parts) not in (3, 5) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"a setting is margin:floor:sample_from[:parts:part_tiles], three or five "
+                                         f"positive integers; got {text!r}")
+    values = tuple(int(p) for p in parts)
+    return values + tuple(getattr(triton_backend, name) for name in SETTING_NAMES[len(values):])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("settings", nargs="+", type=setting, metavar="SETTING", help="margin:floor:sample_from")
+    p.add_argument("settings", nargs="+", type=setting, metavar="SETTING",
+                   help="margin:floor:sample_from[:parts:part_tiles]")
     p.add_argument("--captured", metavar="PATH", help="file of launch/train.py --capture: adds its layers 0 and 1")
     p.add_argument("--modes", type=common.csv_list(str), default=["fwd", "fwdbwd"], help="fwd, fwdbwd")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up per measurement (ms)")
