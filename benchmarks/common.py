@@ -260,7 +260,7 @@ def add_alpha_arguments(p):
                         "or LO:HI (a learnable per-head tensor, evenly spaced)")
     p.add_argument("--device-alpha", action="store_true",
                    help="with --head-alphas: the tensor given as ring_adasplash.DeviceAlpha (its values not read "
-                        "on the host; every head in the general form)")
+                        "on the host; every head in the general form's schedule)")
 
 
 def check_alpha_arguments(p, args):

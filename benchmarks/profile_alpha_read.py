@@ -10,8 +10,9 @@ per-head tensor of 1.5 on every head, ``same``; alphas 1.2 to 2 over the heads, 
 prints the median ms of ``triton.testing.do_bench`` and the device ms per call (the kernels'
 time from ``torch.profiler``), and, for the tensors, both again with the host read made once
 per tensor and reused (``no read``), and with the tensor given as a ``DeviceAlpha`` (never
-read; every head in the general form). The ``no read`` variant only measures; it is not a way
-to call the library (a value moved after the first call would be missed).
+read; every head in the general form's schedule, each in its own form in the kernels' loops).
+The ``no read`` variant only measures; it is not a way to call the library (a value moved after
+the first call would be missed).
 """
 import argparse
 

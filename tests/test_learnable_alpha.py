@@ -153,8 +153,8 @@ def test_bad_alpha_tensors_are_named(alpha, match):
 
 @pytest.mark.parametrize("name", list(ALPHAS))
 def test_device_alpha_is_the_alpha_read_on_the_host(name):
-    """``DeviceAlpha``: every head in the general form, its alpha read from the device; out and
-    every gradient as the same tensor read on the host gives them (bit for bit where no head is
+    """``DeviceAlpha``: every head in the general form's schedule, its alpha read from the device;
+    out and every gradient as the same tensor read on the host gives them (bit for bit where no head is
     1.5 or 2: the same kernels), and within 1e-10 of the closed forms."""
     q, k, v, grad_out = _inputs()
     results = []
@@ -193,20 +193,21 @@ def test_device_alpha_out_of_range_gives_nan_rows_on_its_heads_only():
 def test_the_general_form_takes_its_log_by_the_alphas():
     """``EntmaxSpec.power``: the closed forms at 1.5 and 2; else the log2 that the kernels' powers
     take, chosen on the float32 gamma they are given: the approximate one up to gamma 5 (alpha 1.2,
-    included), the correctly rounded one above, and per head where a spec holds both kinds or its
-    values are on the device alone."""
+    included), the correctly rounded one above; and per head where a spec's heads differ in form
+    (a closed form beside another, or both logs) or its values are on the device alone."""
     from ring_adasplash.kernels import EntmaxSpec
     from ring_adasplash.kernels.entmax_spec import POWER_BY_HEAD, POWER_GENERAL, POWER_GENERAL_EXACT_LOG
 
     expected = {1.5: 2, 2.0: 1, 1.75: POWER_GENERAL, 1.2: POWER_GENERAL, 1.19999: POWER_GENERAL_EXACT_LOG,
-                1.01: POWER_GENERAL_EXACT_LOG, (1.2, 1.5, 1.9): POWER_GENERAL, (1.1, 1.15): POWER_GENERAL_EXACT_LOG,
-                (1.1, 1.5): POWER_BY_HEAD, (): POWER_BY_HEAD}
+                1.01: POWER_GENERAL_EXACT_LOG, (1.2, 1.9): POWER_GENERAL, (1.1, 1.15): POWER_GENERAL_EXACT_LOG,
+                (1.2, 1.5, 1.9): POWER_BY_HEAD, (1.5, 2.0): POWER_BY_HEAD, (1.1, 1.3): POWER_BY_HEAD,
+                (): POWER_BY_HEAD}
     assert {alpha: EntmaxSpec(alpha).power for alpha in expected} == expected
 
 
 def test_a_spec_of_device_values_needs_its_table():
-    """``EntmaxSpec(())`` (values on the device alone) is per head in the general form, its log2
-    chosen per head, and what needs its values raises until a table gives them."""
+    """``EntmaxSpec(())`` (values on the device alone) is per head in the general form's schedule,
+    its form chosen per head, and what needs its values raises until a table gives them."""
     from ring_adasplash.kernels import EntmaxSpec
     from ring_adasplash.kernels.entmax_spec import POWER_BY_HEAD
 
@@ -329,7 +330,7 @@ def _every_strategy_on_device(rank, world):
 
 @pytest.mark.parametrize("world,on_device", [(2, False), (3, False), (4, False), (2, True), (4, True)])
 def test_every_strategy_learns_alpha_per_head(world, on_device):
-    """Also with the alpha as a ``DeviceAlpha`` (every head in the general form)."""
+    """Also with the alpha as a ``DeviceAlpha`` (every head in the general form's schedule)."""
     errors = run_distributed(_every_strategy_on_device if on_device else _every_strategy, world, timeout=400)
     for rank_errors in errors:
         bad = {name: errs for name, errs in rank_errors.items() if max(errs) >= 1e-8}

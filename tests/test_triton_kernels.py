@@ -29,7 +29,7 @@ from ring_adasplash import DeviceAlpha, adasplash_func, adasplash_varlen_func  #
 from ring_adasplash.kernels import EntmaxSpec  # noqa: E402
 from ring_adasplash.kernels import algorithm as A  # noqa: E402
 from ring_adasplash.kernels import stats as S  # noqa: E402
-from ring_adasplash.kernels import triton_maxima  # noqa: E402
+from ring_adasplash.kernels import triton_common, triton_maxima  # noqa: E402
 from ring_adasplash.kernels import torch_blockwise as TB  # noqa: E402
 from ring_adasplash.kernels.visibility import causal_visibility, padded_visibility, varlen_visibility  # noqa: E402
 from ring_adasplash.reference import entmax_attention_reference  # noqa: E402
@@ -411,6 +411,38 @@ def test_gap_code_is_encode_gaps(interpreted):
     codes = torch.empty(1024, dtype=torch.uint8)
     codes_kernel[(1,)](padded, codes, S.GAP_LOW, S.GAP_STEP, 0.1 * S.GAP_ROUNDING, 1024)
     assert torch.equal(codes[:gaps.numel()], S.encode_gaps(gaps))
+
+
+def test_each_head_runs_the_copy_of_its_form(interpreted):
+    """``triton_common.runs_form``: with ``POWER_BY_HEAD`` a head runs exactly one copy of a loop,
+    the closed form at gamma 2 (alpha 1.5) and 1 (alpha 2), the approximate log2 at any other
+    gamma up to ``APPROX_LOG_MAX_GAMMA`` and the correctly rounded one above it and at NaN, as
+    ``EntmaxSpec.power`` chooses for one alpha; with any other ``POWER``, the one copy. The gammas
+    of 1.5 and 2 come out of the device table exactly 2 and 1 (float32, as the kernels take them)."""
+    import triton
+    import triton.language as tl
+
+    from ring_adasplash.kernels.entmax_spec import POWER_BY_HEAD, alpha_form
+
+    @triton.jit  # decorated here, under the interpreter; triton_common, reloaded in place, is a global
+    def forms_kernel(Gamma, Ran, POWER: tl.constexpr):
+        head = tl.program_id(0)
+        gamma = tl.load(Gamma + head)
+        for FORM in tl.static_range(1 + 3 * (POWER == triton_common.POWER_BY_HEAD)):
+            if triton_common.runs_form(gamma, FORM, POWER):
+                tl.store(Ran + 4 * head + FORM, triton_common.FIRST_FORM + FORM)
+
+    alphas = [1.5, 2.0, 1.25, 1.2, 1.19, 1.01, 1.75]
+    table = torch.tensor(alphas, dtype=torch.float64)
+    gamma = EntmaxSpec((), table).kernel_constants(1.0, "cpu")["gamma"]
+    assert gamma.dtype == torch.float32 and gamma[:2].tolist() == [2.0, 1.0]
+    gamma = torch.cat([gamma, torch.tensor([float("nan")])])
+    for power in (POWER_BY_HEAD, 2, 0):
+        ran = torch.full((gamma.numel(), 4), -9, dtype=torch.int32)
+        forms_kernel[(gamma.numel(),)](gamma, ran, power)
+        assert ((ran != -9).sum(1) == 1).all(), (power, ran)
+        if power == POWER_BY_HEAD:
+            assert ran.max(1).values.tolist() == [alpha_form(a) for a in alphas] + [alpha_form(1.001)]
 
 
 def test_stats_pass_zero_tiles(interpreted):
@@ -1535,7 +1567,7 @@ HEAD_ALPHAS = {"closed forms and one other": [1.5, 1.25, 2.0, 1.5],
 def _alpha_gradient_case(device, dtype, tol, alphas, on_device=False):
     """Learnable alpha per head through the Triton kernels: out, dq, dk, dv and dalpha against
     ``entmax_bisect`` in float64; ``on_device``: given as a ``DeviceAlpha`` (every head in the
-    general form, its alpha read from the device)."""
+    general form's schedule, its alpha read from the device)."""
     from helpers import bisect_attention
 
     q, k, v = _structured(2, 300, 4, 2, 32, dtype, seed=17, device=device)

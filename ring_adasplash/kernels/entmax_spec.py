@@ -73,21 +73,30 @@ def approximate_log(alpha: float) -> bool:
     return gamma_float32 <= APPROX_LOG_MAX_GAMMA
 
 
+def alpha_form(alpha: float) -> int:
+    """The ``POWER`` of one alpha (``EntmaxSpec.power``): 2 or 1 at alpha 1.5 or 2, else the general
+    form's by its log2."""
+    if alpha in CLOSED_FORM_ALPHAS:
+        return {1.5: 2, 2.0: 1}[alpha]
+    return POWER_GENERAL if approximate_log(alpha) else POWER_GENERAL_EXACT_LOG
+
+
 @dataclass(frozen=True)
 class EntmaxSpec:
     """alpha-entmax with a fixed alpha in (1, 2] (checked by ``checks.check_alpha`` upstream): one
     float for every head, or a tuple of one per query head (equal values become one float).
 
-    Per-head alphas take the general form (``power`` 0) on every head; the callers give the heads
-    of alpha 1.5 and 2 specs of their own (``head_groups``), which keep the closed forms. Where a
-    per-head value meets a tensor, the tensor is (B, H, ...), heads on dim 1 (``gamma_at``).
+    Per-head alphas take the general form's schedule on every head, and in the kernels' loops each
+    head's own form (``power``); the callers give the heads of alpha 1.5 and 2 specs of their own
+    (``head_groups``), which keep the closed forms' schedule too. Where a per-head value meets a
+    tensor, the tensor is (B, H, ...), heads on dim 1 (``gamma_at``).
 
     ``table``: the same per-head alphas as a float64 tensor (one per head), where the caller has
     them on the device. The per-head constants are then computed from it there, in float64 as on
     the host (the same bits), instead of copied from the host: a forward captured as a CUDA graph
     once then serves every value of an alpha that training moves (``cuda_graphs``). A spec of one
     alpha ignores it. ``alpha`` ``()``: the values are on the device alone (``checks.DeviceAlpha``),
-    one per head of ``table``, every head in the general form."""
+    one per head of ``table``, every head in the general form's schedule (``POWER_BY_HEAD``)."""
 
     alpha: float | tuple[float, ...]
     table: torch.Tensor | None = field(default=None, compare=False, repr=False)
@@ -133,16 +142,13 @@ class EntmaxSpec:
 
     @cached_property  # read at every launch; a spec's alphas never change
     def power(self) -> int:
-        """The kernels' ``POWER`` constant: gamma when it is 1 or 2 (alpha 2 or 1.5); else the
-        general form, by the log2 its powers take: ``POWER_GENERAL`` where every head's gamma is at
-        most ``APPROX_LOG_MAX_GAMMA``, ``POWER_GENERAL_EXACT_LOG`` where every head's is above it,
-        ``POWER_BY_HEAD`` where some are on each side or the values are on the device alone."""
-        if self.alpha in CLOSED_FORM_ALPHAS:
-            return {1.5: 2, 2.0: 1}[self.alpha]
-        forms = {approximate_log(a) for a in (self.alpha if self.per_head else (self.alpha,))}
-        if len(forms) != 1:
-            return POWER_BY_HEAD
-        return POWER_GENERAL if forms.pop() else POWER_GENERAL_EXACT_LOG
+        """The kernels' ``POWER`` constant, the form of every head: gamma when it is 1 or 2 (alpha 2
+        or 1.5); else the general form, by the log2 its powers take: ``POWER_GENERAL`` where gamma is
+        at most ``APPROX_LOG_MAX_GAMMA``, ``POWER_GENERAL_EXACT_LOG`` above it. ``POWER_BY_HEAD``
+        where the heads' forms differ or the values are on the device alone: each head then runs
+        its own form (``triton_common.runs_form``)."""
+        forms = {alpha_form(a) for a in (self.alpha if self.per_head else (self.alpha,))}
+        return forms.pop() if len(forms) == 1 else POWER_BY_HEAD
 
     def scale_z(self, softmax_scale: float) -> float:
         """The factor from ``q . k`` to the entmax logit ``z`` (one alpha only; per head: ``scale_z_at``)."""

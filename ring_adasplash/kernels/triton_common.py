@@ -478,16 +478,20 @@ APPROX_LOG_MAX_GAMMA = tl.constexpr(entmax_spec.APPROX_LOG_MAX_GAMMA)
 POWER_GENERAL = tl.constexpr(entmax_spec.POWER_GENERAL)
 POWER_GENERAL_EXACT_LOG = tl.constexpr(entmax_spec.POWER_GENERAL_EXACT_LOG)
 POWER_BY_HEAD = tl.constexpr(entmax_spec.POWER_BY_HEAD)
-# Heads whose log2 is chosen per head (``POWER_BY_HEAD``) run their tile loops in two compiled
-# copies, one per log (a branch on gamma inside a loop keeps both logs' code live there, and the
-# loops spill). At each loop's call site:
+# Heads whose form is chosen per head (``POWER_BY_HEAD``) run their tile loops in four compiled
+# copies, one per form: the general form with the correctly rounded log2, with the approximate one,
+# and the closed forms of alpha 2 (gamma 1) and alpha 1.5 (gamma 2); a branch on gamma inside a
+# loop keeps every form's code live there, and the loops spill. At each loop's call site:
 #
-#     for LOG in tl.static_range(1 + (POWER == POWER_BY_HEAD)):  # one copy, or two
-#         if takes_log(gamma, LOG, POWER):                          # the copy this head runs
-#             ... = tiles(..., POWER if POWER != POWER_BY_HEAD else POWER_GENERAL - LOG, ...)
+#     for FORM in tl.static_range(1 + 3 * (POWER == POWER_BY_HEAD)):  # one copy, or four
+#         if runs_form(gamma, FORM, POWER):                              # the copy this head runs
+#             ... = tiles(..., POWER if POWER != POWER_BY_HEAD else FIRST_FORM + FORM, ...)
 #
-# (``POWER_GENERAL - LOG``: ``POWER_GENERAL``, then ``POWER_GENERAL_EXACT_LOG``.)
-assert entmax_spec.POWER_GENERAL - 1 == entmax_spec.POWER_GENERAL_EXACT_LOG
+# (``FIRST_FORM + FORM``: ``POWER_GENERAL_EXACT_LOG``, ``POWER_GENERAL``, 1, 2.)
+FIRST_FORM = POWER_GENERAL_EXACT_LOG
+assert [entmax_spec.POWER_GENERAL_EXACT_LOG + form for form in range(4)] == [entmax_spec.POWER_GENERAL_EXACT_LOG,
+                                                                             entmax_spec.POWER_GENERAL, 1, 2]
+assert 2 <= entmax_spec.APPROX_LOG_MAX_GAMMA  # gamma 1 and 2 lie on the approximate log's side
 
 
 @triton.jit
@@ -508,13 +512,20 @@ def power_log2(x, gamma, POWER: tl.constexpr):
 
 
 @triton.jit
-def takes_log(gamma, LOG: tl.constexpr, POWER: tl.constexpr):
-    """Whether a head of ``gamma`` runs the copy ``LOG`` of a loop (the comment at ``POWER_BY_HEAD``):
-    with ``POWER_BY_HEAD``, copy 0 (the approximate log2) where gamma is at most
-    ``APPROX_LOG_MAX_GAMMA`` and copy 1 (the correctly rounded one) elsewhere, NaN included; else
-    the one copy."""
+def runs_form(gamma, FORM: tl.constexpr, POWER: tl.constexpr):
+    """Whether a head of ``gamma`` runs the copy ``FORM`` of a loop (the comment at ``POWER_BY_HEAD``):
+    with ``POWER_BY_HEAD``, copy 3 where gamma is 2, copy 2 where it is 1, copy 1 (the approximate
+    log2) at any other gamma up to ``APPROX_LOG_MAX_GAMMA`` and copy 0 (the correctly rounded one)
+    above it, NaN included; else the one copy."""
     if POWER == POWER_BY_HEAD:
-        runs = (gamma <= APPROX_LOG_MAX_GAMMA) == (LOG == 0)
+        if FORM == 3:
+            runs = gamma == 2.0
+        elif FORM == 2:
+            runs = gamma == 1.0
+        elif FORM == 1:
+            runs = (gamma <= APPROX_LOG_MAX_GAMMA) & (gamma != 1.0) & (gamma != 2.0)
+        else:
+            runs = ~(gamma <= APPROX_LOG_MAX_GAMMA)
     else:
         runs = tl.full([], 1, tl.int1)
     return runs
