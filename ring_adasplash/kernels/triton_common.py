@@ -514,15 +514,15 @@ def power_log2(x, gamma, POWER: tl.constexpr):
 @triton.jit
 def runs_form(gamma, FORM: tl.constexpr, POWER: tl.constexpr):
     """Whether a head of ``gamma`` runs the copy ``FORM`` of a loop (the comment at ``POWER_BY_HEAD``):
-    with ``POWER_BY_HEAD``, copy 3 where gamma is 2, copy 2 where it is 1, copy 1 (the approximate
-    log2) at any other gamma up to ``APPROX_LOG_MAX_GAMMA`` and copy 0 (the correctly rounded one)
-    above it, NaN included; else the one copy."""
+    with ``POWER_BY_HEAD``, the copy whose form (``FIRST_FORM + FORM``) is the head's: the closed
+    form where gamma is 2 or 1, the approximate log2 at any other gamma up to
+    ``APPROX_LOG_MAX_GAMMA``, the correctly rounded one above it, NaN included; else the one copy."""
     if POWER == POWER_BY_HEAD:
-        if FORM == 3:
+        if FIRST_FORM + FORM == 2:
             runs = gamma == 2.0
-        elif FORM == 2:
+        elif FIRST_FORM + FORM == 1:
             runs = gamma == 1.0
-        elif FORM == 1:
+        elif FIRST_FORM + FORM == POWER_GENERAL:
             runs = (gamma <= APPROX_LOG_MAX_GAMMA) & (gamma != 1.0) & (gamma != 2.0)
         else:
             runs = ~(gamma <= APPROX_LOG_MAX_GAMMA)
