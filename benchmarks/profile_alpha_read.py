@@ -2,8 +2,9 @@
 
     python benchmarks/profile_alpha_read.py --family scattered --seqlen 8192 --head-dim 64
 
-A tensor alpha's values decide the split of the heads into groups (``head_groups``) and are
-checked to lie in (1, 2] (``checks.check_head_alpha``), so every call copies them to the host,
+A tensor alpha's values decide the kernels (one value on every head runs the float alpha's;
+``entmax_spec.call_spec``) and are checked to lie in (1, 2] (``checks.check_head_alpha``), so
+every call copies them to the host,
 which waits for the device to finish the work queued before: the next call's kernels are then
 launched onto an idle device. For each mode (fwd, fwd+bwd) and each alpha (a float; a learnable
 per-head tensor of 1.5 on every head, ``same``; alphas 1.2 to 2 over the heads, ``mixed``) this

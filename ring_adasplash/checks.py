@@ -27,10 +27,11 @@ def check_alpha(alpha) -> float:
 class DeviceAlpha(NamedTuple):
     """A tensor alpha whose values stay on the device: ``alpha=DeviceAlpha(t)`` with ``t`` of
     shape (), (1,) or (heads_q,), learnable or not. Any other tensor alpha is copied to the host
-    on every call, to check its range and to give the heads of alpha 1.5 and 2 their closed
-    forms, which waits for the work queued before the call. Here every head runs the general
-    form's schedule, reading its alpha on the device (a head of exactly 1.5 or 2 still takes its
-    closed form's powers in the kernels' loops), and nothing waits; a value outside (1, 2] is not
+    on every call, to check its range and to give one value on every head the float alpha's
+    kernels (the closed forms' schedule at 1.5 and 2), which waits for the work queued before the
+    call. Here every head runs the general form's schedule, reading its alpha on the device (a
+    head of exactly 1.5 or 2 still takes its closed form's powers in the kernels' loops), and
+    nothing waits; a value outside (1, 2] is not
     raised but makes its head's rows NaN (a parametrisation such as ``1 + sigmoid(x)`` clamped
     away from 1 keeps it inside)."""
 

@@ -79,11 +79,11 @@ class _Graph:
         for buffer, a in zip(self.inputs, args):
             buffer.copy_(a)
         self.held = args[copied:]
-        from .kernels import head_groups, triton_backend
+        from .kernels import triton_backend
 
-        # the launchers' remembered tensors (visibility ranges) and the groups' head indices enter
-        # the graph by address too: held here, their memory stays the graph's after the caches drop them
-        self.remembered = triton_backend.remembered() + head_groups.remembered()
+        # the launchers' remembered tensors (visibility ranges, per-head constants) enter the graph
+        # by address too: held here, their memory stays the graph's after the caches drop them
+        self.remembered = triton_backend.remembered()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = fn(*self.inputs, *self.held)

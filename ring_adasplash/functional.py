@@ -19,15 +19,13 @@ from torch import Tensor
 from . import cuda_graphs, telemetry
 from .checks import (HeadAlpha, check_alpha, check_cu_seqlens, check_head_alpha, check_key_padding_mask,
                      check_position_ids, check_qkv, check_window, default_scale)
-from .kernels import EntmaxSpec, backend_for
+from .kernels import backend_for
 from .kernels.backend import CANDIDATES_ENV, AlphaSplit
 from .kernels.block_mask import BlockMask, packed_width
 from .kernels.algorithm import (SCHEDULE_ENV, ForwardResult, SingleBlock, default_schedule, entmax_backward,
                                 entmax_forward, entmax_forward_in_query_chunks)
 from .kernels.compile_ahead import compile_ahead
-from .kernels.entmax_spec import head_constants
-from .kernels.head_groups import (backward_by_group, graph_key, group_plan, group_spec, head_groups, join_heads,
-                                  to_alpha_shape)
+from .kernels.entmax_spec import alpha_gradient_in_shape, call_spec, graph_key, head_constants
 from .kernels.identity import remembered_in, tensor_identity
 from .kernels.visibility import (Visibility, causal_visibility, packed_visibility, padded_visibility,
                                  varlen_visibility)
@@ -46,8 +44,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: T
     ``block_mask.pack_tiles``, out_c, c_sum, alpha_open: what the autograd keeps for the
     backward); see ``kernels/algorithm.py`` (``ForwardResult``); out_u in q's dtype where
     ``_stored_final`` says so, else in the compute dtype. ``alphas``: one alpha, or one per query
-    head; ``alpha_table``: the same on q's device, float64, where a group of heads reads its
-    alpha per head (``_alpha_table``), else empty. ``backward_sums`` False (no backward to come):
+    head; ``alpha_table``: the same on q's device, float64, where the heads' alphas differ
+    (``_alpha_table``), else empty. ``backward_sums`` False (no backward to come):
     out_u and u_sum are empty, (0,), and not computed. ``pairs``: (query, key) pairs per head
     that the visibility can reach, where the caller knows it (packed documents: the sum of their
     products), else -1: Sq x Sk per batch entry; it decides whether the call runs as a CUDA
@@ -61,7 +59,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: T
                         alpha_sums)
 
     # the table is copied into a graph on every replay; the key holds of the alphas only what the
-    # graph keeps fixed (``head_groups.graph_key``): a learnable alpha that moves every step
+    # graph keeps fixed (``entmax_spec.graph_key``): a learnable alpha that moves every step
     # replays one graph
     args = (q, k, v, alpha_table, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, graph_key(alphas), softmax_scale,
             backward_sums, alpha_sums)
@@ -73,13 +71,13 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_limit: Tensor, q_doc: T
 
 
 def _alpha_table(alpha: HeadAlpha, heads: int, device) -> Tensor:
-    """``attention_forward``'s ``alpha_table``: empty where no group of heads reads its alpha per
-    head (``group_plan``); else one alpha per query head, float64 on ``device``: from the learnable
-    tensor on the device (no copy from the host, and a new one each step; a ``DeviceAlpha``'s NaN
-    where out of range: ``HeadAlpha.table``), else made once per values."""
+    """``attention_forward``'s ``alpha_table``: empty where every head has one alpha; else one
+    alpha per query head, float64 on ``device``: from the learnable tensor on the device (no copy
+    from the host, and a new one each step; a ``DeviceAlpha``'s NaN where out of range:
+    ``HeadAlpha.table``), else made once per values."""
     if alpha.on_device:
         return alpha.table(heads, device)
-    if all(not isinstance(a, tuple) for a, _ in group_plan(alpha.values)):
+    if not call_spec(alpha.values).per_head:
         return head_constants((), torch.float64, device)
     if alpha.tensor is not None:
         return alpha.tensor.detach().reshape(heads).to(device=device, dtype=torch.float64)
@@ -95,14 +93,12 @@ def _work(q: Tensor, k: Tensor, pairs: int = -1) -> int:
 
 
 def _kernel_key(q: Tensor, k: Tensor, alphas, backward_sums: bool) -> tuple:
-    """What decides which kernels a call compiles: per group of heads (``group_plan``) its powers
-    and whether its alpha differs per head, not their values (a learnable alpha changes every
-    step); the schedule; whether a backward is to come; the candidate slots setting (with none,
-    the Newton schedule launches no candidate kernel)."""
-    plan = group_plan(alphas)
-    specs = sorted({(s.power, s.closed_form, s.per_head) for s in (EntmaxSpec(alpha) for alpha, _ in plan)})
-    split = len(plan) > 1  # the groups read one key head per query head
-    return (q.device, q.dtype, q.shape[-1], 1 if split else q.shape[2] // k.shape[2], tuple(specs),
+    """What decides which kernels a call compiles: the heads' powers and whether their alpha
+    differs per head, not their values (a learnable alpha changes every step); the schedule;
+    whether a backward is to come; the candidate slots setting (with none, the Newton schedule
+    launches no candidate kernel)."""
+    spec = call_spec(alphas)
+    return (q.device, q.dtype, q.shape[-1], q.shape[2] // k.shape[2], (spec.power, spec.closed_form, spec.per_head),
             default_schedule(True), backward_sums, os.environ.get(CANDIDATES_ENV))
 
 
@@ -136,26 +132,20 @@ def _chunk_rows(q: Tensor, k: Tensor, block_m: int, block_n: int) -> int:
     return max(1, CHUNK_TILES // tiles_per_query_tile) * block_m
 
 
-def _group_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool = True,
-                   alpha_sums: bool = False, alpha_table: Tensor | None = None) -> list:
-    """``(group, ForwardResult)`` per group of heads (``head_groups``), in chunks of
-    queries where the call is long (``CHUNK_TILES``); a per-head group reads its alphas from
-    ``alpha_table`` (``_alpha_table``) where given."""
+def _call_forward(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool = True,
+                  alpha_sums: bool = False, alpha_table: Tensor | None = None) -> ForwardResult:
+    """The forward of every head in one set of launches, in chunks of queries where the call is
+    long (``CHUNK_TILES``); per-head alphas are read from ``alpha_table`` (``_alpha_table``)
+    where given, and each head runs its own form in the kernels' loops (``EntmaxSpec.power``)."""
     backend = backend_for(q)
-    groups = head_groups(alphas, q.shape[2], k.shape[2], q.device)
-    results = []
-    for g in groups:
-        qg, kg, vg, spec = g.queries(q), g.keys(k), g.keys(v), group_spec(g, alpha_table)
-        chunk_rows = _chunk_rows(qg, kg, backend.BLOCK_M, backend.BLOCK_N)
-        if chunk_rows < q.shape[1]:
-            fwd = entmax_forward_in_query_chunks(backend, qg, kg, vg, vis, spec, softmax_scale, chunk_rows,
-                                                 backward_sums=backward_sums, out_dtype=_stored_final(q),
-                                                 alpha_sums=alpha_sums)
-        else:
-            fwd = entmax_forward(backend, qg, SingleBlock(kg, vg, vis), spec, softmax_scale,
-                                 backward_sums=backward_sums, out_dtype=_stored_final(q), alpha_sums=alpha_sums)
-        results.append((g, fwd))
-    return results
+    spec = call_spec(alphas, alpha_table)
+    chunk_rows = _chunk_rows(q, k, backend.BLOCK_M, backend.BLOCK_N)
+    if chunk_rows < q.shape[1]:
+        return entmax_forward_in_query_chunks(backend, q, k, v, vis, spec, softmax_scale, chunk_rows,
+                                              backward_sums=backward_sums, out_dtype=_stored_final(q),
+                                              alpha_sums=alpha_sums)
+    return entmax_forward(backend, q, SingleBlock(k, v, vis), spec, softmax_scale, backward_sums=backward_sums,
+                          out_dtype=_stored_final(q), alpha_sums=alpha_sums)
 
 
 def _forward(q, k, v, alpha_table, q_limit, q_doc, k_pos, k_doc, q_first, k_win_pos, alphas: tuple,
@@ -165,47 +155,38 @@ def _forward(q, k, v, alpha_table, q_limit, q_doc, k_pos, k_doc, q_first, k_win_
         compile_ahead(_kernel_key(q, k, alphas, backward_sums),
                       functools.partial(_dry_run, q, k, v, vis, alphas, softmax_scale, backward_sums, alpha_table),
                       q.device)
-    results = _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums, alpha_sums, alpha_table)
-    outputs = _joined_outputs(q, results, backward_sums) + _joined_alpha_split(q, results, alpha_sums)
-    for _, fwd in results:
-        telemetry.log_forward(fwd, "single", saved_bytes=outputs[6].numel())
+    fwd = _call_forward(q, k, v, vis, alphas, softmax_scale, backward_sums, alpha_sums, alpha_table)
+    outputs = _outputs(q, fwd, backward_sums) + _alpha_split_outputs(q, fwd, alpha_sums)
+    telemetry.log_forward(fwd, "single", saved_bytes=outputs[6].numel())
     return outputs
 
 
-def _joined_outputs(q, results, backward_sums: bool) -> tuple:
-    """``attention_forward``'s outputs from the groups' forward results, every head in its place."""
-    groups, heads = [g for g, _ in results], q.shape[2]
-
-    def joined(field, dim):
-        return join_heads([getattr(fwd, field) for _, fwd in results], groups, dim, heads)
-
+def _outputs(q, fwd: ForwardResult, backward_sums: bool) -> tuple:
+    """``attention_forward``'s first seven outputs from the forward's result."""
     # what the backward reads of the tiles, as bits; contiguous, as the fake impl promises
     # (compiled graphs check strides)
-    nonzero = join_heads([fwd.block_masks[0].bits for _, fwd in results], groups, 1, heads).contiguous()
-    acc = results[0][1].tau.dtype
+    nonzero = fwd.block_masks[0].bits.contiguous()
+    acc = fwd.tau.dtype
     if backward_sums:
-        out_u, u_sum = joined("out_u", 2).contiguous(), joined("u_sum", 1).contiguous()
+        out_u, u_sum = fwd.out_u.contiguous(), fwd.u_sum.contiguous()
     else:
         out_u, u_sum = q.new_empty((0,), dtype=acc), q.new_empty((0,), dtype=acc)
-    return (joined("out", 2).to(q.dtype).contiguous(), out_u, u_sum, joined("tau", 1).contiguous(),
-            joined("shift", 1).contiguous(), joined("support", 1).to(acc).contiguous(), nonzero)
+    return (fwd.out.to(q.dtype).contiguous(), out_u, u_sum, fwd.tau.contiguous(), fwd.shift.contiguous(),
+            fwd.support.to(acc).contiguous(), nonzero)
 
 
-def _joined_alpha_split(q, results, alpha_sums: bool) -> tuple:
-    """``attention_forward``'s ``(out_c, c_sum, alpha_open)`` from the groups' forward results:
-    empty without ``alpha_sums``; every query tile open where a group computed none."""
+def _alpha_split_outputs(q, fwd: ForwardResult, alpha_sums: bool) -> tuple:
+    """``attention_forward``'s ``(out_c, c_sum, alpha_open)`` from the forward's result: empty
+    without ``alpha_sums``; every query tile open where the forward computed none."""
     if not alpha_sums:
         return tuple(q.new_empty((0,), dtype=dtype) for dtype in (_compute_dtype(q), _compute_dtype(q), torch.int8))
-    batch, seqlen_q, heads, _ = q.shape
-    splits = [fwd.alpha_split for _, fwd in results]
-    if any(split is None for split in splits):
-        backend = backend_for(q)
-        return (q.new_empty((batch, seqlen_q, heads, results[0][1].out.shape[-1]), dtype=_compute_dtype(q)),
+    split = fwd.alpha_split
+    if split is None:
+        batch, seqlen_q, heads, _ = q.shape
+        return (q.new_empty((batch, seqlen_q, heads, fwd.out.shape[-1]), dtype=_compute_dtype(q)),
                 q.new_empty((batch, heads, seqlen_q), dtype=_compute_dtype(q)),
-                q.new_ones((batch, heads, -(-seqlen_q // backend.BLOCK_M)), dtype=torch.int8))
-    groups, heads = [g for g, _ in results], q.shape[2]
-    return tuple(join_heads([getattr(split, field) for split in splits], groups, dim, heads).contiguous()
-                 for field, dim in (("out_c", 2), ("c_sum", 1), ("open", 1)))
+                q.new_ones((batch, heads, -(-seqlen_q // backend_for(q).BLOCK_M)), dtype=torch.int8))
+    return split.out_c.contiguous(), split.c_sum.contiguous(), split.open.contiguous()
 
 
 def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_sums: bool,
@@ -213,8 +194,8 @@ def _dry_run(q, k, v, vis: Visibility, alphas, softmax_scale: float, backward_su
     """The forward (and with ``backward_sums`` the backward) of a call, for ``compile_ahead``:
     every kernel that either launches on this configuration, through the same steps as the call
     (the backward's tiles as the bits it is handed)."""
-    out, out_u, u_sum, tau, shift, _, nonzero = _joined_outputs(
-        q, _group_forward(q, k, v, vis, alphas, softmax_scale, backward_sums, alpha_table=alpha_table), backward_sums)
+    out, out_u, u_sum, tau, shift, _, nonzero = _outputs(
+        q, _call_forward(q, k, v, vis, alphas, softmax_scale, backward_sums, alpha_table=alpha_table), backward_sums)
     if backward_sums:
         unsplit = q.new_empty((0,))
         _backward(torch.empty_like(out), q, k, v, vis, out_u, u_sum, tau, shift, nonzero, unsplit, unsplit, unsplit,
@@ -257,26 +238,17 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_limi
 def _backward(grad_out, q, k, v, vis: Visibility, out_u, u_sum, tau, shift, nonzero, out_c, c_sum, alpha_open, alphas,
               softmax_scale: float, alpha_grad: bool, alpha_table: Tensor | None = None) -> tuple:
     backend = backend_for(q)
-    heads, heads_kv = q.shape[2], k.shape[2]
-    groups = head_groups(alphas, heads, heads_kv, q.device)
-    num_k_tiles = -(-k.shape[1] // backend.BLOCK_N)
-
-    def group_backward(g, _):
-        rows = lambda x: g.queries(x, 1)  # noqa: E731  (B, H, S) row tensors
-        # the tiles stay bits: the tile lists are built from them (a bool copy: 16 GiB at 2M tokens)
-        mask = BlockMask.from_bits(rows(nonzero), num_k_tiles, backend.BLOCK_M, backend.BLOCK_N, q.shape[1],
-                                   k.shape[1])
-        split = AlphaSplit(g.queries(out_c), rows(c_sum), rows(alpha_open)) if alpha_open.numel() else None
-        fwd = ForwardResult(out=None, out_u=g.queries(out_u), u_sum=rows(u_sum), tau=rows(tau), shift=rows(shift),
-                            support=None, block_masks=[mask], alpha_split=split)
-        spec = group_spec(g, alpha_table)
-        return entmax_backward(backend, g.queries(q), g.queries(grad_out), SingleBlock(g.keys(k), g.keys(v), vis),
-                               fwd, spec, softmax_scale, kv_grad_dtype=k.dtype, alpha_grad=alpha_grad,
-                               q_grad_dtype=_stored_final(q))
-
-    dq, dk, dv, d_alpha = backward_by_group(groups, groups, group_backward, heads, heads_kv, alpha_grad)
-    return (dq.to(q.dtype).contiguous(), dk.contiguous(), dv.contiguous(),
-            d_alpha if alpha_grad else tau.new_empty(0))
+    # the tiles stay bits: the tile lists are built from them (a bool copy: 16 GiB at 2M tokens)
+    mask = BlockMask.from_bits(nonzero, -(-k.shape[1] // backend.BLOCK_N), backend.BLOCK_M, backend.BLOCK_N,
+                               q.shape[1], k.shape[1])
+    split = AlphaSplit(out_c, c_sum, alpha_open) if alpha_open.numel() else None
+    fwd = ForwardResult(out=None, out_u=out_u, u_sum=u_sum, tau=tau, shift=shift, support=None, block_masks=[mask],
+                        alpha_split=split)
+    dq, dk, dv, d_alpha_rows = entmax_backward(backend, q, grad_out, SingleBlock(k, v, vis), fwd,
+                                               call_spec(alphas, alpha_table), softmax_scale, kv_grad_dtype=k.dtype,
+                                               alpha_grad=alpha_grad, q_grad_dtype=_stored_final(q))
+    d_alpha = d_alpha_rows.sum(dim=(0, 2)) if alpha_grad else tau.new_empty(0)
+    return dq.to(q.dtype).contiguous(), dk.contiguous(), dv.contiguous(), d_alpha
 
 
 @attention_backward.register_fake
@@ -312,7 +284,7 @@ class _EntmaxAttention(torch.autograd.Function):
         alpha_grad = ctx.alpha_like is not None and ctx.needs_input_grad[9]
         dq, dk, dv, d_alpha = attention_backward(grad_out.contiguous(), *ctx.saved_tensors, list(ctx.alphas),
                                                  ctx.softmax_scale, alpha_grad)
-        d_alpha = to_alpha_shape(d_alpha, ctx.alpha_like) if alpha_grad else None
+        d_alpha = alpha_gradient_in_shape(d_alpha, ctx.alpha_like) if alpha_grad else None
         return dq, dk, dv, None, None, None, None, None, None, d_alpha, None, None, None, None
 
 
@@ -383,9 +355,9 @@ def adasplash_func(q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor = 1.5,
             float, a one-element tensor or a tensor of shape (heads_q,), one alpha per query head
             (the heads of a GQA group may differ); a tensor with ``requires_grad`` gets its exact
             gradient (learnable alpha, as in adaptively sparse transformers), summed over the
-            batch and the rows. The heads of alpha 1.5, those of 2 and all others run as at most
-            three groups (the kernels read the others' alpha per head): a per-head tensor with
-            one value costs what a float costs.
+            batch and the rows. Every head runs in the same launches, the kernels reading each
+            head's alpha (a head of 1.5 or 2 keeps its closed form's powers); a per-head tensor
+            with one value costs what a float costs.
         causal: bottom-right aligned, as in flash-attn: query ``i`` sees keys ``j <= i + Sk - Sq``.
         softmax_scale: multiplies ``q k^T``; default ``1 / sqrt(head_dim)``.
         key_padding_mask: optional (batch, seqlen_k) bool, True for the keys to keep (left or right

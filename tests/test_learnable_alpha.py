@@ -20,7 +20,7 @@ def _inputs(batch=2, seqlen=45, heads=4, heads_kv=2, dim=16, seed=0, dtype=torch
 
 
 ALPHAS = {
-    "mixed": [1.5, 1.25, 2.0, 1.5],  # closed forms and the general finish, a GQA group split between them
+    "mixed": [1.5, 1.25, 2.0, 1.5],  # closed forms' powers beside the general finish, in a GQA group
     "learned": [1.37, 1.81, 1.12, 1.64],
     "one per head, all 1.5": [1.5, 1.5, 1.5, 1.5],
 }
@@ -89,31 +89,45 @@ def test_varlen_and_padding_take_per_head_alpha():
         assert rel_err(out[start:stop], bisect_attention(*piece, alpha)[0]) < 1e-9
 
 
-def test_heads_form_at_most_three_groups():
-    """The heads of alpha 1.5, those of 2 and all others (their alphas per head), in order of
-    first appearance; one value, or no head at 1.5 or 2, is one group."""
-    from ring_adasplash.kernels.head_groups import group_plan
+def test_every_head_runs_in_one_spec():
+    """A call's heads run as one spec (one set of launches): one value, or one per head whose
+    values are all equal, is a float alpha (closed forms' schedule at 1.5 and 2); different values
+    per head are a per-head spec, whose ``power`` is one form where every head has it and
+    ``POWER_BY_HEAD`` where they differ (1.5 or 2 beside other alphas, or heads on both sides of
+    ``APPROX_LOG_MAX_GAMMA``); no values, a table on the device."""
+    from ring_adasplash.kernels.entmax_spec import (POWER_BY_HEAD, POWER_GENERAL, POWER_GENERAL_EXACT_LOG,
+                                                    call_spec)
 
-    assert group_plan([1.3, 1.5, 2.0, 1.7, 1.5, 1.3]) == [((1.3, 1.7, 1.3), [0, 3, 5]), (1.5, [1, 4]), (2.0, [2])]
-    assert group_plan([1.2, 1.9, 1.4]) == [((1.2, 1.9, 1.4), [0, 1, 2])]
-    assert group_plan([1.25] * 4) == [(1.25, [0, 1, 2, 3])]
-    assert group_plan([1.5, 2.0, 1.5]) == [(1.5, [0, 2]), (2.0, [1])]
+    assert call_spec([1.25] * 4).alpha == 1.25 and not call_spec([1.25] * 4).per_head
+    assert call_spec([1.5]).closed_form and call_spec([2.0, 2.0]).closed_form
+    mixed = call_spec([1.3, 1.5, 2.0, 1.7, 1.5, 1.3])
+    assert mixed.per_head and mixed.alpha == (1.3, 1.5, 2.0, 1.7, 1.5, 1.3) and mixed.power == POWER_BY_HEAD
+    assert not mixed.closed_form
+    assert call_spec([1.2, 1.9, 1.4]).power == POWER_GENERAL
+    assert call_spec([1.1, 1.05]).power == POWER_GENERAL_EXACT_LOG
+    assert call_spec([1.1, 1.9]).power == call_spec([1.5, 2.0]).power == POWER_BY_HEAD
+    table = torch.tensor([1.3, 1.5], dtype=torch.float64)
+    on_device = call_spec((), table)
+    assert on_device.per_head and on_device.table is table and on_device.heads == 2
+    assert on_device.power == POWER_BY_HEAD
+    assert call_spec([1.3, 1.5], torch.empty(0, dtype=torch.float64)).table is None  # empty: from the values
 
 
-def test_a_graph_holds_the_heads_split_not_the_per_head_values():
-    """A CUDA graph of the forward is keyed on ``graph_key``: the groups' heads and the alpha of a
-    group of one alpha, not the values of a per-head group (read from the device), so that an
-    alpha moved by training replays one graph; a head that moves onto 1.5 or 2 changes the key,
-    and so does one that moves across alpha 1.2 (the per-head group's log2, ``EntmaxSpec.power``)."""
-    from ring_adasplash.kernels.entmax_spec import POWER_BY_HEAD, POWER_GENERAL
-    from ring_adasplash.kernels.head_groups import graph_key
+def test_a_graph_holds_the_forms_not_the_per_head_values():
+    """A CUDA graph of the forward is keyed on ``graph_key``: one alpha (a constant of the
+    graph), or of per-head alphas only the forms their kernels were compiled for
+    (``EntmaxSpec.power``), not the values (read from the device), so that an alpha moved by
+    training replays one graph; a move that changes the compiled forms (onto 1.5 or 2 beside
+    general heads, across alpha 1.2) changes the key."""
+    from ring_adasplash.kernels.entmax_spec import POWER_BY_HEAD, POWER_GENERAL, graph_key
 
-    per_head = ("per head", POWER_GENERAL)
-    assert graph_key([1.3, 1.5, 1.7]) == graph_key([1.31, 1.5, 1.69]) == ((per_head, (0, 2)), (1.5, (1,)))
-    assert graph_key([1.3, 1.5, 1.7]) != graph_key([1.3, 1.5, 2.0])
-    assert graph_key([1.1, 1.5, 1.7])[0] == (("per head", POWER_BY_HEAD), (0, 2))
+    by_head = ("per head", POWER_BY_HEAD)
+    assert graph_key([1.3, 1.5, 1.7]) == graph_key([1.31, 1.5, 1.69]) == graph_key([1.3, 1.5, 2.0]) == by_head
+    assert graph_key([1.3, 1.7]) == ("per head", POWER_GENERAL) != graph_key([1.3, 1.5])
+    assert graph_key([1.1, 1.7]) == by_head != graph_key([1.3, 1.7])
+    assert graph_key(()) == by_head  # a DeviceAlpha: every form compiled
     assert graph_key([1.25] * 3) != graph_key([1.26] * 3)  # one alpha: a constant of the graph
-    assert graph_key([1.4]) == ((1.4, (0,)),)
+    assert graph_key([1.4]) == graph_key([1.4] * 3) == (1.4,)
 
 
 def test_per_head_constants_from_the_device_table_are_the_host_ones():
@@ -247,8 +261,8 @@ def test_bad_device_alphas_are_named(alpha, error, match):
 # every distributed strategy, 2-4 ranks
 # ------------------------------------------------------------------------------------------
 
-# the heads of 1.5 and of 2 in their closed forms, two others in one group with alpha per head (in
-# a ring: the histogram schedule's bracket and Newton steps per head)
+# the heads of 1.5 and of 2 (their closed forms' powers) beside two others, every head in the
+# general schedule with its alpha read per head (in a ring: the bracket and Newton steps per head)
 SEQ_ALPHA = [1.5, 1.25, 2.0, 1.75]
 
 

@@ -941,8 +941,8 @@ def test_gpu_cuda_graph_replays_match_eager(monkeypatch):
 def test_gpu_cuda_graph_replays_an_alpha_that_moves_every_step(monkeypatch):
     """A learnable alpha per head that an optimizer moves between calls (in place, as a training
     step does) keeps one captured graph, whose replays read the new values: the results match
-    the eager ones bit for bit at every step, and alpha's gradient too. Heads at 1.5 and 2 keep
-    their own groups (closed forms); the per-head group moves."""
+    the eager ones bit for bit at every step, and alpha's gradient too. Heads at 1.5 and 2 stay
+    there (their closed forms' powers, ``POWER_BY_HEAD``); the others move."""
     from ring_adasplash import cuda_graphs
 
     monkeypatch.delenv("RING_ADASPLASH_BACKEND", raising=False)
@@ -1556,9 +1556,9 @@ def test_entmax_over_tensors_runs_the_row_kernel(interpreted, alpha, monkeypatch
     torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
 
 
-# alpha per head: the closed forms beside a general alpha (three groups of heads, a GQA group split
-# between them); the closed forms beside two general alphas (whose kernels read alpha per head);
-# and no closed form (one group: every kernel reads alpha per head)
+# alpha per head: the closed forms beside a general alpha (a GQA group of heads of different forms);
+# the closed forms beside two general alphas; and no closed form (one general form). Every kernel
+# reads alpha per head; where the forms differ, each head runs its own (``POWER_BY_HEAD``)
 HEAD_ALPHAS = {"closed forms and one other": [1.5, 1.25, 2.0, 1.5],
                "closed forms and two others": [1.5, 1.25, 2.0, 1.75],
                "no closed form": [1.37, 1.81, 1.12, 1.64]}
@@ -1730,10 +1730,10 @@ def test_gpu_alphas_per_head_in_one_launch(dtype, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.filterwarnings("error:ring_adasplash. CUDA graph capture")
 def test_gpu_per_head_alphas_run_as_a_cuda_graph(monkeypatch):
-    """A forward with a different alpha per head (three groups: the heads of 1.5, of 2, and the
-    others, whose kernels read alpha per head) is captured as a CUDA graph at its second call, as
-    a one-alpha forward is (its head indices and per-head constants are made on the device once,
-    not copied from the host in the capture), and the replays give the eager output."""
+    """A forward with a different alpha per head (1.5 and 2 beside two others: each head runs its
+    own form) is captured as a CUDA graph at its second call, as a one-alpha forward is (its
+    per-head constants are made on the device once, not copied from the host in the capture),
+    and the replays give the eager output."""
     monkeypatch.delenv("RING_ADASPLASH_BACKEND", raising=False)
     monkeypatch.setenv("RING_ADASPLASH_CUDA_GRAPHS", "on")
     q, k, v = _structured(1, 512, 4, 2, 64, torch.bfloat16, seed=7)

@@ -87,9 +87,9 @@ class EntmaxSpec:
     float for every head, or a tuple of one per query head (equal values become one float).
 
     Per-head alphas take the general form's schedule on every head, and in the kernels' loops each
-    head's own form (``power``); the callers give the heads of alpha 1.5 and 2 specs of their own
-    (``head_groups``), which keep the closed forms' schedule too. Where a per-head value meets a
-    tensor, the tensor is (B, H, ...), heads on dim 1 (``gamma_at``).
+    head's own form (``power``): a head of alpha 1.5 or 2 keeps its closed form's powers there, and
+    every head runs in the same launches. Where a per-head value meets a tensor, the tensor is (B,
+    H, ...), heads on dim 1 (``gamma_at``).
 
     ``table``: the same per-head alphas as a float64 tensor (one per head), where the caller has
     them on the device. The per-head constants are then computed from it there, in float64 as on
@@ -231,3 +231,32 @@ class EntmaxSpec:
         if key not in self._made:
             self._made[key] = value_of(self.table.to(device=device, dtype=torch.float64)).to(dtype)
         return self._made[key]
+
+
+def call_spec(alphas, table: torch.Tensor | None = None) -> EntmaxSpec:
+    """The one spec of a call's heads: ``alphas`` one value, one per query head (equal values
+    become one float) or none (``()``: the values are on the device alone, in ``table``);
+    ``table``: the per-head alphas as float64 on the device, or None / empty where the kernels
+    take them from the values."""
+    if table is not None and not table.numel():
+        table = None
+    values = tuple(float(a) for a in alphas)
+    return EntmaxSpec(values if values else (), table) if len(values) != 1 else EntmaxSpec(values[0])
+
+
+def graph_key(alphas) -> tuple:
+    """What of ``alphas`` a forward captured as a CUDA graph holds fixed: one alpha (1.5, 2, or the
+    alpha of every head); of per-head alphas, only the kernels' ``power``, not the values: the
+    kernels read them from the device (``EntmaxSpec.table``), so one graph serves every value that
+    training gives them while the compiled forms stay what they were (a head that moves across
+    ``APPROX_LOG_MAX_GAMMA``, or onto 1.5 or 2 beside general heads, changes ``power``)."""
+    spec = call_spec(alphas)
+    return ("per head", spec.power) if spec.per_head else (spec.alpha,)
+
+
+def alpha_gradient_in_shape(per_head: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """dL/dalpha in the shape and dtype of the alpha tensor given, from its sum per query head
+    (heads,) (the per-row ``EntmaxSpec.alpha_gradient`` summed over the batch and the rows):
+    summed over the heads too where one alpha is shared by every head."""
+    grad = per_head if per_head.numel() == alpha.numel() else per_head.sum()
+    return grad.reshape(alpha.shape).to(alpha.dtype)

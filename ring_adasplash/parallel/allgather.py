@@ -13,7 +13,7 @@ from .. import telemetry
 from ..comm.collectives import all_gather_seq, reduce_scatter_seq
 from ..checks import HeadAlpha
 from ..kernels import backend_for
-from ..kernels.head_groups import backward_by_group, group_spec, head_groups, join_heads, to_alpha_shape
+from ..kernels.entmax_spec import alpha_gradient_in_shape, call_spec
 from ..kernels.algorithm import SingleBlock, entmax_backward, entmax_forward
 from ..kernels.visibility import NO_LIMIT, Visibility, windowed
 from . import layouts
@@ -21,8 +21,8 @@ from .ring import _validated
 
 
 class AllGatherAttention(torch.autograd.Function):
-    """Per chunk of key/value heads: gather them, then one device's schedule for each group of the
-    chunk's query heads (``head_groups``)."""
+    """Per chunk of key/value heads: gather them, then one device's schedule for the chunk's query
+    heads."""
 
     @staticmethod
     def forward(ctx, q, k, v, alpha: HeadAlpha, alpha_tensor, softmax_scale: float, vis, head_chunks, group):
@@ -33,16 +33,13 @@ class AllGatherAttention(torch.autograd.Function):
             k_all, v_all = (all_gather_seq(x[:, :, start:stop], group) for x in (k, v))
             q_chunk = q[:, :, start * per_kv:stop * per_kv]
             chunk_alpha = alpha.for_heads(start * per_kv, stop * per_kv)
-            groups = head_groups(chunk_alpha.values, q_chunk.shape[2], stop - start, q.device)
-            table = chunk_alpha.table(q_chunk.shape[2], q.device)  # a DeviceAlpha's values, else None
-            chunk = [entmax_forward(backend, g.queries(q_chunk), SingleBlock(g.keys(k_all), g.keys(v_all), vis),
-                                    group_spec(g, table), softmax_scale) for g in groups]
-            for fwd in chunk:
-                telemetry.log_forward(fwd, "allgather")
-            outs.append(join_heads([fwd.out.to(q.dtype) for fwd in chunk], groups, 2, q_chunk.shape[2]))
-            for fwd in chunk:
-                fwd.out = None
-            results.append((groups, chunk, table))
+            # a DeviceAlpha's table, else None
+            spec = call_spec(chunk_alpha.values, chunk_alpha.table(q_chunk.shape[2], q.device))
+            fwd = entmax_forward(backend, q_chunk, SingleBlock(k_all, v_all, vis), spec, softmax_scale)
+            telemetry.log_forward(fwd, "allgather")
+            outs.append(fwd.out.to(q.dtype))
+            fwd.out = None
+            results.append((spec, fwd))
         ctx.save_for_backward(q, k, v)
         ctx.meta = (softmax_scale, vis, head_chunks, group, results)
         ctx.alpha_like = None if alpha_tensor is None else alpha_tensor.new_empty(alpha_tensor.shape)
@@ -56,23 +53,19 @@ class AllGatherAttention(torch.autograd.Function):
         backend, per_kv = backend_for(q), q.shape[2] // k.shape[2]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         d_alpha = []
-        for (start, stop), (groups, chunk, table) in zip(head_chunks, results):
+        for (start, stop), (spec, fwd) in zip(head_chunks, results):
             qs = slice(start * per_kv, stop * per_kv)
             k_all, v_all = (all_gather_seq(x[:, :, start:stop], group) for x in (k, v))
             q_chunk, do_chunk = q[:, :, qs], grad_out[:, :, qs].contiguous()
-
-            def group_backward(g, fwd):
-                return entmax_backward(backend, g.queries(q_chunk), g.queries(do_chunk),
-                                       SingleBlock(g.keys(k_all), g.keys(v_all), vis), fwd, group_spec(g, table),
-                                       softmax_scale, alpha_grad=alpha_grad)
-
-            dq_h, dk_all, dv_all, d_alpha_h = backward_by_group(groups, chunk, group_backward, q_chunk.shape[2],
-                                                                stop - start, alpha_grad)
+            dq_h, dk_all, dv_all, d_alpha_rows = entmax_backward(backend, q_chunk, do_chunk,
+                                                                 SingleBlock(k_all, v_all, vis), fwd, spec,
+                                                                 softmax_scale, alpha_grad=alpha_grad)
             dq[:, :, qs] = dq_h
             dk[:, :, start:stop] = reduce_scatter_seq(dk_all, group)
             dv[:, :, start:stop] = reduce_scatter_seq(dv_all, group)
-            d_alpha.append(d_alpha_h)
-        d_alpha = to_alpha_shape(torch.cat(d_alpha), ctx.alpha_like) if alpha_grad else None
+            if alpha_grad:
+                d_alpha.append(d_alpha_rows.sum(dim=(0, 2)))
+        d_alpha = alpha_gradient_in_shape(torch.cat(d_alpha), ctx.alpha_like) if alpha_grad else None
         return dq, dk, dv, None, d_alpha, None, None, None, None
 
 

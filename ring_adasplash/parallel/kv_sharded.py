@@ -13,7 +13,7 @@ from .. import telemetry
 from ..checks import HeadAlpha, check_head_alpha, check_qkv, check_window, default_scale
 from ..kernels import backend_for
 from ..kernels.algorithm import LocalReduce, SingleBlock, entmax_backward, entmax_forward
-from ..kernels.head_groups import backward_by_group, group_spec, head_groups, join_heads, to_alpha_shape
+from ..kernels.entmax_spec import alpha_gradient_in_shape, call_spec
 from ..kernels.visibility import positional_visibility, windowed
 from .validation import checked_on_groups, options_description
 
@@ -43,18 +43,13 @@ class KVShardedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha: HeadAlpha, alpha_tensor, softmax_scale: float, vis, group):
         backend, merge = backend_for(q), AllReduceMerge(group)
-        groups = head_groups(alpha.values, q.shape[2], k.shape[2], q.device)
-        table = alpha.table(q.shape[2], q.device)  # a DeviceAlpha's values, else None
-        results = [entmax_forward(backend, g.queries(q), SingleBlock(g.keys(k), g.keys(v), vis), group_spec(g, table),
-                                  softmax_scale, merge) for g in groups]
-        for fwd in results:
-            telemetry.log_forward(fwd, "kv-sharded")
-        out = join_heads([fwd.out.to(q.dtype) for fwd in results], groups, 2, q.shape[2])
-        for fwd in results:
-            fwd.out = None
+        spec = call_spec(alpha.values, alpha.table(q.shape[2], q.device))  # a DeviceAlpha's table, else None
+        fwd = entmax_forward(backend, q, SingleBlock(k, v, vis), spec, softmax_scale, merge)
+        telemetry.log_forward(fwd, "kv-sharded")
+        out = fwd.out.to(q.dtype)
+        fwd.out = None
         ctx.save_for_backward(q, k, v)
-        ctx.groups, ctx.results, ctx.softmax_scale, ctx.vis, ctx.group = groups, results, softmax_scale, vis, group
-        ctx.table = table
+        ctx.fwd, ctx.spec, ctx.softmax_scale, ctx.vis, ctx.group = fwd, spec, softmax_scale, vis, group
         ctx.alpha_like = None if alpha_tensor is None else alpha_tensor.new_empty(alpha_tensor.shape)
         return out
 
@@ -62,16 +57,10 @@ class KVShardedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
         alpha_grad = ctx.alpha_like is not None and ctx.needs_input_grad[4]
-        grad_out = grad_out.contiguous()
-
-        def group_backward(g, fwd):
-            return entmax_backward(backend_for(q), g.queries(q), g.queries(grad_out),
-                                   SingleBlock(g.keys(k), g.keys(v), ctx.vis), fwd, group_spec(g, ctx.table),
-                                   ctx.softmax_scale, AllReduceMerge(ctx.group), alpha_grad=alpha_grad)
-
-        dq, dk, dv, d_alpha = backward_by_group(ctx.groups, ctx.results, group_backward, q.shape[2], k.shape[2],
-                                                alpha_grad)
-        d_alpha = to_alpha_shape(d_alpha, ctx.alpha_like) if alpha_grad else None
+        dq, dk, dv, d_alpha_rows = entmax_backward(backend_for(q), q, grad_out.contiguous(), SingleBlock(k, v, ctx.vis),
+                                                   ctx.fwd, ctx.spec, ctx.softmax_scale, AllReduceMerge(ctx.group),
+                                                   alpha_grad=alpha_grad)
+        d_alpha = alpha_gradient_in_shape(d_alpha_rows.sum(dim=(0, 2)), ctx.alpha_like) if alpha_grad else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, d_alpha, None, None, None
 
 

@@ -26,7 +26,7 @@ from ..checks import HeadAlpha, check_cu_seqlens
 from ..comm import RingComm
 from ..kernels import backend_for
 from ..kernels.algorithm import KeyBlock, entmax_backward, entmax_forward, visible_tiles
-from ..kernels.head_groups import backward_by_group, group_spec, head_groups, join_heads, to_alpha_shape
+from ..kernels.entmax_spec import alpha_gradient_in_shape, call_spec
 from ..kernels.visibility import NO_LIMIT, Visibility, window_positions, windowed
 from . import layouts
 from .validation import validated_self_attention
@@ -184,19 +184,15 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha: HeadAlpha, alpha_tensor, softmax_scale: float, plan: ShardPlan):
         """``alpha_tensor``: ``alpha.tensor``, an input of its own so that autograd gives it a
-        gradient. Each group of heads (``head_groups``) makes its own ring sweeps."""
+        gradient."""
         backend = backend_for(q)
-        groups = head_groups(alpha.values, q.shape[2], k.shape[2], q.device)
-        table = alpha.table(q.shape[2], q.device)  # a DeviceAlpha's values, else None
-        results = [entmax_forward(backend, g.queries(q), RingKeyBlocks(g.keys(k), g.keys(v), plan, backend.BLOCK_N),
-                                  group_spec(g, table), softmax_scale) for g in groups]
-        for fwd in results:
-            telemetry.log_forward(fwd, plan.name, local_block=plan.comm.rank)
-        out = join_heads([fwd.out.to(q.dtype) for fwd in results], groups, 2, q.shape[2])
-        for fwd in results:
-            fwd.out = None  # the backward needs only the row terms
+        spec = call_spec(alpha.values, alpha.table(q.shape[2], q.device))  # a DeviceAlpha's table, else None
+        fwd = entmax_forward(backend, q, RingKeyBlocks(k, v, plan, backend.BLOCK_N), spec, softmax_scale)
+        telemetry.log_forward(fwd, plan.name, local_block=plan.comm.rank)
+        out = fwd.out.to(q.dtype)
+        fwd.out = None  # the backward needs only the row terms
         ctx.save_for_backward(q, k, v)
-        ctx.groups, ctx.results, ctx.softmax_scale, ctx.plan, ctx.table = groups, results, softmax_scale, plan, table
+        ctx.fwd, ctx.spec, ctx.softmax_scale, ctx.plan = fwd, spec, softmax_scale, plan
         ctx.alpha_like = None if alpha_tensor is None else alpha_tensor.new_empty(alpha_tensor.shape)
         return out
 
@@ -205,16 +201,10 @@ class RingAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         backend = backend_for(q)
         alpha_grad = ctx.alpha_like is not None and ctx.needs_input_grad[4]
-        grad_out = grad_out.contiguous()
-
-        def group_backward(g, fwd):
-            blocks = RingKeyBlocks(g.keys(k), g.keys(v), ctx.plan, backend.BLOCK_N)
-            return entmax_backward(backend, g.queries(q), g.queries(grad_out), blocks, fwd, group_spec(g, ctx.table),
-                                   ctx.softmax_scale, alpha_grad=alpha_grad)
-
-        dq, dk, dv, d_alpha = backward_by_group(ctx.groups, ctx.results, group_backward, q.shape[2], k.shape[2],
-                                                alpha_grad)
-        d_alpha = to_alpha_shape(d_alpha, ctx.alpha_like) if alpha_grad else None
+        blocks = RingKeyBlocks(k, v, ctx.plan, backend.BLOCK_N)
+        dq, dk, dv, d_alpha_rows = entmax_backward(backend, q, grad_out.contiguous(), blocks, ctx.fwd, ctx.spec,
+                                                   ctx.softmax_scale, alpha_grad=alpha_grad)
+        d_alpha = alpha_gradient_in_shape(d_alpha_rows.sum(dim=(0, 2)), ctx.alpha_like) if alpha_grad else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, d_alpha, None, None
 
 
