@@ -4,18 +4,20 @@
 
 A tensor alpha's values decide the kernels (one value on every head runs the float alpha's;
 ``entmax_spec.call_spec``) and are checked to lie in (1, 2] (``checks.check_head_alpha``), so
-every call copies them to the host,
-which waits for the device to finish the work queued before: the next call's kernels are then
-launched onto an idle device. For each mode (fwd, fwd+bwd) and each alpha (a float; a learnable
-per-head tensor of 1.5 on every head, ``same``; alphas 1.2 to 2 over the heads, ``mixed``) this
-prints the median ms of ``triton.testing.do_bench`` and the device ms per call (the kernels'
-time from ``torch.profiler``), and, for the tensors, both again with the host read made once
-per tensor and reused (``no read``), and with the tensor given as a ``DeviceAlpha`` (never
-read; every head in the general form's schedule, each in its own form in the kernels' loops).
+every call copies them to the host, which waits for the device to finish the work queued
+before: the next call's kernels are then launched onto an idle device. For each mode (fwd,
+fwd+bwd) and each alpha (a float; a learnable per-head tensor of 1.5 on every head, ``same``;
+alphas 1.2 to 2 over the heads, ``mixed``) this prints the median ms of
+``triton.testing.do_bench``, the device ms per call (the kernels' time from ``torch.profiler``)
+and the host ms per call (``host_ms``: above the device ms, the host's work or a wait bounds the
+call), and, for the tensors, all three again with the host read made once per tensor and reused
+(``no read``), and with the tensor given as a ``DeviceAlpha`` (never read; every head in the
+general form's schedule, each in its own form in the kernels' loops).
 The ``no read`` variant only measures; it is not a way to call the library (a value moved after
 the first call would be missed).
 """
 import argparse
+import time
 
 import torch
 import triton.testing
@@ -43,6 +45,21 @@ def read_once(check):
     return checked
 
 
+def host_ms(step, calls: int) -> float:
+    """Ms per call that the host takes to issue ``calls`` calls of ``step``, from an idle device,
+    with no wait at the end: where it exceeds the device ms, the host's own work (or a wait inside
+    a call) bounds the call, not the kernels."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    issued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return issued / calls * 1e3
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_case_arguments(p)
@@ -58,7 +75,8 @@ def main():
     q, k, v = make_qkv(args.family, 1, args.seqlen, args.heads, args.head_dim, args.amp, dtype=torch.bfloat16,
                        device="cuda")
     check = functional.check_head_alpha
-    print("| mode | alpha | host read | do_bench ms | device ms per call |\n|---|---|---|---|---|")
+    print("| mode | alpha | host read | do_bench ms | device ms per call | host ms per call |\n"
+          "|---|---|---|---|---|---|")
     listings = []
     try:
         for mode in ("fwd", "fwdbwd"):
@@ -70,7 +88,8 @@ def main():
                     step = bench_kernels.make_step("ours", mode, q, k, v)
                     ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
                     total, by_kernel = common.device_ms_by_kernel(step, args.calls)
-                    print(f"| {mode} | {name} | {read} | {ms:.3f} | {total:.3f} |", flush=True)
+                    host = host_ms(step, args.calls)
+                    print(f"| {mode} | {name} | {read} | {ms:.3f} | {total:.3f} | {host:.3f} |", flush=True)
                     if read != "no read":
                         listings.append((mode, name, read, by_kernel.most_common(args.kernels)))
     finally:
