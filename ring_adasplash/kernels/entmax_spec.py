@@ -237,11 +237,8 @@ def call_spec(alphas, table: torch.Tensor | None = None) -> EntmaxSpec:
     """The one spec of a call's heads: ``alphas`` one value, one per query head (equal values
     become one float) or none (``()``: the values are on the device alone, in ``table``);
     ``table``: the per-head alphas as float64 on the device, or None / empty where the kernels
-    take them from the values."""
-    if table is not None and not table.numel():
-        table = None
-    values = tuple(float(a) for a in alphas)
-    return EntmaxSpec(values if values else (), table) if len(values) != 1 else EntmaxSpec(values[0])
+    take them from the values (``EntmaxSpec`` drops it where the heads share one alpha)."""
+    return EntmaxSpec(tuple(alphas), table if table is not None and table.numel() else None)
 
 
 def graph_key(alphas) -> tuple:
