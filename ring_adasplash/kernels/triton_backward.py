@@ -290,14 +290,16 @@ def dq_kernel(
         dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
         alpha_sum = tl.full([BLOCK_M], 0.0, tl.float32)
         if ALPHA_SPLIT == SPLIT_FINISHED:
-            dq, no_sums = dq_sweep(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit,
-                                   q_doc, q_first, in_q, do, shift, tau, delta, dq, alpha_sum, stride_ks, stride_kd,
-                                   stride_vs, stride_vd, seqlen_k, scale_z_h, gamma_h, BLOCK_N, HEAD_DIM, POWER, False,
-                                   PRECISION)
+            # before the tile loop, where the row term read dO the same way: taken after it, dO
+            # stayed live across the loop in a second layout, and the loops spilled registers
             out_c = load_rows(at_head(Out_c, b, h, stride_ob, stride_oh), tile_q * BLOCK_M, in_q, stride_os, stride_od,
                               BLOCK_M, HEAD_DIM)
             c_sum = tl.load(C_sum + rows, mask=in_q, other=0.0)
             alpha_sum = tl.reduce(do.to(tl.float32) * out_c, 1, ADD) - delta * c_sum
+            dq, alpha_sum = dq_sweep(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end,
+                                     q_limit, q_doc, q_first, in_q, do, shift, tau, delta, dq, alpha_sum, stride_ks,
+                                     stride_kd, stride_vs, stride_vd, seqlen_k, scale_z_h, gamma_h, BLOCK_N, HEAD_DIM,
+                                     POWER, False, PRECISION)
         else:
             dq, alpha_sum = dq_sweep(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end,
                                      q_limit, q_doc, q_first, in_q, do, shift, tau, delta, dq, alpha_sum, stride_ks,
