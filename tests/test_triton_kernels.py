@@ -414,7 +414,8 @@ def test_gap_code_is_encode_gaps(interpreted):
 
 
 def test_each_head_runs_the_copy_of_its_form(interpreted):
-    """``triton_common.runs_form``: with ``POWER_BY_HEAD`` a head runs exactly one copy of a loop,
+    """``triton_common.runs_form``: with ``POWER_BY_HEAD`` a head runs exactly one copy of a loop
+    (``form_copies``) and that copy is compiled for its form (``copy_power``),
     the closed form at gamma 2 (alpha 1.5) and 1 (alpha 2), the approximate log2 at any other
     gamma up to ``APPROX_LOG_MAX_GAMMA`` and the correctly rounded one above it and at NaN, as
     ``EntmaxSpec.power`` chooses for one alpha; with any other ``POWER``, the one copy. The gammas
@@ -428,9 +429,9 @@ def test_each_head_runs_the_copy_of_its_form(interpreted):
     def forms_kernel(Gamma, Ran, POWER: tl.constexpr):
         head = tl.program_id(0)
         gamma = tl.load(Gamma + head)
-        for FORM in tl.static_range(1 + 3 * (POWER == triton_common.POWER_BY_HEAD)):
+        for FORM in tl.static_range(triton_common.form_copies(POWER)):
             if triton_common.runs_form(gamma, FORM, POWER):
-                tl.store(Ran + 4 * head + FORM, triton_common.FIRST_FORM + FORM)
+                tl.store(Ran + 4 * head + FORM, triton_common.copy_power(POWER, FORM))
 
     alphas = [1.5, 2.0, 1.25, 1.2, 1.19, 1.01, 1.75]
     table = torch.tensor(alphas, dtype=torch.float64)
@@ -443,6 +444,8 @@ def test_each_head_runs_the_copy_of_its_form(interpreted):
         assert ((ran != -9).sum(1) == 1).all(), (power, ran)
         if power == POWER_BY_HEAD:
             assert ran.max(1).values.tolist() == [alpha_form(a) for a in alphas] + [POWER_GENERAL_EXACT_LOG]
+        else:  # the one copy, compiled for the kernel's POWER
+            assert (ran[:, 0] == power).all() and (ran[:, 1:] == -9).all(), (power, ran)
 
 
 def test_stats_pass_zero_tiles(interpreted):

@@ -20,11 +20,11 @@ Operands meet in the input dtype (P and dS cast, as flash attention does) with f
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, FIRST_FORM, LN2, MAX, POWER_BY_HEAD, at_head, dot, entmax_weights,
-                            first_slot_at_least, hide_invisible, key_positions, list_slot, list_slots,
-                            listed_query_tile, listed_tile, listed_tiles, load_rows, logits, of_query_head,
-                            offset_strides, positive_gap, program_query_flag, program_tile, query_positions,
-                            row_offsets, runs_form, slope_and_log2, tile_ptrs, visible)
+from .triton_common import (ADD, LN2, MAX, at_head, copy_power, dot, entmax_weights, first_slot_at_least, form_copies,
+                            hide_invisible, key_positions, list_slot, list_slots, listed_query_tile, listed_tile,
+                            listed_tiles, load_rows, logits, of_query_head, offset_strides, positive_gap,
+                            program_query_flag, program_tile, query_positions, row_offsets, runs_form, slope_and_log2,
+                            tile_ptrs, visible)
 
 
 
@@ -107,12 +107,12 @@ def dkdv_kernel(
         full_end = tl.maximum(first_slot_at_least(Index, count, q_full_hi), full_first)
         scale_z_h, gamma_h = of_query_head(scale_z, h, PER_HEAD), of_query_head(gamma, h, PER_HEAD)
         for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-            for FORM in tl.static_range(1 + 3 * (POWER == POWER_BY_HEAD)):  # triton_common.runs_form
+            for FORM in tl.static_range(form_copies(POWER)):  # triton_common.runs_form
                 if runs_form(gamma_h, FORM, POWER):
                     dk, dv = dkdv_tiles(k, v, Qh, DOh, Q_limit, Q_doc, Q_first, k_pos, k_doc, k_win_pos, in_k, Index,
                                         count, full_first, full_end, Shift, Tau, Delta, bh, dk, dv, stride_qs,
                                         stride_qd, stride_dos, stride_dod, seqlen_q, scale_z_h, gamma_h, BLOCK_M,
-                                        HEAD_DIM, POWER if POWER != POWER_BY_HEAD else FIRST_FORM + FORM, FULL,
+                                        HEAD_DIM, copy_power(POWER, FORM), FULL,
                                         Q_STEP, PRECISION)
 
     # keys that a row with a non-finite score sees (Nan_keys (B, Sk, Hkv) int8): NaN, as in dense attention
@@ -180,13 +180,13 @@ def dq_sweep(q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, fu
              ALPHA_SUMS: tl.constexpr, PRECISION: tl.constexpr):
     """``dq_tiles`` over both loops: the tiles that need a mask, then the others (``list_slots``)."""
     for FULL in tl.static_range(2):
-        for FORM in tl.static_range(1 + 3 * (POWER == POWER_BY_HEAD)):  # triton_common.runs_form
+        for FORM in tl.static_range(form_copies(POWER)):  # triton_common.runs_form
             if runs_form(gamma, FORM, POWER):
                 dq, alpha_sum = dq_tiles(
                     q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
                     q_first, in_q, do, shift, tau, delta, dq, alpha_sum, stride_ks, stride_kd, stride_vs, stride_vd,
                     seqlen_k, scale_z, gamma, BLOCK_N, HEAD_DIM,
-                    POWER if POWER != POWER_BY_HEAD else FIRST_FORM + FORM, FULL == 1, ALPHA_SUMS, PRECISION)
+                    copy_power(POWER, FORM), FULL == 1, ALPHA_SUMS, PRECISION)
     return dq, alpha_sum
 
 

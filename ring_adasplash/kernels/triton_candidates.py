@@ -25,7 +25,7 @@ sequence.
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, FIRST_FORM, INTERPRETED, LN2, MAX, MIN, POWER_BY_HEAD, at_head, dot, entmax_weights,
+from .triton_common import (ADD, INTERPRETED, LN2, MAX, MIN, at_head, copy_power, dot, entmax_weights, form_copies,
                             gather_rows, list_slots, listed_query_tile_at, listed_scores, logits, of_query_head,
                             offset_strides, positive_gap, query_line, runs_form, score_cutoff, slope_and_log2,
                             tile_ptrs)
@@ -125,14 +125,14 @@ def candidate_sums(Row_slots, found, longest, t, shift, scale_z, gamma, POWER: t
     above_acc = tl.full([BLOCK_M, CHUNK], 0.0, tl.float32)
     closest_acc = tl.full([BLOCK_M, CHUNK], float("inf"), tl.float32)
     cols = tl.arange(0, CHUNK)
-    for FORM in tl.static_range(1 + 3 * (POWER == POWER_BY_HEAD)):  # triton_common.runs_form
+    for FORM in tl.static_range(form_copies(POWER)):  # triton_common.runs_form
         if runs_form(gamma, FORM, POWER):
             for first in range(0, longest, CHUNK):
                 listed = (first + cols)[None, :] < found[:, None]
                 s = tl.load(Row_slots[:, None] + 2 * (first + cols[None, :]), mask=listed, other=NEG_INF_BITS)
                 z = logits(s.to(tl.float32, bitcast=True), shift[:, None], scale_z)  # -inf where not listed
                 gap = positive_gap(z, t[:, None])
-                p, u = entmax_weights(gap, gamma, POWER if POWER != POWER_BY_HEAD else FIRST_FORM + FORM)
+                p, u = entmax_weights(gap, gamma, copy_power(POWER, FORM))
                 f_acc += p
                 df_acc += u
                 above_acc += tl.where(gap > 0, 1.0, 0.0)

@@ -483,15 +483,27 @@ POWER_BY_HEAD = tl.constexpr(entmax_spec.POWER_BY_HEAD)
 # and the closed forms of alpha 2 (gamma 1) and alpha 1.5 (gamma 2); a branch on gamma inside a
 # loop keeps every form's code live there, and the loops spill. At each loop's call site:
 #
-#     for FORM in tl.static_range(1 + 3 * (POWER == POWER_BY_HEAD)):  # one copy, or four
-#         if runs_form(gamma, FORM, POWER):                              # the copy this head runs
-#             ... = tiles(..., POWER if POWER != POWER_BY_HEAD else FIRST_FORM + FORM, ...)
-#
-# (``FIRST_FORM + FORM``: ``POWER_GENERAL_EXACT_LOG``, ``POWER_GENERAL``, 1, 2.)
-FIRST_FORM = POWER_GENERAL_EXACT_LOG
+#     for FORM in tl.static_range(form_copies(POWER)):  # one copy, or four
+#         if runs_form(gamma, FORM, POWER):               # the copy this head runs
+#             ... = tiles(..., copy_power(POWER, FORM), ...)
 assert [entmax_spec.POWER_GENERAL_EXACT_LOG + form for form in range(4)] == [entmax_spec.POWER_GENERAL_EXACT_LOG,
                                                                              entmax_spec.POWER_GENERAL, 1, 2]
 assert 2 <= entmax_spec.APPROX_LOG_MAX_GAMMA  # gamma 1 and 2 lie on the approximate log's side
+
+
+@triton.constexpr_function
+def form_copies(POWER):
+    """How many compiled copies of a tile loop a kernel of ``POWER`` holds: one per form (four)
+    with ``POWER_BY_HEAD``, else one."""
+    return 4 if POWER == entmax_spec.POWER_BY_HEAD else 1
+
+
+@triton.constexpr_function
+def copy_power(POWER, FORM):
+    """The ``POWER`` that copy ``FORM`` of a loop is compiled for: with ``POWER_BY_HEAD`` the
+    copy's own form (``POWER_GENERAL_EXACT_LOG``, ``POWER_GENERAL``, 1, 2 for ``FORM`` 0 to 3),
+    else the kernel's ``POWER``."""
+    return entmax_spec.POWER_GENERAL_EXACT_LOG + FORM if POWER == entmax_spec.POWER_BY_HEAD else POWER
 
 
 @triton.jit
@@ -514,15 +526,15 @@ def power_log2(x, gamma, POWER: tl.constexpr):
 @triton.jit
 def runs_form(gamma, FORM: tl.constexpr, POWER: tl.constexpr):
     """Whether a head of ``gamma`` runs the copy ``FORM`` of a loop (the comment at ``POWER_BY_HEAD``):
-    with ``POWER_BY_HEAD``, the copy whose form (``FIRST_FORM + FORM``) is the head's: the closed
+    with ``POWER_BY_HEAD``, the copy whose form (``copy_power``) is the head's: the closed
     form where gamma is 2 or 1, the approximate log2 at any other gamma up to
     ``APPROX_LOG_MAX_GAMMA``, the correctly rounded one above it, NaN included; else the one copy."""
     if POWER == POWER_BY_HEAD:
-        if FIRST_FORM + FORM == 2:
+        if copy_power(POWER, FORM) == 2:
             runs = gamma == 2.0
-        elif FIRST_FORM + FORM == 1:
+        elif copy_power(POWER, FORM) == 1:
             runs = gamma == 1.0
-        elif FIRST_FORM + FORM == POWER_GENERAL:
+        elif copy_power(POWER, FORM) == POWER_GENERAL:
             runs = (gamma <= APPROX_LOG_MAX_GAMMA) & (gamma != 1.0) & (gamma != 2.0)
         else:
             runs = ~(gamma <= APPROX_LOG_MAX_GAMMA)

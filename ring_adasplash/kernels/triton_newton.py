@@ -35,7 +35,7 @@ on every call, though almost no row needs them.
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, FIRST_FORM, MAX, POWER_BY_HEAD, list_slots, listed_query_tile, listed_scores, logits,
+from .triton_common import (ADD, MAX, copy_power, form_copies, list_slots, listed_query_tile, listed_scores, logits,
                             of_query_head, offset_strides, positive_gap, power_and_slope, program_query_tile,
                             row_offsets, runs_form, runs_here)
 from .triton_refine import ONES_WIDTH, newton_tiles
@@ -57,13 +57,13 @@ def newton_sweep(q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, f
     above = tl.full([BLOCK_M, ONES_WIDTH], 0.0, tl.float32)
     closest = tl.full([BLOCK_M], 0xFFFFFFFF, tl.uint32)  # as float32 bits (newton_tiles)
     for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-        for FORM in tl.static_range(1 + 3 * (POWER == POWER_BY_HEAD)):  # triton_common.runs_form
+        for FORM in tl.static_range(form_copies(POWER)):  # triton_common.runs_form
             if runs_form(gamma, FORM, POWER):
                 f_sum, df_sum, above, closest = newton_tiles(
                     q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
                     offs_m, Keep, tile_row, t, ones, f_sum, df_sum, above, closest, stride_ks, stride_kd, seqlen_q,
                     seqlen_k, shift, scale_z, gamma, margin, mark, HEAD_DIM, BLOCK_N,
-                    POWER if POWER != POWER_BY_HEAD else FIRST_FORM + FORM, COUNT, KEEP, FULL == 1, UNROLL,
+                    copy_power(POWER, FORM), COUNT, KEEP, FULL == 1, UNROLL,
                     PRECISION, BELOW)
     # bits above +inf's: no positive gap (a negative float, or NaN on rows marked NaN whole)
     positive = closest <= 0x7F800000

@@ -14,7 +14,7 @@ docs/design.md (kernel choices)).
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, FIRST_FORM, POWER_BY_HEAD, at_head, dot, entmax_weights, list_slots, listed_logits,
+from .triton_common import (ADD, at_head, copy_power, dot, entmax_weights, form_copies, list_slots, listed_logits,
                             listed_query_tile, load_rows, of_query_head, offset_strides, positive_gap, runs_form,
                             runs_here, tile_ptrs)
 
@@ -84,13 +84,13 @@ def output_kernel(
         u_sum = tl.full([BLOCK_M], 0.0, tl.float32)
         support = tl.full([BLOCK_M], 0.0, tl.float32)
         for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-            for FORM in tl.static_range(1 + 3 * (POWER == POWER_BY_HEAD)):  # triton_common.runs_form
+            for FORM in tl.static_range(form_copies(POWER)):  # triton_common.runs_form
                 if runs_form(gamma_h, FORM, POWER):
                     acc, acc_u, u_sum, support = output_tiles(
                         q, K, V, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc,
                         q_first, offs_m, Nonzero, shift, tau, acc, acc_u, u_sum, support, stride_ks, stride_kd,
                         stride_vs, stride_vd, seqlen_q, seqlen_k, scale_z_h, gamma_h, HEAD_DIM, BLOCK_N,
-                        POWER if POWER != POWER_BY_HEAD else FIRST_FORM + FORM, BACKWARD_SUMS, FULL == 1, UNROLL,
+                        copy_power(POWER, FORM), BACKWARD_SUMS, FULL == 1, UNROLL,
                         PRECISION)
 
         acc = tl.where((tau == tau)[:, None], acc, float("nan"))  # rows that see a non-finite score

@@ -21,7 +21,7 @@ the count of keys above t and per tile whether it may hold p > 0.
 import triton
 import triton.language as tl
 
-from .triton_common import (ADD, FIRST_FORM, MAX, MIN, POWER_BY_HEAD, dot, entmax_weights, list_slots, listed_logits,
+from .triton_common import (ADD, MAX, MIN, copy_power, dot, entmax_weights, form_copies, list_slots, listed_logits,
                             listed_query_tile, of_query_head, offset_strides, positive_gap, runs_form)
 
 ONES_WIDTH = tl.constexpr(16)  # the narrowest product the tensor cores take (newton_sums_kernel)
@@ -226,13 +226,13 @@ def newton_sums_kernel(
     above = tl.full([BLOCK_M, ONES_WIDTH], 0.0, tl.float32)  # every column: the row's count
     closest = tl.full([BLOCK_M], 0xFFFFFFFF, tl.uint32)  # not stored: the marks need it only
     for FULL in tl.static_range(2):  # the tiles that need a mask, then the others (list_slots)
-        for FORM in tl.static_range(1 + 3 * (POWER == POWER_BY_HEAD)):  # triton_common.runs_form
+        for FORM in tl.static_range(form_copies(POWER)):  # triton_common.runs_form
             if runs_form(gamma, FORM, POWER):
                 f_sum, df_sum, above, closest = newton_tiles(
                     q, K, K_pos, K_doc, K_win_pos, Tile_index, count, full_first, full_end, q_limit, q_doc, q_first,
                     offs_m, Keep, tile_row, point, ones, f_sum, df_sum, above, closest, stride_ks, stride_kd,
                     seqlen_q, seqlen_k, shift, scale_z, gamma, keep_margin, tl.full([], 1, tl.int8), HEAD_DIM,
-                    BLOCK_N, POWER if POWER != POWER_BY_HEAD else FIRST_FORM + FORM, COUNT, KEEP, FULL == 1,
+                    BLOCK_N, copy_power(POWER, FORM), COUNT, KEEP, FULL == 1,
                     UNROLL, PRECISION)
     WIDTH: tl.constexpr = 3 if COUNT else 2
     tl.store(Sums + rows * WIDTH, f_sum, mask=in_q)
