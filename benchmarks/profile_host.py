@@ -1,6 +1,6 @@
 """Where the host's time goes in one fwd+bwd of our attention: the float alpha 1.5, a learnable
 per-head tensor of 1.5 as a ``DeviceAlpha`` and as a plain tensor, alphas 1.2 to 2.0 as a
-``DeviceAlpha`` (scattered 8K, 16 heads, D 64, bf16), run from the repository root:
+``DeviceAlpha`` (scattered 8K, 16 heads, D 64, bf16):
 
     python3 benchmarks/profile_host.py
 
@@ -10,50 +10,75 @@ device, no wait: above the device time, the host bounds the call), cProfile's co
 functions over 20 calls, and ``torch.profiler``'s CPU table (runtime calls and aten ops by self
 CPU time) over 10.
 """
-import cProfile, pstats, io, sys, time
-import torch
-sys.path.insert(0, "benchmarks")
-import bench_kernels, common
-from inputs import make_qkv
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+import warnings
 
-q, k, v = make_qkv("scattered", 1, 8192, 16, 64, 1.0, dtype=torch.bfloat16, device="cuda")
-for name, spec, dev in (("float", "none", False), ("DeviceAlpha same", "same", True), ("plain same", "same", False),
-                        ("DeviceAlpha mixed", "1.2:2.0", True)):
-    common.HEAD_ALPHAS = common.head_alphas(spec, 1.5, 16)
-    common.DEVICE_ALPHA = dev
-    step = bench_kernels.make_step("ours", "fwdbwd", q, k, v)
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    import warnings
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_kernels  # noqa: E402
+import common  # noqa: E402
+from inputs import make_qkv  # noqa: E402
+
+CASES = (("float", "none", False), ("DeviceAlpha same", "same", True), ("plain same", "same", False),
+         ("DeviceAlpha mixed", "1.2:2.0", True))  # (name, --head-alphas, as a DeviceAlpha)
+PROTOTYPE_NOTICE = "prototype feature"  # the sync debug mode's own warning, not a synchronizing op
+
+
+def synchronizing_ops(step) -> list:
+    """The warnings of ``torch.cuda.set_sync_debug_mode`` over one call of ``step``."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         step()
         torch.cuda.set_sync_debug_mode(0)
-    print(f"\n===== {name}: synchronizing ops in one call: {len(caught)}")
-    for w in caught[:5]:
-        print("   ", str(w.message)[:300])
-    torch.cuda.synchronize()
-    # host time with the device kept far ahead: issue 20 calls, no sync
-    t = time.perf_counter()
-    for _ in range(20):
-        step()
-    issued = (time.perf_counter() - t) / 20 * 1e3
-    torch.cuda.synchronize()
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(20):
-        step()
-    pr.disable()
-    torch.cuda.synchronize()
-    s = io.StringIO()
-    st = pstats.Stats(pr, stream=s)
-    st.sort_stats("tottime").print_stats(28)
-    print(f"\n===== {name}: host ms per call {issued:.3f} =====")
-    print("\n".join(s.getvalue().splitlines()[:50]))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
+    return [str(w.message) for w in caught if PROTOTYPE_NOTICE not in str(w.message)]
+
+
+def main():
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_host.py times a GPU: no CUDA device here")
+    q, k, v = make_qkv("scattered", 1, 8192, 16, 64, 1.0, dtype=torch.bfloat16, device="cuda")
+    for name, spec, device_alpha in CASES:
+        common.HEAD_ALPHAS = common.head_alphas(spec, 1.5, 16)
+        common.DEVICE_ALPHA = device_alpha
+        step = bench_kernels.make_step("ours", "fwdbwd", q, k, v)
+        for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+        synced = synchronizing_ops(step)
+        print(f"\n===== {name}: synchronizing ops in one call: {len(synced)}")
+        for message in synced[:5]:
+            print("   ", message[:300])
+        torch.cuda.synchronize()
+        # the host's time to issue 20 calls from an idle device, no wait at the end
+        start = time.perf_counter()
+        for _ in range(20):
+            step()
+        issued = (time.perf_counter() - start) / 20 * 1e3
+        torch.cuda.synchronize()
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(20):
+            step()
+        profile.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(28)
+        print(f"\n===== {name}: host ms per call {issued:.3f} =====")
+        print("\n".join(text.getvalue().splitlines()[:50]))
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(10):
+                step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
