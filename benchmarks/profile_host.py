@@ -8,9 +8,12 @@ For each, in this order: the synchronizing ops of one call (``torch.cuda.set_syn
 a prototype that does not see every one), the host ms per call (20 calls issued from an idle
 device, no wait: above the device time, the host bounds the call), cProfile's costliest
 functions over 20 calls, and ``torch.profiler``'s CPU table (runtime calls and aten ops by self
-CPU time) over 10.
+CPU time) over 10. ``--cases`` picks and orders them (names with spaces: quote the list);
+``--no-gc`` turns Python's garbage collector off while they run.
 """
+import argparse
 import cProfile
+import gc
 import io
 import os
 import pstats
@@ -25,8 +28,9 @@ import bench_kernels  # noqa: E402
 import common  # noqa: E402
 from inputs import make_qkv  # noqa: E402
 
-CASES = (("float", "none", False), ("DeviceAlpha same", "same", True), ("plain same", "same", False),
-         ("DeviceAlpha mixed", "1.2:2.0", True))  # (name, --head-alphas, as a DeviceAlpha)
+# name: (bench_kernels' --head-alphas, given as a DeviceAlpha)
+CASES = {"float": ("none", False), "DeviceAlpha same": ("same", True), "plain same": ("same", False),
+         "DeviceAlpha mixed": ("1.2:2.0", True)}
 PROTOTYPE_NOTICE = "prototype feature"  # the sync debug mode's own warning, not a synchronizing op
 
 
@@ -41,10 +45,25 @@ def synchronizing_ops(step) -> list:
 
 
 def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    names = list(CASES)
+    p.add_argument("--cases", type=common.csv_list(str), default=names,
+                   help=f"which cases, in this order (default: {','.join(names)})")
+    p.add_argument("--no-gc", action="store_true", help="Python's cyclic garbage collector off while timing")
+    args = p.parse_args()
+    unknown = sorted(set(args.cases) - set(names))
+    if unknown:
+        p.error(f"--cases: unknown {', '.join(unknown)}; expected some of {', '.join(names)}")
     if not torch.cuda.is_available():
         raise SystemExit("profile_host.py times a GPU: no CUDA device here")
+    common.print_header("cuda", {"family": "scattered", "seqlen": 8192, "head_dim": 64, "heads": 16, "amp": 1.0,
+                                 "dtype": "bf16", "cases": ",".join(args.cases), "gc": "off" if args.no_gc else "on"})
+    if args.no_gc:
+        gc.collect()
+        gc.disable()
     q, k, v = make_qkv("scattered", 1, 8192, 16, 64, 1.0, dtype=torch.bfloat16, device="cuda")
-    for name, spec, device_alpha in CASES:
+    for name in args.cases:
+        spec, device_alpha = CASES[name]
         common.HEAD_ALPHAS = common.head_alphas(spec, 1.5, 16)
         common.DEVICE_ALPHA = device_alpha
         step = bench_kernels.make_step("ours", "fwdbwd", q, k, v)
