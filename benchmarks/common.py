@@ -177,6 +177,25 @@ def wall_ms(fn, device):
     return (time.perf_counter() - start) * 1e3
 
 
+def host_ms(step, calls: int) -> float:
+    """Ms per call that the host takes to issue ``calls`` calls of ``step`` (a CUDA step) after
+    three warm-up calls, from an idle device, with no wait at the end: where it exceeds the device
+    ms, the host's own work (or a wait inside a call) bounds the call, not the kernels."""
+    import time
+
+    import torch
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    issued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return issued / calls * 1e3
+
+
 def device_ms_by_kernel(step, calls: int = 5):
     """Device ms per call of ``step`` (a CUDA step), in all and as a ``collections.Counter`` by
     kernel name, from ``torch.profiler`` over ``calls`` calls after three warm-up calls."""

@@ -9,15 +9,14 @@ before: the next call's kernels are then launched onto an idle device. For each 
 fwd+bwd) and each alpha (a float; a learnable per-head tensor of 1.5 on every head, ``same``;
 alphas 1.2 to 2 over the heads, ``mixed``) this prints the median ms of
 ``triton.testing.do_bench``, the device ms per call (the kernels' time from ``torch.profiler``)
-and the host ms per call (``host_ms``: above the device ms, the host's work or a wait bounds the
-call), and, for the tensors, all three again with the host read made once per tensor and reused
+and the host ms per call (``common.host_ms``: above the device ms, the host's work or a wait
+bounds the call), and, for the tensors, all three again with the host read made once per tensor and reused
 (``no read``), and with the tensor given as a ``DeviceAlpha`` (never read; every head in the
 general form's schedule, each in its own form in the kernels' loops).
 The ``no read`` variant only measures; it is not a way to call the library (a value moved after
 the first call would be missed).
 """
 import argparse
-import time
 
 import torch
 import triton.testing
@@ -43,21 +42,6 @@ def read_once(check):
         return seen[id(alpha)][1]
 
     return checked
-
-
-def host_ms(step, calls: int) -> float:
-    """Ms per call that the host takes to issue ``calls`` calls of ``step``, from an idle device,
-    with no wait at the end: where it exceeds the device ms, the host's own work (or a wait inside
-    a call) bounds the call, not the kernels."""
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        step()
-    issued = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return issued / calls * 1e3
 
 
 def main():
@@ -88,7 +72,7 @@ def main():
                     step = bench_kernels.make_step("ours", mode, q, k, v)
                     ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
                     total, by_kernel = common.device_ms_by_kernel(step, args.calls)
-                    host = host_ms(step, args.calls)
+                    host = common.host_ms(step, args.calls)
                     print(f"| {mode} | {name} | {read} | {ms:.3f} | {total:.3f} | {host:.3f} |", flush=True)
                     if read != "no read":
                         listings.append((mode, name, read, by_kernel.most_common(args.kernels)))

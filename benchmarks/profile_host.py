@@ -18,7 +18,6 @@ import io
 import os
 import pstats
 import sys
-import time
 import warnings
 
 import torch
@@ -74,13 +73,7 @@ def main():
         print(f"\n===== {name}: synchronizing ops in one call: {len(synced)}")
         for message in synced[:5]:
             print("   ", message[:300])
-        torch.cuda.synchronize()
-        # the host's time to issue 20 calls from an idle device, no wait at the end
-        start = time.perf_counter()
-        for _ in range(20):
-            step()
-        issued = (time.perf_counter() - start) / 20 * 1e3
-        torch.cuda.synchronize()
+        issued = common.host_ms(step, 20)
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(20):
